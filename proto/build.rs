@@ -20,6 +20,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
+        // BTreeMap makes encoding deterministic, so a batch's content hash is stable.
+        .btree_map(".")
         .file_descriptor_set_path(out.join("ppu_v1_descriptor.bin"))
         .compile_protos(PROTOS, &["."])?;
     for p in PROTOS {
