@@ -1,1 +1,3 @@
 //! Furnace drivers.
+
+pub mod eurotherm;

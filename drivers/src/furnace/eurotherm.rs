@@ -1,0 +1,1042 @@
+//! Eurotherm 2000/3000-series temperature controller over Modbus (TCP or RTU).
+//!
+//! The driver runs a furnace program with its own ramp/hold logic on top of the controller's
+//! target setpoint (register 2) and setpoint rate limit (35), rather than the 2400 programmer:
+//! that works on every model in the family, and the controller still enforces the ramp rate
+//! itself, so a daemon crash mid-ramp cannot make the furnace jump. Physical durations (ramps,
+//! holds, settle time, sample interval) run on the step's [`Clock`](crate::Clock); protocol
+//! timeouts and poll floors are real time.
+//!
+//! Values in the integer register region are signed 16-bit integers scaled by the configured
+//! number of decimal places (`value = raw as i16 / 10^dp`).
+
+use std::future::Future;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::time::Instant;
+
+use crate::device::{
+    Capability, Device, DeviceError, DeviceInfo, DeviceStatus, Family, FurnaceResult,
+    FurnaceSample, Limits, Reading, Segment, StepCommand, StepContext, StepOutput, StepUpdate,
+    TargetReached,
+};
+use crate::transport::modbus::{ModbusConfig, ModbusTransport};
+
+/// Register addresses (2000-series numbering).
+pub mod registers {
+    /// Process value (measured temperature).
+    pub const PV: u16 = 1;
+    /// Target setpoint.
+    pub const TARGET_SP: u16 = 2;
+    /// Output power, %.
+    pub const OUTPUT: u16 = 3;
+    /// Working setpoint: follows the target at the rate limit. Read-only.
+    pub const WORKING_SP: u16 = 5;
+    /// Setpoint rate limit, units per minute; 0 = off.
+    pub const SP_RATE_LIMIT: u16 = 35;
+    /// Instrument status bits.
+    pub const STATUS: u16 = 75;
+    /// Instrument ident, reads `0x2BCD`.
+    pub const IDENT: u16 = 122;
+    /// Auto (0) / manual (1).
+    pub const AUTO_MANUAL: u16 = 273;
+    /// Write to acknowledge all alarms.
+    pub const ACK_ALARMS: u16 = 274;
+}
+
+/// The ident register's value on a genuine 2000-series controller.
+pub const EXPECTED_IDENT: u16 = 0x2BCD;
+
+/// Status-register bits reported as alarms, with their human names.
+const ALARM_BITS: [(u16, &str); 10] = [
+    (0, "alarm 1"),
+    (1, "alarm 2"),
+    (2, "alarm 3"),
+    (3, "alarm 4"),
+    (5, "sensor break"),
+    (6, "loop break"),
+    (7, "heater fail"),
+    (8, "load fail"),
+    (10, "PV out of range"),
+    (14, "remote SP fail"),
+];
+
+/// Status bits that stop a running program: with any of them the controller can no longer
+/// follow the setpoint, so waiting for the target would only waste the settle timeout.
+const FAULT_BITS: [(u16, &str); 3] = [(5, "sensor break"), (6, "loop break"), (7, "heater fail")];
+
+/// Pause between attempts while riding out a transport outage during a step (real time).
+const OUTAGE_PAUSE: Duration = Duration::from_millis(200);
+
+/// Minimum physical time between periodic progress updates (boundaries always send one).
+const PROGRESS_INTERVAL_S: f64 = 60.0;
+
+/// Configuration of one Eurotherm controller.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EurothermConfig {
+    pub id: String,
+    pub modbus: ModbusConfig,
+    /// Decimal places of temperatures and the rate limit in the integer region (the
+    /// controller's configured display resolution).
+    pub decimal_places: u8,
+    /// Decimal places of output power %: a per-parameter resolution on Eurotherm controllers,
+    /// 0.1 % independent of the temperature resolution.
+    pub output_decimal_places: u8,
+    pub limits: Limits,
+    /// Setpoint the furnace is left at when idle, aborted or faulted, °C.
+    pub safe_setpoint_c: f64,
+    /// |PV − target| at or below which a target counts as reached, °C.
+    pub tolerance_c: f64,
+    /// Physical seconds between trace samples.
+    pub sample_interval_s: f64,
+    /// Real-time floor between polls, so a fast clock cannot flood the link.
+    pub min_poll: Duration,
+    /// Physical seconds allowed beyond the expected ramp time for PV to reach a target.
+    pub settle_timeout_s: f64,
+    /// Real time a running step tolerates consecutive transport failures before failing: the
+    /// controller keeps regulating on its own, so a short outage need not abort a long program.
+    pub transient_grace: Duration,
+}
+
+impl EurothermConfig {
+    /// Defaults: 1 decimal place (temperatures and output), no limits beyond the register range, safe setpoint 25 °C,
+    /// tolerance 2 °C, a sample every 10 s physical, 20 ms poll floor, 3600 s settle time,
+    /// 10 s transient grace.
+    pub fn new(id: impl Into<String>, modbus: ModbusConfig) -> Self {
+        Self {
+            id: id.into(),
+            modbus,
+            decimal_places: 1,
+            output_decimal_places: 1,
+            limits: Limits::default(),
+            safe_setpoint_c: 25.0,
+            tolerance_c: 2.0,
+            sample_interval_s: 10.0,
+            min_poll: Duration::from_millis(20),
+            settle_timeout_s: 3600.0,
+            transient_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// One coherent read of the controller's main values.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Snapshot {
+    pub pv_c: f64,
+    pub target_sp_c: f64,
+    pub output_pct: f64,
+    pub working_sp_c: f64,
+    pub status_bits: u16,
+}
+
+impl Snapshot {
+    /// Human names of the alarms active in the status bits.
+    pub fn alarms(&self) -> Vec<String> {
+        names_of(self.status_bits, &ALARM_BITS)
+    }
+
+    fn to_status(self, rate_limit_c_per_min: Option<f64>, active: bool) -> DeviceStatus {
+        let mut readings = vec![
+            Reading::new("pv_c", self.pv_c),
+            Reading::new("target_sp_c", self.target_sp_c),
+            Reading::new("working_sp_c", self.working_sp_c),
+            Reading::new("output_pct", self.output_pct),
+        ];
+        if let Some(rate) = rate_limit_c_per_min {
+            readings.push(Reading::new("rate_limit_c_per_min", rate));
+        }
+        DeviceStatus {
+            readings,
+            alarms: self.alarms(),
+            active,
+        }
+    }
+}
+
+fn names_of(bits: u16, table: &[(u16, &str)]) -> Vec<String> {
+    table
+        .iter()
+        .filter(|(bit, _)| bits & (1 << bit) != 0)
+        .map(|(_, name)| (*name).to_owned())
+        .collect()
+}
+
+/// Decodes a scaled integer register: the raw word is a two's-complement i16.
+fn decode(raw: u16, decimal_places: u8) -> f64 {
+    f64::from(raw as i16) / scale(decimal_places)
+}
+
+/// Encodes a value as a scaled integer register, or `None` if it does not fit an i16.
+fn encode(value: f64, decimal_places: u8) -> Option<u16> {
+    let scaled = (value * scale(decimal_places)).round();
+    if scaled.is_finite() && scaled >= f64::from(i16::MIN) && scaled <= f64::from(i16::MAX) {
+        Some(scaled as i16 as u16)
+    } else {
+        None
+    }
+}
+
+fn scale(decimal_places: u8) -> f64 {
+    10f64.powi(i32::from(decimal_places))
+}
+
+/// A Eurotherm controller driving a furnace.
+#[derive(Debug)]
+pub struct Eurotherm {
+    info: DeviceInfo,
+    config: EurothermConfig,
+    transport: ModbusTransport,
+}
+
+impl Eurotherm {
+    /// Creates the driver; nothing is sent until the first request.
+    pub fn new(config: EurothermConfig) -> Self {
+        let transport = ModbusTransport::new(config.modbus.clone());
+        let info = DeviceInfo {
+            id: config.id.clone(),
+            family: Family::Furnace,
+            driver: "eurotherm".to_owned(),
+            transport: transport.describe(),
+            capabilities: vec![Capability::FurnaceProgram],
+            limits: config.limits.clone(),
+        };
+        Self {
+            info,
+            config,
+            transport,
+        }
+    }
+
+    pub fn config(&self) -> &EurothermConfig {
+        &self.config
+    }
+
+    pub fn transport(&self) -> &ModbusTransport {
+        &self.transport
+    }
+
+    /// Acknowledges all latched alarms (register 274).
+    pub async fn acknowledge_alarms(&self) -> Result<(), DeviceError> {
+        self.transport.write_single(registers::ACK_ALARMS, 1).await
+    }
+
+    /// Reads the instrument ident (register 122); a 2000-series controller answers
+    /// [`EXPECTED_IDENT`].
+    pub async fn identify(&self) -> Result<u16, DeviceError> {
+        let words = self.transport.read_holding(registers::IDENT, 1).await?;
+        first_word(&words, "read of register 122")
+    }
+
+    /// Reads PV, setpoints, output and status bits.
+    pub async fn read_snapshot(&self) -> Result<Snapshot, DeviceError> {
+        let dp = self.config.decimal_places;
+        let span = registers::WORKING_SP - registers::PV + 1;
+        let words = self.transport.read_holding(registers::PV, span).await?;
+        let [pv, target, output, _working_output, working] = words[..] else {
+            return Err(DeviceError::Corrupt {
+                what: "read of registers 1..=5".to_owned(),
+                reason: format!("expected 5 registers, got {}", words.len()),
+            });
+        };
+        let status = self.transport.read_holding(registers::STATUS, 1).await?;
+        Ok(Snapshot {
+            pv_c: decode(pv, dp),
+            target_sp_c: decode(target, dp),
+            output_pct: decode(output, self.config.output_decimal_places),
+            working_sp_c: decode(working, dp),
+            status_bits: first_word(&status, "read of register 75")?,
+        })
+    }
+
+    /// Reads the setpoint rate limit, °C/min (0 = off).
+    pub async fn read_rate_limit(&self) -> Result<f64, DeviceError> {
+        let words = self
+            .transport
+            .read_holding(registers::SP_RATE_LIMIT, 1)
+            .await?;
+        Ok(decode(
+            first_word(&words, "read of register 35")?,
+            self.config.decimal_places,
+        ))
+    }
+
+    /// Writes a scaled value; `field` names it in the error if it cannot be represented.
+    async fn write_scaled(&self, reg: u16, field: &str, value: f64) -> Result<(), DeviceError> {
+        let raw = encode(value, self.config.decimal_places).ok_or_else(|| DeviceError::Limit {
+            field: field.to_owned(),
+            value,
+            limit: self.register_range(),
+        })?;
+        self.transport.write_single(reg, raw).await
+    }
+
+    fn register_range(&self) -> String {
+        let max = f64::from(i16::MAX) / scale(self.config.decimal_places);
+        format!(
+            "register range ±{max} ({} decimal places)",
+            self.config.decimal_places
+        )
+    }
+
+    fn is_active(&self, target_sp_c: f64) -> bool {
+        target_sp_c > self.config.safe_setpoint_c + self.config.tolerance_c
+    }
+
+    fn check_temperature(&self, field: String, value: f64) -> Result<(), DeviceError> {
+        let limits = &self.config.limits;
+        let violation = |limit: String| DeviceError::Limit {
+            field: field.clone(),
+            value,
+            limit,
+        };
+        if !value.is_finite() {
+            return Err(violation("finite values".to_owned()));
+        }
+        // A furnace cannot cool below ambient; a negative target is a typo unless the
+        // configuration explicitly allows it.
+        let min = limits.min_temperature_c.unwrap_or(0.0);
+        if value < min {
+            return Err(violation(format!("min_temperature_c {min}")));
+        }
+        if let Some(max) = limits.max_temperature_c
+            && value > max
+        {
+            return Err(violation(format!("max_temperature_c {max}")));
+        }
+        if encode(value, self.config.decimal_places).is_none() {
+            return Err(violation(self.register_range()));
+        }
+        Ok(())
+    }
+
+    fn check_rate(&self, field: String, value: f64) -> Result<(), DeviceError> {
+        let violation = |limit: String| DeviceError::Limit {
+            field: field.clone(),
+            value,
+            limit,
+        };
+        if !value.is_finite() {
+            return Err(violation("finite values".to_owned()));
+        }
+        // Rate 0 means "no rate limit" to the controller: a ramp would become a step.
+        if value <= 0.0 {
+            return Err(violation("min_rate_c_per_min > 0".to_owned()));
+        }
+        if let Some(max) = self.config.limits.max_rate_c_per_min
+            && value > max
+        {
+            return Err(violation(format!("max_rate_c_per_min {max}")));
+        }
+        if encode(value, self.config.decimal_places).is_none() {
+            return Err(violation(self.register_range()));
+        }
+        Ok(())
+    }
+
+    fn check_hold(&self, field: String, value: f64) -> Result<(), DeviceError> {
+        let violation = |limit: String| DeviceError::Limit {
+            field: field.clone(),
+            value,
+            limit,
+        };
+        if !value.is_finite() {
+            return Err(violation("finite values".to_owned()));
+        }
+        if value < 0.0 {
+            return Err(violation("min_duration_s 0".to_owned()));
+        }
+        if let Some(max) = self.config.limits.max_hold_s
+            && value > max
+        {
+            return Err(violation(format!("max_hold_s {max}")));
+        }
+        Ok(())
+    }
+
+    fn check_segments(&self, segments: &[Segment]) -> Result<(), DeviceError> {
+        for (i, segment) in segments.iter().enumerate() {
+            match *segment {
+                Segment::Ramp {
+                    temperature_c,
+                    rate_c_per_min,
+                } => {
+                    self.check_temperature(
+                        format!("segments[{i}].ramp.temperature_c"),
+                        temperature_c,
+                    )?;
+                    self.check_rate(format!("segments[{i}].ramp.rate_c_per_min"), rate_c_per_min)?;
+                }
+                Segment::Hold { duration_s } => {
+                    self.check_hold(format!("segments[{i}].hold.duration_s"), duration_s)?;
+                }
+                Segment::StepTo { temperature_c } => {
+                    self.check_temperature(
+                        format!("segments[{i}].step.temperature_c"),
+                        temperature_c,
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Fails with the named fault if the status bits report one.
+    fn check_faults(&self, status_bits: u16) -> Result<(), DeviceError> {
+        let faults = names_of(status_bits, &FAULT_BITS);
+        if faults.is_empty() {
+            Ok(())
+        } else {
+            Err(DeviceError::Fault(format!(
+                "{} reported by the controller (status 0x{status_bits:04X})",
+                faults.join(", ")
+            )))
+        }
+    }
+
+    /// Runs `op`, riding out transient transport failures for up to `transient_grace` of real
+    /// time, and returns [`DeviceError::Aborted`] as soon as the step is cancelled.
+    async fn tolerant<T, F, Fut>(
+        &self,
+        ctx: &StepContext,
+        what: &str,
+        mut op: F,
+    ) -> Result<T, DeviceError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, DeviceError>>,
+    {
+        let mut outage_since: Option<Instant> = None;
+        loop {
+            if ctx.cancel.is_cancelled() {
+                return Err(DeviceError::Aborted);
+            }
+            // Dropping an in-flight request is safe: the transport then discards the connection.
+            let outcome = tokio::select! {
+                biased;
+                _ = ctx.cancel.cancelled() => return Err(DeviceError::Aborted),
+                outcome = op() => outcome,
+            };
+            match outcome {
+                Ok(value) => {
+                    if let Some(since) = outage_since {
+                        tracing::info!(
+                            device = %self.info.id,
+                            outage_ms = since.elapsed().as_millis() as u64,
+                            "link recovered during step"
+                        );
+                    }
+                    return Ok(value);
+                }
+                Err(e) if e.is_transient() => {
+                    let since = *outage_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= self.config.transient_grace {
+                        return Err(e);
+                    }
+                    tracing::warn!(device = %self.info.id, error = %e, "{what} failed; retrying");
+                    pause(ctx, OUTAGE_PAUSE).await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Writes one scaled register, tolerating a short outage.
+    async fn write_during_step(
+        &self,
+        ctx: &StepContext,
+        reg: u16,
+        field: &str,
+        value: f64,
+    ) -> Result<(), DeviceError> {
+        let what = format!("writing {field}");
+        self.tolerant(ctx, &what, move || self.write_scaled(reg, field, value))
+            .await
+    }
+
+    async fn run_program(
+        &self,
+        segments: &[Segment],
+        ctx: &StepContext,
+    ) -> Result<FurnaceResult, DeviceError> {
+        let mut run = ProgramRun::new(self, ctx, segments);
+        run.run().await?;
+        Ok(run.result)
+    }
+}
+
+/// Sleeps for `real`, returning [`DeviceError::Aborted`] if the step is cancelled meanwhile.
+async fn pause(ctx: &StepContext, real: Duration) -> Result<(), DeviceError> {
+    tokio::select! {
+        biased;
+        _ = ctx.cancel.cancelled() => Err(DeviceError::Aborted),
+        _ = tokio::time::sleep(real) => Ok(()),
+    }
+}
+
+fn first_word(words: &[u16], what: &str) -> Result<u16, DeviceError> {
+    words.first().copied().ok_or_else(|| DeviceError::Corrupt {
+        what: what.to_owned(),
+        reason: "empty reply".to_owned(),
+    })
+}
+
+/// The state of one program run: the trace being recorded and the progress bookkeeping.
+struct ProgramRun<'a> {
+    dev: &'a Eurotherm,
+    ctx: &'a StepContext,
+    segments: &'a [Segment],
+    /// Expected physical duration of each segment, for progress and deadlines.
+    expected_s: Vec<f64>,
+    total_expected_s: f64,
+    /// Physical time the program started.
+    t0: f64,
+    last_progress_s: f64,
+    /// Last rate limit written, reported with readings.
+    rate_limit: Option<f64>,
+    /// PV of the latest sample.
+    last_pv: f64,
+    /// Program time of the latest sample, s.
+    last_t_s: f64,
+    result: FurnaceResult,
+}
+
+impl<'a> ProgramRun<'a> {
+    fn new(dev: &'a Eurotherm, ctx: &'a StepContext, segments: &'a [Segment]) -> Self {
+        Self {
+            dev,
+            ctx,
+            segments,
+            expected_s: Vec::new(),
+            total_expected_s: 0.0,
+            t0: ctx.clock.now_s(),
+            last_progress_s: f64::NEG_INFINITY,
+            rate_limit: None,
+            last_pv: f64::NAN,
+            last_t_s: 0.0,
+            result: FurnaceResult::default(),
+        }
+    }
+
+    async fn run(&mut self) -> Result<(), DeviceError> {
+        let dev = self.dev;
+        let ctx = self.ctx;
+        // Read (and fault-check) before sending anything.
+        let first = self.poll(None).await?;
+        self.plan(first.pv_c);
+        self.progress(0, 0.0, "starting furnace program".to_owned(), true);
+        dev.tolerant(ctx, "selecting auto mode", move || {
+            dev.transport.write_single(registers::AUTO_MANUAL, 0)
+        })
+        .await?;
+
+        // A leading hold holds whatever the controller is already set to.
+        let mut setpoint = first.target_sp_c;
+        let n = self.segments.len();
+        for (i, segment) in self.segments.iter().enumerate() {
+            match *segment {
+                Segment::Ramp {
+                    temperature_c,
+                    rate_c_per_min,
+                } => {
+                    let message = format!(
+                        "segment {}/{n}: ramp to {temperature_c} °C at {rate_c_per_min} °C/min",
+                        i + 1
+                    );
+                    self.progress(i, 0.0, message.clone(), true);
+                    // Rate first, so the new target is approached at the rate from the start.
+                    dev.write_during_step(
+                        ctx,
+                        registers::SP_RATE_LIMIT,
+                        "rate_limit_c_per_min",
+                        rate_c_per_min,
+                    )
+                    .await?;
+                    self.rate_limit = Some(rate_c_per_min);
+                    dev.write_during_step(ctx, registers::TARGET_SP, "target_sp_c", temperature_c)
+                        .await?;
+                    self.reach(i, temperature_c, Some(rate_c_per_min), &message)
+                        .await?;
+                    setpoint = temperature_c;
+                }
+                Segment::StepTo { temperature_c } => {
+                    let message = format!("segment {}/{n}: step to {temperature_c} °C", i + 1);
+                    self.progress(i, 0.0, message.clone(), true);
+                    dev.write_during_step(
+                        ctx,
+                        registers::SP_RATE_LIMIT,
+                        "rate_limit_c_per_min",
+                        0.0,
+                    )
+                    .await?;
+                    self.rate_limit = Some(0.0);
+                    dev.write_during_step(ctx, registers::TARGET_SP, "target_sp_c", temperature_c)
+                        .await?;
+                    self.reach(i, temperature_c, None, &message).await?;
+                    setpoint = temperature_c;
+                }
+                Segment::Hold { duration_s } => {
+                    let message = format!(
+                        "segment {}/{n}: hold {setpoint} °C for {duration_s} s",
+                        i + 1
+                    );
+                    self.progress(i, 0.0, message.clone(), true);
+                    self.hold(i, duration_s, setpoint, &message).await?;
+                }
+            }
+        }
+        self.send_progress(1.0, "furnace program complete".to_owned(), Some(0.0));
+        Ok(())
+    }
+
+    /// Expected physical duration of each segment: ramps at their rate from the previous
+    /// target, holds for their duration, steps as instantaneous (their length is the plant's).
+    fn plan(&mut self, start_c: f64) {
+        let mut from = start_c;
+        self.expected_s = self
+            .segments
+            .iter()
+            .map(|segment| {
+                let expected = match *segment {
+                    Segment::Ramp {
+                        temperature_c,
+                        rate_c_per_min,
+                    } => (temperature_c - from).abs() / rate_c_per_min * 60.0,
+                    Segment::Hold { duration_s } => duration_s,
+                    Segment::StepTo { .. } => 0.0,
+                };
+                if let Some(target) = segment.target_c() {
+                    from = target;
+                }
+                expected
+            })
+            .collect();
+        self.total_expected_s = self.expected_s.iter().sum();
+    }
+
+    /// Drives PV to `target` (the setpoint is already written), sampling until it is within
+    /// tolerance or the segment's deadline passes.
+    async fn reach(
+        &mut self,
+        index: usize,
+        target: f64,
+        rate_c_per_min: Option<f64>,
+        message: &str,
+    ) -> Result<(), DeviceError> {
+        let clock = self.ctx.clock;
+        let config = &self.dev.config;
+        let start_s = clock.now_s();
+        // Judge direction and ramp time from where PV actually is (the last sample); overshoot
+        // only means something while heating.
+        let start_pv = self.last_pv;
+        let heating = target >= start_pv - config.tolerance_c;
+        let expected_s = match rate_c_per_min {
+            Some(rate) => (target - start_pv).abs() / rate * 60.0,
+            None => 0.0,
+        };
+        loop {
+            let snap = self.poll(heating.then_some(target)).await?;
+            let now = clock.now_s();
+            if (snap.pv_c - target).abs() <= config.tolerance_c {
+                self.result.targets.push(TargetReached {
+                    segment_index: u32::try_from(index).unwrap_or(u32::MAX),
+                    temperature_c: target,
+                    reached_at_s: self.last_t_s,
+                    tolerance_c: config.tolerance_c,
+                });
+                return Ok(());
+            }
+            let allowed_s = expected_s + config.settle_timeout_s;
+            if now - start_s > allowed_s {
+                return Err(DeviceError::Fault(format!(
+                    "furnace did not reach {target} °C within {allowed_s:.0} s \
+                     (expected {expected_s:.0} s + settle {:.0} s); PV {:.1} °C",
+                    config.settle_timeout_s, snap.pv_c
+                )));
+            }
+            let elapsed = (now - start_s).min(self.expected_s.get(index).copied().unwrap_or(0.0));
+            self.progress(
+                index,
+                elapsed,
+                format!("{message} (PV {:.1} °C)", snap.pv_c),
+                false,
+            );
+            self.wait_until(now + config.sample_interval_s).await?;
+        }
+    }
+
+    /// Keeps sampling for `duration_s` of physical time while the controller holds `setpoint`.
+    async fn hold(
+        &mut self,
+        index: usize,
+        duration_s: f64,
+        setpoint: f64,
+        message: &str,
+    ) -> Result<(), DeviceError> {
+        let clock = self.ctx.clock;
+        let end_s = clock.now_s() + duration_s;
+        loop {
+            let snap = self.poll(Some(setpoint)).await?;
+            let now = clock.now_s();
+            if now >= end_s {
+                return Ok(());
+            }
+            let elapsed = duration_s - (end_s - now);
+            self.progress(
+                index,
+                elapsed,
+                format!("{message} (PV {:.1} °C)", snap.pv_c),
+                false,
+            );
+            let next = (now + self.dev.config.sample_interval_s).min(end_s);
+            self.wait_until(next).await?;
+        }
+    }
+
+    /// Takes one sample: reads the controller, fails on a fault, records the trace point and
+    /// the overshoot above `overshoot_target`, and streams the reading.
+    async fn poll(&mut self, overshoot_target: Option<f64>) -> Result<Snapshot, DeviceError> {
+        let dev = self.dev;
+        let snap = dev
+            .tolerant(self.ctx, "reading the controller", move || {
+                dev.read_snapshot()
+            })
+            .await?;
+        let t_s = self.ctx.clock.now_s() - self.t0;
+        self.last_pv = snap.pv_c;
+        self.last_t_s = t_s;
+        self.result.trace.push(FurnaceSample {
+            t_s,
+            pv_c: snap.pv_c,
+            working_sp_c: snap.working_sp_c,
+            output_pct: snap.output_pct,
+        });
+        if let Some(target) = overshoot_target {
+            self.result.max_overshoot_c = self.result.max_overshoot_c.max(snap.pv_c - target);
+        }
+        let active = dev.is_active(snap.target_sp_c);
+        self.ctx
+            .send(StepUpdate::Reading(snap.to_status(self.rate_limit, active)));
+        dev.check_faults(snap.status_bits)?;
+        Ok(snap)
+    }
+
+    /// Waits until physical time `t_s`, but at least `min_poll` of real time.
+    async fn wait_until(&self, t_s: f64) -> Result<(), DeviceError> {
+        let clock = self.ctx.clock;
+        let real = clock
+            .to_real(t_s - clock.now_s())
+            .max(self.dev.config.min_poll);
+        pause(self.ctx, real).await
+    }
+
+    /// Sends progress for segment `index` with `elapsed_s` of it done; periodic updates are
+    /// throttled to one per [`PROGRESS_INTERVAL_S`] of physical time.
+    fn progress(&mut self, index: usize, elapsed_s: f64, message: String, force: bool) {
+        let now = self.ctx.clock.now_s();
+        if !force && now - self.last_progress_s < PROGRESS_INTERVAL_S {
+            return;
+        }
+        self.last_progress_s = now;
+        let done: f64 = self.expected_s.iter().take(index).sum::<f64>() + elapsed_s.max(0.0);
+        let total = self.total_expected_s;
+        let fraction = if total > 0.0 {
+            (done / total).clamp(0.0, 1.0)
+        } else {
+            let n = self.segments.len().max(1) as f64;
+            (index as f64 / n).clamp(0.0, 1.0)
+        };
+        let remaining = (total - done).max(0.0);
+        self.send_progress(fraction, message, Some(remaining));
+    }
+
+    fn send_progress(&self, fraction: f64, message: String, remaining_s: Option<f64>) {
+        self.ctx.send(StepUpdate::Progress {
+            fraction,
+            message,
+            remaining_s,
+        });
+    }
+}
+
+#[async_trait]
+impl Device for Eurotherm {
+    fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    fn check(&self, step: &StepCommand) -> Result<(), DeviceError> {
+        match step {
+            StepCommand::FurnaceProgram { segments } => self.check_segments(segments),
+        }
+    }
+
+    async fn execute(
+        &self,
+        step: &StepCommand,
+        ctx: StepContext,
+    ) -> Result<StepOutput, DeviceError> {
+        // Never send a command that breaks a limit, whatever the daemon checked before.
+        self.check(step)?;
+        let StepCommand::FurnaceProgram { segments } = step;
+        let outcome = self.run_program(segments, &ctx).await;
+        // Every exit leaves the furnace safe: a finished program must not keep heating either.
+        let safe = self.safe_state().await;
+        match (outcome, safe) {
+            (Ok(result), Ok(())) => Ok(StepOutput::Furnace(result)),
+            (Ok(_), Err(e)) => {
+                tracing::error!(device = %self.info.id, error = %e, "program finished but the furnace could not be made safe");
+                Err(e)
+            }
+            (Err(e), Ok(())) => Err(e),
+            (Err(e), Err(safe_error)) => {
+                tracing::error!(device = %self.info.id, step_error = %e, error = %safe_error, "could not make the furnace safe after a failed step");
+                Err(e)
+            }
+        }
+    }
+
+    async fn status(&self) -> Result<DeviceStatus, DeviceError> {
+        let snap = self.read_snapshot().await?;
+        let rate = self.read_rate_limit().await?;
+        Ok(snap.to_status(Some(rate), self.is_active(snap.target_sp_c)))
+    }
+
+    /// Target setpoint to the safe value first (so no later failure can leave a high target
+    /// in force), then rate limit off (working SP jumps down to it), then auto mode (so a
+    /// manual output level stops heating). If the link is down, stops after the first failed
+    /// write instead of waiting out each one.
+    async fn safe_state(&self) -> Result<(), DeviceError> {
+        let mut first_error = None;
+        let safe = self.config.safe_setpoint_c;
+        let writes: [(u16, &str, f64); 3] = [
+            (registers::TARGET_SP, "target_sp_c", safe),
+            (registers::SP_RATE_LIMIT, "rate_limit_c_per_min", 0.0),
+            (registers::AUTO_MANUAL, "auto_manual", 0.0),
+        ];
+        for (reg, field, value) in writes {
+            let result = if reg == registers::AUTO_MANUAL {
+                self.transport.write_single(reg, 0).await
+            } else {
+                self.write_scaled(reg, field, value).await
+            };
+            if let Err(e) = result {
+                tracing::warn!(device = %self.info.id, register = reg, error = %e, "safe-state write failed");
+                let transient = e.is_transient();
+                first_error.get_or_insert(e);
+                if transient {
+                    break;
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::modbus::ModbusEndpoint;
+
+    fn driver(limits: Limits) -> Eurotherm {
+        let modbus = ModbusConfig::new(ModbusEndpoint::Tcp("127.0.0.1:5020".parse().unwrap()));
+        let mut config = EurothermConfig::new("furnace-1", modbus);
+        config.limits = limits;
+        Eurotherm::new(config)
+    }
+
+    fn limits() -> Limits {
+        Limits {
+            max_temperature_c: Some(1100.0),
+            max_rate_c_per_min: Some(20.0),
+            max_hold_s: Some(86400.0),
+            ..Limits::default()
+        }
+    }
+
+    fn program(segments: Vec<Segment>) -> StepCommand {
+        StepCommand::FurnaceProgram { segments }
+    }
+
+    fn limit_field(err: DeviceError) -> (String, String) {
+        match err {
+            DeviceError::Limit { field, limit, .. } => (field, limit),
+            other => panic!("expected a limit error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn scaling_handles_negative_values_as_i16() {
+        assert_eq!(decode(1234, 1), 123.4);
+        assert_eq!(decode(0xFFFF, 1), -0.1);
+        assert_eq!(decode((-2005i16) as u16, 1), -200.5);
+        assert_eq!(decode(250, 0), 250.0);
+        assert_eq!(decode(12345, 2), 123.45);
+        assert_eq!(encode(123.4, 1), Some(1234));
+        assert_eq!(encode(-0.1, 1), Some(0xFFFF));
+        assert_eq!(encode(-200.5, 1), Some((-2005i16) as u16));
+        assert_eq!(encode(3276.7, 1), Some(32767));
+        assert_eq!(encode(3276.8, 1), None);
+        assert_eq!(encode(-3276.8, 1), Some(0x8000));
+        assert_eq!(encode(f64::NAN, 1), None);
+        for v in [-40.0, 0.0, 25.0, 1100.0, 1234.5] {
+            assert_eq!(encode(v, 1).map(|raw| decode(raw, 1)), Some(v));
+        }
+    }
+
+    #[test]
+    fn info_describes_the_transport() {
+        let d = driver(limits());
+        let info = d.info();
+        assert_eq!(info.family, Family::Furnace);
+        assert_eq!(info.driver, "eurotherm");
+        assert_eq!(info.transport, "modbus-tcp://127.0.0.1:5020 unit 1");
+        assert_eq!(info.capabilities, vec![Capability::FurnaceProgram]);
+        assert_eq!(info.limits, limits());
+    }
+
+    #[test]
+    fn valid_program_passes() {
+        let d = driver(limits());
+        let step = program(vec![
+            Segment::Ramp {
+                temperature_c: 1100.0,
+                rate_c_per_min: 20.0,
+            },
+            Segment::Hold { duration_s: 3600.0 },
+            Segment::StepTo {
+                temperature_c: 25.0,
+            },
+        ]);
+        assert_eq!(d.check(&step), Ok(()));
+    }
+
+    #[test]
+    fn limit_errors_name_the_field() {
+        let d = driver(limits());
+        let cases = [
+            (
+                Segment::Ramp {
+                    temperature_c: 1200.0,
+                    rate_c_per_min: 5.0,
+                },
+                "segments[1].ramp.temperature_c",
+                "max_temperature_c 1100",
+            ),
+            (
+                Segment::Ramp {
+                    temperature_c: 500.0,
+                    rate_c_per_min: 25.0,
+                },
+                "segments[1].ramp.rate_c_per_min",
+                "max_rate_c_per_min 20",
+            ),
+            (
+                Segment::Ramp {
+                    temperature_c: 500.0,
+                    rate_c_per_min: 0.0,
+                },
+                "segments[1].ramp.rate_c_per_min",
+                "min_rate_c_per_min > 0",
+            ),
+            (
+                Segment::Ramp {
+                    temperature_c: f64::NAN,
+                    rate_c_per_min: 5.0,
+                },
+                "segments[1].ramp.temperature_c",
+                "finite values",
+            ),
+            (
+                Segment::Hold {
+                    duration_s: 90000.0,
+                },
+                "segments[1].hold.duration_s",
+                "max_hold_s 86400",
+            ),
+            (
+                Segment::Hold { duration_s: -1.0 },
+                "segments[1].hold.duration_s",
+                "min_duration_s 0",
+            ),
+            (
+                Segment::Hold {
+                    duration_s: f64::INFINITY,
+                },
+                "segments[1].hold.duration_s",
+                "finite values",
+            ),
+            (
+                Segment::StepTo {
+                    temperature_c: -10.0,
+                },
+                "segments[1].step.temperature_c",
+                "min_temperature_c 0",
+            ),
+        ];
+        for (bad, field, limit) in cases {
+            let step = program(vec![Segment::Hold { duration_s: 1.0 }, bad]);
+            let (got_field, got_limit) = limit_field(d.check(&step).unwrap_err());
+            assert_eq!(got_field, field, "{bad:?}");
+            assert_eq!(got_limit, limit, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn unlimited_driver_still_rejects_unrepresentable_values() {
+        let d = driver(Limits::default());
+        let step = program(vec![Segment::StepTo {
+            temperature_c: 5000.0,
+        }]);
+        let (field, limit) = limit_field(d.check(&step).unwrap_err());
+        assert_eq!(field, "segments[0].step.temperature_c");
+        assert!(limit.starts_with("register range"), "{limit}");
+    }
+
+    #[test]
+    fn status_bits_become_alarm_names_and_faults() {
+        let snap = Snapshot {
+            pv_c: 20.0,
+            target_sp_c: 25.0,
+            output_pct: 0.0,
+            working_sp_c: 25.0,
+            status_bits: (1 << 0) | (1 << 7) | (1 << 13),
+        };
+        assert_eq!(snap.alarms(), vec!["alarm 1", "heater fail"]);
+        let d = driver(limits());
+        let DeviceError::Fault(msg) = d.check_faults(snap.status_bits).unwrap_err() else {
+            panic!("expected fault");
+        };
+        assert!(msg.contains("heater fail"), "{msg}");
+        assert_eq!(d.check_faults(1 << 13), Ok(()));
+        assert!(d.check_faults(1 << 5).is_err());
+        assert!(d.check_faults(1 << 6).is_err());
+    }
+
+    #[test]
+    fn status_reports_all_readings() {
+        let snap = Snapshot {
+            pv_c: 200.0,
+            target_sp_c: 200.0,
+            output_pct: 40.0,
+            working_sp_c: 199.0,
+            status_bits: 0,
+        };
+        let status = snap.to_status(Some(10.0), true);
+        let names: Vec<_> = status.readings.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "pv_c",
+                "target_sp_c",
+                "working_sp_c",
+                "output_pct",
+                "rate_limit_c_per_min"
+            ]
+        );
+        assert!(status.active);
+        let d = driver(limits());
+        assert!(d.is_active(200.0));
+        assert!(!d.is_active(26.0));
+    }
+}

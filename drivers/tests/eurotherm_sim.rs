@@ -1,0 +1,441 @@
+//! The Eurotherm driver and Modbus transport against the simulated controller, over real
+//! Modbus TCP on loopback. Waits are on conditions with deadlines, never on fixed sleeps.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ppu_drivers::device::{FurnaceResult, Segment};
+use ppu_drivers::furnace::eurotherm::{EXPECTED_IDENT, Eurotherm, EurothermConfig, registers};
+use ppu_drivers::transport::modbus::{ModbusConfig, ModbusEndpoint};
+use ppu_drivers::{
+    Clock, Device, DeviceError, Limits, StepCommand, StepContext, StepOutput, StepUpdate,
+};
+use ppu_sim::furnace::{FurnaceConfig, SimFurnace};
+use ppu_sim::modbus::{ServerHandle, serve_tcp};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Physical seconds per real second: a 40-minute program runs in about a second.
+const FAST: f64 = 2000.0;
+
+struct Rig {
+    sim: SimFurnace,
+    server: ServerHandle,
+    addr: SocketAddr,
+    clock: Clock,
+}
+
+async fn rig(scale: f64) -> Rig {
+    let clock = Clock::new(scale);
+    let sim = SimFurnace::new(FurnaceConfig::default(), clock);
+    let server = serve_tcp("127.0.0.1:0".parse().unwrap(), sim.clone())
+        .await
+        .expect("serve simulator");
+    let addr = server.local_addr();
+    Rig {
+        sim,
+        server,
+        addr,
+        clock,
+    }
+}
+
+fn config(addr: SocketAddr) -> EurothermConfig {
+    let mut modbus = ModbusConfig::new(ModbusEndpoint::Tcp(addr));
+    modbus.timeout = Duration::from_millis(200);
+    modbus.retries = 1;
+    let mut config = EurothermConfig::new("furnace-1", modbus);
+    config.limits = Limits {
+        max_temperature_c: Some(1100.0),
+        max_rate_c_per_min: Some(20.0),
+        ..Limits::default()
+    };
+    config.min_poll = Duration::from_millis(5);
+    config
+}
+
+fn context(clock: Clock) -> (StepContext, mpsc::UnboundedReceiver<StepUpdate>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let ctx = StepContext {
+        clock,
+        updates: tx,
+        cancel: CancellationToken::new(),
+    };
+    (ctx, rx)
+}
+
+/// Retries `f` until it returns `Some`, failing the test after `deadline` of real time.
+async fn eventually<T, F, Fut>(deadline: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let give_up = tokio::time::Instant::now() + deadline;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Waits for an update matching `pred`, failing after `deadline`.
+async fn wait_update(
+    rx: &mut mpsc::UnboundedReceiver<StepUpdate>,
+    deadline: Duration,
+    what: &str,
+    mut pred: impl FnMut(&StepUpdate) -> bool,
+) {
+    let found = tokio::time::timeout(deadline, async {
+        while let Some(update) = rx.recv().await {
+            if pred(&update) {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(found, Ok(true), "no update matching {what}");
+}
+
+fn furnace(output: StepOutput) -> FurnaceResult {
+    match output {
+        StepOutput::Furnace(result) => result,
+    }
+}
+
+#[tokio::test]
+async fn scaled_reads_and_writes() {
+    // Real time, so PV barely moves between our read and the simulator's snapshot.
+    let rig = rig(1.0).await;
+    let dev = Eurotherm::new(config(rig.addr));
+
+    assert_eq!(dev.identify().await, Ok(EXPECTED_IDENT));
+
+    let snap = dev.read_snapshot().await.expect("read snapshot");
+    let sim = rig.sim.snapshot();
+    assert!((snap.pv_c - sim.pv_c).abs() <= 0.2, "{snap:?} vs {sim:?}");
+    assert_eq!(snap.target_sp_c, sim.target_sp_c);
+
+    // 123.4 °C at one decimal place is raw 1234.
+    dev.transport()
+        .write_single(registers::TARGET_SP, 1234)
+        .await
+        .expect("write target SP");
+    assert_eq!(rig.sim.snapshot().target_sp_c, 123.4);
+
+    dev.transport()
+        .write_single(registers::SP_RATE_LIMIT, 55)
+        .await
+        .expect("write rate limit");
+    assert_eq!(rig.sim.snapshot().rate_limit_c_per_min, 5.5);
+
+    let status = dev.status().await.expect("status");
+    let reading = |name: &str| {
+        status
+            .readings
+            .iter()
+            .find(|r| r.name == name)
+            .map(|r| r.value)
+    };
+    assert_eq!(reading("target_sp_c"), Some(123.4));
+    assert_eq!(reading("rate_limit_c_per_min"), Some(5.5));
+    assert!(reading("pv_c").is_some());
+    assert!(reading("working_sp_c").is_some());
+    assert!(reading("output_pct").is_some());
+    assert!(status.active);
+
+    dev.safe_state().await.expect("safe state");
+    dev.safe_state().await.expect("safe state is idempotent");
+    let sim = rig.sim.snapshot();
+    assert_eq!(sim.target_sp_c, 25.0);
+    assert_eq!(sim.rate_limit_c_per_min, 0.0);
+    assert!(!sim.manual);
+    assert!(!dev.status().await.expect("status").active);
+}
+
+#[tokio::test]
+async fn illegal_register_is_refused_with_exception_02() {
+    let rig = rig(FAST).await;
+    let dev = Eurotherm::new(config(rig.addr));
+    let err = dev.transport().read_holding(9999, 1).await.unwrap_err();
+    let DeviceError::Refused { reason, .. } = &err else {
+        panic!("expected Refused, got {err:?}");
+    };
+    assert!(reason.contains("9999"), "{reason}");
+    assert!(reason.contains("exception 02"), "{reason}");
+    // An exception does not break the link.
+    assert!(dev.read_snapshot().await.is_ok());
+}
+
+#[tokio::test]
+async fn silent_device_times_out_then_recovers() {
+    let rig = rig(FAST).await;
+    let dev = Eurotherm::new(config(rig.addr));
+    dev.read_snapshot().await.expect("first read");
+
+    rig.sim.set_silent(true);
+    let err = dev.transport().read_holding(1, 1).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            DeviceError::Timeout {
+                timeout_ms: 200,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+
+    rig.sim.set_silent(false);
+    dev.transport()
+        .read_holding(1, 1)
+        .await
+        .expect("read after silence");
+}
+
+#[tokio::test]
+async fn reconnects_after_the_server_comes_back() {
+    let rig = rig(FAST).await;
+    let dev = Eurotherm::new(config(rig.addr));
+    dev.read_snapshot().await.expect("first read");
+    assert!(dev.transport().is_connected());
+
+    rig.server.shutdown().await;
+    let err = dev.transport().read_holding(1, 1).await.unwrap_err();
+    assert!(err.is_transient(), "{err:?}");
+
+    let _server = serve_tcp(rig.addr, rig.sim.clone())
+        .await
+        .expect("serve again");
+    eventually(Duration::from_secs(5), "a read after reconnect", || async {
+        dev.transport().read_holding(1, 5).await.ok()
+    })
+    .await;
+    assert!(dev.transport().is_connected());
+}
+
+#[tokio::test]
+async fn program_runs_to_every_target_and_ends_safe() {
+    let rig = rig(FAST).await;
+    let dev = Eurotherm::new(config(rig.addr));
+    let step = StepCommand::FurnaceProgram {
+        segments: vec![
+            Segment::Ramp {
+                temperature_c: 200.0,
+                rate_c_per_min: 10.0,
+            },
+            Segment::Hold { duration_s: 600.0 },
+            Segment::StepTo {
+                temperature_c: 150.0,
+            },
+        ],
+    };
+    let (ctx, mut rx) = context(rig.clock);
+    let result = tokio::time::timeout(Duration::from_secs(60), dev.execute(&step, ctx))
+        .await
+        .expect("program finishes")
+        .expect("program succeeds");
+    let result = furnace(result);
+    let tolerance = dev.config().tolerance_c;
+
+    let targets: Vec<_> = result
+        .targets
+        .iter()
+        .map(|t| (t.segment_index, t.temperature_c))
+        .collect();
+    assert_eq!(targets, [(0, 200.0), (2, 150.0)]);
+    for target in &result.targets {
+        let sample = result
+            .trace
+            .iter()
+            .find(|s| s.t_s == target.reached_at_s)
+            .expect("a sample at the moment the target was reached");
+        assert!(
+            (sample.pv_c - target.temperature_c).abs() <= tolerance,
+            "{sample:?} for {target:?}"
+        );
+    }
+    // The ramp cannot be faster than 10 °C/min from ambient; the hold lasts 600 s.
+    assert!(result.targets[0].reached_at_s >= (200.0 - 25.0 - tolerance) / 10.0 * 60.0);
+    assert!(result.targets[1].reached_at_s - result.targets[0].reached_at_s >= 600.0);
+    assert!(result.trace.windows(2).all(|w| w[0].t_s <= w[1].t_s));
+    assert!(result.max_overshoot_c >= 0.0 && result.max_overshoot_c < 20.0);
+
+    let sim = rig.sim.snapshot();
+    assert_eq!(sim.target_sp_c, dev.config().safe_setpoint_c);
+    assert_eq!(sim.rate_limit_c_per_min, 0.0);
+    assert!(!sim.manual);
+
+    let mut updates = Vec::new();
+    while let Ok(update) = rx.try_recv() {
+        updates.push(update);
+    }
+    assert!(
+        updates
+            .iter()
+            .any(|u| matches!(u, StepUpdate::Reading(status) if !status.readings.is_empty()))
+    );
+    let fractions: Vec<f64> = updates
+        .iter()
+        .filter_map(|u| match u {
+            StepUpdate::Progress { fraction, .. } => Some(*fraction),
+            StepUpdate::Reading(_) => None,
+        })
+        .collect();
+    assert!(fractions.windows(2).all(|w| w[0] <= w[1]), "{fractions:?}");
+    assert_eq!(fractions.last(), Some(&1.0));
+}
+
+#[tokio::test]
+async fn cancelling_during_a_hold_aborts_and_leaves_the_furnace_safe() {
+    let rig = rig(FAST).await;
+    let dev = Arc::new(Eurotherm::new(config(rig.addr)));
+    let step = StepCommand::FurnaceProgram {
+        segments: vec![
+            Segment::Ramp {
+                temperature_c: 100.0,
+                rate_c_per_min: 20.0,
+            },
+            Segment::Hold {
+                duration_s: 1_000_000.0,
+            },
+        ],
+    };
+    let (ctx, mut rx) = context(rig.clock);
+    let cancel = ctx.cancel.clone();
+    let run = tokio::spawn({
+        let dev = Arc::clone(&dev);
+        async move { dev.execute(&step, ctx).await }
+    });
+
+    wait_update(
+        &mut rx,
+        Duration::from_secs(30),
+        "the hold",
+        |u| matches!(u, StepUpdate::Progress { message, .. } if message.contains("hold")),
+    )
+    .await;
+    assert_eq!(rig.sim.snapshot().target_sp_c, 100.0);
+    cancel.cancel();
+
+    let result = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("abort is prompt")
+        .expect("task");
+    assert_eq!(result, Err(DeviceError::Aborted));
+    let sim = rig.sim.snapshot();
+    assert_eq!(sim.target_sp_c, dev.config().safe_setpoint_c);
+    assert_eq!(sim.rate_limit_c_per_min, 0.0);
+}
+
+#[tokio::test]
+async fn heater_failure_fails_the_program() {
+    let rig = rig(FAST).await;
+    let dev = Arc::new(Eurotherm::new(config(rig.addr)));
+    let step = StepCommand::FurnaceProgram {
+        segments: vec![Segment::Ramp {
+            temperature_c: 800.0,
+            rate_c_per_min: 10.0,
+        }],
+    };
+    let (ctx, mut rx) = context(rig.clock);
+    let run = tokio::spawn({
+        let dev = Arc::clone(&dev);
+        async move { dev.execute(&step, ctx).await }
+    });
+
+    // Fail the heater once the furnace is visibly heating.
+    wait_update(&mut rx, Duration::from_secs(30), "heating", |u| {
+        matches!(u, StepUpdate::Reading(status)
+            if status.readings.iter().any(|r| r.name == "pv_c" && r.value > 40.0))
+    })
+    .await;
+    rig.sim.set_heater_fail(true);
+
+    let result = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("fault is detected")
+        .expect("task");
+    match result {
+        Err(DeviceError::Fault(reason)) => assert!(reason.contains("heater"), "{reason}"),
+        other => panic!("expected a heater fault, got {other:?}"),
+    }
+    assert_eq!(rig.sim.snapshot().target_sp_c, dev.config().safe_setpoint_c);
+}
+
+#[tokio::test]
+async fn a_short_outage_during_a_hold_is_ridden_out() {
+    let rig = rig(FAST).await;
+    let dev = Arc::new(Eurotherm::new(config(rig.addr)));
+    let step = StepCommand::FurnaceProgram {
+        segments: vec![
+            Segment::StepTo {
+                temperature_c: 60.0,
+            },
+            // 6000 s physical = 3 s real at FAST: the outage falls inside the hold.
+            Segment::Hold { duration_s: 6000.0 },
+        ],
+    };
+    let (ctx, mut rx) = context(rig.clock);
+    let run = tokio::spawn({
+        let dev = Arc::clone(&dev);
+        async move { dev.execute(&step, ctx).await }
+    });
+
+    wait_update(
+        &mut rx,
+        Duration::from_secs(30),
+        "the hold",
+        |u| matches!(u, StepUpdate::Progress { message, .. } if message.contains("hold")),
+    )
+    .await;
+    rig.sim.set_silent(true);
+    // The length of the fault, not a synchronisation: several polls time out (200 ms each)
+    // while the hold goes on, well within the driver's 10 s transient grace.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(!run.is_finished());
+    rig.sim.set_silent(false);
+
+    let result = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("program finishes")
+        .expect("task")
+        .expect("the outage is tolerated");
+    assert_eq!(furnace(result).targets.len(), 1);
+    assert_eq!(rig.sim.snapshot().target_sp_c, 25.0);
+}
+
+#[tokio::test]
+async fn a_program_over_the_limits_is_rejected_before_anything_is_sent() {
+    let rig = rig(FAST).await;
+    let dev = Eurotherm::new(config(rig.addr));
+    let step = StepCommand::FurnaceProgram {
+        segments: vec![
+            Segment::Ramp {
+                temperature_c: 500.0,
+                rate_c_per_min: 10.0,
+            },
+            Segment::StepTo {
+                temperature_c: 1150.0,
+            },
+        ],
+    };
+    let (ctx, _rx) = context(rig.clock);
+    let err = dev.execute(&step, ctx).await.unwrap_err();
+    assert_eq!(
+        err,
+        DeviceError::Limit {
+            field: "segments[1].step.temperature_c".into(),
+            value: 1150.0,
+            limit: "max_temperature_c 1100".into(),
+        }
+    );
+    assert_eq!(rig.sim.snapshot().target_sp_c, 25.0);
+}
