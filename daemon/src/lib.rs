@@ -1,1 +1,15 @@
-//! Daemon.
+//! ppu-daemon owns the lab side of the loop: the durable store and event log, the queue and
+//! scheduler, submission-time safety checks, the device registry and the gRPC server. The
+//! `ppud` binary wires them together; `ppuctl` is the command-line client.
+
+pub mod app;
+pub mod config;
+pub mod dev;
+pub mod devices;
+pub mod events;
+pub mod queue;
+pub mod safety;
+pub mod scheduler;
+pub mod server;
+pub mod state;
+pub mod store;

@@ -1,1 +1,214 @@
-//! End-to-end test support.
+//! End-to-end test support: a `ppud dev`-style lab (simulated devices behind real sockets, the
+//! real drivers, the real daemon and gRPC server) started in-process on ephemeral ports, plus
+//! helpers to build recipes and to wait on event streams with deadlines instead of sleeps.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use pb::device_service_client::DeviceServiceClient;
+use pb::event_service_client::EventServiceClient;
+use pb::experiment_service_client::ExperimentServiceClient;
+use pb::queue_service_client::QueueServiceClient;
+use ppu_daemon::app::{Daemon, Options};
+use ppu_daemon::config::Config;
+use ppu_daemon::dev::DevLab;
+use ppu_daemon::devices::PollSettings;
+use ppu_drivers::Clock;
+use ppu_proto::v1 as pb;
+use tonic::transport::Channel;
+
+/// Physical seconds per real second in these tests: a 2-hour program takes ~3.6 s.
+pub const TEST_TIME_SCALE: f64 = 2000.0;
+/// Upper bound on any wait in these tests (real time).
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+/// A running daemon with its simulated lab.
+pub struct Lab {
+    pub daemon: Option<Daemon>,
+    pub devlab: DevLab,
+    pub data_dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Lab {
+    /// A fresh lab with `furnaces` simulated furnaces on a new temporary data dir.
+    pub async fn start(furnaces: usize) -> Lab {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut lab = Lab::start_in(tmp.path(), furnaces).await;
+        lab._tmp = Some(tmp);
+        lab
+    }
+
+    /// A lab on an existing data dir (to test restarts).
+    pub async fn start_in(data_dir: &Path, furnaces: usize) -> Lab {
+        let clock = Clock::new(TEST_TIME_SCALE);
+        let devlab = DevLab::start(clock, furnaces).await.expect("simulated lab");
+        let config = Config {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            data_dir: data_dir.to_owned(),
+            time_scale: TEST_TIME_SCALE,
+            poll: Default::default(),
+            devices: devlab.device_configs(),
+        };
+        let opts = Options {
+            listen: config.listen,
+            data_dir: config.data_dir.clone(),
+            clock,
+            poll: PollSettings {
+                poll_interval: Duration::from_millis(100),
+                reading_log_interval: Duration::from_secs(1),
+            },
+        };
+        let daemon = Daemon::start(opts, config.drivers().expect("drivers"))
+            .await
+            .expect("daemon starts");
+        Lab {
+            daemon: Some(daemon),
+            devlab,
+            data_dir: data_dir.to_owned(),
+            _tmp: None,
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!(
+            "http://{}",
+            self.daemon.as_ref().expect("daemon running").addr()
+        )
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.endpoint())
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect")
+    }
+
+    pub async fn experiments(&self) -> ExperimentServiceClient<Channel> {
+        ExperimentServiceClient::new(self.channel().await)
+    }
+
+    pub async fn events(&self) -> EventServiceClient<Channel> {
+        EventServiceClient::new(self.channel().await)
+    }
+
+    pub async fn queue(&self) -> QueueServiceClient<Channel> {
+        QueueServiceClient::new(self.channel().await)
+    }
+
+    pub async fn devices(&self) -> DeviceServiceClient<Channel> {
+        DeviceServiceClient::new(self.channel().await)
+    }
+
+    /// Graceful shutdown of daemon and simulators.
+    pub async fn stop(mut self) {
+        if let Some(d) = self.daemon.take() {
+            d.shutdown().await;
+        }
+        self.devlab.shutdown().await;
+    }
+}
+
+/// A furnace step from segments.
+pub fn furnace_step(segments: Vec<pb::furnace_segment::Kind>) -> pb::Step {
+    pb::Step {
+        device_id: String::new(),
+        kind: Some(pb::step::Kind::Furnace(pb::FurnaceProgram {
+            segments: segments
+                .into_iter()
+                .map(|k| pb::FurnaceSegment { kind: Some(k) })
+                .collect(),
+        })),
+    }
+}
+
+pub fn ramp(temperature_c: f64, rate_c_per_min: f64) -> pb::furnace_segment::Kind {
+    pb::furnace_segment::Kind::Ramp(pb::Ramp {
+        temperature_c,
+        rate_c_per_min,
+    })
+}
+
+pub fn hold(duration_s: f64) -> pb::furnace_segment::Kind {
+    pb::furnace_segment::Kind::Hold(pb::Hold { duration_s })
+}
+
+pub fn step_to(temperature_c: f64) -> pb::furnace_segment::Kind {
+    pb::furnace_segment::Kind::Step(pb::StepTo { temperature_c })
+}
+
+/// An experiment with one furnace step.
+pub fn furnace_experiment(
+    name: &str,
+    segments: Vec<pb::furnace_segment::Kind>,
+) -> pb::ExperimentSpec {
+    pb::ExperimentSpec {
+        name: name.to_owned(),
+        sample_id: format!("S-{name}"),
+        steps: vec![furnace_step(segments)],
+        ..Default::default()
+    }
+}
+
+pub fn batch(key: &str, experiments: Vec<pb::ExperimentSpec>) -> pb::SubmitBatchRequest {
+    pb::SubmitBatchRequest {
+        idempotency_key: key.to_owned(),
+        experiments,
+    }
+}
+
+/// True for the four terminal states.
+pub fn is_terminal(state: i32) -> bool {
+    use pb::ExperimentState as S;
+    [S::Succeeded, S::Failed, S::Cancelled, S::Interrupted]
+        .iter()
+        .any(|s| *s as i32 == state)
+}
+
+/// Reads events from `stream` until `done` says so, or fails at the deadline.
+pub async fn read_until(
+    stream: &mut tonic::Streaming<pb::Event>,
+    out: &mut Vec<pb::Event>,
+    mut done: impl FnMut(&[pb::Event]) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !done(out) {
+        match tokio::time::timeout_at(deadline, stream.message()).await {
+            Ok(Ok(Some(e))) => out.push(e),
+            Ok(Ok(None)) => panic!("event stream ended early after {} events", out.len()),
+            Ok(Err(s)) => panic!("event stream failed: {s}"),
+            Err(_) => panic!("deadline passed after {} events", out.len()),
+        }
+    }
+}
+
+/// The experiment ids that reached a terminal state in `events`.
+pub fn finished(events: &[pb::Event]) -> Vec<String> {
+    events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            Some(pb::event::Kind::ExperimentStateChanged(c)) if is_terminal(c.to) => {
+                Some(e.experiment_id.clone())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// Waits until `check` returns true, polling the lab state; for conditions with no event.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

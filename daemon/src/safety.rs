@@ -1,0 +1,323 @@
+//! Submission-time safety: every recipe is checked against the configured devices'
+//! capabilities and declared limits before anything is stored. Drivers check each command again
+//! before it goes on the wire; this is the first of the two gates.
+//!
+//! Every refusal names the field path (`experiments[0].steps[1].furnace.segments[0].ramp.
+//! temperature_c`), the value and the limit, so a planner can fix its recipe without guessing.
+
+use pb::{furnace_segment, step};
+use ppu_drivers::device::Segment;
+use ppu_drivers::{Capability, DeviceError, StepCommand};
+use ppu_proto::v1 as pb;
+use tonic::{Code, Status};
+
+use crate::devices::Devices;
+
+/// Largest batch accepted in one call.
+pub const MAX_BATCH: usize = 10_000;
+/// Longest idempotency key, name or label.
+pub const MAX_TEXT: usize = 256;
+/// Metadata key carrying the offending field path in an error status.
+pub const FIELD_PATH_METADATA: &str = "ppu-field-path";
+
+/// Why a submission was refused.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejection {
+    pub code: Code,
+    /// Path of the offending field; empty when the whole request is at fault.
+    pub field: String,
+    pub reason: String,
+}
+
+impl Rejection {
+    fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            code: Code::InvalidArgument,
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl From<Rejection> for Status {
+    fn from(r: Rejection) -> Status {
+        let msg = if r.field.is_empty() {
+            r.reason
+        } else {
+            format!("{}: {}", r.field, r.reason)
+        };
+        let mut s = Status::new(r.code, msg);
+        if let Ok(v) = r.field.parse() {
+            s.metadata_mut().insert(FIELD_PATH_METADATA, v);
+        }
+        s
+    }
+}
+
+fn finite(path: &str, v: f64) -> Result<f64, Rejection> {
+    if v.is_finite() {
+        Ok(v)
+    } else {
+        Err(Rejection::invalid(
+            path,
+            format!("{v} is not a finite number"),
+        ))
+    }
+}
+
+fn positive(path: &str, v: f64) -> Result<f64, Rejection> {
+    if finite(path, v)? > 0.0 {
+        Ok(v)
+    } else {
+        Err(Rejection::invalid(
+            path,
+            format!("{v} must be greater than 0"),
+        ))
+    }
+}
+
+fn non_negative(path: &str, v: f64) -> Result<f64, Rejection> {
+    if finite(path, v)? >= 0.0 {
+        Ok(v)
+    } else {
+        Err(Rejection::invalid(
+            path,
+            format!("{v} must not be negative"),
+        ))
+    }
+}
+
+/// The capability a step needs, and its driver command where a driver family exists for it.
+/// Checks the step's own numbers (finite, signs); `path` is the step's path.
+pub fn step_command(
+    s: &pb::Step,
+    path: &str,
+) -> Result<(Capability, Option<StepCommand>), Rejection> {
+    let Some(kind) = &s.kind else {
+        return Err(Rejection::invalid(
+            path,
+            "no step kind set (one of dispense, weigh, furnace, degas, isotherm)",
+        ));
+    };
+    Ok(match kind {
+        step::Kind::Furnace(p) => {
+            let base = format!("{path}.furnace");
+            if p.segments.is_empty() {
+                return Err(Rejection::invalid(
+                    format!("{base}.segments"),
+                    "a furnace program needs at least one segment",
+                ));
+            }
+            let mut segments = Vec::with_capacity(p.segments.len());
+            for (k, seg) in p.segments.iter().enumerate() {
+                let sp = format!("{base}.segments[{k}]");
+                segments.push(match &seg.kind {
+                    Some(furnace_segment::Kind::Ramp(r)) => Segment::Ramp {
+                        temperature_c: finite(
+                            &format!("{sp}.ramp.temperature_c"),
+                            r.temperature_c,
+                        )?,
+                        rate_c_per_min: positive(
+                            &format!("{sp}.ramp.rate_c_per_min"),
+                            r.rate_c_per_min,
+                        )?,
+                    },
+                    Some(furnace_segment::Kind::Hold(h)) => Segment::Hold {
+                        duration_s: non_negative(&format!("{sp}.hold.duration_s"), h.duration_s)?,
+                    },
+                    Some(furnace_segment::Kind::Step(t)) => Segment::StepTo {
+                        temperature_c: finite(
+                            &format!("{sp}.step.temperature_c"),
+                            t.temperature_c,
+                        )?,
+                    },
+                    None => {
+                        return Err(Rejection::invalid(
+                            sp,
+                            "no segment kind set (one of ramp, hold, step)",
+                        ));
+                    }
+                });
+            }
+            (
+                Capability::FurnaceProgram,
+                Some(StepCommand::FurnaceProgram { segments }),
+            )
+        }
+        step::Kind::Dispense(d) => {
+            let base = format!("{path}.dispense");
+            if d.reagent.is_empty() {
+                return Err(Rejection::invalid(
+                    format!("{base}.reagent"),
+                    "reagent is required",
+                ));
+            }
+            positive(&format!("{base}.volume_ml"), d.volume_ml)?;
+            positive(&format!("{base}.rate_ml_per_min"), d.rate_ml_per_min)?;
+            (Capability::Dispense, None)
+        }
+        step::Kind::Weigh(w) => {
+            non_negative(
+                &format!("{path}.weigh.stability_timeout_s"),
+                w.stability_timeout_s,
+            )?;
+            (Capability::Weigh, None)
+        }
+        step::Kind::Degas(d) => {
+            finite(&format!("{path}.degas.temperature_c"), d.temperature_c)?;
+            non_negative(&format!("{path}.degas.duration_s"), d.duration_s)?;
+            (Capability::Degas, None)
+        }
+        step::Kind::Isotherm(i) => {
+            let base = format!("{path}.isotherm");
+            finite(&format!("{base}.temperature_c"), i.temperature_c)?;
+            if i.pressure_bar.is_empty() {
+                return Err(Rejection::invalid(
+                    format!("{base}.pressure_bar"),
+                    "at least one pressure is required",
+                ));
+            }
+            for (k, p) in i.pressure_bar.iter().enumerate() {
+                positive(&format!("{base}.pressure_bar[{k}]"), *p)?;
+            }
+            (Capability::Isotherm, None)
+        }
+    })
+}
+
+/// Sub-path of a step kind, to prefix driver-reported field names.
+fn kind_prefix(cap: Capability) -> &'static str {
+    match cap {
+        Capability::FurnaceProgram => "furnace",
+        Capability::Dispense => "dispense",
+        Capability::Weigh => "weigh",
+        Capability::Degas => "degas",
+        Capability::Isotherm => "isotherm",
+    }
+}
+
+fn limit_rejection(step_path: &str, cap: Capability, device: &str, e: DeviceError) -> Rejection {
+    match e {
+        DeviceError::Limit {
+            field,
+            value,
+            limit,
+        } => Rejection::invalid(
+            format!("{step_path}.{}.{field}", kind_prefix(cap)),
+            format!("{value} exceeds {limit} of device {device}"),
+        ),
+        other => Rejection::invalid(step_path, format!("refused by device {device}: {other}")),
+    }
+}
+
+/// Checks one step against the devices: a pinned device must exist, have the capability and
+/// accept the step's numbers; an unpinned step must fit at least one device.
+pub fn check_step(s: &pb::Step, path: &str, devices: &Devices) -> Result<(), Rejection> {
+    let (cap, cmd) = step_command(s, path)?;
+    if !s.device_id.is_empty() {
+        let dev_path = format!("{path}.device_id");
+        let Some(d) = devices.get(&s.device_id) else {
+            return Err(Rejection::invalid(
+                dev_path,
+                format!("unknown device \"{}\"", s.device_id),
+            ));
+        };
+        if !d.has(cap) {
+            return Err(Rejection::invalid(
+                dev_path,
+                format!("device \"{}\" has no capability {cap}", s.device_id),
+            ));
+        }
+        if let Some(cmd) = &cmd {
+            d.driver
+                .check(cmd)
+                .map_err(|e| limit_rejection(path, cap, d.id(), e))?;
+        }
+        return Ok(());
+    }
+    let mut first_refusal = None;
+    for d in devices.with(cap) {
+        let Some(cmd) = &cmd else { return Ok(()) };
+        match d.driver.check(cmd) {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                first_refusal.get_or_insert_with(|| limit_rejection(path, cap, d.id(), e));
+            }
+        }
+    }
+    Err(first_refusal.unwrap_or_else(|| Rejection {
+        code: Code::FailedPrecondition,
+        field: path.to_owned(),
+        reason: format!("no device with capability {cap}"),
+    }))
+}
+
+/// Validates a whole submission. Structural and numeric errors (INVALID_ARGUMENT) are
+/// reported before missing capabilities (FAILED_PRECONDITION), so a planner fixes its own
+/// mistakes first.
+pub fn check_batch(req: &pb::SubmitBatchRequest, devices: &Devices) -> Result<(), Rejection> {
+    if req.idempotency_key.is_empty() {
+        return Err(Rejection::invalid(
+            "idempotency_key",
+            "an idempotency key is required",
+        ));
+    }
+    if req.idempotency_key.len() > 128 {
+        return Err(Rejection::invalid(
+            "idempotency_key",
+            "longer than 128 bytes",
+        ));
+    }
+    if req.experiments.is_empty() {
+        return Err(Rejection::invalid(
+            "experiments",
+            "a batch needs at least one experiment",
+        ));
+    }
+    if req.experiments.len() > MAX_BATCH {
+        return Err(Rejection::invalid(
+            "experiments",
+            format!(
+                "{} experiments exceed the limit of {MAX_BATCH} per batch",
+                req.experiments.len()
+            ),
+        ));
+    }
+    for (i, e) in req.experiments.iter().enumerate() {
+        let path = format!("experiments[{i}]");
+        if e.name.len() > MAX_TEXT {
+            return Err(Rejection::invalid(
+                format!("{path}.name"),
+                format!("longer than {MAX_TEXT} bytes"),
+            ));
+        }
+        if e.sample_id.len() > MAX_TEXT {
+            return Err(Rejection::invalid(
+                format!("{path}.sample_id"),
+                format!("longer than {MAX_TEXT} bytes"),
+            ));
+        }
+        if e.steps.is_empty() {
+            return Err(Rejection::invalid(
+                format!("{path}.steps"),
+                "an experiment needs at least one step",
+            ));
+        }
+        for (j, s) in e.steps.iter().enumerate() {
+            step_command(s, &format!("{path}.steps[{j}]"))?;
+        }
+    }
+    let mut precondition = None;
+    for (i, e) in req.experiments.iter().enumerate() {
+        for (j, s) in e.steps.iter().enumerate() {
+            match check_step(s, &format!("experiments[{i}].steps[{j}]"), devices) {
+                Ok(()) => {}
+                Err(r) if r.code == Code::FailedPrecondition => {
+                    precondition.get_or_insert(r);
+                }
+                Err(r) => return Err(r),
+            }
+        }
+    }
+    precondition.map_or(Ok(()), Err)
+}

@@ -1,0 +1,435 @@
+//! The durable store: experiments, batches, idempotency keys, queue flags and the event log, in
+//! one redb file.
+//!
+//! Every mutation goes through [`Store::write`], which runs in one redb write transaction,
+//! assigns the next global sequence numbers to the events appended in it, commits with
+//! `Durability::Immediate` (fsync) and only then publishes those events to live subscribers.
+//! A commit lock spans commit *and* publish, so subscribers see events in sequence order and
+//! never an event that is not on disk.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use ppu_proto::v1::{Batch, Event, Experiment, event};
+use prost::Message;
+use redb::{
+    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+    WriteTransaction,
+};
+use tokio::sync::broadcast;
+
+use crate::state::State;
+
+const EXPERIMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("experiments");
+const BATCHES: TableDefinition<&str, &[u8]> = TableDefinition::new("batches");
+/// idempotency key → (batch id, sha-256 of the batch content, hex).
+const IDEMPOTENCY: TableDefinition<&str, (&str, &str)> = TableDefinition::new("idempotency");
+const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+
+const META_QUEUE_PAUSED: &str = "queue_paused";
+
+/// Capacity of the live event broadcast. A subscriber that falls further behind than this
+/// re-reads from the store, so the size only trades memory for replay frequency.
+const BROADCAST_CAPACITY: usize = 4096;
+
+/// A store failure. Carries no request data; the gRPC layer maps it to INTERNAL.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage: {0}")]
+    Db(#[from] redb::Error),
+    #[error("corrupt record in {table}: {reason}")]
+    Corrupt { table: &'static str, reason: String },
+    #[error("storage task failed: {0}")]
+    Task(String),
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                StoreError::Db(e.into())
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+/// Wall-clock time as a protobuf timestamp.
+pub fn now_timestamp() -> prost_types::Timestamp {
+    prost_types::Timestamp::from(SystemTime::now())
+}
+
+fn decode<M: Message + Default>(table: &'static str, bytes: &[u8]) -> Result<M, StoreError> {
+    M::decode(bytes).map_err(|e| StoreError::Corrupt {
+        table,
+        reason: e.to_string(),
+    })
+}
+
+/// The open store. Share it as `Arc<Store>`.
+pub struct Store {
+    db: Database,
+    /// Next sequence number to assign; guarded so that commit and publish are one step.
+    next_seq: Mutex<u64>,
+    bus: broadcast::Sender<Arc<Event>>,
+}
+
+/// One write transaction. Events appended here get their sequence numbers at commit.
+pub struct WriteTx<'a> {
+    tx: &'a WriteTransaction,
+    events: Vec<Event>,
+}
+
+impl WriteTx<'_> {
+    pub fn put_experiment(&mut self, e: &Experiment) -> Result<(), StoreError> {
+        let mut t = self.tx.open_table(EXPERIMENTS)?;
+        t.insert(e.id.as_str(), e.encode_to_vec().as_slice())?;
+        Ok(())
+    }
+
+    pub fn get_experiment(&self, id: &str) -> Result<Option<Experiment>, StoreError> {
+        let t = self.tx.open_table(EXPERIMENTS)?;
+        let v = t.get(id)?;
+        v.map(|v| decode("experiments", v.value())).transpose()
+    }
+
+    pub fn put_batch(&mut self, b: &Batch, content_hash: &str) -> Result<(), StoreError> {
+        let mut t = self.tx.open_table(BATCHES)?;
+        t.insert(b.id.as_str(), b.encode_to_vec().as_slice())?;
+        let mut k = self.tx.open_table(IDEMPOTENCY)?;
+        k.insert(b.idempotency_key.as_str(), (b.id.as_str(), content_hash))?;
+        Ok(())
+    }
+
+    /// The batch id stored for an idempotency key, seen from inside this transaction.
+    pub fn find_idempotency_key(&self, key: &str) -> Result<Option<(String, String)>, StoreError> {
+        let t = self.tx.open_table(IDEMPOTENCY)?;
+        let v = t.get(key)?;
+        Ok(v.map(|v| {
+            let (b, h) = v.value();
+            (b.to_owned(), h.to_owned())
+        }))
+    }
+
+    /// Every experiment in `state`, in id order, seen from inside this transaction.
+    pub fn experiments_in(&self, state: State) -> Result<Vec<Experiment>, StoreError> {
+        let t = self.tx.open_table(EXPERIMENTS)?;
+        let mut out = Vec::new();
+        for item in t.iter()? {
+            let (_, v) = item?;
+            let e: Experiment = decode("experiments", v.value())?;
+            if State::from_proto(e.state) == Some(state) {
+                out.push(e);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn set_queue_paused(&mut self, paused: bool) -> Result<(), StoreError> {
+        let mut t = self.tx.open_table(META)?;
+        t.insert(META_QUEUE_PAUSED, [u8::from(paused)].as_slice())?;
+        Ok(())
+    }
+
+    /// Appends an event; its sequence and time are set at commit.
+    pub fn append(&mut self, event: Event) {
+        self.events.push(event);
+    }
+
+    /// Appends an event built from its parts.
+    pub fn emit(
+        &mut self,
+        experiment_id: &str,
+        batch_id: &str,
+        device_id: &str,
+        kind: event::Kind,
+    ) {
+        self.append(Event {
+            experiment_id: experiment_id.to_owned(),
+            batch_id: batch_id.to_owned(),
+            device_id: device_id.to_owned(),
+            kind: Some(kind),
+            ..Default::default()
+        });
+    }
+}
+
+/// A page of experiments plus the token of the next one.
+pub struct Page {
+    pub experiments: Vec<Experiment>,
+    pub next: Option<String>,
+}
+
+impl Store {
+    /// Opens (or creates) the store at `path`. redb repairs a file left by a crash on open.
+    pub fn open(path: &Path) -> Result<Arc<Self>, StoreError> {
+        let db = Database::create(path)?;
+        // Create every table up front so readers never meet a missing table.
+        let tx = db.begin_write()?;
+        {
+            tx.open_table(EXPERIMENTS)?;
+            tx.open_table(BATCHES)?;
+            tx.open_table(IDEMPOTENCY)?;
+            tx.open_table(EVENTS)?;
+            tx.open_table(META)?;
+        }
+        tx.commit()?;
+        let last = {
+            let r = db.begin_read()?;
+            let t = r.open_table(EVENTS)?;
+            t.last()?.map(|(k, _)| k.value()).unwrap_or(0)
+        };
+        let (bus, _) = broadcast::channel(BROADCAST_CAPACITY);
+        Ok(Arc::new(Self {
+            db,
+            next_seq: Mutex::new(last + 1),
+            bus,
+        }))
+    }
+
+    /// Runs `f` in a write transaction, commits durably, then publishes the appended events.
+    /// Returns `f`'s value and the committed events. If `f` fails nothing is written.
+    ///
+    /// Blocking (fsync): call from `spawn_blocking` or use [`Store::write_async`].
+    pub fn write<R>(
+        &self,
+        f: impl FnOnce(&mut WriteTx<'_>) -> Result<R, StoreError>,
+    ) -> Result<(R, Vec<Arc<Event>>), StoreError> {
+        let mut next = self
+            .next_seq
+            .lock()
+            .map_err(|_| StoreError::Task("commit lock poisoned".into()))?;
+        let tx = self.db.begin_write()?;
+        let mut w = WriteTx {
+            tx: &tx,
+            events: Vec::new(),
+        };
+        let out = f(&mut w)?;
+        let mut events = std::mem::take(&mut w.events);
+        let time = now_timestamp();
+        let mut seq = *next;
+        {
+            let mut t = tx.open_table(EVENTS)?;
+            for e in &mut events {
+                e.sequence = seq;
+                e.time = Some(time);
+                t.insert(seq, e.encode_to_vec().as_slice())?;
+                seq += 1;
+            }
+        }
+        tx.commit()?;
+        *next = seq;
+        let events: Vec<Arc<Event>> = events.into_iter().map(Arc::new).collect();
+        for e in &events {
+            // No subscribers is fine: the log is the source of truth.
+            let _ = self.bus.send(e.clone());
+        }
+        Ok((out, events))
+    }
+
+    /// [`Store::write`] on the blocking pool.
+    pub async fn write_async<R: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&mut WriteTx<'_>) -> Result<R, StoreError> + Send + 'static,
+    ) -> Result<(R, Vec<Arc<Event>>), StoreError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.write(f))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    /// Live events committed from now on. Subscribe *before* replaying from the log.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
+        self.bus.subscribe()
+    }
+
+    /// The sequence of the newest committed event (0 if none).
+    pub fn last_sequence(&self) -> u64 {
+        self.next_seq.lock().map(|n| *n - 1).unwrap_or(0)
+    }
+
+    /// Up to `limit` events with sequence > `after`, oldest first.
+    pub fn events_after(&self, after: u64, limit: usize) -> Result<Vec<Event>, StoreError> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(EVENTS)?;
+        let mut out = Vec::new();
+        for item in t.range(after.saturating_add(1)..)?.take(limit) {
+            let (_, v) = item?;
+            out.push(decode("events", v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Number of events in the log.
+    pub fn event_count(&self) -> Result<u64, StoreError> {
+        let r = self.db.begin_read()?;
+        Ok(r.open_table(EVENTS)?.len()?)
+    }
+
+    pub fn get_experiment(&self, id: &str) -> Result<Option<Experiment>, StoreError> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(EXPERIMENTS)?;
+        let v = t.get(id)?;
+        v.map(|v| decode("experiments", v.value())).transpose()
+    }
+
+    pub fn get_batch(&self, id: &str) -> Result<Option<Batch>, StoreError> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(BATCHES)?;
+        let v = t.get(id)?;
+        v.map(|v| decode("batches", v.value())).transpose()
+    }
+
+    /// The batch id and content hash stored for an idempotency key.
+    pub fn find_idempotency_key(&self, key: &str) -> Result<Option<(String, String)>, StoreError> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(IDEMPOTENCY)?;
+        let v = t.get(key)?;
+        Ok(v.map(|v| {
+            let (b, h) = v.value();
+            (b.to_owned(), h.to_owned())
+        }))
+    }
+
+    pub fn queue_paused(&self) -> Result<bool, StoreError> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(META)?;
+        let v = t.get(META_QUEUE_PAUSED)?;
+        Ok(v.is_some_and(|v| v.value().first() == Some(&1)))
+    }
+
+    /// Experiments in id order, starting after `after` (exclusive), that satisfy `keep`,
+    /// at most `limit` of them.
+    pub fn list_experiments(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        mut keep: impl FnMut(&Experiment) -> bool,
+    ) -> Result<Page, StoreError> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(EXPERIMENTS)?;
+        let iter = match after {
+            Some(a) => {
+                t.range::<&str>((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded))?
+            }
+            None => t.range::<&str>(..)?,
+        };
+        let mut experiments = Vec::new();
+        let mut next = None;
+        for item in iter {
+            let (_, v) = item?;
+            let e: Experiment = decode("experiments", v.value())?;
+            if !keep(&e) {
+                continue;
+            }
+            if experiments.len() == limit {
+                next = experiments.last().map(|e: &Experiment| e.id.clone());
+                break;
+            }
+            experiments.push(e);
+        }
+        Ok(Page { experiments, next })
+    }
+
+    /// Every experiment in one of `states`, in id order.
+    pub fn experiments_in(&self, states: &[State]) -> Result<Vec<Experiment>, StoreError> {
+        let page = self.list_experiments(None, usize::MAX, |e| {
+            State::from_proto(e.state).is_some_and(|s| states.contains(&s))
+        })?;
+        Ok(page.experiments)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ppu_proto::v1::{ExperimentStateChanged, event::Kind};
+
+    fn state_event(id: &str) -> Kind {
+        let _ = id;
+        Kind::ExperimentStateChanged(ExperimentStateChanged::default())
+    }
+
+    #[test]
+    fn sequences_continue_across_reopen_and_failed_writes_leave_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ppu.redb");
+        {
+            let s = Store::open(&path).unwrap();
+            let (_, ev) = s
+                .write(|w| {
+                    w.put_experiment(&Experiment {
+                        id: "a".into(),
+                        ..Default::default()
+                    })?;
+                    w.emit("a", "", "", state_event("a"));
+                    w.emit("a", "", "", state_event("a"));
+                    Ok(())
+                })
+                .unwrap();
+            assert_eq!(
+                ev.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+                vec![1, 2]
+            );
+            let r: Result<((), _), _> = s.write(|w| {
+                w.put_experiment(&Experiment {
+                    id: "b".into(),
+                    ..Default::default()
+                })?;
+                w.emit("b", "", "", state_event("b"));
+                Err(StoreError::Task("refused".into()))
+            });
+            assert!(r.is_err());
+            assert!(s.get_experiment("b").unwrap().is_none());
+            assert_eq!(s.last_sequence(), 2);
+        }
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.last_sequence(), 2);
+        let (_, ev) = s
+            .write(|w| {
+                w.emit("a", "", "", state_event("a"));
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(ev[0].sequence, 3);
+        let all = s.events_after(0, 100).unwrap();
+        assert_eq!(
+            all.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+        assert_eq!(s.events_after(2, 100).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn listing_pages_in_id_order_with_a_filter() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("ppu.redb")).unwrap();
+        s.write(|w| {
+            for i in 0..10 {
+                w.put_experiment(&Experiment {
+                    id: format!("e{i:02}"),
+                    current_step: i % 2,
+                    ..Default::default()
+                })?;
+            }
+            Ok(())
+        })
+        .unwrap();
+        let odd = |e: &Experiment| e.current_step == 1;
+        let p1 = s.list_experiments(None, 3, odd).unwrap();
+        let ids: Vec<_> = p1.experiments.iter().map(|e| e.id.as_str()).collect();
+        assert_eq!(ids, ["e01", "e03", "e05"]);
+        let p2 = s.list_experiments(p1.next.as_deref(), 3, odd).unwrap();
+        let ids: Vec<_> = p2.experiments.iter().map(|e| e.id.as_str()).collect();
+        assert_eq!(ids, ["e07", "e09"]);
+        assert!(p2.next.is_none());
+    }
+}
