@@ -350,11 +350,15 @@ impl Scheduler {
                         Err(rej) => Ok(Outcome::Refused(rej)),
                     },
                     Some(State::Running) => Ok(Outcome::Done(None)),
-                    other => Ok(Outcome::Refused(Rejection {
+                    Some(done) => Ok(Outcome::Refused(Rejection {
                         code: Code::FailedPrecondition,
                         field: "id".into(),
-                        reason: format!("experiment {id_owned} has already finished ({other:?})"),
+                        reason: format!("experiment {id_owned} has already finished ({done})"),
                     })),
+                    None => Err(StoreError::Corrupt {
+                        table: "experiments",
+                        reason: format!("experiment {id_owned} has no valid state"),
+                    }),
                 }
             })
             .await?;

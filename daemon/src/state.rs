@@ -15,7 +15,7 @@ pub enum State {
 
 /// A transition the state machine does not allow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("experiment cannot go from {from:?} to {to:?}")]
+#[error("experiment cannot go from {from} to {to}")]
 pub struct IllegalTransition {
     pub from: State,
     pub to: State,
@@ -84,6 +84,19 @@ impl State {
     }
 }
 
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            State::Queued => "QUEUED",
+            State::Running => "RUNNING",
+            State::Succeeded => "SUCCEEDED",
+            State::Failed => "FAILED",
+            State::Cancelled => "CANCELLED",
+            State::Interrupted => "INTERRUPTED",
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::State::*;
@@ -119,7 +132,10 @@ mod tests {
                 to: Running
             }
         );
-        assert!(err.to_string().contains("Succeeded") && err.to_string().contains("Running"));
+        assert_eq!(
+            err.to_string(),
+            "experiment cannot go from SUCCEEDED to RUNNING"
+        );
     }
 
     #[test]

@@ -439,3 +439,50 @@ async fn a_program_over_the_limits_is_rejected_before_anything_is_sent() {
     );
     assert_eq!(rig.sim.snapshot().target_sp_c, 25.0);
 }
+
+#[tokio::test]
+async fn a_step_is_held_to_the_declared_ramp_limit_by_the_controller() {
+    let rig = rig(FAST).await;
+    let dev = Eurotherm::new(config(rig.addr));
+    let max_rate = dev
+        .config()
+        .limits
+        .max_rate_c_per_min
+        .expect("rig declares a ramp limit");
+    let step = StepCommand::FurnaceProgram {
+        segments: vec![Segment::StepTo {
+            temperature_c: 300.0,
+        }],
+    };
+    let (ctx, mut rx) = context(rig.clock);
+    let run = tokio::spawn(async move { dev.execute(&step, ctx).await });
+    // While the step runs, the controller itself carries the limit: the first reading after
+    // the segment starts is taken after its setpoint writes.
+    wait_update(
+        &mut rx,
+        Duration::from_secs(30),
+        "the step segment",
+        |u| matches!(u, StepUpdate::Progress { message, .. } if message.contains("step to")),
+    )
+    .await;
+    wait_update(
+        &mut rx,
+        Duration::from_secs(30),
+        "a reading during the step",
+        |u| matches!(u, StepUpdate::Reading(_)),
+    )
+    .await;
+    assert_eq!(rig.sim.snapshot().rate_limit_c_per_min, max_rate);
+    let result = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("step finishes")
+        .expect("task")
+        .expect("step succeeds");
+    let reached = furnace(result).targets[0].reached_at_s;
+    let tolerance = 2.0;
+    // Full heater power would get there in a few minutes; the limit makes it take longer.
+    assert!(
+        reached >= (300.0 - 25.0 - tolerance) / max_rate * 60.0,
+        "reached 300 °C after {reached} s: faster than {max_rate} °C/min"
+    );
+}

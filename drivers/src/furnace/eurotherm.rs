@@ -562,17 +562,20 @@ impl<'a> ProgramRun<'a> {
                 Segment::StepTo { temperature_c } => {
                     let message = format!("segment {}/{n}: step to {temperature_c} °C", i + 1);
                     self.progress(i, 0.0, message.clone(), true);
+                    // "As fast as allowed": with a declared ramp limit the controller itself
+                    // holds the step to it, so a step can never outrun the furnace's limit.
+                    let rate = step_rate(&dev.config.limits);
                     dev.write_during_step(
                         ctx,
                         registers::SP_RATE_LIMIT,
                         "rate_limit_c_per_min",
-                        0.0,
+                        rate.unwrap_or(0.0),
                     )
                     .await?;
-                    self.rate_limit = Some(0.0);
+                    self.rate_limit = Some(rate.unwrap_or(0.0));
                     dev.write_during_step(ctx, registers::TARGET_SP, "target_sp_c", temperature_c)
                         .await?;
-                    self.reach(i, temperature_c, None, &message).await?;
+                    self.reach(i, temperature_c, rate, &message).await?;
                     setpoint = temperature_c;
                 }
                 Segment::Hold { duration_s } => {
@@ -603,7 +606,8 @@ impl<'a> ProgramRun<'a> {
                         rate_c_per_min,
                     } => (temperature_c - from).abs() / rate_c_per_min * 60.0,
                     Segment::Hold { duration_s } => duration_s,
-                    Segment::StepTo { .. } => 0.0,
+                    Segment::StepTo { temperature_c } => step_rate(&self.dev.config.limits)
+                        .map_or(0.0, |rate| (temperature_c - from).abs() / rate * 60.0),
                 };
                 if let Some(target) = segment.target_c() {
                     from = target;
@@ -831,6 +835,13 @@ impl Device for Eurotherm {
         }
         first_error.map_or(Ok(()), Err)
     }
+}
+
+/// The rate limit a step segment runs at: the declared maximum, or none (rate limit off).
+fn step_rate(limits: &Limits) -> Option<f64> {
+    limits
+        .max_rate_c_per_min
+        .filter(|r| r.is_finite() && *r > 0.0)
 }
 
 #[cfg(test)]
