@@ -155,8 +155,15 @@ impl DeviceHandle {
         let changed = l.connected != Some(ok);
         l.connected = Some(ok);
         l.error = if ok { String::new() } else { error.clone() };
-        let state = if ok { pb::ConnectionState::Connected } else { pb::ConnectionState::Disconnected };
-        changed.then_some(Kind::DeviceConnectionChanged(pb::DeviceConnectionChanged { state: state as i32, reason: error }))
+        let state = if ok {
+            pb::ConnectionState::Connected
+        } else {
+            pb::ConnectionState::Disconnected
+        };
+        changed.then_some(Kind::DeviceConnectionChanged(pb::DeviceConnectionChanged {
+            state: state as i32,
+            reason: error,
+        }))
     }
 
     /// Compares active alarms with the last set; returns raise/clear events.
