@@ -1,1 +1,832 @@
-fn main() {}
+//! `ppuctl`, the command-line client of the ppu lab daemon (`ppud`, gRPC API `ppu.v1`).
+//!
+//! Every command is one or two RPCs; human output is rendered by [`render`], `--json` output by
+//! [`json`], and batch files are read by [`batch_file`]. Errors are reported at this edge as
+//! `error: <CODE>: <message>` with exit code 2 for caller mistakes and 1 for everything else.
+
+mod batch_file;
+mod json;
+mod render;
+
+use std::fmt;
+use std::future::Future;
+use std::io::{self, Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ppu_proto::v1 as pb;
+use ppu_proto::v1::device_service_client::DeviceServiceClient;
+use ppu_proto::v1::event_service_client::EventServiceClient;
+use ppu_proto::v1::experiment_service_client::ExperimentServiceClient;
+use ppu_proto::v1::queue_service_client::QueueServiceClient;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+/// How long a unary RPC may take before ppuctl gives up.
+const RPC_TIMEOUT: Duration = Duration::from_secs(30);
+
+// ---------------------------------------------------------------------------------------------
+// Command line.
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ppuctl",
+    version,
+    about = "Command-line client of ppud, the ppu lab daemon",
+    long_about = "Command-line client of ppud, the ppu lab daemon: submit batches of experiments, \
+                  follow their progress, inspect the queue and the lab's devices.\n\n\
+                  ppuctl talks to ppud over gRPC (API ppu.v1). Errors are printed as \
+                  `error: <CODE>: <message>` on stderr; the exit code is 2 when the request \
+                  itself was refused (INVALID_ARGUMENT, FAILED_PRECONDITION, ALREADY_EXISTS, \
+                  NOT_FOUND, or an unreadable batch file) and 1 for any other failure.",
+    after_help = "Examples:\n  \
+        ppuctl submit examples/batch.toml\n  \
+        ppuctl list --state running\n  \
+        ppuctl watch --batch 01JQ3Z8K4W6Y5T2R9P0N1M7XVB\n  \
+        ppuctl --addr http://lab-pc:50051 devices\n  \
+        ppuctl --json show 01JQ3Z9A1B2C3D4E5F6G7H8J9K | jq .state"
+)]
+struct Cli {
+    /// Address of ppud's gRPC endpoint (`host:port` is short for `http://host:port`).
+    #[arg(
+        long,
+        global = true,
+        env = "PPU_ADDR",
+        default_value = "http://127.0.0.1:50051",
+        value_name = "URL"
+    )]
+    addr: String,
+
+    /// Print machine-readable JSON instead of tables and text.
+    ///
+    /// Keys are the proto field names, enums their full proto names
+    /// (e.g. EXPERIMENT_STATE_RUNNING), timestamps RFC 3339. Streams (`watch`,
+    /// `device --watch`) print one JSON object per line.
+    #[arg(long, global = true)]
+    json: bool,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Submit a batch of experiments from a TOML or JSON file.
+    #[command(
+        long_about = "Submit a batch of experiments from a TOML or JSON file (SubmitBatch).\n\n\
+            The format is picked by extension: .toml or .json; `-` reads JSON from stdin. See \
+            examples/batch.toml for the documented format. The file is checked locally first \
+            (unknown keys, missing fields, a step with zero or several kinds are refused with \
+            the path of the problem, e.g. experiments[0].steps[1]); the daemon then checks it \
+            against the device limits and stores it durably before replying.\n\n\
+            Idempotency: the key is --key if given, else the file's `idempotency_key`, else \
+            `sha256:` + the SHA-256 of the file's bytes. Submitting the same file again (or \
+            retrying after a lost reply) therefore never enqueues twice: ppud returns the \
+            original batch and ppuctl reports it as a duplicate. Reusing a key with different \
+            content fails with ALREADY_EXISTS.",
+        after_help = "Examples:\n  \
+            ppuctl submit examples/batch.toml\n  \
+            ppuctl submit round-2.json --key calcination-round-2\n  \
+            generate-batch | ppuctl submit -"
+    )]
+    Submit(SubmitArgs),
+
+    /// List experiments, oldest first, with optional filters.
+    #[command(after_help = "Examples:\n  \
+        ppuctl list\n  \
+        ppuctl list --state queued\n  \
+        ppuctl list --batch 01JQ3Z8K4W6Y5T2R9P0N1M7XVB --all\n  \
+        ppuctl list --label campaign=co2-sorbents --label round=1 --limit 20")]
+    List(ListArgs),
+
+    /// Show one experiment: its steps, state and per-step results.
+    #[command(after_help = "Examples:\n  \
+        ppuctl show 01JQ3Z9A1B2C3D4E5F6G7H8J9K\n  \
+        ppuctl --json show 01JQ3Z9A1B2C3D4E5F6G7H8J9K | jq '.results[0].furnace.targets'")]
+    Show {
+        /// Experiment id.
+        id: String,
+    },
+
+    /// Follow the event log live, one line per event.
+    #[command(
+        long_about = "Follow the daemon's durable event log (StreamEvents), one line per event: \
+            sequence, time, kind, the ids it concerns and a readable summary.\n\n\
+            The stream replays every event after --from, then follows the live tail. If the \
+            connection drops (daemon restart, network), ppuctl reconnects with backoff and \
+            resumes right after the last sequence it printed: no gap and no duplicate. Ctrl-C \
+            exits with status 0.",
+        after_help = "Examples:\n  \
+            ppuctl watch                        # the whole log, then live\n  \
+            ppuctl watch --from 1200            # only events after sequence 1200\n  \
+            ppuctl watch --experiment 01JQ3Z9A1B2C3D4E5F6G7H8J9K\n  \
+            ppuctl --json watch --batch 01JQ3Z8K4W6Y5T2R9P0N1M7XVB | jq -c .step_progress"
+    )]
+    Watch(WatchArgs),
+
+    /// Cancel an experiment (queued: at once; running: abort its step, make the device safe).
+    #[command(after_help = "Examples:\n  \
+        ppuctl cancel 01JQ3Z9A1B2C3D4E5F6G7H8J9K\n  \
+        ppuctl cancel 01JQ3Z9A1B2C3D4E5F6G7H8J9K --reason \"wrong precursor loaded\"")]
+    Cancel {
+        /// Experiment id.
+        id: String,
+        /// Why; recorded in the experiment's message and in the event log.
+        #[arg(long, value_name = "TEXT", default_value = "")]
+        reason: String,
+    },
+
+    /// Show the queue (running or paused, running and queued ids), or pause/resume it.
+    #[command(after_help = "Examples:\n  \
+        ppuctl queue\n  \
+        ppuctl queue pause --reason \"furnace-1 maintenance\"\n  \
+        ppuctl queue resume")]
+    Queue {
+        #[command(subcommand)]
+        action: Option<QueueAction>,
+    },
+
+    /// List the lab's devices with their connection state and key readings.
+    #[command(after_help = "Example:\n  ppuctl devices")]
+    Devices,
+
+    /// Show one device (limits, latest reading), or follow its live readings with --watch.
+    #[command(after_help = "Examples:\n  \
+        ppuctl device furnace-1\n  \
+        ppuctl device furnace-1 --watch")]
+    Device {
+        /// Device id, e.g. furnace-1.
+        id: String,
+        /// Stream live readings (WatchDevice) until Ctrl-C, reconnecting if the link drops.
+        #[arg(long)]
+        watch: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+struct SubmitArgs {
+    /// Batch file: *.toml or *.json, or `-` for JSON on stdin.
+    #[arg(value_name = "FILE")]
+    file: PathBuf,
+    /// Idempotency key (at most 128 bytes); overrides the file's `idempotency_key`.
+    #[arg(long, value_name = "KEY")]
+    key: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct ListArgs {
+    /// Only experiments in this state.
+    #[arg(long, value_enum)]
+    state: Option<StateArg>,
+    /// Only experiments of this batch.
+    #[arg(long, value_name = "ID")]
+    batch: Option<String>,
+    /// Only experiments carrying this label (repeat to require several).
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// Experiments per page (1..=1000; the daemon's default is 100). Without --all only the
+    /// first page is shown.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    limit: Option<u32>,
+    /// Fetch every page, not just the first.
+    #[arg(long)]
+    all: bool,
+}
+
+#[derive(Debug, Args)]
+struct WatchArgs {
+    /// Sequence of the last event already seen; events after it are shown (0 = the whole log).
+    #[arg(long = "from", value_name = "SEQ", default_value_t = 0)]
+    from: u64,
+    /// Only events of this batch.
+    #[arg(long, value_name = "ID")]
+    batch: Option<String>,
+    /// Only events of this experiment.
+    #[arg(long, value_name = "ID")]
+    experiment: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum QueueAction {
+    /// Start no new experiment (running ones finish). Durable across daemon restarts.
+    Pause {
+        /// Why; recorded in the event log.
+        #[arg(long, value_name = "TEXT", default_value = "")]
+        reason: String,
+    },
+    /// Let the queue start experiments again.
+    Resume,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum StateArg {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+    Interrupted,
+}
+
+impl From<StateArg> for pb::ExperimentState {
+    fn from(s: StateArg) -> Self {
+        match s {
+            StateArg::Queued => pb::ExperimentState::Queued,
+            StateArg::Running => pb::ExperimentState::Running,
+            StateArg::Succeeded => pb::ExperimentState::Succeeded,
+            StateArg::Failed => pb::ExperimentState::Failed,
+            StateArg::Cancelled => pb::ExperimentState::Cancelled,
+            StateArg::Interrupted => pb::ExperimentState::Interrupted,
+        }
+    }
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("expected KEY=VALUE, got {s:?}")),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors and output.
+// ---------------------------------------------------------------------------------------------
+
+/// A problem with what the user gave us (file, arguments): reported with exit code 2.
+#[derive(Debug)]
+struct InputError(String);
+
+impl fmt::Display for InputError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for InputError {}
+
+fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// Exit status for a gRPC failure: 2 when the request itself was refused, 1 otherwise.
+fn exit_code_for(code: Code) -> u8 {
+    match code {
+        Code::InvalidArgument | Code::FailedPrecondition | Code::AlreadyExists | Code::NotFound => {
+            2
+        }
+        _ => 1,
+    }
+}
+
+/// Prints an error to stderr and returns the exit code for it.
+fn report(err: &anyhow::Error, addr: &str) -> u8 {
+    if let Some(status) = err.chain().find_map(|e| e.downcast_ref::<Status>()) {
+        let message = if status.message().is_empty() {
+            status.code().description()
+        } else {
+            status.message()
+        };
+        eprintln!("error: {}: {message}", code_name(status.code()));
+        if status.code() == Code::Unavailable {
+            eprintln!("hint: is ppud running at {addr}? (set --addr or PPU_ADDR)");
+        }
+        return exit_code_for(status.code());
+    }
+    eprintln!("error: {err:#}");
+    if err.chain().any(|e| e.is::<InputError>()) {
+        2
+    } else {
+        1
+    }
+}
+
+/// Writes to stdout; a closed pipe (`ppuctl watch | head`) ends the program quietly.
+fn out(text: &str) -> Result<()> {
+    let mut stdout = io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => Err(e).context("cannot write to stdout"),
+    }
+}
+
+fn out_line(text: &str) -> Result<()> {
+    let mut s = String::with_capacity(text.len() + 1);
+    s.push_str(text);
+    s.push('\n');
+    out(&s)
+}
+
+fn out_json(value: &serde_json::Value) -> Result<()> {
+    out_line(&serde_json::to_string_pretty(value)?)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connection helpers.
+// ---------------------------------------------------------------------------------------------
+
+fn channel(addr: &str) -> Result<Channel> {
+    // Accept `host:port` as shorthand for `http://host:port`.
+    let url = if addr.contains("://") {
+        addr.to_owned()
+    } else {
+        format!("http://{addr}")
+    };
+    let endpoint = Endpoint::from_shared(url)
+        .map_err(|e| InputError(format!("invalid --addr {addr:?}: {e}")))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        // Detect a silently dead daemon during long streams.
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true);
+    Ok(endpoint.connect_lazy())
+}
+
+/// Awaits a unary RPC with [`RPC_TIMEOUT`].
+async fn call<T>(
+    rpc: impl Future<Output = Result<tonic::Response<T>, Status>>,
+) -> Result<T, Status> {
+    match tokio::time::timeout(RPC_TIMEOUT, rpc).await {
+        Ok(result) => result.map(tonic::Response::into_inner),
+        Err(_) => Err(Status::deadline_exceeded(format!(
+            "no reply from ppud within {} s",
+            RPC_TIMEOUT.as_secs()
+        ))),
+    }
+}
+
+/// Whether retrying a stream after this error can help.
+fn is_transient(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unavailable
+            | Code::Unknown
+            | Code::Internal
+            | Code::Cancelled
+            | Code::DeadlineExceeded
+            | Code::Aborted
+            | Code::ResourceExhausted
+    )
+}
+
+/// Exponential reconnect delay: 250 ms doubling to 10 s, reset once data flows again.
+struct Backoff {
+    first: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(250);
+    const MAX: Duration = Duration::from_secs(10);
+
+    fn new() -> Self {
+        Backoff {
+            first: Self::FIRST,
+            max: Self::MAX,
+            next: Self::FIRST,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.next = self.first;
+    }
+
+    fn next_delay(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(self.max);
+        d
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Commands.
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let addr = cli.addr.clone();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => ExitCode::from(report(&err, &addr)),
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let ch = channel(&cli.addr)?;
+    let json = cli.json;
+    match cli.command {
+        Command::Submit(args) => submit(ch, args, json).await,
+        Command::List(args) => list(ch, args, json).await,
+        Command::Show { id } => show(ch, id, json).await,
+        Command::Watch(args) => watch(ch, args, json).await,
+        Command::Cancel { id, reason } => cancel(ch, id, reason, json).await,
+        Command::Queue { action } => queue(ch, action, json).await,
+        Command::Devices => devices(ch, json).await,
+        Command::Device { id, watch: false } => device(ch, id, json).await,
+        Command::Device { id, watch: true } => watch_device(ch, id, json).await,
+    }
+}
+
+async fn submit(ch: Channel, args: SubmitArgs, json: bool) -> Result<()> {
+    let from_stdin = args.file.as_os_str() == "-";
+    let shown = if from_stdin {
+        "<stdin>".to_owned()
+    } else {
+        args.file.display().to_string()
+    };
+    let format =
+        batch_file::Format::from_path(&args.file).map_err(|e| InputError(e.to_string()))?;
+    let bytes = if from_stdin {
+        let mut buf = Vec::new();
+        io::stdin()
+            .read_to_end(&mut buf)
+            .map_err(|e| InputError(format!("{shown}: {e}")))?;
+        buf
+    } else {
+        std::fs::read(&args.file).map_err(|e| InputError(format!("cannot read {shown}: {e}")))?
+    };
+    let batch =
+        batch_file::parse(&bytes, format).map_err(|e| InputError(format!("{shown}: {e}")))?;
+    let key = args
+        .key
+        .or(batch.idempotency_key.filter(|k| !k.is_empty()))
+        .unwrap_or_else(|| batch_file::content_key(&bytes));
+    let names: Vec<String> = batch.experiments.iter().map(|e| e.name.clone()).collect();
+
+    let mut client = ExperimentServiceClient::new(ch);
+    let request = pb::SubmitBatchRequest {
+        idempotency_key: key.clone(),
+        experiments: batch.experiments,
+    };
+    let reply = call(client.submit_batch(request)).await?;
+    if json {
+        return out_json(&json::submit_response(&reply));
+    }
+    let b = reply.batch.unwrap_or_default();
+    let mut text = format!(
+        "batch:       {}\nkey:         {}\n",
+        b.id, b.idempotency_key
+    );
+    if reply.duplicate {
+        text.push_str(
+            "duplicate:   yes — this key was already accepted; nothing new was enqueued\n",
+        );
+    } else {
+        text.push_str("duplicate:   no\n");
+    }
+    text.push_str(&format!("experiments: {}\n", b.experiment_ids.len()));
+    for (i, id) in b.experiment_ids.iter().enumerate() {
+        match names
+            .get(i)
+            .filter(|_| names.len() == b.experiment_ids.len())
+        {
+            Some(name) => text.push_str(&format!("  {id}  {name}\n")),
+            None => text.push_str(&format!("  {id}\n")),
+        }
+    }
+    out(&text)
+}
+
+async fn list(ch: Channel, args: ListArgs, json: bool) -> Result<()> {
+    let mut client = ExperimentServiceClient::new(ch);
+    let mut request = pb::ListExperimentsRequest {
+        state: args
+            .state
+            .map_or(pb::ExperimentState::Unspecified, Into::into) as i32,
+        batch_id: args.batch.unwrap_or_default(),
+        labels: args.labels.into_iter().collect(),
+        page_size: args.limit.unwrap_or(0),
+        page_token: String::new(),
+    };
+    let mut experiments = Vec::new();
+    let next_page_token = loop {
+        let page = call(client.list_experiments(request.clone())).await?;
+        experiments.extend(page.experiments);
+        if !args.all || page.next_page_token.is_empty() {
+            break page.next_page_token;
+        }
+        request.page_token = page.next_page_token;
+    };
+    if json {
+        return out_json(&serde_json::json!({
+            "experiments": experiments.iter().map(json::experiment).collect::<Vec<_>>(),
+            "next_page_token": next_page_token,
+        }));
+    }
+    if experiments.is_empty() {
+        eprintln!("no experiments match");
+        return Ok(());
+    }
+    out(&render::experiment_table(&experiments))?;
+    if !next_page_token.is_empty() {
+        eprintln!("(more experiments: pass --all to list every page)");
+    }
+    Ok(())
+}
+
+async fn show(ch: Channel, id: String, json: bool) -> Result<()> {
+    let mut client = ExperimentServiceClient::new(ch);
+    let e = call(client.get_experiment(pb::GetExperimentRequest { id })).await?;
+    if json {
+        out_json(&json::experiment(&e))
+    } else {
+        out(&render::experiment_detail(&e))
+    }
+}
+
+async fn cancel(ch: Channel, id: String, reason: String, json: bool) -> Result<()> {
+    let mut client = ExperimentServiceClient::new(ch);
+    let e = call(client.cancel_experiment(pb::CancelExperimentRequest { id, reason })).await?;
+    if json {
+        return out_json(&json::experiment(&e));
+    }
+    let mut text = format!("experiment {}: {}", e.id, render::experiment_state(e.state));
+    if e.state == pb::ExperimentState::Running as i32 {
+        text.push_str(" (cancellation requested; the step is being aborted)");
+    }
+    if !e.message.is_empty() {
+        text.push_str(&format!("\n  message: {}", e.message));
+    }
+    out_line(&text)
+}
+
+async fn queue(ch: Channel, action: Option<QueueAction>, json: bool) -> Result<()> {
+    let mut client = QueueServiceClient::new(ch);
+    let q = match action {
+        None => call(client.get_queue(pb::GetQueueRequest {})).await?,
+        Some(QueueAction::Pause { reason }) => {
+            call(client.pause_queue(pb::PauseQueueRequest { reason })).await?
+        }
+        Some(QueueAction::Resume) => call(client.resume_queue(pb::ResumeQueueRequest {})).await?,
+    };
+    if json {
+        out_json(&json::queue(&q))
+    } else {
+        out(&render::queue(&q))
+    }
+}
+
+async fn devices(ch: Channel, json: bool) -> Result<()> {
+    let mut client = DeviceServiceClient::new(ch);
+    let reply = call(client.list_devices(pb::ListDevicesRequest {})).await?;
+    if json {
+        return out_json(&serde_json::Value::Array(
+            reply.devices.iter().map(json::device).collect(),
+        ));
+    }
+    if reply.devices.is_empty() {
+        eprintln!("no devices configured");
+        return Ok(());
+    }
+    out(&render::device_table(&reply.devices))
+}
+
+async fn device(ch: Channel, id: String, json: bool) -> Result<()> {
+    let mut client = DeviceServiceClient::new(ch);
+    let d = call(client.get_device(pb::GetDeviceRequest { id })).await?;
+    if json {
+        out_json(&json::device(&d))
+    } else {
+        out(&render::device_detail(&d))
+    }
+}
+
+/// Follows the event log, reconnecting and resuming after the last sequence printed.
+async fn watch(ch: Channel, args: WatchArgs, json: bool) -> Result<()> {
+    let mut client = EventServiceClient::new(ch);
+    let filter = pb::StreamEventsRequest {
+        from_sequence: args.from,
+        batch_id: args.batch.unwrap_or_default(),
+        experiment_id: args.experiment.unwrap_or_default(),
+    };
+    let emit = |event: &pb::Event| {
+        let line = if json {
+            json::event(event).to_string()
+        } else {
+            render::event_line(event)
+        };
+        out_line(&line)
+    };
+    follow_events(&mut client, filter, Backoff::new(), emit, interrupted()).await
+}
+
+/// The core of `watch`: streams events after `request.from_sequence`, passing each to `emit`
+/// once, in order. On a transient failure or a closed stream it waits (with `backoff`) and
+/// resumes from the last sequence emitted, so nothing is missed or repeated. Returns `Ok` when
+/// `stop` completes, `Err` on a permanent failure (e.g. INVALID_ARGUMENT) or if `emit` fails.
+async fn follow_events(
+    client: &mut EventServiceClient<Channel>,
+    mut request: pb::StreamEventsRequest,
+    mut backoff: Backoff,
+    mut emit: impl FnMut(&pb::Event) -> Result<()>,
+    stop: impl Future<Output = ()>,
+) -> Result<()> {
+    tokio::pin!(stop);
+    let mut last_seen = request.from_sequence;
+    let mut reconnecting = false;
+    loop {
+        request.from_sequence = last_seen;
+        let session = async {
+            let mut stream = client.stream_events(request.clone()).await?.into_inner();
+            if reconnecting {
+                eprintln!("watch: reconnected, resuming after sequence {last_seen}");
+            }
+            while let Some(event) = stream.message().await? {
+                backoff.reset();
+                // The server promises no duplicates; make sure of it anyway.
+                if event.sequence <= last_seen {
+                    continue;
+                }
+                last_seen = event.sequence;
+                emit(&event).map_err(StreamEnd::Output)?;
+            }
+            Ok::<(), StreamEnd>(())
+        };
+        let why = tokio::select! {
+            () = &mut stop => return Ok(()),
+            result = session => match result {
+                Ok(()) => "the daemon closed the stream".to_owned(),
+                Err(StreamEnd::Rpc(status)) if is_transient(status.code()) => {
+                    format!("{}: {}", code_name(status.code()), status.message())
+                }
+                Err(StreamEnd::Rpc(status)) => return Err(status.into()),
+                Err(StreamEnd::Output(err)) => return Err(err),
+            },
+        };
+        reconnecting = true;
+        let delay = backoff.next_delay();
+        eprintln!(
+            "watch: connection lost ({why}); reconnecting in {} and resuming after sequence {}",
+            delay_text(delay),
+            last_seen
+        );
+        tokio::select! {
+            () = &mut stop => return Ok(()),
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// Streams one device's live readings, reconnecting if the link drops.
+async fn watch_device(ch: Channel, id: String, json: bool) -> Result<()> {
+    let mut client = DeviceServiceClient::new(ch);
+    let mut backoff = Backoff::new();
+    let ctrl_c = interrupted();
+    tokio::pin!(ctrl_c);
+    loop {
+        let session = async {
+            let request = pb::WatchDeviceRequest { id: id.clone() };
+            let mut stream = client.watch_device(request).await?.into_inner();
+            while let Some(reading) = stream.message().await? {
+                backoff.reset();
+                let line = if json {
+                    json::reading(&reading).to_string()
+                } else {
+                    render::reading_line(&reading)
+                };
+                out_line(&line).map_err(StreamEnd::Output)?;
+            }
+            Ok::<(), StreamEnd>(())
+        };
+        let why = tokio::select! {
+            () = &mut ctrl_c => return Ok(()),
+            result = session => match result {
+                Ok(()) => "the daemon closed the stream".to_owned(),
+                Err(StreamEnd::Rpc(status)) if is_transient(status.code()) => {
+                    format!("{}: {}", code_name(status.code()), status.message())
+                }
+                Err(StreamEnd::Rpc(status)) => return Err(status.into()),
+                Err(StreamEnd::Output(err)) => return Err(err),
+            },
+        };
+        let delay = backoff.next_delay();
+        eprintln!(
+            "device --watch: connection lost ({why}); reconnecting in {} (readings in between \
+             are not replayed; `ppuctl watch` shows the durable log)",
+            delay_text(delay)
+        );
+        tokio::select! {
+            () = &mut ctrl_c => return Ok(()),
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+fn delay_text(d: Duration) -> String {
+    if d < Duration::from_secs(1) {
+        format!("{} ms", d.as_millis())
+    } else {
+        render::duration(d.as_secs_f64())
+    }
+}
+
+/// Completes on Ctrl-C (SIGINT). If the handler cannot be installed, never completes, and
+/// Ctrl-C keeps its default effect.
+async fn interrupted() {
+    if tokio::signal::ctrl_c().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Why a streaming session ended with an error.
+enum StreamEnd {
+    /// The RPC failed: retried if transient.
+    Rpc(Status),
+    /// Writing to stdout failed: never retried.
+    Output(anyhow::Error),
+}
+
+impl From<Status> for StreamEnd {
+    fn from(status: Status) -> Self {
+        StreamEnd::Rpc(status)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_commands() {
+        let cli = Cli::try_parse_from([
+            "ppuctl", "list", "--state", "running", "--label", "a=b", "--label", "c=d=e", "--all",
+        ])
+        .unwrap();
+        let Command::List(args) = cli.command else {
+            panic!()
+        };
+        assert_eq!(
+            args.labels,
+            vec![("a".into(), "b".into()), ("c".into(), "d=e".into())]
+        );
+        assert!(args.all);
+        assert!(Cli::try_parse_from(["ppuctl", "list", "--label", "nokey"]).is_err());
+        assert!(Cli::try_parse_from(["ppuctl", "list", "--limit", "0"]).is_err());
+
+        let cli =
+            Cli::try_parse_from(["ppuctl", "--json", "queue", "pause", "--reason", "x"]).unwrap();
+        assert!(cli.json);
+        assert!(matches!(
+            cli.command,
+            Command::Queue {
+                action: Some(QueueAction::Pause { .. })
+            }
+        ));
+
+        let cli = Cli::try_parse_from(["ppuctl", "device", "furnace-1", "--watch"]).unwrap();
+        assert!(matches!(cli.command, Command::Device { watch: true, .. }));
+    }
+
+    #[test]
+    fn exit_codes() {
+        assert_eq!(exit_code_for(Code::InvalidArgument), 2);
+        assert_eq!(exit_code_for(Code::FailedPrecondition), 2);
+        assert_eq!(exit_code_for(Code::AlreadyExists), 2);
+        assert_eq!(exit_code_for(Code::NotFound), 2);
+        assert_eq!(exit_code_for(Code::Unavailable), 1);
+        assert_eq!(exit_code_for(Code::Internal), 1);
+    }
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let mut b = Backoff::new();
+        let delays: Vec<_> = (0..8).map(|_| b.next_delay().as_millis()).collect();
+        assert_eq!(delays, [250, 500, 1000, 2000, 4000, 8000, 10000, 10000]);
+        b.reset();
+        assert_eq!(b.next_delay().as_millis(), 250);
+    }
+}
