@@ -7,7 +7,7 @@
 
 use pb::{furnace_segment, step};
 use ppu_drivers::device::Segment;
-use ppu_drivers::{Capability, DeviceError, StepCommand};
+use ppu_drivers::{DeviceError, StepCommand};
 use ppu_proto::v1 as pb;
 use tonic::{Code, Status};
 
@@ -87,17 +87,17 @@ fn non_negative(path: &str, v: f64) -> Result<f64, Rejection> {
     }
 }
 
-/// The capability a step needs, and its driver command where a driver family exists for it.
-/// Checks the step's own numbers (finite, signs); `path` is the step's path.
-pub fn step_command(
-    s: &pb::Step,
-    path: &str,
-) -> Result<(Capability, Option<StepCommand>), Rejection> {
+/// The driver command for a submitted step, after checking the step's own numbers (finite,
+/// signs, order); `path` is the step's path for error messages.
+pub fn step_command(s: &pb::Step, path: &str) -> Result<StepCommand, Rejection> {
     let Some(kind) = &s.kind else {
         return Err(Rejection::invalid(
             path,
-            "no step kind set (one of dispense, weigh, furnace, degas, isotherm)",
+            "no step kind set (one of dispense, weigh, furnace, degas, isotherm, refill)",
         ));
+    };
+    let optional = |field: &str, v: f64| -> Result<Option<f64>, Rejection> {
+        Ok((non_negative(field, v)? > 0.0).then_some(v))
     };
     Ok(match kind {
         step::Kind::Furnace(p) => {
@@ -139,10 +139,7 @@ pub fn step_command(
                     }
                 });
             }
-            (
-                Capability::FurnaceProgram,
-                Some(StepCommand::FurnaceProgram { segments }),
-            )
+            StepCommand::FurnaceProgram { segments }
         }
         step::Kind::Dispense(d) => {
             let base = format!("{path}.dispense");
@@ -152,25 +149,44 @@ pub fn step_command(
                     "reagent is required",
                 ));
             }
-            positive(&format!("{base}.volume_ml"), d.volume_ml)?;
-            positive(&format!("{base}.rate_ml_per_min"), d.rate_ml_per_min)?;
-            (Capability::Dispense, None)
+            StepCommand::Dispense {
+                reagent: d.reagent.clone(),
+                volume_ml: positive(&format!("{base}.volume_ml"), d.volume_ml)?,
+                rate_ml_per_min: positive(&format!("{base}.rate_ml_per_min"), d.rate_ml_per_min)?,
+            }
         }
-        step::Kind::Weigh(w) => {
-            non_negative(
+        step::Kind::Refill(r) => {
+            let base = format!("{path}.refill");
+            if r.reagent.is_empty() {
+                return Err(Rejection::invalid(
+                    format!("{base}.reagent"),
+                    "reagent is required",
+                ));
+            }
+            StepCommand::Refill {
+                reagent: r.reagent.clone(),
+                volume_ml: optional(&format!("{base}.volume_ml"), r.volume_ml)?,
+                rate_ml_per_min: optional(&format!("{base}.rate_ml_per_min"), r.rate_ml_per_min)?,
+            }
+        }
+        step::Kind::Weigh(w) => StepCommand::Weigh {
+            stability_timeout_s: optional(
                 &format!("{path}.weigh.stability_timeout_s"),
                 w.stability_timeout_s,
-            )?;
-            (Capability::Weigh, None)
-        }
-        step::Kind::Degas(d) => {
-            finite(&format!("{path}.degas.temperature_c"), d.temperature_c)?;
-            non_negative(&format!("{path}.degas.duration_s"), d.duration_s)?;
-            (Capability::Degas, None)
-        }
+            )?,
+        },
+        step::Kind::Degas(d) => StepCommand::Degas {
+            temperature_c: finite(&format!("{path}.degas.temperature_c"), d.temperature_c)?,
+            duration_s: non_negative(&format!("{path}.degas.duration_s"), d.duration_s)?,
+        },
         step::Kind::Isotherm(i) => {
             let base = format!("{path}.isotherm");
-            finite(&format!("{base}.temperature_c"), i.temperature_c)?;
+            if i.adsorptive.is_empty() {
+                return Err(Rejection::invalid(
+                    format!("{base}.adsorptive"),
+                    "adsorptive is required, e.g. \"CO2\"",
+                ));
+            }
             if i.pressure_bar.is_empty() {
                 return Err(Rejection::invalid(
                     format!("{base}.pressure_bar"),
@@ -178,32 +194,62 @@ pub fn step_command(
                 ));
             }
             for (k, p) in i.pressure_bar.iter().enumerate() {
-                positive(&format!("{base}.pressure_bar[{k}]"), *p)?;
+                let field = format!("{base}.pressure_bar[{k}]");
+                positive(&field, *p)?;
+                if k > 0 && *p <= i.pressure_bar[k - 1] {
+                    return Err(Rejection::invalid(
+                        field,
+                        format!(
+                            "{p} is not above the previous pressure {}: an adsorption branch must increase",
+                            i.pressure_bar[k - 1]
+                        ),
+                    ));
+                }
             }
-            (Capability::Isotherm, None)
+            StepCommand::Isotherm {
+                adsorptive: i.adsorptive.clone(),
+                temperature_c: finite(&format!("{base}.temperature_c"), i.temperature_c)?,
+                pressures_bar: i.pressure_bar.clone(),
+                equilibration_interval_s: optional(
+                    &format!("{base}.equilibration_interval_s"),
+                    i.equilibration_interval_s,
+                )?,
+                max_equilibration_s: optional(
+                    &format!("{base}.max_equilibration_s"),
+                    i.max_equilibration_s,
+                )?,
+                sample_mass_g: optional(&format!("{base}.sample_mass_g"), i.sample_mass_g)?,
+            }
+        }
+        step::Kind::Transfer(_) => {
+            return Err(Rejection::invalid(
+                format!("{path}.transfer"),
+                "transfer steps are inserted by the scheduler, not submitted",
+            ));
         }
     })
 }
 
 /// Sub-path of a step kind, to prefix driver-reported field names.
-fn kind_prefix(cap: Capability) -> &'static str {
-    match cap {
-        Capability::FurnaceProgram => "furnace",
-        Capability::Dispense => "dispense",
-        Capability::Weigh => "weigh",
-        Capability::Degas => "degas",
-        Capability::Isotherm => "isotherm",
+fn kind_prefix(cmd: &StepCommand) -> &'static str {
+    match cmd {
+        StepCommand::FurnaceProgram { .. } => "furnace",
+        StepCommand::Dispense { .. } => "dispense",
+        StepCommand::Refill { .. } => "refill",
+        StepCommand::Weigh { .. } => "weigh",
+        StepCommand::Degas { .. } => "degas",
+        StepCommand::Isotherm { .. } => "isotherm",
     }
 }
 
-fn limit_rejection(step_path: &str, cap: Capability, device: &str, e: DeviceError) -> Rejection {
+fn limit_rejection(step_path: &str, cmd: &StepCommand, device: &str, e: DeviceError) -> Rejection {
     match e {
         DeviceError::Limit {
             field,
             value,
             limit,
         } => Rejection::invalid(
-            format!("{step_path}.{}.{field}", kind_prefix(cap)),
+            format!("{step_path}.{}.{field}", kind_prefix(cmd)),
             format!("{value} exceeds {limit} of device {device}"),
         ),
         other => Rejection::invalid(step_path, format!("refused by device {device}: {other}")),
@@ -211,9 +257,10 @@ fn limit_rejection(step_path: &str, cap: Capability, device: &str, e: DeviceErro
 }
 
 /// Checks one step against the devices: a pinned device must exist, have the capability and
-/// accept the step's numbers; an unpinned step must fit at least one device.
+/// accept the step; an unpinned step must fit at least one device with the capability.
 pub fn check_step(s: &pb::Step, path: &str, devices: &Devices) -> Result<(), Rejection> {
-    let (cap, cmd) = step_command(s, path)?;
+    let cmd = step_command(s, path)?;
+    let cap = cmd.capability();
     if !s.device_id.is_empty() {
         let dev_path = format!("{path}.device_id");
         let Some(d) = devices.get(&s.device_id) else {
@@ -228,28 +275,47 @@ pub fn check_step(s: &pb::Step, path: &str, devices: &Devices) -> Result<(), Rej
                 format!("device \"{}\" has no capability {cap}", s.device_id),
             ));
         }
-        if let Some(cmd) = &cmd {
-            d.driver
-                .check(cmd)
-                .map_err(|e| limit_rejection(path, cap, d.id(), e))?;
-        }
-        return Ok(());
+        return d
+            .driver
+            .check(&cmd)
+            .map_err(|e| limit_rejection(path, &cmd, d.id(), e));
     }
-    let mut first_refusal = None;
+    // A device that would take this kind of step but for a limit explains the refusal best;
+    // "not my reagent" from every pump means the step names something no device holds.
+    let mut limit_refusal = None;
+    let mut unsupported = Vec::new();
     for d in devices.with(cap) {
-        let Some(cmd) = &cmd else { return Ok(()) };
-        match d.driver.check(cmd) {
+        match d.driver.check(&cmd) {
             Ok(()) => return Ok(()),
+            Err(DeviceError::Unsupported(why)) => unsupported.push(format!("{}: {why}", d.id())),
             Err(e) => {
-                first_refusal.get_or_insert_with(|| limit_rejection(path, cap, d.id(), e));
+                limit_refusal.get_or_insert_with(|| limit_rejection(path, &cmd, d.id(), e));
             }
         }
     }
-    Err(first_refusal.unwrap_or_else(|| Rejection {
-        code: Code::FailedPrecondition,
-        field: path.to_owned(),
-        reason: format!("no device with capability {cap}"),
-    }))
+    if let Some(r) = limit_refusal {
+        return Err(r);
+    }
+    if unsupported.is_empty() {
+        return Err(Rejection {
+            code: Code::FailedPrecondition,
+            field: path.to_owned(),
+            reason: format!("no device with capability {cap}"),
+        });
+    }
+    let field = match &cmd {
+        StepCommand::Dispense { .. } | StepCommand::Refill { .. } => {
+            format!("{path}.{}.reagent", kind_prefix(&cmd))
+        }
+        _ => path.to_owned(),
+    };
+    Err(Rejection::invalid(
+        field,
+        format!(
+            "no device with capability {cap} accepts it ({})",
+            unsupported.join("; ")
+        ),
+    ))
 }
 
 /// Validates a whole submission. Structural and numeric errors (INVALID_ARGUMENT) are

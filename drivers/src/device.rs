@@ -111,7 +111,41 @@ impl Segment {
 /// A step, as a driver sees it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StepCommand {
-    FurnaceProgram { segments: Vec<Segment> },
+    FurnaceProgram {
+        segments: Vec<Segment>,
+    },
+    /// Dispense `volume_ml` of `reagent` at `rate_ml_per_min`.
+    Dispense {
+        reagent: String,
+        volume_ml: f64,
+        rate_ml_per_min: f64,
+    },
+    /// Withdraw into the syringe from the reservoir; `None` = the driver's choice
+    /// (fill the syringe, default rate).
+    Refill {
+        reagent: String,
+        volume_ml: Option<f64>,
+        rate_ml_per_min: Option<f64>,
+    },
+    /// Read a stable weight; `None` = the device's default stability timeout (real time).
+    Weigh {
+        stability_timeout_s: Option<f64>,
+    },
+    Degas {
+        temperature_c: f64,
+        duration_s: f64,
+    },
+    Isotherm {
+        adsorptive: String,
+        temperature_c: f64,
+        pressures_bar: Vec<f64>,
+        /// Physical seconds between the readings the equilibrium criterion is judged on.
+        equilibration_interval_s: Option<f64>,
+        /// Longest physical wait for one point.
+        max_equilibration_s: Option<f64>,
+        /// Sample mass to normalise to, g; `None` = the device default.
+        sample_mass_g: Option<f64>,
+    },
 }
 
 impl StepCommand {
@@ -119,6 +153,10 @@ impl StepCommand {
     pub fn capability(&self) -> Capability {
         match self {
             StepCommand::FurnaceProgram { .. } => Capability::FurnaceProgram,
+            StepCommand::Dispense { .. } | StepCommand::Refill { .. } => Capability::Dispense,
+            StepCommand::Weigh { .. } => Capability::Weigh,
+            StepCommand::Degas { .. } => Capability::Degas,
+            StepCommand::Isotherm { .. } => Capability::Isotherm,
         }
     }
 }
@@ -150,10 +188,74 @@ pub struct FurnaceResult {
     pub targets: Vec<TargetReached>,
 }
 
+/// What a dispense delivered.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct DispenseResult {
+    pub reagent: String,
+    pub requested_volume_ml: f64,
+    pub pump_volume_ml: f64,
+    /// `None` where no balance serves the station.
+    pub measured_mass_g: Option<f64>,
+    pub expected_mass_g: f64,
+    /// (measured − expected) / expected; `None` without a balance.
+    pub relative_deviation: Option<f64>,
+    pub remaining_ml: f64,
+}
+
+/// A weighing.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct WeighResult {
+    pub mass_g: f64,
+    pub stable: bool,
+}
+
+/// A refill.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RefillResult {
+    pub reagent: String,
+    pub volume_ml: f64,
+    pub fill_ml: f64,
+}
+
+/// A degas as performed.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct DegasResult {
+    pub temperature_c: f64,
+    pub duration_s: f64,
+    pub final_pressure_bar: f64,
+}
+
+/// One equilibrium point.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct IsothermPoint {
+    pub pressure_bar: f64,
+    /// 0 where not applicable (supercritical).
+    pub p0_bar: f64,
+    pub amount_mmol_per_g: f64,
+    pub equilibration_time_s: f64,
+}
+
+/// A measured isotherm.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct IsothermResult {
+    pub adsorptive: String,
+    pub temperature_c: f64,
+    pub sample_mass_g: f64,
+    pub degas_temperature_c: f64,
+    pub degas_duration_s: f64,
+    pub points: Vec<IsothermPoint>,
+    pub instrument: String,
+}
+
 /// The typed result of a successful step.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StepOutput {
     Furnace(FurnaceResult),
+    Dispense(DispenseResult),
+    Refill(RefillResult),
+    Weigh(WeighResult),
+    Degas(DegasResult),
+    Isotherm(IsothermResult),
 }
 
 /// A named value read from a device, the unit as a suffix of the name (`pv_c`).
@@ -196,6 +298,8 @@ pub enum StepUpdate {
     },
     /// A fresh reading taken while the step runs.
     Reading(DeviceStatus),
+    /// One isotherm point, as soon as it is measured (logged durably by the daemon).
+    IsothermPoint { index: u32, point: IsothermPoint },
 }
 
 /// Everything a step needs from the daemon while it runs.
@@ -208,6 +312,11 @@ pub struct StepContext {
     /// Cancelled when the step must stop; the driver returns [`DeviceError::Aborted`] at the
     /// next safe point. The daemon then calls [`Device::safe_state`].
     pub cancel: CancellationToken,
+    /// The sample this step handles (from the experiment), as a real instrument's software
+    /// would be told; empty if the experiment names none.
+    pub sample_id: String,
+    /// The experiment this step belongs to, for device-side logs and idempotent requests.
+    pub experiment_id: String,
 }
 
 impl StepContext {
@@ -287,4 +396,39 @@ pub trait Device: Send + Sync + 'static {
     /// Drives the device to its safe state (furnace: setpoint to the safe value, no heating).
     /// Must be idempotent and must be attempted even after a failed step.
     async fn safe_state(&self) -> Result<(), DeviceError>;
+
+    /// State the daemon must keep for this driver across restarts (e.g. a syringe's fill),
+    /// opaque to the daemon. It is read after every step and committed in the same transaction
+    /// as the step's result, then handed back through [`Device::restore_state`] at start-up.
+    fn saved_state(&self) -> Option<Vec<u8>> {
+        None
+    }
+
+    /// Restores what [`Device::saved_state`] returned in an earlier run.
+    fn restore_state(&self, _state: &[u8]) -> Result<(), DeviceError> {
+        Ok(())
+    }
+
+    /// Re-attaches to `step`, which an earlier run of the daemon started `elapsed_s` physical
+    /// seconds ago and which may still be running on the device (crash recovery), and
+    /// supervises it to completion as [`Device::execute`] would have. A driver that cannot
+    /// tell its own program apart from anything else must refuse; the default refuses with
+    /// [`DeviceError::Unsupported`], and the daemon then drives the device to its safe state.
+    async fn adopt(
+        &self,
+        _step: &StepCommand,
+        _elapsed_s: f64,
+        _ctx: StepContext,
+    ) -> Result<StepOutput, DeviceError> {
+        Err(DeviceError::Unsupported(format!(
+            "device {} cannot adopt a running step",
+            self.info().id
+        )))
+    }
+
+    /// Acknowledges latched alarms on the device itself, where it has such a command; the
+    /// default does nothing (the daemon still records the acknowledgement).
+    async fn acknowledge_alarms(&self) -> Result<(), DeviceError> {
+        Ok(())
+    }
 }
