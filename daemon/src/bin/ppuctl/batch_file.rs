@@ -130,6 +130,12 @@ pub struct StepFile {
     pub degas: Option<DegasFile>,
     #[serde(default)]
     pub isotherm: Option<IsothermFile>,
+    #[serde(default)]
+    pub refill: Option<RefillFile>,
+    /// Accepted by the parser only to refuse it with a clear message: the scheduler inserts
+    /// transfers, clients never submit them.
+    #[serde(default)]
+    pub transfer: Option<Value>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -198,6 +204,27 @@ pub struct IsothermFile {
     pub adsorptive: String,
     pub temperature_c: f64,
     pub pressure_bar: Vec<f64>,
+    /// 0 (the default) means the device default.
+    #[serde(default)]
+    pub equilibration_interval_s: f64,
+    /// 0 (the default) means the device default.
+    #[serde(default)]
+    pub max_equilibration_s: f64,
+    /// 0 (the default) means the mass last weighed for the sample, else the device default.
+    #[serde(default)]
+    pub sample_mass_g: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RefillFile {
+    pub reagent: String,
+    /// 0 (the default) means "fill the syringe".
+    #[serde(default)]
+    pub volume_ml: f64,
+    /// 0 (the default) means the pump's default rate.
+    #[serde(default)]
+    pub rate_ml_per_min: f64,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -277,11 +304,18 @@ impl ExperimentFile {
 }
 
 /// Names of the step kinds, in proto order, for error messages.
-const STEP_KINDS: &str = "dispense, weigh, furnace, degas, isotherm";
+const STEP_KINDS: &str = "dispense, weigh, furnace, degas, isotherm, refill";
 
 impl StepFile {
     fn into_step(self, path: &str) -> Result<pb::Step, BatchError> {
         use pb::step::Kind;
+        if self.transfer.is_some() {
+            return Err(BatchError::at(
+                format!("{path}.transfer"),
+                "transfer steps cannot be submitted: the scheduler inserts a transfer \
+                 whenever the next step needs the sample on another device",
+            ));
+        }
         let mut kinds: Vec<(&str, Kind)> = Vec::new();
         if let Some(d) = self.dispense {
             kinds.push((
@@ -326,6 +360,19 @@ impl StepFile {
                     adsorptive: i.adsorptive,
                     temperature_c: i.temperature_c,
                     pressure_bar: i.pressure_bar,
+                    equilibration_interval_s: i.equilibration_interval_s,
+                    max_equilibration_s: i.max_equilibration_s,
+                    sample_mass_g: i.sample_mass_g,
+                }),
+            ));
+        }
+        if let Some(r) = self.refill {
+            kinds.push((
+                "refill",
+                Kind::Refill(pb::Refill {
+                    reagent: r.reagent,
+                    volume_ml: r.volume_ml,
+                    rate_ml_per_min: r.rate_ml_per_min,
                 }),
             ));
         }
@@ -743,6 +790,126 @@ steps = []
             panic!()
         };
         assert_eq!((d.volume_ml, d.rate_ml_per_min), (5.0, 2.0));
+    }
+
+    #[test]
+    fn refill_is_accepted_with_defaults_for_volume_and_rate() {
+        let text = r#"
+[[experiments]]
+name = "x"
+[[experiments.steps]]
+refill = { reagent = "ethanol", volume_ml = 5.0, rate_ml_per_min = 2.5 }
+[[experiments.steps]]
+device_id = "pump-1"
+refill = { reagent = "water" }
+"#;
+        let batch = parse(text.as_bytes(), Format::Toml).unwrap();
+        let steps = &batch.experiments[0].steps;
+        assert_eq!(
+            steps[0].kind,
+            Some(pb::step::Kind::Refill(pb::Refill {
+                reagent: "ethanol".into(),
+                volume_ml: 5.0,
+                rate_ml_per_min: 2.5,
+            }))
+        );
+        assert_eq!(steps[1].device_id, "pump-1");
+        assert_eq!(
+            steps[1].kind,
+            Some(pb::step::Kind::Refill(pb::Refill {
+                reagent: "water".into(),
+                volume_ml: 0.0,
+                rate_ml_per_min: 0.0,
+            }))
+        );
+
+        let err = json_err(r#"{"experiments":[{"name":"x","steps":[{"refill":{}}]}]}"#);
+        assert!(
+            err.starts_with("experiments[0].steps[0].refill: missing field `reagent`"),
+            "{err}"
+        );
+        let err = json_err(
+            r#"{"experiments":[{"name":"x","steps":[{"refill":{"reagent":"a","volume":1}}]}]}"#,
+        );
+        assert!(
+            err.starts_with("experiments[0].steps[0].refill: unknown field `volume`"),
+            "{err}"
+        );
+        let err = json_err(
+            r#"{"experiments":[{"name":"x","steps":[{"refill":{"reagent":"a"},"weigh":{}}]}]}"#,
+        );
+        assert!(err.contains("weigh, refill"), "{err}");
+        assert!(err.contains(STEP_KINDS), "{err}");
+    }
+
+    #[test]
+    fn isotherm_keys_are_accepted_and_default_to_zero() {
+        let text = r#"
+[[experiments]]
+name = "x"
+[[experiments.steps]]
+isotherm = { adsorptive = "CO2", temperature_c = 25.0, pressure_bar = [0.1, 0.5, 1.0], equilibration_interval_s = 15.0, max_equilibration_s = 1800.0, sample_mass_g = 0.1234 }
+[[experiments.steps]]
+isotherm = { adsorptive = "N2", temperature_c = -196.0, pressure_bar = [0.05] }
+"#;
+        let batch = parse(text.as_bytes(), Format::Toml).unwrap();
+        let steps = &batch.experiments[0].steps;
+        assert_eq!(
+            steps[0].kind,
+            Some(pb::step::Kind::Isotherm(pb::Isotherm {
+                adsorptive: "CO2".into(),
+                temperature_c: 25.0,
+                pressure_bar: vec![0.1, 0.5, 1.0],
+                equilibration_interval_s: 15.0,
+                max_equilibration_s: 1800.0,
+                sample_mass_g: 0.1234,
+            }))
+        );
+        let Some(pb::step::Kind::Isotherm(i)) = &steps[1].kind else {
+            panic!("{steps:?}")
+        };
+        assert_eq!(
+            (
+                i.equilibration_interval_s,
+                i.max_equilibration_s,
+                i.sample_mass_g
+            ),
+            (0.0, 0.0, 0.0)
+        );
+
+        let err = json_err(
+            r#"{"experiments":[{"name":"x","steps":[{"isotherm":{"adsorptive":"CO2",
+                "temperature_c":25,"pressure_bar":[1],"sample_mass_g":"heavy"}}]}]}"#,
+        );
+        assert!(
+            err.starts_with("experiments[0].steps[0].isotherm.sample_mass_g: invalid type"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn transfer_steps_are_refused_because_the_scheduler_inserts_them() {
+        let text = r#"
+[[experiments]]
+name = "x"
+[[experiments.steps]]
+weigh = {}
+[[experiments.steps]]
+transfer = { sample_id = "S-1", from_device_id = "balance-1", to_device_id = "furnace-1" }
+"#;
+        let err = toml_err(text);
+        assert!(
+            err.starts_with("experiments[0].steps[1].transfer: transfer steps cannot be submitted"),
+            "{err}"
+        );
+        assert!(err.contains("the scheduler inserts"), "{err}");
+        // Refused whatever its content, even next to a valid kind.
+        let err =
+            json_err(r#"{"experiments":[{"name":"x","steps":[{"weigh":{},"transfer":{}}]}]}"#);
+        assert!(
+            err.starts_with("experiments[0].steps[0].transfer: transfer steps cannot be submitted"),
+            "{err}"
+        );
     }
 
     #[test]

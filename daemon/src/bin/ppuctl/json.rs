@@ -79,6 +79,25 @@ pub fn step(s: &pb::Step) -> Value {
                 "adsorptive": i.adsorptive,
                 "temperature_c": i.temperature_c,
                 "pressure_bar": i.pressure_bar,
+                "equilibration_interval_s": i.equilibration_interval_s,
+                "max_equilibration_s": i.max_equilibration_s,
+                "sample_mass_g": i.sample_mass_g,
+            }),
+        ),
+        Some(Kind::Refill(r)) => (
+            "refill",
+            json!({
+                "reagent": r.reagent,
+                "volume_ml": r.volume_ml,
+                "rate_ml_per_min": r.rate_ml_per_min,
+            }),
+        ),
+        Some(Kind::Transfer(t)) => (
+            "transfer",
+            json!({
+                "sample_id": t.sample_id,
+                "from_device_id": t.from_device_id,
+                "to_device_id": t.to_device_id,
             }),
         ),
         None => return Value::Object(o),
@@ -126,6 +145,7 @@ pub fn experiment(e: &pb::Experiment) -> Value {
         "message": e.message,
         "created_at": time(e.created_at.as_ref()),
         "updated_at": time(e.updated_at.as_ref()),
+        "held": e.held,
     })
 }
 
@@ -138,10 +158,87 @@ pub fn step_result(r: &pb::StepResult) -> Value {
         "started_at": time(r.started_at.as_ref()),
         "finished_at": time(r.finished_at.as_ref()),
     });
-    if let Some(pb::step_result::Result::Furnace(f)) = &r.result {
-        v["furnace"] = furnace_result(f);
-    }
+    use pb::step_result::Result as R;
+    let (key, body) = match &r.result {
+        Some(R::Furnace(f)) => ("furnace", furnace_result(f)),
+        Some(R::Dispense(d)) => (
+            "dispense",
+            json!({
+                "reagent": d.reagent,
+                "requested_volume_ml": d.requested_volume_ml,
+                "pump_volume_ml": d.pump_volume_ml,
+                // Null without a balance.
+                "measured_mass_g": d.measured_mass_g,
+                "expected_mass_g": d.expected_mass_g,
+                "relative_deviation": d.relative_deviation,
+                "remaining_ml": d.remaining_ml,
+            }),
+        ),
+        Some(R::Weigh(w)) => ("weigh", json!({ "mass_g": w.mass_g, "stable": w.stable })),
+        Some(R::Degas(d)) => (
+            "degas",
+            json!({
+                "temperature_c": d.temperature_c,
+                "duration_s": d.duration_s,
+                "final_pressure_bar": d.final_pressure_bar,
+            }),
+        ),
+        Some(R::Isotherm(i)) => (
+            "isotherm",
+            json!({
+                "adsorptive": i.adsorptive,
+                "temperature_c": i.temperature_c,
+                "sample_mass_g": i.sample_mass_g,
+                "degas_temperature_c": i.degas_temperature_c,
+                "degas_duration_s": i.degas_duration_s,
+                "points": i.points.iter().map(isotherm_point).collect::<Vec<_>>(),
+                "instrument": i.instrument,
+            }),
+        ),
+        Some(R::Refill(r)) => (
+            "refill",
+            json!({ "reagent": r.reagent, "volume_ml": r.volume_ml, "fill_ml": r.fill_ml }),
+        ),
+        Some(R::Transfer(t)) => ("transfer", json!({ "confirmed_by": t.confirmed_by })),
+        None => return v,
+    };
+    v[key] = body;
     v
+}
+
+fn isotherm_point(p: &pb::IsothermPoint) -> Value {
+    json!({
+        "pressure_bar": p.pressure_bar,
+        "p0_bar": p.p0_bar,
+        "amount_mmol_per_g": p.amount_mmol_per_g,
+        "equilibration_time_s": p.equilibration_time_s,
+    })
+}
+
+pub fn pending_transfer(t: &pb::PendingTransfer) -> Value {
+    json!({
+        "id": t.id,
+        "experiment_id": t.experiment_id,
+        "step_index": t.step_index,
+        "sample_id": t.sample_id,
+        "from_device_id": t.from_device_id,
+        "to_device_id": t.to_device_id,
+        "requested_at": time(t.requested_at.as_ref()),
+    })
+}
+
+pub fn active_alarm(a: &pb::ActiveAlarm) -> Value {
+    json!({
+        "device_id": a.device_id,
+        "code": a.code,
+        "message": a.message,
+        "severity": enum_name(a.severity, pb::AlarmSeverity::as_str_name),
+        "raised_at": time(a.raised_at.as_ref()),
+        "cleared": a.cleared,
+        "acknowledged": a.acknowledged,
+        "acknowledged_by": a.acknowledged_by,
+        "acknowledged_at": time(a.acknowledged_at.as_ref()),
+    })
 }
 
 fn furnace_result(f: &pb::FurnaceResult) -> Value {
@@ -167,6 +264,7 @@ pub fn queue(q: &pb::Queue) -> Value {
         "state": enum_name(q.state, pb::QueueState::as_str_name),
         "running_ids": q.running_ids,
         "queued_ids": q.queued_ids,
+        "held_ids": q.held_ids,
     })
 }
 
@@ -193,6 +291,9 @@ pub fn device(d: &pb::Device) -> Value {
         },
         "latest": d.latest.as_ref().map_or(Value::Null, reading),
         "connection_error": d.connection_error,
+        "maintenance": d.maintenance,
+        "maintenance_reason": d.maintenance_reason,
+        "holds_sample_id": d.holds_sample_id,
     })
 }
 
@@ -270,6 +371,47 @@ pub fn event(e: &pb::Event) -> Value {
             "queue_state_changed",
             json!({ "paused": q.paused, "reason": q.reason }),
         ),
+        Some(Kind::IsothermPointMeasured(m)) => (
+            "isotherm_point_measured",
+            json!({
+                "step_index": m.step_index,
+                "point_index": m.point_index,
+                "point": m.point.as_ref().map_or(Value::Null, isotherm_point),
+            }),
+        ),
+        Some(Kind::DeviceReserved(r)) => ("device_reserved", json!({ "step_index": r.step_index })),
+        Some(Kind::DeviceReleased(r)) => ("device_released", json!({ "step_index": r.step_index })),
+        Some(Kind::TransferRequested(t)) => (
+            "transfer_requested",
+            json!({ "transfer": t.transfer.as_ref().map_or(Value::Null, pending_transfer) }),
+        ),
+        Some(Kind::TransferConfirmed(c)) => (
+            "transfer_confirmed",
+            json!({
+                "transfer": c.transfer.as_ref().map_or(Value::Null, pending_transfer),
+                "confirmed_by": c.confirmed_by,
+            }),
+        ),
+        Some(Kind::RecoveryDecision(r)) => (
+            "recovery_decision",
+            json!({ "action": r.action, "step_index": r.step_index, "detail": r.detail }),
+        ),
+        Some(Kind::MaintenanceChanged(m)) => (
+            "maintenance_changed",
+            json!({ "maintenance": m.maintenance, "reason": m.reason }),
+        ),
+        Some(Kind::AlarmAcknowledged(a)) => (
+            "alarm_acknowledged",
+            json!({ "code": a.code, "acknowledged_by": a.acknowledged_by }),
+        ),
+        Some(Kind::ExperimentHeld(h)) => (
+            "experiment_held",
+            json!({ "held": h.held, "reason": h.reason }),
+        ),
+        Some(Kind::ExperimentMoved(m)) => (
+            "experiment_moved",
+            json!({ "position": m.position, "priority": m.priority }),
+        ),
         None => return v,
     };
     v[key] = body;
@@ -290,6 +432,142 @@ mod tests {
         let again =
             batch_file::parse(doc.to_string().as_bytes(), batch_file::Format::Json).unwrap();
         assert_eq!(again.experiments, batch.experiments);
+    }
+
+    /// The new step kinds and isotherm keys survive the JSON → batch file round trip.
+    #[test]
+    fn refill_and_isotherm_options_round_trip_through_the_batch_format() {
+        let text = r#"
+[[experiments]]
+name = "sorption"
+[[experiments.steps]]
+refill = { reagent = "ethanol", volume_ml = 5.0, rate_ml_per_min = 2.0 }
+[[experiments.steps]]
+isotherm = { adsorptive = "CO2", temperature_c = 25.0, pressure_bar = [0.1, 1.0], equilibration_interval_s = 15.0, max_equilibration_s = 1800.0, sample_mass_g = 0.12 }
+"#;
+        let batch = batch_file::parse(text.as_bytes(), batch_file::Format::Toml).unwrap();
+        let doc = json!({ "experiments": batch.experiments.iter().map(spec).collect::<Vec<_>>() });
+        assert_eq!(
+            doc["experiments"][0]["steps"][0]["refill"]["volume_ml"],
+            5.0
+        );
+        assert_eq!(
+            doc["experiments"][0]["steps"][1]["isotherm"]["sample_mass_g"],
+            0.12
+        );
+        let again =
+            batch_file::parse(doc.to_string().as_bytes(), batch_file::Format::Json).unwrap();
+        assert_eq!(again.experiments, batch.experiments);
+    }
+
+    #[test]
+    fn new_result_kinds_have_their_kind_as_a_key() {
+        use pb::step_result::Result as R;
+        let with = |result| pb::StepResult {
+            step_index: 0,
+            device_id: "d".into(),
+            outcome: pb::StepOutcome::Succeeded as i32,
+            message: String::new(),
+            started_at: None,
+            finished_at: None,
+            result: Some(result),
+        };
+        let v = step_result(&with(R::Dispense(pb::DispenseResult {
+            reagent: "A".into(),
+            requested_volume_ml: 2.5,
+            pump_volume_ml: 2.498,
+            measured_mass_g: None,
+            expected_mass_g: 1.973,
+            relative_deviation: None,
+            remaining_ml: 7.5,
+        })));
+        assert_eq!(v["dispense"]["pump_volume_ml"], 2.498);
+        assert_eq!(v["dispense"]["measured_mass_g"], Value::Null);
+        assert_eq!(v["dispense"]["relative_deviation"], Value::Null);
+
+        let v = step_result(&with(R::Isotherm(pb::IsothermResult {
+            adsorptive: "N2".into(),
+            temperature_c: -196.15,
+            sample_mass_g: 0.1,
+            degas_temperature_c: 150.0,
+            degas_duration_s: 7200.0,
+            points: vec![pb::IsothermPoint {
+                pressure_bar: 0.05,
+                p0_bar: 1.013,
+                amount_mmol_per_g: 4.5,
+                equilibration_time_s: 90.0,
+            }],
+            instrument: "bridge".into(),
+        })));
+        assert_eq!(v["isotherm"]["points"][0]["amount_mmol_per_g"], 4.5);
+        assert_eq!(v["isotherm"]["degas_duration_s"], 7200.0);
+        assert!(v.get("furnace").is_none(), "{v:#}");
+
+        let v = step_result(&with(R::Weigh(pb::WeighResult {
+            mass_g: 0.1,
+            stable: true,
+        })));
+        assert_eq!(v["weigh"], json!({ "mass_g": 0.1, "stable": true }));
+        let v = step_result(&with(R::Transfer(pb::TransferResult {
+            confirmed_by: "robot-2".into(),
+        })));
+        assert_eq!(v["transfer"]["confirmed_by"], "robot-2");
+    }
+
+    #[test]
+    fn new_event_kinds_and_fields_are_rendered() {
+        let e = pb::Event {
+            sequence: 9,
+            time: None,
+            experiment_id: "E".into(),
+            batch_id: String::new(),
+            device_id: String::new(),
+            kind: Some(pb::event::Kind::TransferConfirmed(pb::TransferConfirmed {
+                transfer: Some(pb::PendingTransfer {
+                    id: "T1".into(),
+                    experiment_id: "E".into(),
+                    step_index: 1,
+                    sample_id: "S".into(),
+                    from_device_id: "a".into(),
+                    to_device_id: "b".into(),
+                    requested_at: None,
+                }),
+                confirmed_by: "alice".into(),
+            })),
+        };
+        let v = event(&e);
+        assert_eq!(v["transfer_confirmed"]["transfer"]["to_device_id"], "b");
+        assert_eq!(v["transfer_confirmed"]["confirmed_by"], "alice");
+
+        let q = queue(&pb::Queue {
+            state: pb::QueueState::Running as i32,
+            running_ids: vec![],
+            queued_ids: vec!["E".into()],
+            held_ids: vec!["E".into()],
+        });
+        assert_eq!(q["held_ids"], json!(["E"]));
+
+        let d = device(&pb::Device {
+            id: "pump-1".into(),
+            maintenance: true,
+            maintenance_reason: "new seal".into(),
+            holds_sample_id: "S".into(),
+            ..Default::default()
+        });
+        assert_eq!(d["maintenance"], true);
+        assert_eq!(d["maintenance_reason"], "new seal");
+        assert_eq!(d["holds_sample_id"], "S");
+
+        let a = active_alarm(&pb::ActiveAlarm {
+            device_id: "furnace-1".into(),
+            code: "sensor_break".into(),
+            severity: pb::AlarmSeverity::Critical as i32,
+            acknowledged: true,
+            acknowledged_by: "alice".into(),
+            ..Default::default()
+        });
+        assert_eq!(a["severity"], "ALARM_SEVERITY_CRITICAL");
+        assert_eq!(a["acknowledged_at"], Value::Null);
     }
 
     #[test]

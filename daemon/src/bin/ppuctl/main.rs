@@ -5,8 +5,10 @@
 //! `error: <CODE>: <message>` with exit code 2 for caller mistakes and 1 for everything else.
 
 mod batch_file;
+mod export;
 mod json;
 mod render;
+mod tui;
 
 use std::fmt;
 use std::future::Future;
@@ -131,39 +133,135 @@ enum Command {
     /// Cancel an experiment (queued: at once; running: abort its step, make the device safe).
     #[command(after_help = "Examples:\n  \
         ppuctl cancel 01JQ3Z9A1B2C3D4E5F6G7H8J9K\n  \
-        ppuctl cancel 01JQ3Z9A1B2C3D4E5F6G7H8J9K --reason \"wrong precursor loaded\"")]
+        ppuctl cancel 01JQ3Z9A1B2C3D4E5F6G7H8J9K --reason \"wrong precursor loaded\"\n  \
+        ppuctl cancel 01JQ3Z9A1B2C3D4E5F6G7H8J9K --after-current-step")]
     Cancel {
         /// Experiment id.
         id: String,
         /// Why; recorded in the experiment's message and in the event log.
         #[arg(long, value_name = "TEXT", default_value = "")]
         reason: String,
+        /// For a running experiment: let the current step finish, then cancel before the next
+        /// one (instead of aborting the step now).
+        #[arg(long)]
+        after_current_step: bool,
     },
 
-    /// Show the queue (running or paused, running and queued ids), or pause/resume it.
+    /// Show the queue, or pause, resume, abort or reorder it, or hold/release an experiment.
     #[command(after_help = "Examples:\n  \
         ppuctl queue\n  \
         ppuctl queue pause --reason \"furnace-1 maintenance\"\n  \
-        ppuctl queue resume")]
+        ppuctl queue resume\n  \
+        ppuctl queue abort --reason \"power cut announced\"\n  \
+        ppuctl queue move 01JQ3Z9A1B2C3D4E5F6G7H8J9K 0\n  \
+        ppuctl queue hold 01JQ3Z9A1B2C3D4E5F6G7H8J9K --reason \"precursor not delivered\"\n  \
+        ppuctl queue release 01JQ3Z9A1B2C3D4E5F6G7H8J9K")]
     Queue {
         #[command(subcommand)]
         action: Option<QueueAction>,
     },
 
+    /// List the sample transfers the scheduler is waiting for.
+    #[command(after_help = "Examples:\n  \
+        ppuctl transfers\n  \
+        ppuctl transfer confirm 01JQ40C5N2B7V1X3Z9K8M4P6QR --by alice")]
+    Transfers,
+
+    /// Act on a pending sample transfer.
+    Transfer {
+        #[command(subcommand)]
+        action: TransferAction,
+    },
+
+    /// List alarms that are active or not yet acknowledged.
+    #[command(after_help = "Examples:\n  \
+        ppuctl alarms\n  \
+        ppuctl alarms --device furnace-1\n  \
+        ppuctl alarm ack furnace-1 sensor_break --by alice")]
+    Alarms {
+        /// Only this device's alarms.
+        #[arg(long, value_name = "ID")]
+        device: Option<String>,
+    },
+
+    /// Act on one alarm.
+    Alarm {
+        #[command(subcommand)]
+        action: AlarmAction,
+    },
+
+    /// Export an experiment's measured isotherm as AIF (readable by pyGAPS), CSV or JSON.
+    #[command(after_help = "Examples:\n  \
+        ppuctl export 01JQ3Z9A1B2C3D4E5F6G7H8J9K > sample.aif\n  \
+        ppuctl export 01JQ3Z9A1B2C3D4E5F6G7H8J9K --format csv -o sample.csv\n  \
+        ppuctl export 01JQ3Z9A1B2C3D4E5F6G7H8J9K --format json --step 3")]
+    Export(export::ExportArgs),
+
     /// List the lab's devices with their connection state and key readings.
     #[command(after_help = "Example:\n  ppuctl devices")]
     Devices,
 
-    /// Show one device (limits, latest reading), or follow its live readings with --watch.
+    /// Terminal UI for technicians: queue, devices with live readings, alarms and events,
+    /// and the actions taken at the bench (each confirmed first). Press ? for the keys.
+    #[command(after_help = "Examples:\n  \
+        ppuctl tui\n  \
+        ppuctl --addr http://lab-pc:50051 tui --by alice\n  \
+        NO_COLOR=1 ppuctl tui")]
+    Tui(tui::TuiArgs),
+
+    /// Show one device (limits, latest reading), follow its live readings with --watch, or
+    /// take it into or out of maintenance with --maintenance.
     #[command(after_help = "Examples:\n  \
         ppuctl device furnace-1\n  \
-        ppuctl device furnace-1 --watch")]
+        ppuctl device furnace-1 --watch\n  \
+        ppuctl device furnace-1 --maintenance on --reason \"thermocouple replacement\"\n  \
+        ppuctl device furnace-1 --maintenance off")]
     Device {
         /// Device id, e.g. furnace-1.
         id: String,
         /// Stream live readings (WatchDevice) until Ctrl-C, reconnecting if the link drops.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "maintenance")]
         watch: bool,
+        /// Take the device into (on) or out of (off) maintenance. A device in maintenance
+        /// takes no new reservations; a step already running on it finishes.
+        #[arg(long, value_enum, value_name = "on|off")]
+        maintenance: Option<OnOff>,
+        /// Why (with --maintenance); recorded in the event log.
+        #[arg(long, value_name = "TEXT", requires = "maintenance")]
+        reason: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum OnOff {
+    On,
+    Off,
+}
+
+#[derive(Debug, Subcommand)]
+enum TransferAction {
+    /// Confirm that the sample was moved; the waiting step completes.
+    Confirm {
+        /// Transfer id, as listed by `ppuctl transfers`.
+        #[arg(value_name = "TRANSFER_ID")]
+        id: String,
+        /// Who moved the sample (operator name, robot id); recorded in the event log.
+        #[arg(long, value_name = "NAME", env = "USER", default_value = "")]
+        by: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AlarmAction {
+    /// Acknowledge an alarm (on the device too, where it supports that).
+    Ack {
+        /// Device id.
+        device: String,
+        /// Alarm code, e.g. sensor_break.
+        code: String,
+        /// Who acknowledges it (operator name); recorded in the event log.
+        #[arg(long, value_name = "NAME", env = "USER", default_value = "")]
+        by: String,
     },
 }
 
@@ -220,6 +318,34 @@ enum QueueAction {
     },
     /// Let the queue start experiments again.
     Resume,
+    /// Pause the queue and abort every running step: devices go to their safe state and the
+    /// running experiments become CANCELLED.
+    Abort {
+        /// Why; recorded on the cancelled experiments and in the event log.
+        #[arg(long, value_name = "TEXT", default_value = "")]
+        reason: String,
+    },
+    /// Move a queued experiment to a position in the start order (0 = next; past the end
+    /// means last). Its priority becomes that of its new neighbours.
+    Move {
+        /// Experiment id.
+        id: String,
+        /// New position, 0 = next.
+        position: u32,
+    },
+    /// Hold a queued experiment: it keeps its place but does not start until released.
+    Hold {
+        /// Experiment id.
+        id: String,
+        /// Why; recorded in the event log.
+        #[arg(long, value_name = "TEXT", default_value = "")]
+        reason: String,
+    },
+    /// Release a held experiment.
+    Release {
+        /// Experiment id.
+        id: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -311,6 +437,11 @@ fn report(err: &anyhow::Error, addr: &str) -> u8 {
         eprintln!("error: {}: {message}", code_name(status.code()));
         if status.code() == Code::Unavailable {
             eprintln!("hint: is ppud running at {addr}? (set --addr or PPU_ADDR)");
+        }
+        // ppud explains its own UNIMPLEMENTED replies; a bare one comes from a daemon that
+        // predates the RPC.
+        if status.code() == Code::Unimplemented && status.message().is_empty() {
+            eprintln!("hint: the ppud at {addr} is older than this ppuctl");
         }
         return exit_code_for(status.code());
     }
@@ -447,11 +578,35 @@ async fn run(cli: Cli) -> Result<()> {
         Command::List(args) => list(ch, args, json).await,
         Command::Show { id } => show(ch, id, json).await,
         Command::Watch(args) => watch(ch, args, json).await,
-        Command::Cancel { id, reason } => cancel(ch, id, reason, json).await,
+        Command::Cancel {
+            id,
+            reason,
+            after_current_step,
+        } => cancel(ch, id, reason, after_current_step, json).await,
         Command::Queue { action } => queue(ch, action, json).await,
+        Command::Transfers => transfers(ch, json).await,
+        Command::Transfer {
+            action: TransferAction::Confirm { id, by },
+        } => confirm_transfer(ch, id, by, json).await,
+        Command::Alarms { device } => alarms(ch, device, json).await,
+        Command::Alarm {
+            action: AlarmAction::Ack { device, code, by },
+        } => acknowledge_alarm(ch, device, code, by, json).await,
+        Command::Export(args) => export::run(ch, args).await,
         Command::Devices => devices(ch, json).await,
-        Command::Device { id, watch: false } => device(ch, id, json).await,
-        Command::Device { id, watch: true } => watch_device(ch, id, json).await,
+        Command::Tui(args) => tui::run(&cli.addr, args).await,
+        Command::Device {
+            id,
+            maintenance: Some(on),
+            reason,
+            ..
+        } => set_maintenance(ch, id, on == OnOff::On, reason.unwrap_or_default(), json).await,
+        Command::Device {
+            id, watch: false, ..
+        } => device(ch, id, json).await,
+        Command::Device {
+            id, watch: true, ..
+        } => watch_device(ch, id, json).await,
     }
 }
 
@@ -562,15 +717,30 @@ async fn show(ch: Channel, id: String, json: bool) -> Result<()> {
     }
 }
 
-async fn cancel(ch: Channel, id: String, reason: String, json: bool) -> Result<()> {
+async fn cancel(
+    ch: Channel,
+    id: String,
+    reason: String,
+    after_current_step: bool,
+    json: bool,
+) -> Result<()> {
     let mut client = ExperimentServiceClient::new(ch);
-    let e = call(client.cancel_experiment(pb::CancelExperimentRequest { id, reason })).await?;
+    let e = call(client.cancel_experiment(pb::CancelExperimentRequest {
+        id,
+        reason,
+        after_current_step,
+    }))
+    .await?;
     if json {
         return out_json(&json::experiment(&e));
     }
     let mut text = format!("experiment {}: {}", e.id, render::experiment_state(e.state));
     if e.state == pb::ExperimentState::Running as i32 {
-        text.push_str(" (cancellation requested; the step is being aborted)");
+        if after_current_step {
+            text.push_str(" (cancellation requested; it stops when the current step finishes)");
+        } else {
+            text.push_str(" (cancellation requested; the step is being aborted)");
+        }
     }
     if !e.message.is_empty() {
         text.push_str(&format!("\n  message: {}", e.message));
@@ -586,11 +756,129 @@ async fn queue(ch: Channel, action: Option<QueueAction>, json: bool) -> Result<(
             call(client.pause_queue(pb::PauseQueueRequest { reason })).await?
         }
         Some(QueueAction::Resume) => call(client.resume_queue(pb::ResumeQueueRequest {})).await?,
+        Some(QueueAction::Abort { reason }) => {
+            call(client.abort_queue(pb::AbortQueueRequest { reason })).await?
+        }
+        Some(QueueAction::Move { id, position }) => {
+            call(client.move_experiment(pb::MoveExperimentRequest { id, position })).await?
+        }
+        Some(QueueAction::Hold { id, reason }) => {
+            let e = call(client.hold_experiment(pb::HoldExperimentRequest { id, reason })).await?;
+            return held_reply(&e, json);
+        }
+        Some(QueueAction::Release { id }) => {
+            let e = call(client.release_experiment(pb::ReleaseExperimentRequest { id })).await?;
+            return held_reply(&e, json);
+        }
     };
     if json {
         out_json(&json::queue(&q))
     } else {
         out(&render::queue(&q))
+    }
+}
+
+/// The reply to `queue hold` / `queue release`: the experiment.
+fn held_reply(e: &pb::Experiment, json: bool) -> Result<()> {
+    if json {
+        return out_json(&json::experiment(e));
+    }
+    let held = if e.held { "held" } else { "not held" };
+    out_line(&format!(
+        "experiment {}: {}, {held}",
+        e.id,
+        render::experiment_state(e.state)
+    ))
+}
+
+async fn transfers(ch: Channel, json: bool) -> Result<()> {
+    let mut client = QueueServiceClient::new(ch);
+    let reply = call(client.list_transfers(pb::ListTransfersRequest {})).await?;
+    if json {
+        return out_json(&serde_json::Value::Array(
+            reply.transfers.iter().map(json::pending_transfer).collect(),
+        ));
+    }
+    if reply.transfers.is_empty() {
+        eprintln!("no transfers pending");
+        return Ok(());
+    }
+    out(&render::transfer_table(&reply.transfers))
+}
+
+async fn confirm_transfer(ch: Channel, id: String, by: String, json: bool) -> Result<()> {
+    let mut client = QueueServiceClient::new(ch);
+    let t = call(client.confirm_transfer(pb::ConfirmTransferRequest {
+        transfer_id: id,
+        confirmed_by: by,
+    }))
+    .await?;
+    if json {
+        return out_json(&json::pending_transfer(&t));
+    }
+    out_line(&format!(
+        "transfer {} confirmed: {}",
+        t.id,
+        render::transfer_move(&t)
+    ))
+}
+
+async fn alarms(ch: Channel, device: Option<String>, json: bool) -> Result<()> {
+    let mut client = DeviceServiceClient::new(ch);
+    let reply = call(client.list_alarms(pb::ListAlarmsRequest {
+        device_id: device.unwrap_or_default(),
+    }))
+    .await?;
+    if json {
+        return out_json(&serde_json::Value::Array(
+            reply.alarms.iter().map(json::active_alarm).collect(),
+        ));
+    }
+    if reply.alarms.is_empty() {
+        eprintln!("no alarms");
+        return Ok(());
+    }
+    out(&render::alarm_table(&reply.alarms))
+}
+
+async fn acknowledge_alarm(
+    ch: Channel,
+    device: String,
+    code: String,
+    by: String,
+    json: bool,
+) -> Result<()> {
+    let mut client = DeviceServiceClient::new(ch);
+    let a = call(client.acknowledge_alarm(pb::AcknowledgeAlarmRequest {
+        device_id: device,
+        code,
+        acknowledged_by: by,
+    }))
+    .await?;
+    if json {
+        return out_json(&json::active_alarm(&a));
+    }
+    out_line(&render::alarm_line(&a))
+}
+
+async fn set_maintenance(
+    ch: Channel,
+    id: String,
+    maintenance: bool,
+    reason: String,
+    json: bool,
+) -> Result<()> {
+    let mut client = DeviceServiceClient::new(ch);
+    let d = call(client.set_maintenance(pb::SetMaintenanceRequest {
+        id,
+        maintenance,
+        reason,
+    }))
+    .await?;
+    if json {
+        out_json(&json::device(&d))
+    } else {
+        out(&render::device_detail(&d))
     }
 }
 
@@ -812,6 +1100,77 @@ mod tests {
     }
 
     #[test]
+    fn parses_the_operator_commands() {
+        let parse = |args: &[&str]| {
+            let mut all = vec!["ppuctl"];
+            all.extend_from_slice(args);
+            Cli::try_parse_from(all).map(|c| c.command)
+        };
+        assert!(matches!(
+            parse(&["queue", "move", "E1", "3"]).unwrap(),
+            Command::Queue { action: Some(QueueAction::Move { ref id, position: 3 }) } if id == "E1"
+        ));
+        assert!(parse(&["queue", "move", "E1", "-1"]).is_err());
+        assert!(matches!(
+            parse(&["queue", "hold", "E1", "--reason", "r"]).unwrap(),
+            Command::Queue { action: Some(QueueAction::Hold { ref reason, .. }) } if reason == "r"
+        ));
+        assert!(matches!(
+            parse(&["queue", "abort"]).unwrap(),
+            Command::Queue {
+                action: Some(QueueAction::Abort { .. })
+            }
+        ));
+        assert!(matches!(
+            parse(&["queue", "release", "E1"]).unwrap(),
+            Command::Queue {
+                action: Some(QueueAction::Release { .. })
+            }
+        ));
+        assert!(matches!(
+            parse(&["cancel", "E1", "--after-current-step"]).unwrap(),
+            Command::Cancel {
+                after_current_step: true,
+                ..
+            }
+        ));
+        assert!(matches!(
+            parse(&["transfer", "confirm", "T1", "--by", "robot-2"]).unwrap(),
+            Command::Transfer { action: TransferAction::Confirm { ref id, ref by } }
+                if id == "T1" && by == "robot-2"
+        ));
+        assert!(matches!(
+            parse(&["alarm", "ack", "furnace-1", "sensor_break", "--by", "alice"]).unwrap(),
+            Command::Alarm { action: AlarmAction::Ack { ref device, ref code, ref by } }
+                if device == "furnace-1" && code == "sensor_break" && by == "alice"
+        ));
+        assert!(matches!(
+            parse(&["alarms", "--device", "furnace-1"]).unwrap(),
+            Command::Alarms { device: Some(_) }
+        ));
+        assert!(matches!(
+            parse(&[
+                "device",
+                "furnace-1",
+                "--maintenance",
+                "on",
+                "--reason",
+                "tc"
+            ])
+            .unwrap(),
+            Command::Device {
+                maintenance: Some(OnOff::On),
+                reason: Some(_),
+                watch: false,
+                ..
+            }
+        ));
+        assert!(parse(&["device", "furnace-1", "--maintenance", "maybe"]).is_err());
+        assert!(parse(&["device", "furnace-1", "--reason", "no maintenance flag"]).is_err());
+        assert!(parse(&["device", "furnace-1", "--watch", "--maintenance", "off"]).is_err());
+    }
+
+    #[test]
     fn exit_codes() {
         assert_eq!(exit_code_for(Code::InvalidArgument), 2);
         assert_eq!(exit_code_for(Code::FailedPrecondition), 2);
@@ -819,6 +1178,8 @@ mod tests {
         assert_eq!(exit_code_for(Code::NotFound), 2);
         assert_eq!(exit_code_for(Code::Unavailable), 1);
         assert_eq!(exit_code_for(Code::Internal), 1);
+        // A daemon that does not implement a request yet is not the caller's mistake.
+        assert_eq!(exit_code_for(Code::Unimplemented), 1);
     }
 
     #[test]

@@ -185,6 +185,8 @@ pub fn step_kind_name(step: &pb::Step) -> &'static str {
         Some(Kind::Furnace(_)) => "furnace",
         Some(Kind::Degas(_)) => "degas",
         Some(Kind::Isotherm(_)) => "isotherm",
+        Some(Kind::Refill(_)) => "refill",
+        Some(Kind::Transfer(_)) => "transfer",
         None => "(none)",
     }
 }
@@ -234,16 +236,55 @@ pub fn step_body(step: &pb::Step) -> String {
                 duration(d.duration_s)
             )
         }
-        Some(Kind::Isotherm(i)) => format!(
-            "{} isotherm at {} °C, {} points {} bar",
-            i.adsorptive,
-            num(i.temperature_c),
-            i.pressure_bar.len(),
-            i.pressure_bar
-                .iter()
-                .map(|p| num(*p))
-                .collect::<Vec<_>>()
-                .join(", ")
+        Some(Kind::Isotherm(i)) => {
+            let mut s = format!(
+                "{} isotherm at {} °C, {} points {} bar",
+                i.adsorptive,
+                num(i.temperature_c),
+                i.pressure_bar.len(),
+                i.pressure_bar
+                    .iter()
+                    .map(|p| num(*p))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            // Zeros mean "device default" (or the last weighed mass): only non-defaults shown.
+            if i.sample_mass_g > 0.0 {
+                let _ = write!(s, ", sample {} g", num(i.sample_mass_g));
+            }
+            if i.equilibration_interval_s > 0.0 {
+                let _ = write!(
+                    s,
+                    ", equilibration interval {}",
+                    duration(i.equilibration_interval_s)
+                );
+            }
+            if i.max_equilibration_s > 0.0 {
+                let _ = write!(s, ", at most {} per point", duration(i.max_equilibration_s));
+            }
+            s
+        }
+        Some(Kind::Refill(r)) => {
+            let amount = if r.volume_ml > 0.0 {
+                format!("refill {} mL of {}", num(r.volume_ml), r.reagent)
+            } else {
+                format!("refill the {} syringe to full", r.reagent)
+            };
+            if r.rate_ml_per_min > 0.0 {
+                format!("{amount} at {} mL/min", num(r.rate_ml_per_min))
+            } else {
+                format!("{amount} at the pump's default rate")
+            }
+        }
+        Some(Kind::Transfer(t)) => format!(
+            "transfer sample {} from {} to {}",
+            or_dash(&t.sample_id),
+            if t.from_device_id.is_empty() {
+                "(no location)"
+            } else {
+                &t.from_device_id
+            },
+            or_dash(&t.to_device_id)
         ),
         None => "(no step kind)".to_owned(),
     }
@@ -301,9 +342,10 @@ pub fn experiment_detail(e: &pb::Experiment) -> String {
     let _ = writeln!(o, "  name:      {}", spec.name);
     let _ = writeln!(o, "  sample:    {}", or_dash(&spec.sample_id));
     let _ = writeln!(o, "  batch:     {}", or_dash(&e.batch_id));
+    let held = if e.held { ", held" } else { "" };
     let _ = writeln!(
         o,
-        "  state:     {} (step {})",
+        "  state:     {}{held} (step {})",
         experiment_state(e.state),
         step_progress(e)
     );
@@ -370,9 +412,162 @@ fn step_result(o: &mut String, r: &pb::StepResult) {
     if !r.message.is_empty() {
         let _ = writeln!(o, "      message: {}", r.message);
     }
+    use pb::step_result::Result as R;
     match &r.result {
-        Some(pb::step_result::Result::Furnace(f)) => furnace_result(o, f),
+        Some(R::Furnace(f)) => furnace_result(o, f),
+        Some(R::Isotherm(i)) => isotherm_result(o, i),
+        Some(other) => {
+            let _ = writeln!(o, "      {}", result_summary(other));
+        }
         None => {}
+    }
+}
+
+/// Relative deviation as a signed percentage with a real minus sign: `−0.05 %`, `+1.20 %`.
+pub fn deviation_pct(fraction: f64) -> String {
+    let pct = fraction * 100.0;
+    let text = format!("{:.2}", pct.abs());
+    if text.trim_start_matches(['0', '.']).is_empty() {
+        "0.00 %".to_owned()
+    } else if pct < 0.0 {
+        format!("−{text} %")
+    } else {
+        format!("+{text} %")
+    }
+}
+
+/// A pressure, bar: plain below 4 significant decimals would hide degas vacuums, so small
+/// values use scientific notation (`2.0e-5`).
+pub fn pressure(bar: f64) -> String {
+    if bar != 0.0 && bar.abs() < 1e-3 {
+        format!("{bar:.1e}")
+    } else {
+        measured(bar, 4)
+    }
+}
+
+pub fn dispense_result(d: &pb::DispenseResult) -> String {
+    let mut s = format!(
+        "{:.3} mL of {}: pump {:.3} mL",
+        d.requested_volume_ml, d.reagent, d.pump_volume_ml
+    );
+    match d.measured_mass_g {
+        Some(m) => {
+            let _ = write!(s, ", balance {m:.3} g (expected {:.3} g", d.expected_mass_g);
+            if let Some(dev) = d.relative_deviation {
+                let _ = write!(s, ", {}", deviation_pct(dev));
+            }
+            s.push(')');
+        }
+        None => s.push_str(" (no balance)"),
+    }
+    let _ = write!(s, "; {:.3} mL left in the syringe", d.remaining_ml);
+    s
+}
+
+/// A one-line summary of a typed step result (used in `show` and for `step_finished`).
+pub fn result_summary(r: &pb::step_result::Result) -> String {
+    use pb::step_result::Result as R;
+    match r {
+        R::Dispense(d) => format!("dispensed {}", dispense_result(d)),
+        R::Weigh(w) => format!(
+            "weighed {:.4} g ({})",
+            w.mass_g,
+            if w.stable { "stable" } else { "NOT stable" }
+        ),
+        R::Furnace(f) => format!(
+            "targets reached {}, max overshoot {} °C, {} samples",
+            f.targets.len(),
+            measured(f.max_overshoot_c, 2),
+            f.trace.len()
+        ),
+        R::Degas(d) => format!(
+            "degassed at {} °C for {}, final pressure {} bar",
+            measured(d.temperature_c, 1),
+            duration(d.duration_s),
+            pressure(d.final_pressure_bar)
+        ),
+        R::Isotherm(i) => {
+            let top = i
+                .points
+                .last()
+                .map(|p| {
+                    format!(
+                        ", {} mmol/g at {} bar",
+                        measured(p.amount_mmol_per_g, 3),
+                        pressure(p.pressure_bar)
+                    )
+                })
+                .unwrap_or_default();
+            let n = i.points.len();
+            format!(
+                "{} isotherm at {} °C: {n} point{}{top}",
+                i.adsorptive,
+                measured(i.temperature_c, 1),
+                if n == 1 { "" } else { "s" }
+            )
+        }
+        R::Refill(r) => format!(
+            "refilled {:.3} mL of {}; syringe now holds {:.3} mL",
+            r.volume_ml, r.reagent, r.fill_ml
+        ),
+        R::Transfer(t) => format!("transfer confirmed by {}", or_dash(&t.confirmed_by)),
+    }
+}
+
+/// P/P0 of a point, `-` when there is no saturation pressure (supercritical adsorptive).
+fn relative_pressure(p: &pb::IsothermPoint) -> String {
+    if p.p0_bar > 0.0 {
+        format!("{:.4}", p.pressure_bar / p.p0_bar)
+    } else {
+        "-".to_owned()
+    }
+}
+
+fn isotherm_result(o: &mut String, i: &pb::IsothermResult) {
+    let _ = write!(
+        o,
+        "      {} isotherm at {} °C, sample {:.4} g",
+        i.adsorptive,
+        measured(i.temperature_c, 2),
+        i.sample_mass_g
+    );
+    if i.degas_duration_s > 0.0 {
+        let _ = write!(
+            o,
+            ", degassed at {} °C for {}",
+            measured(i.degas_temperature_c, 1),
+            duration(i.degas_duration_s)
+        );
+    }
+    o.push('\n');
+    if !i.instrument.is_empty() {
+        let _ = writeln!(o, "      instrument: {}", i.instrument);
+    }
+    if i.points.is_empty() {
+        let _ = writeln!(o, "      (no points)");
+        return;
+    }
+    let rows: Vec<Vec<String>> = i
+        .points
+        .iter()
+        .enumerate()
+        .map(|(k, p)| {
+            vec![
+                (k + 1).to_string(),
+                pressure(p.pressure_bar),
+                relative_pressure(p),
+                format!("{:.4}", p.amount_mmol_per_g),
+                duration(p.equilibration_time_s),
+            ]
+        })
+        .collect();
+    let t = table(
+        &["#", "P (bar)", "P/P0", "UPTAKE (mmol/g)", "EQUILIBRATED IN"],
+        &rows,
+    );
+    for line in t.lines() {
+        let _ = writeln!(o, "      {line}");
     }
 }
 
@@ -427,7 +622,11 @@ pub fn queue(q: &pb::Queue) -> String {
     }
     let _ = writeln!(o, "queued ({}), in start order:", q.queued_ids.len());
     for id in &q.queued_ids {
-        let _ = writeln!(o, "  {id}");
+        if q.held_ids.contains(id) {
+            let _ = writeln!(o, "  {id}  (held)");
+        } else {
+            let _ = writeln!(o, "  {id}");
+        }
     }
     o
 }
@@ -457,7 +656,11 @@ pub fn device_table(devices: &[pb::Device]) -> String {
                 d.id.clone(),
                 device_family(d.family),
                 d.driver.clone(),
-                connection(d.connection),
+                if d.maintenance {
+                    format!("{} (maintenance)", connection(d.connection))
+                } else {
+                    connection(d.connection)
+                },
                 d.capabilities
                     .iter()
                     .map(|c| capability(*c))
@@ -495,6 +698,16 @@ pub fn device_detail(d: &pb::Device) -> String {
     o.push('\n');
     let caps: Vec<String> = d.capabilities.iter().map(|c| capability(*c)).collect();
     let _ = writeln!(o, "  capabilities: {}", or_dash(&caps.join(", ")));
+    if d.maintenance {
+        let _ = write!(o, "  maintenance:  yes");
+        if !d.maintenance_reason.is_empty() {
+            let _ = write!(o, " ({})", d.maintenance_reason);
+        }
+        o.push('\n');
+    } else {
+        let _ = writeln!(o, "  maintenance:  no");
+    }
+    let _ = writeln!(o, "  holds sample: {}", or_dash(&d.holds_sample_id));
     let _ = writeln!(o, "limits:");
     let l = d.limits.unwrap_or_default();
     let limits = [
@@ -569,6 +782,16 @@ pub fn event_kind_name(e: &pb::Event) -> &'static str {
         Some(Kind::DeviceConnectionChanged(_)) => "device_connection_changed",
         Some(Kind::Alarm(_)) => "alarm",
         Some(Kind::QueueStateChanged(_)) => "queue_state_changed",
+        Some(Kind::IsothermPointMeasured(_)) => "isotherm_point_measured",
+        Some(Kind::DeviceReserved(_)) => "device_reserved",
+        Some(Kind::DeviceReleased(_)) => "device_released",
+        Some(Kind::TransferRequested(_)) => "transfer_requested",
+        Some(Kind::TransferConfirmed(_)) => "transfer_confirmed",
+        Some(Kind::RecoveryDecision(_)) => "recovery_decision",
+        Some(Kind::MaintenanceChanged(_)) => "maintenance_changed",
+        Some(Kind::AlarmAcknowledged(_)) => "alarm_acknowledged",
+        Some(Kind::ExperimentHeld(_)) => "experiment_held",
+        Some(Kind::ExperimentMoved(_)) => "experiment_moved",
         None => "unknown",
     }
 }
@@ -609,14 +832,8 @@ pub fn event_summary(e: &pb::Event) -> String {
                 if !r.message.is_empty() {
                     let _ = write!(s, ": {}", r.message);
                 }
-                if let Some(pb::step_result::Result::Furnace(fr)) = &r.result {
-                    let _ = write!(
-                        s,
-                        " (targets reached {}, max overshoot {} °C, {} samples)",
-                        fr.targets.len(),
-                        measured(fr.max_overshoot_c, 2),
-                        fr.trace.len()
-                    );
+                if let Some(result) = &r.result {
+                    let _ = write!(s, " ({})", result_summary(result));
                 }
                 s
             }
@@ -648,8 +865,173 @@ pub fn event_summary(e: &pb::Event) -> String {
             }
             s
         }
+        Some(Kind::IsothermPointMeasured(m)) => {
+            let mut s = format!("step {} point {}", m.step_index + 1, m.point_index + 1);
+            if let Some(p) = &m.point {
+                let _ = write!(s, ": {} bar", pressure(p.pressure_bar));
+                if p.p0_bar > 0.0 {
+                    let _ = write!(s, " (P/P0 {})", relative_pressure(p));
+                }
+                let _ = write!(
+                    s,
+                    " → {} mmol/g, equilibrated in {}",
+                    measured(p.amount_mmol_per_g, 4),
+                    duration(p.equilibration_time_s)
+                );
+            }
+            s
+        }
+        Some(Kind::DeviceReserved(r)) => format!("reserved for step {}", r.step_index + 1),
+        Some(Kind::DeviceReleased(r)) => format!("released after step {}", r.step_index + 1),
+        Some(Kind::TransferRequested(t)) => match &t.transfer {
+            Some(t) => format!("transfer {} requested: {}", t.id, transfer_move(t)),
+            None => "transfer requested".to_owned(),
+        },
+        Some(Kind::TransferConfirmed(c)) => {
+            let mut s = match &c.transfer {
+                Some(t) => format!("transfer {} confirmed: {}", t.id, transfer_move(t)),
+                None => "transfer confirmed".to_owned(),
+            };
+            if !c.confirmed_by.is_empty() {
+                let _ = write!(s, " (by {})", c.confirmed_by);
+            }
+            s
+        }
+        Some(Kind::RecoveryDecision(r)) => {
+            let mut s = format!("recovery of step {}: {}", r.step_index + 1, r.action);
+            if !r.detail.is_empty() {
+                let _ = write!(s, ": {}", r.detail);
+            }
+            s
+        }
+        Some(Kind::MaintenanceChanged(m)) => {
+            let mut s = if m.maintenance {
+                "entered maintenance".to_owned()
+            } else {
+                "left maintenance".to_owned()
+            };
+            if !m.reason.is_empty() {
+                let _ = write!(s, ": {}", m.reason);
+            }
+            s
+        }
+        Some(Kind::AlarmAcknowledged(a)) => {
+            let mut s = format!("alarm {} acknowledged", a.code);
+            if !a.acknowledged_by.is_empty() {
+                let _ = write!(s, " by {}", a.acknowledged_by);
+            }
+            s
+        }
+        Some(Kind::ExperimentHeld(h)) => {
+            let mut s = if h.held {
+                "held".to_owned()
+            } else {
+                "released".to_owned()
+            };
+            if !h.reason.is_empty() {
+                let _ = write!(s, ": {}", h.reason);
+            }
+            s
+        }
+        Some(Kind::ExperimentMoved(m)) => format!(
+            "moved to position {} in the start order (0 = next), priority now {}",
+            m.position, m.priority
+        ),
         None => "(event kind unknown to this ppuctl)".to_owned(),
     }
+}
+
+pub fn transfer_table(transfers: &[pb::PendingTransfer]) -> String {
+    let rows: Vec<Vec<String>> = transfers
+        .iter()
+        .map(|t| {
+            vec![
+                t.id.clone(),
+                or_dash(&t.sample_id).to_owned(),
+                or_dash(&t.from_device_id).to_owned(),
+                or_dash(&t.to_device_id).to_owned(),
+                t.experiment_id.clone(),
+                (t.step_index + 1).to_string(),
+                time(t.requested_at.as_ref()),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "ID",
+            "SAMPLE",
+            "FROM",
+            "TO",
+            "EXPERIMENT",
+            "STEP",
+            "REQUESTED",
+        ],
+        &rows,
+    )
+}
+
+/// `active`, `cleared`, plus `, acknowledged by alice`.
+fn alarm_status(a: &pb::ActiveAlarm) -> String {
+    let mut s = if a.cleared { "cleared" } else { "active" }.to_owned();
+    if a.acknowledged {
+        s.push_str(", acknowledged");
+        if !a.acknowledged_by.is_empty() {
+            let _ = write!(s, " by {}", a.acknowledged_by);
+        }
+    } else {
+        s.push_str(", unacknowledged");
+    }
+    s
+}
+
+pub fn alarm_table(alarms: &[pb::ActiveAlarm]) -> String {
+    let rows: Vec<Vec<String>> = alarms
+        .iter()
+        .map(|a| {
+            vec![
+                a.device_id.clone(),
+                a.code.clone(),
+                alarm_severity(a.severity),
+                alarm_status(a),
+                time(a.raised_at.as_ref()),
+                a.message.clone(),
+            ]
+        })
+        .collect();
+    table(
+        &["DEVICE", "CODE", "SEVERITY", "STATUS", "RAISED", "MESSAGE"],
+        &rows,
+    )
+}
+
+/// One alarm on one line, e.g. the reply to `alarm ack`.
+pub fn alarm_line(a: &pb::ActiveAlarm) -> String {
+    let mut s = format!(
+        "{} {} {} ({})",
+        a.device_id,
+        alarm_severity(a.severity),
+        a.code,
+        alarm_status(a)
+    );
+    if !a.message.is_empty() {
+        let _ = write!(s, ": {}", a.message);
+    }
+    s
+}
+
+/// `sample S1: furnace-1 → analyser-1 (step 3)`.
+pub fn transfer_move(t: &pb::PendingTransfer) -> String {
+    format!(
+        "sample {}: {} → {} (step {})",
+        or_dash(&t.sample_id),
+        if t.from_device_id.is_empty() {
+            "(no location)"
+        } else {
+            &t.from_device_id
+        },
+        or_dash(&t.to_device_id),
+        t.step_index + 1
+    )
 }
 
 /// `seq time kind [experiment=… batch=… device=…] summary`.
@@ -810,6 +1192,380 @@ mod tests {
             alarms: vec![],
         })));
         assert!(line.ends_with("  pv_c=149.96"), "{line}");
+    }
+
+    fn result(step_index: u32, result: pb::step_result::Result) -> pb::StepResult {
+        pb::StepResult {
+            step_index,
+            device_id: "dev-1".into(),
+            outcome: pb::StepOutcome::Succeeded as i32,
+            message: String::new(),
+            started_at: Some(Timestamp {
+                seconds: 1_767_225_600,
+                nanos: 0,
+            }),
+            finished_at: Some(Timestamp {
+                seconds: 1_767_225_690,
+                nanos: 0,
+            }),
+            result: Some(result),
+        }
+    }
+
+    /// The lines `show` prints for one result, below its `result:` header line.
+    fn detail_of(r: &pb::StepResult) -> String {
+        let mut o = String::new();
+        step_result(&mut o, r);
+        let (header, rest) = o.split_once('\n').unwrap();
+        assert_eq!(
+            header,
+            "    result: SUCCEEDED on dev-1 (2026-01-01T00:00:00.000Z → \
+             2026-01-01T00:01:30.000Z, took 1 min 30 s)"
+        );
+        rest.to_owned()
+    }
+
+    fn dispense_result(measured_mass_g: Option<f64>) -> pb::DispenseResult {
+        let expected_mass_g = 1.973;
+        pb::DispenseResult {
+            reagent: "A".into(),
+            requested_volume_ml: 2.5,
+            pump_volume_ml: 2.498,
+            measured_mass_g,
+            expected_mass_g,
+            relative_deviation: measured_mass_g.map(|m| (m - expected_mass_g) / expected_mass_g),
+            remaining_ml: 7.5,
+        }
+    }
+
+    #[test]
+    fn dispense_result_shows_pump_and_balance() {
+        use pb::step_result::Result as R;
+        let r = result(0, R::Dispense(dispense_result(Some(1.972))));
+        assert_eq!(
+            detail_of(&r),
+            "      dispensed 2.500 mL of A: pump 2.498 mL, balance 1.972 g (expected 1.973 g, \
+             −0.05 %); 7.500 mL left in the syringe\n"
+        );
+        let r = result(0, R::Dispense(dispense_result(None)));
+        assert_eq!(
+            detail_of(&r),
+            "      dispensed 2.500 mL of A: pump 2.498 mL (no balance); 7.500 mL left in the \
+             syringe\n"
+        );
+        assert_eq!(deviation_pct(0.0123), "+1.23 %");
+        assert_eq!(deviation_pct(-0.00001), "0.00 %");
+    }
+
+    #[test]
+    fn weigh_degas_refill_and_transfer_results_read_as_one_line() {
+        use pb::step_result::Result as R;
+        let cases = [
+            (
+                R::Weigh(pb::WeighResult {
+                    mass_g: 0.12345,
+                    stable: true,
+                }),
+                "weighed 0.1235 g (stable)",
+            ),
+            (
+                R::Weigh(pb::WeighResult {
+                    mass_g: 1.5,
+                    stable: false,
+                }),
+                "weighed 1.5000 g (NOT stable)",
+            ),
+            (
+                R::Degas(pb::DegasResult {
+                    temperature_c: 150.0,
+                    duration_s: 7200.0,
+                    final_pressure_bar: 0.00002,
+                }),
+                "degassed at 150 °C for 2 h, final pressure 2.0e-5 bar",
+            ),
+            (
+                R::Refill(pb::RefillResult {
+                    reagent: "ethanol".into(),
+                    volume_ml: 7.5,
+                    fill_ml: 10.0,
+                }),
+                "refilled 7.500 mL of ethanol; syringe now holds 10.000 mL",
+            ),
+            (
+                R::Transfer(pb::TransferResult {
+                    confirmed_by: "robot-2".into(),
+                }),
+                "transfer confirmed by robot-2",
+            ),
+        ];
+        for (r, expected) in cases {
+            assert_eq!(result_summary(&r), expected);
+            assert_eq!(detail_of(&result(0, r)), format!("      {expected}\n"));
+        }
+    }
+
+    fn isotherm_result() -> pb::IsothermResult {
+        let point =
+            |pressure_bar, p0_bar, amount_mmol_per_g, equilibration_time_s| pb::IsothermPoint {
+                pressure_bar,
+                p0_bar,
+                amount_mmol_per_g,
+                equilibration_time_s,
+            };
+        pb::IsothermResult {
+            adsorptive: "N2".into(),
+            temperature_c: -196.15,
+            sample_mass_g: 0.1234,
+            degas_temperature_c: 150.0,
+            degas_duration_s: 7200.0,
+            points: vec![
+                point(0.05, 1.013, 4.56789, 90.0),
+                point(0.5, 1.013, 8.9, 600.0),
+            ],
+            instrument: "sorption-bridge 1.2 (sim)".into(),
+        }
+    }
+
+    #[test]
+    fn isotherm_result_is_a_table_of_points() {
+        use pb::step_result::Result as R;
+        let r = result(2, R::Isotherm(isotherm_result()));
+        assert_eq!(
+            detail_of(&r),
+            "      N2 isotherm at -196.15 °C, sample 0.1234 g, degassed at 150 °C for 2 h\n\
+             \x20     instrument: sorption-bridge 1.2 (sim)\n\
+             \x20     #  P (bar)  P/P0    UPTAKE (mmol/g)  EQUILIBRATED IN\n\
+             \x20     1  0.05     0.0494  4.5679           1 min 30 s\n\
+             \x20     2  0.5      0.4936  8.9000           10 min\n"
+        );
+        // Supercritical adsorptive: no P/P0.
+        let mut co2 = isotherm_result();
+        co2.adsorptive = "CO2".into();
+        co2.temperature_c = 25.0;
+        co2.degas_duration_s = 0.0;
+        co2.instrument.clear();
+        co2.points.truncate(1);
+        co2.points[0].p0_bar = 0.0;
+        assert_eq!(
+            detail_of(&result(0, R::Isotherm(co2.clone()))),
+            "      CO2 isotherm at 25 °C, sample 0.1234 g\n\
+             \x20     #  P (bar)  P/P0  UPTAKE (mmol/g)  EQUILIBRATED IN\n\
+             \x20     1  0.05     -     4.5679           1 min 30 s\n"
+        );
+        assert_eq!(
+            result_summary(&R::Isotherm(co2)),
+            "CO2 isotherm at 25 °C: 1 point, 4.568 mmol/g at 0.05 bar"
+        );
+    }
+
+    #[test]
+    fn new_step_kinds_read_naturally() {
+        let step = |kind| pb::Step {
+            device_id: String::new(),
+            kind: Some(kind),
+        };
+        use pb::step::Kind;
+        let cases = [
+            (
+                Kind::Refill(pb::Refill {
+                    reagent: "ethanol".into(),
+                    volume_ml: 5.0,
+                    rate_ml_per_min: 2.0,
+                }),
+                "refill",
+                "refill 5 mL of ethanol at 2 mL/min",
+            ),
+            (
+                Kind::Refill(pb::Refill {
+                    reagent: "water".into(),
+                    volume_ml: 0.0,
+                    rate_ml_per_min: 0.0,
+                }),
+                "refill",
+                "refill the water syringe to full at the pump's default rate",
+            ),
+            (
+                Kind::Transfer(pb::Transfer {
+                    sample_id: "S-1".into(),
+                    from_device_id: "balance-1".into(),
+                    to_device_id: "furnace-1".into(),
+                }),
+                "transfer",
+                "transfer sample S-1 from balance-1 to furnace-1",
+            ),
+            (
+                Kind::Transfer(pb::Transfer {
+                    sample_id: "S-1".into(),
+                    from_device_id: String::new(),
+                    to_device_id: "balance-1".into(),
+                }),
+                "transfer",
+                "transfer sample S-1 from (no location) to balance-1",
+            ),
+            (
+                Kind::Isotherm(pb::Isotherm {
+                    adsorptive: "CO2".into(),
+                    temperature_c: 25.0,
+                    pressure_bar: vec![0.1, 1.0],
+                    equilibration_interval_s: 15.0,
+                    max_equilibration_s: 1800.0,
+                    sample_mass_g: 0.12,
+                }),
+                "isotherm",
+                "CO2 isotherm at 25 °C, 2 points 0.1, 1 bar, sample 0.12 g, equilibration \
+                 interval 15 s, at most 30 min per point",
+            ),
+        ];
+        for (kind, name, body) in cases {
+            let s = step(kind);
+            assert_eq!(step_kind_name(&s), name);
+            assert_eq!(step_body(&s), body);
+        }
+    }
+
+    #[test]
+    fn new_event_kinds_have_one_line_summaries() {
+        use pb::event::Kind;
+        let transfer = pb::PendingTransfer {
+            id: "T1".into(),
+            experiment_id: "E1".into(),
+            step_index: 1,
+            sample_id: "S-1".into(),
+            from_device_id: "balance-1".into(),
+            to_device_id: "furnace-1".into(),
+            requested_at: None,
+        };
+        let cases = [
+            (
+                Kind::IsothermPointMeasured(pb::IsothermPointMeasured {
+                    step_index: 2,
+                    point_index: 0,
+                    point: Some(isotherm_result().points[0]),
+                }),
+                "isotherm_point_measured",
+                "step 3 point 1: 0.05 bar (P/P0 0.0494) → 4.5679 mmol/g, equilibrated in \
+                 1 min 30 s",
+            ),
+            (
+                Kind::DeviceReserved(pb::DeviceReserved { step_index: 0 }),
+                "device_reserved",
+                "reserved for step 1",
+            ),
+            (
+                Kind::DeviceReleased(pb::DeviceReleased { step_index: 0 }),
+                "device_released",
+                "released after step 1",
+            ),
+            (
+                Kind::TransferRequested(pb::TransferRequested {
+                    transfer: Some(transfer.clone()),
+                }),
+                "transfer_requested",
+                "transfer T1 requested: sample S-1: balance-1 → furnace-1 (step 2)",
+            ),
+            (
+                Kind::TransferConfirmed(pb::TransferConfirmed {
+                    transfer: Some(transfer),
+                    confirmed_by: "alice".into(),
+                }),
+                "transfer_confirmed",
+                "transfer T1 confirmed: sample S-1: balance-1 → furnace-1 (step 2) (by alice)",
+            ),
+            (
+                Kind::RecoveryDecision(pb::RecoveryDecision {
+                    action: "furnace_adopted".into(),
+                    step_index: 0,
+                    detail: "pv 448.9 °C within 5 °C of the program".into(),
+                }),
+                "recovery_decision",
+                "recovery of step 1: furnace_adopted: pv 448.9 °C within 5 °C of the program",
+            ),
+            (
+                Kind::MaintenanceChanged(pb::MaintenanceChanged {
+                    maintenance: true,
+                    reason: "thermocouple replacement".into(),
+                }),
+                "maintenance_changed",
+                "entered maintenance: thermocouple replacement",
+            ),
+            (
+                Kind::MaintenanceChanged(pb::MaintenanceChanged {
+                    maintenance: false,
+                    reason: String::new(),
+                }),
+                "maintenance_changed",
+                "left maintenance",
+            ),
+            (
+                Kind::AlarmAcknowledged(pb::AlarmAcknowledged {
+                    code: "sensor_break".into(),
+                    acknowledged_by: "alice".into(),
+                }),
+                "alarm_acknowledged",
+                "alarm sensor_break acknowledged by alice",
+            ),
+            (
+                Kind::ExperimentHeld(pb::ExperimentHeld {
+                    held: true,
+                    reason: "precursor late".into(),
+                }),
+                "experiment_held",
+                "held: precursor late",
+            ),
+            (
+                Kind::ExperimentHeld(pb::ExperimentHeld {
+                    held: false,
+                    reason: String::new(),
+                }),
+                "experiment_held",
+                "released",
+            ),
+            (
+                Kind::ExperimentMoved(pb::ExperimentMoved {
+                    position: 0,
+                    priority: 11,
+                }),
+                "experiment_moved",
+                "moved to position 0 in the start order (0 = next), priority now 11",
+            ),
+            (
+                Kind::StepFinished(pb::StepFinished {
+                    result: Some(result(
+                        1,
+                        pb::step_result::Result::Dispense(dispense_result(Some(1.972))),
+                    )),
+                }),
+                "step_finished",
+                "step 2 SUCCEEDED (dispensed 2.500 mL of A: pump 2.498 mL, balance 1.972 g \
+                 (expected 1.973 g, −0.05 %); 7.500 mL left in the syringe)",
+            ),
+        ];
+        for (kind, name, summary) in cases {
+            let e = pb::Event {
+                sequence: 1,
+                time: None,
+                experiment_id: String::new(),
+                batch_id: String::new(),
+                device_id: String::new(),
+                kind: Some(kind),
+            };
+            assert_eq!(event_kind_name(&e), name);
+            assert_eq!(event_summary(&e), summary);
+        }
+    }
+
+    #[test]
+    fn queue_marks_held_experiments() {
+        let q = pb::Queue {
+            state: pb::QueueState::Running as i32,
+            running_ids: vec![],
+            queued_ids: vec!["E1".into(), "E2".into()],
+            held_ids: vec!["E2".into()],
+        };
+        assert_eq!(
+            queue(&q),
+            "queue: RUNNING\nrunning (0):\nqueued (2), in start order:\n  E1\n  E2  (held)\n"
+        );
     }
 
     #[test]
