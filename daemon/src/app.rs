@@ -1,5 +1,6 @@
 //! Starting and stopping the daemon: open the store, recover, start device pollers and the
 //! scheduler, serve gRPC; on shutdown stop in the reverse order and leave every device safe.
+//! Recovery of in-flight work follows the configured policies (`config::Policies`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -10,8 +11,9 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
+use crate::config::Policies;
 use crate::devices::{Devices, PollSettings};
 use crate::scheduler::Scheduler;
 use crate::server::{self, Api};
@@ -57,8 +59,18 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Opens the store, recovers interrupted work, and starts serving.
+    /// Opens the store, recovers interrupted work under the default policies, and starts
+    /// serving.
     pub async fn start(opts: Options, drivers: Vec<Arc<dyn Device>>) -> Result<Daemon, StartError> {
+        Self::start_with(opts, &Policies::default(), drivers).await
+    }
+
+    /// [`Daemon::start`] with the config file's policies (recovery, retries).
+    pub async fn start_with(
+        opts: Options,
+        policies: &Policies,
+        drivers: Vec<Arc<dyn Device>>,
+    ) -> Result<Daemon, StartError> {
         std::fs::create_dir_all(&opts.data_dir).map_err(|source| StartError::DataDir {
             path: opts.data_dir.clone(),
             source,
@@ -68,9 +80,25 @@ impl Daemon {
             .await
             .map_err(|e| StoreError::Task(e.to_string()))??;
         info!(data_dir = %opts.data_dir.display(), last_sequence = store.last_sequence(), "store open");
-        let devices = Devices::new(drivers);
-        let (scheduler, scheduler_task) =
-            Scheduler::start(store.clone(), devices.clone(), opts.clock).await?;
+        for (id, state) in store.device_states()? {
+            match drivers.iter().find(|d| d.info().id == id) {
+                Some(d) => {
+                    if let Err(e) = d.restore_state(&state) {
+                        warn!(device = %id, error = %e, "could not restore the device's saved state");
+                    }
+                }
+                None => info!(device = %id, "saved state for a device no longer configured"),
+            }
+        }
+        let retry = policies.retry.clone();
+        let devices = Devices::with_retry(drivers, |id| retry.policy(id));
+        let (scheduler, scheduler_task) = Scheduler::start_with(
+            store.clone(),
+            devices.clone(),
+            opts.clock,
+            policies.recovery,
+        )
+        .await?;
         let stop = CancellationToken::new();
         devices.spawn_pollers(store, opts.poll, stop.clone());
 
@@ -112,6 +140,11 @@ impl Daemon {
     /// The bound gRPC address (useful with port 0).
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The scheduler, for in-process collaborators such as the simulated lab's transfer robot.
+    pub fn scheduler(&self) -> &Scheduler {
+        &self.scheduler
     }
 
     /// Graceful stop: no new requests, running steps aborted and their experiments marked

@@ -1,18 +1,22 @@
 //! The daemon's TOML configuration (`ppud serve --config FILE`). deploy/ppud.example.toml
 //! documents every key; unknown keys are errors, so a typo never silently means "default".
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use ppu_drivers::Device;
+use ppu_drivers::analyser::{SorptionAnalyser, SorptionConfig};
 use ppu_drivers::device::Limits;
 use ppu_drivers::furnace::eurotherm::{Eurotherm, EurothermConfig};
 use ppu_drivers::transport::modbus::{ModbusConfig, ModbusEndpoint};
+use ppu_drivers::transport::mqtt::{BrokerUrl, MqttConfig, MqttTls, ParseBrokerUrlError};
 use serde::Deserialize;
 
-use crate::devices::PollSettings;
+use crate::devices::{PollSettings, RetryPolicy};
+use crate::recovery::RecoveryPolicy;
 
 /// Default gRPC address: loopback only.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
@@ -30,9 +34,9 @@ pub enum ConfigError {
     Invalid { path: PathBuf, message: String },
 }
 
-/// The whole configuration file.
+/// The whole configuration file, except the policy tables ([`Policies`]). Unknown top-level
+/// keys are refused by [`Config::parse`] (which knows both), nested ones by serde.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Config {
     /// gRPC listen address.
     #[serde(default = "default_listen")]
@@ -96,6 +100,12 @@ impl PollConfig {
 pub enum DeviceConfig {
     /// A Eurotherm 2000/3000-series controller over Modbus.
     Eurotherm(EurothermEntry),
+    /// A gas-sorption analyser behind an MQTT bridge (docs/mqtt-contract.md).
+    SorptionMqtt(SorptionMqttEntry),
+    /// A New Era NE-1000/NE-4000 syringe pump holding one reagent, over RS-232.
+    Ne1000(Ne1000Entry),
+    /// A Mettler Toledo balance speaking MT-SICS over RS-232.
+    MtSics(MtSicsEntry),
 }
 
 /// Keys of a `driver = "eurotherm"` device.
@@ -188,10 +198,578 @@ impl EurothermEntry {
     }
 }
 
+/// Every top-level key of the config file: [`Config`]'s and [`Policies`]'.
+const TOP_LEVEL_KEYS: [&str; 7] = [
+    "listen",
+    "data_dir",
+    "time_scale",
+    "poll",
+    "devices",
+    "recovery",
+    "retry",
+];
+
+/// Daemon-wide policies: the `[recovery]` and `[retry]` tables. Parsed from the same file as
+/// [`Config`] but kept apart from it, so code that builds a `Config` field by field needs no
+/// change when a policy is added.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Policies {
+    /// Crash recovery (`on_restart`, `furnace`).
+    #[serde(default)]
+    pub recovery: RecoveryPolicy,
+    /// Retries of transient device errors.
+    #[serde(default)]
+    pub retry: RetryConfig,
+}
+
+/// The `[retry]` table: retries of transient link errors (timeouts, disconnects) around status
+/// reads, safe-state commands and alarm acknowledgements, on top of the transport's own
+/// per-request retries. Steps are never re-sent.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Extra attempts after the first.
+    pub retries: u32,
+    /// Real milliseconds before the first retry; doubles per retry, at most 5 s.
+    pub retry_backoff_ms: u64,
+    /// Per-device overrides, by device id.
+    pub devices: BTreeMap<String, DeviceRetry>,
+}
+
+/// A `[retry.devices.ID]` table; unset keys fall back to `[retry]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceRetry {
+    pub retries: Option<u32>,
+    pub retry_backoff_ms: Option<u64>,
+}
+
+/// Most retries a policy may ask for: beyond this a dead link only delays the safe state.
+const MAX_RETRIES: u32 = 20;
+/// Longest backoff a policy may ask for, ms.
+const MAX_RETRY_BACKOFF_MS: u64 = 60_000;
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        let d = RetryPolicy::default();
+        Self {
+            retries: d.retries,
+            retry_backoff_ms: d.backoff.as_millis() as u64,
+            devices: BTreeMap::new(),
+        }
+    }
+}
+
+impl RetryConfig {
+    /// The policy of one device.
+    pub fn policy(&self, device_id: &str) -> RetryPolicy {
+        let o = self.devices.get(device_id).cloned().unwrap_or_default();
+        RetryPolicy {
+            retries: o.retries.unwrap_or(self.retries),
+            backoff: Duration::from_millis(o.retry_backoff_ms.unwrap_or(self.retry_backoff_ms)),
+        }
+    }
+
+    fn problems(&self, devices: &[DeviceConfig]) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut check = |path: String, retries: Option<u32>, backoff: Option<u64>| {
+            if let Some(r) = retries.filter(|r| *r > MAX_RETRIES) {
+                out.push(format!("{path}.retries: {r} is more than {MAX_RETRIES}"));
+            }
+            if let Some(b) = backoff.filter(|b| *b > MAX_RETRY_BACKOFF_MS) {
+                out.push(format!(
+                    "{path}.retry_backoff_ms: {b} is more than {MAX_RETRY_BACKOFF_MS}"
+                ));
+            }
+        };
+        check(
+            "retry".to_owned(),
+            Some(self.retries),
+            Some(self.retry_backoff_ms),
+        );
+        for (id, d) in &self.devices {
+            check(format!("retry.devices.{id}"), d.retries, d.retry_backoff_ms);
+        }
+        for id in self.devices.keys() {
+            if !devices.iter().any(|c| c.id() == id) {
+                out.push(format!(
+                    "retry.devices.{id}: no device \"{id}\" is configured"
+                ));
+            }
+        }
+        out
+    }
+}
+
+/// Keys of a `driver = "sorption_mqtt"` device: an analyser reached through its MQTT bridge.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SorptionMqttEntry {
+    pub id: String,
+    /// `mqtt://HOST[:PORT]` (default port 1883) or `mqtts://HOST[:PORT]` (TLS, 8883).
+    pub broker: String,
+    /// MQTT client id; default `ppud-{id}`. Keep it stable: the broker keeps the session under it.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Name of an environment variable holding the password (instead of `password`).
+    #[serde(default)]
+    pub password_env: Option<String>,
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_client_cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_client_key_file: Option<PathBuf>,
+    #[serde(default = "sorption_prefix")]
+    pub topic_prefix: String,
+    /// The bridge's id in its topics; default: the device id.
+    #[serde(default)]
+    pub bridge_id: Option<String>,
+    #[serde(default = "sorption_keep_alive")]
+    pub keep_alive_s: u64,
+    #[serde(default = "sorption_ack_timeout")]
+    pub ack_timeout_ms: u64,
+    #[serde(default = "retries")]
+    pub request_retries: u32,
+    #[serde(default = "sorption_reconnect_max")]
+    pub reconnect_max_ms: u64,
+    #[serde(default = "sorption_outage_grace")]
+    pub outage_grace_s: u64,
+    #[serde(default = "sorption_malformed_limit")]
+    pub malformed_limit: u32,
+    #[serde(default = "sorption_malformed_window")]
+    pub malformed_window_s: u64,
+    #[serde(default = "sorption_mass")]
+    pub default_sample_mass_g: f64,
+    #[serde(default = "sample_s")]
+    pub equilibration_interval_s: f64,
+    #[serde(default = "settle_s")]
+    pub max_equilibration_s: f64,
+    #[serde(default = "yes")]
+    pub measure_free_space: bool,
+    #[serde(default = "sorption_min_t")]
+    pub min_isotherm_temperature_c: f64,
+    #[serde(default = "sorption_max_t")]
+    pub max_isotherm_temperature_c: f64,
+    /// `max_pressure_bar` (isotherm), `max_temperature_c`/`min_temperature_c` (degas),
+    /// `max_hold_s` (degas duration). Absent keys take the driver's defaults.
+    #[serde(default)]
+    pub limits: Option<Limits>,
+}
+
+fn sorption_prefix() -> String {
+    "lab/ppu/analyser".to_owned()
+}
+fn sorption_keep_alive() -> u64 {
+    5
+}
+fn sorption_ack_timeout() -> u64 {
+    3000
+}
+fn sorption_reconnect_max() -> u64 {
+    5000
+}
+fn sorption_outage_grace() -> u64 {
+    30
+}
+fn sorption_malformed_limit() -> u32 {
+    5
+}
+fn sorption_malformed_window() -> u64 {
+    60
+}
+fn sorption_mass() -> f64 {
+    0.1
+}
+fn sorption_min_t() -> f64 {
+    -200.0
+}
+fn sorption_max_t() -> f64 {
+    100.0
+}
+fn yes() -> bool {
+    true
+}
+
+impl SorptionMqttEntry {
+    /// An entry for a bridge on `broker` with every default.
+    pub fn new(id: impl Into<String>, broker: impl Into<String>) -> Self {
+        Self {
+            id: id.into(),
+            broker: broker.into(),
+            client_id: None,
+            username: None,
+            password: None,
+            password_env: None,
+            tls_ca_file: None,
+            tls_client_cert_file: None,
+            tls_client_key_file: None,
+            topic_prefix: sorption_prefix(),
+            bridge_id: None,
+            keep_alive_s: sorption_keep_alive(),
+            ack_timeout_ms: sorption_ack_timeout(),
+            request_retries: retries(),
+            reconnect_max_ms: sorption_reconnect_max(),
+            outage_grace_s: sorption_outage_grace(),
+            malformed_limit: sorption_malformed_limit(),
+            malformed_window_s: sorption_malformed_window(),
+            default_sample_mass_g: sorption_mass(),
+            equilibration_interval_s: sample_s(),
+            max_equilibration_s: settle_s(),
+            measure_free_space: true,
+            min_isotherm_temperature_c: sorption_min_t(),
+            max_isotherm_temperature_c: sorption_max_t(),
+            limits: None,
+        }
+    }
+
+    /// Problems, each starting with the key's name.
+    fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Err(e) = self.broker.parse::<BrokerUrl>() {
+            out.push(format!("broker: {e}"));
+        }
+        if self.password.is_some() && self.password_env.is_some() {
+            out.push("password: give password or password_env, not both".to_owned());
+        }
+        if self.tls_client_cert_file.is_some() != self.tls_client_key_file.is_some() {
+            out.push("tls_client_cert_file: needs tls_client_key_file (and vice versa)".to_owned());
+        }
+        if self.keep_alive_s == 0 {
+            out.push("keep_alive_s: must be at least 1".to_owned());
+        }
+        for (key, v) in [
+            ("default_sample_mass_g", self.default_sample_mass_g),
+            ("equilibration_interval_s", self.equilibration_interval_s),
+            ("max_equilibration_s", self.max_equilibration_s),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                out.push(format!("{key}: must be a positive number"));
+            }
+        }
+        let (lo, hi) = (
+            self.min_isotherm_temperature_c,
+            self.max_isotherm_temperature_c,
+        );
+        if lo.is_nan() || hi.is_nan() || lo >= hi {
+            out.push(
+                "min_isotherm_temperature_c: must be below max_isotherm_temperature_c".to_owned(),
+            );
+        }
+        out
+    }
+
+    fn driver(&self) -> Result<SorptionAnalyser, String> {
+        let broker: BrokerUrl = self
+            .broker
+            .parse()
+            .map_err(|e: ParseBrokerUrlError| e.to_string())?;
+        let tls = broker.tls;
+        let mut mqtt = MqttConfig::new(
+            broker,
+            self.client_id
+                .clone()
+                .unwrap_or_else(|| format!("ppud-{}", self.id)),
+        );
+        let password = match (&self.password, &self.password_env) {
+            (Some(p), _) => Some(p.clone()),
+            (None, Some(var)) => Some(std::env::var(var).map_err(|_| {
+                format!(
+                    "device {}: password_env: environment variable {var} is not set",
+                    self.id
+                )
+            })?),
+            (None, None) => None,
+        };
+        if let Some(user) = &self.username {
+            mqtt.credentials = Some((user.clone(), password.unwrap_or_default()));
+        }
+        if tls {
+            mqtt.tls = Some(MqttTls {
+                ca_file: self.tls_ca_file.clone(),
+                client_cert_file: self.tls_client_cert_file.clone(),
+                client_key_file: self.tls_client_key_file.clone(),
+            });
+        }
+        mqtt.keep_alive = Duration::from_secs(self.keep_alive_s.max(1));
+        mqtt.ack_timeout = Duration::from_millis(self.ack_timeout_ms.max(1));
+        mqtt.request_retries = self.request_retries;
+        mqtt.reconnect_max = Duration::from_millis(self.reconnect_max_ms.max(100));
+        let mut c = SorptionConfig::new(self.id.clone(), mqtt);
+        c.topic_prefix = self.topic_prefix.clone();
+        c.bridge_id = self.bridge_id.clone().unwrap_or_else(|| self.id.clone());
+        if let Some(l) = &self.limits {
+            let d = c.limits.clone();
+            c.limits = Limits {
+                max_pressure_bar: l.max_pressure_bar.or(d.max_pressure_bar),
+                max_temperature_c: l.max_temperature_c.or(d.max_temperature_c),
+                min_temperature_c: l.min_temperature_c.or(d.min_temperature_c),
+                max_hold_s: l.max_hold_s.or(d.max_hold_s),
+                ..l.clone()
+            };
+        }
+        c.min_isotherm_temperature_c = self.min_isotherm_temperature_c;
+        c.max_isotherm_temperature_c = self.max_isotherm_temperature_c;
+        c.default_sample_mass_g = self.default_sample_mass_g;
+        c.default_equilibration_interval_s = self.equilibration_interval_s;
+        c.default_max_equilibration_s = self.max_equilibration_s;
+        c.measure_free_space = self.measure_free_space;
+        c.outage_grace = Duration::from_secs(self.outage_grace_s);
+        c.malformed_limit = self.malformed_limit;
+        c.malformed_window = Duration::from_secs(self.malformed_window_s.max(1));
+        Ok(SorptionAnalyser::new(c))
+    }
+}
+
+/// Keys of a `driver = "ne1000"` device: one pump, its syringe and the reagent in it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ne1000Entry {
+    pub id: String,
+    /// Serial device, e.g. `/dev/ttyUSB0` or `/dev/serial/by-id/…`.
+    pub port: String,
+    #[serde(default = "baud_9600")]
+    pub baud_rate: u32,
+    /// Pump address on the line, 0–99.
+    #[serde(default)]
+    pub address: u8,
+    #[serde(default = "pump_timeout_ms")]
+    pub timeout_ms: u64,
+    #[serde(default = "retries")]
+    pub retries: u32,
+    /// Least real milliseconds between the end of one exchange and the next command.
+    #[serde(default)]
+    pub gap_ms: u64,
+    /// The reagent in the syringe; dispense and refill steps name it.
+    pub reagent: String,
+    pub density_g_per_ml: f64,
+    pub syringe_inner_diameter_mm: f64,
+    pub syringe_volume_ml: f64,
+    /// Fill at the daemon's first start; afterwards the daemon's tracked fill is used.
+    pub fill_ml: f64,
+    /// Id of the `mt_sics` balance under this pump's station, if any.
+    #[serde(default)]
+    pub balance: Option<String>,
+    /// Largest accepted |measured − expected| / expected of a weighed dispense.
+    #[serde(default = "dispense_tolerance")]
+    pub tolerance: f64,
+    #[serde(default = "refill_rate")]
+    pub refill_rate_ml_per_min: f64,
+    /// Safe mode with this watchdog, 1–255 s; omit for basic mode.
+    #[serde(default)]
+    pub safe_mode_watchdog_s: Option<u8>,
+    /// Physical seconds between status polls while pumping.
+    #[serde(default = "pump_poll_s")]
+    pub poll_interval_s: f64,
+    /// Real seconds the balance may take to settle for the tare and the weighing.
+    #[serde(default = "ten")]
+    pub weigh_timeout_s: f64,
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// Keys of a `driver = "mt_sics"` device.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MtSicsEntry {
+    pub id: String,
+    pub port: String,
+    #[serde(default = "baud_9600")]
+    pub baud_rate: u32,
+    #[serde(default = "timeout_ms")]
+    pub timeout_ms: u64,
+    #[serde(default = "retries")]
+    pub retries: u32,
+    #[serde(default)]
+    pub gap_ms: u64,
+    /// Real seconds a weighing waits for a stable reading.
+    #[serde(default = "ten")]
+    pub stability_timeout_s: f64,
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+fn baud_9600() -> u32 {
+    9600
+}
+fn pump_timeout_ms() -> u64 {
+    500
+}
+fn dispense_tolerance() -> f64 {
+    0.02
+}
+fn refill_rate() -> f64 {
+    10.0
+}
+fn pump_poll_s() -> f64 {
+    2.0
+}
+fn ten() -> f64 {
+    10.0
+}
+
+fn serial_config(
+    port: &str,
+    baud_rate: u32,
+    framing: ppu_drivers::transport::serial::Framing,
+    timeout_ms: u64,
+    retries: u32,
+    gap_ms: u64,
+) -> ppu_drivers::transport::serial::SerialConfig {
+    let mut s = ppu_drivers::transport::serial::SerialConfig::new(port, framing);
+    s.baud_rate = baud_rate;
+    s.timeout = Duration::from_millis(timeout_ms.max(1));
+    s.retries = retries;
+    s.gap = Duration::from_millis(gap_ms);
+    s
+}
+
+fn real_seconds(s: f64) -> Duration {
+    Duration::try_from_secs_f64(s.max(0.0)).unwrap_or(Duration::MAX)
+}
+
+impl Ne1000Entry {
+    /// An entry for a pump at `port` holding `reagent`: a 10 mL syringe (14.43 mm), full,
+    /// and every other key at its default.
+    pub fn new(id: impl Into<String>, port: impl Into<String>, reagent: impl Into<String>) -> Self {
+        Self {
+            id: id.into(),
+            port: port.into(),
+            baud_rate: baud_9600(),
+            address: 0,
+            timeout_ms: pump_timeout_ms(),
+            retries: retries(),
+            gap_ms: 0,
+            reagent: reagent.into(),
+            density_g_per_ml: 1.0,
+            syringe_inner_diameter_mm: 14.43,
+            syringe_volume_ml: 10.0,
+            fill_ml: 10.0,
+            balance: None,
+            tolerance: dispense_tolerance(),
+            refill_rate_ml_per_min: refill_rate(),
+            safe_mode_watchdog_s: None,
+            poll_interval_s: pump_poll_s(),
+            weigh_timeout_s: ten(),
+            limits: Limits::default(),
+        }
+    }
+
+    pub fn driver_config(&self) -> ppu_drivers::dispenser::ne1000::Ne1000Config {
+        use ppu_drivers::transport::serial::Framing;
+        let serial = serial_config(
+            &self.port,
+            self.baud_rate,
+            Framing::Ne1000,
+            self.timeout_ms,
+            self.retries,
+            self.gap_ms,
+        );
+        let mut c = ppu_drivers::dispenser::ne1000::Ne1000Config::new(
+            self.id.clone(),
+            serial,
+            self.reagent.clone(),
+        );
+        c.address = self.address;
+        c.density_g_per_ml = self.density_g_per_ml;
+        c.syringe_inner_diameter_mm = self.syringe_inner_diameter_mm;
+        c.syringe_volume_ml = self.syringe_volume_ml;
+        c.fill_ml = self.fill_ml;
+        c.limits = self.limits.clone();
+        c.tolerance = self.tolerance;
+        c.refill_rate_ml_per_min = self.refill_rate_ml_per_min;
+        c.safe_mode_watchdog_s = self.safe_mode_watchdog_s;
+        c.poll_interval_s = self.poll_interval_s;
+        c.weigh_timeout = real_seconds(self.weigh_timeout_s);
+        c
+    }
+
+    fn problems(&self, balances: &[&str]) -> Vec<String> {
+        let mut out: Vec<String> = self.driver_config().problems();
+        if self.port.is_empty() {
+            out.push("port: must not be empty".to_owned());
+        }
+        if self.baud_rate == 0 {
+            out.push("baud_rate: must be positive".to_owned());
+        }
+        if !(self.poll_interval_s.is_finite() && self.poll_interval_s > 0.0) {
+            out.push("poll_interval_s: must be a positive number".to_owned());
+        }
+        if let Some(b) = &self.balance
+            && !balances.contains(&b.as_str())
+        {
+            out.push(format!("balance: no mt_sics device \"{b}\" is configured"));
+        }
+        out
+    }
+}
+
+impl MtSicsEntry {
+    /// An entry for a balance at `port` with every default.
+    pub fn new(id: impl Into<String>, port: impl Into<String>) -> Self {
+        Self {
+            id: id.into(),
+            port: port.into(),
+            baud_rate: baud_9600(),
+            timeout_ms: timeout_ms(),
+            retries: retries(),
+            gap_ms: 0,
+            stability_timeout_s: ten(),
+            limits: Limits::default(),
+        }
+    }
+
+    pub fn driver(&self) -> ppu_drivers::balance::sics::SicsBalance {
+        use ppu_drivers::balance::sics::{SicsBalance, SicsConfig};
+        let serial = serial_config(
+            &self.port,
+            self.baud_rate,
+            ppu_drivers::transport::serial::Framing::CrLf,
+            self.timeout_ms,
+            self.retries,
+            self.gap_ms,
+        );
+        let mut c = SicsConfig::new(self.id.clone(), serial);
+        c.stability_timeout = real_seconds(self.stability_timeout_s);
+        c.limits = self.limits.clone();
+        SicsBalance::new(c)
+    }
+
+    fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.port.is_empty() {
+            out.push("port: must not be empty".to_owned());
+        }
+        if self.baud_rate == 0 {
+            out.push("baud_rate: must be positive".to_owned());
+        }
+        if !(self.stability_timeout_s.is_finite() && self.stability_timeout_s >= 0.0) {
+            out.push("stability_timeout_s: must be a non-negative number".to_owned());
+        }
+        out
+    }
+}
+
 impl DeviceConfig {
     pub fn id(&self) -> &str {
         match self {
             DeviceConfig::Eurotherm(e) => &e.id,
+            DeviceConfig::SorptionMqtt(e) => &e.id,
+            DeviceConfig::Ne1000(e) => &e.id,
+            DeviceConfig::MtSics(e) => &e.id,
+        }
+    }
+
+    /// The serial port a device opens exclusively, if it is on one.
+    fn serial_port(&self) -> Option<&str> {
+        match self {
+            DeviceConfig::Ne1000(e) => Some(&e.port),
+            DeviceConfig::MtSics(e) => Some(&e.port),
+            _ => None,
         }
     }
 }
@@ -208,16 +786,59 @@ impl Config {
 
     /// Parses and validates config text; `path` only names the source in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let c: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        Self::parse_with_policies(text, path).map(|(c, _)| c)
+    }
+
+    /// Reads and validates a config file with its policy tables.
+    pub fn load_with_policies(path: &Path) -> Result<(Config, Policies), ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse_with_policies(&text, path)
+    }
+
+    /// Parses and validates config text with its policy tables.
+    pub fn parse_with_policies(text: &str, path: &Path) -> Result<(Config, Policies), ConfigError> {
+        let (c, p) = Self::parse_unchecked(text, path)?;
+        c.problems_with(&p)
+            .into_iter()
+            .next()
+            .map_or(Ok((c, p)), |message| {
+                Err(ConfigError::Invalid {
+                    path: path.to_owned(),
+                    message,
+                })
+            })
+    }
+
+    /// Parses config text (refusing unknown keys) without checking values; see
+    /// [`Config::problems_with`].
+    pub fn parse_unchecked(text: &str, path: &Path) -> Result<(Config, Policies), ConfigError> {
+        let parse_error = |e: toml::de::Error| ConfigError::Parse {
             path: path.to_owned(),
             message: e.to_string(),
-        })?;
-        c.problems().into_iter().next().map_or(Ok(c), |message| {
-            Err(ConfigError::Invalid {
+        };
+        let table: toml::Table = toml::from_str(text).map_err(parse_error)?;
+        if let Some(key) = table.keys().find(|k| !TOP_LEVEL_KEYS.contains(&k.as_str())) {
+            return Err(ConfigError::Parse {
                 path: path.to_owned(),
-                message,
-            })
-        })
+                message: format!(
+                    "unknown key `{key}`, expected one of {}",
+                    TOP_LEVEL_KEYS.join(", ")
+                ),
+            });
+        }
+        let c: Config = toml::from_str(text).map_err(parse_error)?;
+        let p: Policies = toml::from_str(text).map_err(parse_error)?;
+        Ok((c, p))
+    }
+
+    /// Every problem of the config and its policies, one line each.
+    pub fn problems_with(&self, policies: &Policies) -> Vec<String> {
+        let mut out = self.problems();
+        out.extend(policies.retry.problems(&self.devices));
+        out
     }
 
     /// Every problem found, one line each; empty when the config is usable.
@@ -253,6 +874,45 @@ impl Config {
                         ));
                     }
                 }
+                DeviceConfig::SorptionMqtt(e) => {
+                    out.extend(
+                        e.problems()
+                            .into_iter()
+                            .map(|m| format!("devices[{i}].{m}")),
+                    );
+                }
+                DeviceConfig::Ne1000(e) => {
+                    let balances: Vec<&str> = self
+                        .devices
+                        .iter()
+                        .filter_map(|d| match d {
+                            DeviceConfig::MtSics(b) => Some(b.id.as_str()),
+                            _ => None,
+                        })
+                        .collect();
+                    out.extend(
+                        e.problems(&balances)
+                            .into_iter()
+                            .map(|m| format!("devices[{i}].{m}")),
+                    );
+                }
+                DeviceConfig::MtSics(e) => {
+                    out.extend(
+                        e.problems()
+                            .into_iter()
+                            .map(|m| format!("devices[{i}].{m}")),
+                    );
+                }
+            }
+            // Serial ports open exclusively: two devices on one port would lock each other out.
+            if let Some(port) = d.serial_port()
+                && let Some(j) = self.devices[..i]
+                    .iter()
+                    .position(|o| o.serial_port() == Some(port))
+            {
+                out.push(format!(
+                    "devices[{i}].port: \"{port}\" is already used by devices[{j}] (a serial port opens exclusively)"
+                ));
             }
         }
         out
@@ -260,10 +920,45 @@ impl Config {
 
     /// Instantiates the configured drivers.
     pub fn drivers(&self) -> Result<Vec<Arc<dyn Device>>, String> {
+        // A balance is one driver object: its own device, and the gravimetric check of the
+        // pumps whose `balance` names it.
+        let balances: std::collections::HashMap<
+            &str,
+            Arc<ppu_drivers::balance::sics::SicsBalance>,
+        > = self
+            .devices
+            .iter()
+            .filter_map(|d| match d {
+                DeviceConfig::MtSics(b) => Some((b.id.as_str(), Arc::new(b.driver()))),
+                _ => None,
+            })
+            .collect();
         self.devices
             .iter()
             .map(|d| match d {
                 DeviceConfig::Eurotherm(e) => e.driver().map(|x| Arc::new(x) as Arc<dyn Device>),
+                DeviceConfig::SorptionMqtt(e) => e.driver().map(|x| Arc::new(x) as Arc<dyn Device>),
+                DeviceConfig::MtSics(b) => balances
+                    .get(b.id.as_str())
+                    .map(|x| Arc::clone(x) as Arc<dyn Device>)
+                    .ok_or_else(|| format!("balance {} missing", b.id)),
+                DeviceConfig::Ne1000(p) => {
+                    let balance = match &p.balance {
+                        Some(id) => {
+                            Some(Arc::clone(balances.get(id.as_str()).ok_or_else(|| {
+                                format!(
+                                    "device {}: balance: no mt_sics device \"{id}\" is configured",
+                                    p.id
+                                )
+                            })?))
+                        }
+                        None => None,
+                    };
+                    Ok(Arc::new(ppu_drivers::dispenser::ne1000::Ne1000Pump::new(
+                        p.driver_config(),
+                        balance,
+                    )) as Arc<dyn Device>)
+                }
             })
             .collect()
     }
@@ -279,6 +974,67 @@ mod tests {
         let c = Config::parse(text, Path::new("ppud.example.toml")).unwrap();
         assert!(!c.devices.is_empty());
         assert!(c.drivers().is_ok());
+    }
+
+    #[test]
+    fn policies_parse_with_defaults_overrides_and_named_errors() {
+        use crate::recovery::{FurnaceRecovery, OnRestart};
+        let dev = "[[devices]]\ndriver = \"eurotherm\"\nid = \"f\"\nendpoint = \"modbus-tcp://127.0.0.1:502\"\n";
+        let (_, p) = Config::parse_with_policies(dev, Path::new("x.toml")).unwrap();
+        assert_eq!(p.recovery.on_restart, OnRestart::Interrupt);
+        assert_eq!(p.recovery.furnace, FurnaceRecovery::Safe);
+        assert_eq!(p.retry.policy("f"), RetryPolicy::default());
+        let text = format!(
+            "[recovery]\non_restart = \"resume\"\nfurnace = \"adopt\"\n[retry]\nretries = 1\n\
+             [retry.devices.f]\nretry_backoff_ms = 900\n{dev}"
+        );
+        let (_, p) = Config::parse_with_policies(&text, Path::new("x.toml")).unwrap();
+        assert_eq!(p.recovery.on_restart, OnRestart::Resume);
+        assert_eq!(p.recovery.furnace, FurnaceRecovery::Adopt);
+        assert_eq!(
+            p.retry.policy("f"),
+            RetryPolicy {
+                retries: 1,
+                backoff: Duration::from_millis(900)
+            }
+        );
+        let e = Config::parse("[recovery]\nfurnace = \"melt\"\n", Path::new("x.toml")).unwrap_err();
+        assert!(e.to_string().contains("melt"), "{e}");
+        let e = Config::parse(
+            &format!("[retry.devices.g]\nretries = 1\n{dev}"),
+            Path::new("x.toml"),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("retry.devices.g"), "{e}");
+        let e = Config::parse("[retry]\nretries = 99\n", Path::new("x.toml")).unwrap_err();
+        assert!(e.to_string().contains("retry.retries"), "{e}");
+    }
+
+    #[test]
+    fn dispensing_stations_parse_and_bad_references_are_named() {
+        let text = include_str!("../../deploy/ppud.example.toml");
+        let c = Config::parse(text, Path::new("ppud.example.toml")).unwrap();
+        let drivers = c.drivers().unwrap();
+        let pump = drivers.iter().find(|d| d.info().id == "pump-a").unwrap();
+        assert_eq!(pump.info().driver, "ne1000");
+        assert!(pump.info().transport.contains("weighed by balance-1"));
+        assert!(drivers.iter().any(|d| d.info().driver == "mt_sics"));
+        let base = "[[devices]]\ndriver = \"ne1000\"\nid = \"p\"\nport = \"/dev/ttyUSB3\"\n\
+                    reagent = \"A\"\ndensity_g_per_ml = 1.0\nsyringe_inner_diameter_mm = 14.43\n\
+                    syringe_volume_ml = 10.0\nfill_ml = 5.0\n";
+        Config::parse(base, Path::new("x.toml")).unwrap();
+        let e =
+            Config::parse(&format!("{base}balance = \"nope\"\n"), Path::new("x.toml")).unwrap_err();
+        assert!(e.to_string().contains("devices[0].balance"), "{e}");
+        let e = Config::parse(
+            &base.replace("fill_ml = 5.0", "fill_ml = 12.0"),
+            Path::new("x.toml"),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("devices[0].fill_ml"), "{e}");
+        let twice = format!("{base}{}", base.replace("id = \"p\"", "id = \"q\""));
+        let e = Config::parse(&twice, Path::new("x.toml")).unwrap_err();
+        assert!(e.to_string().contains("devices[1].port"), "{e}");
     }
 
     #[test]

@@ -2,14 +2,40 @@
 //! real wire protocol on a loopback socket, and the daemon reaches it through the same drivers
 //! and config path as in a real lab; only the addresses come from here.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
 use ppu_drivers::Clock;
 use ppu_drivers::device::Limits;
+use ppu_sim::analyser::{SimAnalyser, SimAnalyserConfig};
+use ppu_sim::broker::EmbeddedBroker;
+use ppu_sim::dispenser::balance::BalanceConfig;
+use ppu_sim::dispenser::pump::PumpConfig;
+use ppu_sim::dispenser::{PumpSpec, SimStation, StationSpec};
 use ppu_sim::furnace::{FurnaceConfig, SimFurnace};
 use ppu_sim::modbus::{ServerHandle, serve_tcp};
+use ppu_sim::pty::FaultConfig;
+use ppu_sim::world::World;
 
-use crate::config::{DeviceConfig, EurothermEntry};
+use ppu_proto::v1 as pb;
+use tokio::sync::broadcast::error::RecvError;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{DeviceConfig, EurothermEntry, MtSicsEntry, Ne1000Entry, SorptionMqttEntry};
+use crate::scheduler::Scheduler;
+
+/// Seed of the simulated world (hidden material model, measurement noise).
+pub const WORLD_SEED: u64 = 42;
+
+/// A simulated sorption analyser: its bridge is a separate client of the lab's broker.
+pub struct SimulatedAnalyser {
+    pub id: String,
+    pub sim: std::sync::Arc<SimAnalyser>,
+}
 
 /// A simulated furnace and its Modbus TCP server.
 pub struct SimulatedFurnace {
@@ -21,6 +47,31 @@ pub struct SimulatedFurnace {
 /// The simulated lab.
 pub struct DevLab {
     pub furnaces: Vec<SimulatedFurnace>,
+    /// What happened to each sample (dispenses, furnace history, degas), for the analysers.
+    pub world: World,
+    /// The embedded MQTT broker, once analysers are added.
+    pub broker: Option<EmbeddedBroker>,
+    pub analysers: Vec<SimulatedAnalyser>,
+    /// The dispensing station, once added: pumps and a balance, each on a pty.
+    pub dispensing: Option<SimStation>,
+    clock: Clock,
+}
+
+/// Reagents of the simulated dispensing station: (pump id, reagent, density g/mL, delivery
+/// error of its syringe).
+pub const DEV_REAGENTS: [(&str, &str, f64, f64); 2] =
+    [("pump-a", "A", 1.0, 0.003), ("pump-b", "B", 0.789, -0.002)];
+
+/// Id of the simulated station's balance.
+pub const DEV_BALANCE: &str = "balance-1";
+
+/// Limits ppud dev declares for its pumps: 10 mL syringes, at most 20 mL/min.
+pub fn pump_limits() -> Limits {
+    Limits {
+        max_rate_ml_per_min: Some(20.0),
+        max_volume_ml: Some(10.0),
+        ..Limits::default()
+    }
 }
 
 /// Limits ppud dev declares for its furnaces: a typical lab box furnace.
@@ -37,17 +88,109 @@ pub fn furnace_limits() -> Limits {
 impl DevLab {
     /// Starts `furnaces` simulated Eurotherm controllers on loopback ports chosen by the OS.
     pub async fn start(clock: Clock, furnaces: usize) -> std::io::Result<DevLab> {
+        let world = World::new(WORLD_SEED);
         let mut out = Vec::with_capacity(furnaces);
         for i in 1..=furnaces {
             let sim = SimFurnace::new(FurnaceConfig::default(), clock);
             let server = serve_tcp(SocketAddr::from(([127, 0, 0, 1], 0)), sim.clone()).await?;
-            out.push(SimulatedFurnace {
-                id: format!("furnace-{i}"),
-                sim,
-                server,
-            });
+            let id = format!("furnace-{i}");
+            sim.set_observer(Some(world.furnace_observer(&id)));
+            out.push(SimulatedFurnace { id, sim, server });
         }
-        Ok(DevLab { furnaces: out })
+        Ok(DevLab {
+            furnaces: out,
+            world,
+            broker: None,
+            analysers: Vec::new(),
+            dispensing: None,
+            clock,
+        })
+    }
+
+    /// Adds the dispensing station: two NE-1000 pumps (reagents of [`DEV_REAGENTS`], full 10 mL
+    /// syringes) over one MT-SICS balance, each on its own pseudo-terminal. What the pumps
+    /// deliver goes into the balance's vessel and into the world's record of the sample placed
+    /// at the pump. A no-op if the station exists.
+    pub async fn add_dispensing_station(&mut self) -> std::io::Result<()> {
+        if self.dispensing.is_some() {
+            return Ok(());
+        }
+        let pumps = DEV_REAGENTS
+            .iter()
+            .map(|(id, reagent, density, error)| PumpSpec {
+                id: (*id).to_owned(),
+                config: PumpConfig {
+                    reagent: (*reagent).to_owned(),
+                    density_g_per_ml: *density,
+                    delivery_error: *error,
+                    ..PumpConfig::default()
+                },
+            })
+            .collect();
+        let spec = StationSpec {
+            pumps,
+            balance: Some((DEV_BALANCE.to_owned(), BalanceConfig::default())),
+            faults: FaultConfig::default(),
+            link_dir: None,
+            world: Some(self.world.clone()),
+        };
+        self.dispensing = Some(SimStation::start(spec, self.clock).await?);
+        Ok(())
+    }
+
+    /// Config entries for the simulated station, as `ppud serve` would have them.
+    fn dispensing_configs(&self) -> Vec<DeviceConfig> {
+        let Some(station) = &self.dispensing else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        if let Some(b) = &station.balance {
+            out.push(DeviceConfig::MtSics(MtSicsEntry::new(
+                b.id.clone(),
+                b.port.path(),
+            )));
+        }
+        for p in &station.pumps {
+            let sim = p.sim.config();
+            let mut e = Ne1000Entry::new(p.id.clone(), p.port.path(), sim.reagent.clone());
+            e.density_g_per_ml = sim.density_g_per_ml;
+            e.syringe_inner_diameter_mm = sim.diameter_mm;
+            e.syringe_volume_ml = sim.syringe_volume_ml;
+            e.fill_ml = sim.contents_ml;
+            e.balance = station.balance.as_ref().map(|b| b.id.clone());
+            e.limits = pump_limits();
+            out.push(DeviceConfig::Ne1000(e));
+        }
+        out
+    }
+
+    /// Adds `count` simulated sorption analysers (`analyser-1`, …), starting the embedded MQTT
+    /// broker on loopback first if needed.
+    pub async fn add_analysers(&mut self, count: usize) -> std::io::Result<()> {
+        if count == 0 {
+            return Ok(());
+        }
+        if self.broker.is_none() {
+            self.broker = Some(EmbeddedBroker::start(SocketAddr::from(([127, 0, 0, 1], 0))).await?);
+        }
+        let Some(broker) = &self.broker else {
+            return Ok(());
+        };
+        let addr = broker.addr();
+        let first = self.analysers.len() + 1;
+        for i in first..first + count {
+            let id = format!("analyser-{i}");
+            let config = SimAnalyserConfig::new(addr.ip().to_string(), addr.port(), id.clone());
+            let sim = SimAnalyser::start(config, self.world.clone(), self.clock);
+            self.analysers.push(SimulatedAnalyser { id, sim });
+        }
+        Ok(())
+    }
+
+    /// A transfer was confirmed: `sample_id` is now at `device_id`. The simulated world files
+    /// what happens there (furnace temperatures, dispenses) under that sample.
+    pub fn on_sample_placed(&self, sample_id: &str, device_id: &str) {
+        self.world.place(sample_id, device_id);
     }
 
     /// Config entries pointing the real drivers at the simulated devices.
@@ -63,6 +206,24 @@ impl DevLab {
                 e.unit_id = f.sim.unit_id();
                 DeviceConfig::Eurotherm(e)
             })
+            .chain(self.analyser_configs())
+            .chain(self.dispensing_configs())
+            .collect()
+    }
+
+    /// Config entries for the simulated analysers, as `ppud serve` would have them.
+    fn analyser_configs(&self) -> Vec<DeviceConfig> {
+        let Some(broker) = &self.broker else {
+            return Vec::new();
+        };
+        self.analysers
+            .iter()
+            .map(|a| {
+                let mut e = SorptionMqttEntry::new(a.id.clone(), broker.url());
+                // Loopback: a lost link is noticed and retried quickly.
+                e.reconnect_max_ms = 1000;
+                DeviceConfig::SorptionMqtt(e)
+            })
             .collect()
     }
 
@@ -71,5 +232,99 @@ impl DevLab {
         for f in self.furnaces {
             f.server.shutdown().await;
         }
+        for a in &self.analysers {
+            a.sim.shutdown().await;
+        }
+        if let Some(b) = &self.broker {
+            b.shutdown().await;
+        }
+        if let Some(station) = self.dispensing {
+            station.shutdown().await;
+        }
     }
+}
+
+/// Default real-time delay of the simulated lab's robot before it confirms a transfer.
+pub const DEFAULT_TRANSFER_DELAY: Duration = Duration::from_millis(200);
+
+/// Who the simulated robot says moved the sample.
+pub const ROBOT_NAME: &str = "ppud-dev-robot";
+
+/// The simulated lab's robot arm: it carries out every transfer the scheduler requests, a
+/// fixed real-time delay after the request, by telling the simulated devices where the sample
+/// now is ([`DevLab::on_sample_placed`]) and then confirming through
+/// [`Scheduler::confirm_transfer`] — the same path an operator's `ConfirmTransfer` takes.
+pub struct TransferRobot {
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl TransferRobot {
+    /// Starts the robot. Transfers already pending are carried out too.
+    pub fn start(lab: Arc<DevLab>, scheduler: Scheduler, delay: Duration) -> TransferRobot {
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(robot(lab, scheduler, delay, stop.clone()));
+        TransferRobot { stop, task }
+    }
+
+    /// Stops the robot; transfers not yet carried out stay pending.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+async fn robot(lab: Arc<DevLab>, scheduler: Scheduler, delay: Duration, stop: CancellationToken) {
+    // Subscribe before listing, so a request between the two is never missed.
+    let mut events = scheduler.store().subscribe();
+    let moves = TaskTracker::new();
+    let mut seen = HashSet::new();
+    let mut pending = scheduler.list_transfers().unwrap_or_default();
+    loop {
+        for p in pending.drain(..) {
+            // A transfer re-requested after a restart keeps its id but not its request time.
+            let key = (p.id.clone(), p.requested_at.map(|t| (t.seconds, t.nanos)));
+            if !seen.insert(key) {
+                continue;
+            }
+            let (lab, scheduler, stop) = (lab.clone(), scheduler.clone(), stop.clone());
+            moves.spawn(async move {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                lab.on_sample_placed(&p.sample_id, &p.to_device_id);
+                if let Err(e) = scheduler.confirm_transfer(&p.id, ROBOT_NAME).await {
+                    // Cancelled or confirmed by someone else meanwhile.
+                    tracing::debug!(transfer = %p.id, error = %e, "robot could not confirm");
+                }
+            });
+        }
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            ev = events.recv() => match ev {
+                Ok(e) => {
+                    if let Some(pb::event::Kind::TransferRequested(t)) = &e.kind
+                        && let Some(p) = &t.transfer
+                    {
+                        pending.push(p.clone());
+                    }
+                    // A sample with no place yet is loaded where its first step runs: the
+                    // robot puts it there, so the simulated world knows what it holds.
+                    if let Some(pb::event::Kind::StepStarted(st)) = &e.kind
+                        && !matches!(st.step.as_ref().and_then(|s| s.kind.as_ref()), Some(pb::step::Kind::Transfer(_)))
+                        && let Ok(Some(x)) = scheduler.store().get_experiment(&e.experiment_id)
+                    {
+                        lab.on_sample_placed(&crate::scheduler::sample_key(&x), &e.device_id);
+                    }
+                }
+                Err(RecvError::Lagged(_)) => {
+                    pending = scheduler.list_transfers().unwrap_or_default();
+                }
+                Err(RecvError::Closed) => break,
+            },
+        }
+    }
+    moves.close();
+    moves.wait().await;
 }

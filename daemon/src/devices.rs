@@ -1,24 +1,132 @@
-//! The device registry: every configured driver, its link state and latest reading.
+//! The device registry: every configured driver, its link state, latest reading, alarms,
+//! maintenance flag and retry policy.
 //!
 //! A poll task per device reads its status on a real-time interval, so the API shows live
 //! readings even when no step runs. Link changes and alarms go to the durable event log; a
 //! reading goes to the log at most once per `reading_log_interval`, and to live watchers
-//! every time.
+//! every time. Alarms are tracked here from raised to cleared and acknowledged
+//! (`ListAlarms`, `AcknowledgeAlarm`). Status reads and safe-state commands made on the
+//! scheduler's behalf go through [`DeviceHandle::status`] and [`DeviceHandle::safe_state`], which
+//! retry transient link errors with the device's bounded backoff.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pb::event::Kind;
 use ppu_drivers::device::{DeviceStatus, Family};
-use ppu_drivers::{Capability, Device};
+use ppu_drivers::{Capability, Device, DeviceError};
 use ppu_proto::v1 as pb;
-use tokio::sync::broadcast;
+use tokio::sync::{Notify, broadcast};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::store::{Store, now_timestamp};
+use crate::store::{Store, StoreError, now_timestamp};
+
+/// Longest single backoff between two attempts, whatever the policy says.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// How often, and how patiently, transient link errors (timeouts, disconnects) are retried
+/// around status reads and safe-state commands. Steps themselves are not retried: a driver
+/// cannot tell whether a failed step already moved something.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Extra attempts after the first.
+    pub retries: u32,
+    /// Real-time wait before the first retry; doubles per retry, capped at 5 s.
+    pub backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            retries: 2,
+            backoff: Duration::from_millis(200),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait before retry number `attempt` (1-based).
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let factor = 1u32 << attempt.saturating_sub(1).min(16);
+        self.backoff.saturating_mul(factor).min(MAX_BACKOFF)
+    }
+
+    /// Runs `op`, retrying transient errors per the policy.
+    pub async fn run<T, F, Fut>(
+        &self,
+        what: &str,
+        device: &str,
+        mut op: F,
+    ) -> Result<T, DeviceError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, DeviceError>>,
+    {
+        let mut attempt = 0;
+        loop {
+            match op().await {
+                Err(e) if e.is_transient() && attempt < self.retries => {
+                    attempt += 1;
+                    let wait = self.delay(attempt);
+                    warn!(device, error = %e, attempt, wait_ms = wait.as_millis() as u64, "{what} failed; retrying");
+                    tokio::time::sleep(wait).await;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+/// An alarm as the daemon tracks it.
+#[derive(Debug, Clone, PartialEq)]
+struct TrackedAlarm {
+    code: String,
+    message: String,
+    raised_at: prost_types::Timestamp,
+    cleared: bool,
+    acknowledged: Option<(String, prost_types::Timestamp)>,
+}
+
+impl TrackedAlarm {
+    fn to_proto(&self, device_id: &str) -> pb::ActiveAlarm {
+        pb::ActiveAlarm {
+            device_id: device_id.to_owned(),
+            code: self.code.clone(),
+            message: self.message.clone(),
+            severity: pb::AlarmSeverity::Critical as i32,
+            raised_at: Some(self.raised_at),
+            cleared: self.cleared,
+            acknowledged: self.acknowledged.is_some(),
+            acknowledged_by: self
+                .acknowledged
+                .as_ref()
+                .map(|(by, _)| by.clone())
+                .unwrap_or_default(),
+            acknowledged_at: self.acknowledged.as_ref().map(|(_, at)| *at),
+        }
+    }
+}
+
+/// Why an alarm could not be acknowledged.
+#[derive(Debug, thiserror::Error)]
+pub enum AckError {
+    #[error("no device \"{0}\"")]
+    UnknownDevice(String),
+    #[error("device {device} has no alarm \"{code}\" to acknowledge")]
+    UnknownAlarm { device: String, code: String },
+    #[error("device {device} refused the acknowledgement: {error}")]
+    Device { device: String, error: DeviceError },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Stable code of an alarm text, e.g. "sensor break" → "sensor_break".
+pub fn alarm_code(text: &str) -> String {
+    text.replace(' ', "_")
+}
 
 /// How often devices are polled and readings logged.
 #[derive(Debug, Clone, Copy)]
@@ -41,24 +149,153 @@ struct Live {
     connected: Option<bool>,
     error: String,
     latest: Option<pb::DeviceReading>,
+    /// Alarm texts active at the last poll.
     alarms: Vec<String>,
+    /// Alarms active, or cleared but not yet acknowledged.
+    tracked: Vec<TrackedAlarm>,
+    /// `Some(reason)` while in maintenance.
+    maintenance: Option<String>,
 }
 
 /// One configured device and what the daemon knows about it.
 pub struct DeviceHandle {
     pub driver: Arc<dyn Device>,
+    retry: RetryPolicy,
     live: Mutex<Live>,
     readings: broadcast::Sender<pb::DeviceReading>,
+    /// Shared with the registry: woken when availability changes (link, maintenance).
+    changed: Arc<Notify>,
 }
 
 impl DeviceHandle {
-    fn new(driver: Arc<dyn Device>) -> Self {
+    fn new(driver: Arc<dyn Device>, retry: RetryPolicy, changed: Arc<Notify>) -> Self {
         let (readings, _) = broadcast::channel(64);
         Self {
             driver,
+            retry,
             live: Mutex::new(Live::default()),
             readings,
+            changed,
         }
+    }
+
+    pub fn family(&self) -> Family {
+        self.driver.info().family
+    }
+
+    pub fn retry_policy(&self) -> RetryPolicy {
+        self.retry
+    }
+
+    /// Reads the device's status, retrying transient errors per the device's policy.
+    pub async fn status(&self) -> Result<DeviceStatus, DeviceError> {
+        self.retry
+            .run("status read", self.id(), || self.driver.status())
+            .await
+    }
+
+    /// Drives the device to its safe state, retrying transient errors per its policy.
+    pub async fn safe_state(&self) -> Result<(), DeviceError> {
+        self.retry
+            .run("safe state", self.id(), || self.driver.safe_state())
+            .await
+    }
+
+    /// `Some(reason)` while the device is in maintenance.
+    pub fn maintenance(&self) -> Option<String> {
+        self.live.lock().ok().and_then(|l| l.maintenance.clone())
+    }
+
+    /// Sets the in-memory maintenance flag (the scheduler persists it first).
+    pub fn set_maintenance(&self, reason: Option<String>) {
+        if let Ok(mut l) = self.live.lock() {
+            l.maintenance = reason;
+        }
+        self.changed.notify_one();
+    }
+
+    /// True if the scheduler may reserve the device for a new step: connected (or not yet
+    /// polled) and not in maintenance.
+    pub fn is_available(&self) -> bool {
+        self.live
+            .lock()
+            .map(|l| l.connected != Some(false) && l.maintenance.is_none())
+            .unwrap_or(false)
+    }
+
+    /// Alarms that are active or not yet acknowledged.
+    pub fn alarms(&self) -> Vec<pb::ActiveAlarm> {
+        self.live
+            .lock()
+            .map(|l| l.tracked.iter().map(|a| a.to_proto(self.id())).collect())
+            .unwrap_or_default()
+    }
+
+    /// Acknowledges one alarm: on the device first (where the driver supports it), then
+    /// durably in the log. A cleared alarm that is acknowledged is no longer listed.
+    pub async fn acknowledge_alarm(
+        &self,
+        store: &Arc<Store>,
+        code: &str,
+        by: &str,
+    ) -> Result<pb::ActiveAlarm, AckError> {
+        let known = self
+            .live
+            .lock()
+            .map(|l| l.tracked.iter().any(|a| a.code == code))
+            .unwrap_or(false);
+        if !known {
+            return Err(AckError::UnknownAlarm {
+                device: self.id().to_owned(),
+                code: code.to_owned(),
+            });
+        }
+        match self
+            .retry
+            .run("alarm acknowledge", self.id(), || {
+                self.driver.acknowledge_alarms()
+            })
+            .await
+        {
+            Ok(()) | Err(DeviceError::Unsupported(_)) => {}
+            Err(error) => {
+                return Err(AckError::Device {
+                    device: self.id().to_owned(),
+                    error,
+                });
+            }
+        }
+        let (id, c, who) = (self.id().to_owned(), code.to_owned(), by.to_owned());
+        store
+            .write_async(move |w| {
+                w.emit(
+                    "",
+                    "",
+                    &id,
+                    Kind::AlarmAcknowledged(pb::AlarmAcknowledged {
+                        code: c,
+                        acknowledged_by: who,
+                    }),
+                );
+                Ok(())
+            })
+            .await?;
+        let mut l = self.live.lock().map_err(|_| AckError::UnknownAlarm {
+            device: self.id().to_owned(),
+            code: code.to_owned(),
+        })?;
+        let now = now_timestamp();
+        let mut out = None;
+        for a in l.tracked.iter_mut().filter(|a| a.code == code) {
+            a.acknowledged = Some((by.to_owned(), now));
+            out = Some(a.to_proto(self.id()));
+        }
+        l.tracked
+            .retain(|a| !(a.cleared && a.acknowledged.is_some()));
+        out.ok_or_else(|| AckError::UnknownAlarm {
+            device: self.id().to_owned(),
+            code: code.to_owned(),
+        })
     }
 
     pub fn id(&self) -> &str {
@@ -146,6 +383,9 @@ impl DeviceHandle {
             }),
             latest,
             connection_error,
+            maintenance: self.maintenance().is_some(),
+            maintenance_reason: self.maintenance().unwrap_or_default(),
+            ..Default::default()
         }
     }
 
@@ -155,6 +395,9 @@ impl DeviceHandle {
         let changed = l.connected != Some(ok);
         l.connected = Some(ok);
         l.error = if ok { String::new() } else { error.clone() };
+        if changed {
+            self.changed.notify_one();
+        }
         let state = if ok {
             pb::ConnectionState::Connected
         } else {
@@ -166,18 +409,47 @@ impl DeviceHandle {
         }))
     }
 
-    /// Compares active alarms with the last set; returns raise/clear events.
+    /// Compares active alarms with the last set; returns raise/clear events and updates the
+    /// tracked alarms (raised → cleared → acknowledged; an acknowledged alarm that clears, or
+    /// a cleared one that is acknowledged, is dropped).
     fn diff_alarms(&self, now: &[String]) -> Vec<Kind> {
         let Ok(mut l) = self.live.lock() else {
             return Vec::new();
         };
         let mut out = Vec::new();
-        for a in now.iter().filter(|a| !l.alarms.contains(a)) {
+        let raised: Vec<String> = now
+            .iter()
+            .filter(|a| !l.alarms.contains(a))
+            .cloned()
+            .collect();
+        let cleared: Vec<String> = l
+            .alarms
+            .iter()
+            .filter(|a| !now.contains(a))
+            .cloned()
+            .collect();
+        let stamp = now_timestamp();
+        for a in &raised {
             out.push(alarm(a, false));
+            let code = alarm_code(a);
+            l.tracked.retain(|t| t.code != code);
+            l.tracked.push(TrackedAlarm {
+                code,
+                message: a.clone(),
+                raised_at: stamp,
+                cleared: false,
+                acknowledged: None,
+            });
         }
-        for a in l.alarms.iter().filter(|a| !now.contains(a)) {
+        for a in &cleared {
             out.push(alarm(a, true));
+            let code = alarm_code(a);
+            for t in l.tracked.iter_mut().filter(|t| t.code == code) {
+                t.cleared = true;
+            }
         }
+        l.tracked
+            .retain(|t| !(t.cleared && t.acknowledged.is_some()));
         l.alarms = now.to_vec();
         out
     }
@@ -185,7 +457,7 @@ impl DeviceHandle {
 
 fn alarm(text: &str, cleared: bool) -> Kind {
     Kind::Alarm(pb::Alarm {
-        code: text.replace(' ', "_"),
+        code: alarm_code(text),
         message: text.to_owned(),
         severity: pb::AlarmSeverity::Critical as i32,
         cleared,
@@ -215,15 +487,35 @@ pub fn capability_to_proto(c: Capability) -> pb::Capability {
 #[derive(Clone, Default)]
 pub struct Devices {
     map: Arc<BTreeMap<String, Arc<DeviceHandle>>>,
+    changed: Arc<Notify>,
 }
 
 impl Devices {
+    /// Every driver with the default retry policy.
     pub fn new(drivers: Vec<Arc<dyn Device>>) -> Self {
+        Self::with_retry(drivers, |_| RetryPolicy::default())
+    }
+
+    /// Every driver with the retry policy `policy(device id)`.
+    pub fn with_retry(drivers: Vec<Arc<dyn Device>>, policy: impl Fn(&str) -> RetryPolicy) -> Self {
+        let changed = Arc::new(Notify::new());
         let map = drivers
             .into_iter()
-            .map(|d| (d.info().id.clone(), Arc::new(DeviceHandle::new(d))))
+            .map(|d| {
+                let id = d.info().id.clone();
+                let retry = policy(&id);
+                (id, Arc::new(DeviceHandle::new(d, retry, changed.clone())))
+            })
             .collect();
-        Self { map: Arc::new(map) }
+        Self {
+            map: Arc::new(map),
+            changed,
+        }
+    }
+
+    /// Woken whenever a device's availability changes (link up/down, maintenance).
+    pub fn changed(&self) -> &Arc<Notify> {
+        &self.changed
     }
 
     pub fn get(&self, id: &str) -> Option<&Arc<DeviceHandle>> {
@@ -242,8 +534,14 @@ impl Devices {
     /// Drives every device to its safe state, logging failures. Used at start-up (after a
     /// crash nothing may be left heating) and at shutdown.
     pub async fn all_safe(&self) {
-        for d in self.all() {
-            match d.driver.safe_state().await {
+        self.all_safe_except(&HashSet::new()).await;
+    }
+
+    /// [`Devices::all_safe`] for every device not in `skip` (devices whose running program
+    /// recovery adopted).
+    pub async fn all_safe_except(&self, skip: &HashSet<String>) {
+        for d in self.all().filter(|d| !skip.contains(d.id())) {
+            match d.safe_state().await {
                 Ok(()) => info!(device = d.id(), "device in safe state"),
                 Err(e) => {
                     warn!(device = d.id(), error = %e, "could not drive device to safe state")

@@ -3,11 +3,15 @@
 //! `ppud` binary wires them together; `ppuctl` is the command-line client.
 
 pub mod app;
+pub mod board;
 pub mod config;
 pub mod dev;
 pub mod devices;
 pub mod events;
+pub mod journal;
 pub mod queue;
+pub mod recovery;
+pub mod results;
 pub mod safety;
 pub mod scheduler;
 pub mod server;

@@ -18,6 +18,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use crate::devices::AckError;
 use crate::events::{self, Filter};
 use crate::scheduler::Scheduler;
 use crate::state::State;
@@ -142,22 +143,31 @@ impl ExperimentService for Api {
     ) -> Result<Response<pb::Experiment>, Status> {
         let r = req.into_inner();
         require_id(&r.id)?;
-        Ok(Response::new(self.scheduler.cancel(&r.id, r.reason).await?))
+        Ok(Response::new(
+            self.scheduler
+                .cancel(&r.id, r.reason, r.after_current_step)
+                .await?,
+        ))
     }
 }
 
 impl Api {
     fn queue(&self) -> Result<pb::Queue, Status> {
-        let paused = self.scheduler.is_paused()?;
-        Ok(pb::Queue {
-            state: if paused {
-                pb::QueueState::Paused
-            } else {
-                pb::QueueState::Running
-            } as i32,
-            running_ids: self.scheduler.running_ids(),
-            queued_ids: self.scheduler.queued_ids(),
-        })
+        self.scheduler.queue()
+    }
+}
+
+impl From<AckError> for Status {
+    fn from(e: AckError) -> Status {
+        match &e {
+            AckError::UnknownDevice(_) => Status::not_found(format!("device_id: {e}")),
+            AckError::UnknownAlarm { .. } => Status::not_found(format!("code: {e}")),
+            AckError::Device { error, .. } if error.is_transient() => {
+                Status::unavailable(e.to_string())
+            }
+            AckError::Device { .. } => Status::failed_precondition(e.to_string()),
+            AckError::Store(_) => Status::internal(e.to_string()),
+        }
     }
 }
 
@@ -186,6 +196,71 @@ impl QueueService for Api {
     ) -> Result<Response<pb::Queue>, Status> {
         self.scheduler.set_paused(false, String::new()).await?;
         Ok(Response::new(self.queue()?))
+    }
+
+    async fn abort_queue(
+        &self,
+        req: Request<pb::AbortQueueRequest>,
+    ) -> Result<Response<pb::Queue>, Status> {
+        let r = req.into_inner();
+        Ok(Response::new(self.scheduler.abort_queue(r.reason).await?))
+    }
+
+    async fn move_experiment(
+        &self,
+        req: Request<pb::MoveExperimentRequest>,
+    ) -> Result<Response<pb::Queue>, Status> {
+        let r = req.into_inner();
+        require_id(&r.id)?;
+        Ok(Response::new(
+            self.scheduler.move_experiment(&r.id, r.position).await?,
+        ))
+    }
+
+    async fn hold_experiment(
+        &self,
+        req: Request<pb::HoldExperimentRequest>,
+    ) -> Result<Response<pb::Experiment>, Status> {
+        let r = req.into_inner();
+        require_id(&r.id)?;
+        Ok(Response::new(
+            self.scheduler.set_held(&r.id, true, r.reason).await?,
+        ))
+    }
+
+    async fn release_experiment(
+        &self,
+        req: Request<pb::ReleaseExperimentRequest>,
+    ) -> Result<Response<pb::Experiment>, Status> {
+        let r = req.into_inner();
+        require_id(&r.id)?;
+        Ok(Response::new(
+            self.scheduler.set_held(&r.id, false, String::new()).await?,
+        ))
+    }
+
+    async fn list_transfers(
+        &self,
+        _: Request<pb::ListTransfersRequest>,
+    ) -> Result<Response<pb::ListTransfersResponse>, Status> {
+        Ok(Response::new(pb::ListTransfersResponse {
+            transfers: self.scheduler.list_transfers()?,
+        }))
+    }
+
+    async fn confirm_transfer(
+        &self,
+        req: Request<pb::ConfirmTransferRequest>,
+    ) -> Result<Response<pb::PendingTransfer>, Status> {
+        let r = req.into_inner();
+        if r.transfer_id.is_empty() {
+            return Err(Status::invalid_argument("transfer_id: required"));
+        }
+        Ok(Response::new(
+            self.scheduler
+                .confirm_transfer(&r.transfer_id, &r.confirmed_by)
+                .await?,
+        ))
     }
 }
 
@@ -242,7 +317,7 @@ impl DeviceService for Api {
                 .scheduler
                 .devices()
                 .all()
-                .map(|d| d.to_proto())
+                .map(|d| self.scheduler.device_proto(d))
                 .collect(),
         }))
     }
@@ -258,7 +333,7 @@ impl DeviceService for Api {
             .devices()
             .get(&id)
             .ok_or_else(|| Status::not_found(format!("id: no device \"{id}\"")))?;
-        Ok(Response::new(d.to_proto()))
+        Ok(Response::new(self.scheduler.device_proto(d)))
     }
 
     async fn watch_device(
@@ -296,6 +371,58 @@ impl DeviceService for Api {
                 }
             },
         )))
+    }
+
+    async fn set_maintenance(
+        &self,
+        req: Request<pb::SetMaintenanceRequest>,
+    ) -> Result<Response<pb::Device>, Status> {
+        let r = req.into_inner();
+        require_id(&r.id)?;
+        Ok(Response::new(
+            self.scheduler
+                .set_maintenance(&r.id, r.maintenance, r.reason)
+                .await?,
+        ))
+    }
+
+    async fn list_alarms(
+        &self,
+        req: Request<pb::ListAlarmsRequest>,
+    ) -> Result<Response<pb::ListAlarmsResponse>, Status> {
+        let device = req.into_inner().device_id;
+        let devices = self.scheduler.devices();
+        let alarms = if device.is_empty() {
+            devices.all().flat_map(|d| d.alarms()).collect()
+        } else {
+            devices
+                .get(&device)
+                .ok_or_else(|| Status::not_found(format!("device_id: no device \"{device}\"")))?
+                .alarms()
+        };
+        Ok(Response::new(pb::ListAlarmsResponse { alarms }))
+    }
+
+    async fn acknowledge_alarm(
+        &self,
+        req: Request<pb::AcknowledgeAlarmRequest>,
+    ) -> Result<Response<pb::ActiveAlarm>, Status> {
+        let r = req.into_inner();
+        if r.device_id.is_empty() {
+            return Err(Status::invalid_argument("device_id: required"));
+        }
+        if r.code.is_empty() {
+            return Err(Status::invalid_argument("code: required"));
+        }
+        let d = self
+            .scheduler
+            .devices()
+            .get(&r.device_id)
+            .ok_or_else(|| AckError::UnknownDevice(r.device_id.clone()))?;
+        Ok(Response::new(
+            d.acknowledge_alarm(self.scheduler.store(), &r.code, &r.acknowledged_by)
+                .await?,
+        ))
     }
 }
 

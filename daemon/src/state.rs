@@ -1,4 +1,5 @@
-//! The experiment lifecycle: one enum, and every allowed transition in one place.
+//! The experiment lifecycle and the lifecycle of the step a RUNNING experiment is on (its device
+//! reservation): one enum each, and every allowed transition in one place.
 
 use ppu_proto::v1::ExperimentState as Proto;
 
@@ -97,10 +98,122 @@ impl std::fmt::Display for State {
     }
 }
 
+/// Where the current step of a RUNNING experiment is, from waiting for a device to releasing
+/// it. A device is reserved from `Reserved` until `Released`, for this one step only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StepPhase {
+    /// Waiting for the dispatcher to grant a device (queue order, availability, maintenance).
+    Waiting,
+    /// A device is reserved for the step; nothing is actuated yet.
+    Reserved,
+    /// The sample is being moved to the reserved device; waits for `ConfirmTransfer`.
+    Transferring,
+    /// The step runs on the device; its intent is journaled.
+    Executing,
+    /// The step was aborted or failed; the device is being driven to its safe state.
+    Stopping,
+    /// The step is over and the device released.
+    Released,
+}
+
+/// A step-phase change the scheduler does not allow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("step cannot go from {from:?} to {to:?}")]
+pub struct IllegalPhase {
+    pub from: StepPhase,
+    pub to: StepPhase,
+}
+
+impl StepPhase {
+    pub const ALL: [StepPhase; 6] = [
+        StepPhase::Waiting,
+        StepPhase::Reserved,
+        StepPhase::Transferring,
+        StepPhase::Executing,
+        StepPhase::Stopping,
+        StepPhase::Released,
+    ];
+
+    /// The allowed changes. A transfer hands the same reservation back to `Reserved` for the
+    /// step it carried the sample to; any phase that holds no running step may give up its
+    /// reservation directly (cancel, abort, shutdown); a released step waits for the next one.
+    pub fn can_become(self, to: StepPhase) -> bool {
+        use StepPhase::*;
+        matches!(
+            (self, to),
+            (Released, Waiting)
+                | (Waiting, Reserved)
+                | (Waiting, Released)
+                | (Reserved, Transferring)
+                | (Reserved, Executing)
+                | (Reserved, Released)
+                | (Transferring, Reserved)
+                | (Transferring, Released)
+                | (Executing, Stopping)
+                | (Executing, Released)
+                | (Stopping, Released)
+        )
+    }
+
+    /// `to`, if the change is allowed.
+    pub fn advance(self, to: StepPhase) -> Result<StepPhase, IllegalPhase> {
+        if self.can_become(to) {
+            Ok(to)
+        } else {
+            Err(IllegalPhase { from: self, to })
+        }
+    }
+
+    /// True while the step holds a device reservation.
+    pub fn holds_device(self) -> bool {
+        matches!(
+            self,
+            StepPhase::Reserved
+                | StepPhase::Transferring
+                | StepPhase::Executing
+                | StepPhase::Stopping
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::State::*;
     use super::*;
+
+    #[test]
+    fn exactly_the_documented_step_phases_are_allowed() {
+        use StepPhase as P;
+        const ALLOWED: [(P, P); 11] = [
+            (P::Released, P::Waiting),
+            (P::Waiting, P::Reserved),
+            (P::Waiting, P::Released),
+            (P::Reserved, P::Transferring),
+            (P::Reserved, P::Executing),
+            (P::Reserved, P::Released),
+            (P::Transferring, P::Reserved),
+            (P::Transferring, P::Released),
+            (P::Executing, P::Stopping),
+            (P::Executing, P::Released),
+            (P::Stopping, P::Released),
+        ];
+        for from in P::ALL {
+            for to in P::ALL {
+                let expected = ALLOWED.contains(&(from, to));
+                assert_eq!(from.can_become(to), expected, "{from:?} -> {to:?}");
+                assert_eq!(from.advance(to).is_ok(), expected, "{from:?} -> {to:?}");
+            }
+        }
+        // Nothing executes without a reservation, and a running step never returns to waiting
+        // without releasing its device first.
+        assert!(!P::Waiting.can_become(P::Executing));
+        assert!(!P::Executing.can_become(P::Waiting));
+        let held: Vec<P> = P::ALL.into_iter().filter(|p| p.holds_device()).collect();
+        assert_eq!(
+            held,
+            [P::Reserved, P::Transferring, P::Executing, P::Stopping]
+        );
+    }
 
     const ALLOWED: [(State, State); 6] = [
         (Queued, Running),

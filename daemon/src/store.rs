@@ -1,5 +1,8 @@
 //! The durable store: experiments, batches, idempotency keys, queue flags and the event log, in
-//! one redb file.
+//! one redb file; plus the scheduler's durable working state: the intent journal of in-flight
+//! steps, device reservations, sample custody, pending transfers, maintenance flags, queue ranks
+//! and deferred cancels. Each of these changes in the same transaction as the events that
+//! describe it, so the log and the records never disagree.
 //!
 //! Every mutation goes through [`Store::write`], which runs in one redb write transaction,
 //! assigns the next global sequence numbers to the events appended in it, commits with
@@ -11,7 +14,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use ppu_proto::v1::{Batch, Event, Experiment, event};
+use ppu_proto::v1::{Batch, Event, Experiment, PendingTransfer, event};
 use prost::Message;
 use redb::{
     Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
@@ -19,6 +22,7 @@ use redb::{
 };
 use tokio::sync::broadcast;
 
+use crate::journal::JournalEntry;
 use crate::state::State;
 
 const EXPERIMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("experiments");
@@ -27,6 +31,23 @@ const BATCHES: TableDefinition<&str, &[u8]> = TableDefinition::new("batches");
 const IDEMPOTENCY: TableDefinition<&str, (&str, &str)> = TableDefinition::new("idempotency");
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// device id → the driver's opaque saved state (`Device::saved_state`).
+const DEVICE_STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("device_state");
+
+/// device id → the step in flight on it (`journal::JournalEntry`), written before actuation.
+const JOURNAL: TableDefinition<&str, &[u8]> = TableDefinition::new("journal");
+/// device id → (experiment id, step index) holding its reservation.
+const RESERVATIONS: TableDefinition<&str, (&str, u32)> = TableDefinition::new("reservations");
+/// sample id → device id that holds it.
+const CUSTODY: TableDefinition<&str, &str> = TableDefinition::new("custody");
+/// transfer id → `PendingTransfer` awaiting confirmation.
+const TRANSFERS: TableDefinition<&str, &[u8]> = TableDefinition::new("transfers");
+/// device id → maintenance reason, for devices in maintenance.
+const MAINTENANCE: TableDefinition<&str, &str> = TableDefinition::new("maintenance");
+/// experiment id → rank within its priority (start order; see `queue`).
+const RANKS: TableDefinition<&str, i64> = TableDefinition::new("ranks");
+/// experiment id → reason, for RUNNING experiments to cancel once their current step ends.
+const CANCEL_AFTER: TableDefinition<&str, &str> = TableDefinition::new("cancel_after_step");
 
 const META_QUEUE_PAUSED: &str = "queue_paused";
 
@@ -139,6 +160,168 @@ impl WriteTx<'_> {
         Ok(())
     }
 
+    /// Saves a driver's opaque state (see `Device::saved_state`).
+    pub fn put_device_state(&mut self, device_id: &str, state: &[u8]) -> Result<(), StoreError> {
+        let mut t = self.tx.open_table(DEVICE_STATE)?;
+        t.insert(device_id, state)?;
+        Ok(())
+    }
+
+    /// Records a step about to actuate its device (the intent journal).
+    pub fn put_journal(&mut self, e: &JournalEntry) -> Result<(), StoreError> {
+        let mut t = self.tx.open_table(JOURNAL)?;
+        t.insert(e.device_id.as_str(), e.encode_to_vec().as_slice())?;
+        Ok(())
+    }
+
+    /// Removes the journal entry of `device_id`, returning it if there was one.
+    pub fn take_journal(&mut self, device_id: &str) -> Result<Option<JournalEntry>, StoreError> {
+        let mut t = self.tx.open_table(JOURNAL)?;
+        let v = t.remove(device_id)?;
+        v.map(|v| decode("journal", v.value())).transpose()
+    }
+
+    /// Every journaled step, by device id.
+    pub fn journal(&self) -> Result<Vec<JournalEntry>, StoreError> {
+        let t = self.tx.open_table(JOURNAL)?;
+        let mut out = Vec::new();
+        for item in t.iter()? {
+            let (_, v) = item?;
+            out.push(decode("journal", v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Records that `device_id` is reserved for one step of an experiment.
+    pub fn put_reservation(
+        &mut self,
+        device_id: &str,
+        experiment_id: &str,
+        step_index: u32,
+    ) -> Result<(), StoreError> {
+        let mut t = self.tx.open_table(RESERVATIONS)?;
+        t.insert(device_id, (experiment_id, step_index))?;
+        Ok(())
+    }
+
+    /// Drops a reservation; returns (experiment id, step index) if there was one.
+    pub fn remove_reservation(
+        &mut self,
+        device_id: &str,
+    ) -> Result<Option<(String, u32)>, StoreError> {
+        let mut t = self.tx.open_table(RESERVATIONS)?;
+        let v = t.remove(device_id)?;
+        Ok(v.map(|v| {
+            let (e, s) = v.value();
+            (e.to_owned(), s)
+        }))
+    }
+
+    /// Every reservation: (device id, experiment id, step index).
+    pub fn reservations(&self) -> Result<Vec<(String, String, u32)>, StoreError> {
+        let t = self.tx.open_table(RESERVATIONS)?;
+        let mut out = Vec::new();
+        for item in t.iter()? {
+            let (k, v) = item?;
+            let (e, s) = v.value();
+            out.push((k.value().to_owned(), e.to_owned(), s));
+        }
+        Ok(out)
+    }
+
+    /// Records where a sample is; `None` when its location is no longer known.
+    pub fn set_custody(
+        &mut self,
+        sample_id: &str,
+        device_id: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let mut t = self.tx.open_table(CUSTODY)?;
+        match device_id {
+            Some(d) => {
+                t.insert(sample_id, d)?;
+            }
+            None => {
+                t.remove(sample_id)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The device that holds `sample_id`, if known.
+    pub fn custody_of(&self, sample_id: &str) -> Result<Option<String>, StoreError> {
+        let t = self.tx.open_table(CUSTODY)?;
+        let v = t.get(sample_id)?;
+        Ok(v.map(|v| v.value().to_owned()))
+    }
+
+    pub fn put_transfer(&mut self, p: &PendingTransfer) -> Result<(), StoreError> {
+        let mut t = self.tx.open_table(TRANSFERS)?;
+        t.insert(p.id.as_str(), p.encode_to_vec().as_slice())?;
+        Ok(())
+    }
+
+    /// Removes a pending transfer, returning it if it was pending.
+    pub fn take_transfer(&mut self, id: &str) -> Result<Option<PendingTransfer>, StoreError> {
+        let mut t = self.tx.open_table(TRANSFERS)?;
+        let v = t.remove(id)?;
+        v.map(|v| decode("transfers", v.value())).transpose()
+    }
+
+    /// Every pending transfer, by id.
+    pub fn transfers(&self) -> Result<Vec<PendingTransfer>, StoreError> {
+        let t = self.tx.open_table(TRANSFERS)?;
+        let mut out = Vec::new();
+        for item in t.iter()? {
+            let (_, v) = item?;
+            out.push(decode("transfers", v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Puts a device into maintenance with a reason (`Some`), or takes it out (`None`).
+    pub fn set_maintenance(
+        &mut self,
+        device_id: &str,
+        reason: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let mut t = self.tx.open_table(MAINTENANCE)?;
+        match reason {
+            Some(r) => {
+                t.insert(device_id, r)?;
+            }
+            None => {
+                t.remove(device_id)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets an experiment's rank within its priority.
+    pub fn set_rank(&mut self, experiment_id: &str, rank: i64) -> Result<(), StoreError> {
+        let mut t = self.tx.open_table(RANKS)?;
+        t.insert(experiment_id, rank)?;
+        Ok(())
+    }
+
+    /// Marks a RUNNING experiment to be cancelled after its current step (`Some(reason)`), or
+    /// clears the mark.
+    pub fn set_cancel_after(
+        &mut self,
+        experiment_id: &str,
+        reason: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let mut t = self.tx.open_table(CANCEL_AFTER)?;
+        match reason {
+            Some(r) => {
+                t.insert(experiment_id, r)?;
+            }
+            None => {
+                t.remove(experiment_id)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Appends an event; its sequence and time are set at commit.
     pub fn append(&mut self, event: Event) {
         self.events.push(event);
@@ -180,6 +363,14 @@ impl Store {
             tx.open_table(IDEMPOTENCY)?;
             tx.open_table(EVENTS)?;
             tx.open_table(META)?;
+            tx.open_table(DEVICE_STATE)?;
+            tx.open_table(JOURNAL)?;
+            tx.open_table(RESERVATIONS)?;
+            tx.open_table(CUSTODY)?;
+            tx.open_table(TRANSFERS)?;
+            tx.open_table(MAINTENANCE)?;
+            tx.open_table(RANKS)?;
+            tx.open_table(CANCEL_AFTER)?;
         }
         tx.commit()?;
         let last = {
@@ -297,6 +488,83 @@ impl Store {
             let (b, h) = v.value();
             (b.to_owned(), h.to_owned())
         }))
+    }
+
+    /// Every driver's saved state, by device id.
+    pub fn device_states(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(DEVICE_STATE)?;
+        let mut out = Vec::new();
+        for item in t.iter()? {
+            let (k, v) = item?;
+            out.push((k.value().to_owned(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Every journaled (in-flight) step.
+    pub fn journal(&self) -> Result<Vec<JournalEntry>, StoreError> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(JOURNAL)?;
+        let mut out = Vec::new();
+        for item in t.iter()? {
+            let (_, v) = item?;
+            out.push(decode("journal", v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Sample custody: (sample id, device id).
+    pub fn custody(&self) -> Result<Vec<(String, String)>, StoreError> {
+        self.string_pairs(CUSTODY)
+    }
+
+    /// Devices in maintenance: (device id, reason).
+    pub fn maintenance(&self) -> Result<Vec<(String, String)>, StoreError> {
+        self.string_pairs(MAINTENANCE)
+    }
+
+    /// Experiments to cancel after their current step: (experiment id, reason).
+    pub fn cancel_after(&self) -> Result<Vec<(String, String)>, StoreError> {
+        self.string_pairs(CANCEL_AFTER)
+    }
+
+    fn string_pairs(
+        &self,
+        def: TableDefinition<&str, &str>,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(def)?;
+        let mut out = Vec::new();
+        for item in t.iter()? {
+            let (k, v) = item?;
+            out.push((k.value().to_owned(), v.value().to_owned()));
+        }
+        Ok(out)
+    }
+
+    /// Queue ranks: (experiment id, rank).
+    pub fn ranks(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(RANKS)?;
+        let mut out = Vec::new();
+        for item in t.iter()? {
+            let (k, v) = item?;
+            out.push((k.value().to_owned(), v.value()));
+        }
+        Ok(out)
+    }
+
+    /// Every pending transfer, by id.
+    pub fn transfers(&self) -> Result<Vec<PendingTransfer>, StoreError> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(TRANSFERS)?;
+        let mut out = Vec::new();
+        for item in t.iter()? {
+            let (_, v) = item?;
+            out.push(decode("transfers", v.value())?);
+        }
+        Ok(out)
     }
 
     pub fn queue_paused(&self) -> Result<bool, StoreError> {

@@ -62,6 +62,8 @@ fn context(clock: Clock) -> (StepContext, mpsc::UnboundedReceiver<StepUpdate>) {
         clock,
         updates: tx,
         cancel: CancellationToken::new(),
+        sample_id: "S-1".into(),
+        experiment_id: "E-1".into(),
     };
     (ctx, rx)
 }
@@ -107,6 +109,7 @@ async fn wait_update(
 fn furnace(output: StepOutput) -> FurnaceResult {
     match output {
         StepOutput::Furnace(result) => result,
+        other => panic!("a furnace returned {other:?}"),
     }
 }
 
@@ -286,7 +289,7 @@ async fn program_runs_to_every_target_and_ends_safe() {
         .iter()
         .filter_map(|u| match u {
             StepUpdate::Progress { fraction, .. } => Some(*fraction),
-            StepUpdate::Reading(_) => None,
+            StepUpdate::Reading(_) | StepUpdate::IsothermPoint { .. } => None,
         })
         .collect();
     assert!(fractions.windows(2).all(|w| w[0] <= w[1]), "{fractions:?}");

@@ -3,6 +3,7 @@
 //! helpers to build recipes and to wait on event streams with deadlines instead of sleeps.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use pb::device_service_client::DeviceServiceClient;
@@ -10,8 +11,8 @@ use pb::event_service_client::EventServiceClient;
 use pb::experiment_service_client::ExperimentServiceClient;
 use pb::queue_service_client::QueueServiceClient;
 use ppu_daemon::app::{Daemon, Options};
-use ppu_daemon::config::Config;
-use ppu_daemon::dev::DevLab;
+use ppu_daemon::config::{Config, Policies};
+use ppu_daemon::dev::{DevLab, TransferRobot};
 use ppu_daemon::devices::PollSettings;
 use ppu_drivers::Clock;
 use ppu_proto::v1 as pb;
@@ -22,27 +23,75 @@ pub const TEST_TIME_SCALE: f64 = 2000.0;
 /// Upper bound on any wait in these tests (real time).
 pub const DEADLINE: Duration = Duration::from_secs(60);
 
-/// A running daemon with its simulated lab.
+/// Real-time delay of the test lab's transfer robot.
+pub const TEST_TRANSFER_DELAY: Duration = Duration::from_millis(50);
+
+/// How to build a [`Lab`].
+#[derive(Debug, Clone)]
+pub struct LabOptions {
+    /// Simulated furnaces (furnace-1, …).
+    pub furnaces: usize,
+    /// The simulated robot's delay before it confirms a transfer; `None`: no robot, transfers
+    /// wait for `ConfirmTransfer`.
+    pub transfer_delay: Option<Duration>,
+    /// Recovery and retry policies.
+    pub policies: Policies,
+    /// Add the simulated dispensing station (pump-a, pump-b, balance-1 on ptys).
+    pub dispensing: bool,
+}
+
+impl LabOptions {
+    pub fn furnaces(furnaces: usize) -> Self {
+        Self {
+            furnaces,
+            transfer_delay: Some(TEST_TRANSFER_DELAY),
+            policies: Policies::default(),
+            dispensing: false,
+        }
+    }
+}
+
+/// A running daemon with its simulated lab and, unless disabled, the simulated robot that
+/// confirms transfers.
 pub struct Lab {
     pub daemon: Option<Daemon>,
-    pub devlab: DevLab,
+    pub devlab: Arc<DevLab>,
     pub data_dir: PathBuf,
+    robot: Option<TransferRobot>,
     _tmp: Option<tempfile::TempDir>,
 }
 
 impl Lab {
     /// A fresh lab with `furnaces` simulated furnaces on a new temporary data dir.
     pub async fn start(furnaces: usize) -> Lab {
+        Lab::start_with(LabOptions::furnaces(furnaces)).await
+    }
+
+    /// A fresh lab built from `opts` on a new temporary data dir.
+    pub async fn start_with(opts: LabOptions) -> Lab {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let mut lab = Lab::start_in(tmp.path(), furnaces).await;
+        let mut lab = Lab::start_in_with(tmp.path(), opts).await;
         lab._tmp = Some(tmp);
         lab
     }
 
     /// A lab on an existing data dir (to test restarts).
     pub async fn start_in(data_dir: &Path, furnaces: usize) -> Lab {
+        Lab::start_in_with(data_dir, LabOptions::furnaces(furnaces)).await
+    }
+
+    /// A lab built from `opts` on an existing data dir.
+    pub async fn start_in_with(data_dir: &Path, lab_opts: LabOptions) -> Lab {
         let clock = Clock::new(TEST_TIME_SCALE);
-        let devlab = DevLab::start(clock, furnaces).await.expect("simulated lab");
+        let mut devlab = DevLab::start(clock, lab_opts.furnaces)
+            .await
+            .expect("simulated lab");
+        if lab_opts.dispensing {
+            devlab
+                .add_dispensing_station()
+                .await
+                .expect("simulated dispensing station");
+        }
         let config = Config {
             listen: "127.0.0.1:0".parse().expect("addr"),
             data_dir: data_dir.to_owned(),
@@ -59,13 +108,19 @@ impl Lab {
                 reading_log_interval: Duration::from_secs(1),
             },
         };
-        let daemon = Daemon::start(opts, config.drivers().expect("drivers"))
-            .await
-            .expect("daemon starts");
+        let daemon =
+            Daemon::start_with(opts, &lab_opts.policies, config.drivers().expect("drivers"))
+                .await
+                .expect("daemon starts");
+        let devlab = Arc::new(devlab);
+        let robot = lab_opts
+            .transfer_delay
+            .map(|delay| TransferRobot::start(devlab.clone(), daemon.scheduler().clone(), delay));
         Lab {
             daemon: Some(daemon),
             devlab,
             data_dir: data_dir.to_owned(),
+            robot,
             _tmp: None,
         }
     }
@@ -101,12 +156,58 @@ impl Lab {
         DeviceServiceClient::new(self.channel().await)
     }
 
-    /// Graceful shutdown of daemon and simulators.
-    pub async fn stop(mut self) {
+    /// Restarts only the daemon (default policies) on the same data dir and the same simulated
+    /// devices, as after a daemon upgrade: the devices keep their state, the daemon restores
+    /// its own from the store. The robot, if one ran, is restarted with the new daemon.
+    pub async fn restart_daemon(&mut self) {
+        let had_robot = self.robot.is_some();
+        if let Some(r) = self.robot.take() {
+            r.stop().await;
+        }
         if let Some(d) = self.daemon.take() {
             d.shutdown().await;
         }
-        self.devlab.shutdown().await;
+        let clock = Clock::new(TEST_TIME_SCALE);
+        let config = Config {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            data_dir: self.data_dir.clone(),
+            time_scale: TEST_TIME_SCALE,
+            poll: Default::default(),
+            devices: self.devlab.device_configs(),
+        };
+        let opts = Options {
+            listen: config.listen,
+            data_dir: config.data_dir.clone(),
+            clock,
+            poll: PollSettings {
+                poll_interval: Duration::from_millis(100),
+                reading_log_interval: Duration::from_secs(1),
+            },
+        };
+        let daemon = Daemon::start(opts, config.drivers().expect("drivers"))
+            .await
+            .expect("daemon restarts");
+        if had_robot {
+            self.robot = Some(TransferRobot::start(
+                self.devlab.clone(),
+                daemon.scheduler().clone(),
+                TEST_TRANSFER_DELAY,
+            ));
+        }
+        self.daemon = Some(daemon);
+    }
+
+    /// Graceful shutdown of robot, daemon and simulators.
+    pub async fn stop(mut self) {
+        if let Some(r) = self.robot.take() {
+            r.stop().await;
+        }
+        if let Some(d) = self.daemon.take() {
+            d.shutdown().await;
+        }
+        if let Ok(devlab) = Arc::try_unwrap(self.devlab) {
+            devlab.shutdown().await;
+        }
     }
 }
 

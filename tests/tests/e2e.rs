@@ -406,6 +406,7 @@ async fn cancelling_a_running_program_leaves_the_furnace_safe() {
         .cancel_experiment(pb::CancelExperimentRequest {
             id: ids[1].clone(),
             reason: "not needed".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -432,6 +433,7 @@ async fn cancelling_a_running_program_leaves_the_furnace_safe() {
         .cancel_experiment(pb::CancelExperimentRequest {
             id: ids[0].clone(),
             reason: "operator".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -454,6 +456,7 @@ async fn cancelling_a_running_program_leaves_the_furnace_safe() {
         .cancel_experiment(pb::CancelExperimentRequest {
             id: ids[0].clone(),
             reason: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -462,6 +465,7 @@ async fn cancelling_a_running_program_leaves_the_furnace_safe() {
         .cancel_experiment(pb::CancelExperimentRequest {
             id: "nope".into(),
             reason: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -602,6 +606,7 @@ async fn listing_filters_by_state_batch_and_label_and_pages() {
     exps.cancel_experiment(pb::CancelExperimentRequest {
         id: b2.experiment_ids[0].clone(),
         reason: String::new(),
+        ..Default::default()
     })
     .await
     .unwrap();

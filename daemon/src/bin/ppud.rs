@@ -2,14 +2,16 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use ppu_daemon::app::{Daemon, Options};
-use ppu_daemon::config::{Config, DEFAULT_LISTEN};
-use ppu_daemon::dev::DevLab;
+use ppu_daemon::config::{Config, DEFAULT_LISTEN, Policies};
+use ppu_daemon::dev::{DevLab, TransferRobot};
 use ppu_daemon::devices::PollSettings;
+use ppu_daemon::recovery::{FurnaceRecovery, OnRestart, RecoveryPolicy};
 use ppu_drivers::Clock;
 use tracing_subscriber::EnvFilter;
 
@@ -30,6 +32,8 @@ enum Command {
     /// Run the daemon together with a simulated lab in one process: simulated Eurotherm furnaces
     /// behind real Modbus TCP sockets on loopback, driven by the real drivers. Physical time runs
     /// --time-scale times faster, so a 2-hour furnace program takes about 12 s by default.
+    /// A dispensing station (two NE-1000 syringe pumps, reagents A and B, over an MT-SICS
+    /// balance) runs on pseudo-terminals; its paths are printed at start.
     ///
     /// Example: `ppud dev` then, in another terminal, `ppuctl submit examples/batch.toml`.
     Dev {
@@ -45,6 +49,25 @@ enum Command {
         /// Number of simulated furnaces (furnace-1, furnace-2, …).
         #[arg(long, default_value_t = 2)]
         furnaces: usize,
+        /// Number of simulated sorption analysers (analyser-1, …), each a separate MQTT client
+        /// of an embedded broker (rumqttd) on loopback.
+        #[arg(long, default_value_t = 1)]
+        analysers: usize,
+        /// Real milliseconds the simulated lab's robot takes to carry out a sample transfer
+        /// before it confirms it (through the same path as QueueService.ConfirmTransfer).
+        #[arg(long, default_value_t = 200)]
+        transfer_delay_ms: u64,
+        /// What a restart does with experiments that were running: `interrupt` marks them
+        /// INTERRUPTED, `resume` runs them on from the interrupted step (config: [recovery]
+        /// on_restart).
+        #[arg(long, default_value_t = OnRestart::Interrupt)]
+        on_restart: OnRestart,
+        /// What a restart does with a furnace still running a program ppud started: `safe`
+        /// drives it to its safe state, `adopt` supervises the program to its end (config:
+        /// [recovery] furnace). The simulated furnaces live in this process, so they restart
+        /// cold with it; adoption shows against `ppu-sim` and `ppud serve`.
+        #[arg(long, default_value_t = FurnaceRecovery::Safe)]
+        furnace_recovery: FurnaceRecovery,
     },
     /// Run the daemon against the real devices a TOML config names.
     /// See deploy/ppud.example.toml for every key.
@@ -74,15 +97,25 @@ async fn main() -> Result<()> {
             data_dir,
             time_scale,
             furnaces,
+            analysers,
+            transfer_delay_ms,
+            on_restart,
+            furnace_recovery,
         } => {
             anyhow::ensure!(
                 time_scale.is_finite() && time_scale > 0.0,
                 "--time-scale must be a positive number"
             );
             let clock = Clock::new(time_scale);
-            let lab = DevLab::start(clock, furnaces)
+            let mut lab = DevLab::start(clock, furnaces)
                 .await
                 .context("starting the simulated lab")?;
+            lab.add_analysers(analysers)
+                .await
+                .context("starting the simulated analysers and their MQTT broker")?;
+            lab.add_dispensing_station()
+                .await
+                .context("starting the simulated dispensing station")?;
             let config = Config {
                 listen,
                 data_dir,
@@ -105,25 +138,64 @@ async fn main() -> Result<()> {
                     f.server.local_addr()
                 );
             }
-            run(config, poll, clock).await?;
-            lab.shutdown().await;
+            if let Some(broker) = &lab.broker {
+                for a in &lab.analysers {
+                    println!(
+                        "  device {}: simulated sorption analyser, bridge on {} topics {}/#",
+                        a.id,
+                        broker.url(),
+                        a.sim.base_topic()
+                    );
+                }
+            }
+            if let Some(station) = &lab.dispensing {
+                for p in &station.pumps {
+                    let c = p.sim.config();
+                    println!(
+                        "  device {}: simulated NE-1000 pump ({}, {} mL syringe) on {}",
+                        p.id,
+                        c.reagent,
+                        c.syringe_volume_ml,
+                        p.port.path()
+                    );
+                }
+                if let Some(b) = &station.balance {
+                    println!(
+                        "  device {}: simulated MT-SICS balance on {}",
+                        b.id,
+                        b.port.path()
+                    );
+                }
+            }
+            let policies = Policies {
+                recovery: RecoveryPolicy {
+                    on_restart,
+                    furnace: furnace_recovery,
+                },
+                ..Policies::default()
+            };
+            let lab = Arc::new(lab);
+            let robot = (lab.clone(), Duration::from_millis(transfer_delay_ms));
+            run(config, &policies, poll, clock, Some(robot)).await?;
+            if let Ok(lab) = Arc::try_unwrap(lab) {
+                lab.shutdown().await;
+            }
             Ok(())
         }
         Command::Serve { config } => {
-            let config = Config::load(&config)?;
+            let (config, policies) = Config::load_with_policies(&config)?;
             let clock = Clock::new(config.time_scale);
             let poll = config.poll.settings();
             for d in &config.devices {
                 println!("  device {}", d.id());
             }
-            run(config, poll, clock).await
+            run(config, &policies, poll, clock, None).await
         }
         Command::CheckConfig { file } => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
-            let config: Config =
-                toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-            let problems = config.problems();
+            let (config, policies) = Config::parse_unchecked(&text, &file)?;
+            let problems = config.problems_with(&policies);
             if problems.is_empty() {
                 println!("{}: ok ({} devices)", file.display(), config.devices.len());
                 Ok(())
@@ -137,22 +209,36 @@ async fn main() -> Result<()> {
     }
 }
 
-async fn run(config: Config, poll: PollSettings, clock: Clock) -> Result<()> {
+/// Runs the daemon until SIGINT/SIGTERM; with `robot`, the simulated lab's transfer robot
+/// (lab, delay) runs alongside it.
+async fn run(
+    config: Config,
+    policies: &Policies,
+    poll: PollSettings,
+    clock: Clock,
+    robot: Option<(Arc<DevLab>, Duration)>,
+) -> Result<()> {
     let drivers = config.drivers().map_err(anyhow::Error::msg)?;
-    let daemon = Daemon::start(
+    let daemon = Daemon::start_with(
         Options {
             listen: config.listen,
             data_dir: config.data_dir.clone(),
             clock,
             poll,
         },
+        policies,
         drivers,
     )
     .await?;
+    let robot =
+        robot.map(|(lab, delay)| TransferRobot::start(lab, daemon.scheduler().clone(), delay));
     // One line on stdout that scripts and tests can wait for.
     println!("listening on {}", daemon.addr());
     println!("  grpc: http://{}", daemon.addr());
     shutdown_signal().await;
+    if let Some(r) = robot {
+        r.stop().await;
+    }
     daemon.shutdown().await;
     Ok(())
 }

@@ -463,6 +463,38 @@ impl Eurotherm {
         run.run().await?;
         Ok(run.result)
     }
+
+    async fn adopt_program(
+        &self,
+        segments: &[Segment],
+        elapsed_s: f64,
+        ctx: &StepContext,
+    ) -> Result<FurnaceResult, DeviceError> {
+        let mut run = ProgramRun::new(self, ctx, segments);
+        run.adopt(elapsed_s).await?;
+        Ok(run.result)
+    }
+
+    /// Leaves the furnace safe after a program ends by any path, reporting the program's
+    /// outcome unless making it safe failed after a success.
+    async fn finish_program(
+        &self,
+        outcome: Result<FurnaceResult, DeviceError>,
+    ) -> Result<StepOutput, DeviceError> {
+        let safe = self.safe_state().await;
+        match (outcome, safe) {
+            (Ok(result), Ok(())) => Ok(StepOutput::Furnace(result)),
+            (Ok(_), Err(e)) => {
+                tracing::error!(device = %self.info.id, error = %e, "program finished but the furnace could not be made safe");
+                Err(e)
+            }
+            (Err(e), Ok(())) => Err(e),
+            (Err(e), Err(safe_error)) => {
+                tracing::error!(device = %self.info.id, step_error = %e, error = %safe_error, "could not make the furnace safe after a failed step");
+                Err(e)
+            }
+        }
+    }
 }
 
 /// Sleeps for `real`, returning [`DeviceError::Aborted`] if the step is cancelled meanwhile.
@@ -532,61 +564,174 @@ impl<'a> ProgramRun<'a> {
 
         // A leading hold holds whatever the controller is already set to.
         let mut setpoint = first.target_sp_c;
+        for i in 0..self.segments.len() {
+            setpoint = self.run_segment(i, setpoint).await?;
+        }
+        self.send_progress(1.0, "furnace program complete".to_owned(), Some(0.0));
+        Ok(())
+    }
+
+    /// Runs segment `i` from its start with the controller at `setpoint`; returns the
+    /// setpoint afterwards.
+    async fn run_segment(&mut self, i: usize, setpoint: f64) -> Result<f64, DeviceError> {
+        let dev = self.dev;
+        let ctx = self.ctx;
         let n = self.segments.len();
-        for (i, segment) in self.segments.iter().enumerate() {
-            match *segment {
-                Segment::Ramp {
-                    temperature_c,
+        let Some(segment) = self.segments.get(i).copied() else {
+            return Ok(setpoint);
+        };
+        match segment {
+            Segment::Ramp {
+                temperature_c,
+                rate_c_per_min,
+            } => {
+                let message = format!(
+                    "segment {}/{n}: ramp to {temperature_c} °C at {rate_c_per_min} °C/min",
+                    i + 1
+                );
+                self.progress(i, 0.0, message.clone(), true);
+                // Rate first, so the new target is approached at the rate from the start.
+                dev.write_during_step(
+                    ctx,
+                    registers::SP_RATE_LIMIT,
+                    "rate_limit_c_per_min",
                     rate_c_per_min,
-                } => {
-                    let message = format!(
-                        "segment {}/{n}: ramp to {temperature_c} °C at {rate_c_per_min} °C/min",
-                        i + 1
-                    );
-                    self.progress(i, 0.0, message.clone(), true);
-                    // Rate first, so the new target is approached at the rate from the start.
-                    dev.write_during_step(
-                        ctx,
-                        registers::SP_RATE_LIMIT,
-                        "rate_limit_c_per_min",
-                        rate_c_per_min,
-                    )
+                )
+                .await?;
+                self.rate_limit = Some(rate_c_per_min);
+                dev.write_during_step(ctx, registers::TARGET_SP, "target_sp_c", temperature_c)
                     .await?;
-                    self.rate_limit = Some(rate_c_per_min);
-                    dev.write_during_step(ctx, registers::TARGET_SP, "target_sp_c", temperature_c)
-                        .await?;
-                    self.reach(i, temperature_c, Some(rate_c_per_min), &message)
-                        .await?;
-                    setpoint = temperature_c;
-                }
-                Segment::StepTo { temperature_c } => {
-                    let message = format!("segment {}/{n}: step to {temperature_c} °C", i + 1);
-                    self.progress(i, 0.0, message.clone(), true);
-                    // "As fast as allowed": with a declared ramp limit the controller itself
-                    // holds the step to it, so a step can never outrun the furnace's limit.
-                    let rate = step_rate(&dev.config.limits);
-                    dev.write_during_step(
-                        ctx,
-                        registers::SP_RATE_LIMIT,
-                        "rate_limit_c_per_min",
-                        rate.unwrap_or(0.0),
-                    )
+                self.reach(i, temperature_c, Some(rate_c_per_min), &message)
                     .await?;
-                    self.rate_limit = Some(rate.unwrap_or(0.0));
-                    dev.write_during_step(ctx, registers::TARGET_SP, "target_sp_c", temperature_c)
-                        .await?;
-                    self.reach(i, temperature_c, rate, &message).await?;
-                    setpoint = temperature_c;
-                }
-                Segment::Hold { duration_s } => {
-                    let message = format!(
-                        "segment {}/{n}: hold {setpoint} °C for {duration_s} s",
-                        i + 1
-                    );
-                    self.progress(i, 0.0, message.clone(), true);
-                    self.hold(i, duration_s, setpoint, &message).await?;
-                }
+                Ok(temperature_c)
             }
+            Segment::StepTo { temperature_c } => {
+                let message = format!("segment {}/{n}: step to {temperature_c} °C", i + 1);
+                self.progress(i, 0.0, message.clone(), true);
+                // "As fast as allowed": with a declared ramp limit the controller itself
+                // holds the step to it, so a step can never outrun the furnace's limit.
+                let rate = step_rate(&dev.config.limits);
+                dev.write_during_step(
+                    ctx,
+                    registers::SP_RATE_LIMIT,
+                    "rate_limit_c_per_min",
+                    rate.unwrap_or(0.0),
+                )
+                .await?;
+                self.rate_limit = Some(rate.unwrap_or(0.0));
+                dev.write_during_step(ctx, registers::TARGET_SP, "target_sp_c", temperature_c)
+                    .await?;
+                self.reach(i, temperature_c, rate, &message).await?;
+                Ok(temperature_c)
+            }
+            Segment::Hold { duration_s } => {
+                let message = format!(
+                    "segment {}/{n}: hold {setpoint} °C for {duration_s} s",
+                    i + 1
+                );
+                self.progress(i, 0.0, message.clone(), true);
+                self.hold(i, duration_s, setpoint, &message).await?;
+                Ok(setpoint)
+            }
+        }
+    }
+
+    /// Re-attaches to this program, started `elapsed_s` physical seconds ago by an earlier
+    /// run of the daemon (crash recovery). The controller kept regulating on its own, holding
+    /// the last target ppud wrote. Finds the segment the program should be in from the
+    /// planned durations, refuses unless the controller's target is that segment's target (so
+    /// a furnace someone else reprogrammed is never taken over), then finishes the segment —
+    /// a hold for its remaining time, a ramp or step by waiting for its target without
+    /// rewriting it — and runs the remaining segments as usual.
+    async fn adopt(&mut self, elapsed_s: f64) -> Result<(), DeviceError> {
+        let clock = self.ctx.clock;
+        let first = self.poll(None).await?;
+        // Program time continues from when the program really started.
+        let elapsed_s = elapsed_s.max(0.0);
+        self.t0 = clock.now_s() - elapsed_s;
+        if let Some(last) = self.result.trace.last_mut() {
+            last.t_s = elapsed_s;
+        }
+        self.last_t_s = elapsed_s;
+        // The program started from the idle furnace, at its safe setpoint.
+        self.plan(self.dev.config.safe_setpoint_c);
+        let n = self.segments.len();
+        let mut start = 0.0;
+        let mut index = n;
+        for (i, expected) in self.expected_s.iter().enumerate() {
+            if elapsed_s < start + expected || i + 1 == n {
+                index = i;
+                break;
+            }
+            start += expected;
+        }
+        let into_s = (elapsed_s - start).max(0.0);
+        let upto = (index + 1).min(n);
+        let expected_target = self.segments[..upto]
+            .iter()
+            .rev()
+            .find_map(Segment::target_c);
+        let tolerance = 10f64.powi(-i32::from(self.dev.config.decimal_places));
+        if let Some(target) = expected_target
+            && (first.target_sp_c - target).abs() > tolerance
+        {
+            return Err(DeviceError::Refused {
+                what: "adopting the furnace program".to_owned(),
+                reason: format!(
+                    "the controller's target setpoint is {} °C, not the program's {target} °C: \
+                     not the program this daemon started",
+                    first.target_sp_c
+                ),
+            });
+        }
+        let Some(segment) = self.segments.get(index).copied() else {
+            return Ok(());
+        };
+        let mut setpoint = expected_target.unwrap_or(first.target_sp_c);
+        self.progress(
+            index,
+            into_s,
+            format!(
+                "adopted running program at segment {}/{n}, {elapsed_s:.0} s in",
+                index + 1
+            ),
+            true,
+        );
+        match segment {
+            Segment::Ramp {
+                temperature_c,
+                rate_c_per_min,
+            } => {
+                self.rate_limit = Some(rate_c_per_min);
+                let message = format!(
+                    "segment {}/{n}: ramp to {temperature_c} °C at {rate_c_per_min} °C/min (adopted)",
+                    index + 1
+                );
+                self.reach(index, temperature_c, Some(rate_c_per_min), &message)
+                    .await?;
+                setpoint = temperature_c;
+            }
+            Segment::StepTo { temperature_c } => {
+                let rate = step_rate(&self.dev.config.limits);
+                self.rate_limit = rate.or(Some(0.0));
+                let message = format!(
+                    "segment {}/{n}: step to {temperature_c} °C (adopted)",
+                    index + 1
+                );
+                self.reach(index, temperature_c, rate, &message).await?;
+                setpoint = temperature_c;
+            }
+            Segment::Hold { duration_s } => {
+                let remaining = (duration_s - into_s).max(0.0);
+                let message = format!(
+                    "segment {}/{n}: hold {setpoint} °C for {duration_s} s (adopted, {remaining:.0} s left)",
+                    index + 1
+                );
+                self.hold(index, remaining, setpoint, &message).await?;
+            }
+        }
+        for i in index + 1..n {
+            setpoint = self.run_segment(i, setpoint).await?;
         }
         self.send_progress(1.0, "furnace program complete".to_owned(), Some(0.0));
         Ok(())
@@ -772,6 +917,10 @@ impl Device for Eurotherm {
     fn check(&self, step: &StepCommand) -> Result<(), DeviceError> {
         match step {
             StepCommand::FurnaceProgram { segments } => self.check_segments(segments),
+            other => Err(DeviceError::Unsupported(format!(
+                "a furnace controller cannot run a {} step",
+                other.capability()
+            ))),
         }
     }
 
@@ -782,22 +931,31 @@ impl Device for Eurotherm {
     ) -> Result<StepOutput, DeviceError> {
         // Never send a command that breaks a limit, whatever the daemon checked before.
         self.check(step)?;
-        let StepCommand::FurnaceProgram { segments } = step;
+        let StepCommand::FurnaceProgram { segments } = step else {
+            return Err(DeviceError::Unsupported(step.capability().to_string()));
+        };
         let outcome = self.run_program(segments, &ctx).await;
         // Every exit leaves the furnace safe: a finished program must not keep heating either.
-        let safe = self.safe_state().await;
-        match (outcome, safe) {
-            (Ok(result), Ok(())) => Ok(StepOutput::Furnace(result)),
-            (Ok(_), Err(e)) => {
-                tracing::error!(device = %self.info.id, error = %e, "program finished but the furnace could not be made safe");
-                Err(e)
-            }
-            (Err(e), Ok(())) => Err(e),
-            (Err(e), Err(safe_error)) => {
-                tracing::error!(device = %self.info.id, step_error = %e, error = %safe_error, "could not make the furnace safe after a failed step");
-                Err(e)
-            }
-        }
+        self.finish_program(outcome).await
+    }
+
+    async fn adopt(
+        &self,
+        step: &StepCommand,
+        elapsed_s: f64,
+        ctx: StepContext,
+    ) -> Result<StepOutput, DeviceError> {
+        self.check(step)?;
+        let StepCommand::FurnaceProgram { segments } = step else {
+            return Err(DeviceError::Unsupported(step.capability().to_string()));
+        };
+        let outcome = self.adopt_program(segments, elapsed_s, &ctx).await;
+        // Adopted or refused, the furnace ends safe, exactly as after `execute`.
+        self.finish_program(outcome).await
+    }
+
+    async fn acknowledge_alarms(&self) -> Result<(), DeviceError> {
+        Eurotherm::acknowledge_alarms(self).await
     }
 
     async fn status(&self) -> Result<DeviceStatus, DeviceError> {

@@ -1,0 +1,414 @@
+//! Start-up recovery: what to do with work the last run of the daemon left in flight.
+//!
+//! Every step that may still be acting on a device is in the intent journal (`journal`). For
+//! each one, recovery queries the device, then acts by family and policy: a furnace still
+//! running a program ppud started is adopted (`furnace = "adopt"`) or driven to its safe state
+//! (`furnace = "safe"`); any other device is driven to its safe state (a pump stops, an analyser
+//! aborts its measurement). Then every experiment that was RUNNING is resumed from its
+//! interrupted step or marked INTERRUPTED (`on_restart`). Stale reservations are released and
+//! pending transfers re-requested or dropped. Every decision is a `RecoveryDecision` event,
+//! committed with the records it changes.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use pb::event::Kind;
+use ppu_drivers::DeviceStatus;
+use ppu_drivers::device::Family;
+use ppu_proto::v1 as pb;
+use serde::Deserialize;
+use tracing::{info, warn};
+
+use crate::devices::Devices;
+use crate::journal::JournalEntry;
+use crate::scheduler::{safe_action, set_state};
+use crate::state::State;
+use crate::store::{Store, StoreError, WriteTx, now_timestamp};
+
+/// What happens to experiments that were RUNNING when the daemon stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnRestart {
+    /// Mark them INTERRUPTED (a person decides what to redo).
+    #[default]
+    Interrupt,
+    /// Resume them from the interrupted step, which runs again from its start.
+    Resume,
+}
+
+/// What happens to a furnace found still running a program ppud started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FurnaceRecovery {
+    /// Drive it to its safe state.
+    #[default]
+    Safe,
+    /// Re-attach to the program and supervise it to its end.
+    Adopt,
+}
+
+/// The `[recovery]` table of the config file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RecoveryPolicy {
+    pub on_restart: OnRestart,
+    pub furnace: FurnaceRecovery,
+}
+
+/// A policy value that is not one of the allowed words.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("\"{value}\" is not one of {allowed}")]
+pub struct BadPolicy {
+    pub value: String,
+    pub allowed: &'static str,
+}
+
+impl FromStr for OnRestart {
+    type Err = BadPolicy;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "interrupt" => Ok(OnRestart::Interrupt),
+            "resume" => Ok(OnRestart::Resume),
+            _ => Err(BadPolicy {
+                value: s.to_owned(),
+                allowed: "interrupt, resume",
+            }),
+        }
+    }
+}
+
+impl FromStr for FurnaceRecovery {
+    type Err = BadPolicy;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "safe" => Ok(FurnaceRecovery::Safe),
+            "adopt" => Ok(FurnaceRecovery::Adopt),
+            _ => Err(BadPolicy {
+                value: s.to_owned(),
+                allowed: "safe, adopt",
+            }),
+        }
+    }
+}
+
+impl fmt::Display for OnRestart {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            OnRestart::Interrupt => "interrupt",
+            OnRestart::Resume => "resume",
+        })
+    }
+}
+
+impl fmt::Display for FurnaceRecovery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FurnaceRecovery::Safe => "safe",
+            FurnaceRecovery::Adopt => "adopt",
+        })
+    }
+}
+
+/// What recovery left for the scheduler to run.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    /// RUNNING experiments to resume from their current step.
+    pub resume: Vec<String>,
+    /// Journaled steps re-attached to, still running on their devices.
+    pub adopt: Vec<JournalEntry>,
+}
+
+/// One journaled step and what was decided about it.
+struct Decision {
+    entry: JournalEntry,
+    action: &'static str,
+    detail: String,
+    adopted: bool,
+}
+
+fn describe(status: &Result<DeviceStatus, ppu_drivers::DeviceError>) -> String {
+    match status {
+        Ok(s) => {
+            let values: Vec<String> = s
+                .readings
+                .iter()
+                .map(|r| format!("{} {}", r.name, r.value))
+                .collect();
+            let mut out = format!(
+                "device reports {} ({})",
+                if s.active { "active" } else { "idle" },
+                values.join(", ")
+            );
+            if !s.alarms.is_empty() {
+                out.push_str(&format!(", alarms: {}", s.alarms.join(", ")));
+            }
+            out
+        }
+        Err(e) => format!("device status unavailable: {e}"),
+    }
+}
+
+/// Decides about every journaled step (querying and, unless adopted, making safe its
+/// device), then resumes or interrupts every RUNNING experiment, releases reservations nobody
+/// holds any more and drops pending transfers (a resumed experiment requests its transfer
+/// again, under the same id). Every decision is logged as a `RecoveryDecision`.
+pub async fn recover(
+    store: &Arc<Store>,
+    devices: &Devices,
+    policy: RecoveryPolicy,
+) -> Result<Recovered, StoreError> {
+    let s = store.clone();
+    let (journal, running) = tokio::task::spawn_blocking(move || {
+        Ok::<_, StoreError>((s.journal()?, s.experiments_in(&[State::Running])?))
+    })
+    .await
+    .map_err(|e| StoreError::Task(e.to_string()))??;
+    let running_ids: Vec<String> = running.iter().map(|e| e.id.clone()).collect();
+    let mut decisions = Vec::new();
+    for entry in journal {
+        let is_running = running_ids.contains(&entry.experiment_id);
+        let Some(dev) = devices.get(&entry.device_id).cloned() else {
+            decisions.push(Decision {
+                detail: format!(
+                    "device {} is no longer configured; it could not be queried or made safe",
+                    entry.device_id
+                ),
+                entry,
+                action: "device_missing",
+                adopted: false,
+            });
+            continue;
+        };
+        let status = dev.status().await;
+        let reading = describe(&status);
+        let furnace = dev.family() == Family::Furnace;
+        let active = status.as_ref().is_ok_and(|s| s.active);
+        if furnace && policy.furnace == FurnaceRecovery::Adopt && is_running && active {
+            info!(device = %entry.device_id, experiment = %entry.experiment_id, "adopting the running furnace program");
+            decisions.push(Decision {
+                detail: format!(
+                    "{reading}; policy furnace = adopt: re-attached to the running program"
+                ),
+                entry,
+                action: "furnace_adopted",
+                adopted: true,
+            });
+            continue;
+        }
+        let why = if !furnace {
+            "the step cannot be resumed on the device".to_owned()
+        } else if policy.furnace == FurnaceRecovery::Safe {
+            "policy furnace = safe".to_owned()
+        } else if !active {
+            "policy furnace = adopt, but no program is running any more".to_owned()
+        } else {
+            "policy furnace = adopt, but the experiment is no longer running".to_owned()
+        };
+        let safe = match dev.safe_state().await {
+            Ok(()) => "device sent to its safe state".to_owned(),
+            Err(e) => {
+                warn!(device = %entry.device_id, error = %e, "could not make the device safe during recovery");
+                format!("safe state FAILED: {e}")
+            }
+        };
+        decisions.push(Decision {
+            detail: format!("{reading}; {why}; {safe}"),
+            entry,
+            action: safe_action(dev.family()),
+            adopted: false,
+        });
+    }
+
+    let adopted: Vec<JournalEntry> = decisions
+        .iter()
+        .filter(|d| d.adopted)
+        .map(|d| d.entry.clone())
+        .collect();
+    let resume: Vec<String> = if policy.on_restart == OnRestart::Resume {
+        running_ids
+            .iter()
+            .filter(|id| !adopted.iter().any(|a| &a.experiment_id == *id))
+            .cloned()
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let out = Recovered {
+        resume: resume.clone(),
+        adopt: adopted.clone(),
+    };
+    if decisions.is_empty() && running.is_empty() {
+        // Still release reservations and drop transfers a clean stop may have left.
+        store
+            .write_async(|w| {
+                release_stale(w, &[])?;
+                for p in w.transfers()? {
+                    w.take_transfer(&p.id)?;
+                }
+                Ok(())
+            })
+            .await?;
+        return Ok(out);
+    }
+    let n_decisions = decisions.len();
+    let (interrupted, _) = store
+        .write_async(move |w| {
+            let mut experiments: HashMap<String, pb::Experiment> = HashMap::new();
+            for e in running {
+                experiments.insert(e.id.clone(), e);
+            }
+            // Journaled steps: the decision, and for those made safe the aborted step.
+            let mut safe_stated: HashMap<String, u32> = HashMap::new();
+            for d in &decisions {
+                let e = &d.entry;
+                w.emit(
+                    &e.experiment_id,
+                    &e.batch_id,
+                    &e.device_id,
+                    Kind::RecoveryDecision(pb::RecoveryDecision {
+                        action: d.action.to_owned(),
+                        step_index: e.step_index,
+                        detail: d.detail.clone(),
+                    }),
+                );
+                if d.adopted {
+                    continue;
+                }
+                w.take_journal(&e.device_id)?;
+                let result = pb::StepResult {
+                    step_index: e.step_index,
+                    device_id: e.device_id.clone(),
+                    outcome: pb::StepOutcome::Aborted as i32,
+                    message: format!("daemon stopped mid-step; on restart: {}", d.detail),
+                    started_at: e.started_at,
+                    finished_at: Some(now_timestamp()),
+                    ..Default::default()
+                };
+                if policy.on_restart == OnRestart::Interrupt
+                    && let Some(x) = experiments.get_mut(&e.experiment_id)
+                {
+                    x.results.push(result.clone());
+                }
+                w.emit(
+                    &e.experiment_id,
+                    &e.batch_id,
+                    &e.device_id,
+                    Kind::StepFinished(pb::StepFinished {
+                        result: Some(result),
+                    }),
+                );
+                safe_stated.insert(e.experiment_id.clone(), e.step_index);
+            }
+            let keep: Vec<String> = adopted.iter().map(|a| a.device_id.clone()).collect();
+            release_stale(w, &keep)?;
+            // Pending transfers: interrupted experiments close theirs; resumed ones ask again.
+            for p in w.transfers()? {
+                w.take_transfer(&p.id)?;
+                if policy.on_restart == OnRestart::Interrupt
+                    && let Some(x) = experiments.get_mut(&p.experiment_id)
+                {
+                    let result = pb::StepResult {
+                        step_index: p.step_index,
+                        device_id: p.to_device_id.clone(),
+                        outcome: pb::StepOutcome::Aborted as i32,
+                        message: "daemon stopped before the transfer was confirmed".into(),
+                        started_at: p.requested_at,
+                        finished_at: Some(now_timestamp()),
+                        ..Default::default()
+                    };
+                    x.results.push(result.clone());
+                    w.emit(
+                        &x.id,
+                        &x.batch_id,
+                        &p.to_device_id,
+                        Kind::StepFinished(pb::StepFinished {
+                            result: Some(result),
+                        }),
+                    );
+                }
+            }
+            let mut interrupted = 0;
+            let mut ids: Vec<String> = experiments.keys().cloned().collect();
+            ids.sort();
+            for id in ids {
+                let Some(mut e) = experiments.remove(&id) else {
+                    continue;
+                };
+                if adopted.iter().any(|a| a.experiment_id == id) {
+                    continue;
+                }
+                let step = e.current_step;
+                if policy.on_restart == OnRestart::Resume {
+                    w.emit(
+                        &e.id,
+                        &e.batch_id,
+                        "",
+                        Kind::RecoveryDecision(pb::RecoveryDecision {
+                            action: "resumed".into(),
+                            step_index: step,
+                            detail: format!(
+                                "policy on_restart = resume: continuing from step {step}"
+                            ),
+                        }),
+                    );
+                    w.put_experiment(&e)?;
+                    continue;
+                }
+                let reason = if safe_stated.contains_key(&id) {
+                    format!(
+                        "daemon stopped while step {step} was running; the device was sent to its safe state on restart"
+                    )
+                } else {
+                    format!("daemon stopped between steps, before step {step}")
+                };
+                w.emit(
+                    &e.id,
+                    &e.batch_id,
+                    "",
+                    Kind::RecoveryDecision(pb::RecoveryDecision {
+                        action: "interrupted".into(),
+                        step_index: step,
+                        detail: format!("policy on_restart = interrupt: {reason}"),
+                    }),
+                );
+                if set_state(&mut e, State::Interrupted, &reason, w).is_ok() {
+                    interrupted += 1;
+                }
+                w.set_cancel_after(&e.id, None)?;
+                w.put_experiment(&e)?;
+            }
+            Ok(interrupted)
+        })
+        .await?;
+    info!(
+        journaled = n_decisions,
+        adopted = out.adopt.len(),
+        resumed = resume.len(),
+        interrupted,
+        "recovered in-flight work"
+    );
+    Ok(out)
+}
+
+/// Releases every reservation except those of `keep` (adopted devices), with its event.
+fn release_stale(w: &mut WriteTx<'_>, keep: &[String]) -> Result<(), StoreError> {
+    for (device, experiment, step) in w.reservations()? {
+        if keep.contains(&device) {
+            continue;
+        }
+        w.remove_reservation(&device)?;
+        let batch = w
+            .get_experiment(&experiment)?
+            .map(|e| e.batch_id)
+            .unwrap_or_default();
+        w.emit(
+            &experiment,
+            &batch,
+            &device,
+            Kind::DeviceReleased(pb::DeviceReleased { step_index: step }),
+        );
+    }
+    Ok(())
+}
