@@ -5,8 +5,11 @@
 //! Drivers speak the real protocol and know nothing of gRPC, the store or the simulator: the
 //! daemon converts its API types to the plain domain types in [`device`].
 
+pub mod analyser;
+pub mod balance;
 pub mod clock;
 pub mod device;
+pub mod dispenser;
 pub mod furnace;
 pub mod transport;
 

@@ -7,10 +7,23 @@
 //!   losses, thermocouple lag), plus fault injection (sensor break, heater failure, silence).
 //! - [`modbus`]: a real Modbus TCP server (tokio-modbus) that exposes one or more furnaces by
 //!   unit id.
+//! - [`analyser`]: a volumetric gas-sorption analyser (isotherm models, dosing, LDF kinetics,
+//!   equilibrium criterion) behind its MQTT bridge, a separate client on the broker.
+//! - [`broker`]: an embedded MQTT broker (rumqttd) with switchable outages, and a Mosquitto
+//!   process helper for tests.
+//! - [`dispenser`]: NE-1000 syringe pumps and an MT-SICS balance sharing a vessel, each on a
+//!   real pseudo-terminal served by [`pty`] (with seeded line faults).
+//! - [`world`]: the shared simulated lab: where each sample is and its synthesis history,
+//!   which the analyser's hidden material model turns into isotherms.
 //!
 //! Physical time comes from [`ppu_drivers::Clock`]; the plant is advanced lazily on every access,
 //! on a fixed time grid, so a simulation is deterministic for a given sequence of (time, write)
 //! events and needs no background task.
 
+pub mod analyser;
+pub mod broker;
+pub mod dispenser;
 pub mod furnace;
 pub mod modbus;
+pub mod pty;
+pub mod world;

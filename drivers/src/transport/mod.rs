@@ -5,3 +5,5 @@
 //! wire failure onto [`DeviceError`](crate::DeviceError) and keep reconnecting on their own.
 
 pub mod modbus;
+pub mod mqtt;
+pub mod serial;

@@ -34,6 +34,100 @@ enum Command {
     ///
     /// Example: ppu-sim furnace --listen 127.0.0.1:5020 --time-scale 600 --count 2
     Furnace(FurnaceArgs),
+    /// A simulated dispensing station: NE-1000 syringe pumps and an MT-SICS balance, each on
+    /// its own pseudo-terminal.
+    ///
+    /// Point a driver, a terminal program or pyserial at the printed paths as at /dev/ttyUSB0
+    /// (9600 8N1; ports open exclusively). Pumps: `0DIA14.43\r`, `0RAT1.000MM\r`, `0VOL2.5\r`,
+    /// `0RUN\r`, `0DIS\r` … answered `STX 00S … ETX`; safe mode after `0SAF n\r`. Balance:
+    /// `S\r\n`, `SI\r\n`, `T\r\n`, `Z\r\n`, `TAC\r\n`, `I4\r\n`. What the pumps deliver lands
+    /// in the vessel on the balance. Prints `ID PATH` per device on stdout, then runs until
+    /// Ctrl-C.
+    ///
+    /// Example: ppu-sim dispenser --reagent A=1.0 --reagent B=0.789 --link-dir /tmp/ppu-tty
+    Dispenser(DispenserArgs),
+    /// A simulated volumetric sorption analyser behind its MQTT bridge (docs/mqtt-contract.md).
+    ///
+    /// The bridge connects to --broker as a separate MQTT client, as a lab's bridge on the
+    /// instrument PC would; with --embedded-broker it first starts rumqttd on that address
+    /// and uses it. Samples whose id contains 13X, MOF-74 or HKUST are those reference
+    /// materials; others are zeolite 13X. Runs until Ctrl-C.
+    ///
+    /// Example: ppu-sim analyser --embedded-broker 127.0.0.1:1883 --bridge-id asap-1 --time-scale 600
+    Analyser(AnalyserArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct AnalyserArgs {
+    /// Broker the bridge connects to, mqtt://HOST:PORT (ignored with --embedded-broker).
+    #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
+    broker: String,
+    /// Start an embedded broker (rumqttd) on this address and connect to it.
+    #[arg(long)]
+    embedded_broker: Option<SocketAddr>,
+    /// Topic prefix: topics are PREFIX/BRIDGE_ID/...
+    #[arg(long, default_value = "lab/ppu/analyser")]
+    topic_prefix: String,
+    /// The bridge's id in its topics.
+    #[arg(long, default_value = "asap-1")]
+    bridge_id: String,
+    /// Physical seconds per real second (600: a 2-hour degas takes 12 s).
+    #[arg(long, default_value_t = 1.0)]
+    time_scale: f64,
+    /// Seed of the material model and the measurement noise.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+}
+
+#[derive(clap::Args, Debug)]
+struct DispenserArgs {
+    /// One pump per reagent, as NAME=DENSITY (g/mL); pumps are named pump-a, pump-b, …
+    #[arg(long = "reagent", default_values_t = ["A=1.0".to_owned(), "B=0.789".to_owned()])]
+    reagents: Vec<String>,
+
+    /// No balance under the station.
+    #[arg(long)]
+    no_balance: bool,
+
+    /// Syringe capacity of every pump, mL (each starts full).
+    #[arg(long, default_value_t = 10.0)]
+    syringe_ml: f64,
+
+    /// Syringe inner diameter at power-up, mm (volumes count in µL up to 14.0 mm).
+    #[arg(long, default_value_t = 14.43)]
+    diameter_mm: f64,
+
+    /// Physical seconds per real second (plunger travel, balance settling).
+    #[arg(long, default_value_t = 1.0, env = "PPU_SIM_TIME_SCALE")]
+    time_scale: f64,
+
+    /// Create stable symlinks DIR/<id> to the ptys (like /dev/serial/by-id).
+    #[arg(long)]
+    link_dir: Option<std::path::PathBuf>,
+
+    /// Pace replies at this baud rate (10 bit times per byte); 0 = as fast as the pty.
+    #[arg(long, default_value_t = 0)]
+    baud: u32,
+
+    /// Instrument latency before each reply, ms.
+    #[arg(long, default_value_t = 0)]
+    latency_ms: u64,
+
+    /// Probability of a garbage burst before a reply (0–1).
+    #[arg(long, default_value_t = 0.0)]
+    garbage: f64,
+
+    /// Probability that a reply loses one byte (0–1).
+    #[arg(long, default_value_t = 0.0)]
+    drop_byte: f64,
+
+    /// Probability that a reply is not sent (0–1).
+    #[arg(long, default_value_t = 0.0)]
+    no_reply: f64,
+
+    /// Seed of the line faults and the balance noise.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
 }
 
 #[derive(clap::Args, Debug)]
@@ -85,7 +179,143 @@ async fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Furnace(args) => run_furnaces(args).await,
+        Command::Dispenser(args) => run_dispenser(args).await,
+        Command::Analyser(args) => run_analyser(args).await,
     }
+}
+
+async fn run_analyser(args: AnalyserArgs) -> Result<()> {
+    if !(args.time_scale.is_finite() && args.time_scale > 0.0) {
+        bail!("--time-scale must be a positive number");
+    }
+    let mut embedded = None;
+    let (host, port) = match args.embedded_broker {
+        Some(addr) => {
+            let b = ppu_sim::broker::EmbeddedBroker::start(addr)
+                .await
+                .with_context(|| format!("cannot start the embedded broker on {addr}"))?;
+            let a = b.addr();
+            println!("broker {}", b.url());
+            embedded = Some(b);
+            (a.ip().to_string(), a.port())
+        }
+        None => {
+            let rest = args
+                .broker
+                .strip_prefix("mqtt://")
+                .context("--broker must be mqtt://HOST:PORT")?;
+            let (h, p) = rest
+                .rsplit_once(':')
+                .context("--broker must be mqtt://HOST:PORT")?;
+            (h.to_owned(), p.parse::<u16>().context("--broker port")?)
+        }
+    };
+    let mut config = ppu_sim::analyser::SimAnalyserConfig::new(host, port, args.bridge_id.clone());
+    config.topic_prefix = args.topic_prefix;
+    config.seed = args.seed;
+    let world = ppu_sim::world::World::new(args.seed);
+    let sim = ppu_sim::analyser::start(config, world, Clock::new(args.time_scale));
+    println!("bridge {} on topics {}/#", args.bridge_id, sim.base_topic());
+    tokio::signal::ctrl_c()
+        .await
+        .context("cannot wait for Ctrl-C")?;
+    sim.shutdown().await;
+    if let Some(b) = embedded {
+        b.shutdown().await;
+    }
+    Ok(())
+}
+
+async fn run_dispenser(args: DispenserArgs) -> Result<()> {
+    use ppu_sim::dispenser::balance::BalanceConfig;
+    use ppu_sim::dispenser::pump::PumpConfig;
+    use ppu_sim::dispenser::{PumpSpec, SimStation, StationSpec};
+    use ppu_sim::pty::FaultConfig;
+
+    if !(args.time_scale.is_finite() && args.time_scale > 0.0) {
+        bail!("--time-scale must be a positive number");
+    }
+    for (name, p) in [
+        ("--garbage", args.garbage),
+        ("--drop-byte", args.drop_byte),
+        ("--no-reply", args.no_reply),
+    ] {
+        if !(0.0..=1.0).contains(&p) {
+            bail!("{name} must be a probability between 0 and 1");
+        }
+    }
+    if args.reagents.len() > 26 {
+        bail!("at most 26 pumps (pump-a … pump-z)");
+    }
+    let mut pumps = Vec::new();
+    for (i, r) in args.reagents.iter().enumerate() {
+        let (name, density) = r
+            .split_once('=')
+            .with_context(|| format!("--reagent {r}: expected NAME=DENSITY"))?;
+        let density: f64 = density
+            .parse()
+            .ok()
+            .filter(|d: &f64| d.is_finite() && *d > 0.0)
+            .with_context(|| format!("--reagent {r}: density must be a positive number"))?;
+        pumps.push(PumpSpec {
+            id: format!("pump-{}", char::from(b'a' + i as u8)),
+            config: PumpConfig {
+                reagent: name.to_owned(),
+                density_g_per_ml: density,
+                syringe_volume_ml: args.syringe_ml,
+                contents_ml: args.syringe_ml,
+                diameter_mm: args.diameter_mm,
+                ..PumpConfig::default()
+            },
+        });
+    }
+    if let Some(dir) = &args.link_dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let spec = StationSpec {
+        pumps,
+        balance: (!args.no_balance).then(|| {
+            (
+                "balance-1".to_owned(),
+                BalanceConfig {
+                    seed: args.seed,
+                    ..BalanceConfig::default()
+                },
+            )
+        }),
+        faults: FaultConfig {
+            seed: args.seed,
+            drop_byte: args.drop_byte,
+            garbage: args.garbage,
+            no_reply: args.no_reply,
+            baud_rate: (args.baud > 0).then_some(args.baud),
+            latency: std::time::Duration::from_millis(args.latency_ms),
+        },
+        link_dir: args.link_dir.clone(),
+        world: None,
+    };
+    let clock = Clock::new(args.time_scale);
+    let station = SimStation::start(spec, clock)
+        .await
+        .context("opening pseudo-terminals")?;
+    for p in &station.pumps {
+        println!("{} {}", p.id, p.port.path());
+    }
+    if let Some(b) = &station.balance {
+        println!("{} {}", b.id, b.port.path());
+    }
+    tracing::info!(
+        pumps = station.pumps.len(),
+        balance = station.balance.is_some(),
+        time_scale = args.time_scale,
+        "dispensing station running; Ctrl-C to stop"
+    );
+    tokio::signal::ctrl_c()
+        .await
+        .context("cannot wait for Ctrl-C")?;
+    tracing::info!("stopping");
+    station.shutdown().await;
+    Ok(())
 }
 
 async fn run_furnaces(args: FurnaceArgs) -> Result<()> {

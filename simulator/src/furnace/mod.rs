@@ -248,11 +248,19 @@ pub mod reg {
     pub const FLOAT_BASE: u16 = 0x8000;
 }
 
+/// Told the furnace's true temperature after every access (every Modbus request and
+/// inspection), e.g. to record the thermal history of the sample inside (the simulated world).
+/// Called with the furnace's lock held: an observer must not call back into the furnace.
+pub trait FurnaceObserver: Send + Sync {
+    fn observe(&self, t_s: f64, temp_c: f64);
+}
+
 struct Shared {
     model: Mutex<FurnaceModel>,
     clock: Clock,
     unit_id: u8,
     silent: AtomicBool,
+    observer: Mutex<Option<Arc<dyn FurnaceObserver>>>,
 }
 
 /// A simulated controller + plant. Clones share the same state.
@@ -280,6 +288,7 @@ impl SimFurnace {
                 model: Mutex::new(model),
                 clock,
                 silent: AtomicBool::new(false),
+                observer: Mutex::new(None),
             }),
         }
     }
@@ -351,7 +360,23 @@ impl SimFurnace {
     fn lock_now(&self) -> MutexGuard<'_, FurnaceModel> {
         let mut model = self.lock_raw();
         model.advance_to(self.shared.clock.now_s());
+        let observer = self
+            .shared
+            .observer
+            .lock()
+            .ok()
+            .and_then(|o| o.as_ref().cloned());
+        if let Some(observer) = observer {
+            observer.observe(model.time_s(), model.snapshot().true_temp_c);
+        }
         model
+    }
+
+    /// Installs (or with `None` removes) the observer of this furnace's temperature.
+    pub fn set_observer(&self, observer: Option<Arc<dyn FurnaceObserver>>) {
+        if let Ok(mut slot) = self.shared.observer.lock() {
+            *slot = observer;
+        }
     }
 }
 

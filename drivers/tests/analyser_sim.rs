@@ -1,0 +1,554 @@
+//! The sorption-analyser driver against the simulated analyser, both as separate clients of a
+//! real MQTT broker: the embedded rumqttd and Mosquitto (from `PPU_TEST_MOSQUITTO`, or a
+//! process of the test's own; skipped with a notice only outside CI when it is not installed).
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use ppu_drivers::analyser::sorption::{BridgeLiveness, FAULTY_ALARM};
+use ppu_drivers::analyser::{SorptionAnalyser, SorptionConfig};
+use ppu_drivers::device::{IsothermPoint, IsothermResult};
+use ppu_drivers::transport::mqtt::{BrokerUrl, MqttConfig};
+use ppu_drivers::{Clock, Device, DeviceError, StepCommand, StepContext, StepOutput, StepUpdate};
+use ppu_sim::analyser::{Material, SimAnalyser, SimAnalyserConfig};
+use ppu_sim::broker::{EmbeddedBroker, MosquittoForTest, mosquitto_for_test, mosquitto_required};
+use ppu_sim::world::World;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+const SCALE: f64 = 2000.0;
+const DEADLINE: Duration = Duration::from_secs(60);
+const KEEP_ALIVE: Duration = Duration::from_secs(5);
+const PRESSURES: [f64; 10] = [0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.4, 0.6, 0.8, 1.0];
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A broker a test can stop and start.
+enum Broker {
+    Embedded(EmbeddedBroker),
+    Mosquitto(MosquittoForTest),
+}
+
+impl Broker {
+    fn url(&self) -> String {
+        match self {
+            Broker::Embedded(b) => b.url(),
+            Broker::Mosquitto(MosquittoForTest::Shared(url)) => url.clone(),
+            Broker::Mosquitto(MosquittoForTest::Owned(m)) => m.url(),
+            Broker::Mosquitto(MosquittoForTest::Unavailable(_)) => unreachable!(),
+        }
+    }
+
+    async fn stop(&self) {
+        match self {
+            Broker::Embedded(b) => b.go_down().await,
+            Broker::Mosquitto(MosquittoForTest::Owned(m)) => m.kill(),
+            _ => panic!("this broker cannot be stopped by the test"),
+        }
+    }
+
+    async fn start_again(&self) {
+        match self {
+            Broker::Embedded(b) => b.come_up().await.expect("relay rebinds"),
+            Broker::Mosquitto(MosquittoForTest::Owned(m)) => {
+                m.restart().await.expect("mosquitto restarts")
+            }
+            _ => panic!("this broker cannot be restarted by the test"),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Embedded,
+    Mosquitto,
+}
+
+async fn broker(kind: Kind, needs_restart: bool) -> Option<Broker> {
+    match kind {
+        Kind::Embedded => Some(Broker::Embedded(
+            EmbeddedBroker::start("127.0.0.1:0".parse().unwrap())
+                .await
+                .expect("embedded broker"),
+        )),
+        Kind::Mosquitto => match mosquitto_for_test(needs_restart).await {
+            MosquittoForTest::Unavailable(why) => {
+                assert!(!mosquitto_required(), "Mosquitto is required here: {why}");
+                eprintln!("NOTICE: skipping the Mosquitto variant: {why}");
+                None
+            }
+            m => Some(Broker::Mosquitto(m)),
+        },
+    }
+}
+
+struct Rig {
+    broker: Broker,
+    sim: std::sync::Arc<SimAnalyser>,
+    driver: SorptionAnalyser,
+    world: World,
+    clock: Clock,
+}
+
+async fn rig(kind: Kind, needs_restart: bool) -> Option<Rig> {
+    let broker = broker(kind, needs_restart).await?;
+    let url: BrokerUrl = broker.url().parse().expect("broker url");
+    let n = NEXT.fetch_add(1, Ordering::SeqCst);
+    let prefix = format!("test/{}/{n}", std::process::id());
+    let clock = Clock::new(SCALE);
+    let world = World::new(42);
+    let mut sc = SimAnalyserConfig::new(url.host.clone(), url.port, "asap-1");
+    sc.topic_prefix = prefix.clone();
+    sc.client_id = format!("sim-{}-{n}", std::process::id());
+    sc.keep_alive = KEEP_ALIVE;
+    sc.telemetry_interval = Duration::from_millis(100);
+    let sim = SimAnalyser::start(sc, world.clone(), clock);
+    let mut mqtt = MqttConfig::new(url, format!("ppud-{}-{n}", std::process::id()));
+    mqtt.reconnect_max = Duration::from_millis(500);
+    mqtt.ack_timeout = Duration::from_secs(2);
+    let mut dc = SorptionConfig::new("analyser-1", mqtt);
+    dc.topic_prefix = prefix;
+    dc.bridge_id = "asap-1".into();
+    dc.malformed_limit = 5;
+    let driver = SorptionAnalyser::new(dc);
+    let rig = Rig {
+        broker,
+        sim,
+        driver,
+        world,
+        clock,
+    };
+    rig.wait_online().await;
+    Some(rig)
+}
+
+impl Rig {
+    async fn wait_online(&self) {
+        wait_for("the bridge online", || async {
+            self.driver.status().await.is_ok()
+        })
+        .await;
+    }
+
+    fn ctx(&self, sample: &str) -> (StepContext, mpsc::UnboundedReceiver<StepUpdate>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (
+            StepContext {
+                clock: self.clock,
+                updates: tx,
+                cancel: CancellationToken::new(),
+                sample_id: sample.to_owned(),
+                experiment_id: "01TESTEXPERIMENT".to_owned(),
+            },
+            rx,
+        )
+    }
+}
+
+/// Polls `cond` (each poll is a real exchange or state read) until true, at most DEADLINE.
+async fn wait_for<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !cond().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn isotherm(pressures: &[f64], max_equilibration_s: f64) -> StepCommand {
+    StepCommand::Isotherm {
+        adsorptive: "CO2".into(),
+        temperature_c: 25.0,
+        pressures_bar: pressures.to_vec(),
+        equilibration_interval_s: Some(10.0),
+        max_equilibration_s: Some(max_equilibration_s),
+        sample_mass_g: Some(0.1),
+    }
+}
+
+fn drain_points(rx: &mut mpsc::UnboundedReceiver<StepUpdate>) -> Vec<(u32, IsothermPoint)> {
+    let mut points = Vec::new();
+    while let Ok(u) = rx.try_recv() {
+        if let StepUpdate::IsothermPoint { index, point } = u {
+            points.push((index, point));
+        }
+    }
+    points
+}
+
+fn assert_in_order(points: &[(u32, IsothermPoint)], result: &IsothermResult) {
+    let indices: Vec<u32> = points.iter().map(|(i, _)| *i).collect();
+    assert_eq!(
+        indices,
+        (0..PRESSURES.len() as u32).collect::<Vec<_>>(),
+        "one event per point, in order"
+    );
+    for ((_, streamed), kept) in points.iter().zip(&result.points) {
+        assert_eq!(streamed, kept, "streamed points are the result's points");
+    }
+}
+
+/// Measured points sit on the material's isotherm: the volumetric mass balance (measured free
+/// space, noisy pressures, several doses) recovers the equilibrium uptake within 2 %.
+fn assert_on_isotherm(material: &Material, result: &IsothermResult) {
+    for (k, p) in result.points.iter().enumerate() {
+        assert!(
+            p.pressure_bar >= PRESSURES[k] * 0.95,
+            "point {k} reached its target: {p:?}"
+        );
+        let expected = material.co2.uptake(p.pressure_bar, 298.15);
+        let rel = (p.amount_mmol_per_g - expected) / expected;
+        assert!(
+            rel.abs() < 0.02,
+            "point {k}: {} vs {expected} mmol/g at {} bar",
+            p.amount_mmol_per_g,
+            p.pressure_bar
+        );
+        assert!(p.p0_bar > 60.0, "CO2 at 25 °C has p0 ≈ 64 bar");
+    }
+}
+
+async fn ten_point_isotherm(kind: Kind) {
+    let Some(rig) = rig(kind, false).await else {
+        return;
+    };
+    let degas = StepCommand::Degas {
+        temperature_c: 300.0,
+        duration_s: 2.0 * 3600.0,
+    };
+    let (ctx, _rx) = rig.ctx("ref-13X-1");
+    let out = rig.driver.execute(&degas, ctx).await.expect("degas");
+    let StepOutput::Degas(d) = out else {
+        panic!("{out:?}")
+    };
+    assert!(d.final_pressure_bar < 1.3e-5, "good vacuum: {d:?}");
+
+    let (ctx, mut rx) = rig.ctx("ref-13X-1");
+    let out = tokio::time::timeout(
+        DEADLINE,
+        rig.driver.execute(&isotherm(&PRESSURES, 3600.0), ctx),
+    )
+    .await
+    .expect("isotherm finishes")
+    .expect("isotherm succeeds");
+    let StepOutput::Isotherm(result) = out else {
+        panic!("{out:?}")
+    };
+    assert_eq!(result.points.len(), 10);
+    assert_eq!(
+        (result.adsorptive.as_str(), result.sample_mass_g),
+        ("CO2", 0.1)
+    );
+    assert_eq!(
+        (result.degas_temperature_c, result.degas_duration_s),
+        (300.0, 7200.0)
+    );
+    assert!(!result.instrument.is_empty());
+    assert_in_order(&drain_points(&mut rx), &result);
+    assert_on_isotherm(&Material::zeolite_13x(), &result);
+    // Free space, degas and the isotherm: three operations, none run twice.
+    assert_eq!(rig.sim.operations_started(), 3);
+    let _ = rig.world;
+    rig.driver.shutdown().await;
+    rig.sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_point_isotherm_embedded_broker() {
+    ten_point_isotherm(Kind::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_point_isotherm_mosquitto() {
+    ten_point_isotherm(Kind::Mosquitto).await;
+}
+
+async fn broker_restart_mid_isotherm(kind: Kind) {
+    let Some(rig) = rig(kind, true).await else {
+        return;
+    };
+    rig.world.set_material("S-restart", Material::mg_mof_74());
+    let (ctx, mut rx) = rig.ctx("S-restart");
+    let step = isotherm(&PRESSURES, 3600.0);
+    let run = rig.driver.execute(&step, ctx);
+    tokio::pin!(run);
+    // Let a few points through, then take the broker away and bring it back.
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while seen.len() < 3 {
+        tokio::select! {
+            out = &mut run => panic!("isotherm ended before the outage: {out:?}"),
+            Some(u) = rx.recv() => if let StepUpdate::IsothermPoint { index, point } = u { seen.push((index, point)); },
+            _ = tokio::time::sleep_until(deadline) => panic!("no points before the outage"),
+        }
+    }
+    rig.broker.stop().await;
+    // Keep driving the step while the broker is down, until the driver has noticed.
+    let noticed = async {
+        wait_for("the driver to notice the outage", || async {
+            rig.driver.status().await.is_err()
+        })
+        .await;
+    };
+    tokio::select! {
+        out = &mut run => panic!("isotherm ended during the outage: {out:?}"),
+        () = noticed => {}
+    }
+    rig.broker.start_again().await;
+    let out = tokio::time::timeout(DEADLINE, &mut run)
+        .await
+        .expect("the measurement ends without hanging");
+    match out {
+        Ok(StepOutput::Isotherm(result)) => {
+            seen.extend(drain_points(&mut rx));
+            assert_in_order(&seen, &result);
+            assert_on_isotherm(&Material::mg_mof_74(), &result);
+            // The replay after the outage reused the request id: nothing was measured twice.
+            assert_eq!(
+                rig.sim.operations_started(),
+                2,
+                "free space + isotherm, each once"
+            );
+        }
+        Err(e) => {
+            // Allowed by the contract, but only with a reason that says what happened.
+            let text = e.to_string();
+            assert!(
+                text.contains("broker") || text.contains("bridge"),
+                "unclear failure: {text}"
+            );
+            panic!("measurement failed after a short outage: {text}");
+        }
+        Ok(other) => panic!("{other:?}"),
+    }
+    rig.driver.shutdown().await;
+    rig.sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_restart_mid_isotherm_embedded_broker() {
+    broker_restart_mid_isotherm(Kind::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_restart_mid_isotherm_mosquitto() {
+    broker_restart_mid_isotherm(Kind::Mosquitto).await;
+}
+
+async fn bridge_offline(kind: Kind) {
+    let Some(rig) = rig(kind, false).await else {
+        return;
+    };
+    assert!(rig.driver.status().await.is_ok());
+    rig.sim.go_offline();
+    let started = tokio::time::Instant::now();
+    // The will fires when the broker loses the bridge: the device is disconnected well
+    // within the keep-alive time.
+    loop {
+        match rig.driver.status().await {
+            Err(DeviceError::Disconnected(reason)) => {
+                assert!(reason.contains("offline"), "{reason}");
+                break;
+            }
+            other => assert!(
+                started.elapsed() < KEEP_ALIVE,
+                "still {other:?} after the keep-alive time"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(matches!(
+        rig.driver.bridge(),
+        BridgeLiveness::Offline { .. }
+    ));
+    // Commands are refused while it is away, with the reason.
+    let (ctx, _rx) = rig.ctx("S");
+    let err = rig
+        .driver
+        .execute(&isotherm(&[0.1], 600.0), ctx)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, DeviceError::Disconnected(r) if r.contains("offline")),
+        "{err:?}"
+    );
+    rig.sim.come_online();
+    rig.wait_online().await;
+    rig.driver.shutdown().await;
+    rig.sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bridge_offline_embedded_broker() {
+    bridge_offline(Kind::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bridge_offline_mosquitto() {
+    bridge_offline(Kind::Mosquitto).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_point_that_never_equilibrates_times_out_with_a_clear_reason() {
+    let rig = rig(Kind::Embedded, false).await.expect("embedded broker");
+    rig.sim.set_never_equilibrates(true);
+    let (ctx, _rx) = rig.ctx("ref-HKUST-1");
+    let err = tokio::time::timeout(
+        DEADLINE,
+        rig.driver.execute(&isotherm(&[0.1, 0.2], 600.0), ctx),
+    )
+    .await
+    .expect("the driver gives up by itself")
+    .unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, DeviceError::Fault(_)), "{err:?}");
+    assert!(
+        text.contains("point 1/2") && text.contains("did not equilibrate"),
+        "{text}"
+    );
+    // The driver aborted the stuck measurement.
+    wait_for("the instrument to be idle", || async { !rig.sim.is_busy() }).await;
+    rig.sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leak_fails_the_point_with_the_bridges_reason() {
+    let rig = rig(Kind::Embedded, false).await.expect("embedded broker");
+    rig.sim.set_leak(1e-4);
+    let (ctx, _rx) = rig.ctx("ref-13X-leak");
+    let err = tokio::time::timeout(
+        DEADLINE,
+        rig.driver.execute(&isotherm(&[0.05, 0.1], 900.0), ctx),
+    )
+    .await
+    .expect("finishes")
+    .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("did not equilibrate") && text.contains("leak suspected"),
+        "{text}"
+    );
+    rig.sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_payloads_are_counted_and_a_persistent_offender_is_marked_faulty() {
+    let rig = rig(Kind::Embedded, false).await.expect("embedded broker");
+    // A couple of bad messages: logged, counted, ignored.
+    assert!(rig.sim.publish_raw("telemetry", b"{oops"));
+    assert!(
+        rig.sim
+            .publish_raw("result", br#"{"schema":1,"kind":"point"}"#)
+    );
+    wait_for("two malformed payloads counted", || async {
+        rig.driver.malformed_count() >= 2
+    })
+    .await;
+    let status = rig.driver.status().await.expect("still usable");
+    assert!(
+        !status.alarms.iter().any(|a| a == FAULTY_ALARM),
+        "{status:?}"
+    );
+    let count = status
+        .readings
+        .iter()
+        .find(|r| r.name == "malformed_payloads")
+        .expect("counted");
+    assert!(count.value >= 2.0);
+    // A bridge that keeps sending garbage is marked faulty and refuses work.
+    rig.sim.set_malformed_telemetry(true);
+    wait_for("the device marked faulty", || async {
+        rig.driver.faulty().is_some()
+    })
+    .await;
+    let status = rig.driver.status().await.expect("status still answers");
+    assert!(
+        status.alarms.iter().any(|a| a == FAULTY_ALARM),
+        "{status:?}"
+    );
+    let (ctx, _rx) = rig.ctx("S");
+    let err = rig
+        .driver
+        .execute(&isotherm(&[0.1], 600.0), ctx)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, DeviceError::Fault(r) if r.contains("faulty")),
+        "{err:?}"
+    );
+    // A restarted bridge is trusted again.
+    rig.sim.set_malformed_telemetry(false);
+    rig.sim.go_offline();
+    wait_for("offline", || async { rig.driver.status().await.is_err() }).await;
+    rig.sim.come_online();
+    rig.wait_online().await;
+    assert!(rig.driver.faulty().is_none());
+    rig.sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_aborts_the_measurement_on_the_instrument() {
+    let rig = rig(Kind::Embedded, false).await.expect("embedded broker");
+    let (ctx, mut rx) = rig.ctx("ref-13X-2");
+    let cancel = ctx.cancel.clone();
+    let step = isotherm(&PRESSURES, 3600.0);
+    let run = rig.driver.execute(&step, ctx);
+    tokio::pin!(run);
+    loop {
+        tokio::select! {
+            out = &mut run => panic!("ended early: {out:?}"),
+            Some(u) = rx.recv() => if matches!(u, StepUpdate::IsothermPoint { .. }) { break },
+        }
+    }
+    cancel.cancel();
+    let out = tokio::time::timeout(DEADLINE, run).await.expect("stops");
+    assert_eq!(out.unwrap_err(), DeviceError::Aborted);
+    wait_for("the instrument to be idle", || async { !rig.sim.is_busy() }).await;
+    // Safe state is an abort too, and idempotent.
+    rig.driver.safe_state().await.expect("abort acknowledged");
+    rig.driver
+        .safe_state()
+        .await
+        .expect("abort acknowledged again");
+    rig.sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_results_are_replayed_by_request_id_without_measuring_twice() {
+    let rig = rig(Kind::Embedded, false).await.expect("embedded broker");
+    let (ctx, mut rx) = rig.ctx("ref-13X-lost");
+    let step = isotherm(&PRESSURES, 3600.0);
+    let run = rig.driver.execute(&step, ctx);
+    tokio::pin!(run);
+    // Let two points through, then lose the next two results in transit.
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        tokio::select! {
+            out = &mut run => panic!("ended early: {out:?}"),
+            Some(u) = rx.recv() => if let StepUpdate::IsothermPoint { index, point } = u { seen.push((index, point)); },
+        }
+    }
+    rig.sim.drop_next_results(2);
+    let out = tokio::time::timeout(DEADLINE, run)
+        .await
+        .expect("finishes")
+        .expect("the gap is filled by a replay");
+    let StepOutput::Isotherm(result) = out else {
+        panic!("{out:?}")
+    };
+    seen.extend(drain_points(&mut rx));
+    assert_in_order(&seen, &result);
+    assert!(rig.sim.commands_received() >= 3, "the command was repeated");
+    assert_eq!(
+        rig.sim.operations_started(),
+        2,
+        "free space + isotherm, each once"
+    );
+    rig.sim.shutdown().await;
+}
