@@ -1,0 +1,1074 @@
+//! The TUI's view model: what the daemon told us, built only from ppu.v1 replies and the event
+//! stream (the same API a planner uses). Pure: no I/O and no clock reads; callers pass the time,
+//! so the rendering tests can build a fixed state.
+//!
+//! Two feeds keep it current: the durable event stream (state changes, progress, alarms,
+//! transfers, resumed after the last sequence on reconnect) and a short poll of the queue,
+//! devices, alarms and transfers (live readings and a heartbeat). Either feed failing marks the
+//! link down; the time since the last successful update is shown as staleness.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use ppu_proto::v1 as pb;
+use ppu_proto::v1::event::Kind;
+
+/// Events kept for the live tail.
+pub const EVENT_TAIL: usize = 500;
+/// Readings kept per device for its sparkline.
+pub const HISTORY: usize = 120;
+/// Events kept per experiment for its detail pane.
+pub const RECENT_PER_EXPERIMENT: usize = 12;
+/// Finished experiments kept in the queue view (newest first).
+pub const FINISHED_KEPT: usize = 50;
+/// A live link with no update for longer than this is shown as stale.
+pub const STALE_AFTER: Duration = Duration::from_secs(2);
+/// An event about an experiment this view has not seen is fetched only if it is this recent
+/// (wall clock, seconds): replaying a long log must not fetch every experiment ever run.
+const FETCH_RECENT_S: i64 = 600;
+
+/// What the client task reports; applied with [`Model::apply`].
+#[derive(Debug, Clone)]
+pub enum Update {
+    /// The event stream is open again, resuming after `resumed_after`.
+    StreamUp { resumed_after: u64 },
+    /// The event stream ended or could not be opened.
+    StreamDown { reason: String },
+    /// One round of the poll succeeded (the queue at least).
+    Polled(Box<Polled>),
+    /// The poll could not reach the daemon.
+    PollFailed { reason: String },
+    /// One event of the durable log.
+    Event(Box<pb::Event>),
+    /// Experiments fetched (snapshot after a (re)connect, or one asked for).
+    Experiments(Vec<pb::Experiment>),
+    /// An experiment asked for could not be fetched; it may be asked for again.
+    NotFetched(String),
+}
+
+/// One round of the poll. The queue is the heartbeat; the rest may fail on its own (e.g. an
+/// older daemon answering UNIMPLEMENTED) and is then reported as a notice.
+#[derive(Debug, Clone)]
+pub struct Polled {
+    pub queue: pb::Queue,
+    pub devices: Result<Vec<pb::Device>, String>,
+    pub alarms: Result<Vec<pb::ActiveAlarm>, String>,
+    pub transfers: Result<Vec<pb::PendingTransfer>, String>,
+}
+
+impl Default for Polled {
+    fn default() -> Self {
+        Polled {
+            queue: pb::Queue::default(),
+            devices: Ok(Vec::new()),
+            alarms: Ok(Vec::new()),
+            transfers: Ok(Vec::new()),
+        }
+    }
+}
+
+/// The link to the daemon as shown in the header.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LinkView {
+    /// Never reached the daemon yet.
+    Connecting,
+    /// Both feeds up and updated within [`STALE_AFTER`].
+    Live { age: Duration },
+    /// Both feeds up but nothing new for longer than [`STALE_AFTER`].
+    Stale { age: Duration },
+    /// A feed failed; `age` since the last update, if there ever was one.
+    Disconnected {
+        reason: String,
+        age: Option<Duration>,
+    },
+}
+
+/// The queue's start state as last reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QueueStatus {
+    #[default]
+    Unknown,
+    Running,
+    Paused,
+}
+
+/// One experiment as the queue view shows it.
+#[derive(Debug, Clone, Default)]
+pub struct ExperimentRow {
+    /// The experiment, kept current from events; `spec` is empty until fetched.
+    pub exp: pb::Experiment,
+    /// True once fetched (name, steps, priority known).
+    pub fetched: bool,
+    /// The latest progress of the running step.
+    pub progress: Option<pb::StepProgress>,
+    /// Recent events about it (progress excluded), oldest first.
+    pub recent: VecDeque<pb::Event>,
+}
+
+impl ExperimentRow {
+    pub fn state(&self) -> pb::ExperimentState {
+        pb::ExperimentState::try_from(self.exp.state).unwrap_or(pb::ExperimentState::Unspecified)
+    }
+
+    pub fn is_active(&self) -> bool {
+        matches!(
+            self.state(),
+            pb::ExperimentState::Queued | pb::ExperimentState::Running
+        )
+    }
+
+    pub fn name(&self) -> &str {
+        self.exp.spec.as_ref().map_or("", |s| s.name.as_str())
+    }
+
+    pub fn sample(&self) -> &str {
+        self.exp.spec.as_ref().map_or("", |s| s.sample_id.as_str())
+    }
+
+    pub fn priority(&self) -> i32 {
+        self.exp.spec.as_ref().map_or(0, |s| s.priority)
+    }
+
+    /// Whether `needle` (lower case) occurs in its id, name, sample, state or labels.
+    pub fn matches(&self, needle: &str) -> bool {
+        if needle.is_empty() {
+            return true;
+        }
+        let state = crate::render::experiment_state(self.exp.state);
+        let mut hay = vec![
+            self.exp.id.as_str(),
+            self.name(),
+            self.sample(),
+            state.as_str(),
+        ];
+        if let Some(spec) = &self.exp.spec {
+            hay.extend(spec.labels.values().map(String::as_str));
+            hay.extend(spec.labels.keys().map(String::as_str));
+        }
+        hay.iter().any(|h| h.to_lowercase().contains(needle))
+    }
+}
+
+/// One device as the devices view shows it.
+#[derive(Debug, Clone, Default)]
+pub struct DeviceRow {
+    pub device: pb::Device,
+    /// Recent values of its key reading (see [`key_value`]), oldest first.
+    pub history: VecDeque<f64>,
+    /// Time of the last reading added to `history`, to add each reading once.
+    last_reading: Option<prost_types::Timestamp>,
+    /// The experiment and step it is reserved for, from the event log.
+    pub reserved: Option<(String, u32)>,
+}
+
+impl DeviceRow {
+    pub fn new(device: pb::Device) -> DeviceRow {
+        let mut row = DeviceRow {
+            device: pb::Device::default(),
+            ..DeviceRow::default()
+        };
+        row.update(device);
+        row
+    }
+
+    fn update(&mut self, device: pb::Device) {
+        if let Some(r) = &device.latest
+            && self.last_reading.as_ref() != r.time.as_ref()
+        {
+            if let Some(v) = key_value(device.family, r) {
+                self.history.push_back(v);
+                while self.history.len() > HISTORY {
+                    self.history.pop_front();
+                }
+            }
+            self.last_reading = r.time;
+        }
+        self.device = device;
+    }
+
+    pub fn family(&self) -> pb::DeviceFamily {
+        pb::DeviceFamily::try_from(self.device.family).unwrap_or(pb::DeviceFamily::Unspecified)
+    }
+
+    pub fn connected(&self) -> bool {
+        self.device.connection == pb::ConnectionState::Connected as i32
+    }
+
+    /// `offline`, `fault`, `busy`, `maintenance` or `idle`.
+    pub fn activity(&self) -> &'static str {
+        if !self.connected() {
+            "offline"
+        } else if self
+            .device
+            .latest
+            .as_ref()
+            .is_some_and(|r| !r.alarms.is_empty())
+        {
+            "fault"
+        } else if self.reserved.is_some() {
+            "busy"
+        } else if self.device.maintenance {
+            "maintenance"
+        } else {
+            "idle"
+        }
+    }
+
+    fn value(&self, name: &str) -> Option<f64> {
+        let r = self.device.latest.as_ref()?;
+        r.values.iter().find(|v| v.name == name).map(|v| v.value)
+    }
+
+    /// The reading a technician looks at first: a furnace's PV, SP and output; a pump's status
+    /// and volume dispensed; an analyser's state and pressure; a balance's mass.
+    pub fn key_reading(&self) -> String {
+        if self.device.latest.is_none() {
+            return "no reading yet".to_owned();
+        }
+        let m = |v: Option<f64>, d: usize| v.map_or_else(|| "?".to_owned(), |v| measured(v, d));
+        match self.family() {
+            pb::DeviceFamily::Furnace => {
+                let working = self.value("working_sp_c");
+                let target = self.value("target_sp_c");
+                let sp = match (working, target) {
+                    (Some(w), Some(t)) if (w - t).abs() > 0.05 => {
+                        format!("{}→{}", measured(w, 1), measured(t, 1))
+                    }
+                    (w, t) => m(w.or(t), 1),
+                };
+                format!(
+                    "PV {} °C  SP {sp} °C  out {} %",
+                    m(self.value("pv_c"), 1),
+                    m(self.value("output_pct"), 0)
+                )
+            }
+            pb::DeviceFamily::Dispenser => {
+                let status = match self.value("pumping") {
+                    Some(p) if p > 0.5 => "pumping",
+                    Some(_) => "idle",
+                    None => "?",
+                };
+                format!(
+                    "{status}, {} mL dispensed, fill {} mL",
+                    m(self.value("infused_ml"), 3),
+                    m(self.value("fill_ml"), 3)
+                )
+            }
+            pb::DeviceFamily::Analyser => {
+                format!(
+                    "{}, {} bar",
+                    self.activity(),
+                    m(self.value("pressure_bar"), 4)
+                )
+            }
+            pb::DeviceFamily::Balance => {
+                let stable = match self.value("stable") {
+                    Some(s) if s > 0.5 => " stable",
+                    Some(_) => " unstable",
+                    None => "",
+                };
+                format!("{} g{stable}", m(self.value("mass_g"), 4))
+            }
+            pb::DeviceFamily::Unspecified => self
+                .device
+                .latest
+                .as_ref()
+                .map_or_else(String::new, |r| crate::render::reading_values(r, 3)),
+        }
+    }
+}
+
+/// The value a device's sparkline follows: furnace PV, syringe fill, analyser pressure, mass.
+pub fn key_value(family: i32, r: &pb::DeviceReading) -> Option<f64> {
+    let name = match pb::DeviceFamily::try_from(family).ok()? {
+        pb::DeviceFamily::Furnace => "pv_c",
+        pb::DeviceFamily::Dispenser => "fill_ml",
+        pb::DeviceFamily::Analyser => "pressure_bar",
+        pb::DeviceFamily::Balance => "mass_g",
+        pb::DeviceFamily::Unspecified => return r.values.first().map(|v| v.value),
+    };
+    r.values
+        .iter()
+        .find(|v| v.name == name)
+        .map(|v| v.value)
+        .filter(|v| v.is_finite())
+}
+
+/// Name and unit of [`key_value`], for the sparkline's caption.
+pub fn key_value_label(family: i32) -> &'static str {
+    match pb::DeviceFamily::try_from(family) {
+        Ok(pb::DeviceFamily::Furnace) => "PV °C",
+        Ok(pb::DeviceFamily::Dispenser) => "fill mL",
+        Ok(pb::DeviceFamily::Analyser) => "pressure bar",
+        Ok(pb::DeviceFamily::Balance) => "mass g",
+        _ => "first value",
+    }
+}
+
+fn measured(v: f64, decimals: usize) -> String {
+    crate::render::measured(v, decimals)
+}
+
+/// Everything the TUI knows about the lab.
+#[derive(Debug, Clone, Default)]
+pub struct Model {
+    /// True while the event stream is open.
+    pub stream_up: bool,
+    /// True while the last poll reached the daemon.
+    pub poll_up: bool,
+    /// Why the link is down, as last reported.
+    pub down_reason: Option<String>,
+    /// When the daemon last told us anything (event or poll).
+    pub last_update: Option<Instant>,
+    /// True once the daemon was reached.
+    pub ever_connected: bool,
+    /// Times the event stream was reopened after being up.
+    pub reconnects: u32,
+    /// The sequence the stream last resumed after, on a reconnect.
+    pub resumed_after: Option<u64>,
+    /// The last event sequence seen.
+    pub last_sequence: u64,
+    pub queue_status: QueueStatus,
+    pub running_ids: Vec<String>,
+    pub queued_ids: Vec<String>,
+    pub held_ids: Vec<String>,
+    pub experiments: HashMap<String, ExperimentRow>,
+    /// Experiments asked for and not yet fetched.
+    pub fetching: HashSet<String>,
+    pub devices: Vec<DeviceRow>,
+    /// Alarms active or not yet acknowledged (ListAlarms, kept current from events).
+    pub alarms: Vec<pb::ActiveAlarm>,
+    /// Transfers waiting for confirmation (ListTransfers, kept current from events).
+    pub transfers: Vec<pb::PendingTransfer>,
+    /// The live tail of the event log (device readings left out), oldest first.
+    pub tail: VecDeque<pb::Event>,
+    /// Per-feature problems (e.g. `alarms` → "UNIMPLEMENTED: …"), shown in the status line.
+    pub notices: Vec<(&'static str, String)>,
+}
+
+impl Model {
+    /// How the link looks at `now`.
+    pub fn link(&self, now: Instant) -> LinkView {
+        let age = self.last_update.map(|t| now.saturating_duration_since(t));
+        if !self.ever_connected && self.down_reason.is_none() {
+            return LinkView::Connecting;
+        }
+        if self.stream_up && self.poll_up {
+            let age = age.unwrap_or_default();
+            if age > STALE_AFTER {
+                LinkView::Stale { age }
+            } else {
+                LinkView::Live { age }
+            }
+        } else if let Some(reason) = &self.down_reason {
+            LinkView::Disconnected {
+                reason: reason.clone(),
+                age,
+            }
+        } else {
+            LinkView::Connecting
+        }
+    }
+
+    /// Applies one update. Returns the experiment ids worth fetching (unknown, and current).
+    /// `now_s` is the wall clock in Unix seconds, to tell a replayed event from a live one.
+    pub fn apply(&mut self, update: Update, now: Instant, now_s: i64) -> Vec<String> {
+        let mut fetch = Vec::new();
+        match update {
+            Update::StreamUp { resumed_after } => {
+                if self.ever_connected {
+                    self.reconnects += 1;
+                    self.resumed_after = Some(resumed_after);
+                }
+                self.stream_up = true;
+                self.mark_contact(now);
+            }
+            Update::StreamDown { reason } => {
+                self.stream_up = false;
+                self.down_reason = Some(reason);
+            }
+            Update::PollFailed { reason } => {
+                self.poll_up = false;
+                self.down_reason = Some(reason);
+            }
+            Update::Polled(p) => {
+                self.poll_up = true;
+                self.mark_contact(now);
+                fetch = self.apply_poll(*p);
+            }
+            Update::Event(e) => {
+                self.mark_contact(now);
+                fetch = self.apply_event(*e, now_s);
+            }
+            Update::Experiments(list) => {
+                self.mark_contact(now);
+                for e in list {
+                    self.fetching.remove(&e.id);
+                    let row = self.experiments.entry(e.id.clone()).or_default();
+                    row.exp = e;
+                    row.fetched = true;
+                    if !row.is_active() {
+                        row.progress = None;
+                    }
+                }
+                self.prune_finished();
+            }
+            Update::NotFetched(id) => {
+                self.fetching.remove(&id);
+            }
+        }
+        fetch.retain(|id| self.fetching.insert(id.clone()));
+        fetch
+    }
+
+    fn mark_contact(&mut self, now: Instant) {
+        self.last_update = Some(now);
+        self.ever_connected = true;
+        if self.stream_up && self.poll_up {
+            self.down_reason = None;
+        }
+    }
+
+    fn set_notice(&mut self, key: &'static str, problem: Option<String>) {
+        self.notices.retain(|(k, _)| *k != key);
+        if let Some(p) = problem {
+            self.notices.push((key, p));
+        }
+    }
+
+    fn apply_poll(&mut self, p: Polled) -> Vec<String> {
+        self.queue_status = match pb::QueueState::try_from(p.queue.state) {
+            Ok(pb::QueueState::Paused) => QueueStatus::Paused,
+            Ok(pb::QueueState::Running) => QueueStatus::Running,
+            _ => QueueStatus::Unknown,
+        };
+        self.running_ids = p.queue.running_ids;
+        self.queued_ids = p.queue.queued_ids;
+        self.held_ids = p.queue.held_ids;
+        let fetch: Vec<String> = self
+            .running_ids
+            .iter()
+            .chain(&self.queued_ids)
+            .filter(|id| !self.experiments.get(*id).is_some_and(|r| r.fetched))
+            .cloned()
+            .collect();
+        match p.devices {
+            Ok(devices) => {
+                let mut old: HashMap<String, DeviceRow> = self
+                    .devices
+                    .drain(..)
+                    .map(|d| (d.device.id.clone(), d))
+                    .collect();
+                self.devices = devices
+                    .into_iter()
+                    .map(|d| match old.remove(&d.id) {
+                        Some(mut row) => {
+                            row.update(d);
+                            row
+                        }
+                        None => DeviceRow::new(d),
+                    })
+                    .collect();
+                self.set_notice("devices", None);
+            }
+            Err(e) => self.set_notice("devices", Some(format!("devices: {e}"))),
+        }
+        match p.alarms {
+            Ok(alarms) => {
+                self.alarms = alarms;
+                self.set_notice("alarms", None);
+            }
+            Err(e) => self.set_notice("alarms", Some(format!("alarms: {e}"))),
+        }
+        match p.transfers {
+            Ok(transfers) => {
+                self.transfers = transfers;
+                self.set_notice("transfers", None);
+            }
+            Err(e) => self.set_notice("transfers", Some(format!("transfers: {e}"))),
+        }
+        fetch
+    }
+
+    fn apply_event(&mut self, e: pb::Event, now_s: i64) -> Vec<String> {
+        if e.sequence <= self.last_sequence && e.sequence != 0 {
+            return Vec::new();
+        }
+        self.last_sequence = self.last_sequence.max(e.sequence);
+        let mut fetch = Vec::new();
+        let recent = e
+            .time
+            .as_ref()
+            .is_some_and(|t| (now_s - t.seconds).abs() <= FETCH_RECENT_S);
+        let Some(kind) = &e.kind else {
+            self.push_tail(e);
+            return fetch;
+        };
+        match kind {
+            Kind::ExperimentStateChanged(c) => {
+                let known = self.experiments.contains_key(&e.experiment_id);
+                if known || recent {
+                    let row = self.experiments.entry(e.experiment_id.clone()).or_default();
+                    if !known {
+                        row.exp.id = e.experiment_id.clone();
+                        row.exp.batch_id = e.batch_id.clone();
+                        row.exp.created_at = e.time;
+                        fetch.push(e.experiment_id.clone());
+                    }
+                    row.exp.state = c.to;
+                    row.exp.updated_at = e.time;
+                    if !c.reason.is_empty() {
+                        row.exp.message = c.reason.clone();
+                    }
+                    if !row.is_active() {
+                        row.progress = None;
+                    }
+                }
+                if let Ok(to) = pb::ExperimentState::try_from(c.to)
+                    && !matches!(
+                        to,
+                        pb::ExperimentState::Queued | pb::ExperimentState::Running
+                    )
+                {
+                    self.running_ids.retain(|id| *id != e.experiment_id);
+                    self.queued_ids.retain(|id| *id != e.experiment_id);
+                }
+                self.prune_finished();
+            }
+            Kind::StepStarted(s) => {
+                if let Some(row) = self.experiments.get_mut(&e.experiment_id) {
+                    row.exp.current_step = s.step_index;
+                    row.progress = None;
+                }
+            }
+            Kind::StepProgress(p) => {
+                if let Some(row) = self.experiments.get_mut(&e.experiment_id) {
+                    row.exp.current_step = p.step_index;
+                    row.progress = Some(p.clone());
+                }
+                // Progress is frequent: it updates the row, not the tail.
+                return fetch;
+            }
+            Kind::StepFinished(f) => {
+                if let (Some(row), Some(r)) =
+                    (self.experiments.get_mut(&e.experiment_id), &f.result)
+                {
+                    row.exp.results.retain(|x| x.step_index != r.step_index);
+                    row.exp.results.push(r.clone());
+                    row.exp.results.sort_by_key(|x| x.step_index);
+                    row.progress = None;
+                }
+            }
+            Kind::ExperimentHeld(h) => {
+                if let Some(row) = self.experiments.get_mut(&e.experiment_id) {
+                    row.exp.held = h.held;
+                }
+            }
+            Kind::ExperimentMoved(m) => {
+                if let Some(spec) = self
+                    .experiments
+                    .get_mut(&e.experiment_id)
+                    .and_then(|r| r.exp.spec.as_mut())
+                {
+                    spec.priority = m.priority;
+                }
+            }
+            Kind::QueueStateChanged(q) => {
+                self.queue_status = if q.paused {
+                    QueueStatus::Paused
+                } else {
+                    QueueStatus::Running
+                };
+            }
+            Kind::DeviceReading(_) => {
+                // Readings come from the poll; the log's copies would flood the tail.
+                return fetch;
+            }
+            Kind::DeviceConnectionChanged(c) => {
+                if let Some(d) = self.device_mut(&e.device_id) {
+                    d.device.connection = c.state;
+                    d.device.connection_error = c.reason.clone();
+                }
+            }
+            Kind::MaintenanceChanged(m) => {
+                if let Some(d) = self.device_mut(&e.device_id) {
+                    d.device.maintenance = m.maintenance;
+                    d.device.maintenance_reason = m.reason.clone();
+                }
+            }
+            Kind::DeviceReserved(r) => {
+                let exp = e.experiment_id.clone();
+                if let Some(d) = self.device_mut(&e.device_id) {
+                    d.reserved = Some((exp, r.step_index));
+                }
+            }
+            Kind::DeviceReleased(_) => {
+                if let Some(d) = self.device_mut(&e.device_id) {
+                    d.reserved = None;
+                }
+            }
+            Kind::Alarm(a) => self.apply_alarm(&e, a),
+            Kind::AlarmAcknowledged(a) => {
+                if let Some(x) = self
+                    .alarms
+                    .iter_mut()
+                    .find(|x| x.device_id == e.device_id && x.code == a.code)
+                {
+                    x.acknowledged = true;
+                    x.acknowledged_by = a.acknowledged_by.clone();
+                    x.acknowledged_at = e.time;
+                }
+                // Acknowledged and cleared: no longer listed (as ListAlarms does).
+                self.alarms.retain(|x| !(x.acknowledged && x.cleared));
+            }
+            Kind::TransferRequested(t) => {
+                if let Some(t) = &t.transfer
+                    && !self.transfers.iter().any(|x| x.id == t.id)
+                {
+                    self.transfers.push(t.clone());
+                }
+            }
+            Kind::TransferConfirmed(c) => {
+                if let Some(t) = &c.transfer {
+                    self.transfers.retain(|x| x.id != t.id);
+                }
+            }
+            Kind::IsothermPointMeasured(_) | Kind::RecoveryDecision(_) => {}
+        }
+        if let Some(row) = self.experiments.get_mut(&e.experiment_id) {
+            row.recent.push_back(e.clone());
+            while row.recent.len() > RECENT_PER_EXPERIMENT {
+                row.recent.pop_front();
+            }
+        }
+        self.push_tail(e);
+        fetch
+    }
+
+    fn apply_alarm(&mut self, e: &pb::Event, a: &pb::Alarm) {
+        let pos = self
+            .alarms
+            .iter()
+            .position(|x| x.device_id == e.device_id && x.code == a.code);
+        if a.cleared {
+            if let Some(i) = pos {
+                self.alarms[i].cleared = true;
+            }
+            self.alarms.retain(|x| !(x.acknowledged && x.cleared));
+            return;
+        }
+        let raised = pb::ActiveAlarm {
+            device_id: e.device_id.clone(),
+            code: a.code.clone(),
+            message: a.message.clone(),
+            severity: a.severity,
+            raised_at: e.time,
+            ..Default::default()
+        };
+        match pos {
+            // Raised again: a new occurrence that needs its own acknowledgement.
+            Some(i) => self.alarms[i] = raised,
+            None => self.alarms.push(raised),
+        }
+    }
+
+    fn push_tail(&mut self, e: pb::Event) {
+        self.tail.push_back(e);
+        while self.tail.len() > EVENT_TAIL {
+            self.tail.pop_front();
+        }
+    }
+
+    fn device_mut(&mut self, id: &str) -> Option<&mut DeviceRow> {
+        self.devices.iter_mut().find(|d| d.device.id == id)
+    }
+
+    /// Drops the oldest finished experiments beyond [`FINISHED_KEPT`].
+    fn prune_finished(&mut self) {
+        let mut finished: Vec<String> = self
+            .experiments
+            .values()
+            .filter(|r| !r.is_active())
+            .map(|r| r.exp.id.clone())
+            .collect();
+        if finished.len() <= FINISHED_KEPT {
+            return;
+        }
+        // ULIDs sort by creation time.
+        finished.sort();
+        let drop = finished.len() - FINISHED_KEPT;
+        for id in finished.into_iter().take(drop) {
+            self.experiments.remove(&id);
+        }
+    }
+
+    /// The queue view's rows: running (queue order), queued (start order), other active ones,
+    /// then finished ones newest first; only those matching `filter` (case-insensitive).
+    pub fn queue_rows(&self, filter: &str) -> Vec<&ExperimentRow> {
+        let needle = filter.to_lowercase();
+        let mut rows: Vec<(u8, usize, &ExperimentRow)> = self
+            .experiments
+            .values()
+            .filter(|r| r.matches(&needle))
+            .map(|r| {
+                let id = &r.exp.id;
+                if let Some(i) = self.running_ids.iter().position(|x| x == id) {
+                    (0, i, r)
+                } else if let Some(i) = self.queued_ids.iter().position(|x| x == id) {
+                    (1, i, r)
+                } else if r.is_active() {
+                    (2, 0, r)
+                } else {
+                    (3, 0, r)
+                }
+            })
+            .collect();
+        rows.sort_by(|a, b| {
+            (a.0, a.1).cmp(&(b.0, b.1)).then_with(|| {
+                if a.0 == 3 {
+                    b.2.exp.id.cmp(&a.2.exp.id)
+                } else {
+                    a.2.exp.id.cmp(&b.2.exp.id)
+                }
+            })
+        });
+        rows.into_iter().map(|(_, _, r)| r).collect()
+    }
+
+    pub fn is_held(&self, row: &ExperimentRow) -> bool {
+        row.exp.held || self.held_ids.contains(&row.exp.id)
+    }
+
+    /// Alarms in display order: unacknowledged first, then by time raised.
+    pub fn alarm_rows(&self) -> Vec<&pb::ActiveAlarm> {
+        let mut rows: Vec<&pb::ActiveAlarm> = self.alarms.iter().collect();
+        rows.sort_by(|a, b| {
+            a.acknowledged.cmp(&b.acknowledged).then_with(|| {
+                let t = |x: &pb::ActiveAlarm| x.raised_at.map(|t| (t.seconds, t.nanos));
+                t(a).cmp(&t(b))
+            })
+        });
+        rows
+    }
+
+    pub fn unacknowledged(&self) -> usize {
+        self.alarms.iter().filter(|a| !a.acknowledged).count()
+    }
+
+    /// Whether an alarm event's alarm still waits for acknowledgement (to highlight it).
+    pub fn is_unacknowledged(&self, device_id: &str, code: &str) -> bool {
+        self.alarms
+            .iter()
+            .any(|a| a.device_id == device_id && a.code == code && !a.acknowledged)
+    }
+
+    /// The pending transfer of `experiment_id`, or else the oldest one.
+    pub fn transfer_for(&self, experiment_id: Option<&str>) -> Option<&pb::PendingTransfer> {
+        experiment_id
+            .and_then(|id| self.transfers.iter().find(|t| t.experiment_id == id))
+            .or_else(|| self.transfers.first())
+    }
+
+    /// A short name for an experiment in one-line views: its name if known, else its id's tail.
+    pub fn experiment_label(&self, id: &str) -> String {
+        match self.experiments.get(id).map(ExperimentRow::name) {
+            Some(name) if !name.is_empty() => name.to_owned(),
+            _ => short_id(id),
+        }
+    }
+}
+
+/// The last 8 characters of a ULID, prefixed with `…`: unique enough on one screen.
+pub fn short_id(id: &str) -> String {
+    let n = id.chars().count();
+    if n <= 10 {
+        id.to_owned()
+    } else {
+        let tail: String = id.chars().skip(n - 8).collect();
+        format!("…{tail}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost_types::Timestamp;
+
+    const NOW_S: i64 = 1_780_000_000;
+
+    fn ts(s: i64) -> Option<Timestamp> {
+        Some(Timestamp {
+            seconds: s,
+            nanos: 0,
+        })
+    }
+
+    fn event(seq: u64, exp: &str, device: &str, kind: Kind) -> Update {
+        Update::Event(Box::new(pb::Event {
+            sequence: seq,
+            time: ts(NOW_S),
+            experiment_id: exp.to_owned(),
+            batch_id: String::new(),
+            device_id: device.to_owned(),
+            kind: Some(kind),
+        }))
+    }
+
+    fn state_change(seq: u64, exp: &str, to: pb::ExperimentState) -> Update {
+        event(
+            seq,
+            exp,
+            "",
+            Kind::ExperimentStateChanged(pb::ExperimentStateChanged {
+                from: 0,
+                to: to as i32,
+                reason: String::new(),
+            }),
+        )
+    }
+
+    #[test]
+    fn a_live_experiment_is_fetched_once_and_follows_its_events() {
+        let mut m = Model::default();
+        let now = Instant::now();
+        let f = m.apply(
+            state_change(1, "E1", pb::ExperimentState::Queued),
+            now,
+            NOW_S,
+        );
+        assert_eq!(f, ["E1"]);
+        // Asked for already: not again.
+        let f = m.apply(
+            state_change(2, "E1", pb::ExperimentState::Running),
+            now,
+            NOW_S,
+        );
+        assert!(f.is_empty());
+        m.apply(
+            event(
+                3,
+                "E1",
+                "",
+                Kind::StepProgress(pb::StepProgress {
+                    step_index: 0,
+                    fraction: 0.5,
+                    message: "hold".into(),
+                    remaining_s: 60.0,
+                }),
+            ),
+            now,
+            NOW_S,
+        );
+        let row = &m.experiments["E1"];
+        assert_eq!(row.state(), pb::ExperimentState::Running);
+        assert_eq!(row.progress.as_ref().map(|p| p.fraction), Some(0.5));
+        // Progress does not flood the tail.
+        assert_eq!(m.tail.len(), 2);
+        assert_eq!(m.last_sequence, 3);
+        m.apply(
+            state_change(4, "E1", pb::ExperimentState::Succeeded),
+            now,
+            NOW_S,
+        );
+        assert!(m.experiments["E1"].progress.is_none());
+    }
+
+    #[test]
+    fn replayed_history_of_unknown_experiments_is_not_fetched() {
+        let mut m = Model::default();
+        let mut u = state_change(1, "OLD", pb::ExperimentState::Queued);
+        if let Update::Event(e) = &mut u {
+            e.time = ts(NOW_S - 86_400);
+        }
+        assert!(m.apply(u, Instant::now(), NOW_S).is_empty());
+        assert!(m.experiments.is_empty());
+        assert_eq!(m.tail.len(), 1, "still in the tail");
+    }
+
+    #[test]
+    fn duplicate_sequences_are_ignored() {
+        let mut m = Model::default();
+        let now = Instant::now();
+        m.apply(
+            state_change(5, "E1", pb::ExperimentState::Queued),
+            now,
+            NOW_S,
+        );
+        m.apply(
+            state_change(5, "E1", pb::ExperimentState::Queued),
+            now,
+            NOW_S,
+        );
+        assert_eq!(m.tail.len(), 1);
+    }
+
+    #[test]
+    fn alarms_stay_until_acknowledged_and_cleared() {
+        let mut m = Model::default();
+        let now = Instant::now();
+        let raise = |seq, cleared| {
+            event(
+                seq,
+                "",
+                "furnace-1",
+                Kind::Alarm(pb::Alarm {
+                    code: "sensor_break".into(),
+                    message: "sensor break".into(),
+                    severity: pb::AlarmSeverity::Critical as i32,
+                    cleared,
+                }),
+            )
+        };
+        m.apply(raise(1, false), now, NOW_S);
+        assert!(m.is_unacknowledged("furnace-1", "sensor_break"));
+        assert_eq!(m.unacknowledged(), 1);
+        m.apply(raise(2, true), now, NOW_S);
+        assert_eq!(m.alarms.len(), 1, "cleared but unacknowledged: still shown");
+        m.apply(
+            event(
+                3,
+                "",
+                "furnace-1",
+                Kind::AlarmAcknowledged(pb::AlarmAcknowledged {
+                    code: "sensor_break".into(),
+                    acknowledged_by: "alice".into(),
+                }),
+            ),
+            now,
+            NOW_S,
+        );
+        assert!(m.alarms.is_empty(), "cleared and acknowledged: gone");
+        // Raised again, acknowledged while active: listed, not highlighted.
+        m.apply(raise(4, false), now, NOW_S);
+        m.apply(
+            event(
+                5,
+                "",
+                "furnace-1",
+                Kind::AlarmAcknowledged(pb::AlarmAcknowledged {
+                    code: "sensor_break".into(),
+                    acknowledged_by: "bob".into(),
+                }),
+            ),
+            now,
+            NOW_S,
+        );
+        assert_eq!(m.alarms.len(), 1);
+        assert!(!m.is_unacknowledged("furnace-1", "sensor_break"));
+        assert_eq!(m.alarms[0].acknowledged_by, "bob");
+    }
+
+    #[test]
+    fn link_goes_down_then_stale_free_when_both_feeds_return() {
+        let mut m = Model::default();
+        let t0 = Instant::now();
+        assert_eq!(m.link(t0), LinkView::Connecting);
+        m.apply(Update::StreamUp { resumed_after: 0 }, t0, NOW_S);
+        m.apply(Update::Polled(Box::default()), t0, NOW_S);
+        assert!(matches!(m.link(t0), LinkView::Live { .. }));
+        assert!(matches!(
+            m.link(t0 + Duration::from_secs(3)),
+            LinkView::Stale { .. }
+        ));
+        m.apply(
+            Update::StreamDown {
+                reason: "gone".into(),
+            },
+            t0,
+            NOW_S,
+        );
+        let LinkView::Disconnected { reason, age } = m.link(t0 + Duration::from_secs(1)) else {
+            panic!("{:?}", m.link(t0));
+        };
+        assert_eq!(reason, "gone");
+        assert_eq!(age, Some(Duration::from_secs(1)));
+        // The poll alone does not make it live: the stream must be back too.
+        let t1 = t0 + Duration::from_secs(2);
+        m.apply(Update::Polled(Box::default()), t1, NOW_S);
+        assert!(matches!(m.link(t1), LinkView::Disconnected { .. }));
+        m.apply(Update::StreamUp { resumed_after: 7 }, t1, NOW_S);
+        assert!(matches!(m.link(t1), LinkView::Live { .. }));
+        assert_eq!(m.resumed_after, Some(7));
+        assert_eq!(m.reconnects, 1);
+    }
+
+    #[test]
+    fn queue_rows_order_and_filter() {
+        let mut m = Model::default();
+        let now = Instant::now();
+        let spec = |name: &str| pb::ExperimentSpec {
+            name: name.into(),
+            sample_id: format!("S-{name}"),
+            ..Default::default()
+        };
+        let exp = |id: &str, state: pb::ExperimentState, name: &str| pb::Experiment {
+            id: id.into(),
+            state: state as i32,
+            spec: Some(spec(name)),
+            ..Default::default()
+        };
+        m.apply(
+            Update::Experiments(vec![
+                exp("A", pb::ExperimentState::Succeeded, "old"),
+                exp("B", pb::ExperimentState::Queued, "second"),
+                exp("C", pb::ExperimentState::Queued, "first"),
+                exp("D", pb::ExperimentState::Running, "running"),
+                exp("E", pb::ExperimentState::Failed, "newer"),
+            ]),
+            now,
+            NOW_S,
+        );
+        let f = m.apply(
+            Update::Polled(Box::new(Polled {
+                queue: pb::Queue {
+                    state: pb::QueueState::Running as i32,
+                    running_ids: vec!["D".into()],
+                    queued_ids: vec!["C".into(), "B".into(), "Z".into()],
+                    held_ids: vec!["B".into()],
+                },
+                devices: Ok(vec![]),
+                alarms: Err("UNIMPLEMENTED: not yet".into()),
+                transfers: Ok(vec![]),
+            })),
+            now,
+            NOW_S,
+        );
+        assert_eq!(f, ["Z"], "unknown queued id fetched");
+        let ids: Vec<&str> = m.queue_rows("").iter().map(|r| r.exp.id.as_str()).collect();
+        assert_eq!(ids, ["D", "C", "B", "E", "A"]);
+        let ids: Vec<&str> = m
+            .queue_rows("S-FIR")
+            .iter()
+            .map(|r| r.exp.id.as_str())
+            .collect();
+        assert_eq!(ids, ["C"]);
+        assert!(m.is_held(&m.experiments["B"]));
+        assert_eq!(
+            m.notices,
+            [("alarms", "alarms: UNIMPLEMENTED: not yet".into())]
+        );
+    }
+
+    #[test]
+    fn device_history_adds_each_reading_once() {
+        let reading = |s: i64, pv: f64| pb::DeviceReading {
+            device_id: "furnace-1".into(),
+            time: ts(s),
+            values: vec![pb::Reading {
+                name: "pv_c".into(),
+                value: pv,
+            }],
+            alarms: vec![],
+        };
+        let dev = |r| pb::Device {
+            id: "furnace-1".into(),
+            family: pb::DeviceFamily::Furnace as i32,
+            latest: Some(r),
+            ..Default::default()
+        };
+        let mut row = DeviceRow::new(dev(reading(1, 20.0)));
+        row.update(dev(reading(1, 20.0)));
+        row.update(dev(reading(2, 21.0)));
+        assert_eq!(row.history, [20.0, 21.0]);
+    }
+}

@@ -1,0 +1,439 @@
+//! The real `ppuctl tui` binary in a real pseudo-terminal (a tmux pane, 80×24), driven with
+//! keystrokes against the real daemon with its simulated lab, started in-process on an
+//! ephemeral port and a temporary data directory (as in `ppuctl.rs`).
+//!
+//! What the screen shows is read with `tmux capture-pane`; what the daemon recorded is read
+//! over gRPC. Every wait polls a condition against a deadline; nothing waits on a fixed sleep.
+//! Needs `tmux` on the PATH (`.ci/run` installs it).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use ppu_daemon::app::{Daemon, Options};
+use ppu_daemon::config::Config;
+use ppu_daemon::dev::DevLab;
+use ppu_daemon::devices::PollSettings;
+use ppu_drivers::Clock;
+use ppu_proto::v1 as pb;
+use ppu_proto::v1::device_service_client::DeviceServiceClient;
+use ppu_proto::v1::event_service_client::EventServiceClient;
+use ppu_proto::v1::experiment_service_client::ExperimentServiceClient;
+use ppu_proto::v1::queue_service_client::QueueServiceClient;
+use tokio::process::Command;
+use tokio::time::Instant;
+use tonic::transport::Channel;
+
+/// Physical seconds per real second.
+const TIME_SCALE: f64 = 2000.0;
+/// Upper bound on any wait (real time).
+const DEADLINE: Duration = Duration::from_secs(60);
+/// How soon the TUI must show a lost daemon (the requirement).
+const DISCONNECT_SHOWN_WITHIN: Duration = Duration::from_secs(2);
+
+// ---------------------------------------------------------------------------------------------
+// The lab: a real daemon with simulated devices, as `ppud dev` runs it.
+// ---------------------------------------------------------------------------------------------
+
+struct Lab {
+    daemon: Daemon,
+    devlab: DevLab,
+}
+
+impl Lab {
+    async fn start(data_dir: &Path, listen: SocketAddr) -> Lab {
+        let clock = Clock::new(TIME_SCALE);
+        let devlab = DevLab::start(clock, 1).await.expect("simulated lab");
+        let config = Config {
+            listen,
+            data_dir: data_dir.to_owned(),
+            time_scale: TIME_SCALE,
+            poll: Default::default(),
+            devices: devlab.device_configs(),
+        };
+        let opts = Options {
+            listen: config.listen,
+            data_dir: config.data_dir.clone(),
+            clock,
+            poll: PollSettings {
+                poll_interval: Duration::from_millis(100),
+                reading_log_interval: Duration::from_secs(1),
+            },
+        };
+        let daemon = Daemon::start(opts, config.drivers().expect("drivers"))
+            .await
+            .expect("daemon starts");
+        Lab { daemon, devlab }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.daemon.addr())
+    }
+
+    async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url())
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect")
+    }
+
+    async fn stop(self) {
+        tokio::time::timeout(DEADLINE, self.daemon.shutdown())
+            .await
+            .expect("the daemon shuts down within the deadline");
+        self.devlab.shutdown().await;
+    }
+}
+
+/// Submits one furnace experiment the way a planner does; returns its id.
+async fn submit(ch: Channel, key: &str, name: &str, sample: &str, hold_s: f64) -> String {
+    use pb::furnace_segment::Kind as S;
+    let segments = [
+        S::Ramp(pb::Ramp {
+            temperature_c: 150.0,
+            rate_c_per_min: 20.0,
+        }),
+        S::Hold(pb::Hold { duration_s: hold_s }),
+    ];
+    let spec = pb::ExperimentSpec {
+        name: name.into(),
+        sample_id: sample.into(),
+        priority: 7,
+        steps: vec![pb::Step {
+            device_id: String::new(),
+            kind: Some(pb::step::Kind::Furnace(pb::FurnaceProgram {
+                segments: segments
+                    .into_iter()
+                    .map(|k| pb::FurnaceSegment { kind: Some(k) })
+                    .collect(),
+            })),
+        }],
+        ..Default::default()
+    };
+    let reply = ExperimentServiceClient::new(ch)
+        .submit_batch(pb::SubmitBatchRequest {
+            idempotency_key: key.into(),
+            experiments: vec![spec],
+        })
+        .await
+        .expect("submit")
+        .into_inner();
+    reply.batch.expect("batch").experiment_ids[0].clone()
+}
+
+/// Polls `check` until it holds, failing at the deadline.
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + DEADLINE;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The TUI in a tmux pane.
+// ---------------------------------------------------------------------------------------------
+
+/// A private tmux server (its own socket) running one `ppuctl tui` pane; killed on drop.
+struct Tui {
+    socket: String,
+    _conf: tempfile::NamedTempFile,
+}
+
+impl Tui {
+    async fn start(url: &str) -> Tui {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let socket = format!(
+            "ppu-tui-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        // Keep the pane after ppuctl exits, so a crash leaves its last screen to read.
+        let conf = tempfile::NamedTempFile::new().expect("tmux conf");
+        std::fs::write(conf.path(), "set -g remain-on-exit on\n").expect("write tmux conf");
+        let tui = Tui {
+            socket,
+            _conf: conf,
+        };
+        let conf_path = tui._conf.path().to_str().expect("utf-8 path").to_owned();
+        let bin = env!("CARGO_BIN_EXE_ppuctl");
+        let status = Command::new("tmux")
+            .args(["-L", &tui.socket, "-f", &conf_path])
+            .args(["new-session", "-d", "-s", "tui", "-x", "80", "-y", "24"])
+            .args(["-e", "NO_COLOR=1"])
+            .args([bin, "--addr", url, "tui", "--by", "tester"])
+            .status()
+            .await
+            .expect("tmux must be installed to run this test (apt-get install tmux)");
+        assert!(status.success(), "tmux new-session failed: {status}");
+        tui
+    }
+
+    async fn tmux(&self, args: &[&str]) -> String {
+        let out = Command::new("tmux")
+            .args(["-L", &self.socket])
+            .args(args)
+            .output()
+            .await
+            .expect("run tmux");
+        assert!(out.status.success(), "tmux {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The screen as text.
+    async fn screen(&self) -> String {
+        self.tmux(&["capture-pane", "-p", "-t", "tui"]).await
+    }
+
+    /// Types keys (tmux key names, e.g. "p", "Enter", "Escape").
+    async fn keys(&self, keys: &[&str]) {
+        let mut args = vec!["send-keys", "-t", "tui"];
+        args.extend_from_slice(keys);
+        self.tmux(&args).await;
+    }
+
+    /// Waits until the screen satisfies `ok` within `within`; returns that screen.
+    async fn wait_within(&self, within: Duration, what: &str, ok: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let screen = self.screen().await;
+            if ok(&screen) {
+                return screen;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the TUI did not show {what} within {within:?}; screen:\n{screen}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn wait(&self, what: &str, ok: impl Fn(&str) -> bool) -> String {
+        self.wait_within(DEADLINE, what, ok).await
+    }
+
+    /// Whether ppuctl has exited, and its exit status once tmux has it.
+    async fn pane_dead(&self) -> (bool, String) {
+        let out = self
+            .tmux(&[
+                "display-message",
+                "-p",
+                "-t",
+                "tui",
+                "#{pane_dead} #{pane_dead_status}",
+            ])
+            .await;
+        let mut parts = out.split_whitespace();
+        let dead = parts.next() == Some("1");
+        (dead, parts.next().unwrap_or_default().to_owned())
+    }
+}
+
+impl Drop for Tui {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("tmux")
+            .args(["-L", &self.socket, "kill-server"])
+            .status();
+    }
+}
+
+/// The screen row that mentions `needle`.
+fn row_with<'a>(screen: &'a str, needle: &str) -> Option<&'a str> {
+    screen.lines().find(|l| l.contains(needle))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The test.
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tui_shows_the_lab_acts_on_it_and_survives_a_daemon_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lab = Lab::start(dir.path(), "127.0.0.1:0".parse().expect("addr")).await;
+    let addr = lab.daemon.addr();
+    let url = lab.url();
+    let tui = Tui::start(&url).await;
+    tui.wait("the live link and the furnace", |s| {
+        s.contains("● LIVE") && s.contains("queue RUNNING")
+    })
+    .await;
+
+    // A planner submits work: it shows in the queue, running on the furnace.
+    let long = submit(lab.channel().await, "tui-1", "tui-long", "S-017", 36_000.0).await;
+    let screen = tui
+        .wait("the submitted experiment running", |s| {
+            row_with(s, "tui-long").is_some_and(|r| r.contains("RUNNING"))
+        })
+        .await;
+    assert!(
+        screen.contains(&long),
+        "its id in the detail pane:\n{screen}"
+    );
+    tui.keys(&["2"]).await;
+    tui.wait("the furnace with its reading", |s| {
+        row_with(s, "furnace-1").is_some_and(|r| r.contains("PV ") && r.contains(" up "))
+    })
+    .await;
+
+    // Pause: asked first, then the daemon's queue is paused.
+    let mut queue = QueueServiceClient::new(lab.channel().await);
+    tui.keys(&["p"]).await;
+    tui.wait("the pause confirmation", |s| s.contains("Pause the queue?"))
+        .await;
+    let state = queue
+        .get_queue(pb::GetQueueRequest {})
+        .await
+        .expect("queue");
+    assert_eq!(
+        state.into_inner().state,
+        pb::QueueState::Running as i32,
+        "nothing happens before the confirmation"
+    );
+    tui.keys(&["y"]).await;
+    eventually("the daemon's queue to be paused", || {
+        let mut q = queue.clone();
+        async move {
+            q.get_queue(pb::GetQueueRequest {})
+                .await
+                .is_ok_and(|r| r.into_inner().state == pb::QueueState::Paused as i32)
+        }
+    })
+    .await;
+    tui.wait("the paused queue", |s| s.contains("queue PAUSED"))
+        .await;
+
+    // The simulated furnace loses its thermocouple: the alarm shows, unacknowledged.
+    lab.devlab.furnaces[0].sim.set_sensor_break(true);
+    tui.keys(&["3"]).await;
+    tui.wait("the unacknowledged sensor break", |s| {
+        row_with(s, "sensor_break").is_some_and(|r| r.contains("UNACK"))
+    })
+    .await;
+    tui.keys(&["a"]).await;
+    tui.wait("the acknowledge confirmation", |s| {
+        s.contains("Acknowledge alarm sensor_break on furnace-1?")
+    })
+    .await;
+    tui.keys(&["y"]).await;
+    let devices = DeviceServiceClient::new(lab.channel().await);
+    eventually("the daemon to record the acknowledgement", || {
+        let mut d = devices.clone();
+        async move {
+            d.list_alarms(pb::ListAlarmsRequest::default())
+                .await
+                .is_ok_and(|r| {
+                    r.into_inner().alarms.iter().any(|a| {
+                        a.device_id == "furnace-1"
+                            && a.code == "sensor_break"
+                            && a.acknowledged
+                            && a.acknowledged_by == "tester"
+                    })
+                })
+        }
+    })
+    .await;
+    tui.wait("the acknowledged alarm", |s| {
+        row_with(s, "sensor_break").is_some_and(|r| r.contains("ack tester"))
+    })
+    .await;
+    // The acknowledgement is in the durable log too.
+    let mut events = EventServiceClient::new(lab.channel().await)
+        .stream_events(pb::StreamEventsRequest::default())
+        .await
+        .expect("stream")
+        .into_inner();
+    let acked = tokio::time::timeout(DEADLINE, async {
+        while let Some(e) = events.message().await.expect("event") {
+            if let Some(pb::event::Kind::AlarmAcknowledged(a)) = &e.kind {
+                return Some((e.device_id.clone(), a.clone()));
+            }
+        }
+        None
+    })
+    .await
+    .expect("the acknowledgement event within the deadline")
+    .expect("an AlarmAcknowledged event");
+    assert_eq!(acked.0, "furnace-1");
+    assert_eq!(acked.1.code, "sensor_break");
+    assert_eq!(acked.1.acknowledged_by, "tester");
+    lab.devlab.furnaces[0].sim.set_sensor_break(false);
+    drop(events);
+
+    // The daemon stops: the TUI says so within two seconds.
+    let before_stop = tui.screen().await;
+    assert!(before_stop.contains("● LIVE"), "{before_stop}");
+    lab.stop().await;
+    let screen = tui
+        .wait_within(DISCONNECT_SHOWN_WITHIN, "the lost daemon within 2 s", |s| {
+            s.contains("DISCONNECTED") || s.contains("STALE")
+        })
+        .await;
+    assert!(!screen.contains("● LIVE"), "{screen}");
+
+    // The daemon returns on the same port and data dir: the TUI recovers on its own and
+    // resumes the event stream where it left off.
+    let lab = Lab::start(dir.path(), addr).await;
+    let screen = tui
+        .wait("the link back, the stream resumed", |s| {
+            s.contains("● LIVE") && s.contains("resumed after sequence")
+        })
+        .await;
+    let resumed_after: u64 = screen
+        .split("resumed after sequence ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("a sequence number:\n{screen}"));
+    assert!(resumed_after > 0, "{screen}");
+    tui.wait("the durable pause after the restart", |s| {
+        s.contains("queue PAUSED")
+    })
+    .await;
+    // New work after the restart shows too; the old experiment is no longer running (the
+    // sensor break failed it, or the stop interrupted it).
+    tui.keys(&["1"]).await;
+    submit(lab.channel().await, "tui-2", "tui-after", "S-018", 60.0).await;
+    tui.wait("the experiment submitted after the restart", |s| {
+        row_with(s, "tui-after").is_some_and(|r| r.contains("QUEUED"))
+            && row_with(s, "tui-long").is_some_and(|r| !r.contains("RUNNING"))
+    })
+    .await;
+
+    // Resume from the TUI, and the queued experiment runs.
+    tui.keys(&["p"]).await;
+    tui.wait("the resume confirmation", |s| {
+        s.contains("Resume the queue?")
+    })
+    .await;
+    tui.keys(&["y"]).await;
+    tui.wait("the experiment after the restart to finish", |s| {
+        row_with(s, "tui-after").is_some_and(|r| r.contains("SUCCEEDED"))
+    })
+    .await;
+
+    // `?` shows the keys; `q` quits cleanly.
+    tui.keys(&["?"]).await;
+    tui.wait("the help", |s| {
+        s.contains(" Keys ") && s.contains("acknowledge the selected alarm")
+    })
+    .await;
+    // (Escape and the next key sent together would read as Alt+key.)
+    tui.keys(&["Escape"]).await;
+    tui.wait("the help closed", |s| !s.contains(" Keys ")).await;
+    tui.keys(&["q"]).await;
+    // tmux notes the pane's end (pty closed) and the exit status (child reaped) separately.
+    eventually("ppuctl tui to exit", || async {
+        let (dead, status) = tui.pane_dead().await;
+        dead && !status.is_empty()
+    })
+    .await;
+    assert_eq!(tui.pane_dead().await.1, "0", "exit status");
+
+    lab.stop().await;
+}
