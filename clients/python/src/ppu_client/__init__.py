@@ -1,0 +1,81 @@
+"""ppu-client: the Python planner SDK for ppud, the ppu lab daemon.
+
+Submit batches of experiments, follow their results and the event log across disconnects,
+inspect and cancel them, and turn measured isotherms into AIF or pyGAPS objects::
+
+    from ppu_client import Client, Experiment, anneal
+
+    with Client("127.0.0.1:50051") as c:
+        batch = c.submit_batch([Experiment("LDH 450 C", [anneal(450.0, hold_s=3600.0)])])
+        for result in c.results(batch):
+            print(result.name, result.state.name)
+
+`AsyncClient` (in `ppu_client.aio`) offers the same API for asyncio. The raw ppu.v1 messages,
+generated from proto/ppu/v1 when the package was built, are in `ppu_client.pb`.
+"""
+
+from . import pb
+from .aio import AsyncClient
+from .client import DEFAULT_TARGET, Client
+from .errors import (
+    FIELD_PATH_METADATA,
+    AlreadyExistsError,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    PpuError,
+    UnavailableError,
+)
+from .isotherm import amount_at, isotherm_to_aif, isotherm_to_pygaps
+from .models import Batch, Capability, ExperimentResult, State
+from .recipes import (
+    Degas,
+    Dispense,
+    Experiment,
+    Furnace,
+    Hold,
+    Isotherm,
+    Ramp,
+    Refill,
+    StepTo,
+    Weigh,
+    anneal,
+    furnace,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_TARGET",
+    "FIELD_PATH_METADATA",
+    "AlreadyExistsError",
+    "AsyncClient",
+    "Batch",
+    "Capability",
+    "Client",
+    "DeadlineExceededError",
+    "Degas",
+    "Dispense",
+    "Experiment",
+    "ExperimentResult",
+    "FailedPreconditionError",
+    "Furnace",
+    "Hold",
+    "InvalidArgumentError",
+    "Isotherm",
+    "NotFoundError",
+    "PpuError",
+    "Ramp",
+    "Refill",
+    "State",
+    "StepTo",
+    "UnavailableError",
+    "Weigh",
+    "amount_at",
+    "anneal",
+    "furnace",
+    "isotherm_to_aif",
+    "isotherm_to_pygaps",
+    "pb",
+]

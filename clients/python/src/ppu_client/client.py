@@ -1,0 +1,330 @@
+"""The synchronous client: submit batches, follow results and events, inspect and cancel.
+
+Every failed call raises a `PpuError` subclass carrying the gRPC status code and the field path
+the daemon named. Event streams survive disconnects: they reconnect and resume from the last
+sequence seen, so a consumer sees every event exactly once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, TypeVar
+
+import grpc
+
+from . import pb
+from ._generated import devices_pb2_grpc, events_pb2_grpc, experiment_pb2_grpc
+from ._requests import (
+    CHANNEL_OPTIONS,
+    STREAM_RECONNECT_CODES,
+    SUBMIT_RETRY_CODES,
+    backoff_s,
+    batch_id_of,
+    finished_experiment,
+    list_request,
+    submit_request,
+)
+from .errors import DeadlineExceededError, UnavailableError, error_from_rpc
+from .models import Batch, Capability, ExperimentResult, State
+from .recipes import ExperimentLike
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+_R = TypeVar("_R")
+
+
+class Client:
+    """A connection to one ppud.
+
+    Args:
+        target: the daemon's gRPC address, ``host:port``.
+        timeout: deadline in seconds for each unary call (None: no deadline).
+        channel: an existing `grpc.Channel` to use instead of opening one (not closed by
+            `close()`).
+        options: extra gRPC channel options.
+
+    Use it as a context manager, or call `close()`::
+
+        with Client("127.0.0.1:50051") as c:
+            batch = c.submit_batch([Experiment("anneal", [anneal(450, 3600)])])
+            for r in c.results(batch):
+                print(r.name, r.state.name)
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float | None = 30.0,
+        channel: grpc.Channel | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        self._own_channel = channel is None
+        self._closed = False
+        self._channel = channel or grpc.insecure_channel(
+            target, options=[*CHANNEL_OPTIONS, *options]
+        )
+        self._experiments = experiment_pb2_grpc.ExperimentServiceStub(self._channel)
+        self._events = events_pb2_grpc.EventServiceStub(self._channel)
+        self._devices = devices_pb2_grpc.DeviceServiceStub(self._channel)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Closes the channel (if this client opened it); open streams end."""
+        self._closed = True
+        if self._own_channel:
+            self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _unary(self, method: Callable[..., _R], request: Any, **kw: Any) -> _R:
+        try:
+            return method(request, timeout=self.timeout, **kw)
+        except grpc.RpcError as e:
+            raise error_from_rpc(e) from None
+
+    # -- experiments ----------------------------------------------------------------------------
+
+    def submit_batch(
+        self,
+        experiments: Iterable[ExperimentLike],
+        key: str | None = None,
+        *,
+        attempts: int = 3,
+    ) -> Batch:
+        """Submits a batch; returns it once the daemon has stored it durably.
+
+        Args:
+            experiments: `Experiment` dataclasses or `pb.ExperimentSpec` messages.
+            key: the idempotency key. None derives one from the content (SHA-256), so calling
+                again with the same experiments returns the stored batch (``duplicate=True``)
+                instead of enqueueing twice. Pass an explicit key to submit identical content
+                as a new batch.
+            attempts: tries when the daemon is unreachable or the reply is lost; the retries
+                reuse the key, so they cannot enqueue twice.
+
+        Raises:
+            InvalidArgumentError: a recipe is malformed or breaks a device limit;
+                `field_path` names the field, e.g.
+                ``experiments[0].steps[0].furnace.segments[0].ramp.temperature_c``.
+            FailedPreconditionError: no configured device can run a step.
+            AlreadyExistsError: the key was used before with different content.
+        """
+        req = submit_request(experiments, key)
+        for attempt in range(max(attempts, 1)):
+            try:
+                resp = self._experiments.SubmitBatch(req, timeout=self.timeout, wait_for_ready=True)
+                return Batch.from_proto(resp.batch, resp.duplicate)
+            except grpc.RpcError as e:
+                if e.code() not in SUBMIT_RETRY_CODES or attempt + 1 >= max(attempts, 1):
+                    raise error_from_rpc(e) from None
+                time.sleep(backoff_s(attempt))
+        raise AssertionError("unreachable")
+
+    def get(self, experiment_id: str) -> ExperimentResult:
+        """One experiment with its state and step results. NotFoundError if unknown."""
+        return ExperimentResult.from_proto(
+            self._unary(self._experiments.GetExperiment, pb.GetExperimentRequest(id=experiment_id))
+        )
+
+    def get_batch(self, batch_id: str) -> Batch:
+        """One batch with its experiment ids. NotFoundError if unknown."""
+        return Batch.from_proto(
+            self._unary(self._experiments.GetBatch, pb.GetBatchRequest(id=batch_id))
+        )
+
+    def list(
+        self,
+        *,
+        state: State | None = None,
+        batch: Batch | str = "",
+        labels: Mapping[str, str] | None = None,
+        page_size: int = 0,
+    ) -> Iterator[ExperimentResult]:
+        """Experiments in submission order, filtered; fetches further pages as it goes."""
+        token = ""
+        while True:
+            resp = self._unary(
+                self._experiments.ListExperiments,
+                list_request(state, batch_id_of(batch), labels, page_size, token),
+            )
+            for e in resp.experiments:
+                yield ExperimentResult.from_proto(e)
+            token = resp.next_page_token
+            if not token:
+                return
+
+    def cancel(
+        self, experiment_id: str, reason: str = "", *, after_current_step: bool = False
+    ) -> ExperimentResult:
+        """Cancels an experiment: a QUEUED one at once, a RUNNING one by aborting its step (or,
+        with `after_current_step`, before its next step). FailedPreconditionError if it has
+        already finished."""
+        return ExperimentResult.from_proto(
+            self._unary(
+                self._experiments.CancelExperiment,
+                pb.CancelExperimentRequest(
+                    id=experiment_id, reason=reason, after_current_step=after_current_step
+                ),
+            )
+        )
+
+    # -- devices --------------------------------------------------------------------------------
+
+    def devices(self) -> tuple[pb.Device, ...]:
+        """Every configured device with its capabilities, limits and link state."""
+        return tuple(self._unary(self._devices.ListDevices, pb.ListDevicesRequest()).devices)
+
+    def capabilities(self) -> frozenset[Capability]:
+        """The step kinds at least one configured device can run."""
+        return frozenset(
+            Capability(c)
+            for d in self.devices()
+            for c in d.capabilities
+            if c in Capability._value2member_map_
+        )
+
+    # -- streams --------------------------------------------------------------------------------
+
+    def events(
+        self,
+        from_seq: int = 0,
+        *,
+        batch_id: str = "",
+        experiment_id: str = "",
+        reconnect_timeout: float | None = 60.0,
+        timeout: float | None = None,
+    ) -> Generator[pb.Event, None, None]:
+        """Every event after sequence `from_seq`, oldest first, then the live tail, forever.
+
+        When the connection drops or the daemon restarts, the stream reconnects by itself and
+        resumes after the last sequence it yielded: no gap, no duplicate. Close the generator
+        (or stop iterating) to end it.
+
+        Args:
+            from_seq: sequence of the last event already seen; 0 for the whole log.
+            batch_id, experiment_id: only events of this batch / experiment.
+            reconnect_timeout: give up with UnavailableError when the daemon stays unreachable
+                this long (seconds); None retries forever.
+            timeout: end the whole iteration with DeadlineExceededError after this long.
+        """
+        last = from_seq
+        end = None if timeout is None else time.monotonic() + timeout
+        down_since: float | None = None
+        failures = 0
+        while True:
+            remaining = None if end is None else end - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise _deadline(timeout, last)
+            call = self._events.StreamEvents(
+                pb.StreamEventsRequest(
+                    from_sequence=last, batch_id=batch_id, experiment_id=experiment_id
+                ),
+                timeout=remaining,
+            )
+            try:
+                call.initial_metadata()
+                if not call.done():  # the daemon answered and the stream is open: link up
+                    down_since = None
+                for ev in call:
+                    failures = 0
+                    if ev.sequence <= last:
+                        continue  # never yield an event twice, whatever the transport does
+                    last = ev.sequence
+                    yield ev
+            except grpc.RpcError as e:
+                code = e.code()
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED and end is not None:
+                    raise _deadline(timeout, last) from None
+                if code not in STREAM_RECONNECT_CODES or self._closed:
+                    raise error_from_rpc(e) from None
+            finally:
+                call.cancel()
+            if self._closed:
+                raise UnavailableError(grpc.StatusCode.UNAVAILABLE, "the client was closed")
+            # The stream ended (the daemon shut down) or the link broke: resume after `last`.
+            now = time.monotonic()
+            down_since = now if down_since is None else down_since
+            budget = _budget(now, down_since, reconnect_timeout, end)
+            pause = backoff_s(failures)
+            failures += 1
+            if end is not None and end - now <= pause:
+                raise _deadline(timeout, last)
+            if budget is not None and budget <= pause:
+                raise _unavailable(self.target, reconnect_timeout, last)
+            time.sleep(pause)
+            try:
+                grpc.channel_ready_future(self._channel).result(
+                    timeout=None if budget is None else budget - pause
+                )
+            except grpc.FutureTimeoutError:
+                if end is not None and time.monotonic() >= end:
+                    raise _deadline(timeout, last) from None
+                raise _unavailable(self.target, reconnect_timeout, last) from None
+
+    def results(
+        self, batch: Batch | str, *, timeout: float | None = None
+    ) -> Generator[ExperimentResult, None, None]:
+        """Yields each experiment of the batch once it has finished (succeeded, failed,
+        cancelled or interrupted), in the order they finish, then stops.
+
+        Survives disconnects like `events`. `timeout` bounds the whole wait
+        (DeadlineExceededError)."""
+        if not isinstance(batch, Batch):
+            batch = self.get_batch(batch)
+        pending = set(batch.experiment_ids)
+        if not pending:
+            return
+        stream = self.events(0, batch_id=batch.id, timeout=timeout)
+        try:
+            for ev in stream:
+                done = finished_experiment(ev)
+                if done in pending:
+                    pending.discard(done)
+                    yield self.get(done)
+                    if not pending:
+                        return
+        finally:
+            stream.close()
+
+    def wait(
+        self, batch: Batch | str, *, timeout: float | None = None
+    ) -> tuple[ExperimentResult, ...]:
+        """Every experiment of the batch once all have finished, in submission order."""
+        if not isinstance(batch, Batch):
+            batch = self.get_batch(batch)
+        got = {r.id: r for r in self.results(batch, timeout=timeout)}
+        return tuple(got[i] for i in batch.experiment_ids)
+
+
+def _budget(
+    now: float, down_since: float, reconnect_timeout: float | None, end: float | None
+) -> float | None:
+    """Seconds left to re-establish a stream, or None for no limit."""
+    limits = []
+    if reconnect_timeout is not None:
+        limits.append(down_since + reconnect_timeout - now)
+    if end is not None:
+        limits.append(end - now)
+    return min(limits) if limits else None
+
+
+def _unavailable(target: str, reconnect_timeout: float | None, last: int) -> UnavailableError:
+    msg = (
+        f"event stream to {target} lost and not re-established within {reconnect_timeout} s "
+        f"(last sequence seen: {last})"
+    )
+    return UnavailableError(grpc.StatusCode.UNAVAILABLE, msg)
+
+
+def _deadline(timeout: float | None, last: int) -> DeadlineExceededError:
+    msg = f"event stream timeout of {timeout} s reached (last sequence seen: {last})"
+    return DeadlineExceededError(grpc.StatusCode.DEADLINE_EXCEEDED, msg)
