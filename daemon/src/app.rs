@@ -38,6 +38,8 @@ pub enum StartError {
     },
     #[error("gRPC setup: {0}")]
     Server(String),
+    #[error("device configuration: {0}")]
+    Drivers(String),
 }
 
 /// How to run the daemon.

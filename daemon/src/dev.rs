@@ -4,6 +4,7 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,7 +26,11 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{DeviceConfig, EurothermEntry, MtSicsEntry, Ne1000Entry, SorptionMqttEntry};
+use crate::app::{Daemon, Options, StartError};
+use crate::config::{
+    Config, DeviceConfig, EurothermEntry, MtSicsEntry, Ne1000Entry, Policies, SorptionMqttEntry,
+};
+use crate::devices::PollSettings;
 use crate::scheduler::Scheduler;
 
 /// Seed of the simulated world (hidden material model, measurement noise).
@@ -191,6 +196,32 @@ impl DevLab {
     /// what happens there (furnace temperatures, dispenses) under that sample.
     pub fn on_sample_placed(&self, sample_id: &str, device_id: &str) {
         self.world.place(sample_id, device_id);
+    }
+
+    /// Starts the daemon on this lab the way `ppud dev` and the tests do: the config entries
+    /// for the simulated devices, the real drivers, the lab's clock.
+    pub async fn start_daemon(
+        &self,
+        listen: SocketAddr,
+        data_dir: &Path,
+        poll: PollSettings,
+        policies: &Policies,
+    ) -> Result<Daemon, StartError> {
+        let config = Config {
+            listen,
+            data_dir: data_dir.to_owned(),
+            time_scale: self.clock.scale(),
+            poll: Default::default(),
+            devices: self.device_configs(),
+        };
+        let drivers = config.drivers().map_err(StartError::Drivers)?;
+        let opts = Options {
+            listen,
+            data_dir: data_dir.to_owned(),
+            clock: self.clock,
+            poll,
+        };
+        Daemon::start_with(opts, policies, drivers).await
     }
 
     /// Config entries pointing the real drivers at the simulated devices.

@@ -11,8 +11,8 @@ use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use ppu_daemon::app::{Daemon, Options};
-use ppu_daemon::config::Config;
+use ppu_daemon::app::Daemon;
+use ppu_daemon::config::Policies;
 use ppu_daemon::dev::DevLab;
 use ppu_daemon::devices::PollSettings;
 use ppu_drivers::Clock;
@@ -45,23 +45,12 @@ impl Lab {
     async fn start(data_dir: &Path, listen: SocketAddr) -> Lab {
         let clock = Clock::new(TIME_SCALE);
         let devlab = DevLab::start(clock, 1).await.expect("simulated lab");
-        let config = Config {
-            listen,
-            data_dir: data_dir.to_owned(),
-            time_scale: TIME_SCALE,
-            poll: Default::default(),
-            devices: devlab.device_configs(),
+        let poll = PollSettings {
+            poll_interval: Duration::from_millis(100),
+            reading_log_interval: Duration::from_secs(1),
         };
-        let opts = Options {
-            listen: config.listen,
-            data_dir: config.data_dir.clone(),
-            clock,
-            poll: PollSettings {
-                poll_interval: Duration::from_millis(100),
-                reading_log_interval: Duration::from_secs(1),
-            },
-        };
-        let daemon = Daemon::start(opts, config.drivers().expect("drivers"))
+        let daemon = devlab
+            .start_daemon(listen, data_dir, poll, &Policies::default())
             .await
             .expect("daemon starts");
         Lab { daemon, devlab }

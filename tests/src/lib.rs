@@ -10,8 +10,8 @@ use pb::device_service_client::DeviceServiceClient;
 use pb::event_service_client::EventServiceClient;
 use pb::experiment_service_client::ExperimentServiceClient;
 use pb::queue_service_client::QueueServiceClient;
-use ppu_daemon::app::{Daemon, Options};
-use ppu_daemon::config::{Config, Policies};
+use ppu_daemon::app::Daemon;
+use ppu_daemon::config::Policies;
 use ppu_daemon::dev::{DevLab, TransferRobot};
 use ppu_daemon::devices::PollSettings;
 use ppu_drivers::Clock;
@@ -20,6 +20,11 @@ use tonic::transport::Channel;
 
 /// Physical seconds per real second in these tests: a 2-hour program takes ~3.6 s.
 pub const TEST_TIME_SCALE: f64 = 2000.0;
+/// Device polling in these tests: fast, so readings and link changes show up quickly.
+pub const TEST_POLL: PollSettings = PollSettings {
+    poll_interval: Duration::from_millis(100),
+    reading_log_interval: Duration::from_secs(1),
+};
 /// Upper bound on any wait in these tests (real time).
 pub const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -92,26 +97,11 @@ impl Lab {
                 .await
                 .expect("simulated dispensing station");
         }
-        let config = Config {
-            listen: "127.0.0.1:0".parse().expect("addr"),
-            data_dir: data_dir.to_owned(),
-            time_scale: TEST_TIME_SCALE,
-            poll: Default::default(),
-            devices: devlab.device_configs(),
-        };
-        let opts = Options {
-            listen: config.listen,
-            data_dir: config.data_dir.clone(),
-            clock,
-            poll: PollSettings {
-                poll_interval: Duration::from_millis(100),
-                reading_log_interval: Duration::from_secs(1),
-            },
-        };
-        let daemon =
-            Daemon::start_with(opts, &lab_opts.policies, config.drivers().expect("drivers"))
-                .await
-                .expect("daemon starts");
+        let listen = "127.0.0.1:0".parse().expect("addr");
+        let daemon = devlab
+            .start_daemon(listen, data_dir, TEST_POLL, &lab_opts.policies)
+            .await
+            .expect("daemon starts");
         let devlab = Arc::new(devlab);
         let robot = lab_opts
             .transfer_delay
@@ -167,24 +157,15 @@ impl Lab {
         if let Some(d) = self.daemon.take() {
             d.shutdown().await;
         }
-        let clock = Clock::new(TEST_TIME_SCALE);
-        let config = Config {
-            listen: "127.0.0.1:0".parse().expect("addr"),
-            data_dir: self.data_dir.clone(),
-            time_scale: TEST_TIME_SCALE,
-            poll: Default::default(),
-            devices: self.devlab.device_configs(),
-        };
-        let opts = Options {
-            listen: config.listen,
-            data_dir: config.data_dir.clone(),
-            clock,
-            poll: PollSettings {
-                poll_interval: Duration::from_millis(100),
-                reading_log_interval: Duration::from_secs(1),
-            },
-        };
-        let daemon = Daemon::start(opts, config.drivers().expect("drivers"))
+        // Same lab, same clock: the simulators keep their physical time across the restart.
+        let daemon = self
+            .devlab
+            .start_daemon(
+                "127.0.0.1:0".parse().expect("addr"),
+                &self.data_dir,
+                TEST_POLL,
+                &Policies::default(),
+            )
             .await
             .expect("daemon restarts");
         if had_robot {

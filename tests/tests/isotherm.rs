@@ -6,14 +6,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pb::event::Kind;
-use ppu_daemon::app::{Daemon, Options};
-use ppu_daemon::config::Config;
+use ppu_daemon::app::Daemon;
+use ppu_daemon::config::Policies;
 use ppu_daemon::dev::{DevLab, TransferRobot};
-use ppu_daemon::devices::PollSettings;
 use ppu_drivers::Clock;
 use ppu_proto::v1 as pb;
 use ppu_tests::{
-    DEADLINE, TEST_TIME_SCALE, batch, eventually, furnace_step, hold, ramp, read_until,
+    DEADLINE, TEST_POLL, TEST_TIME_SCALE, batch, eventually, furnace_step, hold, ramp, read_until,
 };
 use tonic::Code;
 
@@ -36,23 +35,13 @@ impl AnalyserLab {
             .await
             .expect("simulated dispensing station");
         devlab.add_analysers(1).await.expect("simulated analyser");
-        let config = Config {
-            listen: "127.0.0.1:0".parse().expect("addr"),
-            data_dir: tmp.path().to_owned(),
-            time_scale: TEST_TIME_SCALE,
-            poll: Default::default(),
-            devices: devlab.device_configs(),
-        };
-        let opts = Options {
-            listen: config.listen,
-            data_dir: config.data_dir.clone(),
-            clock,
-            poll: PollSettings {
-                poll_interval: Duration::from_millis(100),
-                reading_log_interval: Duration::from_secs(1),
-            },
-        };
-        let daemon = Daemon::start(opts, config.drivers().expect("drivers"))
+        let daemon = devlab
+            .start_daemon(
+                "127.0.0.1:0".parse().expect("addr"),
+                tmp.path(),
+                TEST_POLL,
+                &Policies::default(),
+            )
             .await
             .expect("daemon starts");
         let devlab = Arc::new(devlab);
