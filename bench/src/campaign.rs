@@ -1,0 +1,153 @@
+//! Figure 5, a simulated campaign: the wall time for N experiments submitted as one batch to
+//! the in-process daemon on `ppud dev`'s simulated lab (two furnaces, the dispensing station,
+//! one sorption analyser, the transfer robot), physical time running at the given scale, from
+//! the `SubmitBatch` call to the last experiment's terminal event. Each experiment dispenses,
+//! calcines, degasses and measures an isotherm ([`workload::campaign_experiment`]).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use pb::event_service_client::EventServiceClient;
+use pb::experiment_service_client::ExperimentServiceClient;
+use ppu_proto::v1 as pb;
+
+use crate::figure::{Figure, note};
+use crate::lab::{Lab, LabConfig};
+use crate::workload;
+
+#[derive(Debug, Clone, Copy)]
+pub struct Sizes {
+    pub experiments: usize,
+    pub time_scale: f64,
+    pub furnaces: usize,
+    /// Real time the simulated robot takes per transfer.
+    pub transfer_delay: Duration,
+    /// Longest the campaign may take (real time) before the figure is abandoned.
+    pub deadline: Duration,
+}
+
+pub async fn run(sizes: Sizes, work: &Path) -> Result<Vec<Figure>> {
+    let dir = tempfile::tempdir_in(work)?;
+    let lab = Lab::start(
+        dir.path(),
+        LabConfig {
+            time_scale: sizes.time_scale,
+            furnaces: sizes.furnaces,
+            full: true,
+            transfer_delay: sizes.transfer_delay,
+        },
+    )
+    .await?;
+    let result = measure(&lab, sizes).await;
+    lab.stop().await;
+    result
+}
+
+fn seconds(t: &Option<prost_types::Timestamp>) -> Option<f64> {
+    t.map(|t| t.seconds as f64 + f64::from(t.nanos) / 1e9)
+}
+
+async fn measure(lab: &Lab, sizes: Sizes) -> Result<Vec<Figure>> {
+    let channel = lab.channel().await?;
+    let mut events = EventServiceClient::new(channel.clone())
+        .stream_events(pb::StreamEventsRequest::default())
+        .await?
+        .into_inner();
+    let mut client = ExperimentServiceClient::new(channel);
+    let request = pb::SubmitBatchRequest {
+        idempotency_key: "campaign".into(),
+        experiments: (0..sizes.experiments)
+            .map(workload::campaign_experiment)
+            .collect(),
+    };
+    let t0 = Instant::now();
+    let batch = client
+        .submit_batch(request)
+        .await?
+        .into_inner()
+        .batch
+        .context("no batch in the reply")?;
+    let deadline = tokio::time::Instant::now() + sizes.deadline;
+    let (mut finished, mut succeeded) = (0, 0);
+    while finished < sizes.experiments {
+        let e = match tokio::time::timeout_at(deadline, events.message()).await {
+            Ok(Ok(Some(e))) => e,
+            Ok(Ok(None)) => bail!("event stream ended"),
+            Ok(Err(s)) => bail!("event stream failed: {s}"),
+            Err(_) => bail!(
+                "campaign not finished after {:?}: {finished} of {} done",
+                sizes.deadline,
+                sizes.experiments
+            ),
+        };
+        if e.batch_id != batch.id {
+            continue;
+        }
+        if let Some(pb::event::Kind::ExperimentStateChanged(c)) = &e.kind {
+            use pb::ExperimentState as S;
+            let to = S::try_from(c.to).unwrap_or(S::Unspecified);
+            if matches!(to, S::Succeeded | S::Failed | S::Cancelled | S::Interrupted) {
+                finished += 1;
+                succeeded += usize::from(to == S::Succeeded);
+            }
+        }
+    }
+    let wall = t0.elapsed().as_secs_f64();
+
+    // Time each device spent executing steps, from the stored step results.
+    let mut busy: BTreeMap<String, f64> = BTreeMap::new();
+    let mut first_failure = None;
+    let mut token = String::new();
+    loop {
+        let page = client
+            .list_experiments(pb::ListExperimentsRequest {
+                batch_id: batch.id.clone(),
+                page_size: 1000,
+                page_token: token,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        for e in &page.experiments {
+            if e.state != pb::ExperimentState::Succeeded as i32 && first_failure.is_none() {
+                first_failure = Some(format!("{}: {}", e.id, e.message));
+            }
+            for r in &e.results {
+                if let (Some(a), Some(b)) = (seconds(&r.started_at), seconds(&r.finished_at)) {
+                    *busy.entry(r.device_id.clone()).or_default() += b - a;
+                }
+            }
+        }
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    if let Some(f) = first_failure {
+        note(format!(
+            "campaign: not every experiment succeeded, e.g. {f}"
+        ));
+    }
+    let (bottleneck, bottleneck_s) = busy
+        .iter()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map(|(d, s)| (d.clone(), *s))
+        .unwrap_or_default();
+    let n = sizes.experiments as f64;
+    let f = Figure::new("campaign.wall_time", wall, "s")
+        .param("experiments", sizes.experiments)
+        .param("succeeded", succeeded)
+        .param("steps", "dispense,dispense,furnace,degas,isotherm")
+        .num("time_scale", sizes.time_scale)
+        .param("furnaces", sizes.furnaces)
+        .param("analysers", 1)
+        .param("transfer_delay_ms", sizes.transfer_delay.as_millis())
+        .num("per_experiment_ms", wall / n * 1e3)
+        // The device that spent the most time executing steps, and its share of the wall time.
+        .param("busiest", bottleneck)
+        .num("busiest_pct", 100.0 * bottleneck_s / wall);
+    f.emit();
+    Ok(vec![f])
+}

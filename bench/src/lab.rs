@@ -1,0 +1,101 @@
+//! The in-process daemon the submit and campaign figures run against: the real `Daemon` (store,
+//! scheduler, gRPC server) on `ppud dev`'s simulated lab — furnaces behind real Modbus TCP
+//! sockets and, for a full lab, the dispensing station on real pseudo-terminals, a sorption
+//! analyser behind an MQTT broker and the transfer robot — reached through the real drivers,
+//! started the way `ppud dev` and the end-to-end tests start it.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use ppu_daemon::app::Daemon;
+use ppu_daemon::config::Policies;
+use ppu_daemon::dev::{DevLab, TransferRobot};
+use ppu_daemon::devices::PollSettings;
+use ppu_drivers::Clock;
+use tonic::transport::Channel;
+
+/// Which simulated lab to start.
+#[derive(Debug, Clone, Copy)]
+pub struct LabConfig {
+    /// Physical seconds per real second.
+    pub time_scale: f64,
+    pub furnaces: usize,
+    /// Adds the dispensing station, one sorption analyser and the robot that carries samples.
+    pub full: bool,
+    /// Real time the robot takes per transfer.
+    pub transfer_delay: Duration,
+}
+
+pub struct Lab {
+    daemon: Option<Daemon>,
+    devlab: Arc<DevLab>,
+    robot: Option<TransferRobot>,
+}
+
+impl Lab {
+    pub async fn start(data_dir: &Path, config: LabConfig) -> Result<Lab> {
+        let clock = Clock::new(config.time_scale);
+        let mut devlab = DevLab::start(clock, config.furnaces)
+            .await
+            .context("starting the simulated furnaces")?;
+        if config.full {
+            devlab
+                .add_analysers(1)
+                .await
+                .context("starting the simulated analyser and its MQTT broker")?;
+            devlab
+                .add_dispensing_station()
+                .await
+                .context("starting the simulated dispensing station")?;
+        }
+        // ppud dev's polling: status reads keep running during the figures, as in a lab.
+        let poll = PollSettings {
+            poll_interval: Duration::from_millis(250),
+            reading_log_interval: Duration::from_secs(5),
+        };
+        let daemon = devlab
+            .start_daemon("127.0.0.1:0".parse()?, data_dir, poll, &Policies::default())
+            .await
+            .context("starting the daemon")?;
+        let devlab = Arc::new(devlab);
+        let robot = config.full.then(|| {
+            TransferRobot::start(
+                devlab.clone(),
+                daemon.scheduler().clone(),
+                config.transfer_delay,
+            )
+        });
+        Ok(Lab {
+            daemon: Some(daemon),
+            devlab,
+            robot,
+        })
+    }
+
+    /// A new gRPC connection to the daemon.
+    pub async fn channel(&self) -> Result<Channel> {
+        let addr = self
+            .daemon
+            .as_ref()
+            .map(Daemon::addr)
+            .context("daemon stopped")?;
+        Ok(Channel::from_shared(format!("http://{addr}"))?
+            .connect()
+            .await?)
+    }
+
+    /// Graceful shutdown: robot, daemon (devices to safe state), then the simulators.
+    pub async fn stop(mut self) {
+        if let Some(r) = self.robot.take() {
+            r.stop().await;
+        }
+        if let Some(d) = self.daemon.take() {
+            d.shutdown().await;
+        }
+        if let Ok(devlab) = Arc::try_unwrap(self.devlab) {
+            devlab.shutdown().await;
+        }
+    }
+}

@@ -1,0 +1,110 @@
+//! The harness cannot rot: `ppu-bench --smoke` (tiny sizes) must run every figure against the
+//! real daemon and print each as a well-formed line. No timing is asserted — figures belong in
+//! docs/BENCHMARKS.md, not in pass/fail tests.
+
+use std::collections::HashMap;
+use std::process::Command;
+
+/// A parsed figure line: `NAME VALUE UNIT key=value ...`.
+#[derive(Debug)]
+struct Line {
+    name: String,
+    value: f64,
+    params: HashMap<String, String>,
+}
+
+fn parse(line: &str) -> Result<Line, String> {
+    let mut words = line.split_whitespace();
+    let name = words.next().ok_or("empty line")?.to_owned();
+    let value: f64 = words
+        .next()
+        .ok_or("no value")?
+        .parse()
+        .map_err(|e| format!("value: {e}"))?;
+    let unit = words.next().ok_or("no unit")?;
+    if unit.contains('=') {
+        return Err(format!("unit {unit:?} looks like a parameter"));
+    }
+    let mut params = HashMap::new();
+    for kv in words {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| format!("parameter {kv:?} is not key=value"))?;
+        params.insert(k.to_owned(), v.to_owned());
+    }
+    Ok(Line {
+        name,
+        value,
+        params,
+    })
+}
+
+#[test]
+fn smoke_run_prints_every_figure() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let out = Command::new(env!("CARGO_BIN_EXE_ppu-bench"))
+        .arg("--smoke")
+        .arg("--work-dir")
+        .arg(work.path())
+        .output()
+        .expect("run ppu-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "ppu-bench --smoke failed: {}\nstdout:\n{stdout}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Line> = stdout
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| parse(l).unwrap_or_else(|e| panic!("malformed figure line {l:?}: {e}")))
+        .collect();
+    for l in &lines {
+        assert!(
+            l.value.is_finite() && l.value >= 0.0,
+            "{} measured nothing: {l:?}",
+            l.name
+        );
+    }
+    let has = |name: &str, key: Option<(&str, &str)>| {
+        lines.iter().any(|l| {
+            l.name == name
+                && key.is_none_or(|(k, v)| l.params.get(k).map(String::as_str) == Some(v))
+        })
+    };
+    let mut expected: Vec<(&str, Option<(&str, &str)>)> = Vec::new();
+    for b in ["1", "100", "1000"] {
+        expected.push(("submit.throughput", Some(("batch", b))));
+    }
+    for s in ["1", "10", "100"] {
+        expected.push(("events.latency_p50", Some(("subscribers", s))));
+        expected.push(("events.latency_p99", Some(("subscribers", s))));
+    }
+    expected.extend([
+        ("driver.read_overhead", None),
+        ("driver.status_overhead", None),
+        ("scale.rss", None),
+        ("scale.list_first_page", None),
+        ("startup.daemon_start", None),
+        ("campaign.wall_time", None),
+    ]);
+    let missing: Vec<_> = expected.iter().filter(|(n, k)| !has(n, *k)).collect();
+    assert!(
+        missing.is_empty(),
+        "figures missing: {missing:?}\nstdout:\n{stdout}"
+    );
+    assert_eq!(
+        lines.len(),
+        expected.len(),
+        "unexpected extra lines:\n{stdout}"
+    );
+}
+
+#[test]
+fn the_parser_rejects_malformed_lines() {
+    assert!(parse("submit.throughput 12.5 exp/s batch=1").is_ok());
+    assert!(parse("submit.throughput fast exp/s").is_err());
+    assert!(parse("submit.throughput 12.5 batch=1").is_err());
+    assert!(parse("submit.throughput 12.5 exp/s batch").is_err());
+}
