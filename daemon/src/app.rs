@@ -18,6 +18,9 @@ use crate::scheduler::Scheduler;
 use crate::server::{self, Api};
 use crate::store::{Store, StoreError};
 
+/// Longest wait at shutdown for background tasks to release the store.
+const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// File name of the store inside the data directory.
 pub const STORE_FILE: &str = "ppu.redb";
 
@@ -161,6 +164,13 @@ impl Daemon {
             Ok(Ok(())) => {}
             Ok(Err(e)) => error!(error = %e, "gRPC server error"),
             Err(e) => error!(error = %e, "gRPC server task failed"),
+        }
+        // Pollers and stream tasks end on `stop` but may still be unwinding. redb allows one
+        // open per file, so wait (bounded) until they have released the store: the data dir
+        // can then be reopened at once, by a restart in the same process.
+        let deadline = tokio::time::Instant::now() + RELEASE_WAIT;
+        while !self.scheduler.is_sole_owner() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
         info!("stopped");
     }

@@ -343,6 +343,12 @@ impl Scheduler {
         &self.inner.store
     }
 
+    /// True when this is the last handle on the scheduler and nothing else holds the store
+    /// (pollers, stream tasks and gRPC handlers have all let go).
+    pub fn is_sole_owner(&self) -> bool {
+        Arc::strong_count(&self.inner) == 1 && Arc::strong_count(&self.inner.store) == 1
+    }
+
     pub fn devices(&self) -> &Devices {
         &self.inner.devices
     }
