@@ -100,6 +100,26 @@ impl Server {
     }
 }
 
+/// A runtime that may be dropped from async code: it shuts down without waiting.
+struct ClientRuntime(Option<tokio::runtime::Runtime>);
+
+impl ClientRuntime {
+    fn handle(&self) -> tokio::runtime::Handle {
+        match &self.0 {
+            Some(rt) => rt.handle().clone(),
+            None => tokio::runtime::Handle::current(),
+        }
+    }
+}
+
+impl Drop for ClientRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
 /// One event received inside the window.
 #[derive(Clone, Copy)]
 struct Receipt {
@@ -150,20 +170,30 @@ async fn measure_tier(server: &Server, subscribers: usize, sizes: &Sizes) -> Res
     let from = store.last_sequence();
     let deadline_total = sizes.warmup + sizes.measure + sizes.drain + Duration::from_secs(30);
 
+    // The subscribers run on their own runtime (one thread), as client processes would: they
+    // share the 2 cores with the daemon but not its task queues.
+    let client_rt = ClientRuntime(Some(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("bench-subscribers")
+            .enable_all()
+            .build()?,
+    ));
     let mut clients = Vec::with_capacity(subscribers);
     for _ in 0..subscribers {
-        let channel = Channel::from_shared(format!("http://{}", server.addr))?
-            .connect()
-            .await?;
-        let mut stream = EventServiceClient::new(channel)
-            .stream_events(pb::StreamEventsRequest {
-                from_sequence: from,
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
+        let addr = server.addr;
         let (window, ready) = (window.clone(), ready_tx.clone());
-        clients.push(tokio::spawn(async move {
+        clients.push(client_rt.handle().spawn(async move {
+            let channel = Channel::from_shared(format!("http://{addr}"))?
+                .connect()
+                .await?;
+            let mut stream = EventServiceClient::new(channel)
+                .stream_events(pb::StreamEventsRequest {
+                    from_sequence: from,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
             let mut out = Received {
                 receipts: Vec::new(),
                 complete: false,
@@ -173,7 +203,7 @@ async fn measure_tier(server: &Server, subscribers: usize, sizes: &Sizes) -> Res
             loop {
                 let e = match tokio::time::timeout_at(deadline, stream.message()).await {
                     Ok(Ok(Some(e))) => e,
-                    Ok(Ok(None)) | Ok(Err(_)) | Err(_) => return out,
+                    Ok(Ok(None)) | Ok(Err(_)) | Err(_) => return Ok::<_, anyhow::Error>(out),
                 };
                 if window.counts(e.sequence) {
                     out.receipts.extend(receipt(&e, epoch));
@@ -184,7 +214,7 @@ async fn measure_tier(server: &Server, subscribers: usize, sizes: &Sizes) -> Res
                 }
                 if e.sequence > window.to.load(Ordering::SeqCst) {
                     out.complete = true;
-                    return out;
+                    return Ok(out);
                 }
             }
         }));
@@ -247,7 +277,7 @@ async fn measure_tier(server: &Server, subscribers: usize, sizes: &Sizes) -> Res
     let mut after_commit = Vec::new();
     let mut complete = 0;
     for c in clients {
-        let r = c.await?;
+        let r = c.await??;
         complete += usize::from(r.complete);
         for x in &r.receipts {
             from_stamp.push(x.from_stamp_us);
