@@ -84,6 +84,7 @@ impl Server {
                     poll_interval: Duration::from_secs(1),
                     reading_log_interval: Duration::from_secs(10),
                 },
+                security: Default::default(),
             },
             Vec::new(),
         )

@@ -304,6 +304,7 @@ pub async fn child_main(data_dir: PathBuf) -> Result<()> {
                 poll_interval: Duration::from_secs(1),
                 reading_log_interval: Duration::from_secs(10),
             },
+            security: Default::default(),
         },
         Vec::new(),
     )

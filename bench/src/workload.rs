@@ -187,6 +187,7 @@ pub fn fill(path: &Path, experiments: usize, events: u64) -> Result<Filled> {
             idempotency_key: format!("fill-{batch_id}"),
             experiment_ids: list.iter().map(|e| e.id.clone()).collect(),
             created_at: Some(now),
+            submitted_by: "ppu-bench".into(),
         };
         sample.get_or_insert_with(|| (list[0].id.clone(), batch_id.clone()));
         store.write(move |w| {

@@ -1,10 +1,17 @@
 //! Starting and stopping the daemon: open the store, recover, start device pollers and the
 //! scheduler, serve gRPC; on shutdown stop in the reverse order and leave every device safe.
 //! Recovery of in-flight work follows the configured policies (`config::Policies`).
+//!
+//! Listening follows [`Security`]: gRPC on TCP (TLS, optionally mutual, when configured;
+//! plain text only on loopback unless explicitly allowed), optionally a Unix socket for local
+//! tools, optionally a Prometheus endpoint. The listening rules are checked before the store is
+//! opened, so a refused configuration changes nothing.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 use ppu_drivers::{Clock, Device};
 use tokio::net::TcpListener;
@@ -12,10 +19,11 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::auth::{AuthLayer, Authenticator, LocalPolicy, Mode, Role};
 use crate::config::Policies;
 use crate::devices::{Devices, PollSettings};
 use crate::scheduler::Scheduler;
-use crate::server::{self, Api};
+use crate::server::{self, Api, Limits};
 use crate::store::{Store, StoreError};
 
 /// Longest wait at shutdown for background tasks to release the store.
@@ -42,6 +50,105 @@ pub enum StartError {
     Server(String),
     #[error("device configuration: {0}")]
     Drivers(String),
+    #[error("refusing to start: {0}")]
+    Refused(String),
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("local socket {path}: {source}")]
+    Socket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("metrics endpoint {addr}: {source}")]
+    Metrics {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// The listening rules behind [`Security::check_listen`], on the facts they need.
+pub fn check_listen(
+    listen: SocketAddr,
+    open: bool,
+    tls: bool,
+    insecure_plaintext: bool,
+) -> Result<(), String> {
+    if listen.ip().is_loopback() {
+        return Ok(());
+    }
+    if open {
+        return Err(format!(
+            "{listen} is not a loopback address and authentication is off: anyone on the \
+             network could drive the lab. Configure [auth] tokens_file, or listen on 127.0.0.1"
+        ));
+    }
+    if !tls && !insecure_plaintext {
+        return Err(format!(
+            "{listen} is not a loopback address and no [tls] is configured: tokens and lab data \
+             would cross the network in clear text. Configure [tls] cert_file and key_file, \
+             listen on 127.0.0.1, or pass --insecure-plaintext (config: insecure_plaintext = \
+             true) to accept the risk"
+        ));
+    }
+    Ok(())
+}
+
+/// Server certificate and key, and for mutual TLS the CA that signs client certificates (PEM).
+#[derive(Debug, Clone)]
+pub struct TlsPem {
+    pub cert: Vec<u8>,
+    pub key: Vec<u8>,
+    pub client_ca: Option<Vec<u8>>,
+}
+
+/// The Unix socket for tools on this host.
+#[derive(Debug, Clone)]
+pub struct LocalSocket {
+    pub path: PathBuf,
+    /// File mode of the socket, e.g. 0o660.
+    pub mode: u32,
+    /// Role of a peer that connects without a token (own uid and root: admin).
+    pub role: Role,
+    /// Admitted peer uids besides the daemon's and root; empty admits any.
+    pub allowed_uids: Vec<u32>,
+}
+
+/// Who may connect and how (config `[auth]`, `[tls]`, `[local]`, `[limits]`, `[metrics]`).
+/// The default is what `ppud dev` runs with: open, plain text, loopback only.
+#[derive(Debug, Clone, Default)]
+pub struct Security {
+    pub auth: Authenticator,
+    pub tls: Option<TlsPem>,
+    /// Allow plain-text gRPC on a non-loopback address.
+    pub insecure_plaintext: bool,
+    pub local: Option<LocalSocket>,
+    pub limits: Limits,
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+impl Security {
+    /// The listening rules: off loopback, plain text needs an explicit opt-in and an open
+    /// daemon is never allowed. Returns the reason for a refusal.
+    pub fn check_listen(&self, listen: SocketAddr) -> Result<(), String> {
+        check_listen(
+            listen,
+            matches!(self.auth.mode, Mode::Open),
+            self.tls.is_some(),
+            self.insecure_plaintext,
+        )
+    }
+
+    fn server_tls(&self) -> Result<Option<ServerTlsConfig>, StartError> {
+        let Some(tls) = &self.tls else {
+            return Ok(None);
+        };
+        let mut config = ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert, &tls.key));
+        if let Some(ca) = &tls.client_ca {
+            config = config.client_ca_root(Certificate::from_pem(ca));
+        }
+        Ok(Some(config))
+    }
 }
 
 /// How to run the daemon.
@@ -51,6 +158,7 @@ pub struct Options {
     pub data_dir: PathBuf,
     pub clock: Clock,
     pub poll: PollSettings,
+    pub security: Security,
 }
 
 /// A started daemon. Drop without [`Daemon::shutdown`] only to simulate a crash in tests.
@@ -60,6 +168,8 @@ pub struct Daemon {
     scheduler: Scheduler,
     scheduler_task: JoinHandle<()>,
     server_task: JoinHandle<Result<(), tonic::transport::Error>>,
+    local_task: Option<(PathBuf, JoinHandle<Result<(), tonic::transport::Error>>)>,
+    metrics_addr: Option<SocketAddr>,
 }
 
 impl Daemon {
@@ -75,6 +185,16 @@ impl Daemon {
         policies: &Policies,
         drivers: Vec<Arc<dyn Device>>,
     ) -> Result<Daemon, StartError> {
+        opts.security
+            .check_listen(opts.listen)
+            .map_err(StartError::Refused)?;
+        if matches!(opts.security.auth.mode, Mode::Open) {
+            warn!(
+                "AUTHENTICATION IS OFF: every caller is an admin. Fine for `ppud dev` on \
+                 loopback; never on a lab network (configure [auth] tokens_file)"
+            );
+        }
+        let tls = opts.security.server_tls()?;
         std::fs::create_dir_all(&opts.data_dir).map_err(|source| StartError::DataDir {
             path: opts.data_dir.clone(),
             source,
@@ -116,12 +236,62 @@ impl Daemon {
             addr: opts.listen,
             source,
         })?;
-        let router = server::router(Api {
-            scheduler: scheduler.clone(),
-            stop: stop.clone(),
-        })
-        .await
-        .map_err(|e| StartError::Server(e.to_string()))?;
+        let metrics_addr = match opts.security.metrics_listen {
+            Some(addr) => {
+                let endpoint = crate::metrics::MetricsEndpoint::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Metrics { addr, source })?;
+                let bound = endpoint.local_addr();
+                endpoint.spawn(scheduler.clone(), stop.clone());
+                info!(addr = %bound, "serving Prometheus metrics at /metrics");
+                Some(bound)
+            }
+            None => None,
+        };
+        let api = Api::new(
+            scheduler.clone(),
+            stop.clone(),
+            opts.security.limits.clone(),
+        );
+        let mut auth = opts.security.auth.clone();
+        let local = match &opts.security.local {
+            Some(local) => {
+                let (listener, own_uid) = bind_local(local)?;
+                auth.local = Some(LocalPolicy {
+                    role: local.role,
+                    allowed_uids: local.allowed_uids.clone(),
+                    own_uid,
+                });
+                Some((local.path.clone(), listener))
+            }
+            None => None,
+        };
+        let auth = AuthLayer::new(Arc::new(auth), scheduler.store().clone());
+        let local_task = match local {
+            Some((path, listener)) => {
+                let router = server::router(api.clone(), auth.clone(), None)
+                    .await
+                    .map_err(|e| StartError::Server(e.to_string()))?;
+                let shutdown = stop.clone();
+                info!(path = %path.display(), "serving gRPC on the local socket");
+                Some((
+                    path,
+                    tokio::spawn(async move {
+                        router
+                            .serve_with_incoming_shutdown(
+                                tokio_stream::wrappers::UnixListenerStream::new(listener),
+                                shutdown.cancelled_owned(),
+                            )
+                            .await
+                    }),
+                ))
+            }
+            None => None,
+        };
+        let secure = tls.is_some();
+        let router = server::router(api, auth, tls)
+            .await
+            .map_err(|e| StartError::Tls(e.to_string()))?;
         let shutdown = stop.clone();
         let server_task = tokio::spawn(async move {
             router
@@ -133,14 +303,21 @@ impl Daemon {
                 )
                 .await
         });
-        info!(%addr, "serving gRPC");
+        info!(%addr, tls = secure, "serving gRPC");
         Ok(Daemon {
             addr,
             stop,
             scheduler,
             scheduler_task,
             server_task,
+            local_task,
+            metrics_addr,
         })
+    }
+
+    /// Where Prometheus metrics are served, when configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The bound gRPC address (useful with port 0).
@@ -165,6 +342,14 @@ impl Daemon {
             Ok(Err(e)) => error!(error = %e, "gRPC server error"),
             Err(e) => error!(error = %e, "gRPC server task failed"),
         }
+        if let Some((path, task)) = self.local_task {
+            match task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => error!(error = %e, "local socket server error"),
+                Err(e) => error!(error = %e, "local socket server task failed"),
+            }
+            let _ = std::fs::remove_file(&path);
+        }
         // Pollers and stream tasks end on `stop` but may still be unwinding. redb allows one
         // open per file, so wait (bounded) until they have released the store: the data dir
         // can then be reopened at once, by a restart in the same process.
@@ -174,4 +359,31 @@ impl Daemon {
         }
         info!("stopped");
     }
+}
+
+/// Binds the Unix socket with its file mode; returns it with the daemon's uid (the socket
+/// file's owner). A stale socket left by a killed daemon is replaced; any other file at the
+/// path is an error, never deleted.
+fn bind_local(local: &LocalSocket) -> Result<(tokio::net::UnixListener, u32), StartError> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+    let err = |source| StartError::Socket {
+        path: local.path.clone(),
+        source,
+    };
+    match std::fs::symlink_metadata(&local.path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(&local.path).map_err(err)?,
+        Ok(_) => {
+            return Err(err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "exists and is not a socket; not touching it",
+            )));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    let listener = tokio::net::UnixListener::bind(&local.path).map_err(err)?;
+    std::fs::set_permissions(&local.path, std::fs::Permissions::from_mode(local.mode))
+        .map_err(err)?;
+    let uid = std::fs::metadata(&local.path).map_err(err)?.uid();
+    Ok((listener, uid))
 }

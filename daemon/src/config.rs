@@ -15,6 +15,12 @@ use ppu_drivers::transport::modbus::{ModbusConfig, ModbusEndpoint};
 use ppu_drivers::transport::mqtt::{BrokerUrl, MqttConfig, MqttTls, ParseBrokerUrlError};
 use serde::Deserialize;
 
+mod security;
+
+pub use security::{
+    AuthConfig, LocalConfig, LogConfig, LogFormat, MetricsConfig, SecurityConfig, TlsConfig,
+};
+
 use crate::devices::{PollSettings, RetryPolicy};
 use crate::recovery::RecoveryPolicy;
 
@@ -199,7 +205,7 @@ impl EurothermEntry {
 }
 
 /// Every top-level key of the config file: [`Config`]'s and [`Policies`]'.
-const TOP_LEVEL_KEYS: [&str; 7] = [
+const TOP_LEVEL_KEYS: [&str; 14] = [
     "listen",
     "data_dir",
     "time_scale",
@@ -207,6 +213,13 @@ const TOP_LEVEL_KEYS: [&str; 7] = [
     "devices",
     "recovery",
     "retry",
+    "insecure_plaintext",
+    "auth",
+    "tls",
+    "local",
+    "metrics",
+    "log",
+    "limits",
 ];
 
 /// Daemon-wide policies: the `[recovery]` and `[retry]` tables. Parsed from the same file as
@@ -220,6 +233,9 @@ pub struct Policies {
     /// Retries of transient device errors.
     #[serde(default)]
     pub retry: RetryConfig,
+    /// Who may connect and how: `[auth]`, `[tls]`, `[local]`, `[metrics]`, `[log]`, `[limits]`.
+    #[serde(flatten)]
+    pub security: SecurityConfig,
 }
 
 /// The `[retry]` table: retries of transient link errors (timeouts, disconnects) around status
@@ -830,7 +846,8 @@ impl Config {
             });
         }
         let c: Config = toml::from_str(text).map_err(parse_error)?;
-        let p: Policies = toml::from_str(text).map_err(parse_error)?;
+        let mut p: Policies = toml::from_str(text).map_err(parse_error)?;
+        p.security.base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         Ok((c, p))
     }
 
@@ -838,6 +855,9 @@ impl Config {
     pub fn problems_with(&self, policies: &Policies) -> Vec<String> {
         let mut out = self.problems();
         out.extend(policies.retry.problems(&self.devices));
+        if let Err(problems) = policies.security.resolve(self.listen) {
+            out.extend(problems);
+        }
         out
     }
 
@@ -968,10 +988,15 @@ impl Config {
 mod tests {
     use super::*;
 
+    /// The example's real path: its tokens_file is relative to it.
+    fn example_path() -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/ppud.example.toml")
+    }
+
     #[test]
     fn the_example_config_parses() {
         let text = include_str!("../../deploy/ppud.example.toml");
-        let c = Config::parse(text, Path::new("ppud.example.toml")).unwrap();
+        let c = Config::parse(text, &example_path()).unwrap();
         assert!(!c.devices.is_empty());
         assert!(c.drivers().is_ok());
     }
@@ -979,7 +1004,7 @@ mod tests {
     #[test]
     fn policies_parse_with_defaults_overrides_and_named_errors() {
         use crate::recovery::{FurnaceRecovery, OnRestart};
-        let dev = "[[devices]]\ndriver = \"eurotherm\"\nid = \"f\"\nendpoint = \"modbus-tcp://127.0.0.1:502\"\n";
+        let dev = "[auth]\nopen = true\n[[devices]]\ndriver = \"eurotherm\"\nid = \"f\"\nendpoint = \"modbus-tcp://127.0.0.1:502\"\n";
         let (_, p) = Config::parse_with_policies(dev, Path::new("x.toml")).unwrap();
         assert_eq!(p.recovery.on_restart, OnRestart::Interrupt);
         assert_eq!(p.recovery.furnace, FurnaceRecovery::Safe);
@@ -1013,13 +1038,13 @@ mod tests {
     #[test]
     fn dispensing_stations_parse_and_bad_references_are_named() {
         let text = include_str!("../../deploy/ppud.example.toml");
-        let c = Config::parse(text, Path::new("ppud.example.toml")).unwrap();
+        let c = Config::parse(text, &example_path()).unwrap();
         let drivers = c.drivers().unwrap();
         let pump = drivers.iter().find(|d| d.info().id == "pump-a").unwrap();
         assert_eq!(pump.info().driver, "ne1000");
         assert!(pump.info().transport.contains("weighed by balance-1"));
         assert!(drivers.iter().any(|d| d.info().driver == "mt_sics"));
-        let base = "[[devices]]\ndriver = \"ne1000\"\nid = \"p\"\nport = \"/dev/ttyUSB3\"\n\
+        let base = "[auth]\nopen = true\n[[devices]]\ndriver = \"ne1000\"\nid = \"p\"\nport = \"/dev/ttyUSB3\"\n\
                     reagent = \"A\"\ndensity_g_per_ml = 1.0\nsyringe_inner_diameter_mm = 14.43\n\
                     syringe_volume_ml = 10.0\nfill_ml = 5.0\n";
         Config::parse(base, Path::new("x.toml")).unwrap();
@@ -1032,7 +1057,10 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("devices[0].fill_ml"), "{e}");
-        let twice = format!("{base}{}", base.replace("id = \"p\"", "id = \"q\""));
+        let second = base
+            .replace("id = \"p\"", "id = \"q\"")
+            .replace("[auth]\nopen = true\n", "");
+        let twice = format!("{base}{second}");
         let e = Config::parse(&twice, Path::new("x.toml")).unwrap_err();
         assert!(e.to_string().contains("devices[1].port"), "{e}");
     }

@@ -26,7 +26,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::app::{Daemon, Options, StartError};
+use crate::app::{Daemon, Options, Security, StartError};
 use crate::config::{
     Config, DeviceConfig, EurothermEntry, MtSicsEntry, Ne1000Entry, Policies, SorptionMqttEntry,
 };
@@ -207,6 +207,19 @@ impl DevLab {
         poll: PollSettings,
         policies: &Policies,
     ) -> Result<Daemon, StartError> {
+        self.start_secured_daemon(listen, data_dir, poll, policies, Security::default())
+            .await
+    }
+
+    /// [`DevLab::start_daemon`] with authentication, TLS, a local socket or metrics.
+    pub async fn start_secured_daemon(
+        &self,
+        listen: SocketAddr,
+        data_dir: &Path,
+        poll: PollSettings,
+        policies: &Policies,
+        security: Security,
+    ) -> Result<Daemon, StartError> {
         let config = Config {
             listen,
             data_dir: data_dir.to_owned(),
@@ -220,6 +233,7 @@ impl DevLab {
             data_dir: data_dir.to_owned(),
             clock: self.clock,
             poll,
+            security,
         };
         Daemon::start_with(opts, policies, drivers).await
     }

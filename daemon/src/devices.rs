@@ -22,6 +22,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::metrics;
 use crate::store::{Store, StoreError, now_timestamp};
 
 /// Longest single backoff between two attempts, whatever the policy says.
@@ -67,7 +68,14 @@ impl RetryPolicy {
     {
         let mut attempt = 0;
         loop {
-            match op().await {
+            let out = op().await;
+            match &out {
+                // A device without the optional operation (e.g. alarm acknowledgement) did not
+                // fail.
+                Err(DeviceError::Unsupported(_)) | Ok(_) => {}
+                Err(e) => metrics::device_error(device, e),
+            }
+            match out {
                 Err(e) if e.is_transient() && attempt < self.retries => {
                     attempt += 1;
                     let wait = self.delay(attempt);
@@ -190,8 +198,16 @@ impl DeviceHandle {
     /// Reads the device's status, retrying transient errors per the device's policy.
     pub async fn status(&self) -> Result<DeviceStatus, DeviceError> {
         self.retry
-            .run("status read", self.id(), || self.driver.status())
+            .run("status read", self.id(), || self.timed_status())
             .await
+    }
+
+    /// One status read, its round trip recorded in the metrics.
+    async fn timed_status(&self) -> Result<DeviceStatus, DeviceError> {
+        let t0 = std::time::Instant::now();
+        let out = self.driver.status().await;
+        metrics::device_request(self.id(), t0.elapsed());
+        out
     }
 
     /// Drives the device to its safe state, retrying transient errors per its policy.
@@ -573,7 +589,7 @@ async fn poll(dev: Arc<DeviceHandle>, store: Arc<Store>, s: PollSettings, stop: 
             _ = tick.tick() => {}
         }
         let mut events = Vec::new();
-        match dev.driver.status().await {
+        match dev.timed_status().await {
             Ok(status) => {
                 events.extend(dev.set_connected(true, String::new()));
                 events.extend(dev.diff_alarms(&status.alarms));
@@ -584,6 +600,7 @@ async fn poll(dev: Arc<DeviceHandle>, store: Arc<Store>, s: PollSettings, stop: 
                 }
             }
             Err(e) => {
+                metrics::device_error(dev.id(), &e);
                 if let Some(k) = dev.set_connected(false, e.to_string()) {
                     warn!(device = dev.id(), error = %e, "device link down");
                     events.push(k);

@@ -3,12 +3,14 @@
 //! `ppud` binary wires them together; `ppuctl` is the command-line client.
 
 pub mod app;
+pub mod auth;
 pub mod board;
 pub mod config;
 pub mod dev;
 pub mod devices;
 pub mod events;
 pub mod journal;
+pub mod metrics;
 pub mod queue;
 pub mod recovery;
 pub mod results;

@@ -8,6 +8,21 @@
 //! interrupted step or marked INTERRUPTED (`on_restart`). Stale reservations are released and
 //! pending transfers re-requested or dropped. Every decision is a `RecoveryDecision` event,
 //! committed with the records it changes.
+//!
+//! # Steps that cannot run again
+//!
+//! `on_restart = "resume"` runs the interrupted step again from its beginning. That is right
+//! for a furnace program, an isotherm or a transfer, but not for a dispense: the liquid the
+//! pump delivered before the crash stays in the vessel, so running the step again would add
+//! its whole volume on top. Resuming only the remainder is not safe either: after a crash the
+//! pump's counter does not say which part of it belongs to the interrupted step (the crash may
+//! come before the driver cleared it, a power cycle clears it), and the balance's tare, taken
+//! before the run, is lost, so the remainder could not be checked gravimetrically against the
+//! whole. So a dispense that was in flight is never resumed ([`not_rerunnable`]): its pump is
+//! stopped as always, and the experiment is marked INTERRUPTED even under `resume`, with a
+//! `RecoveryDecision` (`interrupted`) that says why; a person checks the vessel and resubmits
+//! what is missing. The same holds for a dispense aborted by a graceful shutdown. Experiments
+//! stopped between steps, or in any other kind of step, resume as configured.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -34,7 +49,9 @@ pub enum OnRestart {
     /// Mark them INTERRUPTED (a person decides what to redo).
     #[default]
     Interrupt,
-    /// Resume them from the interrupted step, which runs again from its start.
+    /// Resume them from the interrupted step, which runs again from its start — except a
+    /// step that cannot run twice ([`not_rerunnable`]: a dispense), whose experiment is
+    /// marked INTERRUPTED instead.
     Resume,
 }
 
@@ -108,6 +125,21 @@ impl fmt::Display for FurnaceRecovery {
             FurnaceRecovery::Safe => "safe",
             FurnaceRecovery::Adopt => "adopt",
         })
+    }
+}
+
+/// Why `step`, cut short while it ran, must not run again from its beginning, or `None` if
+/// it may. A dispense may already have delivered part of its volume, which cannot be taken
+/// back: running it again would deliver the whole volume on top (see the module docs).
+pub fn not_rerunnable(step: &pb::Step) -> Option<String> {
+    match &step.kind {
+        Some(pb::step::Kind::Dispense(d)) => Some(format!(
+            "a dispense ({} mL of {}) cut short may already have delivered part of its volume, and \
+             running it again from its start would deliver the whole volume on top, so it is not \
+             resumed; check the vessel and resubmit what is missing",
+            d.volume_ml, d.reagent
+        )),
+        _ => None,
     }
 }
 
@@ -226,10 +258,24 @@ pub async fn recover(
         .filter(|d| d.adopted)
         .map(|d| d.entry.clone())
         .collect();
+    // Experiments whose interrupted step must not run again: INTERRUPTED even under resume.
+    let refused: HashMap<String, String> = if policy.on_restart == OnRestart::Resume {
+        decisions
+            .iter()
+            .filter(|d| !d.adopted)
+            .filter_map(|d| {
+                let why = not_rerunnable(d.entry.step.as_ref()?)?;
+                Some((d.entry.experiment_id.clone(), why))
+            })
+            .collect()
+    } else {
+        HashMap::new()
+    };
     let resume: Vec<String> = if policy.on_restart == OnRestart::Resume {
         running_ids
             .iter()
             .filter(|id| !adopted.iter().any(|a| &a.experiment_id == *id))
+            .filter(|id| !refused.contains_key(*id))
             .cloned()
             .collect()
     } else {
@@ -255,6 +301,10 @@ pub async fn recover(
     let n_decisions = decisions.len();
     let (interrupted, _) = store
         .write_async(move |w| {
+            // Whether a RUNNING experiment ends INTERRUPTED (not resumed, not adopted).
+            let interrupts = |id: &str| {
+                policy.on_restart == OnRestart::Interrupt || refused.contains_key(id)
+            };
             let mut experiments: HashMap<String, pb::Experiment> = HashMap::new();
             for e in running {
                 experiments.insert(e.id.clone(), e);
@@ -286,7 +336,7 @@ pub async fn recover(
                     finished_at: Some(now_timestamp()),
                     ..Default::default()
                 };
-                if policy.on_restart == OnRestart::Interrupt
+                if interrupts(&e.experiment_id)
                     && let Some(x) = experiments.get_mut(&e.experiment_id)
                 {
                     x.results.push(result.clone());
@@ -306,7 +356,7 @@ pub async fn recover(
             // Pending transfers: interrupted experiments close theirs; resumed ones ask again.
             for p in w.transfers()? {
                 w.take_transfer(&p.id)?;
-                if policy.on_restart == OnRestart::Interrupt
+                if interrupts(&p.experiment_id)
                     && let Some(x) = experiments.get_mut(&p.experiment_id)
                 {
                     let result = pb::StepResult {
@@ -340,7 +390,7 @@ pub async fn recover(
                     continue;
                 }
                 let step = e.current_step;
-                if policy.on_restart == OnRestart::Resume {
+                if !interrupts(&id) {
                     w.emit(
                         &e.id,
                         &e.batch_id,
@@ -356,12 +406,19 @@ pub async fn recover(
                     w.put_experiment(&e)?;
                     continue;
                 }
-                let reason = if safe_stated.contains_key(&id) {
+                let mut reason = if safe_stated.contains_key(&id) {
                     format!(
                         "daemon stopped while step {step} was running; the device was sent to its safe state on restart"
                     )
                 } else {
                     format!("daemon stopped between steps, before step {step}")
+                };
+                let detail = match refused.get(&id) {
+                    Some(why) => {
+                        reason.push_str(&format!("; {why}"));
+                        format!("policy on_restart = resume, but step {step} cannot run again: {reason}")
+                    }
+                    None => format!("policy on_restart = interrupt: {reason}"),
                 };
                 w.emit(
                     &e.id,
@@ -370,7 +427,7 @@ pub async fn recover(
                     Kind::RecoveryDecision(pb::RecoveryDecision {
                         action: "interrupted".into(),
                         step_index: step,
-                        detail: format!("policy on_restart = interrupt: {reason}"),
+                        detail,
                     }),
                 );
                 if set_state(&mut e, State::Interrupted, &reason, w).is_ok() {
@@ -411,4 +468,34 @@ fn release_stale(w: &mut WriteTx<'_>, keep: &[String]) -> Result<(), StoreError>
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(kind: pb::step::Kind) -> pb::Step {
+        pb::Step {
+            device_id: String::new(),
+            kind: Some(kind),
+        }
+    }
+
+    #[test]
+    fn only_a_dispense_is_not_rerunnable() {
+        let dispense = step(pb::step::Kind::Dispense(pb::Dispense {
+            reagent: "A".into(),
+            volume_ml: 8.0,
+            rate_ml_per_min: 2.0,
+        }));
+        let why = not_rerunnable(&dispense).expect("a dispense cannot run twice");
+        assert!(why.contains("8 mL of A"), "{why}");
+        for kind in [
+            pb::step::Kind::Furnace(pb::FurnaceProgram::default()),
+            pb::step::Kind::Isotherm(pb::Isotherm::default()),
+            pb::step::Kind::Refill(pb::Refill::default()),
+        ] {
+            assert_eq!(not_rerunnable(&step(kind.clone())), None, "{kind:?}");
+        }
+    }
 }

@@ -35,6 +35,7 @@ use tracing::{info, warn};
 use crate::board::{Board, Need, Running, StopReason};
 use crate::devices::{DeviceHandle, Devices};
 use crate::journal::JournalEntry;
+use crate::metrics;
 use crate::queue::{OrderKey, priority};
 use crate::recovery::{self, OnRestart, RecoveryPolicy};
 use crate::results;
@@ -396,6 +397,15 @@ impl Scheduler {
 
     /// Validates, stores and enqueues a batch; see `SubmitBatch` in the API.
     pub async fn submit(&self, req: pb::SubmitBatchRequest) -> Result<(pb::Batch, bool), Status> {
+        self.submit_as(req, "").await
+    }
+
+    /// [`Scheduler::submit`] on behalf of `principal`, stored as the batch's `submitted_by`.
+    pub async fn submit_as(
+        &self,
+        req: pb::SubmitBatchRequest,
+        principal: &str,
+    ) -> Result<(pb::Batch, bool), Status> {
         safety::check_batch(&req, &self.inner.devices)?;
         let hash = content_hash(&req.experiments);
         if let Some(found) = self.existing_batch(&req.idempotency_key, &hash)? {
@@ -425,6 +435,7 @@ impl Scheduler {
             idempotency_key: req.idempotency_key.clone(),
             experiment_ids: experiments.iter().map(|e| e.id.clone()).collect(),
             created_at: Some(now),
+            submitted_by: principal.to_owned(),
         };
         let key = req.idempotency_key;
         let (stored, _) = self
@@ -513,6 +524,11 @@ impl Scheduler {
             }
         }
         Ok(())
+    }
+
+    /// How many experiments are QUEUED (held ones included); O(1), for metrics.
+    pub fn queue_depth(&self) -> usize {
+        self.lock().queue.len()
     }
 
     /// QUEUED experiments in start order, held ones included.
@@ -1598,8 +1614,18 @@ impl Scheduler {
         let path = format!("steps[{j}]");
         let outcome = match safety::step_command(&step, &path) {
             Ok(cmd) => {
-                self.execute(&exp, j as u32, &dev, &cmd, token, elapsed)
-                    .await
+                let t0 = std::time::Instant::now();
+                let out = self
+                    .execute(&exp, j as u32, &dev, &cmd, token, elapsed)
+                    .await;
+                match &out {
+                    // An adopted step ran partly before this process: its time here says
+                    // nothing about the step.
+                    Ok(_) if !adopting => metrics::step_finished(dev.family(), t0.elapsed()),
+                    Ok(_) | Err(DeviceError::Aborted) => {}
+                    Err(e) => metrics::device_error(&device, e),
+                }
+                out
             }
             Err(r) => Err(DeviceError::Unsupported(format!(
                 "{}: {}",
@@ -1653,7 +1679,20 @@ impl Scheduler {
                     }
                     StopReason::Shutdown => {
                         result.message = "aborted: daemon shutting down".into();
-                        if on_restart == OnRestart::Resume {
+                        let rerun = recovery::not_rerunnable(&step);
+                        if on_restart == OnRestart::Resume
+                            && let Some(why) = rerun
+                        {
+                            // Resuming would run it again from its start: see `recovery`.
+                            let why = format!("daemon shut down while step {j} was running; {why}");
+                            decision = Some((
+                                "interrupted",
+                                format!(
+                                    "policy on_restart = resume, but step {j} cannot run again: {why}"
+                                ),
+                            ));
+                            (true, false, Some((State::Interrupted, why)))
+                        } else if on_restart == OnRestart::Resume {
                             (false, false, None)
                         } else {
                             let why = "daemon shut down while the step was running".to_owned();

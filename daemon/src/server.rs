@@ -3,9 +3,16 @@
 //! Handlers are thin: they translate requests into scheduler, store and device-registry calls
 //! and map errors to status codes. Streams end when the client goes away or the daemon shuts
 //! down, so graceful shutdown never waits on an idle subscriber.
+//!
+//! Authentication, authorisation and the audit trail happen before a handler runs, in
+//! [`crate::auth::AuthLayer`]; handlers only name their target for the audit record and apply
+//! the two rules the method table cannot express (a planner cancels only its own batches) and
+//! the [`Limits`] against abuse: batch size, submission rate per principal, open streams.
 
+use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use futures_util::Stream;
 use pb::device_service_server::{DeviceService, DeviceServiceServer};
@@ -13,13 +20,16 @@ use pb::event_service_server::{EventService, EventServiceServer};
 use pb::experiment_service_server::{ExperimentService, ExperimentServiceServer};
 use pb::queue_service_server::{QueueService, QueueServiceServer};
 use ppu_proto::v1 as pb;
-use tokio::sync::{broadcast, mpsc};
+use serde::Deserialize;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use crate::auth::{Caller, Role};
 use crate::devices::AckError;
 use crate::events::{self, Filter};
+use crate::metrics::{ActiveStream, StreamKind};
 use crate::scheduler::Scheduler;
 use crate::state::State;
 
@@ -31,12 +41,123 @@ const STREAM_BUFFER: usize = 256;
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
+/// Limits against abuse and mistakes (config `[limits]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Most experiments in one SubmitBatch; more is INVALID_ARGUMENT.
+    pub max_batch_experiments: usize,
+    /// Largest gRPC message either way, bytes; larger is RESOURCE_EXHAUSTED.
+    pub max_message_bytes: usize,
+    /// SubmitBatch calls per principal per minute (a token bucket holding a minute's worth);
+    /// 0 for no limit.
+    pub submit_per_minute: u32,
+    /// Most StreamEvents and WatchDevice streams open at once.
+    pub max_streams: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_batch_experiments: 10_000,
+            max_message_bytes: 16 * 1024 * 1024,
+            submit_per_minute: 600,
+            max_streams: 256,
+        }
+    }
+}
+
+impl Limits {
+    /// Every problem with these limits, for `ppud check-config`.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.max_batch_experiments == 0 {
+            out.push("limits.max_batch_experiments: must be at least 1".to_owned());
+        }
+        if self.max_message_bytes < 64 * 1024 {
+            out.push("limits.max_message_bytes: must be at least 65536".to_owned());
+        }
+        if self.max_streams == 0 {
+            out.push("limits.max_streams: must be at least 1".to_owned());
+        }
+        out
+    }
+}
+
+/// Per-principal token buckets for SubmitBatch.
+#[derive(Default)]
+struct RateLimiter {
+    buckets: Mutex<HashMap<String, (f64, Instant)>>,
+}
+
+impl RateLimiter {
+    /// Takes one submission from `principal`'s bucket, or says how long until one is free.
+    fn take(&self, principal: &str, per_minute: u32) -> Result<(), std::time::Duration> {
+        if per_minute == 0 {
+            return Ok(());
+        }
+        let capacity = f64::from(per_minute);
+        let per_s = capacity / 60.0;
+        let now = Instant::now();
+        let Ok(mut buckets) = self.buckets.lock() else {
+            return Ok(());
+        };
+        let (tokens, last) = buckets
+            .entry(principal.to_owned())
+            .or_insert((capacity, now));
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * per_s).min(capacity);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(std::time::Duration::from_secs_f64((1.0 - *tokens) / per_s))
+        }
+    }
+}
+
 /// Everything the handlers need; cheap to clone.
 #[derive(Clone)]
 pub struct Api {
     pub scheduler: Scheduler,
     /// Cancelled at shutdown: ends every open stream.
     pub stop: CancellationToken,
+    limits: Arc<Limits>,
+    streams: Arc<Semaphore>,
+    rate: Arc<RateLimiter>,
+}
+
+impl Api {
+    pub fn new(scheduler: Scheduler, stop: CancellationToken, limits: Limits) -> Api {
+        Api {
+            scheduler,
+            stop,
+            streams: Arc::new(Semaphore::new(limits.max_streams.max(1))),
+            limits: Arc::new(limits),
+            rate: Arc::default(),
+        }
+    }
+
+    /// A slot for one more open stream, counted in `ppu_active_streams{kind}`.
+    fn stream_slot(&self, kind: StreamKind) -> Result<StreamSlot, Status> {
+        let permit = self.streams.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "too many open streams (limits.max_streams = {}); close one and retry",
+                self.limits.max_streams
+            ))
+        })?;
+        Ok(StreamSlot {
+            _permit: permit,
+            _counted: ActiveStream::open(kind),
+        })
+    }
+}
+
+/// Held by a stream's task for its lifetime: its place under `max_streams` and in the
+/// `ppu_active_streams` gauge.
+struct StreamSlot {
+    _permit: OwnedSemaphorePermit,
+    _counted: ActiveStream,
 }
 
 fn require_id(id: &str) -> Result<(), Status> {
@@ -50,6 +171,7 @@ fn require_id(id: &str) -> Result<(), Status> {
 /// Runs `produce` until it finishes, the client hangs up, or shutdown.
 fn spawn_stream<T, F>(
     stop: CancellationToken,
+    slot: StreamSlot,
     produce: impl FnOnce(mpsc::Sender<Result<T, Status>>) -> F,
 ) -> BoxStream<T>
 where
@@ -59,6 +181,7 @@ where
     let (tx, rx) = mpsc::channel(STREAM_BUFFER);
     let fut = produce(tx);
     tokio::spawn(async move {
+        let _slot = slot;
         tokio::select! {
             _ = fut => {}
             _ = stop.cancelled() => {}
@@ -73,7 +196,29 @@ impl ExperimentService for Api {
         &self,
         req: Request<pb::SubmitBatchRequest>,
     ) -> Result<Response<pb::SubmitBatchResponse>, Status> {
-        let (batch, duplicate) = self.scheduler.submit(req.into_inner()).await?;
+        let caller = Caller::of(&req);
+        let r = req.into_inner();
+        let max = self.limits.max_batch_experiments;
+        if r.experiments.len() > max {
+            return Err(Status::invalid_argument(format!(
+                "experiments: {} in one batch, at most {max} (limits.max_batch_experiments); \
+                 split it",
+                r.experiments.len()
+            )));
+        }
+        if let Err(wait) = self
+            .rate
+            .take(&caller.principal, self.limits.submit_per_minute)
+        {
+            return Err(Status::resource_exhausted(format!(
+                "submission rate limit: {} SubmitBatch calls per minute for {}; retry in {} ms",
+                self.limits.submit_per_minute,
+                caller.principal,
+                wait.as_millis().max(1)
+            )));
+        }
+        let (batch, duplicate) = self.scheduler.submit_as(r, &caller.principal).await?;
+        caller.set_target(batch.id.clone());
         Ok(Response::new(pb::SubmitBatchResponse {
             batch: Some(batch),
             duplicate,
@@ -141,8 +286,13 @@ impl ExperimentService for Api {
         &self,
         req: Request<pb::CancelExperimentRequest>,
     ) -> Result<Response<pb::Experiment>, Status> {
+        let caller = Caller::of(&req);
         let r = req.into_inner();
         require_id(&r.id)?;
+        caller.set_target(r.id.clone());
+        if caller.role == Role::Planner {
+            self.check_own(&caller, &r.id)?;
+        }
         Ok(Response::new(
             self.scheduler
                 .cancel(&r.id, r.reason, r.after_current_step)
@@ -154,6 +304,32 @@ impl ExperimentService for Api {
 impl Api {
     fn queue(&self) -> Result<pb::Queue, Status> {
         self.scheduler.queue()
+    }
+
+    /// A planner may cancel only experiments of batches it submitted. An unknown experiment
+    /// is NOT_FOUND for everyone, so the check reveals nothing a viewer could not read.
+    fn check_own(&self, caller: &Caller, experiment_id: &str) -> Result<(), Status> {
+        let store = self.scheduler.store();
+        let e = store
+            .get_experiment(experiment_id)?
+            .ok_or_else(|| Status::not_found(format!("id: no experiment \"{experiment_id}\"")))?;
+        let owner = store
+            .get_batch(&e.batch_id)?
+            .map(|b| b.submitted_by)
+            .unwrap_or_default();
+        if owner == caller.principal {
+            Ok(())
+        } else {
+            Err(Status::permission_denied(format!(
+                "a planner may cancel only experiments of its own batches; {experiment_id} was \
+                 submitted by {}",
+                if owner.is_empty() {
+                    "another principal"
+                } else {
+                    owner.as_str()
+                }
+            )))
+        }
     }
 }
 
@@ -210,8 +386,10 @@ impl QueueService for Api {
         &self,
         req: Request<pb::MoveExperimentRequest>,
     ) -> Result<Response<pb::Queue>, Status> {
+        let caller = Caller::of(&req);
         let r = req.into_inner();
         require_id(&r.id)?;
+        caller.set_target(r.id.clone());
         Ok(Response::new(
             self.scheduler.move_experiment(&r.id, r.position).await?,
         ))
@@ -221,8 +399,10 @@ impl QueueService for Api {
         &self,
         req: Request<pb::HoldExperimentRequest>,
     ) -> Result<Response<pb::Experiment>, Status> {
+        let caller = Caller::of(&req);
         let r = req.into_inner();
         require_id(&r.id)?;
+        caller.set_target(r.id.clone());
         Ok(Response::new(
             self.scheduler.set_held(&r.id, true, r.reason).await?,
         ))
@@ -232,8 +412,10 @@ impl QueueService for Api {
         &self,
         req: Request<pb::ReleaseExperimentRequest>,
     ) -> Result<Response<pb::Experiment>, Status> {
+        let caller = Caller::of(&req);
         let r = req.into_inner();
         require_id(&r.id)?;
+        caller.set_target(r.id.clone());
         Ok(Response::new(
             self.scheduler.set_held(&r.id, false, String::new()).await?,
         ))
@@ -252,10 +434,12 @@ impl QueueService for Api {
         &self,
         req: Request<pb::ConfirmTransferRequest>,
     ) -> Result<Response<pb::PendingTransfer>, Status> {
+        let caller = Caller::of(&req);
         let r = req.into_inner();
         if r.transfer_id.is_empty() {
             return Err(Status::invalid_argument("transfer_id: required"));
         }
+        caller.set_target(r.transfer_id.clone());
         Ok(Response::new(
             self.scheduler
                 .confirm_transfer(&r.transfer_id, &r.confirmed_by)
@@ -279,8 +463,10 @@ impl EventService for Api {
         };
         let store = self.scheduler.store().clone();
         let from = r.from_sequence;
+        let slot = self.stream_slot(StreamKind::Events)?;
         Ok(Response::new(spawn_stream(
             self.stop.clone(),
+            slot,
             move |tx| async move {
                 let (etx, mut erx) = mpsc::channel::<Arc<pb::Event>>(STREAM_BUFFER);
                 let follow = events::follow(store, from, filter, etx);
@@ -348,8 +534,10 @@ impl DeviceService for Api {
             .get(&id)
             .ok_or_else(|| Status::not_found(format!("id: no device \"{id}\"")))?
             .clone();
+        let slot = self.stream_slot(StreamKind::WatchDevice)?;
         Ok(Response::new(spawn_stream(
             self.stop.clone(),
+            slot,
             move |tx| async move {
                 let mut rx = d.watch();
                 if let Some(r) = d.latest()
@@ -377,8 +565,10 @@ impl DeviceService for Api {
         &self,
         req: Request<pb::SetMaintenanceRequest>,
     ) -> Result<Response<pb::Device>, Status> {
+        let caller = Caller::of(&req);
         let r = req.into_inner();
         require_id(&r.id)?;
+        caller.set_target(r.id.clone());
         Ok(Response::new(
             self.scheduler
                 .set_maintenance(&r.id, r.maintenance, r.reason)
@@ -407,10 +597,12 @@ impl DeviceService for Api {
         &self,
         req: Request<pb::AcknowledgeAlarmRequest>,
     ) -> Result<Response<pb::ActiveAlarm>, Status> {
+        let caller = Caller::of(&req);
         let r = req.into_inner();
         if r.device_id.is_empty() {
             return Err(Status::invalid_argument("device_id: required"));
         }
+        caller.set_target(r.device_id.clone());
         if r.code.is_empty() {
             return Err(Status::invalid_argument("code: required"));
         }
@@ -426,10 +618,19 @@ impl DeviceService for Api {
     }
 }
 
-/// Builds the tonic router with every service, health and reflection.
+/// The router type: every service behind the auth layer.
+pub type Router = tonic::transport::server::Router<
+    tower_layer::Stack<crate::auth::AuthLayer, tower_layer::Identity>,
+>;
+
+/// Builds the tonic router with every service, health and reflection, all behind `auth`.
+/// `tls` applies to the connections it is served on (TCP); a Unix socket gets a router
+/// without it.
 pub async fn router(
     api: Api,
-) -> Result<tonic::transport::server::Router, Box<dyn std::error::Error + Send + Sync>> {
+    auth: crate::auth::AuthLayer,
+    tls: Option<tonic::transport::ServerTlsConfig>,
+) -> Result<Router, Box<dyn std::error::Error + Send + Sync>> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<ExperimentServiceServer<Api>>().await;
     health.set_serving::<QueueServiceServer<Api>>().await;
@@ -439,11 +640,33 @@ pub async fn router(
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    Ok(tonic::transport::Server::builder()
+    let max = api.limits.max_message_bytes;
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    Ok(builder
+        .layer(auth)
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(ExperimentServiceServer::new(api.clone()))
-        .add_service(QueueServiceServer::new(api.clone()))
-        .add_service(EventServiceServer::new(api.clone()))
-        .add_service(DeviceServiceServer::new(api)))
+        .add_service(
+            ExperimentServiceServer::new(api.clone())
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .add_service(
+            QueueServiceServer::new(api.clone())
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .add_service(
+            EventServiceServer::new(api.clone())
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .add_service(
+            DeviceServiceServer::new(api)
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        ))
 }

@@ -11,6 +11,7 @@
 //! never an event that is not on disk.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -50,6 +51,10 @@ const RANKS: TableDefinition<&str, i64> = TableDefinition::new("ranks");
 const CANCEL_AFTER: TableDefinition<&str, &str> = TableDefinition::new("cancel_after_step");
 
 const META_QUEUE_PAUSED: &str = "queue_paused";
+/// Bytes of the event log's keys and values (u64, little-endian), updated with every commit
+/// that appends events, so opening a long log need not measure it. Events are never removed;
+/// anything that ever removes some must lower this in the same transaction.
+const META_EVENT_LOG_BYTES: &str = "event_log_bytes";
 
 /// Capacity of the live event broadcast. A subscriber that falls further behind than this
 /// re-reads from the store, so the size only trades memory for replay frequency.
@@ -83,6 +88,21 @@ from_redb!(
     redb::CommitError
 );
 
+/// The `state` field of a stored `Experiment` alone (tag 4 in `experiment.proto`): decoding it
+/// skips every other field, so keeping [`Store::experiment_counts`] in step costs no full decode.
+#[derive(Clone, PartialEq, prost::Message)]
+struct StoredState {
+    #[prost(int32, tag = "4")]
+    state: i32,
+}
+
+/// Position of a valid state of a stored experiment in [`State::ALL`].
+fn state_slot(bytes: &[u8]) -> Option<usize> {
+    let raw = StoredState::decode(bytes).ok()?.state;
+    let state = State::from_proto(raw)?;
+    State::ALL.iter().position(|s| *s == state)
+}
+
 /// Wall-clock time as a protobuf timestamp.
 pub fn now_timestamp() -> prost_types::Timestamp {
     prost_types::Timestamp::from(SystemTime::now())
@@ -101,18 +121,33 @@ pub struct Store {
     /// Next sequence number to assign; guarded so that commit and publish are one step.
     next_seq: Mutex<u64>,
     bus: broadcast::Sender<Arc<Event>>,
+    /// Experiments per state ([`State::ALL`] order), counted once at open and then adjusted at
+    /// each commit, so metrics read them in O(states) instead of scanning every experiment.
+    state_counts: Mutex<[u64; State::ALL.len()]>,
+    /// Bytes of the event log's keys and values, as last committed (`META_EVENT_LOG_BYTES`).
+    event_bytes: AtomicU64,
 }
 
 /// One write transaction. Events appended here get their sequence numbers at commit.
 pub struct WriteTx<'a> {
     tx: &'a WriteTransaction,
     events: Vec<Event>,
+    /// Change in experiments per state ([`State::ALL`] order), applied once committed.
+    state_delta: [i64; State::ALL.len()],
 }
 
 impl WriteTx<'_> {
     pub fn put_experiment(&mut self, e: &Experiment) -> Result<(), StoreError> {
         let mut t = self.tx.open_table(EXPERIMENTS)?;
-        t.insert(e.id.as_str(), e.encode_to_vec().as_slice())?;
+        let old = t.insert(e.id.as_str(), e.encode_to_vec().as_slice())?;
+        if let Some(slot) = old.and_then(|v| state_slot(v.value())) {
+            self.state_delta[slot] -= 1;
+        }
+        if let Some(slot) =
+            State::from_proto(e.state).and_then(|s| State::ALL.iter().position(|a| *a == s))
+        {
+            self.state_delta[slot] += 1;
+        }
         Ok(())
     }
 
@@ -372,17 +407,43 @@ impl Store {
             tx.open_table(RANKS)?;
             tx.open_table(CANCEL_AFTER)?;
         }
+        let event_bytes = {
+            let mut meta = tx.open_table(META)?;
+            let stored = meta
+                .get(META_EVENT_LOG_BYTES)?
+                .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
+                .map(u64::from_le_bytes);
+            match stored {
+                Some(bytes) => bytes,
+                None => {
+                    // A store from before the counter: measure the log once (O(pages)).
+                    let bytes = tx.open_table(EVENTS)?.stats()?.stored_bytes();
+                    meta.insert(META_EVENT_LOG_BYTES, bytes.to_le_bytes().as_slice())?;
+                    bytes
+                }
+            }
+        };
         tx.commit()?;
-        let last = {
+        let (last, state_counts) = {
             let r = db.begin_read()?;
             let t = r.open_table(EVENTS)?;
-            t.last()?.map(|(k, _)| k.value()).unwrap_or(0)
+            let last = t.last()?.map(|(k, _)| k.value()).unwrap_or(0);
+            let mut counts = [0u64; State::ALL.len()];
+            for item in r.open_table(EXPERIMENTS)?.iter()? {
+                let (_, v) = item?;
+                if let Some(slot) = state_slot(v.value()) {
+                    counts[slot] += 1;
+                }
+            }
+            (last, counts)
         };
         let (bus, _) = broadcast::channel(BROADCAST_CAPACITY);
         Ok(Arc::new(Self {
             db,
             next_seq: Mutex::new(last + 1),
             bus,
+            state_counts: Mutex::new(state_counts),
+            event_bytes: AtomicU64::new(event_bytes),
         }))
     }
 
@@ -402,22 +463,43 @@ impl Store {
         let mut w = WriteTx {
             tx: &tx,
             events: Vec::new(),
+            state_delta: [0; State::ALL.len()],
         };
         let out = f(&mut w)?;
         let mut events = std::mem::take(&mut w.events);
+        let state_delta = w.state_delta;
         let time = now_timestamp();
         let mut seq = *next;
+        let mut added = 0u64;
         {
             let mut t = tx.open_table(EVENTS)?;
             for e in &mut events {
                 e.sequence = seq;
                 e.time = Some(time);
-                t.insert(seq, e.encode_to_vec().as_slice())?;
+                let value = e.encode_to_vec();
+                // As redb's `stored_bytes` counts it: the 8-byte key plus the value.
+                added += 8 + value.len() as u64;
+                t.insert(seq, value.as_slice())?;
                 seq += 1;
             }
         }
+        // The commit lock serialises writers, so the total read here is the committed one.
+        let total = self.event_bytes.load(Ordering::Relaxed) + added;
+        if !events.is_empty() {
+            let mut meta = tx.open_table(META)?;
+            meta.insert(META_EVENT_LOG_BYTES, total.to_le_bytes().as_slice())?;
+        }
         tx.commit()?;
         *next = seq;
+        // Still under the commit lock: the counts follow commits in order.
+        self.event_bytes.store(total, Ordering::Relaxed);
+        if state_delta.iter().any(|d| *d != 0)
+            && let Ok(mut counts) = self.state_counts.lock()
+        {
+            for (c, d) in counts.iter_mut().zip(state_delta) {
+                *c = c.saturating_add_signed(d);
+            }
+        }
         let events: Vec<Arc<Event>> = events.into_iter().map(Arc::new).collect();
         for e in &events {
             // No subscribers is fine: the log is the source of truth.
@@ -463,6 +545,22 @@ impl Store {
     pub fn event_count(&self) -> Result<u64, StoreError> {
         let r = self.db.begin_read()?;
         Ok(r.open_table(EVENTS)?.len()?)
+    }
+
+    /// Bytes of the event log's keys and values as committed (as redb's `stored_bytes` counts
+    /// them, without page overhead); O(1).
+    pub fn event_log_bytes(&self) -> u64 {
+        self.event_bytes.load(Ordering::Relaxed)
+    }
+
+    /// How many experiments are in each state, in [`State::ALL`] order; O(states).
+    pub fn experiment_counts(&self) -> [(State, u64); State::ALL.len()] {
+        let counts = self
+            .state_counts
+            .lock()
+            .map(|c| *c)
+            .unwrap_or_else(|poisoned| *poisoned.into_inner());
+        std::array::from_fn(|i| (State::ALL[i], counts[i]))
     }
 
     pub fn get_experiment(&self, id: &str) -> Result<Option<Experiment>, StoreError> {
@@ -699,5 +797,88 @@ mod tests {
         let ids: Vec<_> = p2.experiments.iter().map(|e| e.id.as_str()).collect();
         assert_eq!(ids, ["e07", "e09"]);
         assert!(p2.next.is_none());
+    }
+
+    fn count_of(s: &Store, state: State) -> u64 {
+        s.experiment_counts()
+            .iter()
+            .find(|(st, _)| *st == state)
+            .map(|(_, n)| *n)
+            .unwrap()
+    }
+
+    #[test]
+    fn state_counts_and_log_bytes_follow_commits_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ppu.redb");
+        let exp = |id: &str, state: State| Experiment {
+            id: id.into(),
+            state: state.to_proto() as i32,
+            message: "x".repeat(300),
+            ..Default::default()
+        };
+        {
+            let s = Store::open(&path).unwrap();
+            assert_eq!(s.event_log_bytes(), 0);
+            s.write(|w| {
+                for i in 0..5 {
+                    w.put_experiment(&exp(&format!("e{i}"), State::Queued))?;
+                }
+                w.emit("e0", "", "", state_event("e0"));
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(count_of(&s, State::Queued), 5);
+            // Two puts of one experiment in one transaction count once, in its last state.
+            s.write(|w| {
+                w.put_experiment(&exp("e0", State::Running))?;
+                w.put_experiment(&exp("e0", State::Succeeded))?;
+                w.put_experiment(&exp("e1", State::Cancelled))?;
+                Ok(())
+            })
+            .unwrap();
+            // A failed write changes nothing.
+            let r: Result<((), _), _> = s.write(|w| {
+                w.put_experiment(&exp("e2", State::Running))?;
+                Err(StoreError::Task("refused".into()))
+            });
+            assert!(r.is_err());
+            let counts: Vec<u64> = s.experiment_counts().iter().map(|(_, n)| *n).collect();
+            // Queued, Running, Succeeded, Failed, Cancelled, Interrupted.
+            assert_eq!(counts, [3, 0, 1, 0, 1, 0]);
+            assert!(s.event_log_bytes() > 8);
+        }
+        let s = Store::open(&path).unwrap();
+        let counts: Vec<u64> = s.experiment_counts().iter().map(|(_, n)| *n).collect();
+        assert_eq!(counts, [3, 0, 1, 0, 1, 0]);
+        let measured = s.event_log_bytes();
+        s.write(|w| {
+            w.emit("e3", "", "", state_event("e3"));
+            Ok(())
+        })
+        .unwrap();
+        let grown = s.event_log_bytes();
+        assert!(grown > measured);
+        // The running total is what redb itself measures.
+        let stored = |s: &Store| {
+            let r = s.db.begin_read().unwrap();
+            r.open_table(EVENTS)
+                .unwrap()
+                .stats()
+                .unwrap()
+                .stored_bytes()
+        };
+        assert_eq!(grown, stored(&s));
+        // A store from before the counter: measured once at open.
+        s.write(|w| {
+            let mut meta = w.tx.open_table(META)?;
+            meta.remove(META_EVENT_LOG_BYTES)?;
+            Ok(())
+        })
+        .unwrap();
+        drop(s);
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.event_log_bytes(), grown);
+        assert_eq!(count_of(&s, State::Queued), 3);
     }
 }

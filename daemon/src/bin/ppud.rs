@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use ppu_daemon::app::{Daemon, Options};
-use ppu_daemon::config::{Config, DEFAULT_LISTEN, Policies};
+use ppu_daemon::app::{Daemon, LocalSocket, Options, Security};
+use ppu_daemon::auth::{self, Authenticator, Mode, Role, Tokens};
+use ppu_daemon::config::{Config, DEFAULT_LISTEN, LogFormat, Policies};
 use ppu_daemon::dev::{DevLab, TransferRobot};
 use ppu_daemon::devices::PollSettings;
 use ppu_daemon::recovery::{FurnaceRecovery, OnRestart, RecoveryPolicy};
@@ -25,6 +26,11 @@ struct Cli {
     /// Log filter, e.g. `info`, `debug`, `ppu_daemon=debug,info` (also read from RUST_LOG).
     #[arg(long, global = true, env = "RUST_LOG", default_value = "info")]
     log: String,
+    /// Log line format: `text` for people, `json` (one object per line) for log shippers.
+    /// Every line of an RPC carries its request id. Default: the config's [log] format, else
+    /// text.
+    #[arg(long, global = true, env = "PPU_LOG_FORMAT")]
+    log_format: Option<LogFormat>,
 }
 
 #[derive(Subcommand)]
@@ -68,6 +74,17 @@ enum Command {
         /// cold with it; adoption shows against `ppu-sim` and `ppud serve`.
         #[arg(long, default_value_t = FurnaceRecovery::Safe)]
         furnace_recovery: FurnaceRecovery,
+        /// Require bearer tokens from this token file (see `ppud token`). Without it the dev
+        /// daemon runs OPEN — every caller is an admin — and says so at start-up.
+        #[arg(long)]
+        tokens_file: Option<PathBuf>,
+        /// Also serve gRPC on this Unix socket (mode 0660; peers without a token get the
+        /// technician role, the daemon's own user and root admin).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Serve Prometheus metrics at http://ADDR/metrics.
+        #[arg(long)]
+        metrics_listen: Option<SocketAddr>,
     },
     /// Run the daemon against the real devices a TOML config names.
     /// See deploy/ppud.example.toml for every key.
@@ -75,6 +92,25 @@ enum Command {
         /// Path of the TOML config.
         #[arg(long, short)]
         config: PathBuf,
+        /// Allow plain-text gRPC on a non-loopback `listen` address (config:
+        /// insecure_plaintext). Bearer tokens and lab data then cross the network in clear;
+        /// prefer [tls].
+        #[arg(long)]
+        insecure_plaintext: bool,
+    },
+    /// Make a new bearer token for a principal. Prints the token (give it to the client; it is
+    /// shown only now) and the `[[token]]` entry to append to the daemon's tokens_file, which
+    /// stores only its SHA-256. Restart ppud to load the changed file.
+    ///
+    /// Roles: viewer (read only), planner (submit, cancel its own batches, read), technician
+    /// (queue control, maintenance, alarms, transfers, cancel any), admin (everything).
+    Token {
+        /// Who the token identifies, as it will appear in the audit trail.
+        #[arg(long)]
+        principal: String,
+        /// viewer, planner, technician or admin.
+        #[arg(long)]
+        role: Role,
     },
     /// Validate a config file and print every problem found; exits non-zero if there are any.
     CheckConfig {
@@ -86,11 +122,16 @@ enum Command {
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_new(&cli.log).unwrap_or_else(|_| EnvFilter::new("info")))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    // `serve` takes its log format from the config unless the flag says otherwise.
+    let loaded = match &cli.command {
+        Command::Serve { config, .. } => Some(Config::load_with_policies(config)),
+        _ => None,
+    };
+    let format = cli.log_format.unwrap_or(match &loaded {
+        Some(Ok((_, p))) => p.security.log.format,
+        _ => LogFormat::Text,
+    });
+    init_logging(&cli.log, format);
     match cli.command {
         Command::Dev {
             listen,
@@ -101,6 +142,9 @@ async fn main() -> Result<()> {
             transfer_delay_ms,
             on_restart,
             furnace_recovery,
+            tokens_file,
+            socket,
+            metrics_listen,
         } => {
             anyhow::ensure!(
                 time_scale.is_finite() && time_scale > 0.0,
@@ -174,22 +218,60 @@ async fn main() -> Result<()> {
                 },
                 ..Policies::default()
             };
+            let mut auth = Authenticator::default();
+            if let Some(file) = &tokens_file {
+                auth.mode = Mode::Tokens(Tokens::load(file)?);
+            }
+            let security = Security {
+                auth,
+                local: socket.map(|path| LocalSocket {
+                    path,
+                    mode: 0o660,
+                    role: Role::Technician,
+                    allowed_uids: Vec::new(),
+                }),
+                metrics_listen,
+                ..Security::default()
+            };
             let lab = Arc::new(lab);
             let robot = (lab.clone(), Duration::from_millis(transfer_delay_ms));
-            run(config, &policies, poll, clock, Some(robot)).await?;
+            run(config, &policies, security, poll, clock, Some(robot)).await?;
             if let Ok(lab) = Arc::try_unwrap(lab) {
                 lab.shutdown().await;
             }
             Ok(())
         }
-        Command::Serve { config } => {
-            let (config, policies) = Config::load_with_policies(&config)?;
+        Command::Serve {
+            insecure_plaintext, ..
+        } => {
+            let (config, mut policies) = loaded.context("config not loaded")??;
+            policies.security.insecure_plaintext |= insecure_plaintext;
+            let security = policies
+                .security
+                .resolve(config.listen)
+                .map_err(|problems| anyhow::anyhow!(problems.join("\n")))?;
             let clock = Clock::new(config.time_scale);
             let poll = config.poll.settings();
             for d in &config.devices {
                 println!("  device {}", d.id());
             }
-            run(config, &policies, poll, clock, None).await
+            run(config, &policies, security, poll, clock, None).await
+        }
+        Command::Token { principal, role } => {
+            anyhow::ensure!(
+                !principal.trim().is_empty(),
+                "--principal must not be empty"
+            );
+            let token = auth::generate_token().context("reading the OS random source")?;
+            println!("token (give it to {principal}; it is not stored and not shown again):");
+            println!("{token}");
+            println!();
+            println!("append to the daemon's tokens_file, then restart ppud:");
+            println!("[[token]]");
+            println!("principal = {principal:?}");
+            println!("role = \"{role}\"");
+            println!("sha256 = \"{}\"", auth::hex(&auth::hash_token(&token)));
+            Ok(())
         }
         Command::CheckConfig { file } => {
             let text = std::fs::read_to_string(&file)
@@ -214,17 +296,25 @@ async fn main() -> Result<()> {
 async fn run(
     config: Config,
     policies: &Policies,
+    security: Security,
     poll: PollSettings,
     clock: Clock,
     robot: Option<(Arc<DevLab>, Duration)>,
 ) -> Result<()> {
     let drivers = config.drivers().map_err(anyhow::Error::msg)?;
+    let scheme = if security.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let socket = security.local.as_ref().map(|l| l.path.clone());
     let daemon = Daemon::start_with(
         Options {
             listen: config.listen,
             data_dir: config.data_dir.clone(),
             clock,
             poll,
+            security,
         },
         policies,
         drivers,
@@ -234,7 +324,13 @@ async fn run(
         robot.map(|(lab, delay)| TransferRobot::start(lab, daemon.scheduler().clone(), delay));
     // One line on stdout that scripts and tests can wait for.
     println!("listening on {}", daemon.addr());
-    println!("  grpc: http://{}", daemon.addr());
+    println!("  grpc: {scheme}://{}", daemon.addr());
+    if let Some(path) = socket {
+        println!("  grpc: unix:{}", path.display());
+    }
+    if let Some(addr) = daemon.metrics_addr() {
+        println!("  metrics: http://{addr}/metrics");
+    }
     shutdown_signal().await;
     if let Some(r) = robot {
         r.stop().await;
@@ -262,4 +358,22 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+fn init_logging(filter: &str, format: LogFormat) {
+    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        // Spans (request id, method, principal) ride along on every line of a call.
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+    }
 }

@@ -271,6 +271,7 @@ impl SorptionAnalyser {
                             reason: e.to_string(),
                         }
                     })?;
+                transport.set_metrics_device(self.config.id.clone());
                 let monitor_task = tokio::spawn(run_monitor(
                     transport.messages(),
                     self.topics.clone(),

@@ -193,6 +193,7 @@ impl Eurotherm {
     /// Creates the driver; nothing is sent until the first request.
     pub fn new(config: EurothermConfig) -> Self {
         let transport = ModbusTransport::new(config.modbus.clone());
+        transport.set_metrics_device(config.id.clone());
         let info = DeviceInfo {
             id: config.id.clone(),
             family: Family::Furnace,

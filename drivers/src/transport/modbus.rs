@@ -11,6 +11,7 @@ use std::borrow::Cow;
 use std::fmt;
 use std::net::SocketAddr;
 use std::str::FromStr;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -123,6 +124,8 @@ pub struct ModbusTransport {
     connected: AtomicBool,
     /// True once a connection has been made, to log reconnects differently from the first connect.
     ever_connected: AtomicBool,
+    /// The `device` label of `ppu_transport_reconnects_total` (see [`Self::set_metrics_device`]).
+    metrics_device: OnceLock<String>,
 }
 
 impl fmt::Debug for ModbusTransport {
@@ -142,7 +145,15 @@ impl ModbusTransport {
             ctx: Mutex::new(None),
             connected: AtomicBool::new(false),
             ever_connected: AtomicBool::new(false),
+            metrics_device: OnceLock::new(),
         }
+    }
+
+    /// Names the device this link serves in the `ppu_transport_reconnects_total` metric (the
+    /// driver knows its device id, the transport does not). Only the first call counts; until
+    /// one, the label is the peer ([`Self::describe`]).
+    pub fn set_metrics_device(&self, device: impl Into<String>) {
+        let _ = self.metrics_device.set(device.into());
     }
 
     pub fn config(&self) -> &ModbusConfig {
@@ -252,6 +263,17 @@ impl ModbusTransport {
                     Ok(Ok(ctx)) => {
                         if self.ever_connected.swap(true, Ordering::Relaxed) {
                             tracing::info!(peer = %self.describe(), "modbus reconnected");
+                            let device = self
+                                .metrics_device
+                                .get()
+                                .cloned()
+                                .unwrap_or_else(|| self.describe());
+                            metrics::counter!(
+                                "ppu_transport_reconnects_total",
+                                "transport" => "modbus",
+                                "device" => device
+                            )
+                            .increment(1);
                         } else {
                             tracing::debug!(peer = %self.describe(), "modbus connected");
                         }

@@ -18,7 +18,7 @@ use std::fmt;
 use std::io::BufReader;
 use std::path::PathBuf;
 use std::str::FromStr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use rumqttc::{
@@ -250,9 +250,16 @@ pub struct MqttTransport {
     config: MqttConfig,
     link: watch::Receiver<LinkState>,
     incoming: broadcast::Sender<Message>,
+    /// The receiver made with the channel, before the event loop started: handed to the first
+    /// caller of [`Self::messages`], so a retained message delivered right after connect (the
+    /// bridge's status) cannot slip past the driver while it is still setting up.
+    first: Mutex<Option<broadcast::Receiver<Message>>>,
     subscriptions: Arc<Mutex<Vec<String>>>,
     stop: CancellationToken,
     task: Mutex<Option<JoinHandle<()>>>,
+    /// The `device` label of `ppu_transport_reconnects_total` (see [`Self::set_metrics_device`]),
+    /// shared with the event loop task.
+    metrics_device: Arc<OnceLock<String>>,
 }
 
 impl fmt::Debug for MqttTransport {
@@ -278,9 +285,10 @@ impl MqttTransport {
             .network_options
             .set_connection_timeout(config.connect_timeout.as_secs().max(1));
         let (link_tx, link) = watch::channel(LinkState::Connecting);
-        let (incoming, _) = broadcast::channel(INCOMING_CAPACITY);
+        let (incoming, first) = broadcast::channel(INCOMING_CAPACITY);
         let subscriptions = Arc::new(Mutex::new(subscriptions));
         let stop = CancellationToken::new();
+        let metrics_device = Arc::new(OnceLock::new());
         let task = tokio::spawn(run_event_loop(EventLoopTask {
             eventloop,
             client: client.clone(),
@@ -289,6 +297,7 @@ impl MqttTransport {
             subscriptions: subscriptions.clone(),
             stop: stop.clone(),
             describe: describe(&config),
+            metrics_device: metrics_device.clone(),
             birth: config.birth.clone(),
             reconnect_min: config.reconnect_min,
             reconnect_max: config.reconnect_max,
@@ -298,10 +307,19 @@ impl MqttTransport {
             config,
             link,
             incoming,
+            first: Mutex::new(Some(first)),
             subscriptions,
             stop,
             task: Mutex::new(Some(task)),
+            metrics_device,
         })
+    }
+
+    /// Names the device this link serves in the `ppu_transport_reconnects_total` metric (the
+    /// driver knows its device id, the transport does not). Only the first call counts; until
+    /// one, the label is the peer ([`Self::describe`]).
+    pub fn set_metrics_device(&self, device: impl Into<String>) {
+        let _ = self.metrics_device.set(device.into());
     }
 
     pub fn config(&self) -> &MqttConfig {
@@ -326,9 +344,14 @@ impl MqttTransport {
         self.link.clone()
     }
 
-    /// Every message received from now on, on any subscribed topic.
+    /// Messages on any subscribed topic: for the first caller, every message since
+    /// [`Self::start`]; for later callers, those received from now on.
     pub fn messages(&self) -> broadcast::Receiver<Message> {
-        self.incoming.subscribe()
+        self.first
+            .lock()
+            .ok()
+            .and_then(|mut f| f.take())
+            .unwrap_or_else(|| self.incoming.subscribe())
     }
 
     /// Adds a subscription (QoS 1), kept across reconnects.
@@ -610,6 +633,7 @@ struct EventLoopTask {
     subscriptions: Arc<Mutex<Vec<String>>>,
     stop: CancellationToken,
     describe: String,
+    metrics_device: Arc<OnceLock<String>>,
     birth: Option<Will>,
     reconnect_min: Duration,
     reconnect_max: Duration,
@@ -631,6 +655,17 @@ async fn run_event_loop(mut t: EventLoopTask) {
                 outage_logged = false;
                 if ever_connected {
                     tracing::info!(peer = %t.describe, session_present = ack.session_present, "mqtt reconnected");
+                    let device = t
+                        .metrics_device
+                        .get()
+                        .cloned()
+                        .unwrap_or_else(|| t.describe.clone());
+                    metrics::counter!(
+                        "ppu_transport_reconnects_total",
+                        "transport" => "mqtt",
+                        "device" => device
+                    )
+                    .increment(1);
                 } else {
                     tracing::debug!(peer = %t.describe, session_present = ack.session_present, "mqtt connected");
                 }

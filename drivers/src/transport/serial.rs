@@ -26,6 +26,7 @@
 
 use std::fmt;
 use std::io::ErrorKind as IoKind;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -414,6 +415,8 @@ pub struct SerialTransport {
     slot: Mutex<PortSlot>,
     connected: AtomicBool,
     ever_connected: AtomicBool,
+    /// The `device` label of `ppu_transport_reconnects_total` (see [`Self::set_metrics_device`]).
+    metrics_device: OnceLock<String>,
 }
 
 impl fmt::Debug for SerialTransport {
@@ -446,7 +449,15 @@ impl SerialTransport {
             }),
             connected: AtomicBool::new(false),
             ever_connected: AtomicBool::new(false),
+            metrics_device: OnceLock::new(),
         }
+    }
+
+    /// Names the device this link serves in the `ppu_transport_reconnects_total` metric (the
+    /// driver knows its device id, the transport does not). Only the first call counts; until
+    /// one, the label is the port ([`Self::describe`]).
+    pub fn set_metrics_device(&self, device: impl Into<String>) {
+        let _ = self.metrics_device.set(device.into());
     }
 
     pub fn config(&self) -> &SerialConfig {
@@ -482,6 +493,17 @@ impl SerialTransport {
         let port = open_port(&self.config)?;
         if self.ever_connected.swap(true, Ordering::Relaxed) {
             tracing::info!(port = %self.describe(), "serial port reopened");
+            let device = self
+                .metrics_device
+                .get()
+                .cloned()
+                .unwrap_or_else(|| self.describe());
+            metrics::counter!(
+                "ppu_transport_reconnects_total",
+                "transport" => "serial",
+                "device" => device
+            )
+            .increment(1);
         } else {
             tracing::debug!(port = %self.describe(), "serial port opened");
         }

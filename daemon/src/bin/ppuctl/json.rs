@@ -412,6 +412,19 @@ pub fn event(e: &pb::Event) -> Value {
             "experiment_moved",
             json!({ "position": m.position, "priority": m.priority }),
         ),
+        Some(Kind::Audit(a)) => (
+            "audit",
+            json!({
+                "principal": a.principal,
+                "role": a.role,
+                "method": a.method,
+                "request_id": a.request_id,
+                "code": a.code,
+                "message": a.message,
+                "target": a.target,
+                "transport": a.transport,
+            }),
+        ),
         None => return v,
     };
     v[key] = body;

@@ -792,6 +792,7 @@ pub fn event_kind_name(e: &pb::Event) -> &'static str {
         Some(Kind::AlarmAcknowledged(_)) => "alarm_acknowledged",
         Some(Kind::ExperimentHeld(_)) => "experiment_held",
         Some(Kind::ExperimentMoved(_)) => "experiment_moved",
+        Some(Kind::Audit(_)) => "audit",
         None => "unknown",
     }
 }
@@ -937,6 +938,21 @@ pub fn event_summary(e: &pb::Event) -> String {
             "moved to position {} in the start order (0 = next), priority now {}",
             m.position, m.priority
         ),
+        Some(Kind::Audit(a)) => {
+            let mut s = format!(
+                "{} ({}, {}) called {}",
+                a.principal, a.role, a.transport, a.method
+            );
+            if !a.target.is_empty() {
+                let _ = write!(s, " on {}", a.target);
+            }
+            let _ = write!(s, ": {}", a.code);
+            if !a.message.is_empty() {
+                let _ = write!(s, " ({})", a.message);
+            }
+            let _ = write!(s, " [request {}]", a.request_id);
+            s
+        }
         None => "(event kind unknown to this ppuctl)".to_owned(),
     }
 }

@@ -108,6 +108,7 @@ impl SicsBalance {
     /// Creates the driver; nothing is sent until the first request.
     pub fn new(config: SicsConfig) -> Self {
         let transport = SerialTransport::new(config.serial.clone());
+        transport.set_metrics_device(config.id.clone());
         let info = DeviceInfo {
             id: config.id.clone(),
             family: Family::Balance,

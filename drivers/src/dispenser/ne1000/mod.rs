@@ -369,6 +369,7 @@ impl Ne1000Pump {
     /// until the first request.
     pub fn new(config: Ne1000Config, balance: Option<Arc<SicsBalance>>) -> Self {
         let transport = SerialTransport::new(config.serial.clone());
+        transport.set_metrics_device(config.id.clone());
         let limits = Limits {
             max_volume_ml: Some(config.max_dispense_ml()),
             ..config.limits.clone()

@@ -564,6 +564,8 @@ impl Model {
                     row.exp.held = h.held;
                 }
             }
+            // The audit trail is for the log, not the live view.
+            Kind::Audit(_) => {}
             Kind::ExperimentMoved(m) => {
                 if let Some(spec) = self
                     .experiments

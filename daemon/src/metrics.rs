@@ -1,0 +1,894 @@
+//! Prometheus metrics: the process-wide recorder, the names and labels of every series, the
+//! helpers the rest of the daemon records through, and the `GET /metrics` endpoint.
+//!
+//! The `metrics` facade needs one global recorder, installed the first time an endpoint binds
+//! (no endpoint configured: no recorder, and every recording is a no-op). Counters and
+//! histograms are therefore per process. Gauges that are *state* (queue depth, experiments by
+//! state, event log size) are set from the scraped daemon's scheduler and store right before
+//! rendering, under one lock, so a process running several daemons (the tests) still answers
+//! each scrape with that daemon's state.
+//!
+//! The endpoint is a deliberately small HTTP/1.1 responder instead of an HTTP stack: one
+//! request per connection, a head of at most [`MAX_HEAD`] bytes read under a real-time
+//! deadline, `200` for `GET`/`HEAD /metrics`, an error status for anything else, then close.
+//! It has no authentication: keep it on loopback or a management network.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use metrics::{
+    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use ppu_drivers::DeviceError;
+use ppu_drivers::device::Family;
+use prost::Message;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+
+use crate::scheduler::Scheduler;
+use crate::state::State;
+
+/// QUEUED experiments waiting to start (held ones included), as the dispatcher sees them.
+pub const QUEUE_DEPTH: &str = "ppu_queue_depth";
+/// Experiments by lifecycle state; label `state`.
+pub const EXPERIMENTS: &str = "ppu_experiments";
+/// Real time a step spent on its device; label `family`.
+pub const STEP_DURATION: &str = "ppu_step_duration_seconds";
+/// Round trip of one device status read; label `device`.
+pub const DEVICE_REQUEST_DURATION: &str = "ppu_device_request_duration_seconds";
+/// Failed device requests; labels `device`, `kind`.
+pub const DEVICE_ERRORS: &str = "ppu_device_errors_total";
+/// Links reopened after having been lost; labels `transport`, `device` (recorded by the
+/// drivers' transports under this literal name).
+pub const TRANSPORT_RECONNECTS: &str = "ppu_transport_reconnects_total";
+/// Events in the durable log.
+pub const EVENT_LOG_EVENTS: &str = "ppu_event_log_events";
+/// Bytes of the durable log's keys and values.
+pub const EVENT_LOG_BYTES: &str = "ppu_event_log_bytes";
+/// Open server streams; label `kind`.
+pub const ACTIVE_STREAMS: &str = "ppu_active_streams";
+/// Finished gRPC calls; labels `method`, `code`.
+pub const GRPC_REQUESTS: &str = "ppu_grpc_requests_total";
+
+/// Largest request head the endpoint reads; a longer one is answered 431.
+pub const MAX_HEAD: usize = 8 * 1024;
+/// Real-time limit for a client to send its request head (answered 408 after it).
+const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+/// Real-time limit for writing the response to a slow reader.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// After answering, how long and how much of what the client still sends is read and dropped,
+/// so that closing does not reset the connection before the client has read the response.
+const LINGER: Duration = Duration::from_millis(500);
+const LINGER_BYTES: usize = 64 * 1024;
+/// Connections served at once; further ones wait in the listen backlog.
+const MAX_CONNECTIONS: usize = 16;
+/// How often histogram samples are folded into their buckets between scrapes, so memory stays
+/// bounded when nobody scrapes.
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Upper bounds (seconds) of the step duration buckets: seconds (dispenses, weighings) to a day
+/// (long furnace programs).
+const STEP_BUCKETS: &[f64] = &[
+    0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0, 43200.0,
+    86400.0,
+];
+/// Upper bounds (seconds) of the device round-trip buckets: a loopback Modbus read takes
+/// ~0.1 ms, a 9600-baud serial exchange ~25 ms, a timeout seconds.
+const REQUEST_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Every value of the `kind` label of [`DEVICE_ERRORS`].
+pub const DEVICE_ERROR_KINDS: [&str; 8] = [
+    "timeout",
+    "disconnected",
+    "refused",
+    "corrupt",
+    "limit",
+    "fault",
+    "aborted",
+    "unsupported",
+];
+
+/// Every device family, for the `family` label of [`STEP_DURATION`].
+const FAMILIES: [Family; 4] = [
+    Family::Furnace,
+    Family::Dispenser,
+    Family::Balance,
+    Family::Analyser,
+];
+
+/// The `kind` label of a device error.
+pub fn error_kind(e: &DeviceError) -> &'static str {
+    match e {
+        DeviceError::Timeout { .. } => "timeout",
+        DeviceError::Disconnected(_) => "disconnected",
+        DeviceError::Refused { .. } => "refused",
+        DeviceError::Corrupt { .. } => "corrupt",
+        DeviceError::Limit { .. } => "limit",
+        DeviceError::Fault(_) => "fault",
+        DeviceError::Aborted => "aborted",
+        DeviceError::Unsupported(_) => "unsupported",
+    }
+}
+
+/// The `family` label of a device family.
+pub fn family_label(f: Family) -> &'static str {
+    match f {
+        Family::Furnace => "furnace",
+        Family::Dispenser => "dispenser",
+        Family::Balance => "balance",
+        Family::Analyser => "analyser",
+    }
+}
+
+/// The `state` label of an experiment state.
+pub fn state_label(s: State) -> &'static str {
+    match s {
+        State::Queued => "queued",
+        State::Running => "running",
+        State::Succeeded => "succeeded",
+        State::Failed => "failed",
+        State::Cancelled => "cancelled",
+        State::Interrupted => "interrupted",
+    }
+}
+
+/// The `transport` label for a device's transport description (`DeviceInfo::transport`), as
+/// the drivers' transports record it.
+fn transport_label(described: &str) -> &'static str {
+    if described.starts_with("modbus") {
+        "modbus"
+    } else if described.starts_with("serial") {
+        "serial"
+    } else if described.starts_with("mqtt") {
+        "mqtt"
+    } else {
+        "other"
+    }
+}
+
+/// The canonical gRPC name of a status code, e.g. `PERMISSION_DENIED`: the `code` label of
+/// [`GRPC_REQUESTS`] (and the name the audit records use).
+pub fn code_label(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Recording (cheap no-ops until a recorder is installed)
+// ---------------------------------------------------------------------------------------------
+
+/// A step finished on a device of `family` after `elapsed` real time.
+pub fn step_finished(family: Family, elapsed: Duration) {
+    histogram!(STEP_DURATION, "family" => family_label(family)).record(elapsed.as_secs_f64());
+}
+
+/// One status read of `device` took `elapsed` (successful or not).
+pub fn device_request(device: &str, elapsed: Duration) {
+    histogram!(DEVICE_REQUEST_DURATION, "device" => device.to_owned())
+        .record(elapsed.as_secs_f64());
+}
+
+/// A request to `device` failed with `e`.
+pub fn device_error(device: &str, e: &DeviceError) {
+    counter!(DEVICE_ERRORS, "device" => device.to_owned(), "kind" => error_kind(e)).increment(1);
+}
+
+/// A gRPC call finished; `method` is the full path, e.g. `/ppu.v1.QueueService/PauseQueue`.
+pub fn grpc_request(method: &str, code: tonic::Code) {
+    counter!(GRPC_REQUESTS, "method" => method.to_owned(), "code" => code_label(code)).increment(1);
+}
+
+/// The kinds of server stream counted by [`ACTIVE_STREAMS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamKind {
+    /// `EventService/StreamEvents`.
+    Events,
+    /// `DeviceService/WatchDevice`.
+    WatchDevice,
+}
+
+impl StreamKind {
+    pub const ALL: [StreamKind; 2] = [StreamKind::Events, StreamKind::WatchDevice];
+
+    /// The `kind` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            StreamKind::Events => "events",
+            StreamKind::WatchDevice => "watch_device",
+        }
+    }
+}
+
+/// Counts one open stream in [`ACTIVE_STREAMS`] for as long as it lives.
+#[derive(Debug)]
+pub struct ActiveStream {
+    kind: StreamKind,
+    /// Whether the opening was counted: a stream opened before the recorder was installed
+    /// must not be subtracted when it closes after.
+    counted: bool,
+}
+
+impl ActiveStream {
+    /// Counts a stream of `kind` as open until the returned guard is dropped.
+    pub fn open(kind: StreamKind) -> ActiveStream {
+        let counted = RECORDER.get().is_some_and(Result::is_ok);
+        if counted {
+            gauge!(ACTIVE_STREAMS, "kind" => kind.label()).increment(1.0);
+        }
+        ActiveStream { kind, counted }
+    }
+}
+
+impl Drop for ActiveStream {
+    fn drop(&mut self) {
+        if self.counted {
+            gauge!(ACTIVE_STREAMS, "kind" => self.kind.label()).decrement(1.0);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The recorder
+// ---------------------------------------------------------------------------------------------
+
+/// The installed recorder, or why it could not be installed (another recorder owns the
+/// process).
+static RECORDER: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
+/// Held from refreshing the state gauges until the rendering is done (see the module docs).
+static SCRAPE: Mutex<()> = Mutex::new(());
+
+/// Installs the global recorder (once per process) and returns its handle.
+pub fn install() -> Result<&'static PrometheusHandle, String> {
+    RECORDER
+        .get_or_init(|| {
+            let handle = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Full(STEP_DURATION.to_owned()), STEP_BUCKETS)
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(DEVICE_REQUEST_DURATION.to_owned()),
+                        REQUEST_BUCKETS,
+                    )
+                })
+                .and_then(|b| b.install_recorder())
+                .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
+            describe_all();
+            register_process_series();
+            Ok(handle)
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+fn describe_all() {
+    describe_gauge!(
+        QUEUE_DEPTH,
+        Unit::Count,
+        "QUEUED experiments waiting to start, held ones included."
+    );
+    describe_gauge!(
+        EXPERIMENTS,
+        Unit::Count,
+        "Stored experiments by lifecycle state."
+    );
+    describe_histogram!(
+        STEP_DURATION,
+        Unit::Seconds,
+        "Real time of each successful step on its device, by device family."
+    );
+    describe_histogram!(
+        DEVICE_REQUEST_DURATION,
+        Unit::Seconds,
+        "Round trip of one device status read (real time), by device."
+    );
+    describe_counter!(
+        DEVICE_ERRORS,
+        Unit::Count,
+        "Failed device requests (status reads, safe-state commands, alarm acknowledgements, steps), by device and error kind."
+    );
+    describe_counter!(
+        TRANSPORT_RECONNECTS,
+        Unit::Count,
+        "Device links reopened after having been lost, by transport and device."
+    );
+    describe_gauge!(
+        EVENT_LOG_EVENTS,
+        Unit::Count,
+        "Events in the durable event log."
+    );
+    describe_gauge!(
+        EVENT_LOG_BYTES,
+        Unit::Bytes,
+        "Bytes of keys and values in the durable event log (without storage overhead)."
+    );
+    describe_gauge!(
+        ACTIVE_STREAMS,
+        Unit::Count,
+        "Open server streams (StreamEvents, WatchDevice), by kind."
+    );
+    describe_counter!(
+        GRPC_REQUESTS,
+        Unit::Count,
+        "Finished gRPC calls, by full method and status code."
+    );
+}
+
+/// Registers, at zero, the series whose labels the process knows up front, so each name is in
+/// the very first scrape (a described name without a series is not rendered).
+fn register_process_series() {
+    gauge!(QUEUE_DEPTH).set(0.0);
+    for s in State::ALL {
+        gauge!(EXPERIMENTS, "state" => state_label(s)).set(0.0);
+    }
+    gauge!(EVENT_LOG_EVENTS).set(0.0);
+    gauge!(EVENT_LOG_BYTES).set(0.0);
+    for f in FAMILIES {
+        let _ = histogram!(STEP_DURATION, "family" => family_label(f));
+    }
+    for k in StreamKind::ALL {
+        gauge!(ACTIVE_STREAMS, "kind" => k.label()).increment(0.0);
+    }
+    for method in api_methods() {
+        counter!(GRPC_REQUESTS, "method" => method, "code" => code_label(tonic::Code::Ok))
+            .increment(0);
+    }
+}
+
+/// Every RPC of the ppu.v1 API as a full path (`/ppu.v1.Service/Method`), from the compiled
+/// descriptor set.
+fn api_methods() -> Vec<String> {
+    let Ok(set) = prost_types::FileDescriptorSet::decode(ppu_proto::v1::FILE_DESCRIPTOR_SET) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for file in &set.file {
+        let package = file.package();
+        for service in &file.service {
+            for method in &service.method {
+                out.push(format!("/{package}.{}/{}", service.name(), method.name()));
+            }
+        }
+    }
+    out
+}
+
+/// Registers, at zero, the series of one daemon's devices.
+fn register_device_series(scheduler: &Scheduler) {
+    for d in scheduler.devices().all() {
+        let id = d.id().to_owned();
+        let _ = histogram!(DEVICE_REQUEST_DURATION, "device" => id.clone());
+        for kind in DEVICE_ERROR_KINDS {
+            counter!(DEVICE_ERRORS, "device" => id.clone(), "kind" => kind).increment(0);
+        }
+        let transport = transport_label(&d.driver.info().transport);
+        counter!(TRANSPORT_RECONNECTS, "transport" => transport, "device" => id).increment(0);
+    }
+}
+
+/// Sets the state gauges from `scheduler`'s daemon and renders every series. Blocking (a store
+/// read); holds [`SCRAPE`] throughout.
+fn scrape(handle: &PrometheusHandle, scheduler: &Scheduler) -> String {
+    let _one_at_a_time = SCRAPE.lock().unwrap_or_else(|p| p.into_inner());
+    let store = scheduler.store();
+    gauge!(QUEUE_DEPTH).set(scheduler.queue_depth() as f64);
+    for (state, n) in store.experiment_counts() {
+        gauge!(EXPERIMENTS, "state" => state_label(state)).set(n as f64);
+    }
+    match store.event_count() {
+        Ok(n) => gauge!(EVENT_LOG_EVENTS).set(n as f64),
+        Err(e) => warn!(error = %e, "metrics: cannot count the event log"),
+    }
+    gauge!(EVENT_LOG_BYTES).set(store.event_log_bytes() as f64);
+    handle.render()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The endpoint
+// ---------------------------------------------------------------------------------------------
+
+/// Renders the scrape body; run on the blocking pool.
+type Render = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// Real-time limits of the responder (shortened in tests).
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    head_timeout: Duration,
+    write_timeout: Duration,
+}
+
+const LIMITS: Limits = Limits {
+    head_timeout: HEAD_TIMEOUT,
+    write_timeout: WRITE_TIMEOUT,
+};
+
+/// A bound `GET /metrics` endpoint; [`MetricsEndpoint::spawn`] starts serving it.
+#[derive(Debug)]
+pub struct MetricsEndpoint {
+    listener: TcpListener,
+    addr: SocketAddr,
+    handle: &'static PrometheusHandle,
+}
+
+impl MetricsEndpoint {
+    /// Installs the process's recorder (first call only) and binds `addr`.
+    pub async fn bind(addr: SocketAddr) -> std::io::Result<MetricsEndpoint> {
+        let handle = install().map_err(std::io::Error::other)?;
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        Ok(MetricsEndpoint {
+            listener,
+            addr,
+            handle,
+        })
+    }
+
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serves scrapes of `scheduler`'s daemon until `stop`. The task ends once every open
+    /// connection has closed, so awaiting it means no clone of `scheduler` is left here.
+    pub fn spawn(self, scheduler: Scheduler, stop: CancellationToken) -> JoinHandle<()> {
+        register_device_series(&scheduler);
+        let handle = self.handle;
+        let render: Render = Arc::new(move || scrape(handle, &scheduler));
+        debug!(addr = %self.addr, "metrics endpoint serving");
+        tokio::spawn(async move {
+            let upkeep = tokio::spawn(upkeep(handle, stop.clone()));
+            serve(self.listener, render, stop, LIMITS).await;
+            let _ = upkeep.await;
+        })
+    }
+}
+
+async fn upkeep(handle: &'static PrometheusHandle, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(UPKEEP_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => handle.run_upkeep(),
+        }
+    }
+}
+
+/// Accepts connections until `stop`, serving each on its own task (at most
+/// [`MAX_CONNECTIONS`] at once); returns when every connection task has ended.
+async fn serve(listener: TcpListener, render: Render, stop: CancellationToken, limits: Limits) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let tasks = TaskTracker::new();
+    loop {
+        let permit = tokio::select! {
+            _ = stop.cancelled() => break,
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Per-connection failures (reset before accept, out of descriptors): keep
+                    // serving, after a pause so a persistent one does not spin.
+                    warn!(error = %e, "metrics: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let (render, stop) = (render.clone(), stop.clone());
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = connection(stream, render, limits) => {}
+            }
+            drop(permit);
+            debug!(%peer, "metrics connection closed");
+        });
+    }
+    tasks.close();
+    tasks.wait().await;
+}
+
+/// What a request head asks for.
+#[derive(Debug, PartialEq, Eq)]
+enum Route {
+    /// `GET /metrics` (`head_only` for `HEAD`).
+    Metrics { head_only: bool },
+    /// A request the endpoint answers with an error status.
+    Error(Status),
+}
+
+/// The error statuses the endpoint answers with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Status {
+    BadRequest,
+    NotFound,
+    MethodNotAllowed,
+    RequestTimeout,
+    HeadTooLarge,
+    Internal,
+}
+
+impl Status {
+    fn line(self) -> &'static str {
+        match self {
+            Status::BadRequest => "400 Bad Request",
+            Status::NotFound => "404 Not Found",
+            Status::MethodNotAllowed => "405 Method Not Allowed",
+            Status::RequestTimeout => "408 Request Timeout",
+            Status::HeadTooLarge => "431 Request Header Fields Too Large",
+            Status::Internal => "500 Internal Server Error",
+        }
+    }
+}
+
+/// Where the head ends (the index after the blank line), if it is complete.
+fn head_end(buf: &[u8]) -> Option<usize> {
+    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
+    // Bare LF line endings are tolerated, as most servers do.
+    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
+    match (crlf, lf) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Routes a complete request head by its request line; headers are not needed.
+fn route(head: &[u8]) -> Route {
+    let Ok(text) = std::str::from_utf8(head) else {
+        return Route::Error(Status::BadRequest);
+    };
+    let line = text.lines().next().unwrap_or_default();
+    let mut parts = line.split(' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Route::Error(Status::BadRequest);
+    };
+    let token = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    };
+    if !token(method) || !target.starts_with('/') || !version.starts_with("HTTP/1.") {
+        return Route::Error(Status::BadRequest);
+    }
+    let path = target.split_once('?').map_or(target, |(p, _)| p);
+    if path != "/metrics" {
+        return Route::Error(Status::NotFound);
+    }
+    match method {
+        "GET" => Route::Metrics { head_only: false },
+        "HEAD" => Route::Metrics { head_only: true },
+        _ => Route::Error(Status::MethodNotAllowed),
+    }
+}
+
+/// Reads the request head under the real-time limit; `Err` carries the status to answer.
+async fn read_head(stream: &mut TcpStream, limits: Limits) -> Result<Vec<u8>, Option<Status>> {
+    let mut buf = Vec::with_capacity(1024);
+    let read = async {
+        let mut chunk = [0u8; 1024];
+        loop {
+            let n = stream.read(&mut chunk).await.map_err(|_| None)?;
+            if n == 0 {
+                // The client went away (or half-closed) before a full head: nothing to answer
+                // unless it sent something.
+                return Err(if buf.is_empty() {
+                    None
+                } else {
+                    Some(Status::BadRequest)
+                });
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            if let Some(end) = head_end(&buf).filter(|end| *end <= MAX_HEAD) {
+                buf.truncate(end);
+                return Ok(());
+            }
+            if buf.len() > MAX_HEAD {
+                return Err(Some(Status::HeadTooLarge));
+            }
+        }
+    };
+    match tokio::time::timeout(limits.head_timeout, read).await {
+        Ok(Ok(())) => Ok(buf),
+        Ok(Err(status)) => Err(status),
+        Err(_) => Err(Some(Status::RequestTimeout)),
+    }
+}
+
+/// Serves one request on `stream`, then closes it.
+async fn connection(mut stream: TcpStream, render: Render, limits: Limits) {
+    let response = match read_head(&mut stream, limits).await {
+        Ok(head) => match route(&head) {
+            Route::Metrics { head_only } => {
+                match tokio::task::spawn_blocking(move || render()).await {
+                    Ok(body) => ok_response(&body, head_only),
+                    Err(e) => {
+                        warn!(error = %e, "metrics: rendering failed");
+                        error_response(Status::Internal)
+                    }
+                }
+            }
+            Route::Error(status) => error_response(status),
+        },
+        Err(Some(status)) => error_response(status),
+        Err(None) => return,
+    };
+    let write = async {
+        stream.write_all(&response).await?;
+        stream.flush().await?;
+        stream.shutdown().await
+    };
+    match tokio::time::timeout(limits.write_timeout, write).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            debug!(error = %e, "metrics: client went away before the response was sent");
+            return;
+        }
+        Err(_) => {
+            debug!("metrics: client too slow to read the response");
+            return;
+        }
+    }
+    // Drain (bounded) whatever the client still sends until it closes, so the close is not a
+    // reset that could discard the response before the client read it.
+    let _ = tokio::time::timeout(LINGER, async {
+        let mut chunk = [0u8; 4096];
+        let mut drained = 0;
+        while drained < LINGER_BYTES {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => drained += n,
+            }
+        }
+    })
+    .await;
+}
+
+fn ok_response(body: &str, head_only: bool) -> Vec<u8> {
+    let mut out = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    if !head_only {
+        out.extend_from_slice(body.as_bytes());
+    }
+    out
+}
+
+fn error_response(status: Status) -> Vec<u8> {
+    let body = format!("{}\n", status.line());
+    let allow = if status == Status::MethodNotAllowed {
+        "Allow: GET, HEAD\r\n"
+    } else {
+        ""
+    };
+    format!(
+        "HTTP/1.1 {}\r\nContent-Type: text/plain; charset=utf-8\r\n{allow}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        status.line(),
+        body.len()
+    )
+    .into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_lines_route_to_metrics_or_an_error() {
+        let r = |s: &str| route(s.as_bytes());
+        assert_eq!(
+            r("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
+            Route::Metrics { head_only: false }
+        );
+        assert_eq!(
+            r("GET /metrics?name[]=x HTTP/1.0\n\n"),
+            Route::Metrics { head_only: false }
+        );
+        assert_eq!(
+            r("HEAD /metrics HTTP/1.1\r\n\r\n"),
+            Route::Metrics { head_only: true }
+        );
+        assert_eq!(
+            r("POST /metrics HTTP/1.1\r\n\r\n"),
+            Route::Error(Status::MethodNotAllowed)
+        );
+        assert_eq!(r("GET / HTTP/1.1\r\n\r\n"), Route::Error(Status::NotFound));
+        assert_eq!(
+            r("GET /metricsx HTTP/1.1\r\n\r\n"),
+            Route::Error(Status::NotFound)
+        );
+        for bad in [
+            "\r\n\r\n",
+            "GET\r\n\r\n",
+            "GET /metrics\r\n\r\n",
+            "GET /metrics HTTP/1.1 extra\r\n\r\n",
+            "GET  /metrics HTTP/1.1\r\n\r\n",
+            "GET metrics HTTP/1.1\r\n\r\n",
+            "PRI * HTTP/2.0\r\n\r\n",
+            "GET /metrics SPDY/3\r\n\r\n",
+            "G(T /metrics HTTP/1.1\r\n\r\n",
+        ] {
+            assert_eq!(r(bad), Route::Error(Status::BadRequest), "{bad:?}");
+        }
+        assert_eq!(
+            route(b"GET /metrics HTTP/1.1\r\nX: \xff\xfe\r\n\r\n"),
+            Route::Error(Status::BadRequest)
+        );
+    }
+
+    #[test]
+    fn heads_end_at_the_first_blank_line() {
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\r\n\r\nbody"), Some(24));
+        assert_eq!(head_end(b"GET / HTTP/1.1\n\n"), Some(16));
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\r\n"), None);
+    }
+
+    #[test]
+    fn every_error_kind_and_state_has_a_label() {
+        let kinds: Vec<&str> = [
+            DeviceError::Timeout {
+                what: String::new(),
+                timeout_ms: 1,
+            },
+            DeviceError::Disconnected(String::new()),
+            DeviceError::Refused {
+                what: String::new(),
+                reason: String::new(),
+            },
+            DeviceError::Corrupt {
+                what: String::new(),
+                reason: String::new(),
+            },
+            DeviceError::Limit {
+                field: String::new(),
+                value: 0.0,
+                limit: String::new(),
+            },
+            DeviceError::Fault(String::new()),
+            DeviceError::Aborted,
+            DeviceError::Unsupported(String::new()),
+        ]
+        .iter()
+        .map(error_kind)
+        .collect();
+        assert_eq!(kinds, DEVICE_ERROR_KINDS);
+        assert_eq!(
+            transport_label("modbus-tcp://127.0.0.1:502 unit 1"),
+            "modbus"
+        );
+        assert_eq!(transport_label("serial:///dev/ttyUSB0@9600"), "serial");
+        assert_eq!(
+            transport_label("mqtts://broker:8883 topics lab/x/#"),
+            "mqtt"
+        );
+        assert!(api_methods().contains(&"/ppu.v1.QueueService/PauseQueue".to_owned()));
+    }
+
+    /// Sends `request` on a fresh connection, half-closes, and reads the whole response.
+    async fn exchange(addr: SocketAddr, request: &[u8]) -> String {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        // The server may answer (and stop reading) before all of an oversized request is sent.
+        let _ = s.write_all(request).await;
+        let _ = s.shutdown().await;
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out).await;
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    fn status_line(response: &str) -> &str {
+        response.lines().next().unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn garbage_and_oversized_requests_get_errors_and_the_endpoint_keeps_serving() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let render: Render = Arc::new(|| "ppu_test_series 1\n".to_owned());
+        let limits = Limits {
+            head_timeout: Duration::from_millis(300),
+            write_timeout: Duration::from_secs(5),
+        };
+        let server = tokio::spawn(serve(listener, render, stop.clone(), limits));
+        let deadline = Duration::from_secs(20);
+        let run = async {
+            // Binary garbage with a head terminator.
+            let mut garbage: Vec<u8> = (0..=255u8).cycle().take(3000).collect();
+            garbage.extend_from_slice(b"\r\n\r\n");
+            assert_eq!(
+                status_line(&exchange(addr, &garbage).await),
+                "HTTP/1.1 400 Bad Request"
+            );
+            // A head larger than the limit, never terminated.
+            let big = vec![b'a'; 4 * MAX_HEAD];
+            assert_eq!(
+                status_line(&exchange(addr, &big).await),
+                "HTTP/1.1 431 Request Header Fields Too Large"
+            );
+            let long_header = format!(
+                "GET /metrics HTTP/1.1\r\nX: {}\r\n\r\n",
+                "b".repeat(MAX_HEAD)
+            );
+            assert_eq!(
+                status_line(&exchange(addr, long_header.as_bytes()).await),
+                "HTTP/1.1 431 Request Header Fields Too Large"
+            );
+            // A truncated head, then the client half-closes.
+            assert_eq!(
+                status_line(&exchange(addr, b"GET /metr").await),
+                "HTTP/1.1 400 Bad Request"
+            );
+            // A client that connects and says nothing is timed out.
+            let mut idle = TcpStream::connect(addr).await.unwrap();
+            let mut out = Vec::new();
+            idle.read_to_end(&mut out).await.unwrap();
+            assert_eq!(
+                status_line(&String::from_utf8_lossy(&out)),
+                "HTTP/1.1 408 Request Timeout"
+            );
+            // Connecting and leaving at once.
+            drop(TcpStream::connect(addr).await.unwrap());
+            assert_eq!(
+                status_line(&exchange(addr, b"DELETE /metrics HTTP/1.1\r\n\r\n").await),
+                "HTTP/1.1 405 Method Not Allowed"
+            );
+            assert_eq!(
+                status_line(&exchange(addr, b"GET /other HTTP/1.1\r\n\r\n").await),
+                "HTTP/1.1 404 Not Found"
+            );
+            // Still serving.
+            let ok = exchange(addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+            assert_eq!(status_line(&ok), "HTTP/1.1 200 OK");
+            assert!(
+                ok.contains("Content-Type: text/plain; version=0.0.4"),
+                "{ok}"
+            );
+            assert!(ok.ends_with("\r\n\r\nppu_test_series 1\n"), "{ok}");
+            let head = exchange(addr, b"HEAD /metrics HTTP/1.1\r\n\r\n").await;
+            assert_eq!(status_line(&head), "HTTP/1.1 200 OK");
+            assert!(head.ends_with("\r\n\r\n"), "{head}");
+        };
+        tokio::time::timeout(deadline, run)
+            .await
+            .expect("every exchange finishes in time");
+        stop.cancel();
+        tokio::time::timeout(deadline, server)
+            .await
+            .expect("the endpoint stops")
+            .expect("the endpoint task did not panic");
+    }
+}

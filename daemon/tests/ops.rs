@@ -1,0 +1,386 @@
+//! The operator's side of the `ppud` binary: `ppud check-config` reports, `ppud token`, JSON
+//! logs with a request id on every line of a call and no secret in any line, and the loud
+//! warning of an open daemon. Each test runs the real binary.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use pb::queue_service_client::QueueServiceClient;
+use ppu_drivers::Clock;
+use ppu_proto::v1 as pb;
+use ppu_sim::furnace::{FurnaceConfig, SimFurnace};
+use ppu_sim::modbus::serve_tcp;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+fn ppud() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ppud"));
+    c.env_remove("RUST_LOG").env_remove("PPU_LOG_FORMAT");
+    c.kill_on_drop(true);
+    c
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_owned()
+}
+
+#[tokio::test]
+async fn check_config_passes_the_example_and_names_every_problem_of_a_broken_one() {
+    let example = repo_root().join("deploy/ppud.example.toml");
+    let out = ppud()
+        .arg("check-config")
+        .arg(&example)
+        .output()
+        .await
+        .expect("runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains(": ok"), "{stdout}");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broken = dir.path().join("broken.toml");
+    std::fs::write(
+        &broken,
+        r#"listen = "0.0.0.0:50051"
+time_scale = -1.0
+
+[auth]
+tokens_file = "missing-tokens.toml"
+
+[tls]
+cert_file = "nope.crt"
+key_file = "nope.key"
+
+[local]
+socket = "/tmp/ppud-test.sock"
+mode = "0777"
+
+[limits]
+max_streams = 0
+
+[[devices]]
+driver = "eurotherm"
+id = "furnace-1"
+endpoint = "carrier-pigeon://loft"
+"#,
+    )
+    .expect("write");
+    let out = ppud()
+        .arg("check-config")
+        .arg(&broken)
+        .output()
+        .await
+        .expect("runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "a broken config fails: {stdout}");
+    for problem in [
+        "time_scale",
+        "auth.tokens_file: cannot read",
+        "tls.cert_file: cannot read",
+        "tls.key_file: cannot read",
+        "local.mode",
+        "limits.max_streams",
+        "devices[0].endpoint",
+    ] {
+        assert!(
+            stdout.contains(problem),
+            "{problem:?} not reported in:\n{stdout}"
+        );
+    }
+    // Every line names the file.
+    for line in stdout.lines() {
+        assert!(line.starts_with(&broken.display().to_string()), "{line}");
+    }
+
+    // A config without [auth] is refused by `serve` and reported by `check-config`.
+    let no_auth = dir.path().join("no-auth.toml");
+    std::fs::write(&no_auth, "listen = \"127.0.0.1:0\"\n").expect("write");
+    let out = ppud()
+        .arg("check-config")
+        .arg(&no_auth)
+        .output()
+        .await
+        .expect("runs");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("missing [auth] table"));
+}
+
+/// Runs `ppud token` and returns (token, the [[token]] entry).
+async fn make_token(principal: &str, role: &str) -> (String, String) {
+    let out = ppud()
+        .args(["token", "--principal", principal, "--role", role])
+        .output()
+        .await
+        .expect("runs");
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let token = stdout
+        .lines()
+        .find(|l| l.starts_with("ppu_"))
+        .expect("token line")
+        .to_owned();
+    let entry = stdout[stdout.find("[[token]]").expect("entry")..].to_owned();
+    assert!(!entry.contains(&token), "the entry holds only the hash");
+    (token, entry)
+}
+
+/// A running `ppud serve`: the child, its gRPC address, the rest of its start-up banner, and
+/// its stderr as it is read (read all along, so a chatty log never blocks the daemon on a full
+/// pipe).
+struct Served {
+    child: Child,
+    addr: String,
+    stdout: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    stderr: tokio::task::JoinHandle<String>,
+}
+
+/// Starts `ppud serve` and returns it once it listens.
+async fn serve(config: &Path, log: &str, format: &str) -> Served {
+    let mut child = ppud()
+        .args(["serve", "--config"])
+        .arg(config)
+        .args(["--log", log, "--log-format", format])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ppud");
+    let mut err = child.stderr.take().expect("stderr");
+    let stderr = tokio::spawn(async move {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s).await;
+        s
+    });
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = tokio::time::timeout(DEADLINE, async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(a) = line.strip_prefix("listening on ") {
+                return a.trim().to_owned();
+            }
+        }
+        panic!("ppud exited before listening");
+    })
+    .await
+    .expect("listens within the deadline");
+    Served {
+        child,
+        addr,
+        stdout: lines,
+        stderr,
+    }
+}
+
+/// SIGTERM, then everything it wrote on stderr.
+async fn stop(served: Served) -> String {
+    let Served {
+        mut child, stderr, ..
+    } = served;
+    let pid = child.id().expect("running");
+    // kill(1) rather than a libc dependency for one signal.
+    let status = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .await
+        .expect("kill");
+    assert!(status.success());
+    tokio::time::timeout(DEADLINE, child.wait())
+        .await
+        .expect("exits within the deadline")
+        .expect("wait");
+    tokio::time::timeout(DEADLINE, stderr)
+        .await
+        .expect("stderr closes")
+        .expect("reader task")
+}
+
+#[tokio::test]
+async fn json_logs_carry_the_request_id_and_never_a_token() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (token, entry) = make_token("tech-ana", "technician").await;
+    std::fs::write(dir.path().join("tokens.toml"), entry).expect("write tokens");
+    let config = dir.path().join("ppud.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = {:?}\n\n[auth]\ntokens_file = \"tokens.toml\"\n",
+            dir.path().join("data")
+        ),
+    )
+    .expect("write config");
+    // Everything at debug, the transport crates included: the header must not leak there either.
+    let served = serve(&config, "debug", "json").await;
+    let mut q = QueueServiceClient::connect(format!("http://{}", served.addr))
+        .await
+        .expect("connects");
+    let mut pause = tonic::Request::new(pb::PauseQueueRequest {
+        reason: "coffee".into(),
+    });
+    pause.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("ascii"),
+    );
+    pause
+        .metadata_mut()
+        .insert("x-request-id", "req-from-client-42".parse().expect("ascii"));
+    let reply = q.pause_queue(pause).await.expect("technician pauses");
+    assert_eq!(
+        reply
+            .metadata()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok()),
+        Some("req-from-client-42")
+    );
+    let wrong = format!("{token}x");
+    let mut bad = tonic::Request::new(pb::GetQueueRequest::default());
+    bad.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {wrong}").parse().expect("ascii"),
+    );
+    assert_eq!(
+        q.get_queue(bad).await.expect_err("unknown token").code(),
+        tonic::Code::Unauthenticated
+    );
+    drop(q);
+    let stderr = stop(served).await;
+
+    assert!(!stderr.contains(&token), "a token is in the log");
+    assert!(
+        !stderr.contains(&token[4..20]),
+        "part of a token is in the log"
+    );
+    let mut call_lines = 0;
+    for line in stderr.lines() {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+        if v["span"]["request_id"] == "req-from-client-42" {
+            assert_eq!(
+                v["span"]["method"], "/ppu.v1.QueueService/PauseQueue",
+                "{line}"
+            );
+            assert_eq!(v["span"]["principal"], "tech-ana", "{line}");
+            call_lines += 1;
+        }
+    }
+    assert!(
+        call_lines >= 1,
+        "no line of the call carries its request id:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("refused: unauthenticated"),
+        "the refused call is logged:\n{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn an_open_daemon_says_so_loudly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("ppud.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = {:?}\n\n[auth]\nopen = true\n",
+            dir.path().join("data")
+        ),
+    )
+    .expect("write config");
+    let served = serve(&config, "info", "text").await;
+    let stderr = stop(served).await;
+    assert!(stderr.contains("AUTHENTICATION IS OFF"), "{stderr}");
+}
+
+#[tokio::test]
+async fn the_configured_metrics_endpoint_serves_every_named_series() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // One simulated Eurotherm on a real Modbus socket in this process, so the per-device
+    // series exist.
+    let sim = SimFurnace::new(FurnaceConfig::default(), Clock::new(1.0));
+    let furnace = serve_tcp(SocketAddr::from(([127, 0, 0, 1], 0)), sim)
+        .await
+        .expect("simulated furnace");
+    let config = dir.path().join("ppud.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = {:?}\n\n[auth]\nopen = true\n\n\
+             [metrics]\nlisten = \"127.0.0.1:0\"\n\n[[devices]]\ndriver = \"eurotherm\"\n\
+             id = \"furnace-1\"\nendpoint = \"modbus-tcp://{}\"\n",
+            dir.path().join("data"),
+            furnace.local_addr()
+        ),
+    )
+    .expect("write config");
+    let mut served = serve(&config, "info", "text").await;
+    let metrics = tokio::time::timeout(DEADLINE, async {
+        while let Ok(Some(line)) = served.stdout.next_line().await {
+            if let Some(url) = line.trim().strip_prefix("metrics: http://") {
+                return url.trim_end_matches("/metrics").to_owned();
+            }
+        }
+        panic!("no metrics line in the banner");
+    })
+    .await
+    .expect("banner");
+    // One gRPC call, so the request counter has moved.
+    let mut q = QueueServiceClient::connect(format!("http://{}", served.addr))
+        .await
+        .expect("connects");
+    q.get_queue(pb::GetQueueRequest::default())
+        .await
+        .expect("get queue");
+    let mut conn = tokio::net::TcpStream::connect(&metrics)
+        .await
+        .expect("metrics endpoint");
+    tokio::io::AsyncWriteExt::write_all(
+        &mut conn,
+        b"GET /metrics HTTP/1.1\r\nHost: ppud\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .expect("request");
+    let mut body = String::new();
+    tokio::time::timeout(DEADLINE, conn.read_to_string(&mut body))
+        .await
+        .expect("scrape within the deadline")
+        .expect("read");
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    for series in [
+        "ppu_queue_depth",
+        "ppu_experiments{",
+        "ppu_step_duration_seconds",
+        "ppu_device_request_duration_seconds",
+        "ppu_device_errors_total",
+        "ppu_transport_reconnects_total",
+        "ppu_event_log_events",
+        "ppu_event_log_bytes",
+        "ppu_active_streams{",
+        "ppu_grpc_requests_total{",
+    ] {
+        assert!(
+            body.contains(series),
+            "{series} missing from the scrape:\n{body}"
+        );
+    }
+    assert!(
+        body.contains(
+            "ppu_grpc_requests_total{method=\"/ppu.v1.QueueService/GetQueue\",code=\"OK\"} 1"
+        ),
+        "the call is counted:\n{body}"
+    );
+    assert!(
+        body.contains("ppu_device_errors_total{device=\"furnace-1\",kind=\"timeout\"}"),
+        "per-device series carry the device id:\n{body}"
+    );
+    drop(q);
+    stop(served).await;
+    furnace.shutdown().await;
+}
