@@ -5,7 +5,7 @@ inspect and cancel them, and turn measured isotherms into AIF or pyGAPS objects:
 
     from ppu_client import Client, Experiment, anneal
 
-    with Client("127.0.0.1:50051") as c:
+    with Client("127.0.0.1:50051") as c:  # token from PPU_TOKEN, or Client(..., token=...)
         batch = c.submit_batch([Experiment("LDH 450 C", [anneal(450.0, hold_s=3600.0)])])
         for result in c.results(batch):
             print(result.name, result.state.name)
@@ -24,7 +24,9 @@ from .errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    PermissionDeniedError,
     PpuError,
+    UnauthenticatedError,
     UnavailableError,
 )
 from .isotherm import amount_at, isotherm_to_aif, isotherm_to_pygaps
@@ -65,11 +67,13 @@ __all__ = [
     "InvalidArgumentError",
     "Isotherm",
     "NotFoundError",
+    "PermissionDeniedError",
     "PpuError",
     "Ramp",
     "Refill",
     "State",
     "StepTo",
+    "UnauthenticatedError",
     "UnavailableError",
     "Weigh",
     "amount_at",

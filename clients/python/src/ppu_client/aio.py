@@ -18,6 +18,7 @@ import grpc
 import grpc.aio
 
 from . import pb
+from ._connect import PemSource, resolve
 from ._generated import devices_pb2_grpc, events_pb2_grpc, experiment_pb2_grpc
 from ._requests import (
     CHANNEL_OPTIONS,
@@ -36,24 +37,45 @@ from .recipes import ExperimentLike
 
 
 class AsyncClient:
-    """A grpc.aio connection to one ppud. Arguments as for `ppu_client.Client`; create it inside
-    a running event loop."""
+    """A grpc.aio connection to one ppud. Arguments as for `ppu_client.Client` (target forms,
+    ``token`` / ``$PPU_TOKEN``, TLS); create it inside a running event loop."""
 
     def __init__(
         self,
         target: str = DEFAULT_TARGET,
         *,
+        token: str | None = None,
+        root_certificates: PemSource | None = None,
+        certificate_chain: PemSource | None = None,
+        private_key: PemSource | None = None,
+        tls_domain: str | None = None,
         timeout: float | None = 30.0,
         channel: grpc.aio.Channel | None = None,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
+        conn = resolve(
+            target,
+            token=token,
+            root_certificates=root_certificates,
+            certificate_chain=certificate_chain,
+            private_key=private_key,
+            tls_domain=tls_domain,
+            own_channel=channel is None,
+        )
         self.target = target
         self.timeout = timeout
         self._own_channel = channel is None
         self._closed = False
-        self._channel = channel or grpc.aio.insecure_channel(
-            target, options=[*CHANNEL_OPTIONS, *options]
-        )
+        self._metadata = conn.metadata
+        if channel is None:
+            opts = [*CHANNEL_OPTIONS, *conn.options, *options]
+            if conn.credentials is None:
+                channel = grpc.aio.insecure_channel(conn.grpc_target, options=opts)
+            else:
+                channel = grpc.aio.secure_channel(
+                    conn.grpc_target, conn.credentials, options=opts
+                )
+        self._channel = channel
         self._experiments = experiment_pb2_grpc.ExperimentServiceStub(self._channel)
         self._events = events_pb2_grpc.EventServiceStub(self._channel)
         self._devices = devices_pb2_grpc.DeviceServiceStub(self._channel)
@@ -72,7 +94,7 @@ class AsyncClient:
 
     async def _unary(self, method: Any, request: Any, **kw: Any) -> Any:
         try:
-            return await method(request, timeout=self.timeout, **kw)
+            return await method(request, timeout=self.timeout, metadata=self._metadata, **kw)
         except grpc.aio.AioRpcError as e:
             raise error_from_rpc(e) from None
 
@@ -90,7 +112,7 @@ class AsyncClient:
         for attempt in range(max(attempts, 1)):
             try:
                 resp = await self._experiments.SubmitBatch(
-                    req, timeout=self.timeout, wait_for_ready=True
+                    req, timeout=self.timeout, metadata=self._metadata, wait_for_ready=True
                 )
                 return Batch.from_proto(resp.batch, resp.duplicate)
             except grpc.aio.AioRpcError as e:
@@ -189,6 +211,7 @@ class AsyncClient:
                     from_sequence=last, batch_id=batch_id, experiment_id=experiment_id
                 ),
                 timeout=remaining,
+                metadata=self._metadata,
             )
             try:
                 await call.initial_metadata()

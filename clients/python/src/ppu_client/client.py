@@ -14,6 +14,7 @@ from typing import Any, Callable, TypeVar
 import grpc
 
 from . import pb
+from ._connect import PemSource, resolve
 from ._generated import devices_pb2_grpc, events_pb2_grpc, experiment_pb2_grpc
 from ._requests import (
     CHANNEL_OPTIONS,
@@ -38,11 +39,23 @@ class Client:
     """A connection to one ppud.
 
     Args:
-        target: the daemon's gRPC address, ``host:port``.
+        target: the daemon's address: ``host:port`` or ``http://host:port`` (plain text),
+            ``https://host:port`` (TLS), or ``unix:/path/to/ppud.sock`` (its local socket).
+        token: the bearer token, sent as ``authorization: Bearer <token>`` metadata on every
+            call (streams included). None reads ``$PPU_TOKEN``; with neither, no token is sent
+            (ppud running open, or its local socket granting a role to the caller's uid).
+        root_certificates: PEM of the CA(s) that signed ppud's certificate, as bytes or a file
+            path. Implies TLS. None with ``https://`` uses gRPC's default roots.
+        certificate_chain, private_key: this client's certificate and key (PEM bytes or file
+            paths), for a daemon that requires client certificates (mTLS).
+        tls_domain: the name to verify in ppud's certificate instead of the target's host.
         timeout: deadline in seconds for each unary call (None: no deadline).
         channel: an existing `grpc.Channel` to use instead of opening one (not closed by
-            `close()`).
+            `close()`); the token is still sent on every call.
         options: extra gRPC channel options.
+
+    Raises ValueError for a malformed token or contradictory TLS arguments (never echoing the
+    token), OSError for a PEM file that cannot be read.
 
     Use it as a context manager, or call `close()`::
 
@@ -56,17 +69,36 @@ class Client:
         self,
         target: str = DEFAULT_TARGET,
         *,
+        token: str | None = None,
+        root_certificates: PemSource | None = None,
+        certificate_chain: PemSource | None = None,
+        private_key: PemSource | None = None,
+        tls_domain: str | None = None,
         timeout: float | None = 30.0,
         channel: grpc.Channel | None = None,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
+        conn = resolve(
+            target,
+            token=token,
+            root_certificates=root_certificates,
+            certificate_chain=certificate_chain,
+            private_key=private_key,
+            tls_domain=tls_domain,
+            own_channel=channel is None,
+        )
         self.target = target
         self.timeout = timeout
         self._own_channel = channel is None
         self._closed = False
-        self._channel = channel or grpc.insecure_channel(
-            target, options=[*CHANNEL_OPTIONS, *options]
-        )
+        self._metadata = conn.metadata
+        if channel is None:
+            opts = [*CHANNEL_OPTIONS, *conn.options, *options]
+            if conn.credentials is None:
+                channel = grpc.insecure_channel(conn.grpc_target, options=opts)
+            else:
+                channel = grpc.secure_channel(conn.grpc_target, conn.credentials, options=opts)
+        self._channel = channel
         self._experiments = experiment_pb2_grpc.ExperimentServiceStub(self._channel)
         self._events = events_pb2_grpc.EventServiceStub(self._channel)
         self._devices = devices_pb2_grpc.DeviceServiceStub(self._channel)
@@ -87,7 +119,7 @@ class Client:
 
     def _unary(self, method: Callable[..., _R], request: Any, **kw: Any) -> _R:
         try:
-            return method(request, timeout=self.timeout, **kw)
+            return method(request, timeout=self.timeout, metadata=self._metadata, **kw)
         except grpc.RpcError as e:
             raise error_from_rpc(e) from None
 
@@ -121,7 +153,9 @@ class Client:
         req = submit_request(experiments, key)
         for attempt in range(max(attempts, 1)):
             try:
-                resp = self._experiments.SubmitBatch(req, timeout=self.timeout, wait_for_ready=True)
+                resp = self._experiments.SubmitBatch(
+                    req, timeout=self.timeout, metadata=self._metadata, wait_for_ready=True
+                )
                 return Batch.from_proto(resp.batch, resp.duplicate)
             except grpc.RpcError as e:
                 if e.code() not in SUBMIT_RETRY_CODES or attempt + 1 >= max(attempts, 1):
@@ -229,6 +263,7 @@ class Client:
                     from_sequence=last, batch_id=batch_id, experiment_id=experiment_id
                 ),
                 timeout=remaining,
+                metadata=self._metadata,
             )
             try:
                 call.initial_metadata()

@@ -73,6 +73,16 @@ class DeadlineExceededError(PpuError):
     """The call did not finish within its timeout (DEADLINE_EXCEEDED)."""
 
 
+class UnauthenticatedError(PpuError):
+    """The daemon wants a bearer token and got none it accepts (UNAUTHENTICATED): pass
+    ``token=`` or set ``PPU_TOKEN``."""
+
+
+class PermissionDeniedError(PpuError):
+    """The token's role may not make this call (PERMISSION_DENIED), e.g. a viewer token
+    submitting a batch; the message names the role and the method."""
+
+
 _BY_CODE: dict[grpc.StatusCode, type[PpuError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
     grpc.StatusCode.NOT_FOUND: NotFoundError,
@@ -80,6 +90,8 @@ _BY_CODE: dict[grpc.StatusCode, type[PpuError]] = {
     grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
 }
 
 

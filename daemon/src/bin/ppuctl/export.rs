@@ -8,14 +8,13 @@
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
+use crate::InputError;
+use crate::conn::Channel;
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use ppu_proto::v1 as pb;
 use ppu_proto::v1::experiment_service_client::ExperimentServiceClient;
 use serde_json::{Value, json};
-use tonic::transport::Channel;
-
-use crate::InputError;
 
 /// The AIF dictionary version written (the one pyGAPS' parser implements).
 const AIF_VERSION: &str = "d546195";

@@ -5,6 +5,7 @@
 //! `error: <CODE>: <message>` with exit code 2 for caller mistakes and 1 for everything else.
 
 mod batch_file;
+mod conn;
 mod export;
 mod json;
 mod render;
@@ -24,8 +25,9 @@ use ppu_proto::v1::device_service_client::DeviceServiceClient;
 use ppu_proto::v1::event_service_client::EventServiceClient;
 use ppu_proto::v1::experiment_service_client::ExperimentServiceClient;
 use ppu_proto::v1::queue_service_client::QueueServiceClient;
-use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
+
+use conn::{Channel, Conn, Tuning};
 
 /// How long a unary RPC may take before ppuctl gives up.
 const RPC_TIMEOUT: Duration = Duration::from_secs(30);
@@ -44,24 +46,33 @@ const RPC_TIMEOUT: Duration = Duration::from_secs(30);
                   ppuctl talks to ppud over gRPC (API ppu.v1). Errors are printed as \
                   `error: <CODE>: <message>` on stderr; the exit code is 2 when the request \
                   itself was refused (INVALID_ARGUMENT, FAILED_PRECONDITION, ALREADY_EXISTS, \
-                  NOT_FOUND, or an unreadable batch file) and 1 for any other failure.",
+                  NOT_FOUND, or an unreadable batch file) and 1 for any other failure.\n\n\
+                  Connecting: --addr takes host:port or http://host:port (plain text), \
+                  https://host:port (TLS: --tls-ca names the CA that signed ppud's certificate; \
+                  --tls-cert and --tls-key add a client certificate where ppud requires one) or \
+                  unix:/path/to/ppud.sock (ppud's local socket; without a token the daemon \
+                  grants the role its config gives local users).\n\n\
+                  Authentication: ppud asks for a bearer token unless it runs open. ppuctl \
+                  reads it from the file named by --token-file or PPU_TOKEN_FILE, else from the \
+                  PPU_TOKEN environment variable, and sends it on every call. There is no flag \
+                  taking the token itself: it would show in `ps`. UNAUTHENTICATED means the \
+                  token is missing or not accepted; PERMISSION_DENIED means the token's role \
+                  (viewer, planner, technician, admin) may not make that call.\n\n\
+                  Environment: PPU_ADDR (--addr), PPU_TOKEN_FILE (--token-file), PPU_TOKEN (the \
+                  token).",
     after_help = "Examples:\n  \
         ppuctl submit examples/batch.toml\n  \
         ppuctl list --state running\n  \
         ppuctl watch --batch 01JQ3Z8K4W6Y5T2R9P0N1M7XVB\n  \
         ppuctl --addr http://lab-pc:50051 devices\n  \
-        ppuctl --json show 01JQ3Z9A1B2C3D4E5F6G7H8J9K | jq .state"
+        ppuctl --json show 01JQ3Z9A1B2C3D4E5F6G7H8J9K | jq .state\n  \
+        PPU_TOKEN_FILE=~/.config/ppu/token ppuctl list\n  \
+        ppuctl --addr https://lab-pc:50051 --tls-ca lab-ca.crt --token-file token devices\n  \
+        ppuctl --addr unix:/run/ppu/ppud.sock queue pause --reason maintenance"
 )]
 struct Cli {
-    /// Address of ppud's gRPC endpoint (`host:port` is short for `http://host:port`).
-    #[arg(
-        long,
-        global = true,
-        env = "PPU_ADDR",
-        default_value = "http://127.0.0.1:50051",
-        value_name = "URL"
-    )]
-    addr: String,
+    #[command(flatten)]
+    conn: conn::ConnArgs,
 
     /// Print machine-readable JSON instead of tables and text.
     ///
@@ -426,17 +437,52 @@ fn exit_code_for(code: Code) -> u8 {
     }
 }
 
-/// Prints an error to stderr and returns the exit code for it.
-fn report(err: &anyhow::Error, addr: &str) -> u8 {
+/// Prints an error to stderr and returns the exit code for it. `conn` (once resolved) feeds
+/// the hints: where the token came from (never the token itself), whether TLS was used.
+fn report(err: &anyhow::Error, addr: &str, conn: Option<&Conn>) -> u8 {
+    let token = conn.and_then(|c| c.token_source.as_ref());
     if let Some(status) = err.chain().find_map(|e| e.downcast_ref::<Status>()) {
         let message = if status.message().is_empty() {
             status.code().description()
         } else {
             status.message()
         };
+        // A failed connection's cause (refused, no such socket, certificate not trusted) is in
+        // the source chain, not the message.
+        let message = conn::with_causes(message.to_owned(), std::error::Error::source(status));
         eprintln!("error: {}: {message}", code_name(status.code()));
-        if status.code() == Code::Unavailable {
+        // A daemon that wants a client certificate completes the TLS 1.3 handshake and then
+        // drops the connection: the request fails CANCELLED ("connection closed") or, if the
+        // alert arrives first, UNKNOWN from the transport (a status with a source; a status
+        // the daemon sent has none).
+        let dropped = status.code() == Code::Cancelled
+            || (status.code() == Code::Unknown && std::error::Error::source(status).is_some());
+        if message.contains("CertificateRequired")
+            || (dropped && conn.is_some_and(Conn::tls_without_identity))
+        {
+            eprintln!(
+                "hint: if ppud requires client certificates (mTLS), pass --tls-cert and --tls-key"
+            );
+        } else if (dropped || status.code() == Code::Unavailable) && message.contains("certificate")
+        {
+            eprintln!(
+                "hint: the TLS handshake failed: --tls-ca must name the CA that signed ppud's \
+                 certificate, and the certificate must name the --addr host (or --tls-domain)"
+            );
+        } else if status.code() == Code::Unavailable {
             eprintln!("hint: is ppud running at {addr}? (set --addr or PPU_ADDR)");
+        }
+        if status.code() == Code::Unauthenticated {
+            match token {
+                None => eprintln!(
+                    "hint: ppud at {addr} wants a bearer token: set PPU_TOKEN or --token-file \
+                     FILE (or PPU_TOKEN_FILE)"
+                ),
+                Some(source) => eprintln!(
+                    "hint: ppud at {addr} did not accept the token from {source}; set PPU_TOKEN \
+                     or --token-file to a valid one (`ppud token` makes one)"
+                ),
+            }
         }
         // ppud explains its own UNIMPLEMENTED replies; a bare one comes from a daemon that
         // predates the RPC.
@@ -480,24 +526,6 @@ fn out_json(value: &serde_json::Value) -> Result<()> {
 // ---------------------------------------------------------------------------------------------
 // Connection helpers.
 // ---------------------------------------------------------------------------------------------
-
-fn channel(addr: &str) -> Result<Channel> {
-    // Accept `host:port` as shorthand for `http://host:port`.
-    let url = if addr.contains("://") {
-        addr.to_owned()
-    } else {
-        format!("http://{addr}")
-    };
-    let endpoint = Endpoint::from_shared(url)
-        .map_err(|e| InputError(format!("invalid --addr {addr:?}: {e}")))?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        // Detect a silently dead daemon during long streams.
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(10))
-        .keep_alive_while_idle(true);
-    Ok(endpoint.connect_lazy())
-}
 
 /// Awaits a unary RPC with [`RPC_TIMEOUT`].
 async fn call<T>(
@@ -563,15 +591,21 @@ impl Backoff {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let addr = cli.addr.clone();
-    match run(cli).await {
+    let conn = match cli.conn.resolve() {
+        Ok(conn) => conn,
+        Err(err) => return ExitCode::from(report(&err.into(), &cli.conn.addr, None)),
+    };
+    if let Some(warning) = conn.plaintext_warning() {
+        eprintln!("{warning}");
+    }
+    match run(cli, &conn).await {
         Ok(()) => ExitCode::SUCCESS,
-        Err(err) => ExitCode::from(report(&err, &addr)),
+        Err(err) => ExitCode::from(report(&err, &conn.addr, Some(&conn))),
     }
 }
 
-async fn run(cli: Cli) -> Result<()> {
-    let ch = channel(&cli.addr)?;
+async fn run(cli: Cli, conn: &Conn) -> Result<()> {
+    let ch = conn.channel(Tuning::CLI)?;
     let json = cli.json;
     match cli.command {
         Command::Submit(args) => submit(ch, args, json).await,
@@ -594,7 +628,7 @@ async fn run(cli: Cli) -> Result<()> {
         } => acknowledge_alarm(ch, device, code, by, json).await,
         Command::Export(args) => export::run(ch, args).await,
         Command::Devices => devices(ch, json).await,
-        Command::Tui(args) => tui::run(&cli.addr, args).await,
+        Command::Tui(args) => tui::run(conn, args).await,
         Command::Device {
             id,
             maintenance: Some(on),

@@ -10,7 +10,8 @@ use ppu_proto::v1::device_service_client::DeviceServiceClient;
 use ppu_proto::v1::experiment_service_client::ExperimentServiceClient;
 use ppu_proto::v1::queue_service_client::QueueServiceClient;
 use tonic::Status;
-use tonic::transport::Channel;
+
+use crate::conn::Channel;
 
 /// How long an action may take: aborting waits for devices to reach their safe state.
 const ACTION_TIMEOUT: Duration = Duration::from_secs(30);

@@ -17,11 +17,11 @@ use ppu_proto::v1::experiment_service_client::ExperimentServiceClient;
 use ppu_proto::v1::queue_service_client::QueueServiceClient;
 use tokio::sync::mpsc;
 use tokio::time::MissedTickBehavior;
-use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 use super::actions::Action;
 use super::state::{Polled, Update};
+use crate::conn::{Channel, Conn, Tuning};
 
 /// How often the queue, devices, alarms and transfers are read.
 pub const POLL_PERIOD: Duration = Duration::from_millis(500);
@@ -52,21 +52,13 @@ pub enum Incoming {
 }
 
 /// A channel tuned for a live display: short connect timeout and HTTP/2 keep-alives, so a dead
-/// daemon is noticed in about a second.
-pub fn channel(addr: &str) -> Result<Channel, String> {
-    let url = if addr.contains("://") {
-        addr.to_owned()
-    } else {
-        format!("http://{addr}")
-    };
-    let endpoint = Endpoint::from_shared(url)
-        .map_err(|e| format!("invalid --addr {addr:?}: {e}"))?
-        .connect_timeout(POLL_TIMEOUT)
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(1))
-        .keep_alive_timeout(Duration::from_secs(1))
-        .keep_alive_while_idle(true);
-    Ok(endpoint.connect_lazy())
+/// daemon is noticed in about a second. Carries the bearer token like every ppuctl channel.
+pub fn channel(conn: &Conn) -> Result<Channel, crate::InputError> {
+    conn.channel(Tuning {
+        connect_timeout: POLL_TIMEOUT,
+        keep_alive_interval: Duration::from_secs(1),
+        keep_alive_timeout: Duration::from_secs(1),
+    })
 }
 
 /// Starts the feeds and the command runner. They stop when the app drops its receiver.
@@ -79,14 +71,19 @@ pub fn start(ch: Channel, by: String) -> (mpsc::UnboundedSender<Cmd>, mpsc::Rece
     (cmd_tx, rx)
 }
 
-/// `CODE: message`, as ppuctl prints errors.
+/// `CODE: message`, as ppuctl prints errors; a refused token also says how to give one.
 pub fn status_text(s: &Status) -> String {
     let message = if s.message().is_empty() {
         s.code().description()
     } else {
         s.message()
     };
-    format!("{}: {message}", crate::code_name(s.code()))
+    let hint = if s.code() == Code::Unauthenticated {
+        " (set PPU_TOKEN or --token-file)"
+    } else {
+        ""
+    };
+    format!("{}: {message}{hint}", crate::code_name(s.code()))
 }
 
 /// Follows the event log from the start, reopening it after the last sequence received.
@@ -281,5 +278,26 @@ async fn run_commands(
             };
             let _ = tx.send(incoming).await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_token_says_how_to_give_one() {
+        let text = status_text(&Status::unauthenticated("missing or invalid bearer token"));
+        assert_eq!(
+            text,
+            "UNAUTHENTICATED: missing or invalid bearer token (set PPU_TOKEN or --token-file)"
+        );
+        let text = status_text(&Status::permission_denied(
+            "role viewer may not call ppu.v1.QueueService/PauseQueue",
+        ));
+        assert_eq!(
+            text,
+            "PERMISSION_DENIED: role viewer may not call ppu.v1.QueueService/PauseQueue"
+        );
     }
 }

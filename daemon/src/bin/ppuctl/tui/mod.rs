@@ -404,8 +404,8 @@ fn unix_now() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
-/// Runs the TUI against the daemon at `addr` until the user quits.
-pub async fn run(addr: &str, args: TuiArgs) -> Result<()> {
+/// Runs the TUI against the daemon `conn` reaches until the user quits.
+pub async fn run(conn: &crate::conn::Conn, args: TuiArgs) -> Result<()> {
     if !std::io::stdout().is_terminal() || !std::io::stdin().is_terminal() {
         return Err(crate::InputError(
             "ppuctl tui needs a terminal (stdin and stdout); use `ppuctl watch` in scripts"
@@ -413,9 +413,9 @@ pub async fn run(addr: &str, args: TuiArgs) -> Result<()> {
         )
         .into());
     }
-    let ch = client::channel(addr).map_err(crate::InputError)?;
+    let ch = client::channel(conn)?;
     let (cmd_tx, feed) = client::start(ch, args.by);
-    let mut app = App::new(addr, Theme::from_env(args.no_color));
+    let mut app = App::new(&conn.addr, Theme::from_env(args.no_color));
 
     let mut terminal = ratatui::try_init().context("cannot set up the terminal")?;
     let result = event_loop(&mut terminal, &mut app, feed, cmd_tx).await;
