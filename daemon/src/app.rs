@@ -216,6 +216,11 @@ impl Daemon {
         }
         let retry = policies.retry.clone();
         let devices = Devices::with_retry(drivers, |id| retry.policy(id));
+        for (id, alarms) in store.alarms()? {
+            if let Some(d) = devices.get(&id) {
+                d.restore_alarms(alarms);
+            }
+        }
         let (scheduler, scheduler_task) = Scheduler::start_with(
             store.clone(),
             devices.clone(),

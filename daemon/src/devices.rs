@@ -99,6 +99,18 @@ struct TrackedAlarm {
 }
 
 impl TrackedAlarm {
+    fn from_proto(a: pb::ActiveAlarm) -> TrackedAlarm {
+        TrackedAlarm {
+            code: a.code,
+            message: a.message,
+            raised_at: a.raised_at.unwrap_or_default(),
+            cleared: a.cleared,
+            acknowledged: a
+                .acknowledged
+                .then(|| (a.acknowledged_by, a.acknowledged_at.unwrap_or_default())),
+        }
+    }
+
     fn to_proto(&self, device_id: &str) -> pb::ActiveAlarm {
         pb::ActiveAlarm {
             device_id: device_id.to_owned(),
@@ -281,6 +293,26 @@ impl DeviceHandle {
                 });
             }
         }
+        let unknown = || AckError::UnknownAlarm {
+            device: self.id().to_owned(),
+            code: code.to_owned(),
+        };
+        // The acknowledged list is computed first and committed with the event, so the
+        // acknowledgement survives a restart; memory follows the commit.
+        let now = now_timestamp();
+        let (tracked, out) = {
+            let l = self.live.lock().map_err(|_| unknown())?;
+            let mut tracked = l.tracked.clone();
+            let mut out = None;
+            for a in tracked.iter_mut().filter(|a| a.code == code) {
+                a.acknowledged = Some((by.to_owned(), now));
+                out = Some(a.to_proto(self.id()));
+            }
+            tracked.retain(|a| !(a.cleared && a.acknowledged.is_some()));
+            (tracked, out.ok_or_else(unknown)?)
+        };
+        let snapshot: Vec<pb::ActiveAlarm> =
+            tracked.iter().map(|a| a.to_proto(self.id())).collect();
         let (id, c, who) = (self.id().to_owned(), code.to_owned(), by.to_owned());
         store
             .write_async(move |w| {
@@ -293,25 +325,39 @@ impl DeviceHandle {
                         acknowledged_by: who,
                     }),
                 );
+                w.put_alarms(&id, snapshot)?;
                 Ok(())
             })
             .await?;
-        let mut l = self.live.lock().map_err(|_| AckError::UnknownAlarm {
-            device: self.id().to_owned(),
-            code: code.to_owned(),
-        })?;
-        let now = now_timestamp();
-        let mut out = None;
+        let mut l = self.live.lock().map_err(|_| unknown())?;
         for a in l.tracked.iter_mut().filter(|a| a.code == code) {
             a.acknowledged = Some((by.to_owned(), now));
-            out = Some(a.to_proto(self.id()));
         }
         l.tracked
             .retain(|a| !(a.cleared && a.acknowledged.is_some()));
-        out.ok_or_else(|| AckError::UnknownAlarm {
-            device: self.id().to_owned(),
-            code: code.to_owned(),
-        })
+        Ok(out)
+    }
+
+    /// Restores the alarms tracked before a restart: still-active ones are not raised again
+    /// (the first poll clears those that went away), acknowledgements are kept.
+    pub fn restore_alarms(&self, alarms: Vec<pb::ActiveAlarm>) {
+        if let Ok(mut l) = self.live.lock() {
+            l.tracked = alarms.into_iter().map(TrackedAlarm::from_proto).collect();
+            l.alarms = l
+                .tracked
+                .iter()
+                .filter(|a| !a.cleared)
+                .map(|a| a.message.clone())
+                .collect();
+        }
+    }
+
+    /// The tracked alarms, as stored.
+    fn alarm_snapshot(&self) -> Vec<pb::ActiveAlarm> {
+        self.live
+            .lock()
+            .map(|l| l.tracked.iter().map(|a| a.to_proto(self.id())).collect())
+            .unwrap_or_default()
     }
 
     pub fn id(&self) -> &str {
@@ -589,10 +635,15 @@ async fn poll(dev: Arc<DeviceHandle>, store: Arc<Store>, s: PollSettings, stop: 
             _ = tick.tick() => {}
         }
         let mut events = Vec::new();
+        let mut alarms = None;
         match dev.timed_status().await {
             Ok(status) => {
                 events.extend(dev.set_connected(true, String::new()));
-                events.extend(dev.diff_alarms(&status.alarms));
+                let changes = dev.diff_alarms(&status.alarms);
+                if !changes.is_empty() {
+                    alarms = Some(dev.alarm_snapshot());
+                }
+                events.extend(changes);
                 let reading = dev.record(&status);
                 if last_logged.is_none_or(|t| t.elapsed() >= s.reading_log_interval) {
                     last_logged = Some(Instant::now());
@@ -615,6 +666,9 @@ async fn poll(dev: Arc<DeviceHandle>, store: Arc<Store>, s: PollSettings, stop: 
             .write_async(move |w| {
                 for k in events {
                     w.emit("", "", &id, k);
+                }
+                if let Some(a) = alarms {
+                    w.put_alarms(&id, a)?;
                 }
                 Ok(())
             })

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use ppu_proto::v1::{Batch, Event, Experiment, PendingTransfer, event};
+use ppu_proto::v1::{self as pb, Batch, Event, Experiment, PendingTransfer, event};
 use prost::Message;
 use redb::{
     Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
@@ -49,6 +49,9 @@ const MAINTENANCE: TableDefinition<&str, &str> = TableDefinition::new("maintenan
 const RANKS: TableDefinition<&str, i64> = TableDefinition::new("ranks");
 /// experiment id → reason, for RUNNING experiments to cancel once their current step ends.
 const CANCEL_AFTER: TableDefinition<&str, &str> = TableDefinition::new("cancel_after_step");
+/// device id → the alarms the daemon tracks for it (`ListAlarmsResponse`: active, or cleared
+/// but not yet acknowledged), so a restart neither re-raises nor forgets an acknowledgement.
+const ALARMS: TableDefinition<&str, &[u8]> = TableDefinition::new("alarms");
 
 const META_QUEUE_PAUSED: &str = "queue_paused";
 /// Bytes of the event log's keys and values (u64, little-endian), updated with every commit
@@ -338,6 +341,22 @@ impl WriteTx<'_> {
         Ok(())
     }
 
+    /// Replaces the tracked alarms of a device (none: the entry is removed).
+    pub fn put_alarms(
+        &mut self,
+        device_id: &str,
+        alarms: Vec<pb::ActiveAlarm>,
+    ) -> Result<(), StoreError> {
+        let mut t = self.tx.open_table(ALARMS)?;
+        if alarms.is_empty() {
+            t.remove(device_id)?;
+        } else {
+            let bytes = pb::ListAlarmsResponse { alarms }.encode_to_vec();
+            t.insert(device_id, bytes.as_slice())?;
+        }
+        Ok(())
+    }
+
     /// Marks a RUNNING experiment to be cancelled after its current step (`Some(reason)`), or
     /// clears the mark.
     pub fn set_cancel_after(
@@ -406,6 +425,7 @@ impl Store {
             tx.open_table(MAINTENANCE)?;
             tx.open_table(RANKS)?;
             tx.open_table(CANCEL_AFTER)?;
+            tx.open_table(ALARMS)?;
         }
         let event_bytes = {
             let mut meta = tx.open_table(META)?;
@@ -623,6 +643,23 @@ impl Store {
     }
 
     /// Experiments to cancel after their current step: (experiment id, reason).
+    /// The tracked alarms of every device, by device id.
+    pub fn alarms(&self) -> Result<Vec<(String, Vec<pb::ActiveAlarm>)>, StoreError> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(ALARMS)?;
+        let mut out = Vec::new();
+        for item in t.iter()? {
+            let (k, v) = item?;
+            let list =
+                pb::ListAlarmsResponse::decode(v.value()).map_err(|e| StoreError::Corrupt {
+                    table: "alarms",
+                    reason: e.to_string(),
+                })?;
+            out.push((k.value().to_owned(), list.alarms));
+        }
+        Ok(out)
+    }
+
     pub fn cancel_after(&self) -> Result<Vec<(String, String)>, StoreError> {
         self.string_pairs(CANCEL_AFTER)
     }
