@@ -502,7 +502,10 @@ impl SorptionMqttEntry {
             (None, None) => None,
         };
         if let Some(user) = &self.username {
-            mqtt.credentials = Some((user.clone(), password.unwrap_or_default()));
+            mqtt.credentials = Some((
+                user.clone(),
+                ppu_drivers::transport::mqtt::Password(password.unwrap_or_default()),
+            ));
         }
         if tls {
             mqtt.tls = Some(MqttTls {

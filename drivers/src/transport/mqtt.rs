@@ -142,6 +142,17 @@ pub struct Will {
     pub retain: bool,
 }
 
+/// A broker password. Its `Debug` prints `<redacted>`, so no log line or error that formats a
+/// config can carry it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Password(pub String);
+
+impl fmt::Debug for Password {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
 /// How to reach one broker.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MqttConfig {
@@ -150,7 +161,7 @@ pub struct MqttConfig {
     /// subscriptions and queued QoS 1 messages under this id.
     pub client_id: String,
     /// Username and password, if the broker requires them.
-    pub credentials: Option<(String, String)>,
+    pub credentials: Option<(String, Password)>,
     /// TLS settings; required when the URL is `mqtts://`, ignored otherwise.
     pub tls: Option<MqttTls>,
     /// Keep-alive interval (whole seconds, at least 1 s): the broker declares this client
@@ -536,7 +547,7 @@ fn mqtt_options(config: &MqttConfig) -> Result<MqttOptions, MqttConfigError> {
     o.set_clean_session(config.clean_session);
     o.set_max_packet_size(1 << 20, 1 << 20);
     if let Some((user, password)) = &config.credentials {
-        o.set_credentials(user.clone(), password.clone());
+        o.set_credentials(user.clone(), password.0.clone());
     }
     if let Some(will) = &config.will {
         o.set_last_will(LastWill::new(
@@ -749,6 +760,24 @@ fn connection_error(e: &ConnectionError) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_config_never_prints_its_password() {
+        let mut config = MqttConfig::new(
+            BrokerUrl {
+                host: "broker".into(),
+                port: 1883,
+                tls: false,
+            },
+            "t",
+        );
+        config.credentials = Some(("ppud".into(), Password("hunter2".into())));
+        let shown = format!("{config:?}");
+        assert!(
+            !shown.contains("hunter2") && shown.contains("<redacted>"),
+            "{shown}"
+        );
+    }
 
     #[test]
     fn broker_urls_parse_with_default_ports() {
