@@ -8,8 +8,8 @@
 //! graceful shutdown under `"resume"`); during an isotherm. For every device kill point the
 //! simulated device runs in *this* process behind its real wire protocol — the Eurotherm on a
 //! Modbus TCP socket, the NE-1000 pumps and the MT-SICS balance on ptys, the analyser bridge as
-//! its own client of an MQTT broker (Mosquitto: the one named by `PPU_TEST_MOSQUITTO`, or a
-//! process of the test's own) — and `ppud serve --config` drives it, so the device outlives the
+//! its own client of an MQTT broker (Mosquitto — the one named by `PPU_TEST_MOSQUITTO`, or a
+//! process of the test's own — and the embedded rumqttd) — and `ppud serve --config` drives it, so the device outlives the
 //! killed daemon exactly as hardware would, and the simulator's state tells what recovery did.
 
 use std::fmt::Write as _;
@@ -1177,12 +1177,11 @@ async fn sigkill_during_an_isotherm_aborts_the_analyser_on_restart() {
     }
 }
 
-/// The same kill point on the embedded rumqttd. rumqttd 0.19 does not send retained messages
-/// again when a client resumes its persistent session (bytebeamio/rumqtt#1069), so the
-/// restarted daemon never sees the bridge's retained status, cannot reach the analyser for
-/// recovery, and the isotherm runs on until it ends by itself.
+/// The same kill point on the embedded rumqttd. rumqttd does not send retained messages again
+/// when a client resumes its persistent session (bytebeamio/rumqtt#1069), so the restarted
+/// daemon gets no retained status from the bridge: its driver asks with the contract's
+/// `status` command, and recovery reaches the analyser as on Mosquitto.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "rumqttd does not resend retained messages to a resumed session (rumqtt#1069); the analyser driver needs a fallback (ask the bridge for its status)"]
 async fn sigkill_during_an_isotherm_on_rumqttd_aborts_the_analyser_on_restart() {
     let broker = EmbeddedBroker::start(SocketAddr::from(([127, 0, 0, 1], 0)))
         .await

@@ -8,7 +8,7 @@ use std::time::Duration;
 use ppu_drivers::analyser::sorption::{BridgeLiveness, FAULTY_ALARM};
 use ppu_drivers::analyser::{SorptionAnalyser, SorptionConfig};
 use ppu_drivers::device::{IsothermPoint, IsothermResult};
-use ppu_drivers::transport::mqtt::{BrokerUrl, MqttConfig};
+use ppu_drivers::transport::mqtt::{BrokerUrl, MqttConfig, MqttTransport, Qos};
 use ppu_drivers::{Clock, Device, DeviceError, StepCommand, StepContext, StepOutput, StepUpdate};
 use ppu_sim::analyser::{Material, SimAnalyser, SimAnalyserConfig};
 use ppu_sim::broker::{EmbeddedBroker, MosquittoForTest, mosquitto_for_test, mosquitto_required};
@@ -88,6 +88,20 @@ struct Rig {
     driver: SorptionAnalyser,
     world: World,
     clock: Clock,
+    url: BrokerUrl,
+    prefix: String,
+}
+
+/// A driver of the rig's bridge (`asap-1` under `prefix`) with its own MQTT client id.
+fn driver(url: &BrokerUrl, prefix: &str, client_id: String) -> SorptionAnalyser {
+    let mut mqtt = MqttConfig::new(url.clone(), client_id);
+    mqtt.reconnect_max = Duration::from_millis(500);
+    mqtt.ack_timeout = Duration::from_secs(2);
+    let mut dc = SorptionConfig::new("analyser-1", mqtt);
+    dc.topic_prefix = prefix.to_owned();
+    dc.bridge_id = "asap-1".into();
+    dc.malformed_limit = 5;
+    SorptionAnalyser::new(dc)
 }
 
 async fn rig(kind: Kind, needs_restart: bool) -> Option<Rig> {
@@ -103,20 +117,15 @@ async fn rig(kind: Kind, needs_restart: bool) -> Option<Rig> {
     sc.keep_alive = KEEP_ALIVE;
     sc.telemetry_interval = Duration::from_millis(100);
     let sim = SimAnalyser::start(sc, world.clone(), clock);
-    let mut mqtt = MqttConfig::new(url, format!("ppud-{}-{n}", std::process::id()));
-    mqtt.reconnect_max = Duration::from_millis(500);
-    mqtt.ack_timeout = Duration::from_secs(2);
-    let mut dc = SorptionConfig::new("analyser-1", mqtt);
-    dc.topic_prefix = prefix;
-    dc.bridge_id = "asap-1".into();
-    dc.malformed_limit = 5;
-    let driver = SorptionAnalyser::new(dc);
+    let driver = driver(&url, &prefix, format!("ppud-{}-{n}", std::process::id()));
     let rig = Rig {
         broker,
         sim,
         driver,
         world,
         clock,
+        url,
+        prefix,
     };
     rig.wait_online().await;
     Some(rig)
@@ -550,5 +559,136 @@ async fn lost_results_are_replayed_by_request_id_without_measuring_twice() {
         2,
         "free space + isotherm, each once"
     );
+    rig.sim.shutdown().await;
+}
+
+// --- No retained status: the driver asks the bridge -------------------------------------
+
+/// A plain MQTT client of the rig's broker, subscribed to `topic` under the bridge's base.
+async fn probe(
+    rig: &Rig,
+    topic: &str,
+) -> (
+    MqttTransport,
+    tokio::sync::broadcast::Receiver<ppu_drivers::transport::mqtt::Message>,
+    String,
+) {
+    let topic = format!("{}/{topic}", rig.sim.base_topic());
+    let n = NEXT.fetch_add(1, Ordering::SeqCst);
+    let mut config = MqttConfig::new(rig.url.clone(), format!("probe-{}-{n}", std::process::id()));
+    config.clean_session = true;
+    let probe = MqttTransport::start(config, vec![topic.clone()]).expect("probe configuration");
+    let rx = probe.messages();
+    probe
+        .wait_connected(DEADLINE)
+        .await
+        .expect("probe connects");
+    (probe, rx, topic)
+}
+
+/// Waits for a message on `topic` whose payload `accept`s.
+async fn next_on(
+    rx: &mut tokio::sync::broadcast::Receiver<ppu_drivers::transport::mqtt::Message>,
+    topic: &str,
+    what: &str,
+    accept: impl Fn(&[u8]) -> bool,
+) {
+    tokio::time::timeout(DEADLINE, async {
+        loop {
+            let m = rx.recv().await.expect("probe receives");
+            if m.topic == topic && accept(&m.payload) {
+                return;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+}
+
+/// Deletes the bridge's retained status (an empty retained publish) and returns once the
+/// broker has forwarded that publish, i.e. processed it. The bridge stays connected and idle,
+/// so it publishes no new status.
+async fn clear_retained_status(rig: &Rig) {
+    let (probe, mut rx, topic) = probe(rig, "status").await;
+    probe
+        .publish(&topic, Vec::new(), Qos::AtLeastOnce, true)
+        .expect("clearing publish queued");
+    next_on(&mut rx, &topic, "the clearing publish", <[u8]>::is_empty).await;
+    probe.shutdown().await;
+}
+
+async fn no_retained_status(kind: Kind) {
+    let Some(rig) = rig(kind, false).await else {
+        return;
+    };
+    clear_retained_status(&rig).await;
+    let pid = std::process::id();
+    // A fresh driver: its broker has no retained status to deliver.
+    let asked = rig.sim.commands_received();
+    let fresh = driver(
+        &rig.url,
+        &rig.prefix,
+        format!("ppud-fresh-{pid}-{}", NEXT.fetch_add(1, Ordering::SeqCst)),
+    );
+    let status = fresh.status().await.expect("ready by asking the bridge");
+    assert!(!status.active, "{status:?}");
+    assert!(
+        matches!(fresh.bridge(), BridgeLiveness::Online { instrument, .. } if !instrument.is_empty()),
+        "{:?}",
+        fresh.bridge()
+    );
+    assert!(
+        rig.sim.commands_received() > asked,
+        "the driver sent the bridge a status command"
+    );
+    // A command path that starts without a status (safe state at start-up) asks as well.
+    let asked = rig.sim.commands_received();
+    let other = driver(
+        &rig.url,
+        &rig.prefix,
+        format!("ppud-other-{pid}-{}", NEXT.fetch_add(1, Ordering::SeqCst)),
+    );
+    other.safe_state().await.expect("abort acknowledged");
+    assert!(
+        rig.sim.commands_received() >= asked + 2,
+        "a status command, then the abort"
+    );
+    fresh.shutdown().await;
+    other.shutdown().await;
+    rig.sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_retained_status_the_driver_asks_the_bridge_embedded_broker() {
+    no_retained_status(Kind::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_retained_status_the_driver_asks_the_bridge_mosquitto() {
+    no_retained_status(Kind::Mosquitto).await;
+}
+
+/// What a SIGKILLed ppud meets on restart: the same client id resumes its persistent session,
+/// and rumqttd does not deliver retained messages to a resumed session (bytebeamio/rumqtt#1069).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_session_on_rumqttd_becomes_ready() {
+    let rig = rig(Kind::Embedded, false).await.expect("embedded broker");
+    let client_id = format!("ppud-resumed-{}", std::process::id());
+    let (probe, mut controller, topic) = probe(&rig, "controller").await;
+    let first = driver(&rig.url, &rig.prefix, client_id.clone());
+    first.status().await.expect("the first session is ready");
+    // The client vanishes without a DISCONNECT; the broker keeps its session and publishes
+    // its will.
+    drop(first);
+    next_on(&mut controller, &topic, "the first session's will", |p| {
+        String::from_utf8_lossy(p).contains("offline")
+    })
+    .await;
+    probe.shutdown().await;
+    let second = driver(&rig.url, &rig.prefix, client_id);
+    let status = second.status().await.expect("ready on the resumed session");
+    assert!(!status.active, "{status:?}");
+    assert!(matches!(second.bridge(), BridgeLiveness::Online { .. }));
+    second.shutdown().await;
     rig.sim.shutdown().await;
 }

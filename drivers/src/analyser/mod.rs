@@ -2,7 +2,7 @@
 //! beside the vendor software on the instrument PC.
 //!
 //! - [`protocol`]: the topic names and JSON payloads of the contract in docs/mqtt-contract.md.
-//! - [`sorption`]: the [`SorptionAnalyser`](sorption::SorptionAnalyser) driver: degas,
+//! - [`sorption`]: the [`sorption::SorptionAnalyser`] driver: degas,
 //!   free-space measurement and isotherms, streamed point by point, with declared limits,
 //!   liveness from the bridge's retained status and will, and recovery after broker restarts.
 

@@ -345,6 +345,41 @@ pub fn parse(topics: &Topics, message: &Message) -> Result<Option<Inbound>, Malf
     };
     let value: Value =
         serde_json::from_slice(&message.payload).map_err(|e| bad(format!("not JSON: {e}")))?;
+    parse_value(kind, &message.topic, value).map(Some)
+}
+
+/// The `status` object of a bridge's acknowledgement of a `status` command (§5.1), parsed
+/// exactly as a retained `status` payload (§4.1); `None` when the acknowledgement carries none.
+/// The object may leave out `schema`, which the acknowledgement around it already declared.
+pub fn ack_status(topics: &Topics, ack: &Ack) -> Option<Result<Status, Malformed>> {
+    let mut value = ack.status.clone()?;
+    if let Value::Object(object) = &mut value {
+        object
+            .entry("schema")
+            .or_insert_with(|| Value::from(SCHEMA));
+    }
+    let topic = format!(
+        "{} (status in the acknowledgement of {})",
+        topics.cmd_ack(),
+        ack.request_id
+    );
+    Some(
+        parse_value(TopicKind::Status, &topic, value).and_then(|inbound| match inbound {
+            Inbound::Status(s) => Ok(s),
+            _ => Err(Malformed {
+                topic,
+                reason: "not a status object".to_owned(),
+            }),
+        }),
+    )
+}
+
+/// Checks a decoded payload received on a topic of `kind` (named `topic` in errors).
+fn parse_value(kind: TopicKind, topic: &str, value: Value) -> Result<Inbound, Malformed> {
+    let bad = |reason: String| Malformed {
+        topic: topic.to_owned(),
+        reason,
+    };
     let Some(object) = value.as_object() else {
         return Err(bad("not a JSON object".to_owned()));
     };
@@ -439,7 +474,7 @@ pub fn parse(topics: &Topics, message: &Message) -> Result<Option<Inbound>, Malf
             },
         }),
     };
-    Ok(Some(inbound))
+    Ok(inbound)
 }
 
 fn from_value<T: serde::de::DeserializeOwned>(
@@ -541,5 +576,50 @@ mod tests {
             let e = parse(&t, &msg(topic, payload)).unwrap_err();
             assert!(e.reason.contains(why), "{payload}: {e}");
         }
+    }
+
+    #[test]
+    fn the_status_in_a_status_acknowledgement_parses_as_a_retained_status() {
+        let t = Topics::new("p", "b");
+        let ack = |status: &str| {
+            let payload =
+                format!(r#"{{"schema":1,"request_id":"r1","accepted":true,"status":{status}}}"#);
+            match parse(&t, &msg("p/b/cmd/ack", &payload)) {
+                Ok(Some(Inbound::Ack(ack))) => ack,
+                other => panic!("{payload}: {other:?}"),
+            }
+        };
+        let s = ack_status(
+            &t,
+            &ack(r#"{"schema":1,"state":"busy","instrument":"sim"}"#),
+        )
+        .expect("has a status")
+        .expect("valid");
+        assert_eq!((s.state, s.instrument.as_str()), (BridgeState::Busy, "sim"));
+        // The acknowledgement already declared the schema.
+        let s = ack_status(&t, &ack(r#"{"state":"idle"}"#)).expect("has a status");
+        assert_eq!(s.map(|s| s.state), Ok(BridgeState::Idle));
+        for (status, why) in [
+            (r#"{"schema":2,"state":"idle"}"#, "schema 2"),
+            (r#"{"schema":1,"state":"dancing"}"#, "unknown variant"),
+            ("[1]", "not a JSON object"),
+        ] {
+            let e = ack_status(&t, &ack(status))
+                .expect("has a status")
+                .unwrap_err();
+            assert!(e.reason.contains(why), "{status}: {e}");
+            assert!(e.topic.contains("acknowledgement of r1"), "{e}");
+        }
+        let without = parse(
+            &t,
+            &msg(
+                "p/b/cmd/ack",
+                r#"{"schema":1,"request_id":"r2","accepted":true}"#,
+            ),
+        );
+        let Ok(Some(Inbound::Ack(without))) = without else {
+            panic!("{without:?}")
+        };
+        assert_eq!(ack_status(&t, &without), None);
     }
 }

@@ -2,11 +2,13 @@
 //!
 //! The driver keeps a background monitor of the bridge's retained status, telemetry and alarms
 //! (so [`Device::status`] needs no round trip and a bridge whose will fired shows as
-//! disconnected at once), and runs each step as one or two bridge operations: a degas, or a
-//! free-space measurement followed by the isotherm. Every command carries a fresh request id
-//! and is re-sent with the same id when its acknowledgement is late or after the link comes
-//! back, so the bridge never runs an operation twice and replays what was lost. Points are
-//! passed on in index order, each exactly once, as soon as the prefix before it is complete.
+//! disconnected at once); when no retained status arrives, it asks the bridge with a `status`
+//! command (see `SorptionAnalyser::await_status`). It runs each step as one or two bridge
+//! operations: a degas, or a free-space measurement followed by the isotherm. Every command
+//! carries a fresh request id and is re-sent with the same id when its acknowledgement is late
+//! or after the link comes back, so the bridge never runs an operation twice and replays what
+//! was lost. Points are passed on in index order, each exactly once, as soon as the prefix
+//! before it is complete.
 //!
 //! Physical waits (a point's equilibration, a degas) are judged on the step's
 //! [`Clock`](crate::Clock); acknowledgements, outages and reconnects on real time.
@@ -39,6 +41,9 @@ pub const FAULTY_ALARM: &str = "malformed payloads from bridge";
 const MAX_REPLAYS: u32 = 5;
 /// Longest isotherm accepted, in points.
 const MAX_POINTS: usize = 1000;
+/// The share (1/n) of the wait for a first status spent waiting for the retained one before
+/// the driver asks the bridge; a retained status normally arrives with the SUBACK.
+const RETAINED_STATUS_SHARE: u32 = 4;
 
 /// Configuration of one analyser.
 #[derive(Debug, Clone, PartialEq)]
@@ -293,19 +298,15 @@ impl SorptionAnalyser {
     async fn ready(&self, link: &Link) -> Result<(), DeviceError> {
         let wait = self.config.mqtt.ack_timeout;
         link.transport.wait_connected(wait).await?;
-        let mut rx = self.monitor_tx.subscribe();
-        let _ = tokio::time::timeout(
-            wait,
-            rx.wait_for(|m| !matches!(m.bridge, BridgeLiveness::Unknown)),
-        )
-        .await;
+        self.await_status(link, wait).await;
         let m = self.monitor_tx.borrow().clone();
         match &m.bridge {
             BridgeLiveness::Unknown => Err(DeviceError::Disconnected(format!(
-                "no status from bridge {} on {} within {} ms",
+                "no status from bridge {} within {} ms (none retained on {}, and no answer to \
+                 a status command)",
                 self.config.bridge_id,
-                self.topics.status(),
-                wait.as_millis()
+                wait.as_millis(),
+                self.topics.status()
             ))),
             BridgeLiveness::Offline { reason } => Err(DeviceError::Disconnected(format!(
                 "bridge {} is offline: {reason}",
@@ -313,6 +314,67 @@ impl SorptionAnalyser {
             ))),
             BridgeLiveness::Online { .. } => Ok(()),
         }
+    }
+
+    /// Waits (at most `wait`, real time) until the monitor knows the bridge's status.
+    ///
+    /// The status is retained, so the broker normally delivers it right after subscribing.
+    /// Not every broker does: rumqttd never re-sends retained messages to a resumed
+    /// (clean-session-off) session (bytebeamio/rumqtt#1069), so a ppud restarted after a crash
+    /// would never learn that the bridge is alive. So after a short part of the wait the
+    /// driver sends the contract's `status` command; the monitor applies the status in its
+    /// acknowledgement exactly as a retained one, in the order the bridge's messages arrive.
+    /// Never calls [`Self::ready`] (the query goes straight through [`Self::command`]).
+    async fn await_status(&self, link: &Link, wait: Duration) {
+        let known = |m: &Monitor| !matches!(m.bridge, BridgeLiveness::Unknown);
+        let mut rx = self.monitor_tx.subscribe();
+        let deadline = Instant::now() + wait;
+        let retained_wait = wait / RETAINED_STATUS_SHARE;
+        if tokio::time::timeout(retained_wait, rx.wait_for(known))
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        tracing::info!(
+            device = %self.info.id,
+            bridge = %self.config.bridge_id,
+            waited_ms = retained_wait.as_millis() as u64,
+            "no retained status; asked the bridge"
+        );
+        let query = async {
+            if let Err(e) = self.query_status(link).await {
+                tracing::warn!(device = %self.info.id, error = %e, "status command failed");
+            }
+            // The monitor applies the answer; keep waiting for it (or any status) below.
+            std::future::pending::<()>().await
+        };
+        let _ = tokio::time::timeout_at(deadline, async {
+            tokio::select! {
+                _ = rx.wait_for(known) => {}
+                _ = query => {}
+            }
+        })
+        .await;
+    }
+
+    /// Sends the contract's `status` command. Its acknowledgement reaches the monitor like
+    /// every message, which applies the status object it carries (see [`run_monitor`]).
+    async fn query_status(&self, link: &Link) -> Result<(), DeviceError> {
+        let cmd = Command::new(
+            self.new_request_id("", Op::Status),
+            Op::Status,
+            String::new(),
+            json!({}),
+        );
+        let ack = self.command(link, &cmd).await?;
+        if ack.status.is_none() {
+            return Err(DeviceError::Corrupt {
+                what: format!("acknowledgement of status command {}", cmd.request_id),
+                reason: "no status object".to_owned(),
+            });
+        }
+        Ok(())
     }
 
     fn new_request_id(&self, ctx_experiment: &str, op: Op) -> String {
@@ -967,36 +1029,54 @@ async fn run_monitor(
             }
             Err(broadcast::error::RecvError::Closed) => return,
         };
-        match protocol::parse(&topics, &message) {
+        let parsed = match protocol::parse(&topics, &message) {
+            // The answer to a status command (see `SorptionAnalyser::await_status`) counts
+            // as the bridge's status, parsed and applied like the retained one.
+            Ok(Some(Inbound::Ack(ack))) => match protocol::ack_status(&topics, &ack) {
+                Some(status) => status.map(|s| Some(Inbound::Status(s))),
+                None => Ok(None),
+            },
+            other => other,
+        };
+        match parsed {
             Ok(None) => {}
             Ok(Some(inbound)) => monitor.send_modify(|m| apply(m, inbound, &device)),
             Err(e) => {
                 tracing::warn!(device = %device, error = %e, "ignoring malformed payload from bridge");
                 monitor.send_modify(|m| {
-                    m.malformed_total += 1;
-                    let now = Instant::now();
-                    m.recent_malformed.push_back(now);
-                    while m
-                        .recent_malformed
-                        .front()
-                        .is_some_and(|t| now.duration_since(*t) > malformed_window)
-                    {
-                        m.recent_malformed.pop_front();
-                    }
-                    if m.faulty.is_none()
-                        && m.recent_malformed.len() >= malformed_limit.max(1) as usize
-                    {
-                        let why = format!(
-                            "{} malformed payloads within {} s (last: {e})",
-                            m.recent_malformed.len(),
-                            malformed_window.as_secs()
-                        );
-                        tracing::error!(device = %device, reason = %why, "bridge marked faulty");
-                        m.faulty = Some(why);
-                    }
+                    count_malformed(m, &e, &device, malformed_limit, malformed_window)
                 });
             }
         }
+    }
+}
+
+/// Counts one malformed payload and marks the bridge faulty when too many came too fast.
+fn count_malformed(
+    m: &mut Monitor,
+    e: &protocol::Malformed,
+    device: &str,
+    malformed_limit: u32,
+    malformed_window: Duration,
+) {
+    m.malformed_total += 1;
+    let now = Instant::now();
+    m.recent_malformed.push_back(now);
+    while m
+        .recent_malformed
+        .front()
+        .is_some_and(|t| now.duration_since(*t) > malformed_window)
+    {
+        m.recent_malformed.pop_front();
+    }
+    if m.faulty.is_none() && m.recent_malformed.len() >= malformed_limit.max(1) as usize {
+        let why = format!(
+            "{} malformed payloads within {} s (last: {e})",
+            m.recent_malformed.len(),
+            malformed_window.as_secs()
+        );
+        tracing::error!(device = %device, reason = %why, "bridge marked faulty");
+        m.faulty = Some(why);
     }
 }
 
@@ -1143,18 +1223,14 @@ impl Device for SorptionAnalyser {
                 .await?;
         }
         if matches!(self.bridge(), BridgeLiveness::Unknown) {
-            let mut rx = self.monitor_tx.subscribe();
-            let _ = tokio::time::timeout(
-                self.config.mqtt.ack_timeout,
-                rx.wait_for(|m| !matches!(m.bridge, BridgeLiveness::Unknown)),
-            )
-            .await;
+            self.await_status(link, self.config.mqtt.ack_timeout).await;
         }
         let m = self.monitor_tx.borrow().clone();
         let state = match &m.bridge {
             BridgeLiveness::Unknown => {
                 return Err(DeviceError::Disconnected(format!(
-                    "no status from bridge {} on {}",
+                    "no status from bridge {} (none retained on {}, and no answer to a status \
+                     command)",
                     self.config.bridge_id,
                     self.topics.status()
                 )));
