@@ -112,15 +112,21 @@ async fn submit(ch: Channel, key: &str, name: &str, sample: &str, hold_s: f64) -
     reply.batch.expect("batch").experiment_ids[0].clone()
 }
 
-/// Polls `check` until it holds, failing at the deadline.
-async fn eventually<F, Fut>(what: &str, mut check: F)
+/// Polls `check` until it holds; at the deadline fails with what `tui` shows and how its
+/// process is doing, so a flake can be diagnosed from the log alone.
+async fn eventually<F, Fut>(tui: &Tui, what: &str, mut check: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
     let deadline = Instant::now() + DEADLINE;
     while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        if Instant::now() >= deadline {
+            panic!(
+                "timed out waiting for {what} within {DEADLINE:?}\n{}",
+                tui.diagnosis().await
+            );
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -189,22 +195,88 @@ impl Tui {
 
     /// Waits until the screen satisfies `ok` within `within`; returns that screen.
     async fn wait_within(&self, within: Duration, what: &str, ok: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + within;
+        let start = Instant::now();
+        let deadline = start + within;
+        // Screens seen this long into the wait (the first after each mark), to show on failure
+        // how the TUI got where it is, not only where it ended.
+        const MARKS_S: [u64; 5] = [0, 1, 5, 15, 30];
+        let mut earlier: Vec<(Duration, String)> = Vec::new();
         loop {
             let screen = self.screen().await;
             if ok(&screen) {
                 return screen;
             }
-            assert!(
-                Instant::now() < deadline,
-                "the TUI did not show {what} within {within:?}; screen:\n{screen}"
-            );
+            if Instant::now() >= deadline {
+                let mut history = String::new();
+                for (at, earlier) in &earlier {
+                    history.push_str(&format!("screen {at:.2?} into the wait:\n{earlier}\n"));
+                }
+                panic!(
+                    "the TUI did not show {what} within {within:?}\n{history}{}",
+                    self.diagnosis().await
+                );
+            }
+            let elapsed = start.elapsed();
+            if let Some(mark) = MARKS_S.get(earlier.len())
+                && elapsed >= Duration::from_secs(*mark)
+            {
+                earlier.push((elapsed, screen));
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
     async fn wait(&self, what: &str, ok: impl Fn(&str) -> bool) -> String {
         self.wait_within(DEADLINE, what, ok).await
+    }
+
+    /// The last screen, the pane's state and, while ppuctl runs, what each of its threads is
+    /// blocked in: everything a failure message needs to tell a stuck TUI from a slow one.
+    async fn diagnosis(&self) -> String {
+        let mut out = String::new();
+        let screen = self.screen().await;
+        out.push_str(&format!("last screen:\n{screen}\n"));
+        let pane = self
+            .tmux(&[
+                "display-message",
+                "-p",
+                "-t",
+                "tui",
+                "dead=#{pane_dead} status=#{pane_dead_status} pid=#{pane_pid} server=#{pid}",
+            ])
+            .await;
+        out.push_str(&format!("pane: {pane}"));
+        let pid = pane
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("pid="))
+            .unwrap_or_default()
+            .to_owned();
+        if !pid.is_empty() {
+            out.push_str(&process_state(&pid));
+        }
+        out
+    }
+
+    /// Makes tmux reap an exited ppuctl whose exit it missed. Debian's tmux (libutempter) sets
+    /// SIGCHLD to its default while a helper deregisters a closed pane's pty; a ppuctl that
+    /// closes its terminal and exits in that moment sends a SIGCHLD that is discarded, and
+    /// stays a zombie with no exit status until another SIGCHLD, since tmux waits for its
+    /// children only on that signal (tmux issue #311, on a loaded machine about one run in
+    /// ten). Sending one is harmless when nothing is to be reaped.
+    async fn nudge_reaper(&self) {
+        let server = self
+            .tmux(&["display-message", "-p", "-t", "tui", "#{pid}"])
+            .await;
+        eprintln!(
+            "pane dead, no exit status yet: SIGCHLD to tmux (pid {})",
+            server.trim()
+        );
+        let status = Command::new("kill")
+            .args(["-s", "CHLD", server.trim()])
+            .status()
+            .await
+            .expect("run kill");
+        assert!(status.success(), "kill -s CHLD {server}: {status}");
     }
 
     /// Whether ppuctl has exited, and its exit status once tmux has it.
@@ -230,6 +302,58 @@ impl Drop for Tui {
             .args(["-L", &self.socket, "kill-server"])
             .status();
     }
+}
+
+/// From /proc: process `pid`'s state and signal masks, its parent's (tmux, which must reap it),
+/// and each of its threads with the kernel function it waits in.
+fn process_state(pid: &str) -> String {
+    let read = |p: String| std::fs::read_to_string(p).unwrap_or_default();
+    let mut out = String::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return format!("process {pid}: gone\n");
+    };
+    let status = read(format!("/proc/{pid}/status"));
+    for line in status.lines() {
+        if ["PPid", "State", "Sig", "Shd"]
+            .iter()
+            .any(|k| line.starts_with(k))
+        {
+            out.push_str(&format!("process {pid} {line}\n"));
+        }
+    }
+    if let Some(ppid) = status.lines().find_map(|l| l.strip_prefix("PPid:")) {
+        let ppid = ppid.trim();
+        let pstatus = read(format!("/proc/{ppid}/status"));
+        for line in pstatus.lines() {
+            if ["Name", "State", "Sig", "Shd"]
+                .iter()
+                .any(|k| line.starts_with(k))
+            {
+                out.push_str(&format!("parent {ppid} {line}\n"));
+            }
+        }
+        out.push_str(&format!(
+            "parent wchan {}\n",
+            read(format!("/proc/{ppid}/wchan"))
+        ));
+    }
+    for task in tasks.flatten() {
+        let tid = task.file_name().to_string_lossy().into_owned();
+        let base = format!("/proc/{pid}/task/{tid}");
+        let comm = read(format!("{base}/comm"));
+        let stat = read(format!("{base}/stat"));
+        // The state is the field after the parenthesised command name.
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .unwrap_or("?");
+        let wchan = read(format!("{base}/wchan"));
+        out.push_str(&format!(
+            "thread {tid} {}: state {state}, waiting in {wchan}\n",
+            comm.trim()
+        ));
+    }
+    out
 }
 
 /// The screen row that mentions `needle`.
@@ -285,7 +409,7 @@ async fn the_tui_shows_the_lab_acts_on_it_and_survives_a_daemon_restart() {
         "nothing happens before the confirmation"
     );
     tui.keys(&["y"]).await;
-    eventually("the daemon's queue to be paused", || {
+    eventually(&tui, "the daemon's queue to be paused", || {
         let mut q = queue.clone();
         async move {
             q.get_queue(pb::GetQueueRequest {})
@@ -311,7 +435,7 @@ async fn the_tui_shows_the_lab_acts_on_it_and_survives_a_daemon_restart() {
     .await;
     tui.keys(&["y"]).await;
     let devices = DeviceServiceClient::new(lab.channel().await);
-    eventually("the daemon to record the acknowledgement", || {
+    eventually(&tui, "the daemon to record the acknowledgement", || {
         let mut d = devices.clone();
         async move {
             d.list_alarms(pb::ListAlarmsRequest::default())
@@ -416,9 +540,13 @@ async fn the_tui_shows_the_lab_acts_on_it_and_survives_a_daemon_restart() {
     tui.keys(&["Escape"]).await;
     tui.wait("the help closed", |s| !s.contains(" Keys ")).await;
     tui.keys(&["q"]).await;
-    // tmux notes the pane's end (pty closed) and the exit status (child reaped) separately.
-    eventually("ppuctl tui to exit", || async {
+    // tmux notes the pane's end (pty closed) and the exit status (child reaped) separately,
+    // and may never note the second by itself (see `nudge_reaper`).
+    eventually(&tui, "ppuctl tui to exit", || async {
         let (dead, status) = tui.pane_dead().await;
+        if dead && status.is_empty() {
+            tui.nudge_reaper().await;
+        }
         dead && !status.is_empty()
     })
     .await;

@@ -7,7 +7,14 @@
 //!   lost daemon shows as disconnected within two seconds even if no stream error arrives.
 //! - Commands from the app (fetch an experiment, run a confirmed action) each run in their own
 //!   task, so a slow abort never holds up the feeds.
+//!
+//! Replies and events reach the app through one queue, in the order they were sent, but a reply
+//! can be overtaken by events committed after the daemon read it. So every experiment read is
+//! tagged with the last event sequence already queued when it was sent ([`Handed`]), and the
+//! app does not let it undo a later event.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use ppu_proto::v1 as pb;
@@ -61,13 +68,29 @@ pub fn channel(conn: &Conn) -> Result<Channel, crate::InputError> {
     })
 }
 
+/// The sequence of the last event queued for the app. Every event up to it is committed, so a
+/// read sent after it reflects them all, and is queued behind them.
+#[derive(Debug, Clone, Default)]
+struct Handed(Arc<AtomicU64>);
+
+impl Handed {
+    fn get(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
+    }
+
+    fn set(&self, sequence: u64) {
+        self.0.store(sequence, Ordering::Release);
+    }
+}
+
 /// Starts the feeds and the command runner. They stop when the app drops its receiver.
 pub fn start(ch: Channel, by: String) -> (mpsc::UnboundedSender<Cmd>, mpsc::Receiver<Incoming>) {
     let (tx, rx) = mpsc::channel(1024);
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
-    tokio::spawn(follow_events(ch.clone(), tx.clone()));
-    tokio::spawn(poll(ch.clone(), tx.clone()));
-    tokio::spawn(run_commands(ch, by, cmd_rx, tx));
+    let handed = Handed::default();
+    tokio::spawn(follow_events(ch.clone(), tx.clone(), handed.clone()));
+    tokio::spawn(poll(ch.clone(), tx.clone(), handed.clone()));
+    tokio::spawn(run_commands(ch, by, cmd_rx, tx, handed));
     (cmd_tx, rx)
 }
 
@@ -87,7 +110,7 @@ pub fn status_text(s: &Status) -> String {
 }
 
 /// Follows the event log from the start, reopening it after the last sequence received.
-async fn follow_events(ch: Channel, tx: mpsc::Sender<Incoming>) {
+async fn follow_events(ch: Channel, tx: mpsc::Sender<Incoming>, handed: Handed) {
     let mut client = EventServiceClient::new(ch);
     let mut last = 0u64;
     let mut delay = RECONNECT_FIRST;
@@ -118,6 +141,7 @@ async fn follow_events(ch: Channel, tx: mpsc::Sender<Incoming>) {
                 {
                     return Ok(());
                 }
+                handed.set(last);
             }
             Err(Status::unavailable("the daemon closed the event stream"))
         };
@@ -143,7 +167,7 @@ async fn follow_events(ch: Channel, tx: mpsc::Sender<Incoming>) {
 
 /// Reads the queue, devices, alarms and transfers every [`POLL_PERIOD`]; after each
 /// (re)connection also the running and queued experiments.
-async fn poll(ch: Channel, tx: mpsc::Sender<Incoming>) {
+async fn poll(ch: Channel, tx: mpsc::Sender<Incoming>, handed: Handed) {
     let mut ticker = tokio::time::interval(POLL_PERIOD);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut up = false;
@@ -151,8 +175,9 @@ async fn poll(ch: Channel, tx: mpsc::Sender<Incoming>) {
         ticker.tick().await;
         let update = match poll_once(&ch).await {
             Ok(polled) => {
-                if !up && let Ok(list) = active_experiments(&ch).await {
-                    let u = Update::Experiments(list);
+                let as_of = handed.get();
+                if !up && let Ok(experiments) = active_experiments(&ch).await {
+                    let u = Update::Experiments { experiments, as_of };
                     if tx.send(Incoming::Update(u)).await.is_err() {
                         return;
                     }
@@ -257,16 +282,22 @@ async fn run_commands(
     by: String,
     mut rx: mpsc::UnboundedReceiver<Cmd>,
     tx: mpsc::Sender<Incoming>,
+    handed: Handed,
 ) {
     while let Some(cmd) = rx.recv().await {
         let (ch, tx, by) = (ch.clone(), tx.clone(), by.clone());
+        let handed = handed.clone();
         tokio::spawn(async move {
             let incoming = match cmd {
                 Cmd::Fetch(id) => {
                     let mut client = ExperimentServiceClient::new(ch);
                     let request = pb::GetExperimentRequest { id: id.clone() };
+                    let as_of = handed.get();
                     match quick(client.get_experiment(request)).await {
-                        Ok(e) => Incoming::Update(Update::Experiments(vec![e])),
+                        Ok(e) => Incoming::Update(Update::Experiments {
+                            experiments: vec![e],
+                            as_of,
+                        }),
                         // Gone or unreachable: asked for again on its next event or poll.
                         Err(_) => Incoming::Update(Update::NotFetched(id)),
                     }

@@ -137,7 +137,7 @@ impl App {
                                 | Kind::AlarmAcknowledged(_)
                         )
                     ),
-                    Update::Polled(_) | Update::Experiments(_) => true,
+                    Update::Polled(_) | Update::Experiments { .. } => true,
                     _ => false,
                 };
                 let anchor =

@@ -40,8 +40,14 @@ pub enum Update {
     PollFailed { reason: String },
     /// One event of the durable log.
     Event(Box<pb::Event>),
-    /// Experiments fetched (snapshot after a (re)connect, or one asked for).
-    Experiments(Vec<pb::Experiment>),
+    /// Experiments read from the daemon (a snapshot after a (re)connect, or one asked for).
+    /// `as_of` is the last event sequence handed to the app before the read was sent: the
+    /// snapshot reflects every event up to it, but events after it may have been applied
+    /// while the reply was on its way, and must not be undone by it.
+    Experiments {
+        experiments: Vec<pb::Experiment>,
+        as_of: u64,
+    },
     /// An experiment asked for could not be fetched; it may be asked for again.
     NotFetched(String),
 }
@@ -103,6 +109,9 @@ pub struct ExperimentRow {
     pub progress: Option<pb::StepProgress>,
     /// Recent events about it (progress excluded), oldest first.
     pub recent: VecDeque<pb::Event>,
+    /// Sequence of the last event that changed `exp` (state, step, result, hold, priority):
+    /// a snapshot read before it is older than what this row shows.
+    pub changed_at: u64,
 }
 
 impl ExperimentRow {
@@ -400,11 +409,18 @@ impl Model {
                 self.mark_contact(now);
                 fetch = self.apply_event(*e, now_s);
             }
-            Update::Experiments(list) => {
+            Update::Experiments { experiments, as_of } => {
                 self.mark_contact(now);
-                for e in list {
+                for mut e in experiments {
                     self.fetching.remove(&e.id);
                     let row = self.experiments.entry(e.id.clone()).or_default();
+                    if row.changed_at > as_of {
+                        // Read before an event this row has applied (the reply was overtaken
+                        // by the stream): it would undo that event, and no later event repeats
+                        // it. Keep what events said, take the rest, and read it again.
+                        keep_event_fields(&mut e, &row.exp);
+                        fetch.push(e.id.clone());
+                    }
                     row.exp = e;
                     row.fetched = true;
                     if !row.is_active() {
@@ -517,6 +533,7 @@ impl Model {
                     }
                     row.exp.state = c.to;
                     row.exp.updated_at = e.time;
+                    row.changed_at = e.sequence;
                     if !c.reason.is_empty() {
                         row.exp.message = c.reason.clone();
                     }
@@ -538,6 +555,7 @@ impl Model {
             Kind::StepStarted(s) => {
                 if let Some(row) = self.experiments.get_mut(&e.experiment_id) {
                     row.exp.current_step = s.step_index;
+                    row.changed_at = e.sequence;
                     row.progress = None;
                 }
             }
@@ -556,23 +574,24 @@ impl Model {
                     row.exp.results.retain(|x| x.step_index != r.step_index);
                     row.exp.results.push(r.clone());
                     row.exp.results.sort_by_key(|x| x.step_index);
+                    row.changed_at = e.sequence;
                     row.progress = None;
                 }
             }
             Kind::ExperimentHeld(h) => {
                 if let Some(row) = self.experiments.get_mut(&e.experiment_id) {
                     row.exp.held = h.held;
+                    row.changed_at = e.sequence;
                 }
             }
             // The audit trail is for the log, not the live view.
             Kind::Audit(_) => {}
             Kind::ExperimentMoved(m) => {
-                if let Some(spec) = self
-                    .experiments
-                    .get_mut(&e.experiment_id)
-                    .and_then(|r| r.exp.spec.as_mut())
-                {
-                    spec.priority = m.priority;
+                if let Some(row) = self.experiments.get_mut(&e.experiment_id) {
+                    if let Some(spec) = row.exp.spec.as_mut() {
+                        spec.priority = m.priority;
+                    }
+                    row.changed_at = e.sequence;
                 }
             }
             Kind::QueueStateChanged(q) => {
@@ -780,6 +799,20 @@ impl Model {
     }
 }
 
+/// Puts back into a snapshot `e` what events told about `shown` (the fields the event handlers
+/// of [`Model::apply`] set), for a snapshot read before the last of those events.
+fn keep_event_fields(e: &mut pb::Experiment, shown: &pb::Experiment) {
+    e.state = shown.state;
+    e.updated_at = shown.updated_at;
+    e.message.clone_from(&shown.message);
+    e.held = shown.held;
+    e.current_step = shown.current_step;
+    e.results.clone_from(&shown.results);
+    if let (Some(spec), Some(known)) = (e.spec.as_mut(), shown.spec.as_ref()) {
+        spec.priority = known.priority;
+    }
+}
+
 /// The last 8 characters of a ULID, prefixed with `…`: unique enough on one screen.
 pub fn short_id(id: &str) -> String {
     let n = id.chars().count();
@@ -873,6 +906,51 @@ mod tests {
             NOW_S,
         );
         assert!(m.experiments["E1"].progress.is_none());
+    }
+
+    #[test]
+    fn a_reply_overtaken_by_the_stream_does_not_undo_its_events() {
+        let mut m = Model::default();
+        let now = Instant::now();
+        let read = |state: pb::ExperimentState, as_of: u64| Update::Experiments {
+            experiments: vec![pb::Experiment {
+                id: "E1".into(),
+                state: state as i32,
+                held: true,
+                spec: Some(pb::ExperimentSpec {
+                    name: "tui-long".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            as_of,
+        };
+        // Accepted: shown and asked for (the read goes out after event 3).
+        let f = m.apply(
+            state_change(3, "E1", pb::ExperimentState::Queued),
+            now,
+            NOW_S,
+        );
+        assert_eq!(f, ["E1"]);
+        // The daemon starts it; the event overtakes the reply read while it was QUEUED.
+        m.apply(
+            state_change(5, "E1", pb::ExperimentState::Running),
+            now,
+            NOW_S,
+        );
+        let f = m.apply(read(pb::ExperimentState::Queued, 3), now, NOW_S);
+        let row = &m.experiments["E1"];
+        assert_eq!(row.state(), pb::ExperimentState::Running, "not undone");
+        assert_eq!(row.name(), "tui-long", "the rest is taken");
+        assert_eq!(f, ["E1"], "and it is read again");
+        // That read went out after event 5: taken whole, and not asked for again.
+        let f = m.apply(read(pb::ExperimentState::Running, 5), now, NOW_S);
+        assert!(f.is_empty());
+        assert!(m.experiments["E1"].exp.held);
+        // A read newer than the events applied is taken whole too (its events follow).
+        let f = m.apply(read(pb::ExperimentState::Succeeded, 5), now, NOW_S);
+        assert!(f.is_empty());
+        assert_eq!(m.experiments["E1"].state(), pb::ExperimentState::Succeeded);
     }
 
     #[test]
@@ -1010,13 +1088,16 @@ mod tests {
             ..Default::default()
         };
         m.apply(
-            Update::Experiments(vec![
-                exp("A", pb::ExperimentState::Succeeded, "old"),
-                exp("B", pb::ExperimentState::Queued, "second"),
-                exp("C", pb::ExperimentState::Queued, "first"),
-                exp("D", pb::ExperimentState::Running, "running"),
-                exp("E", pb::ExperimentState::Failed, "newer"),
-            ]),
+            Update::Experiments {
+                experiments: vec![
+                    exp("A", pb::ExperimentState::Succeeded, "old"),
+                    exp("B", pb::ExperimentState::Queued, "second"),
+                    exp("C", pb::ExperimentState::Queued, "first"),
+                    exp("D", pb::ExperimentState::Running, "running"),
+                    exp("E", pb::ExperimentState::Failed, "newer"),
+                ],
+                as_of: 0,
+            },
             now,
             NOW_S,
         );

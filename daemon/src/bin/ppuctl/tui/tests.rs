@@ -309,24 +309,27 @@ fn fixture(theme: Theme) -> (App, Instant) {
     labelled.labels.insert("campaign".into(), "co2-2026".into());
     apply(
         &mut app,
-        Update::Experiments(vec![
-            failed,
-            done,
-            experiment(
-                RUNNING,
-                pb::ExperimentState::Running,
-                0,
-                spec(
-                    "MOF-74 calcination",
-                    "S-018",
-                    10,
-                    vec![furnace(450.0, 3600.0)],
+        Update::Experiments {
+            experiments: vec![
+                failed,
+                done,
+                experiment(
+                    RUNNING,
+                    pb::ExperimentState::Running,
+                    0,
+                    spec(
+                        "MOF-74 calcination",
+                        "S-018",
+                        10,
+                        vec![furnace(450.0, 3600.0)],
+                    ),
                 ),
-            ),
-            waiting,
-            experiment(QUEUED, pb::ExperimentState::Queued, 0, labelled),
-            held,
-        ]),
+                waiting,
+                experiment(QUEUED, pb::ExperimentState::Queued, 0, labelled),
+                held,
+            ],
+            as_of: 0,
+        },
     );
     for i in 0..40 {
         apply(
