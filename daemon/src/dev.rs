@@ -70,6 +70,31 @@ pub const DEV_REAGENTS: [(&str, &str, f64, f64); 2] =
 /// Id of the simulated station's balance.
 pub const DEV_BALANCE: &str = "balance-1";
 
+/// The simulated dispensing station of `ppud dev`: a pump per reagent of [`DEV_REAGENTS`] (full
+/// 10 mL syringes) over the balance [`DEV_BALANCE`], without faults; what it delivers is filed
+/// in `world` when given. Tests that run the station outside the daemon use the same spec.
+pub fn dev_station_spec(world: Option<World>) -> StationSpec {
+    let pumps = DEV_REAGENTS
+        .iter()
+        .map(|(id, reagent, density, error)| PumpSpec {
+            id: (*id).to_owned(),
+            config: PumpConfig {
+                reagent: (*reagent).to_owned(),
+                density_g_per_ml: *density,
+                delivery_error: *error,
+                ..PumpConfig::default()
+            },
+        })
+        .collect();
+    StationSpec {
+        pumps,
+        balance: Some((DEV_BALANCE.to_owned(), BalanceConfig::default())),
+        faults: FaultConfig::default(),
+        link_dir: None,
+        world,
+    }
+}
+
 /// Limits ppud dev declares for its pumps: 10 mL syringes, at most 20 mL/min.
 pub fn pump_limits() -> Limits {
     Limits {
@@ -120,25 +145,7 @@ impl DevLab {
         if self.dispensing.is_some() {
             return Ok(());
         }
-        let pumps = DEV_REAGENTS
-            .iter()
-            .map(|(id, reagent, density, error)| PumpSpec {
-                id: (*id).to_owned(),
-                config: PumpConfig {
-                    reagent: (*reagent).to_owned(),
-                    density_g_per_ml: *density,
-                    delivery_error: *error,
-                    ..PumpConfig::default()
-                },
-            })
-            .collect();
-        let spec = StationSpec {
-            pumps,
-            balance: Some((DEV_BALANCE.to_owned(), BalanceConfig::default())),
-            faults: FaultConfig::default(),
-            link_dir: None,
-            world: Some(self.world.clone()),
-        };
+        let spec = dev_station_spec(Some(self.world.clone()));
         self.dispensing = Some(SimStation::start(spec, self.clock).await?);
         Ok(())
     }

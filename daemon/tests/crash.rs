@@ -22,18 +22,15 @@ use std::time::Duration;
 use pb::event::Kind;
 use pb::event_service_client::EventServiceClient;
 use pb::experiment_service_client::ExperimentServiceClient;
-use ppu_daemon::dev::{DEV_BALANCE, DEV_REAGENTS};
+use ppu_daemon::dev::{DEV_REAGENTS, dev_station_spec};
 use ppu_drivers::Clock;
 use ppu_drivers::transport::mqtt::BrokerUrl;
 use ppu_proto::v1 as pb;
 use ppu_sim::analyser::{SimAnalyser, SimAnalyserConfig};
 use ppu_sim::broker::{EmbeddedBroker, MosquittoForTest, mosquitto_for_test, mosquitto_required};
-use ppu_sim::dispenser::balance::BalanceConfig;
-use ppu_sim::dispenser::pump::PumpConfig;
-use ppu_sim::dispenser::{PumpSpec, SimStation, StationSpec};
+use ppu_sim::dispenser::SimStation;
 use ppu_sim::furnace::{FurnaceConfig, SimFurnace};
 use ppu_sim::modbus::{ServerHandle, serve_tcp};
-use ppu_sim::pty::FaultConfig;
 use ppu_sim::world::World;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -657,26 +654,7 @@ const SHORT_DISPENSE_ML: f64 = 0.5;
 /// The dispensing station of `ppud dev` (pump-a with reagent A, pump-b with B, balance-1 under
 /// both), simulated in this process on ptys, surviving every daemon kill.
 async fn outside_station() -> SimStation {
-    let pumps = DEV_REAGENTS
-        .iter()
-        .map(|(id, reagent, density, error)| PumpSpec {
-            id: (*id).to_owned(),
-            config: PumpConfig {
-                reagent: (*reagent).to_owned(),
-                density_g_per_ml: *density,
-                delivery_error: *error,
-                ..PumpConfig::default()
-            },
-        })
-        .collect();
-    let spec = StationSpec {
-        pumps,
-        balance: Some((DEV_BALANCE.to_owned(), BalanceConfig::default())),
-        faults: FaultConfig::default(),
-        link_dir: None,
-        world: None,
-    };
-    SimStation::start(spec, Clock::new(DISPENSE_TIME_SCALE))
+    SimStation::start(dev_station_spec(None), Clock::new(DISPENSE_TIME_SCALE))
         .await
         .expect("simulated dispensing station")
 }

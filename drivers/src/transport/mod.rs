@@ -7,3 +7,21 @@
 pub mod modbus;
 pub mod mqtt;
 pub mod serial;
+
+use std::sync::OnceLock;
+
+/// Counts a link reopened after having been up, in `ppu_transport_reconnects_total`, under the
+/// device the driver named (`set_metrics_device`) or, until it did, the peer.
+pub(crate) fn count_reconnect(
+    transport: &'static str,
+    device: &OnceLock<String>,
+    peer: impl FnOnce() -> String,
+) {
+    let device = device.get().cloned().unwrap_or_else(peer);
+    metrics::counter!(
+        "ppu_transport_reconnects_total",
+        "transport" => transport,
+        "device" => device
+    )
+    .increment(1);
+}

@@ -263,17 +263,9 @@ impl ModbusTransport {
                     Ok(Ok(ctx)) => {
                         if self.ever_connected.swap(true, Ordering::Relaxed) {
                             tracing::info!(peer = %self.describe(), "modbus reconnected");
-                            let device = self
-                                .metrics_device
-                                .get()
-                                .cloned()
-                                .unwrap_or_else(|| self.describe());
-                            metrics::counter!(
-                                "ppu_transport_reconnects_total",
-                                "transport" => "modbus",
-                                "device" => device
-                            )
-                            .increment(1);
+                            super::count_reconnect("modbus", &self.metrics_device, || {
+                                self.describe()
+                            });
                         } else {
                             tracing::debug!(peer = %self.describe(), "modbus connected");
                         }

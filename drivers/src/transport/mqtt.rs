@@ -666,17 +666,7 @@ async fn run_event_loop(mut t: EventLoopTask) {
                 outage_logged = false;
                 if ever_connected {
                     tracing::info!(peer = %t.describe, session_present = ack.session_present, "mqtt reconnected");
-                    let device = t
-                        .metrics_device
-                        .get()
-                        .cloned()
-                        .unwrap_or_else(|| t.describe.clone());
-                    metrics::counter!(
-                        "ppu_transport_reconnects_total",
-                        "transport" => "mqtt",
-                        "device" => device
-                    )
-                    .increment(1);
+                    super::count_reconnect("mqtt", &t.metrics_device, || t.describe.clone());
                 } else {
                     tracing::debug!(peer = %t.describe, session_present = ack.session_present, "mqtt connected");
                 }

@@ -493,17 +493,7 @@ impl SerialTransport {
         let port = open_port(&self.config)?;
         if self.ever_connected.swap(true, Ordering::Relaxed) {
             tracing::info!(port = %self.describe(), "serial port reopened");
-            let device = self
-                .metrics_device
-                .get()
-                .cloned()
-                .unwrap_or_else(|| self.describe());
-            metrics::counter!(
-                "ppu_transport_reconnects_total",
-                "transport" => "serial",
-                "device" => device
-            )
-            .increment(1);
+            super::count_reconnect("serial", &self.metrics_device, || self.describe());
         } else {
             tracing::debug!(port = %self.describe(), "serial port opened");
         }
