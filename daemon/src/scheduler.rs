@@ -154,6 +154,60 @@ pub(crate) fn set_state(
     Ok(())
 }
 
+/// Separates the QUEUED experiments that the configured devices can no longer run — a device
+/// removed or a limit tightened since they were accepted — from the rest, with the first
+/// problem of each (the same check a submission gets). Left queued they would wait forever.
+fn split_unrunnable(
+    experiments: Vec<pb::Experiment>,
+    devices: &Devices,
+) -> (Vec<pb::Experiment>, Vec<(pb::Experiment, String)>) {
+    let mut keep = Vec::with_capacity(experiments.len());
+    let mut unrunnable = Vec::new();
+    for e in experiments {
+        let problem = (State::from_proto(e.state) == Some(State::Queued))
+            .then(|| {
+                e.spec.as_ref().and_then(|spec| {
+                    spec.steps.iter().enumerate().find_map(|(i, step)| {
+                        safety::check_step(step, &format!("steps[{i}]"), devices)
+                            .err()
+                            .map(|r| format!("{}: {}", r.field, r.reason))
+                    })
+                })
+            })
+            .flatten();
+        match problem {
+            Some(p) => unrunnable.push((e, p)),
+            None => keep.push(e),
+        }
+    }
+    (keep, unrunnable)
+}
+
+/// Marks experiments found unrunnable at start-up FAILED, with the reason, in one commit.
+async fn fail_unrunnable(
+    store: &Arc<Store>,
+    unrunnable: Vec<(pb::Experiment, String)>,
+) -> Result<(), StoreError> {
+    for (e, problem) in &unrunnable {
+        warn!(experiment = %e.id, %problem, "queued experiment can no longer run: failed");
+    }
+    store
+        .write_async(move |w| {
+            for (mut e, problem) in unrunnable {
+                let reason = format!(
+                    "can no longer run with the configured devices: {problem} (the \
+                     configuration changed after it was accepted)"
+                );
+                if set_state(&mut e, State::Failed, &reason, w).is_ok() {
+                    w.put_experiment(&e)?;
+                }
+            }
+            Ok(())
+        })
+        .await
+        .map(drop)
+}
+
 /// The key sample custody is tracked under: the experiment's sample id, or its own id when it
 /// names no sample (its material still has to move between devices).
 pub(crate) fn sample_key(e: &pb::Experiment) -> String {
@@ -259,6 +313,10 @@ impl Scheduler {
         })
         .await?;
         let (experiments, ranks, custody, cancel_after, paused) = loaded;
+        let (experiments, unrunnable) = split_unrunnable(experiments, &devices);
+        if !unrunnable.is_empty() {
+            fail_unrunnable(&store, unrunnable).await?;
+        }
         let ranks: std::collections::HashMap<String, i64> = ranks.into_iter().collect();
         let cancel_after: std::collections::HashMap<String, String> =
             cancel_after.into_iter().collect();

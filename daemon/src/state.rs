@@ -39,6 +39,8 @@ impl State {
             (self, to),
             (Queued, Running)
                 | (Queued, Cancelled)
+                // Only at start-up: the configuration changed and no device can run it.
+                | (Queued, Failed)
                 | (Running, Succeeded)
                 | (Running, Failed)
                 | (Running, Cancelled)
@@ -215,9 +217,10 @@ mod tests {
         );
     }
 
-    const ALLOWED: [(State, State); 6] = [
+    const ALLOWED: [(State, State); 7] = [
         (Queued, Running),
         (Queued, Cancelled),
+        (Queued, Failed),
         (Running, Succeeded),
         (Running, Failed),
         (Running, Cancelled),

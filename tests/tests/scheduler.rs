@@ -944,6 +944,53 @@ async fn an_acknowledged_alarm_stays_acknowledged_across_a_restart_and_is_not_ra
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_work_no_configured_device_can_run_any_more_fails_at_start_up_with_the_reason() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lab = Lab::start_in(dir.path(), 2).await;
+    lab.queue()
+        .await
+        .pause_queue(pb::PauseQueueRequest {
+            reason: "reconfiguring".into(),
+        })
+        .await
+        .unwrap();
+    let ids = submit(
+        &lab,
+        "reconfigured",
+        vec![
+            pin(short("on-2"), "furnace-2"),
+            pin(short("on-1"), "furnace-1"),
+        ],
+    )
+    .await;
+    lab.stop().await;
+    // The lab comes back with one furnace: furnace-2 is gone from the configuration.
+    let lab = Lab::start_in(dir.path(), 1).await;
+    let gone = get(&lab, &ids[0]).await;
+    assert_eq!(gone.state, pb::ExperimentState::Failed as i32, "{gone:?}");
+    assert!(
+        gone.message.contains("steps[0].device_id") && gone.message.contains("furnace-2"),
+        "{}",
+        gone.message
+    );
+    assert_eq!(
+        get(&lab, &ids[1]).await.state,
+        pb::ExperimentState::Queued as i32,
+        "runnable work stays queued"
+    );
+    let q = queue(&lab).await;
+    assert_eq!(q.queued_ids, [ids[1].clone()]);
+    let mut s = stream(&lab).await;
+    let mut ev = Vec::new();
+    read_until(&mut s, &mut ev, |ev| {
+        ev.iter()
+            .any(|e| state_change(e, &ids[0], pb::ExperimentState::Failed))
+    })
+    .await;
+    lab.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_furnace_fault_fails_its_step_with_the_reason_and_frees_the_furnace() {
     let lab = Lab::start(1).await;
     let mut ids = submit(&lab, "fault", vec![long("doomed")]).await;
