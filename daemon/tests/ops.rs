@@ -294,7 +294,18 @@ async fn an_open_daemon_says_so_loudly() {
         ),
     )
     .expect("write config");
-    let served = serve(&config, "info", "text").await;
+    let mut served = serve(&config, "info", "text").await;
+    let banner = tokio::time::timeout(DEADLINE, async {
+        while let Ok(Some(line)) = served.stdout.next_line().await {
+            if line.contains("auth:") {
+                return line;
+            }
+        }
+        String::new()
+    })
+    .await
+    .expect("banner");
+    assert!(banner.contains("auth: OPEN"), "banner: {banner:?}");
     let stderr = stop(served).await;
     assert!(stderr.contains("AUTHENTICATION IS OFF"), "{stderr}");
 }

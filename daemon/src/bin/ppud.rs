@@ -308,6 +308,7 @@ async fn run(
         "http"
     };
     let socket = security.local.as_ref().map(|l| l.path.clone());
+    let open = matches!(security.auth.mode, Mode::Open);
     let daemon = Daemon::start_with(
         Options {
             listen: config.listen,
@@ -330,6 +331,12 @@ async fn run(
     }
     if let Some(addr) = daemon.metrics_addr() {
         println!("  metrics: http://{addr}/metrics");
+    }
+    if open {
+        println!(
+            "  auth: OPEN, every caller is an admin (loopback only; require tokens with \
+             --tokens-file or [auth] tokens_file)"
+        );
     }
     shutdown_signal().await;
     if let Some(r) = robot {
