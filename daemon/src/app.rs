@@ -231,92 +231,26 @@ impl Daemon {
         let stop = CancellationToken::new();
         devices.spawn_pollers(store, opts.poll, stop.clone());
 
-        let listener = TcpListener::bind(opts.listen)
-            .await
-            .map_err(|source| StartError::Bind {
-                addr: opts.listen,
-                source,
-            })?;
-        let addr = listener.local_addr().map_err(|source| StartError::Bind {
-            addr: opts.listen,
-            source,
-        })?;
-        let metrics_addr = match opts.security.metrics_listen {
-            Some(addr) => {
-                let endpoint = crate::metrics::MetricsEndpoint::bind(addr)
-                    .await
-                    .map_err(|source| StartError::Metrics { addr, source })?;
-                let bound = endpoint.local_addr();
-                endpoint.spawn(scheduler.clone(), stop.clone());
-                info!(addr = %bound, "serving Prometheus metrics at /metrics");
-                Some(bound)
+        let serving = match serve(&opts, &scheduler, &stop, tls).await {
+            Ok(serving) => serving,
+            Err(e) => {
+                // A failed start leaves nothing running: no task may keep the store open or
+                // a device away from its safe state.
+                stop.cancel();
+                scheduler.shutdown(scheduler_task).await;
+                scheduler.devices().all_safe().await;
+                wait_for_release(&scheduler).await;
+                return Err(e);
             }
-            None => None,
         };
-        let api = Api::new(
-            scheduler.clone(),
-            stop.clone(),
-            opts.security.limits.clone(),
-        );
-        let mut auth = opts.security.auth.clone();
-        let local = match &opts.security.local {
-            Some(local) => {
-                let (listener, own_uid) = bind_local(local)?;
-                auth.local = Some(LocalPolicy {
-                    role: local.role,
-                    allowed_uids: local.allowed_uids.clone(),
-                    own_uid,
-                });
-                Some((local.path.clone(), listener))
-            }
-            None => None,
-        };
-        let auth = AuthLayer::new(Arc::new(auth), scheduler.store().clone());
-        let local_task = match local {
-            Some((path, listener)) => {
-                let router = server::router(api.clone(), auth.clone(), None)
-                    .await
-                    .map_err(|e| StartError::Server(e.to_string()))?;
-                let shutdown = stop.clone();
-                info!(path = %path.display(), "serving gRPC on the local socket");
-                Some((
-                    path,
-                    tokio::spawn(async move {
-                        router
-                            .serve_with_incoming_shutdown(
-                                tokio_stream::wrappers::UnixListenerStream::new(listener),
-                                shutdown.cancelled_owned(),
-                            )
-                            .await
-                    }),
-                ))
-            }
-            None => None,
-        };
-        let secure = tls.is_some();
-        let router = server::router(api, auth, tls)
-            .await
-            .map_err(|e| StartError::Tls(e.to_string()))?;
-        let shutdown = stop.clone();
-        let server_task = tokio::spawn(async move {
-            router
-                .serve_with_incoming_shutdown(
-                    // tonic ignores its own tcp_nodelay for an incoming stream; without it a
-                    // reply written in two pieces waits ~40 ms for the client's delayed ACK.
-                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                    shutdown.cancelled_owned(),
-                )
-                .await
-        });
-        info!(%addr, tls = secure, "serving gRPC");
         Ok(Daemon {
-            addr,
+            addr: serving.addr,
             stop,
             scheduler,
             scheduler_task,
-            server_task,
-            local_task,
-            metrics_addr,
+            server_task: serving.server_task,
+            local_task: serving.local_task,
+            metrics_addr: serving.metrics_addr,
         })
     }
 
@@ -358,12 +292,122 @@ impl Daemon {
         // Pollers and stream tasks end on `stop` but may still be unwinding. redb allows one
         // open per file, so wait (bounded) until they have released the store: the data dir
         // can then be reopened at once, by a restart in the same process.
-        let deadline = tokio::time::Instant::now() + RELEASE_WAIT;
-        while !self.scheduler.is_sole_owner() && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
+        wait_for_release(&self.scheduler).await;
         info!("stopped");
     }
+}
+
+/// Waits (bounded by [`RELEASE_WAIT`]) until background tasks ending on `stop` have released
+/// the store: redb allows one open per file, so the data dir can then be reopened at once.
+async fn wait_for_release(scheduler: &Scheduler) {
+    let deadline = tokio::time::Instant::now() + RELEASE_WAIT;
+    while !scheduler.is_sole_owner() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+/// What [`serve`] started.
+struct Serving {
+    addr: SocketAddr,
+    server_task: JoinHandle<Result<(), tonic::transport::Error>>,
+    local_task: Option<(PathBuf, JoinHandle<Result<(), tonic::transport::Error>>)>,
+    metrics_addr: Option<SocketAddr>,
+}
+
+/// Binds and serves gRPC on TCP (and the local socket, and metrics, when configured) until
+/// `stop`.
+async fn serve(
+    opts: &Options,
+    scheduler: &Scheduler,
+    stop: &CancellationToken,
+    tls: Option<ServerTlsConfig>,
+) -> Result<Serving, StartError> {
+    let listener = TcpListener::bind(opts.listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: opts.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: opts.listen,
+        source,
+    })?;
+    let metrics_addr = match opts.security.metrics_listen {
+        Some(addr) => {
+            let endpoint = crate::metrics::MetricsEndpoint::bind(addr)
+                .await
+                .map_err(|source| StartError::Metrics { addr, source })?;
+            let bound = endpoint.local_addr();
+            endpoint.spawn(scheduler.clone(), stop.clone());
+            info!(addr = %bound, "serving Prometheus metrics at /metrics");
+            Some(bound)
+        }
+        None => None,
+    };
+    let api = Api::new(
+        scheduler.clone(),
+        stop.clone(),
+        opts.security.limits.clone(),
+    );
+    let mut auth = opts.security.auth.clone();
+    let local = match &opts.security.local {
+        Some(local) => {
+            let (listener, own_uid) = bind_local(local)?;
+            auth.local = Some(LocalPolicy {
+                role: local.role,
+                allowed_uids: local.allowed_uids.clone(),
+                own_uid,
+            });
+            Some((local.path.clone(), listener))
+        }
+        None => None,
+    };
+    let auth = AuthLayer::new(Arc::new(auth), scheduler.store().clone());
+    // Both routers are built before either serves, so a bad certificate fails the start
+    // with nothing listening.
+    let secure = tls.is_some();
+    let router = server::router(api.clone(), auth.clone(), tls)
+        .await
+        .map_err(|e| StartError::Tls(e.to_string()))?;
+    let local_task = match local {
+        Some((path, listener)) => {
+            let router = server::router(api.clone(), auth.clone(), None)
+                .await
+                .map_err(|e| StartError::Server(e.to_string()))?;
+            let shutdown = stop.clone();
+            info!(path = %path.display(), "serving gRPC on the local socket");
+            Some((
+                path,
+                tokio::spawn(async move {
+                    router
+                        .serve_with_incoming_shutdown(
+                            tokio_stream::wrappers::UnixListenerStream::new(listener),
+                            shutdown.cancelled_owned(),
+                        )
+                        .await
+                }),
+            ))
+        }
+        None => None,
+    };
+    let shutdown = stop.clone();
+    let server_task = tokio::spawn(async move {
+        router
+            .serve_with_incoming_shutdown(
+                // tonic ignores its own tcp_nodelay for an incoming stream; without it a
+                // reply written in two pieces waits ~40 ms for the client's delayed ACK.
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                shutdown.cancelled_owned(),
+            )
+            .await
+    });
+    info!(%addr, tls = secure, "serving gRPC");
+    Ok(Serving {
+        addr,
+        server_task,
+        local_task,
+        metrics_addr,
+    })
 }
 
 /// Binds the Unix socket with its file mode; returns it with the daemon's uid (the socket

@@ -616,6 +616,27 @@ async fn a_non_loopback_bind_without_tls_is_refused_with_the_reason() {
     devlab.shutdown().await;
 }
 
+#[tokio::test]
+async fn a_bad_certificate_fails_the_start_cleanly_and_the_data_dir_can_be_reopened() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut security = secured();
+    security.tls = Some(TlsPem {
+        cert: b"-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n".to_vec(),
+        key: b"-----BEGIN PRIVATE KEY-----\nnope\n-----END PRIVATE KEY-----\n".to_vec(),
+        client_ca: None,
+    });
+    let err = Lab::start(dir.path(), security)
+        .await
+        .err()
+        .expect("a bad certificate is refused");
+    assert!(matches!(err, StartError::Tls(_)), "{err}");
+    // Nothing of the failed start still holds the store: the same data dir opens at once.
+    let lab = Lab::start(dir.path(), secured())
+        .await
+        .expect("restarts on the same data dir");
+    lab.stop().await;
+}
+
 struct Pki {
     ca_pem: String,
     server_cert: String,
