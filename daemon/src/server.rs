@@ -168,6 +168,13 @@ fn require_id(id: &str) -> Result<(), Status> {
     }
 }
 
+/// [`require_id`] for a call that acts on `id`: also names it in the call's audit record.
+fn require_target(caller: &Caller, id: &str) -> Result<(), Status> {
+    require_id(id)?;
+    caller.set_target(id);
+    Ok(())
+}
+
 /// Runs `produce` until it finishes, the client hangs up, or shutdown.
 fn spawn_stream<T, F>(
     stop: CancellationToken,
@@ -288,8 +295,7 @@ impl ExperimentService for Api {
     ) -> Result<Response<pb::Experiment>, Status> {
         let caller = Caller::of(&req);
         let r = req.into_inner();
-        require_id(&r.id)?;
-        caller.set_target(r.id.clone());
+        require_target(&caller, &r.id)?;
         if caller.role == Role::Planner {
             self.check_own(&caller, &r.id)?;
         }
@@ -388,8 +394,7 @@ impl QueueService for Api {
     ) -> Result<Response<pb::Queue>, Status> {
         let caller = Caller::of(&req);
         let r = req.into_inner();
-        require_id(&r.id)?;
-        caller.set_target(r.id.clone());
+        require_target(&caller, &r.id)?;
         Ok(Response::new(
             self.scheduler.move_experiment(&r.id, r.position).await?,
         ))
@@ -401,8 +406,7 @@ impl QueueService for Api {
     ) -> Result<Response<pb::Experiment>, Status> {
         let caller = Caller::of(&req);
         let r = req.into_inner();
-        require_id(&r.id)?;
-        caller.set_target(r.id.clone());
+        require_target(&caller, &r.id)?;
         Ok(Response::new(
             self.scheduler.set_held(&r.id, true, r.reason).await?,
         ))
@@ -414,8 +418,7 @@ impl QueueService for Api {
     ) -> Result<Response<pb::Experiment>, Status> {
         let caller = Caller::of(&req);
         let r = req.into_inner();
-        require_id(&r.id)?;
-        caller.set_target(r.id.clone());
+        require_target(&caller, &r.id)?;
         Ok(Response::new(
             self.scheduler.set_held(&r.id, false, String::new()).await?,
         ))
@@ -567,8 +570,7 @@ impl DeviceService for Api {
     ) -> Result<Response<pb::Device>, Status> {
         let caller = Caller::of(&req);
         let r = req.into_inner();
-        require_id(&r.id)?;
-        caller.set_target(r.id.clone());
+        require_target(&caller, &r.id)?;
         Ok(Response::new(
             self.scheduler
                 .set_maintenance(&r.id, r.maintenance, r.reason)

@@ -20,7 +20,7 @@ import ipaddress
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Union
+from typing import Any, Sequence, Union
 
 import grpc
 
@@ -43,6 +43,19 @@ class Connection:
     options: tuple[tuple[str, str], ...]
     #: Metadata sent with every call (the authorization header, if any).
     metadata: tuple[tuple[str, str], ...] = field(repr=False)
+
+    def open_channel(
+        self,
+        api: Any,
+        defaults: Sequence[tuple[str, Any]],
+        extra: Sequence[tuple[str, Any]],
+    ) -> Any:
+        """Opens the channel with `api` = ``grpc`` (sync) or ``grpc.aio``: plain text or TLS.
+        Options: `defaults`, then this connection's, then the caller's `extra` (last wins)."""
+        opts = [*defaults, *self.options, *extra]
+        if self.credentials is None:
+            return api.insecure_channel(self.grpc_target, options=opts)
+        return api.secure_channel(self.grpc_target, self.credentials, options=opts)
 
 
 def resolve(

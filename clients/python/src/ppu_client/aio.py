@@ -68,13 +68,7 @@ class AsyncClient:
         self._closed = False
         self._metadata = conn.metadata
         if channel is None:
-            opts = [*CHANNEL_OPTIONS, *conn.options, *options]
-            if conn.credentials is None:
-                channel = grpc.aio.insecure_channel(conn.grpc_target, options=opts)
-            else:
-                channel = grpc.aio.secure_channel(
-                    conn.grpc_target, conn.credentials, options=opts
-                )
+            channel = conn.open_channel(grpc.aio, CHANNEL_OPTIONS, options)
         self._channel = channel
         self._experiments = experiment_pb2_grpc.ExperimentServiceStub(self._channel)
         self._events = events_pb2_grpc.EventServiceStub(self._channel)

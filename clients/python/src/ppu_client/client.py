@@ -93,11 +93,7 @@ class Client:
         self._closed = False
         self._metadata = conn.metadata
         if channel is None:
-            opts = [*CHANNEL_OPTIONS, *conn.options, *options]
-            if conn.credentials is None:
-                channel = grpc.insecure_channel(conn.grpc_target, options=opts)
-            else:
-                channel = grpc.secure_channel(conn.grpc_target, conn.credentials, options=opts)
+            channel = conn.open_channel(grpc, CHANNEL_OPTIONS, options)
         self._channel = channel
         self._experiments = experiment_pb2_grpc.ExperimentServiceStub(self._channel)
         self._events = events_pb2_grpc.EventServiceStub(self._channel)
