@@ -205,7 +205,8 @@ pub enum Reply {
     Underload { id: String },
     /// `X L`: logical error for this command (e.g. a parameter not allowed).
     Logical { id: String },
-    /// `Ix A "text"` (last or only line) or `Ix B "text"` (more lines follow).
+    /// `Ix A "text"` (last or only line) or `Ix B "text"` (more lines follow). `text` is the
+    /// content of a single quoted field, or the arguments as sent when there are several.
     Info {
         id: String,
         text: String,
@@ -253,7 +254,13 @@ impl Reply {
             Reply::Underload { id } => format!("{id} -"),
             Reply::Logical { id } => format!("{id} L"),
             Reply::Info { id, text, more } => {
-                format!("{id} {} \"{text}\"", if *more { "B" } else { "A" })
+                let status = if *more { "B" } else { "A" };
+                if text.contains('"') {
+                    // Several fields, kept as sent.
+                    format!("{id} {status} {text}")
+                } else {
+                    format!("{id} {status} \"{text}\"")
+                }
             }
             Reply::SyntaxError => "ES".to_owned(),
             Reply::TransmissionError => "ET".to_owned(),
@@ -410,15 +417,16 @@ fn parse_weight(args: &str, stable: bool, line: &str) -> Result<Weight, ParseErr
     })
 }
 
-/// Information text: quoted (`"0123456789"`), or bare for older firmware.
+/// Information text: one quoted field (`"0123456789"`) yields its content; several fields
+/// (`I1 A "01" "2.20" …`, `I0 B 0 "I0"`) or bare text of older firmware are kept as sent.
 fn parse_text(args: &str, line: &str) -> Result<String, ParseError> {
-    if let Some(inner) = args.strip_prefix('"') {
-        let inner = inner
-            .strip_suffix('"')
-            .ok_or_else(|| ParseError::BadText(line.to_owned()))?;
-        Ok(inner.to_owned())
-    } else {
-        Ok(args.to_owned())
+    let Some(inner) = args.strip_prefix('"') else {
+        return Ok(args.to_owned());
+    };
+    match inner.strip_suffix('"') {
+        Some(content) if !content.contains('"') => Ok(content.to_owned()),
+        _ if args.ends_with('"') => Ok(args.to_owned()),
+        _ => Err(ParseError::BadText(line.to_owned())),
     }
 }
 
@@ -515,6 +523,14 @@ mod tests {
                 Reply::Info {
                     id: "I2".into(),
                     text: "XPE205 Excellence 220.0000 g".into(),
+                    more: false,
+                },
+            ),
+            (
+                "I1 A \"01\" \"2.20\" \"2.20\" \"1.00\" \"1.50\"",
+                Reply::Info {
+                    id: "I1".into(),
+                    text: "\"01\" \"2.20\" \"2.20\" \"1.00\" \"1.50\"".into(),
                     more: false,
                 },
             ),
