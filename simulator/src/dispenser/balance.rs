@@ -200,10 +200,17 @@ impl BalanceModel {
         let net = self.round(raw);
         let decimals = decimals_of(self.cfg.readability_g);
         format!(
-            "{id} {} {net:>11.decimals$} g",
-            if stable { "S" } else { "D" }
+            "{id} {} {} g",
+            if stable { "S" } else { "D" },
+            weight_field(net, decimals)
         )
     }
+}
+
+/// A weight value right-aligned in a 10-character field, as the manual's examples print it
+/// (`S S     100.00 g`).
+fn weight_field(value: f64, decimals: usize) -> String {
+    format!("{value:>10.decimals$}")
 }
 
 fn decimals_of(readability: f64) -> usize {
@@ -330,7 +337,7 @@ impl SimBalance {
             "TA" => {
                 let m = self.lock_now();
                 let decimals = decimals_of(m.cfg.readability_g);
-                format!("TA A {:>11.decimals$} g", m.tare_g)
+                format!("TA A {} g", weight_field(m.tare_g, decimals))
             }
             "TAC" => {
                 self.lock_now().tare_g = 0.0;
@@ -374,7 +381,7 @@ impl SimBalance {
         }
         m.tare_g = m.round(value);
         let decimals = decimals_of(m.cfg.readability_g);
-        format!("TA A {:>11.decimals$} g", m.tare_g)
+        format!("TA A {} g", weight_field(m.tare_g, decimals))
     }
 
     async fn when_stable(&self, command: &str) -> String {
@@ -394,7 +401,7 @@ impl SimBalance {
                             let gross = m.round(raw);
                             m.tare_g = gross;
                             let decimals = decimals_of(m.cfg.readability_g);
-                            format!("T S {gross:>11.decimals$} g")
+                            format!("T S {} g", weight_field(gross, decimals))
                         }
                         _ => {
                             m.zero_g = m.displayed_g;
@@ -475,9 +482,9 @@ mod tests {
         m.advance_to(170.0, load);
         assert!(m.is_stable());
         assert!((m.displayed_g - 22.5).abs() < 1e-4, "{}", m.displayed_g);
-        assert_eq!(m.weight_line("S", true), "S S     22.5000 g");
+        assert_eq!(m.weight_line("S", true), "S S    22.5000 g");
         m.tare_g = 22.5;
-        assert_eq!(m.weight_line("S", true), "S S      0.0000 g");
+        assert_eq!(m.weight_line("S", true), "S S     0.0000 g");
     }
 
     #[test]
@@ -502,7 +509,7 @@ mod tests {
             noise_g: 0.0,
             ..BalanceConfig::default()
         });
-        assert_eq!(b.respond(b"SI".to_vec()).await, "S S     20.0000 g");
+        assert_eq!(b.respond(b"SI".to_vec()).await, "S S    20.0000 g");
         // A load put on the pan: the cell is still settling, so the weight is dynamic.
         b.set_extra_load(5.0);
         tokio::time::advance(Duration::from_millis(500)).await;
@@ -510,7 +517,7 @@ mod tests {
         assert!(reply.starts_with("S D "), "{reply}");
         assert!(reply.ends_with(" g"), "{reply}");
         tokio::time::advance(Duration::from_secs(30)).await;
-        assert_eq!(b.respond(b"SI".to_vec()).await, "S S     25.0000 g");
+        assert_eq!(b.respond(b"SI".to_vec()).await, "S S    25.0000 g");
         b.set_extra_load(500.0);
         tokio::time::advance(Duration::from_secs(30)).await;
         assert_eq!(b.respond(b"SI".to_vec()).await, "S +");
@@ -526,7 +533,7 @@ mod tests {
         assert_eq!(b.respond(b"SI 3".to_vec()).await, "EL");
         assert_eq!(b.respond(b"S\x01".to_vec()).await, "ET");
         assert_eq!(b.respond(b"TA 500 g".to_vec()).await, "TA L");
-        assert_eq!(b.respond(b"TA 1.5 g".to_vec()).await, "TA A      1.5000 g");
+        assert_eq!(b.respond(b"TA 1.5 g".to_vec()).await, "TA A     1.5000 g");
         assert_eq!(b.respond(b"TAC".to_vec()).await, "TAC A");
         assert_eq!(b.respond(b"@".to_vec()).await, "I4 A \"B123456789\"");
         assert_eq!(
