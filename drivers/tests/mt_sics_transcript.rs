@@ -178,3 +178,137 @@ fn si_replies_carry_the_s_identifier() {
     assert!(si.iter().any(|x| x.reply.starts_with("S D ")));
     assert!(si.iter().any(|x| x.reply.starts_with("S S ")));
 }
+
+/// A balance that answers each command with a line taken from the transcript, nothing else:
+/// the driver's status polling and weighing, over a real pty, against the manual's replies
+/// rather than against the simulator's reading of the manual.
+struct ScriptedBalance {
+    replies: std::sync::Mutex<std::collections::HashMap<String, String>>,
+    input: std::sync::Mutex<Vec<u8>>,
+}
+
+impl ScriptedBalance {
+    fn set(&self, command: &str, reply: &str) {
+        let known = load().iter().any(|x| x.reply == reply);
+        assert!(known, "{reply:?} is not in the transcript");
+        self.replies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(command.to_owned(), reply.to_owned());
+    }
+}
+
+impl ppu_sim::pty::SerialDevice for ScriptedBalance {
+    fn receive(&self, bytes: &[u8]) -> Vec<ppu_sim::pty::Request> {
+        let mut input = self.input.lock().unwrap_or_else(|p| p.into_inner());
+        input.extend_from_slice(bytes);
+        let mut out = Vec::new();
+        while let Some(i) = input.windows(2).position(|w| w == b"\r\n") {
+            let line: Vec<u8> = input.drain(..i + 2).take(i).collect();
+            out.push(ppu_sim::pty::Request {
+                bytes: line,
+                kind: ppu_sim::pty::RequestKind::Plain,
+            });
+        }
+        out
+    }
+
+    fn answer(&self, request: ppu_sim::pty::Request) -> ppu_sim::pty::ReplyFuture {
+        let command = String::from_utf8_lossy(&request.bytes).into_owned();
+        let reply = self
+            .replies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&command)
+            .cloned()
+            .unwrap_or_else(|| "ES\r\n".to_owned());
+        Box::pin(std::future::ready(Some(reply.into_bytes())))
+    }
+}
+
+#[tokio::test]
+async fn status_and_weighing_work_with_the_manuals_replies() {
+    use ppu_drivers::balance::sics::{SicsBalance, SicsConfig, SicsError};
+    use ppu_drivers::device::{StepOutput, WeighResult};
+    use ppu_drivers::transport::serial::{Framing, SerialConfig};
+    use ppu_drivers::{Clock, Device, StepCommand, StepContext};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    let script = Arc::new(ScriptedBalance {
+        replies: Default::default(),
+        input: Default::default(),
+    });
+    let port =
+        ppu_sim::pty::PtyServer::start(script.clone(), ppu_sim::pty::FaultConfig::default(), None)
+            .await
+            .unwrap_or_else(|e| panic!("pty: {e}"));
+    let mut serial = SerialConfig::new(port.path(), Framing::CrLf);
+    serial.timeout = Duration::from_millis(500);
+    serial.retries = 1;
+    let balance = SicsBalance::new(SicsConfig::new("balance-1", serial));
+
+    // Status polls with `SI`; a dynamic weight is answered `S D`.
+    script.set("SI", "S D     129.07 g\r\n");
+    let status = balance.status().await.unwrap_or_else(|e| panic!("{e}"));
+    let reading = |name: &str| {
+        status
+            .readings
+            .iter()
+            .find(|r| r.name == name)
+            .map(|r| r.value)
+    };
+    assert_eq!(reading("mass_g"), Some(129.07));
+    assert_eq!(reading("stable"), Some(0.0));
+    assert!(balance.transport().is_connected());
+
+    // Overload while polling is an alarm of the balance, not a lost link.
+    script.set("SI", "S +\r\n");
+    let status = balance.status().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        status.alarms,
+        vec!["balance overload (S + in answer to SI)".to_owned()]
+    );
+
+    // A stable weight.
+    script.set("S", "S S     100.00 g\r\n");
+    let w = balance
+        .weigh_stable(Duration::from_secs(1))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(w.stable && (w.grams() - 100.0).abs() < 1e-9, "{w:?}");
+
+    // No stability: `S I` until the driver's timeout, then the weigh step falls back to `SI`.
+    script.set("S", "S I\r\n");
+    script.set("SI", "S D     129.07 g\r\n");
+    let err = balance
+        .weigh_stable(Duration::from_millis(200))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, SicsError::Unstable { last_g: Some(g), .. } if (g - 129.07).abs() < 1e-9),
+        "{err:?}"
+    );
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let ctx = StepContext {
+        clock: Clock::real(),
+        updates: tx,
+        cancel: tokio_util::sync::CancellationToken::new(),
+        sample_id: "S-1".into(),
+        experiment_id: "E-1".into(),
+    };
+    let out = balance
+        .execute(
+            &StepCommand::Weigh {
+                stability_timeout_s: Some(0.2),
+            },
+            ctx,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let StepOutput::Weigh(WeighResult { mass_g, stable }) = out else {
+        panic!("{out:?}");
+    };
+    assert!(!stable && (mass_g - 129.07).abs() < 1e-9);
+    port.shutdown().await;
+}
