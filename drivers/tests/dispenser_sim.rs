@@ -704,11 +704,16 @@ async fn the_balance_weighs_tares_and_reports_overload() {
     assert_eq!(
         err,
         SicsError::Overload {
-            command: "S".into()
+            command: "S".into(),
+            reply: "S +".into(),
         }
     );
+    // Status polls with `SI`, which MT-SICS answers with the identifier `S`.
     let status = b.status().await.unwrap();
-    assert_eq!(status.alarms, vec!["balance overload (SI +)".to_owned()]);
+    assert_eq!(
+        status.alarms,
+        vec!["balance overload (S + in answer to SI)".to_owned()]
+    );
     // A dispense onto an overloaded balance fails before pumping.
     let err = run(&rig.pump_a, dispense("A", 1.0, 2.0), rig.clock)
         .await

@@ -39,8 +39,9 @@ enum Command {
     ///
     /// Point a driver, a terminal program or pyserial at the printed paths as at /dev/ttyUSB0
     /// (9600 8N1; ports open exclusively). Pumps: `0DIA14.43\r`, `0RAT1.000MM\r`, `0VOL2.5\r`,
-    /// `0RUN\r`, `0DIS\r` … answered `STX 00S … ETX`; safe mode after `0SAF n\r`. Balance:
-    /// `S\r\n`, `SI\r\n`, `T\r\n`, `Z\r\n`, `TAC\r\n`, `I4\r\n`. What the pumps deliver lands
+    /// `0RUN\r`, `0DIS\r` … answered `STX 00S … ETX`; safe mode after `0SAF n\r`; `*ADR\r`
+    /// queries the address. Balance: `S\r\n`, `SI\r\n` (answered `S S …` stable or `S D …`
+    /// dynamic), `T\r\n`, `Z\r\n`, `TAC\r\n`, `I4\r\n`. What the pumps deliver lands
     /// in the vessel on the balance. Prints `ID PATH` per device on stdout, then runs until
     /// Ctrl-C.
     ///

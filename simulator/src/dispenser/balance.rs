@@ -12,13 +12,18 @@
 //!
 //! # Protocol
 //!
-//! Lines end in `\r\n`. `S`, `T` and `Z` wait until stable, for at most the balance's
-//! stability timeout (physical time, like every process inside the simulated instrument),
-//! then answer `S I` / `T I` / `Z I`. `SI` answers at once. `T` tares with the current gross
-//! weight, `TAC` clears the tare, `TA` reports it, `Z` sets the zero point (and clears the
-//! tare), `@` resets (clears the tare, answers the serial number as `I4`), `I0`–`I5` identify.
-//! Gross load beyond the capacity answers `S +`, below −1 % of it `S -`. An unknown command
-//! answers `ES`; a line with non-printable bytes (a corrupted command) `ET`.
+//! As the MT-SICS Reference Manual describes level 0/1 (read from the manual, independently of
+//! the driver's protocol module). Lines end in `\r\n`. `S`, `T` and `Z` wait until stable, for
+//! at most the balance's stability timeout (physical time, like every process inside the
+//! simulated instrument), then answer `S I` / `T I` / `Z I`. `SI` answers at once, with the
+//! reply identifier `S`: `S S <weight> g` when stable, `S D <weight> g` when dynamic. `ZI`
+//! answers `ZI S` or `ZI D` after its zeroing. `T` tares with the current gross weight
+//! (`T S <tare> g`), `TAC` clears the tare (`TAC A`), `TA` reports it (`TA A <tare> g`) and
+//! `TA <value> g` presets it (`TA L` outside 0…capacity), `Z` sets the zero point (and clears
+//! the tare, `Z A`), `@` resets (clears the tare, answers the serial number as `I4 A "…"`),
+//! `I0`–`I5` identify. Gross load beyond the capacity answers `+` (`S +`, `Z +`, …), below
+//! −1 % of it `-`. An unknown command answers `ES`; a known one with arguments it does not
+//! take `EL`; a line with non-printable bytes (a corrupted command) `ET`.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -195,10 +200,17 @@ impl BalanceModel {
         let net = self.round(raw);
         let decimals = decimals_of(self.cfg.readability_g);
         format!(
-            "{id} {} {net:>11.decimals$} g",
-            if stable { "S" } else { "D" }
+            "{id} {} {} g",
+            if stable { "S" } else { "D" },
+            weight_field(net, decimals)
         )
     }
+}
+
+/// A weight value right-aligned in a 10-character field, as the manual's examples print it
+/// (`S S     100.00 g`).
+fn weight_field(value: f64, decimals: usize) -> String {
+    format!("{value:>10.decimals$}")
 }
 
 fn decimals_of(readability: f64) -> usize {
@@ -295,12 +307,23 @@ impl SimBalance {
             return "ET".to_owned();
         }
         let text = String::from_utf8_lossy(&line).trim().to_owned();
+        let (name, args) = text.split_once(' ').unwrap_or((text.as_str(), ""));
+        let args = args.trim();
+        if !args.is_empty() {
+            return match name {
+                "TA" => self.preset_tare(args),
+                "S" | "SI" | "Z" | "ZI" | "T" | "TAC" | "@" | "I0" | "I1" | "I2" | "I3" | "I4"
+                | "I5" => "EL".to_owned(),
+                _ => "ES".to_owned(),
+            };
+        }
         match text.as_str() {
             "S" | "T" | "Z" => self.when_stable(&text).await,
+            // Send immediately: answered with the identifier `S`, never `SI`.
             "SI" => {
                 let mut m = self.lock_now();
                 let stable = m.is_stable();
-                m.weight_line("SI", stable)
+                m.weight_line("S", stable)
             }
             "ZI" => {
                 let mut m = self.lock_now();
@@ -314,7 +337,7 @@ impl SimBalance {
             "TA" => {
                 let m = self.lock_now();
                 let decimals = decimals_of(m.cfg.readability_g);
-                format!("TA A {:>11.decimals$} g", m.tare_g)
+                format!("TA A {} g", weight_field(m.tare_g, decimals))
             }
             "TAC" => {
                 self.lock_now().tare_g = 0.0;
@@ -333,13 +356,32 @@ impl SimBalance {
             "I1" => "I1 A \"01\" \"2.20\" \"2.20\" \"\" \"\"".to_owned(),
             "I2" => {
                 let m = self.lock_now();
-                format!("I2 A \"{} {} g\"", m.cfg.model, m.cfg.capacity_g)
+                let decimals = decimals_of(m.cfg.readability_g);
+                format!("I2 A \"{} {:.decimals$} g\"", m.cfg.model, m.cfg.capacity_g)
             }
             "I3" => "I3 A \"1.10.18\"".to_owned(),
             "I4" => format!("I4 A \"{}\"", self.lock_now().cfg.serial_number),
             "I5" => "I5 A \"11671158C\"".to_owned(),
             _ => "ES".to_owned(),
         }
+    }
+
+    /// `TA <value> <unit>`: presets the tare; `TA L` when the value is out of range.
+    fn preset_tare(&self, args: &str) -> String {
+        let mut parts = args.split_whitespace();
+        let (Some(value), Some("g"), None) = (parts.next(), parts.next(), parts.next()) else {
+            return "EL".to_owned();
+        };
+        let Ok(value) = value.parse::<f64>() else {
+            return "EL".to_owned();
+        };
+        let mut m = self.lock_now();
+        if !(value.is_finite() && (0.0..=m.cfg.capacity_g).contains(&value)) {
+            return "TA L".to_owned();
+        }
+        m.tare_g = m.round(value);
+        let decimals = decimals_of(m.cfg.readability_g);
+        format!("TA A {} g", weight_field(m.tare_g, decimals))
     }
 
     async fn when_stable(&self, command: &str) -> String {
@@ -359,7 +401,7 @@ impl SimBalance {
                             let gross = m.round(raw);
                             m.tare_g = gross;
                             let decimals = decimals_of(m.cfg.readability_g);
-                            format!("T S {gross:>11.decimals$} g")
+                            format!("T S {} g", weight_field(gross, decimals))
                         }
                         _ => {
                             m.zero_g = m.displayed_g;
@@ -440,9 +482,9 @@ mod tests {
         m.advance_to(170.0, load);
         assert!(m.is_stable());
         assert!((m.displayed_g - 22.5).abs() < 1e-4, "{}", m.displayed_g);
-        assert_eq!(m.weight_line("S", true), "S S     22.5000 g");
+        assert_eq!(m.weight_line("S", true), "S S    22.5000 g");
         m.tare_g = 22.5;
-        assert_eq!(m.weight_line("S", true), "S S      0.0000 g");
+        assert_eq!(m.weight_line("S", true), "S S     0.0000 g");
     }
 
     #[test]
@@ -453,7 +495,51 @@ mod tests {
         assert_eq!(m.weight_line("S", true), "S +");
         m.extra_g = -30.0;
         m.advance_to(120.0, |_| 0.0);
-        assert_eq!(m.weight_line("SI", false), "SI -");
+        assert_eq!(m.weight_line("S", false), "S -");
+    }
+
+    fn balance(config: BalanceConfig) -> SimBalance {
+        SimBalance::new(config, Station::new(), Clock::real())
+    }
+
+    /// Paused tokio time: the clock (physical time) moves only when the test advances it.
+    #[tokio::test(start_paused = true)]
+    async fn si_answers_with_the_s_identifier_stable_or_dynamic() {
+        let b = balance(BalanceConfig {
+            noise_g: 0.0,
+            ..BalanceConfig::default()
+        });
+        assert_eq!(b.respond(b"SI".to_vec()).await, "S S    20.0000 g");
+        // A load put on the pan: the cell is still settling, so the weight is dynamic.
+        b.set_extra_load(5.0);
+        tokio::time::advance(Duration::from_millis(500)).await;
+        let reply = b.respond(b"SI".to_vec()).await;
+        assert!(reply.starts_with("S D "), "{reply}");
+        assert!(reply.ends_with(" g"), "{reply}");
+        tokio::time::advance(Duration::from_secs(30)).await;
+        assert_eq!(b.respond(b"SI".to_vec()).await, "S S    25.0000 g");
+        b.set_extra_load(500.0);
+        tokio::time::advance(Duration::from_secs(30)).await;
+        assert_eq!(b.respond(b"SI".to_vec()).await, "S +");
+        b.set_extra_load(-30.0);
+        tokio::time::advance(Duration::from_secs(30)).await;
+        assert_eq!(b.respond(b"SI".to_vec()).await, "S -");
+    }
+
+    #[tokio::test]
+    async fn errors_and_identification() {
+        let b = balance(BalanceConfig::default());
+        assert_eq!(b.respond(b"XYZ".to_vec()).await, "ES");
+        assert_eq!(b.respond(b"SI 3".to_vec()).await, "EL");
+        assert_eq!(b.respond(b"S\x01".to_vec()).await, "ET");
+        assert_eq!(b.respond(b"TA 500 g".to_vec()).await, "TA L");
+        assert_eq!(b.respond(b"TA 1.5 g".to_vec()).await, "TA A     1.5000 g");
+        assert_eq!(b.respond(b"TAC".to_vec()).await, "TAC A");
+        assert_eq!(b.respond(b"@".to_vec()).await, "I4 A \"B123456789\"");
+        assert_eq!(
+            b.respond(b"I2".to_vec()).await,
+            "I2 A \"XPE205 220.0000 g\""
+        );
     }
 
     #[test]

@@ -16,7 +16,14 @@
 //!
 //! - Basic mode: `<addr><CMD><args>\r` (spaces and case ignored; an empty command is a status
 //!   poll), answered `STX <addr><status>[data] ETX`. A command for another address gets no
-//!   reply (another pump on the same line). Bytes inside an `STX … ETX` frame are ignored.
+//!   reply (another pump on the same line). The address `*` (a "system command") reaches every
+//!   pump. Bytes inside an `STX … ETX` frame are ignored.
+//! - Volumes count in µL for syringes up to 14 mm, in mL above; `VOL UL` / `VOL ML` choose the
+//!   units instead, until the next `DIA`. `SAF` alone queries the watchdog (0 = basic mode).
+//! - `ADR` queries the network address; `ADR n [B baud]` sets it (0–99; baud 300, 1200, 2400,
+//!   9600 or 19200, which a pty ignores). Like `*`, it is accepted whatever address it carries;
+//!   the reply, and every later one, carries the new address. The address is kept across power
+//!   cycles (non-volatile, like the other settings).
 //! - Safe mode (`SAF n`, n = 1–255): requests and replies are `STX len payload CRC ETX`; a frame
 //!   whose CRC or `ETX` is wrong is answered `?COM`; bytes outside frames are ignored. If no valid
 //!   frame arrives for n seconds of *real* time (a protocol timeout, like the driver's
@@ -162,6 +169,8 @@ pub struct PumpModel {
     alarm: Option<Alarm>,
     stall_after_ml: Option<f64>,
     safe: Option<Safe>,
+    /// Volume units chosen with `VOL UL|ML` (µL = true); `None` = by the diameter.
+    volume_ul: Option<bool>,
 }
 
 fn volume_unit_ul(diameter_mm: f64) -> bool {
@@ -186,6 +195,7 @@ impl PumpModel {
             alarm: cfg.power_up_alarm.then_some(Alarm::Reset),
             stall_after_ml: None,
             safe: None,
+            volume_ul: None,
             cfg,
         }
     }
@@ -209,28 +219,22 @@ impl PumpModel {
         std::f64::consts::PI * r * r * self.cfg.max_speed_mm_per_min / 1000.0
     }
 
+    /// Volumes count in µL for small syringes, mL for large ones, unless `VOL UL|ML` chose.
+    fn volume_in_ul(&self) -> bool {
+        self.volume_ul
+            .unwrap_or_else(|| volume_unit_ul(self.diameter_mm))
+    }
+
     fn unit_code(&self) -> &'static str {
-        if volume_unit_ul(self.diameter_mm) {
-            "UL"
-        } else {
-            "ML"
-        }
+        if self.volume_in_ul() { "UL" } else { "ML" }
     }
 
     fn to_unit(&self, ml: f64) -> f64 {
-        if volume_unit_ul(self.diameter_mm) {
-            ml * 1000.0
-        } else {
-            ml
-        }
+        if self.volume_in_ul() { ml * 1000.0 } else { ml }
     }
 
     fn unit_to_ml(&self, v: f64) -> f64 {
-        if volume_unit_ul(self.diameter_mm) {
-            v / 1000.0
-        } else {
-            v
-        }
+        if self.volume_in_ul() { v / 1000.0 } else { v }
     }
 
     /// Advances the plunger to physical time `t_s`; returns the volume delivered into the vessel
@@ -359,6 +363,10 @@ impl PumpModel {
             .filter(|b| **b != b' ')
             .map(|b| char::from(*b).to_ascii_uppercase())
             .collect();
+        let (system, text) = match text.strip_prefix('*') {
+            Some(rest) => (true, rest),
+            None => (false, text.as_str()),
+        };
         let digits = text.bytes().take(2).take_while(u8::is_ascii_digit).count();
         let (addr, body) = text.split_at(digits);
         let address = if addr.is_empty() {
@@ -366,18 +374,21 @@ impl PumpModel {
         } else {
             addr.parse::<u8>().unwrap_or(u8::MAX)
         };
-        if address != self.cfg.address {
+        // `ADR` is a system command: accepted whatever address it carries.
+        if !system && !body.starts_with("ADR") && address != self.cfg.address {
             return None;
         }
         if let Some(safe) = self.safe.as_mut() {
             safe.last_valid = Instant::now();
             safe.tripped = false;
         }
-        let prefix = format!("{:02}", self.cfg.address);
         if let Some(alarm) = self.alarm.take() {
-            return Some(format!("{prefix}{}", alarm.code()));
+            return Some(format!("{:02}{}", self.cfg.address, alarm.code()));
         }
-        let reply = match self.command(body) {
+        let result = self.command(body);
+        // After `ADR n` the pump answers with its new address.
+        let prefix = format!("{:02}", self.cfg.address);
+        let reply = match result {
             Ok(data) => format!("{prefix}{}{data}", self.status_char()),
             Err(code) => format!("{prefix}{}{code}", self.status_char()),
         };
@@ -405,6 +416,8 @@ impl PumpModel {
                     return Err("?OOR");
                 }
                 self.diameter_mm = d;
+                // Setting the diameter sets the volume units that fit it.
+                self.volume_ul = None;
                 Ok(String::new())
             }
             ("RAT", "") => Ok(format!(
@@ -443,10 +456,22 @@ impl PumpModel {
                 if running {
                     return Err("?NA");
                 }
+                // `VOL UL` / `VOL ML` choose the volume units; the target keeps its volume.
+                match v {
+                    "UL" => {
+                        self.volume_ul = Some(true);
+                        return Ok(String::new());
+                    }
+                    "ML" => {
+                        self.volume_ul = Some(false);
+                        return Ok(String::new());
+                    }
+                    _ => {}
+                }
                 let cut = v.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(v.len());
                 let (num, unit) = v.split_at(cut);
-                if !unit.is_empty() && unit != self.unit_code() {
-                    return Err("?NA");
+                if !unit.is_empty() {
+                    return Err("?OOR");
                 }
                 let value = number(num)?;
                 self.target_ml = self.unit_to_ml(value);
@@ -518,6 +543,26 @@ impl PumpModel {
                 Ok(String::new())
             }
             ("VER", "") => Ok(self.cfg.firmware.clone()),
+            // A query answers in the format its setting takes.
+            ("ADR", "") => Ok(self.cfg.address.to_string()),
+            ("ADR", v) => {
+                let (addr, baud) = match v.split_once('B') {
+                    Some((a, b)) => (a, Some(b)),
+                    None => (v, None),
+                };
+                let addr: u8 = addr.parse().map_err(|_| "?OOR")?;
+                if addr > 99 {
+                    return Err("?OOR");
+                }
+                if let Some(baud) = baud
+                    && !matches!(baud, "300" | "1200" | "2400" | "9600" | "19200")
+                {
+                    return Err("?OOR");
+                }
+                self.cfg.address = addr;
+                Ok(String::new())
+            }
+            ("SAF", "") => Ok(self.safe.map_or(0, |s| s.watchdog_s).to_string()),
             ("SAF", v) => {
                 let n: u16 = v.parse().map_err(|_| "?OOR")?;
                 match n {
@@ -864,6 +909,36 @@ mod tests {
     }
 
     #[test]
+    fn adr_queries_and_sets_the_network_address() {
+        let mut m = model();
+        assert_eq!(cmd(&mut m, "*ADR"), "00S0");
+        assert_eq!(cmd(&mut m, "ADR"), "00S0");
+        // A system command: whatever address it carries.
+        assert_eq!(cmd(&mut m, "7ADR"), "00S0");
+        assert_eq!(cmd(&mut m, "*ADR 3"), "03S");
+        assert_eq!(m.execute(b"0DIS"), None);
+        assert_eq!(cmd(&mut m, "3DIS"), "03SI0.000W0.000ML");
+        assert_eq!(cmd(&mut m, "*DIS"), "03SI0.000W0.000ML");
+        assert_eq!(cmd(&mut m, "*ADR"), "03S3");
+        assert_eq!(cmd(&mut m, "*ADR 5 B 1200"), "05S");
+        assert_eq!(cmd(&mut m, "*ADR 100"), "05S?OOR");
+        assert_eq!(cmd(&mut m, "*ADR 5 B 1234"), "05S?OOR");
+        assert_eq!(cmd(&mut m, "*ADRX"), "05S?OOR");
+        // Non-volatile: kept across a power cycle.
+        m.power_cycle();
+        assert_eq!(cmd(&mut m, "5"), "05A?R");
+        assert_eq!(cmd(&mut m, "*ADR0"), "00S");
+    }
+
+    #[test]
+    fn saf_without_a_number_queries_the_watchdog() {
+        let mut m = model();
+        assert_eq!(cmd(&mut m, "0SAF"), "00S0");
+        assert_eq!(cmd(&mut m, "0SAF12"), "00S");
+        assert_eq!(cmd(&mut m, "0SAF"), "00S12");
+    }
+
+    #[test]
     fn small_syringes_count_in_microlitres() {
         let mut m = model();
         cmd(&mut m, "0DIA4.78");
@@ -873,5 +948,12 @@ mod tests {
         cmd(&mut m, "0RUN");
         m.advance_to(600.0);
         assert_eq!(cmd(&mut m, "0DIS"), "00SI250.0W0.000UL");
+        // `VOL ML` switches the units; the target stays the same volume.
+        assert_eq!(cmd(&mut m, "0VOL ML"), "00S");
+        assert_eq!(cmd(&mut m, "0VOL"), "00S0.250ML");
+        assert_eq!(cmd(&mut m, "0DIS"), "00SI0.250W0.000ML");
+        // A new diameter brings back the units that fit it.
+        assert_eq!(cmd(&mut m, "0DIA4.78"), "00S");
+        assert_eq!(cmd(&mut m, "0VOL"), "00S250.0UL");
     }
 }

@@ -52,12 +52,13 @@ impl SicsConfig {
 /// What went wrong in one MT-SICS exchange.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum SicsError {
-    #[error("balance cannot execute {command} now ({command} I)")]
-    NotExecutable { command: String },
-    #[error("balance overload ({command} +)")]
-    Overload { command: String },
-    #[error("balance underload ({command} -)")]
-    Underload { command: String },
+    /// `reply` is the line as received (`S I` answers both `S` and `SI`).
+    #[error("balance cannot execute {command} now ({reply})")]
+    NotExecutable { command: String, reply: String },
+    #[error("balance overload ({reply} in answer to {command})")]
+    Overload { command: String, reply: String },
+    #[error("balance underload ({reply} in answer to {command})")]
+    Underload { command: String, reply: String },
     #[error("balance rejected {command} as a logical error")]
     Logical { command: String },
     #[error("balance did not recognise {command} (ES)")]
@@ -140,8 +141,12 @@ impl SicsBalance {
 
     /// Sends one command and returns its reply; `extra` lengthens the timeout for commands the
     /// balance holds until stable. A transmission error (`ET`) is retried like a lost reply.
+    ///
+    /// Replies are matched to the command by the exchange, not by their identifier (`S` and
+    /// `SI` are both answered with `S`): the transport runs one exchange at a time and drops
+    /// whatever was pending before it sends, and a line the manual does not define as an
+    /// answer to this command is discarded.
     pub async fn send(&self, command: Command, extra: Duration) -> Result<Reply, SicsError> {
-        let id = command.reply_id();
         let what = command.text();
         let options = RequestOptions {
             timeout: Some(self.config.serial.timeout + extra),
@@ -153,9 +158,10 @@ impl SicsBalance {
                 .transport
                 .request_with(&command.encode(), &what, options, |frame: &Frame| {
                     let reply = protocol::parse_reply(&frame.payload).map_err(|e| e.to_string())?;
-                    match reply.id() {
-                        Some(got) if got != id => Err(format!("a reply to {got}, not {id}")),
-                        _ => Ok(reply),
+                    if command.accepts(&reply) {
+                        Ok(reply)
+                    } else {
+                        Err(format!("{:?} is no answer to {what}", reply.line()))
                     }
                 })
                 .await?;
@@ -177,12 +183,15 @@ impl SicsBalance {
                 }),
                 Reply::NotExecutable { .. } => Err(SicsError::NotExecutable {
                     command: command_name(),
+                    reply: reply.line(),
                 }),
                 Reply::Overload { .. } => Err(SicsError::Overload {
                     command: command_name(),
+                    reply: reply.line(),
                 }),
                 Reply::Underload { .. } => Err(SicsError::Underload {
                     command: command_name(),
+                    reply: reply.line(),
                 }),
                 other => Ok(other),
             };

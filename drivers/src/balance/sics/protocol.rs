@@ -1,11 +1,17 @@
 //! The MT-SICS wire protocol (level 0/1 subset): commands and replies as pure encode/decode
 //! functions. Commands and replies are ASCII lines ending in `\r\n`.
 //!
-//! A reply starts with the command it answers, then a status token:
+//! A reply starts with a reply identifier, then a status token (MT-SICS Reference Manual,
+//! "Format of responses with/without weight value" and the level 0/1 command descriptions):
 //! `S S     100.00 g` (stable weight), `S D …` (dynamic), `Z A` (done), `S I` (not executable
 //! now), `S +` / `S -` (overload / underload), `I4 A "0123456789"` (information, `B` for one line
 //! of several). `ES`, `ET` and `EL` are the syntax, transmission and logical errors that may
 //! answer any command.
+//!
+//! The identifier is not always the command's name: `SI` is answered with `S` (`S S …` or
+//! `S D …`, never `SI …`), and `@` with `I4`. A reply therefore cannot say which of `S` and
+//! `SI` it answers; the link runs one exchange at a time, and [`Command::accepts`] says which
+//! replies the manual defines for the command that was sent.
 //!
 //! Every parser is total: arbitrary input yields a value or a typed [`ParseError`].
 
@@ -58,11 +64,51 @@ impl Command {
         out
     }
 
-    /// The identifier its reply starts with (`@` is answered as `I4`).
+    /// The identifier its reply starts with: `SI` is answered as `S`, `@` as `I4`.
     pub fn reply_id(&self) -> String {
         match self {
+            Command::WeighImmediate => "S".to_owned(),
             Command::Reset => "I4".to_owned(),
             other => other.text(),
+        }
+    }
+
+    /// Whether the manual defines `reply` as an answer to this command. `ES`/`ET`/`EL` may
+    /// answer any command.
+    pub fn accepts(&self, reply: &Reply) -> bool {
+        if matches!(
+            reply,
+            Reply::SyntaxError | Reply::TransmissionError | Reply::LogicalError
+        ) {
+            return true;
+        }
+        if reply.id() != Some(self.reply_id().as_str()) {
+            return false;
+        }
+        let range = matches!(
+            reply,
+            Reply::NotExecutable { .. } | Reply::Overload { .. } | Reply::Underload { .. }
+        );
+        match self {
+            // `S` only ever answers with a stable weight.
+            Command::Weigh => {
+                range || matches!(reply, Reply::Weight { weight, .. } if weight.stable)
+            }
+            Command::WeighImmediate | Command::Tare => {
+                range || matches!(reply, Reply::Weight { .. })
+            }
+            Command::Zero | Command::ZeroImmediate => range || matches!(reply, Reply::Done { .. }),
+            Command::TareValue => matches!(
+                reply,
+                Reply::Weight { .. } | Reply::NotExecutable { .. } | Reply::Logical { .. }
+            ),
+            Command::ClearTare => {
+                matches!(reply, Reply::Done { .. } | Reply::NotExecutable { .. })
+            }
+            Command::Reset => matches!(reply, Reply::Info { .. }),
+            Command::Info(_) => {
+                matches!(reply, Reply::Info { .. } | Reply::NotExecutable { .. })
+            }
         }
     }
 
@@ -147,7 +193,7 @@ impl Weight {
 /// A decoded reply.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Reply {
-    /// `S S …`, `S D …`, `SI …`, `T S …`, `TA A …`: a weight.
+    /// `S S …`, `S D …` (answering `S` or `SI`), `T S …`, `TA A …`: a weight.
     Weight { id: String, weight: Weight },
     /// `Z A`, `ZI S`/`ZI D`, `TAC A`: done.
     Done { id: String },
@@ -159,7 +205,8 @@ pub enum Reply {
     Underload { id: String },
     /// `X L`: logical error for this command (e.g. a parameter not allowed).
     Logical { id: String },
-    /// `Ix A "text"` (last or only line) or `Ix B "text"` (more lines follow).
+    /// `Ix A "text"` (last or only line) or `Ix B "text"` (more lines follow). `text` is the
+    /// content of a single quoted field, or the arguments as sent when there are several.
     Info {
         id: String,
         text: String,
@@ -207,7 +254,13 @@ impl Reply {
             Reply::Underload { id } => format!("{id} -"),
             Reply::Logical { id } => format!("{id} L"),
             Reply::Info { id, text, more } => {
-                format!("{id} {} \"{text}\"", if *more { "B" } else { "A" })
+                let status = if *more { "B" } else { "A" };
+                if text.contains('"') {
+                    // Several fields, kept as sent.
+                    format!("{id} {status} {text}")
+                } else {
+                    format!("{id} {status} \"{text}\"")
+                }
             }
             Reply::SyntaxError => "ES".to_owned(),
             Reply::TransmissionError => "ET".to_owned(),
@@ -244,8 +297,9 @@ pub enum ParseError {
     BadText(String),
 }
 
-const IDS: [&str; 13] = [
-    "S", "SI", "Z", "ZI", "T", "TA", "TAC", "I0", "I1", "I2", "I3", "I4", "I5",
+/// Reply identifiers of the level 0/1 commands. There is no `SI`: `SI` is answered with `S`.
+const IDS: [&str; 12] = [
+    "S", "Z", "ZI", "T", "TA", "TAC", "I0", "I1", "I2", "I3", "I4", "I5",
 ];
 
 /// Decodes one reply line (without `\r\n`).
@@ -301,12 +355,12 @@ pub fn parse_reply(line: &[u8]) -> Result<Reply, ParseError> {
         };
     }
     match id {
-        "S" | "SI" | "T" | "TA" => {
+        "S" | "T" | "TA" => {
             let stable = match (id, status) {
                 ("TA", "A") => true,
                 ("TA", _) => return Err(bad_status()),
                 (_, "S") => true,
-                ("S" | "SI", "D") => false,
+                ("S", "D") => false,
                 _ => return Err(bad_status()),
             };
             let weight = parse_weight(args, stable, trimmed)?;
@@ -363,15 +417,16 @@ fn parse_weight(args: &str, stable: bool, line: &str) -> Result<Weight, ParseErr
     })
 }
 
-/// Information text: quoted (`"0123456789"`), or bare for older firmware.
+/// Information text: one quoted field (`"0123456789"`) yields its content; several fields
+/// (`I1 A "01" "2.20" …`, `I0 B 0 "I0"`) or bare text of older firmware are kept as sent.
 fn parse_text(args: &str, line: &str) -> Result<String, ParseError> {
-    if let Some(inner) = args.strip_prefix('"') {
-        let inner = inner
-            .strip_suffix('"')
-            .ok_or_else(|| ParseError::BadText(line.to_owned()))?;
-        Ok(inner.to_owned())
-    } else {
-        Ok(args.to_owned())
+    let Some(inner) = args.strip_prefix('"') else {
+        return Ok(args.to_owned());
+    };
+    match inner.strip_suffix('"') {
+        Some(content) if !content.contains('"') => Ok(content.to_owned()),
+        _ if args.ends_with('"') => Ok(args.to_owned()),
+        _ => Err(ParseError::BadText(line.to_owned())),
     }
 }
 
@@ -400,6 +455,7 @@ mod tests {
             assert_eq!(Command::parse(line), Some(cmd));
         }
         assert_eq!(Command::Reset.reply_id(), "I4");
+        assert_eq!(Command::WeighImmediate.reply_id(), "S");
         assert_eq!(Command::parse("I6"), None);
         assert_eq!(Command::parse("X"), None);
     }
@@ -428,8 +484,6 @@ mod tests {
                 "S S      -0.0020 g",
                 weight("S", w(-0.002, Unit::Gram, true)),
             ),
-            ("SI S   2.5000 g", weight("SI", w(2.5, Unit::Gram, true))),
-            ("SI D   2.4000 g", weight("SI", w(2.4, Unit::Gram, false))),
             ("S S  250 mg", weight("S", w(250.0, Unit::Milligram, true))),
             ("S S  0.25 kg", weight("S", w(0.25, Unit::Kilogram, true))),
             (
@@ -441,10 +495,8 @@ mod tests {
                 weight("TA", w(12.3456, Unit::Gram, true)),
             ),
             ("S I", Reply::NotExecutable { id: "S".into() }),
-            ("SI I", Reply::NotExecutable { id: "SI".into() }),
             ("S +", Reply::Overload { id: "S".into() }),
             ("S -", Reply::Underload { id: "S".into() }),
-            ("SI +", Reply::Overload { id: "SI".into() }),
             ("Z A", Reply::Done { id: "Z".into() }),
             ("Z I", Reply::NotExecutable { id: "Z".into() }),
             ("Z +", Reply::Overload { id: "Z".into() }),
@@ -475,6 +527,14 @@ mod tests {
                 },
             ),
             (
+                "I1 A \"01\" \"2.20\" \"2.20\" \"1.00\" \"1.50\"",
+                Reply::Info {
+                    id: "I1".into(),
+                    text: "\"01\" \"2.20\" \"2.20\" \"1.00\" \"1.50\"".into(),
+                    more: false,
+                },
+            ),
+            (
                 "I0 B 0 \"I0\"",
                 Reply::Info {
                     id: "I0".into(),
@@ -499,7 +559,7 @@ mod tests {
                 weight: w(2.4981, Unit::Gram, true),
             },
             Reply::Weight {
-                id: "SI".into(),
+                id: "S".into(),
                 weight: w(-0.0003, Unit::Gram, false),
             },
             Reply::Weight {
@@ -515,7 +575,7 @@ mod tests {
             Reply::Done { id: "TAC".into() },
             Reply::NotExecutable { id: "S".into() },
             Reply::Overload { id: "S".into() },
-            Reply::Underload { id: "SI".into() },
+            Reply::Underload { id: "S".into() },
             Reply::Logical { id: "TA".into() },
             Reply::Info {
                 id: "I4".into(),
@@ -535,6 +595,39 @@ mod tests {
                 "{r:?}"
             );
         }
+    }
+
+    #[test]
+    fn si_is_answered_with_the_s_identifier_only() {
+        let dynamic = parse_reply(b"S D     12.3456 g").unwrap();
+        assert_eq!(
+            dynamic,
+            Reply::Weight {
+                id: "S".into(),
+                weight: w(12.3456, Unit::Gram, false),
+            }
+        );
+        assert!(Command::WeighImmediate.accepts(&dynamic));
+        // `S` waits for stability: a dynamic weight is no answer to it.
+        assert!(!Command::Weigh.accepts(&dynamic));
+        let stable = parse_reply(b"S S     12.3456 g").unwrap();
+        assert!(Command::Weigh.accepts(&stable));
+        assert!(Command::WeighImmediate.accepts(&stable));
+        // No balance prints `SI …`.
+        assert_eq!(
+            parse_reply(b"SI S     12.3456 g"),
+            Err(ParseError::UnknownId("SI".into()))
+        );
+        for line in ["S I", "S +", "S -", "ES", "ET", "EL"] {
+            let reply = parse_reply(line.as_bytes()).unwrap();
+            assert!(Command::WeighImmediate.accepts(&reply), "{line}");
+            assert!(Command::Weigh.accepts(&reply), "{line}");
+        }
+        assert!(!Command::Tare.accepts(&stable));
+        assert!(!Command::Zero.accepts(&parse_reply(b"ZI S").unwrap()));
+        assert!(Command::ZeroImmediate.accepts(&parse_reply(b"ZI D").unwrap()));
+        assert!(Command::Reset.accepts(&parse_reply(b"I4 A \"B1\"").unwrap()));
+        assert!(!Command::Info(2).accepts(&parse_reply(b"I4 A \"B1\"").unwrap()));
     }
 
     #[test]
