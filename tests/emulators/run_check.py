@@ -177,9 +177,9 @@ def run_checks(check, tmp, furnace, pan):
     devices = {}
     while time.monotonic() < deadline:
         devices = check.devices()
-        bal = devices.get("balance-1", {})
+        values = (devices.get("balance-1", {}).get("latest") or {}).get("values", {})
         if (all(d.get("connection") == "CONNECTION_STATE_CONNECTED" for d in devices.values())
-                and (bal.get("latest") or {}).get("values", {}).get("mass_g") is not None):
+                and values.get("mass_g") is not None and values.get("stable") == 1.0):
             break
         time.sleep(0.25)
     for dev_id in ("furnace-1", "balance-1", "pump-a"):
