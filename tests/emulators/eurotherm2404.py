@@ -37,6 +37,7 @@ from pymodbus.simulator import DataType, SimData, SimDevice
 
 # Instrument ident of a 2404 PID controller. HA026230 gives the ident's format as >ABCD
 # (A = 2: series 2000; B: range, 4 for the 2400s; C: size, 4 for 1/4 DIN; D: 0 for PID).
+# "2BCD" in devices.md is that format, not a value. --ident sets another model's.
 IDENT_2404 = 0x2440
 FLOAT_BASE = 0x8000
 
@@ -60,6 +61,7 @@ class Furnace:
         self.ident = ident
         self.ambient_c = ambient_c
         self.pv = ambient_c
+        self.pv_max = ambient_c  # the hottest the furnace has been, for checks
         self.sp = [ambient_c, ambient_c]  # SP1, SP2
         self.sp_select = 0
         self.remote_sp = 0.0
@@ -112,6 +114,7 @@ class Furnace:
         self.output = u * 100.0
         loss = (self.pv - self.ambient_c) / self.r_k_per_w
         self.pv += (u * self.p_max_w - loss) / self.c_j_per_k * h
+        self.pv_max = max(self.pv_max, self.pv)
 
     # --- parameters ------------------------------------------------------------------------
 
