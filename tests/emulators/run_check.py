@@ -220,6 +220,8 @@ def run_checks(check, tmp, furnace, pan):
             sp = furnace.sp[furnace.sp_select]
         if sp > 25.0 + 1e-6:
             check.fail(f"after the program the controller's setpoint is {sp} °C, not safe")
+        else:
+            check.ok(f"after the program the controller's setpoint is {sp} °C (safe)")
     wr = expect_succeeded(check, "weigh", shown[weigh_id], "weigh")
     if wr is not None:
         if abs(wr["mass_g"] - VESSEL_G) > 0.001 or not wr["stable"]:
