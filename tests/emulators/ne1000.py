@@ -18,7 +18,16 @@ is a status query; a command without arguments is a query, with arguments a set.
 Commands: DIA (syringe inner diameter, mm; it selects the volume units, µL up to 14.0 mm, mL
 above), RAT (rate and units UM/MM/UH/MH), VOL (volume to dispense; 0 = no limit), DIR
 (INF/WDR/REV), RUN, STP (pauses a running pump; stops a paused one), DIS (`I<vol>W<vol><units>`),
-CLD (INF/WDR), VER, ADR (network address). Numbers have at most 4 digits and a decimal point.
+CLD (INF/WDR), VER, ADR (network address), SAF (safe mode). Numbers have at most 4 digits and
+a decimal point.
+
+Safe mode (§10.2.3), entered with `SAF n` (n = 1–255 s, 0 leaves it): packets are
+`STX <length> <command data> <CRC-16-CCITT, high byte first> ETX`, length counting the bytes
+after STX; a bad CRC is answered `?COM`; a packet left incomplete for 0.5 s is discarded; no
+valid packet for n real seconds stops the pump with alarm `A?T`, which the pump also sends
+unasked (auto-alarm) without clearing it. The manual does not say in which framing the reply to
+the mode-switching `SAF` itself comes: here every reply uses the framing of the packet it
+answers, and basic-mode lines are not valid packets in safe mode.
 
 Pumping moves liquid at the set rate over real time × `time_scale`; what is infused is added
 (× density) to the vessel on the balance's pan when one is given.
@@ -77,6 +86,11 @@ class Pump:
         self.withdrawn_ml = 0.0
         self.alarm = "R"  # power-up
         self.last = time.monotonic()
+        # Safe mode (SAF n): CRC-checked packets and a communications time-out of n real
+        # seconds between valid packets, armed by the first valid packet.
+        self.safe_timeout_s = 0
+        self.last_valid = None
+        self.auto_alarms = []  # alarm packets the pump sends unasked (safe mode only)
 
     # --- physics ---------------------------------------------------------------------------
 
@@ -94,6 +108,22 @@ class Pump:
 
     def advance(self):
         now = time.monotonic()
+        if (self.safe_timeout_s and self.last_valid is not None
+                and now - self.last_valid > self.safe_timeout_s):
+            # Communications time-out: the pump stops and alarms; the timer waits for the
+            # next valid packet.
+            self.last_valid = None
+            self.pump_motion(now)
+            self.state = "S"
+            self.raise_alarm("T")
+        self.pump_motion(now)
+
+    def raise_alarm(self, kind):
+        self.alarm = kind
+        if self.safe_timeout_s:
+            self.auto_alarms.append("A?" + kind)  # reported, but not cleared, by this packet
+
+    def pump_motion(self, now):
         dt_min = (now - self.last) * self.time_scale / 60.0
         self.last = now
         if self.state not in ("I", "W"):
@@ -120,7 +150,7 @@ class Pump:
         cmd, arg = text[:3], text[3:]
         known = {"": None, "DIA": self.dia, "RAT": self.rat, "VOL": self.vol, "DIR": self.dir,
                  "RUN": self.run, "STP": self.stp, "DIS": self.dis, "CLD": self.cld,
-                 "VER": self.ver, "ADR": self.adr}
+                 "VER": self.ver, "ADR": self.adr, "SAF": self.saf}
         if cmd not in known:
             return self.state, "?"
         if self.alarm:  # reported once, instead of carrying out the command
@@ -226,6 +256,16 @@ class Pump:
     def ver(self, arg):
         return "?" if arg else VERSION
 
+    def saf(self, arg):
+        if not arg:
+            return f"{self.safe_timeout_s}"
+        value = parse_number(arg)
+        if value is None or value != int(value) or not 0 <= value <= 255:
+            return "?OOR"
+        self.safe_timeout_s = int(value)
+        self.last_valid = time.monotonic() if value else None
+        return ""
+
     def adr(self, arg):
         if not arg:
             return f"{self.address}"
@@ -240,26 +280,85 @@ def frame(address, status, data):
     return STX + f"{address:02d}{status}{data}".encode("ascii") + ETX
 
 
+def crc16_ccitt(data):
+    """CRC-16-CCITT: polynomial 0x1021, initial value 0 (the manual: "SAF0" -> 0x5543)."""
+    crc = 0
+    for byte in data:
+        crc ^= byte << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else crc << 1
+            crc &= 0xFFFF
+    return crc
+
+
+def safe_frame(payload):
+    """STX, length (the bytes after STX: itself, payload, CRC, ETX), payload, CRC, ETX."""
+    crc = crc16_ccitt(payload)
+    return STX + bytes([len(payload) + 4]) + payload + bytes([crc >> 8, crc & 0xFF]) + ETX
+
+
+def answer(pump, raw):
+    """(address, status, data) for one command's <command data>, or None when not addressed."""
+    text = bytes(b for b in raw if 0x20 < b < 0x7F).decode("ascii").upper()
+    m = re.match(r"^(\d{1,2})?(.*)$", text)
+    address = int(m.group(1)) if m.group(1) else 0
+    if address != pump.address:
+        return None  # another pump on the network
+    status, data = pump.handle(m.group(2))
+    return address, status, data
+
+
 def serve(line, pump):
+    """Basic mode: commands end in CR. Safe mode: STX-framed, CRC-checked packets; a packet
+    left incomplete for 0.5 s is discarded; a bad CRC is answered with ?COM. A reply uses the
+    framing of the packet it answers."""
     buf = b""
+    last_byte = time.monotonic()
     while not line.closed.is_set():
-        chunk = line.read()
+        chunk = line.read(0.05)
+        now = time.monotonic()
         with pump.lock:
             pump.advance()
+            alarms, pump.auto_alarms = pump.auto_alarms, []
+            safe = bool(pump.safe_timeout_s)
+        for alarm in alarms:
+            line.write(safe_frame(f"{pump.address:02d}{alarm}".encode("ascii")))
         if not chunk:
+            if buf and safe and now - last_byte > 0.5:
+                buf = b""  # the inter-byte time-out
             continue
+        last_byte = now
         buf += chunk
-        while b"\r" in buf:
-            raw, buf = buf.split(b"\r", 1)
-            text = bytes(b for b in raw if b > 0x20 and b < 0x7F).decode("ascii").upper()
-            m = re.match(r"^(\d{1,2})?(.*)$", text)
-            address = int(m.group(1)) if m.group(1) else 0
+        while buf:
+            if safe:
+                start = buf.find(STX)
+                if start < 0:
+                    buf = b""
+                    break
+                buf = buf[start:]
+                if len(buf) < 2 or len(buf) < 1 + buf[1]:
+                    break
+                packet, buf = buf[1:1 + buf[1]], buf[1 + buf[1]:]
+                payload, crc, end = packet[1:-3], packet[-3:-1], packet[-1:]
+                with pump.lock:
+                    if end != ETX or crc16_ccitt(payload) != int.from_bytes(crc, "big"):
+                        got = (pump.address, pump.state, "?COM")
+                    else:
+                        pump.last_valid = time.monotonic()
+                        got = answer(pump, payload)
+                if got is not None:
+                    address, status, data = got
+                    line.write(safe_frame(f"{address:02d}{status}{data}".encode("ascii")))
+            else:
+                if b"\r" not in buf:
+                    break
+                raw, buf = buf.split(b"\r", 1)
+                with pump.lock:
+                    got = answer(pump, raw)
+                if got is not None:
+                    line.write(frame(*got))
             with pump.lock:
-                if address != pump.address:
-                    continue  # another pump on the network
-                status, data = pump.handle(m.group(2))
-                reply = frame(address, status, data)
-            line.write(reply)
+                safe = bool(pump.safe_timeout_s)
 
 
 def start(pump, baud=9600):

@@ -2,11 +2,11 @@
 """ppud's real drivers against emulators written from the manuals, not from ppu's simulator.
 
 Starts, in this process, a Eurotherm 2404 on Modbus TCP (eurotherm2404.py), an MT-SICS
-balance on a pty (mtsics.py) and an NE-1000 pump on a pty (ne1000.py) that dispenses into the
-vessel on that balance. Writes a `ppud serve` config naming them, runs `ppud check-config` and
+balance on a pty (mtsics.py) and two NE-1000 pumps on ptys (ne1000.py; one in basic mode, one
+in safe mode) that dispense into the vessel on that balance. Writes a `ppud serve` config naming them, runs `ppud check-config` and
 `ppud serve`, and with `ppuctl`:
 1. `ppuctl devices` must show the three devices connected and the balance's mass;
-2. a furnace program (ramp + hold), then a weigh, then a dispense must all succeed: the furnace
+2. a furnace program (ramp + hold), then a weigh, then a dispense per pump must all succeed: the furnace
    reached its target (the emulator's PV), the weigh returned the emulator's mass, the dispense
    was weighed within the pump's tolerance.
 Every check runs, and every failure is listed at the end with ppud's log tail; exit status 1
@@ -32,6 +32,7 @@ TIME_SCALE = 30.0
 VESSEL_G = 12.3456
 FURNACE_TARGET_C = 80.0
 DISPENSE_ML = 2.0
+ETHANOL_G_PER_ML = 0.789
 # Real seconds each batch may take: the furnace program needs about 12, the dispense about 3.
 DEADLINE_S = 40
 
@@ -45,7 +46,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-def config_text(data_dir, modbus_port, balance_path, pump_path):
+def config_text(data_dir, modbus_port, balance_path, pump_path, safe_pump_path):
     return f"""\
 listen = "127.0.0.1:0"
 data_dir = "{data_dir}"
@@ -96,6 +97,24 @@ fill_ml = 10.0
 balance = "balance-1"
 tolerance = 0.02
 weigh_timeout_s = 10.0
+
+[devices.limits]
+max_rate_ml_per_min = 8.0
+max_volume_ml = 10.0
+
+# The second pump speaks safe mode: CRC-checked packets and a 5 s communications time-out.
+[[devices]]
+driver = "ne1000"
+id = "pump-b"
+port = "{safe_pump_path}"
+reagent = "ethanol"
+density_g_per_ml = {ETHANOL_G_PER_ML}
+syringe_inner_diameter_mm = 14.43
+syringe_volume_ml = 10.0
+fill_ml = 10.0
+balance = "balance-1"
+tolerance = 0.02
+safe_mode_watchdog_s = 5
 
 [devices.limits]
 max_rate_ml_per_min = 8.0
@@ -182,7 +201,7 @@ def run_checks(check, tmp, furnace, pan):
                 and values.get("mass_g") is not None and values.get("stable") == 1.0):
             break
         time.sleep(0.25)
-    for dev_id in ("furnace-1", "balance-1", "pump-a"):
+    for dev_id in ("furnace-1", "balance-1", "pump-a", "pump-b"):
         d = devices.get(dev_id)
         if d is None:
             check.fail(f"ppuctl devices does not list {dev_id}")
@@ -229,23 +248,27 @@ def run_checks(check, tmp, furnace, pan):
         else:
             check.ok(f"weigh returned {wr['mass_g']} g")
 
-    (dispense_id,) = check.submit(tmp, "dispense", batch("emulators-2", [
-        {"name": "dispense water", "steps": [{"dispense": {
-            "reagent": "water", "volume_ml": DISPENSE_ML, "rate_ml_per_min": 5.0}}]},
-    ]))
-    before = pan.load_g
-    shown = check.wait([dispense_id], DEADLINE_S)
-    dr = expect_succeeded(check, "dispense", shown[dispense_id], "dispense")
-    delivered = pan.load_g - before
-    if abs(delivered - DISPENSE_ML) > 0.02 * DISPENSE_ML:
-        check.fail(f"the pump delivered {delivered:.4f} mL into the vessel, not {DISPENSE_ML}")
-    if dr is not None:
-        dev = dr.get("relative_deviation")
-        if dr.get("measured_mass_g") is None or dev is None or abs(dev) > 0.02:
-            check.fail(f"dispense not weighed within 2 %: {dr}")
-        else:
-            check.ok(f"dispense weighed {dr['measured_mass_g']} g for {DISPENSE_ML} mL "
-                     f"(deviation {dev:+.4f})")
+    # One weighed dispense per pump, one after the other (they share the balance).
+    for reagent, density, mode in (("water", 1.0, "basic mode"),
+                                   ("ethanol", ETHANOL_G_PER_ML, "safe mode")):
+        what = f"dispense of {reagent} ({mode})"
+        (dispense_id,) = check.submit(tmp, "dispense-" + reagent, batch(
+            "emulators-" + reagent, [{"name": "dispense " + reagent, "steps": [{"dispense": {
+                "reagent": reagent, "volume_ml": DISPENSE_ML, "rate_ml_per_min": 5.0}}]}]))
+        before = pan.load_g
+        shown = check.wait([dispense_id], DEADLINE_S)
+        dr = expect_succeeded(check, what, shown[dispense_id], "dispense")
+        delivered = pan.load_g - before
+        if abs(delivered - DISPENSE_ML * density) > 0.02 * DISPENSE_ML * density:
+            check.fail(f"{what}: {delivered:.4f} g landed in the vessel, not "
+                       f"{DISPENSE_ML * density:.4f} g")
+        if dr is not None:
+            dev = dr.get("relative_deviation")
+            if dr.get("measured_mass_g") is None or dev is None or abs(dev) > 0.02:
+                check.fail(f"{what}: not weighed within 2 %: {dr}")
+            else:
+                check.ok(f"{what}: weighed {dr['measured_mass_g']} g for {DISPENSE_ML} mL "
+                         f"(deviation {dev:+.4f})")
 
 
 def main():
@@ -261,6 +284,8 @@ def main():
     pan.set_load(VESSEL_G)  # the vessel is put on the balance after its power-up zero
     pump = ne1000.Pump(time_scale=TIME_SCALE, pan=pan, density_g_per_ml=1.0)
     pump_line, _ = ne1000.start(pump)
+    safe_pump = ne1000.Pump(time_scale=TIME_SCALE, pan=pan, density_g_per_ml=ETHANOL_G_PER_ML)
+    safe_pump_line, _ = ne1000.start(safe_pump)
     # The furnace runs on its own, polled or not (its PV peak is checked).
     stop = threading.Event()
 
@@ -276,7 +301,7 @@ def main():
         cfg = os.path.join(tmp, "ppud.toml")
         with open(cfg, "w") as f:
             f.write(config_text(os.path.join(tmp, "data"), modbus_port, balance_line.path,
-                                pump_line.path))
+                                pump_line.path, safe_pump_line.path))
         out = subprocess.run([ppud, "check-config", cfg], capture_output=True, text=True)
         if out.returncode != 0:
             print(out.stdout + out.stderr, file=sys.stderr)
@@ -316,6 +341,7 @@ def main():
     server.stop()
     balance_line.close()
     pump_line.close()
+    safe_pump_line.close()
     if check.failures:
         print(f"{len(check.failures)} check(s) failed against the manual-based emulators:",
               file=sys.stderr)

@@ -187,6 +187,40 @@ class Ne1000Test(unittest.TestCase):
             line.close()
 
 
+class Ne1000SafeModeTest(unittest.TestCase):
+    """NE-1000 user manual §10.2.3 "RS-232 protocol: safe mode"."""
+
+    def test_crc_of_the_manuals_example(self):
+        # The manual's packet back to basic mode: (0x2) (0x8) SAF0 (0x55) (0x43) (0x3).
+        self.assertEqual(ne1000.safe_frame(b"SAF0"), b"\x02\x08SAF0\x55\x43\x03")
+
+    def test_packets_crc_watchdog_and_auto_alarm(self):
+        pump = ne1000.Pump()
+        line, _ = ne1000.start(pump)
+        safe = ne1000.safe_frame
+        try:
+            self.assertEqual(exchange(line.path, b"VER\r", b"\x03"), frame("00A?R"))
+            self.assertEqual(exchange(line.path, b"SAF2\r", b"\x03"), frame("00S"))
+            self.assertEqual(exchange(line.path, safe(b"VER"), b"\x03"),
+                             safe(b"00SNE1000V3.928"))
+            corrupted = bytearray(safe(b"VER"))
+            corrupted[-2] ^= 0xFF
+            self.assertEqual(exchange(line.path, bytes(corrupted), b"\x03"), safe(b"00S?COM"))
+            # A basic-mode command is not a valid packet in safe mode.
+            self.assertEqual(exchange(line.path, b"VER\r", b"\x03", timeout=0.5), b"")
+            self.assertEqual(exchange(line.path, safe(b"RUN"), b"\x03"), safe(b"00I"))
+            # No valid packet for the 2 s time-out: the pump stops and says so unasked.
+            self.assertEqual(exchange(line.path, b"", b"\x03", timeout=4.0), safe(b"00A?T"))
+            self.assertEqual(pump.state, "S")
+            # The auto-alarm does not clear the alarm: the next command gets it, not carried out.
+            back = b"\x02\x08SAF0\x55\x43\x03"
+            self.assertEqual(exchange(line.path, back, b"\x03"), safe(b"00A?T"))
+            self.assertEqual(exchange(line.path, back, b"\x03"), safe(b"00S"))
+            self.assertEqual(exchange(line.path, b"VER\r", b"\x03"), frame("00SNE1000V3.928"))
+        finally:
+            line.close()
+
+
 class EurothermTest(unittest.TestCase):
     """Eurotherm 2000 series communications handbook HA026230, ch. 3 and 5."""
 
