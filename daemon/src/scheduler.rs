@@ -106,6 +106,8 @@ struct Inner {
     /// Serialises moves: a move plans against the current order.
     move_lock: tokio::sync::Mutex<()>,
     stats: Mutex<DispatchStats>,
+    /// Runners whose bookkeeping waits for the store to write again (a storage fault).
+    waiting_on_store: std::sync::atomic::AtomicUsize,
 }
 
 /// Moves an experiment to `to` in `w`, with its event. The single place experiment states
@@ -382,6 +384,7 @@ impl Scheduler {
                 runners: TaskTracker::new(),
                 move_lock: tokio::sync::Mutex::new(()),
                 stats: Mutex::new(DispatchStats::default()),
+                waiting_on_store: Default::default(),
             }),
         };
         for (id, start) in starts {
@@ -407,6 +410,14 @@ impl Scheduler {
 
     pub fn policy(&self) -> RecoveryPolicy {
         self.inner.policy
+    }
+
+    /// How many runners hold a commit (a step result, a reservation, a conclusion) that waits
+    /// for the store to write again; 0 unless there is a storage fault.
+    pub fn waiting_on_store(&self) -> usize {
+        self.inner
+            .waiting_on_store
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Decision-time statistics of the dispatcher so far.
@@ -1983,7 +1994,11 @@ impl Scheduler {
                 Ok((r, _)) => return Ok(r),
                 Err(StoreError::Unavailable(reason)) => {
                     warn!(%reason, "bookkeeping waits for the store");
-                    if !self.wait_store().await {
+                    use std::sync::atomic::Ordering::Relaxed;
+                    self.inner.waiting_on_store.fetch_add(1, Relaxed);
+                    let back = self.wait_store().await;
+                    self.inner.waiting_on_store.fetch_sub(1, Relaxed);
+                    if !back {
                         return Err(StoreError::Unavailable(reason));
                     }
                 }

@@ -293,6 +293,25 @@ async fn a_full_disk_heals_without_restart_and_loses_nothing() {
         "{alarms:?}"
     );
 
+    // Both running steps end during the fault: their results wait for the store, in memory,
+    // and the experiments stay RUNNING.
+    let scheduler = lab.daemon.as_ref().expect("daemon").scheduler().clone();
+    eventually("both step results wait for the store", || {
+        let n = scheduler.waiting_on_store();
+        async move { n == 2 }
+    })
+    .await;
+    let q = queue
+        .get_queue(pb::GetQueueRequest {})
+        .await
+        .expect("GetQueue")
+        .into_inner();
+    assert_eq!(
+        q.running_ids.len(),
+        2,
+        "still RUNNING while the results wait"
+    );
+
     // Free the space: the daemon heals by itself.
     std::fs::remove_file(&filler).expect("remove filler");
     watch_until(&mut health_client, "", ServingStatus::Serving).await;
@@ -307,6 +326,12 @@ async fn a_full_disk_heals_without_restart_and_loses_nothing() {
         .into_inner()
         .alarms;
     assert!(alarms.iter().all(|a| a.device_id != "ppud"), "{alarms:?}");
+
+    eventually("the waiting results are committed", || {
+        let n = scheduler.waiting_on_store();
+        async move { n == 0 }
+    })
+    .await;
 
     // Queued work runs, and a new submission is accepted.
     let after = experiments
