@@ -1140,6 +1140,71 @@ mod tests {
     }
 
     #[test]
+    fn a_fault_refuses_writes_keeps_reads_and_heals_by_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("ppu.redb")).unwrap();
+        s.write(|w| {
+            w.put_experiment(&Experiment {
+                id: "a".into(),
+                state: State::Queued.to_proto() as i32,
+                ..Default::default()
+            })?;
+            w.emit("a", "", "", state_event("a"));
+            Ok(())
+        })
+        .unwrap();
+        let mut health = s.health();
+        assert!(health.borrow_and_update().is_none());
+        // What redb reports when the disk is full.
+        let enospc = std::io::Error::from_raw_os_error(28);
+        let e = s.classify(StoreError::Db(redb::Error::Io(enospc)));
+        assert!(
+            matches!(&e, StoreError::Unavailable(r) if r.starts_with("ENOSPC: ")),
+            "{e}"
+        );
+        assert!(health.has_changed().unwrap());
+        let fault = s.fault().expect("faulted");
+        assert_eq!(fault.code, "enospc");
+        let alarms = s.alarms_now();
+        assert_eq!(alarms.len(), 1);
+        assert_eq!(alarms[0].device_id, DAEMON_ALARM_SOURCE);
+        assert!(alarms[0].message.contains("No space left on device"));
+        // A later PreviousIo keeps the first reason.
+        let e = s.classify(StoreError::Db(redb::Error::PreviousIo));
+        assert!(e.to_string().contains("ENOSPC"), "{e}");
+        // Writes are refused without touching the file and consume nothing.
+        let r = s.write(|w| {
+            w.emit("a", "", "", state_event("a"));
+            Ok(())
+        });
+        assert!(matches!(r, Err(StoreError::Unavailable(_))));
+        assert_eq!(s.last_sequence(), 1);
+        // Reads answer.
+        assert!(s.get_experiment("a").unwrap().is_some());
+        // The supervisor's step: reopen, probe, commit the alarm raised and cleared.
+        assert!(s.try_heal());
+        assert!(s.fault().is_none());
+        assert!(s.alarms_now().is_empty());
+        let log = s.events_after(0, 10).unwrap();
+        let alarm: Vec<(u64, &str, bool)> = log
+            .iter()
+            .filter_map(|e| match &e.kind {
+                Some(Kind::Alarm(a)) => Some((e.sequence, e.device_id.as_str(), a.cleared)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(alarm, [(2, "ppud", false), (3, "ppud", true)]);
+        let (_, ev) = s
+            .write(|w| {
+                w.emit("a", "", "", state_event("a"));
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(ev[0].sequence, 4);
+        assert_eq!(count_of(&s, State::Queued), 1);
+    }
+
+    #[test]
     fn listing_pages_in_id_order_with_a_filter() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(&dir.path().join("ppu.redb")).unwrap();
