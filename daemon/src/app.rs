@@ -204,6 +204,9 @@ impl Daemon {
             .await
             .map_err(|e| StoreError::Task(e.to_string()))??;
         info!(data_dir = %opts.data_dir.display(), last_sequence = store.last_sequence(), "store open");
+        // Reopens the store after an I/O error (a full disk) and clears the fault once writes
+        // commit again; health follows it (`server::follow_storage_health`).
+        store.supervise();
         for (id, state) in store.device_states()? {
             match drivers.iter().find(|d| d.info().id == id) {
                 Some(d) => {

@@ -51,13 +51,6 @@ const STOP_WAIT: Duration = Duration::from_secs(30);
 /// Dispatch rounds whose decision time is kept for [`Scheduler::stats`].
 const MAX_ROUND_SAMPLES: usize = 100_000;
 
-impl From<StoreError> for Status {
-    fn from(e: StoreError) -> Status {
-        warn!(error = %e, "store failure");
-        Status::internal(e.to_string())
-    }
-}
-
 /// What the dispatcher spent deciding (real time), for benchmarks and diagnostics.
 #[derive(Debug, Clone, Default)]
 pub struct DispatchStats {
@@ -113,6 +106,8 @@ struct Inner {
     /// Serialises moves: a move plans against the current order.
     move_lock: tokio::sync::Mutex<()>,
     stats: Mutex<DispatchStats>,
+    /// Runners whose bookkeeping waits for the store to write again (a storage fault).
+    waiting_on_store: std::sync::atomic::AtomicUsize,
 }
 
 /// Moves an experiment to `to` in `w`, with its event. The single place experiment states
@@ -389,6 +384,7 @@ impl Scheduler {
                 runners: TaskTracker::new(),
                 move_lock: tokio::sync::Mutex::new(()),
                 stats: Mutex::new(DispatchStats::default()),
+                waiting_on_store: Default::default(),
             }),
         };
         for (id, start) in starts {
@@ -414,6 +410,14 @@ impl Scheduler {
 
     pub fn policy(&self) -> RecoveryPolicy {
         self.inner.policy
+    }
+
+    /// How many runners hold a commit (a step result, a reservation, a conclusion) that waits
+    /// for the store to write again; 0 unless there is a storage fault.
+    pub fn waiting_on_store(&self) -> usize {
+        self.inner
+            .waiting_on_store
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Decision-time statistics of the dispatcher so far.
@@ -1102,11 +1106,17 @@ impl Scheduler {
     // -----------------------------------------------------------------------------------------
 
     async fn dispatch(self) {
+        let mut storage = self.inner.store.health();
         loop {
             if self.inner.stop.is_cancelled() {
                 return;
             }
-            let starts = {
+            // Nothing starts while the store cannot record it: the grant would only be given
+            // back. The dispatcher wakes again when the store recovers.
+            let writable = storage.borrow_and_update().is_none();
+            let starts = if !writable {
+                Vec::new()
+            } else {
                 let mut b = self.lock();
                 let t0 = std::time::Instant::now();
                 let plan = b.decide(&self.inner.devices);
@@ -1134,6 +1144,7 @@ impl Scheduler {
             tokio::select! {
                 _ = self.inner.wake.notified() => {}
                 _ = self.inner.devices.changed().notified() => {}
+                r = storage.changed() => if r.is_err() { return },
                 _ = self.inner.stop.cancelled() => return,
             }
         }
@@ -1175,12 +1186,17 @@ impl Scheduler {
                     // it; a shutdown leaves it QUEUED for the next run.
                     return match self.stop_reason(id) {
                         StopReason::Cancel(reason) => self.cancel_unstarted(id, reason).await,
-                        StopReason::Shutdown => self.requeue(id),
+                        StopReason::Shutdown => self.requeue(id).await,
                     };
                 }
                 let signal = self.arm_transfer(id);
-                match self.reserve(id, &device, true).await? {
-                    None => return self.requeue(id),
+                let reserved = match self.reserve(id, &device, true).await {
+                    // The start was not recorded, so it did not happen: back to the queue.
+                    Err(StoreError::Unavailable(_)) => return self.requeue(id).await,
+                    r => r?,
+                };
+                match reserved {
+                    None => return self.requeue(id).await,
                     Some(r) => {
                         info!(experiment = id, device = %device, "experiment started");
                         pending = r.transfer.map(|p| (p, signal));
@@ -1287,8 +1303,14 @@ impl Scheduler {
 
     /// Puts a granted experiment that did not start (held meanwhile) back into the queue with
     /// its place; one that was cancelled meanwhile is simply forgotten.
-    fn requeue(&self, id: &str) -> Result<(), StoreError> {
-        let Some(e) = self.inner.store.get_experiment(id)? else {
+    async fn requeue(&self, id: &str) -> Result<(), StoreError> {
+        let e = loop {
+            match self.inner.store.get_experiment(id) {
+                Err(StoreError::Unavailable(_)) if self.wait_store().await => continue,
+                r => break r?,
+            }
+        };
+        let Some(e) = e else {
             return Ok(());
         };
         if State::from_proto(e.state) == Some(State::Queued) {
@@ -1303,19 +1325,17 @@ impl Scheduler {
     /// Cancels a granted experiment that is still QUEUED (it never held its device).
     async fn cancel_unstarted(&self, id: &str, reason: String) -> Result<(), StoreError> {
         let id_owned = id.to_owned();
-        self.inner
-            .store
-            .write_async(move |w| {
-                if let Some(mut e) = w.get_experiment(&id_owned)?
-                    && State::from_proto(e.state) == Some(State::Queued)
-                    && set_state(&mut e, State::Cancelled, &reason, w).is_ok()
-                {
-                    w.put_experiment(&e)?;
-                }
-                Ok(())
-            })
-            .await?;
-        self.requeue(id)
+        self.commit(move |w| {
+            if let Some(mut e) = w.get_experiment(&id_owned)?
+                && State::from_proto(e.state) == Some(State::Queued)
+                && set_state(&mut e, State::Cancelled, &reason, w).is_ok()
+            {
+                w.put_experiment(&e)?;
+            }
+            Ok(())
+        })
+        .await?;
+        self.requeue(id).await
     }
 
     /// Registers where a confirmation of this experiment's next transfer is signalled. Done
@@ -1398,99 +1418,102 @@ impl Scheduler {
         starts: bool,
     ) -> Result<Option<Reservation>, StoreError> {
         let (id_owned, dev) = (id.to_owned(), device.to_owned());
-        let (r, _) = self
-            .inner
-            .store
-            .write_async(move |w| {
-                let Some(mut e) = w.get_experiment(&id_owned)? else {
-                    return Ok(None);
-                };
-                let want = if starts {
-                    State::Queued
-                } else {
-                    State::Running
-                };
-                // A hold that landed between the grant and this commit wins.
-                if State::from_proto(e.state) != Some(want) || (starts && e.held) {
-                    return Ok(None);
-                }
-                if starts && set_state(&mut e, State::Running, "", w).is_err() {
-                    return Ok(None);
-                }
-                let j = e.current_step;
-                let sample = sample_key(&e);
-                let here = w.custody_of(&sample)?;
-                let steps = &mut e.spec.get_or_insert_default().steps;
-                let Some(step) = steps.get(j as usize).cloned() else {
-                    return Ok(None);
-                };
-                let transfer = match step.kind {
-                    Some(pb::step::Kind::Transfer(t)) => Some(t),
-                    _ => match here {
-                        Some(from) if from != dev => {
-                            let t = pb::Transfer {
-                                sample_id: sample.clone(),
-                                from_device_id: from,
-                                to_device_id: dev.clone(),
-                            };
-                            steps.insert(
-                                j as usize,
-                                pb::Step {
-                                    device_id: dev.clone(),
-                                    kind: Some(pb::step::Kind::Transfer(t.clone())),
-                                },
-                            );
-                            Some(t)
-                        }
-                        _ => None,
-                    },
-                };
-                let real = if transfer.is_some() { j + 1 } else { j };
-                w.put_reservation(&dev, &e.id, real)?;
-                w.emit(
-                    &e.id,
-                    &e.batch_id,
-                    &dev,
-                    Kind::DeviceReserved(pb::DeviceReserved { step_index: real }),
-                );
-                let pending = match transfer {
-                    None => None,
-                    Some(t) => {
-                        let p = pb::PendingTransfer {
-                            id: transfer_id(&e.id, j),
-                            experiment_id: e.id.clone(),
-                            step_index: j,
-                            sample_id: t.sample_id.clone(),
-                            from_device_id: t.from_device_id.clone(),
-                            to_device_id: t.to_device_id.clone(),
-                            requested_at: Some(now_timestamp()),
+        let reserve = move |w: &mut WriteTx<'_>| {
+            let Some(mut e) = w.get_experiment(&id_owned)? else {
+                return Ok(None);
+            };
+            let want = if starts {
+                State::Queued
+            } else {
+                State::Running
+            };
+            // A hold that landed between the grant and this commit wins.
+            if State::from_proto(e.state) != Some(want) || (starts && e.held) {
+                return Ok(None);
+            }
+            if starts && set_state(&mut e, State::Running, "", w).is_err() {
+                return Ok(None);
+            }
+            let j = e.current_step;
+            let sample = sample_key(&e);
+            let here = w.custody_of(&sample)?;
+            let steps = &mut e.spec.get_or_insert_default().steps;
+            let Some(step) = steps.get(j as usize).cloned() else {
+                return Ok(None);
+            };
+            let transfer = match step.kind {
+                Some(pb::step::Kind::Transfer(t)) => Some(t),
+                _ => match here {
+                    Some(from) if from != dev => {
+                        let t = pb::Transfer {
+                            sample_id: sample.clone(),
+                            from_device_id: from,
+                            to_device_id: dev.clone(),
                         };
-                        w.put_transfer(&p)?;
-                        w.emit(
-                            &e.id,
-                            &e.batch_id,
-                            &dev,
-                            Kind::StepStarted(pb::StepStarted {
-                                step_index: j,
-                                step: steps.get(j as usize).cloned(),
-                            }),
+                        steps.insert(
+                            j as usize,
+                            pb::Step {
+                                device_id: dev.clone(),
+                                kind: Some(pb::step::Kind::Transfer(t.clone())),
+                            },
                         );
-                        w.emit(
-                            &e.id,
-                            &e.batch_id,
-                            &dev,
-                            Kind::TransferRequested(pb::TransferRequested {
-                                transfer: Some(p.clone()),
-                            }),
-                        );
-                        Some(p)
+                        Some(t)
                     }
-                };
-                e.updated_at = Some(now_timestamp());
-                w.put_experiment(&e)?;
-                Ok(Some(Reservation { transfer: pending }))
-            })
-            .await?;
+                    _ => None,
+                },
+            };
+            let real = if transfer.is_some() { j + 1 } else { j };
+            w.put_reservation(&dev, &e.id, real)?;
+            w.emit(
+                &e.id,
+                &e.batch_id,
+                &dev,
+                Kind::DeviceReserved(pb::DeviceReserved { step_index: real }),
+            );
+            let pending = match transfer {
+                None => None,
+                Some(t) => {
+                    let p = pb::PendingTransfer {
+                        id: transfer_id(&e.id, j),
+                        experiment_id: e.id.clone(),
+                        step_index: j,
+                        sample_id: t.sample_id.clone(),
+                        from_device_id: t.from_device_id.clone(),
+                        to_device_id: t.to_device_id.clone(),
+                        requested_at: Some(now_timestamp()),
+                    };
+                    w.put_transfer(&p)?;
+                    w.emit(
+                        &e.id,
+                        &e.batch_id,
+                        &dev,
+                        Kind::StepStarted(pb::StepStarted {
+                            step_index: j,
+                            step: steps.get(j as usize).cloned(),
+                        }),
+                    );
+                    w.emit(
+                        &e.id,
+                        &e.batch_id,
+                        &dev,
+                        Kind::TransferRequested(pb::TransferRequested {
+                            transfer: Some(p.clone()),
+                        }),
+                    );
+                    Some(p)
+                }
+            };
+            e.updated_at = Some(now_timestamp());
+            w.put_experiment(&e)?;
+            Ok(Some(Reservation { transfer: pending }))
+        };
+        // A start that cannot be recorded is given back (the caller requeues); a RUNNING
+        // experiment keeps its grant and waits for the store.
+        let r = if starts {
+            self.inner.store.write_async(reserve).await?.0
+        } else {
+            self.commit(reserve).await?
+        };
         if let Some(r) = &r
             && let Some(p) = &r.transfer
         {
@@ -1522,54 +1545,52 @@ impl Scheduler {
             },
         };
         let id_owned = id.to_owned();
-        self.inner
-            .store
-            .write_async(move |w| {
-                let Some(mut e) = w.get_experiment(&id_owned)? else {
-                    return Ok(());
+        self.commit(move |w| {
+            let Some(mut e) = w.get_experiment(&id_owned)? else {
+                return Ok(());
+            };
+            // A transfer left pending on resume is requested again by the next run.
+            if let Some(p) = pending.as_ref().filter(|_| to.is_some())
+                && w.take_transfer(&p.id)?.is_some()
+            {
+                let result = pb::StepResult {
+                    step_index: p.step_index,
+                    device_id: p.to_device_id.clone(),
+                    outcome: pb::StepOutcome::Aborted as i32,
+                    message: "aborted before the transfer was confirmed".into(),
+                    started_at: p.requested_at,
+                    finished_at: Some(now_timestamp()),
+                    ..Default::default()
                 };
-                // A transfer left pending on resume is requested again by the next run.
-                if let Some(p) = pending.filter(|_| to.is_some())
-                    && w.take_transfer(&p.id)?.is_some()
-                {
-                    let result = pb::StepResult {
-                        step_index: p.step_index,
-                        device_id: p.to_device_id.clone(),
-                        outcome: pb::StepOutcome::Aborted as i32,
-                        message: "aborted before the transfer was confirmed".into(),
-                        started_at: p.requested_at,
-                        finished_at: Some(now_timestamp()),
-                        ..Default::default()
-                    };
-                    e.results.push(result.clone());
-                    w.emit(
-                        &e.id,
-                        &e.batch_id,
-                        &p.to_device_id,
-                        Kind::StepFinished(pb::StepFinished {
-                            result: Some(result),
-                        }),
-                    );
-                }
-                if let Some(d) = &held
-                    && let Some((_, step)) = w.remove_reservation(d)?
-                {
-                    w.emit(
-                        &e.id,
-                        &e.batch_id,
-                        d,
-                        Kind::DeviceReleased(pb::DeviceReleased { step_index: step }),
-                    );
-                }
-                if let Some((state, reason)) = &to
-                    && set_state(&mut e, *state, reason, w).is_ok()
-                {
-                    w.set_cancel_after(&e.id, None)?;
-                }
-                w.put_experiment(&e)?;
-                Ok(())
-            })
-            .await?;
+                e.results.push(result.clone());
+                w.emit(
+                    &e.id,
+                    &e.batch_id,
+                    &p.to_device_id,
+                    Kind::StepFinished(pb::StepFinished {
+                        result: Some(result),
+                    }),
+                );
+            }
+            if let Some(d) = &held
+                && let Some((_, step)) = w.remove_reservation(d)?
+            {
+                w.emit(
+                    &e.id,
+                    &e.batch_id,
+                    d,
+                    Kind::DeviceReleased(pb::DeviceReleased { step_index: step }),
+                );
+            }
+            if let Some((state, reason)) = &to
+                && set_state(&mut e, *state, reason, w).is_ok()
+            {
+                w.set_cancel_after(&e.id, None)?;
+            }
+            w.put_experiment(&e)?;
+            Ok(())
+        })
+        .await?;
         self.lock().release(id);
         self.wake();
         Ok(())
@@ -1609,10 +1630,8 @@ impl Scheduler {
             }
             None => {
                 let (id_owned, d) = (id.to_owned(), device.clone());
-                let (started, _) = self
-                    .inner
-                    .store
-                    .write_async(move |w| {
+                let started = self
+                    .commit(move |w| {
                         let Some(e) = w.get_experiment(&id_owned)? else {
                             return Ok(None);
                         };
@@ -1790,61 +1809,61 @@ impl Scheduler {
         let done = to.is_some();
         let saved = dev.driver.saved_state();
         let (id_owned, d) = (id.to_owned(), device.clone());
-        self.inner
-            .store
-            .write_async(move |w| {
-                w.take_journal(&d)?;
-                let reserved = w.remove_reservation(&d)?;
-                let Some(mut e) = w.get_experiment(&id_owned)? else {
-                    return Ok(());
-                };
-                if keep {
-                    e.results.push(result.clone());
-                }
-                if advance {
-                    e.current_step = j as u32 + 1;
-                }
-                e.updated_at = Some(now_timestamp());
-                if let Some(state) = &saved {
-                    w.put_device_state(&d, state)?;
-                }
+        // The device is already released or safe; the result is kept until the store takes
+        // it (retried through a storage fault), and the experiment stays RUNNING meanwhile.
+        self.commit(move |w| {
+            w.take_journal(&d)?;
+            let reserved = w.remove_reservation(&d)?;
+            let Some(mut e) = w.get_experiment(&id_owned)? else {
+                return Ok(());
+            };
+            if keep {
+                e.results.push(result.clone());
+            }
+            if advance {
+                e.current_step = j as u32 + 1;
+            }
+            e.updated_at = Some(now_timestamp());
+            if let Some(state) = &saved {
+                w.put_device_state(&d, state)?;
+            }
+            w.emit(
+                &e.id,
+                &e.batch_id,
+                &d,
+                Kind::StepFinished(pb::StepFinished {
+                    result: Some(result.clone()),
+                }),
+            );
+            w.emit(
+                &e.id,
+                &e.batch_id,
+                &d,
+                Kind::DeviceReleased(pb::DeviceReleased {
+                    step_index: reserved.map_or(j as u32, |(_, s)| s),
+                }),
+            );
+            if let Some((action, detail)) = &decision {
                 w.emit(
                     &e.id,
                     &e.batch_id,
                     &d,
-                    Kind::StepFinished(pb::StepFinished {
-                        result: Some(result),
+                    Kind::RecoveryDecision(pb::RecoveryDecision {
+                        action: (*action).to_owned(),
+                        step_index: j as u32,
+                        detail: detail.clone(),
                     }),
                 );
-                w.emit(
-                    &e.id,
-                    &e.batch_id,
-                    &d,
-                    Kind::DeviceReleased(pb::DeviceReleased {
-                        step_index: reserved.map_or(j as u32, |(_, s)| s),
-                    }),
-                );
-                if let Some((action, detail)) = decision {
-                    w.emit(
-                        &e.id,
-                        &e.batch_id,
-                        &d,
-                        Kind::RecoveryDecision(pb::RecoveryDecision {
-                            action: action.to_owned(),
-                            step_index: j as u32,
-                            detail,
-                        }),
-                    );
-                }
-                if let Some((state, reason)) = &to
-                    && set_state(&mut e, *state, reason, w).is_ok()
-                {
-                    w.set_cancel_after(&e.id, None)?;
-                }
-                w.put_experiment(&e)?;
-                Ok(())
-            })
-            .await?;
+            }
+            if let Some((state, reason)) = &to
+                && set_state(&mut e, *state, reason, w).is_ok()
+            {
+                w.set_cancel_after(&e.id, None)?;
+            }
+            w.put_experiment(&e)?;
+            Ok(())
+        })
+        .await?;
         self.lock().release(id);
         self.wake();
         if done {
@@ -1955,6 +1974,45 @@ impl Scheduler {
             .await
         {
             warn!(error = %e, "could not log a step update");
+        }
+    }
+}
+
+impl Scheduler {
+    /// Commits `f`, waiting through a storage fault and trying again once the store writes
+    /// again; only a stop of the daemon ends the wait (with the fault's error). For a runner's
+    /// bookkeeping, which must not be lost: the in-memory state stays where it was until the
+    /// commit lands.
+    async fn commit<R: Send + 'static>(
+        &self,
+        f: impl Fn(&mut WriteTx<'_>) -> Result<R, StoreError> + Send + Sync + 'static,
+    ) -> Result<R, StoreError> {
+        let f = Arc::new(f);
+        loop {
+            let g = f.clone();
+            match self.inner.store.write_async(move |w| g(w)).await {
+                Ok((r, _)) => return Ok(r),
+                Err(StoreError::Unavailable(reason)) => {
+                    warn!(%reason, "bookkeeping waits for the store");
+                    use std::sync::atomic::Ordering::Relaxed;
+                    self.inner.waiting_on_store.fetch_add(1, Relaxed);
+                    let back = self.wait_store().await;
+                    self.inner.waiting_on_store.fetch_sub(1, Relaxed);
+                    if !back {
+                        return Err(StoreError::Unavailable(reason));
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Waits until the store writes again; false if the daemon stops first.
+    async fn wait_store(&self) -> bool {
+        let mut health = self.inner.store.health();
+        tokio::select! {
+            r = health.wait_for(Option::is_none) => r.is_ok(),
+            _ = self.inner.stop.cancelled() => false,
         }
     }
 }

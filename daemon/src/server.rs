@@ -25,6 +25,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
+use tracing::warn;
 
 use crate::auth::{Caller, Role};
 use crate::devices::AckError;
@@ -32,6 +33,7 @@ use crate::events::{self, Filter};
 use crate::metrics::{ActiveStream, StreamKind};
 use crate::scheduler::Scheduler;
 use crate::state::State;
+use crate::store::StoreError;
 
 /// Largest page of ListExperiments.
 const MAX_PAGE: u32 = 1000;
@@ -339,8 +341,31 @@ impl Api {
     }
 }
 
+/// The one mapping of storage failures to gRPC codes. A store that cannot write (a full disk,
+/// an I/O error: see `store::Fault`) is UNAVAILABLE with the reason, so clients retry; a
+/// corrupt record is DATA_LOSS; anything else INTERNAL.
+impl From<StoreError> for Status {
+    fn from(e: StoreError) -> Status {
+        match &e {
+            StoreError::Unavailable(_) => Status::unavailable(e.to_string()),
+            StoreError::Corrupt { .. } => {
+                warn!(error = %e, "store failure");
+                Status::data_loss(e.to_string())
+            }
+            StoreError::Db(_) | StoreError::Task(_) => {
+                warn!(error = %e, "store failure");
+                Status::internal(e.to_string())
+            }
+        }
+    }
+}
+
 impl From<AckError> for Status {
     fn from(e: AckError) -> Status {
+        let e = match e {
+            AckError::Store(store) => return store.into(),
+            e => e,
+        };
         match &e {
             AckError::UnknownDevice(_) => Status::not_found(format!("device_id: {e}")),
             AckError::UnknownAlarm { .. } => Status::not_found(format!("code: {e}")),
@@ -483,7 +508,7 @@ impl EventService for Api {
                 tokio::select! {
                     end = follow => {
                         if let Err(events::StreamEnd::Store(e)) = end {
-                            let _ = tx.send(Err(Status::internal(e.to_string()))).await;
+                            let _ = tx.send(Err(e.into())).await;
                         }
                     }
                     _ = forward => {}
@@ -584,8 +609,15 @@ impl DeviceService for Api {
     ) -> Result<Response<pb::ListAlarmsResponse>, Status> {
         let device = req.into_inner().device_id;
         let devices = self.scheduler.devices();
+        let store = self.scheduler.store();
         let alarms = if device.is_empty() {
-            devices.all().flat_map(|d| d.alarms()).collect()
+            devices
+                .all()
+                .flat_map(|d| d.alarms())
+                .chain(store.alarms_now())
+                .collect()
+        } else if device == crate::store::DAEMON_ALARM_SOURCE {
+            store.alarms_now()
         } else {
             devices
                 .get(&device)
@@ -620,6 +652,34 @@ impl DeviceService for Api {
     }
 }
 
+/// Reports NOT_SERVING (overall and for every ppu service) while the store cannot write, and
+/// SERVING again when it recovers. Ends when the store is dropped.
+async fn follow_storage_health(
+    mut storage: tokio::sync::watch::Receiver<Option<crate::store::Fault>>,
+    health: tonic_health::server::HealthReporter,
+) {
+    use tonic::server::NamedService;
+    use tonic_health::ServingStatus;
+    loop {
+        let status = match storage.borrow_and_update().as_ref() {
+            Some(_) => ServingStatus::NotServing,
+            None => ServingStatus::Serving,
+        };
+        for name in [
+            "",
+            <ExperimentServiceServer<Api> as NamedService>::NAME,
+            <QueueServiceServer<Api> as NamedService>::NAME,
+            <EventServiceServer<Api> as NamedService>::NAME,
+            <DeviceServiceServer<Api> as NamedService>::NAME,
+        ] {
+            health.set_service_status(name, status).await;
+        }
+        if storage.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 /// The router type: every service behind the auth layer.
 pub type Router = tonic::transport::server::Router<
     tower_layer::Stack<crate::auth::AuthLayer, tower_layer::Identity>,
@@ -638,6 +698,10 @@ pub async fn router(
     health.set_serving::<QueueServiceServer<Api>>().await;
     health.set_serving::<EventServiceServer<Api>>().await;
     health.set_serving::<DeviceServiceServer<Api>>().await;
+    tokio::spawn(follow_storage_health(
+        api.scheduler.store().health(),
+        health.clone(),
+    ));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

@@ -9,11 +9,18 @@
 //! `Durability::Immediate` (fsync) and only then publishes those events to live subscribers.
 //! A commit lock spans commit *and* publish, so subscribers see events in sequence order and
 //! never an event that is not on disk.
+//!
+//! A write that fails with an I/O error (a full disk, a failing device) puts the store into a
+//! *fault*: redb refuses every later operation on that handle ("Previous I/O error occurred"),
+//! so the database is closed and reopened (all access goes through one swappable holder), reads
+//! go on, writes are refused at once with [`StoreError::Unavailable`] naming the reason, and
+//! [`Store::supervise`] retries with backoff until a write commits again. A failed transaction
+//! changes nothing, in memory either: no sequence number, no count.
 
-use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, Weak};
+use std::time::{Duration, SystemTime};
 
 use ppu_proto::v1::{self as pb, Batch, Event, Experiment, PendingTransfer, event};
 use prost::Message;
@@ -21,7 +28,8 @@ use redb::{
     Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
     WriteTransaction,
 };
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
+use tracing::{info, warn};
 
 use crate::journal::JournalEntry;
 use crate::state::State;
@@ -63,9 +71,23 @@ const META_EVENT_LOG_BYTES: &str = "event_log_bytes";
 /// re-reads from the store, so the size only trades memory for replay frequency.
 const BROADCAST_CAPACITY: usize = 4096;
 
-/// A store failure. Carries no request data; the gRPC layer maps it to INTERNAL.
+/// The device id under which the daemon's own alarms (storage faults) are listed and logged.
+pub const DAEMON_ALARM_SOURCE: &str = "ppud";
+/// Free space the supervisor wants to see (a probe file of this size is written, synced and
+/// removed) before it tries a real commit after a fault, so a disk with a few bytes free does
+/// not flap between serving and not serving.
+const HEADROOM_PROBE_BYTES: usize = 1 << 20;
+/// First and longest wait between two recovery attempts after a storage fault.
+const RETRY_FIRST: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// A store failure. Carries no request data; the gRPC layer maps it (`server`):
+/// `Unavailable` to UNAVAILABLE, the rest to INTERNAL or DATA_LOSS.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The store cannot write (see [`Fault`]); reads still answer. Retry later.
+    #[error("storage unavailable: {0}; retrying")]
+    Unavailable(String),
     #[error("storage: {0}")]
     Db(#[from] redb::Error),
     #[error("corrupt record in {table}: {reason}")]
@@ -118,9 +140,107 @@ fn decode<M: Message + Default>(table: &'static str, bytes: &[u8]) -> Result<M, 
     })
 }
 
+/// Why the store cannot write, since when. Published on [`Store::health`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fault {
+    /// The I/O error, e.g. "ENOSPC: No space left on device (os error 28)".
+    pub reason: String,
+    pub since: prost_types::Timestamp,
+    /// Stable alarm code: `enospc` for a full disk, `storage_io_error` otherwise.
+    pub code: &'static str,
+}
+
+impl Fault {
+    /// The daemon-level alarm this fault raises, as `ListAlarms` shows it.
+    pub fn alarm(&self) -> pb::ActiveAlarm {
+        pb::ActiveAlarm {
+            device_id: DAEMON_ALARM_SOURCE.to_owned(),
+            code: self.code.to_owned(),
+            message: format!("storage unavailable: {}", self.reason),
+            severity: pb::AlarmSeverity::Critical as i32,
+            raised_at: Some(self.since),
+            ..Default::default()
+        }
+    }
+}
+
+/// The I/O failure behind `e`, if it is one that needs the database reopened: (reason, code).
+fn io_failure(e: &StoreError) -> Option<(String, &'static str)> {
+    match e {
+        StoreError::Db(redb::Error::Io(io)) => {
+            let full =
+                io.kind() == std::io::ErrorKind::StorageFull || io.raw_os_error() == Some(28);
+            Some(if full {
+                (format!("ENOSPC: {io}"), "enospc")
+            } else {
+                (io.to_string(), "storage_io_error")
+            })
+        }
+        StoreError::Db(e @ (redb::Error::PreviousIo | redb::Error::DatabaseClosed)) => {
+            Some((e.to_string(), "storage_io_error"))
+        }
+        _ => None,
+    }
+}
+
+/// The committed counters a reopened database must agree with.
+struct Counters {
+    last: u64,
+    state_counts: [u64; State::ALL.len()],
+    event_bytes: Option<u64>,
+}
+
+fn read_counters(db: &Database) -> Result<Counters, StoreError> {
+    let r = db.begin_read()?;
+    let last = r
+        .open_table(EVENTS)?
+        .last()?
+        .map(|(k, _)| k.value())
+        .unwrap_or(0);
+    let mut state_counts = [0u64; State::ALL.len()];
+    for item in r.open_table(EXPERIMENTS)?.iter()? {
+        let (_, v) = item?;
+        if let Some(slot) = state_slot(v.value()) {
+            state_counts[slot] += 1;
+        }
+    }
+    let event_bytes = r
+        .open_table(META)?
+        .get(META_EVENT_LOG_BYTES)?
+        .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
+        .map(u64::from_le_bytes);
+    Ok(Counters {
+        last,
+        state_counts,
+        event_bytes,
+    })
+}
+
+/// Writes, syncs and removes a probe file next to `path`: is there room again?
+fn probe_headroom(path: &Path) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut probe = path.as_os_str().to_owned();
+    probe.push(".space-probe");
+    let probe = PathBuf::from(probe);
+    let result = (|| {
+        let mut f = std::fs::File::create(&probe)?;
+        f.write_all(&vec![0u8; HEADROOM_PROBE_BYTES])?;
+        f.sync_all()
+    })();
+    let _ = std::fs::remove_file(&probe);
+    result
+}
+
 /// The open store. Share it as `Arc<Store>`.
 pub struct Store {
-    db: Database,
+    path: PathBuf,
+    /// The database; `None` only while a reopen after a fault has failed. Swapped, never
+    /// shared outside: every access goes through [`Store::read`] or [`Store::write`].
+    db: RwLock<Option<Database>>,
+    /// True when the handle in `db` has seen an I/O error and must be closed and reopened.
+    broken: AtomicBool,
+    /// `Some` while writes are refused; see [`Store::supervise`].
+    health: watch::Sender<Option<Fault>>,
     /// Next sequence number to assign; guarded so that commit and publish are one step.
     next_seq: Mutex<u64>,
     bus: broadcast::Sender<Arc<Event>>,
@@ -444,42 +564,223 @@ impl Store {
             }
         };
         tx.commit()?;
-        let (last, state_counts) = {
-            let r = db.begin_read()?;
-            let t = r.open_table(EVENTS)?;
-            let last = t.last()?.map(|(k, _)| k.value()).unwrap_or(0);
-            let mut counts = [0u64; State::ALL.len()];
-            for item in r.open_table(EXPERIMENTS)?.iter()? {
-                let (_, v) = item?;
-                if let Some(slot) = state_slot(v.value()) {
-                    counts[slot] += 1;
-                }
-            }
-            (last, counts)
-        };
+        let c = read_counters(&db)?;
         let (bus, _) = broadcast::channel(BROADCAST_CAPACITY);
         Ok(Arc::new(Self {
-            db,
-            next_seq: Mutex::new(last + 1),
+            path: path.to_owned(),
+            db: RwLock::new(Some(db)),
+            broken: AtomicBool::new(false),
+            health: watch::Sender::new(None),
+            next_seq: Mutex::new(c.last + 1),
             bus,
-            state_counts: Mutex::new(state_counts),
+            state_counts: Mutex::new(c.state_counts),
             event_bytes: AtomicU64::new(event_bytes),
         }))
+    }
+
+    /// Runs `f` on the database (a read). A read that meets an I/O error faults the store.
+    fn read<R>(&self, f: impl FnOnce(&Database) -> Result<R, StoreError>) -> Result<R, StoreError> {
+        let r = {
+            let db = self.db.read().unwrap_or_else(PoisonError::into_inner);
+            match db.as_ref() {
+                Some(db) => f(db),
+                None => return Err(self.refusal()),
+            }
+        };
+        r.map_err(|e| self.classify(e))
+    }
+
+    /// Turns an I/O failure into a fault (and [`StoreError::Unavailable`]); others pass.
+    fn classify(&self, e: StoreError) -> StoreError {
+        let Some((reason, code)) = io_failure(&e) else {
+            return e;
+        };
+        self.broken.store(true, Ordering::Release);
+        self.health.send_if_modified(|f| {
+            if f.is_some() {
+                return false;
+            }
+            warn!(reason = %reason, "storage fault: writes refused until the store recovers");
+            *f = Some(Fault {
+                reason,
+                since: now_timestamp(),
+                code,
+            });
+            true
+        });
+        self.refusal()
+    }
+
+    /// The error for a write refused (or a read impossible) during a fault.
+    fn refusal(&self) -> StoreError {
+        let reason = self.health.borrow().as_ref().map_or_else(
+            || "the database is being reopened".to_owned(),
+            |f| f.reason.clone(),
+        );
+        StoreError::Unavailable(reason)
+    }
+
+    /// The current storage fault, if writes are refused.
+    pub fn fault(&self) -> Option<Fault> {
+        self.health.borrow().clone()
+    }
+
+    /// Follows the store's health: `Some(fault)` while writes are refused, `None` when it
+    /// writes. Holds no reference to the store.
+    pub fn health(&self) -> watch::Receiver<Option<Fault>> {
+        self.health.subscribe()
+    }
+
+    /// The daemon's own alarms (device id [`DAEMON_ALARM_SOURCE`]) active now.
+    pub fn alarms_now(&self) -> Vec<pb::ActiveAlarm> {
+        self.fault().map(|f| f.alarm()).into_iter().collect()
+    }
+
+    /// Starts the storage supervisor: after a fault it reopens the database and retries with
+    /// backoff (50 ms doubling to 2 s) until a write commits, then logs the fault's alarm,
+    /// raised and cleared, and clears the fault. The task holds no reference to the store and
+    /// ends when it is dropped.
+    pub fn supervise(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let weak: Weak<Store> = Arc::downgrade(self);
+        let mut rx = self.health();
+        tokio::spawn(async move {
+            loop {
+                if rx.wait_for(Option::is_some).await.is_err() {
+                    return;
+                }
+                let mut delay = RETRY_FIRST;
+                loop {
+                    let Some(store) = weak.upgrade() else { return };
+                    let healed = tokio::task::spawn_blocking(move || store.try_heal())
+                        .await
+                        .unwrap_or(false);
+                    if healed {
+                        break;
+                    }
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(RETRY_MAX);
+                }
+            }
+        })
+    }
+
+    /// One recovery attempt (blocking): reopen a broken handle, check for room, then commit
+    /// the fault's alarm. True when the store writes again.
+    fn try_heal(&self) -> bool {
+        let Some(fault) = self.fault() else {
+            return true;
+        };
+        let mut next = self.lock_seq();
+        if self.broken.load(Ordering::Acquire)
+            && let Err(e) = self.reopen(&mut next)
+        {
+            warn!(error = %e, "storage: reopen failed; retrying");
+            return false;
+        }
+        if let Err(e) = probe_headroom(&self.path) {
+            warn!(error = %e, "storage: still no room; retrying");
+            return false;
+        }
+        let raised = fault.alarm();
+        let committed = self.write_locked(&mut next, |w| {
+            for cleared in [false, true] {
+                w.emit(
+                    "",
+                    "",
+                    DAEMON_ALARM_SOURCE,
+                    event::Kind::Alarm(pb::Alarm {
+                        code: raised.code.clone(),
+                        message: raised.message.clone(),
+                        severity: raised.severity,
+                        cleared,
+                    }),
+                );
+            }
+            Ok(())
+        });
+        match committed {
+            Ok(_) => {
+                self.health.send_replace(None);
+                info!(fault = %fault.reason, "storage recovered: writes accepted again");
+                true
+            }
+            Err(e) => {
+                warn!(error = %e, "storage: commit still failing; retrying");
+                false
+            }
+        }
+    }
+
+    /// Closes the broken handle and opens the file again (redb repairs it); the counters are
+    /// re-read so memory follows what is on disk. Called with the commit lock held.
+    fn reopen(&self, next: &mut u64) -> Result<(), StoreError> {
+        let mut db = self.db.write().unwrap_or_else(PoisonError::into_inner);
+        // Close first: redb allows one open handle per file.
+        *db = None;
+        let fresh = Database::create(&self.path)?;
+        let c = read_counters(&fresh)?;
+        *db = Some(fresh);
+        self.broken.store(false, Ordering::Release);
+        if c.last + 1 != *next {
+            warn!(
+                on_disk = c.last,
+                in_memory = *next - 1,
+                "storage: last sequence differs after reopen; following the disk"
+            );
+        }
+        *next = c.last + 1;
+        if let Some(bytes) = c.event_bytes {
+            self.event_bytes.store(bytes, Ordering::Relaxed);
+        }
+        if let Ok(mut counts) = self.state_counts.lock() {
+            *counts = c.state_counts;
+        }
+        info!("storage: database reopened");
+        Ok(())
+    }
+
+    fn lock_seq(&self) -> MutexGuard<'_, u64> {
+        // The guarded value is only replaced after a commit: a panic cannot leave it torn.
+        self.next_seq.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Runs `f` in a write transaction, commits durably, then publishes the appended events.
     /// Returns `f`'s value and the committed events. If `f` fails nothing is written.
     ///
     /// Blocking (fsync): call from `spawn_blocking` or use [`Store::write_async`].
+    /// During a fault it is refused at once with [`StoreError::Unavailable`]; an I/O error in
+    /// it starts a fault.
     pub fn write<R>(
         &self,
         f: impl FnOnce(&mut WriteTx<'_>) -> Result<R, StoreError>,
     ) -> Result<(R, Vec<Arc<Event>>), StoreError> {
-        let mut next = self
-            .next_seq
-            .lock()
-            .map_err(|_| StoreError::Task("commit lock poisoned".into()))?;
-        let tx = self.db.begin_write()?;
+        if self.fault().is_some() {
+            return Err(self.refusal());
+        }
+        let mut next = self.lock_seq();
+        self.write_locked(&mut next, f)
+    }
+
+    /// [`Store::write`] with the commit lock held (`next`: the next sequence to assign).
+    fn write_locked<R>(
+        &self,
+        next: &mut u64,
+        f: impl FnOnce(&mut WriteTx<'_>) -> Result<R, StoreError>,
+    ) -> Result<(R, Vec<Arc<Event>>), StoreError> {
+        let db = self.db.read().unwrap_or_else(PoisonError::into_inner);
+        let Some(db) = db.as_ref() else {
+            return Err(self.refusal());
+        };
+        self.commit(db, next, f).map_err(|e| self.classify(e))
+    }
+
+    fn commit<R>(
+        &self,
+        db: &Database,
+        next: &mut u64,
+        f: impl FnOnce(&mut WriteTx<'_>) -> Result<R, StoreError>,
+    ) -> Result<(R, Vec<Arc<Event>>), StoreError> {
+        let tx = db.begin_write()?;
         let mut w = WriteTx {
             tx: &tx,
             events: Vec::new(),
@@ -510,6 +811,7 @@ impl Store {
             meta.insert(META_EVENT_LOG_BYTES, total.to_le_bytes().as_slice())?;
         }
         tx.commit()?;
+        // Only a committed transaction consumes sequence numbers.
         *next = seq;
         // Still under the commit lock: the counts follow commits in order.
         self.event_bytes.store(total, Ordering::Relaxed);
@@ -546,25 +848,29 @@ impl Store {
 
     /// The sequence of the newest committed event (0 if none).
     pub fn last_sequence(&self) -> u64 {
-        self.next_seq.lock().map(|n| *n - 1).unwrap_or(0)
+        *self.lock_seq() - 1
     }
 
     /// Up to `limit` events with sequence > `after`, oldest first.
     pub fn events_after(&self, after: u64, limit: usize) -> Result<Vec<Event>, StoreError> {
-        let r = self.db.begin_read()?;
-        let t = r.open_table(EVENTS)?;
-        let mut out = Vec::new();
-        for item in t.range(after.saturating_add(1)..)?.take(limit) {
-            let (_, v) = item?;
-            out.push(decode("events", v.value())?);
-        }
-        Ok(out)
+        self.read(|db| {
+            let r = db.begin_read()?;
+            let t = r.open_table(EVENTS)?;
+            let mut out = Vec::new();
+            for item in t.range(after.saturating_add(1)..)?.take(limit) {
+                let (_, v) = item?;
+                out.push(decode("events", v.value())?);
+            }
+            Ok(out)
+        })
     }
 
     /// Number of events in the log.
     pub fn event_count(&self) -> Result<u64, StoreError> {
-        let r = self.db.begin_read()?;
-        Ok(r.open_table(EVENTS)?.len()?)
+        self.read(|db| {
+            let r = db.begin_read()?;
+            Ok(r.open_table(EVENTS)?.len()?)
+        })
     }
 
     /// Bytes of the event log's keys and values as committed (as redb's `stored_bytes` counts
@@ -584,52 +890,62 @@ impl Store {
     }
 
     pub fn get_experiment(&self, id: &str) -> Result<Option<Experiment>, StoreError> {
-        let r = self.db.begin_read()?;
-        let t = r.open_table(EXPERIMENTS)?;
-        let v = t.get(id)?;
-        v.map(|v| decode("experiments", v.value())).transpose()
+        self.read(|db| {
+            let r = db.begin_read()?;
+            let t = r.open_table(EXPERIMENTS)?;
+            let v = t.get(id)?;
+            v.map(|v| decode("experiments", v.value())).transpose()
+        })
     }
 
     pub fn get_batch(&self, id: &str) -> Result<Option<Batch>, StoreError> {
-        let r = self.db.begin_read()?;
-        let t = r.open_table(BATCHES)?;
-        let v = t.get(id)?;
-        v.map(|v| decode("batches", v.value())).transpose()
+        self.read(|db| {
+            let r = db.begin_read()?;
+            let t = r.open_table(BATCHES)?;
+            let v = t.get(id)?;
+            v.map(|v| decode("batches", v.value())).transpose()
+        })
     }
 
     /// The batch id and content hash stored for an idempotency key.
     pub fn find_idempotency_key(&self, key: &str) -> Result<Option<(String, String)>, StoreError> {
-        let r = self.db.begin_read()?;
-        let t = r.open_table(IDEMPOTENCY)?;
-        let v = t.get(key)?;
-        Ok(v.map(|v| {
-            let (b, h) = v.value();
-            (b.to_owned(), h.to_owned())
-        }))
+        self.read(|db| {
+            let r = db.begin_read()?;
+            let t = r.open_table(IDEMPOTENCY)?;
+            let v = t.get(key)?;
+            Ok(v.map(|v| {
+                let (b, h) = v.value();
+                (b.to_owned(), h.to_owned())
+            }))
+        })
     }
 
     /// Every driver's saved state, by device id.
     pub fn device_states(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let r = self.db.begin_read()?;
-        let t = r.open_table(DEVICE_STATE)?;
-        let mut out = Vec::new();
-        for item in t.iter()? {
-            let (k, v) = item?;
-            out.push((k.value().to_owned(), v.value().to_vec()));
-        }
-        Ok(out)
+        self.read(|db| {
+            let r = db.begin_read()?;
+            let t = r.open_table(DEVICE_STATE)?;
+            let mut out = Vec::new();
+            for item in t.iter()? {
+                let (k, v) = item?;
+                out.push((k.value().to_owned(), v.value().to_vec()));
+            }
+            Ok(out)
+        })
     }
 
     /// Every journaled (in-flight) step.
     pub fn journal(&self) -> Result<Vec<JournalEntry>, StoreError> {
-        let r = self.db.begin_read()?;
-        let t = r.open_table(JOURNAL)?;
-        let mut out = Vec::new();
-        for item in t.iter()? {
-            let (_, v) = item?;
-            out.push(decode("journal", v.value())?);
-        }
-        Ok(out)
+        self.read(|db| {
+            let r = db.begin_read()?;
+            let t = r.open_table(JOURNAL)?;
+            let mut out = Vec::new();
+            for item in t.iter()? {
+                let (_, v) = item?;
+                out.push(decode("journal", v.value())?);
+            }
+            Ok(out)
+        })
     }
 
     /// Sample custody: (sample id, device id).
@@ -645,19 +961,21 @@ impl Store {
     /// Experiments to cancel after their current step: (experiment id, reason).
     /// The tracked alarms of every device, by device id.
     pub fn alarms(&self) -> Result<Vec<(String, Vec<pb::ActiveAlarm>)>, StoreError> {
-        let r = self.db.begin_read()?;
-        let t = r.open_table(ALARMS)?;
-        let mut out = Vec::new();
-        for item in t.iter()? {
-            let (k, v) = item?;
-            let list =
-                pb::ListAlarmsResponse::decode(v.value()).map_err(|e| StoreError::Corrupt {
-                    table: "alarms",
-                    reason: e.to_string(),
-                })?;
-            out.push((k.value().to_owned(), list.alarms));
-        }
-        Ok(out)
+        self.read(|db| {
+            let r = db.begin_read()?;
+            let t = r.open_table(ALARMS)?;
+            let mut out = Vec::new();
+            for item in t.iter()? {
+                let (k, v) = item?;
+                let list =
+                    pb::ListAlarmsResponse::decode(v.value()).map_err(|e| StoreError::Corrupt {
+                        table: "alarms",
+                        reason: e.to_string(),
+                    })?;
+                out.push((k.value().to_owned(), list.alarms));
+            }
+            Ok(out)
+        })
     }
 
     pub fn cancel_after(&self) -> Result<Vec<(String, String)>, StoreError> {
@@ -668,45 +986,53 @@ impl Store {
         &self,
         def: TableDefinition<&str, &str>,
     ) -> Result<Vec<(String, String)>, StoreError> {
-        let r = self.db.begin_read()?;
-        let t = r.open_table(def)?;
-        let mut out = Vec::new();
-        for item in t.iter()? {
-            let (k, v) = item?;
-            out.push((k.value().to_owned(), v.value().to_owned()));
-        }
-        Ok(out)
+        self.read(|db| {
+            let r = db.begin_read()?;
+            let t = r.open_table(def)?;
+            let mut out = Vec::new();
+            for item in t.iter()? {
+                let (k, v) = item?;
+                out.push((k.value().to_owned(), v.value().to_owned()));
+            }
+            Ok(out)
+        })
     }
 
     /// Queue ranks: (experiment id, rank).
     pub fn ranks(&self) -> Result<Vec<(String, i64)>, StoreError> {
-        let r = self.db.begin_read()?;
-        let t = r.open_table(RANKS)?;
-        let mut out = Vec::new();
-        for item in t.iter()? {
-            let (k, v) = item?;
-            out.push((k.value().to_owned(), v.value()));
-        }
-        Ok(out)
+        self.read(|db| {
+            let r = db.begin_read()?;
+            let t = r.open_table(RANKS)?;
+            let mut out = Vec::new();
+            for item in t.iter()? {
+                let (k, v) = item?;
+                out.push((k.value().to_owned(), v.value()));
+            }
+            Ok(out)
+        })
     }
 
     /// Every pending transfer, by id.
     pub fn transfers(&self) -> Result<Vec<PendingTransfer>, StoreError> {
-        let r = self.db.begin_read()?;
-        let t = r.open_table(TRANSFERS)?;
-        let mut out = Vec::new();
-        for item in t.iter()? {
-            let (_, v) = item?;
-            out.push(decode("transfers", v.value())?);
-        }
-        Ok(out)
+        self.read(|db| {
+            let r = db.begin_read()?;
+            let t = r.open_table(TRANSFERS)?;
+            let mut out = Vec::new();
+            for item in t.iter()? {
+                let (_, v) = item?;
+                out.push(decode("transfers", v.value())?);
+            }
+            Ok(out)
+        })
     }
 
     pub fn queue_paused(&self) -> Result<bool, StoreError> {
-        let r = self.db.begin_read()?;
-        let t = r.open_table(META)?;
-        let v = t.get(META_QUEUE_PAUSED)?;
-        Ok(v.is_some_and(|v| v.value().first() == Some(&1)))
+        self.read(|db| {
+            let r = db.begin_read()?;
+            let t = r.open_table(META)?;
+            let v = t.get(META_QUEUE_PAUSED)?;
+            Ok(v.is_some_and(|v| v.value().first() == Some(&1)))
+        })
     }
 
     /// Experiments in id order, starting after `after` (exclusive), that satisfy `keep`,
@@ -717,29 +1043,31 @@ impl Store {
         limit: usize,
         mut keep: impl FnMut(&Experiment) -> bool,
     ) -> Result<Page, StoreError> {
-        let r = self.db.begin_read()?;
-        let t = r.open_table(EXPERIMENTS)?;
-        let iter = match after {
-            Some(a) => {
-                t.range::<&str>((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded))?
+        self.read(|db| {
+            let r = db.begin_read()?;
+            let t = r.open_table(EXPERIMENTS)?;
+            let iter = match after {
+                Some(a) => {
+                    t.range::<&str>((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded))?
+                }
+                None => t.range::<&str>(..)?,
+            };
+            let mut experiments = Vec::new();
+            let mut next = None;
+            for item in iter {
+                let (_, v) = item?;
+                let e: Experiment = decode("experiments", v.value())?;
+                if !keep(&e) {
+                    continue;
+                }
+                if experiments.len() == limit {
+                    next = experiments.last().map(|e: &Experiment| e.id.clone());
+                    break;
+                }
+                experiments.push(e);
             }
-            None => t.range::<&str>(..)?,
-        };
-        let mut experiments = Vec::new();
-        let mut next = None;
-        for item in iter {
-            let (_, v) = item?;
-            let e: Experiment = decode("experiments", v.value())?;
-            if !keep(&e) {
-                continue;
-            }
-            if experiments.len() == limit {
-                next = experiments.last().map(|e: &Experiment| e.id.clone());
-                break;
-            }
-            experiments.push(e);
-        }
-        Ok(Page { experiments, next })
+            Ok(Page { experiments, next })
+        })
     }
 
     /// Every experiment in one of `states`, in id order.
@@ -809,6 +1137,71 @@ mod tests {
             vec![1, 2, 3]
         );
         assert_eq!(s.events_after(2, 100).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_fault_refuses_writes_keeps_reads_and_heals_by_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("ppu.redb")).unwrap();
+        s.write(|w| {
+            w.put_experiment(&Experiment {
+                id: "a".into(),
+                state: State::Queued.to_proto() as i32,
+                ..Default::default()
+            })?;
+            w.emit("a", "", "", state_event("a"));
+            Ok(())
+        })
+        .unwrap();
+        let mut health = s.health();
+        assert!(health.borrow_and_update().is_none());
+        // What redb reports when the disk is full.
+        let enospc = std::io::Error::from_raw_os_error(28);
+        let e = s.classify(StoreError::Db(redb::Error::Io(enospc)));
+        assert!(
+            matches!(&e, StoreError::Unavailable(r) if r.starts_with("ENOSPC: ")),
+            "{e}"
+        );
+        assert!(health.has_changed().unwrap());
+        let fault = s.fault().expect("faulted");
+        assert_eq!(fault.code, "enospc");
+        let alarms = s.alarms_now();
+        assert_eq!(alarms.len(), 1);
+        assert_eq!(alarms[0].device_id, DAEMON_ALARM_SOURCE);
+        assert!(alarms[0].message.contains("No space left on device"));
+        // A later PreviousIo keeps the first reason.
+        let e = s.classify(StoreError::Db(redb::Error::PreviousIo));
+        assert!(e.to_string().contains("ENOSPC"), "{e}");
+        // Writes are refused without touching the file and consume nothing.
+        let r = s.write(|w| {
+            w.emit("a", "", "", state_event("a"));
+            Ok(())
+        });
+        assert!(matches!(r, Err(StoreError::Unavailable(_))));
+        assert_eq!(s.last_sequence(), 1);
+        // Reads answer.
+        assert!(s.get_experiment("a").unwrap().is_some());
+        // The supervisor's step: reopen, probe, commit the alarm raised and cleared.
+        assert!(s.try_heal());
+        assert!(s.fault().is_none());
+        assert!(s.alarms_now().is_empty());
+        let log = s.events_after(0, 10).unwrap();
+        let alarm: Vec<(u64, &str, bool)> = log
+            .iter()
+            .filter_map(|e| match &e.kind {
+                Some(Kind::Alarm(a)) => Some((e.sequence, e.device_id.as_str(), a.cleared)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(alarm, [(2, "ppud", false), (3, "ppud", true)]);
+        let (_, ev) = s
+            .write(|w| {
+                w.emit("a", "", "", state_event("a"));
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(ev[0].sequence, 4);
+        assert_eq!(count_of(&s, State::Queued), 1);
     }
 
     #[test]
@@ -898,12 +1291,8 @@ mod tests {
         assert!(grown > measured);
         // The running total is what redb itself measures.
         let stored = |s: &Store| {
-            let r = s.db.begin_read().unwrap();
-            r.open_table(EVENTS)
+            s.read(|db| Ok(db.begin_read()?.open_table(EVENTS)?.stats()?.stored_bytes()))
                 .unwrap()
-                .stats()
-                .unwrap()
-                .stored_bytes()
         };
         assert_eq!(grown, stored(&s));
         // A store from before the counter: measured once at open.
