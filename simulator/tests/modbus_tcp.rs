@@ -55,7 +55,7 @@ async fn reads_writes_and_exceptions() {
     let mut ctx = connect(server.local_addr(), 1).await;
 
     assert_eq!(read(&mut ctx, reg::PV, 1).await, Ok(vec![250]));
-    assert_eq!(read(&mut ctx, reg::IDENT, 1).await, Ok(vec![0x2BCD]));
+    assert_eq!(read(&mut ctx, reg::IDENT, 1).await, Ok(vec![0x2440]));
     assert_eq!(read(&mut ctx, reg::PV, 5).await.unwrap().len(), 5);
 
     write(&mut ctx, reg::TARGET_SP, 3000).await.unwrap();
@@ -82,7 +82,7 @@ async fn reads_writes_and_exceptions() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(input, Ok(vec![0x2BCD]));
+    assert_eq!(input, Ok(vec![0x2440]));
 
     // Exceptions come back as Modbus exceptions, and the connection stays usable.
     assert_eq!(
@@ -175,7 +175,7 @@ async fn silent_furnace_hangs_then_recovers() {
     assert_eq!(read(&mut ctx, reg::TARGET_SP, 1).await, Ok(vec![250]));
     // ... and so is one on a new connection.
     let mut fresh = connect(server.local_addr(), 1).await;
-    assert_eq!(read(&mut fresh, reg::IDENT, 1).await, Ok(vec![0x2BCD]));
+    assert_eq!(read(&mut fresh, reg::IDENT, 1).await, Ok(vec![0x2440]));
 
     server.shutdown().await;
 }

@@ -46,7 +46,7 @@
 //! | 74 | fast status: bits 0–3 alarms 1–4, 4 manual, 5 sensor break, 6 loop break, 7 heater fail | RO |
 //! | 75 | status: bits 0–3 alarms 1–4, 5 sensor break, 6 loop break, 7 heater fail, 10 PV out of range, 12 new alarm, 13 ramp running | RO |
 //! | 107 | firmware version | RO |
-//! | 122 | instrument ident (`0x2BCD`) | RO |
+//! | 122 | instrument ident ([`FurnaceConfig::ident`], default `0x2440`: a 2404) | RO |
 //! | 202 | measured input mV | RO |
 //! | 273 | auto (0) / manual (1) | RW |
 //! | 274 | acknowledge all alarms (write any value; reads 0) | RW |
@@ -144,7 +144,9 @@ pub struct FurnaceConfig {
 
     /// Register 107.
     pub firmware_version: u16,
-    /// Register 122.
+    /// Register 122, the instrument ident: hex `>ABCD` with A = 2 (series 2000), B = 4 (2400),
+    /// C = the DIN size (4 = 1/4 DIN, 8 = 1/8 DIN), D = 0 (PID controller). Default `0x2440`,
+    /// a 2404; a 2408 is `0x2480`.
     pub ident: u16,
 }
 
@@ -178,7 +180,7 @@ impl Default for FurnaceConfig {
             loop_break_time_s: 600.0,
             loop_break_delta_c: 2.0,
             firmware_version: 0x0312,
-            ident: 0x2BCD,
+            ident: 0x2440,
         }
     }
 }

@@ -56,7 +56,7 @@ fn power_up_registers_are_scaled() {
     assert_eq!(read1(&m, reg::RATE_LIMIT), 0);
     assert_eq!(read1(&m, reg::STATUS), 0);
     assert_eq!(read1(&m, reg::FAST_STATUS), 0);
-    assert_eq!(read1(&m, reg::IDENT), 0x2BCD);
+    assert_eq!(read1(&m, reg::IDENT), 0x2440);
     assert_eq!(read1(&m, reg::FIRMWARE), 0x0312);
     assert_eq!(read1(&m, reg::AUTO_MANUAL), 0);
     assert_eq!(read1(&m, reg::INPUT_MV), 0);
@@ -153,7 +153,7 @@ fn read_only_registers_refuse_writes() {
             "reg {addr}"
         );
     }
-    assert_eq!(read1(&m, reg::IDENT), 0x2BCD);
+    assert_eq!(read1(&m, reg::IDENT), 0x2440);
 }
 
 #[test]
