@@ -219,6 +219,17 @@ fn encode(value: f64, decimal_places: u8) -> Option<u16> {
     }
 }
 
+/// The driver's reading of a scaled integer register word (public so that the golden
+/// transcript tests can hold it against the manual).
+pub fn decode_scaled(raw: u16, decimal_places: u8) -> f64 {
+    decode(raw, decimal_places)
+}
+
+/// The word the driver writes for `value`, or `None` if it does not fit an i16.
+pub fn encode_scaled(value: f64, decimal_places: u8) -> Option<u16> {
+    encode(value, decimal_places)
+}
+
 fn scale(decimal_places: u8) -> f64 {
     10f64.powi(i32::from(decimal_places))
 }
