@@ -641,6 +641,11 @@ async fn start_hold(
         |u| matches!(u, StepUpdate::Progress { message, .. } if message.contains("hold")),
     )
     .await;
+    // The hold's first sample: from here on the driver waits for the next one.
+    wait_update(&mut rx, Duration::from_secs(30), "a hold sample", |u| {
+        matches!(u, StepUpdate::Reading(_))
+    })
+    .await;
     run
 }
 
