@@ -10,11 +10,11 @@
 //! Values in the integer register region are signed 16-bit integers scaled by the configured
 //! number of decimal places (`value = raw as i16 / 10^dp`).
 //!
-//! Before the first exchange on every new transport connection (and again after an exchange
-//! during which the transport reconnected) the driver reads the instrument ident (register
-//! 122) and refuses to go on unless it is one of [`EurothermConfig::ident`]'s values: a
-//! misaddressed or swapped instrument is never written to. Every failure drops the connection,
-//! so a controller unplugged and replaced by another is noticed before the next command.
+//! The driver reads the instrument ident (register 122) before the first exchange on every new
+//! transport connection and after any exchange the controller did not answer, and again after
+//! an exchange during which the transport reconnected; it refuses to go on unless the ident is
+//! one of [`EurothermConfig::ident`]'s values. So a misaddressed instrument is never written to,
+//! and a controller unplugged and replaced by another is noticed before the next command.
 //!
 //! During a step, an outage is measured from the last exchange the controller answered, and
 //! between trace samples the controller is read at least every third of the grace of real
@@ -324,6 +324,11 @@ impl Eurotherm {
         let connection = self.transport.connections();
         let outcome = op.await;
         self.note_answer(&outcome);
+        if matches!(&outcome, Err(e) if e.is_transient()) {
+            // The controller did not answer: whoever answers next is checked again, even on a
+            // link that stays open (a shared RS-485 line, a gateway).
+            self.link().verified_on = None;
+        }
         if self.transport.connections() != connection {
             self.verify_identity().await?;
         }
