@@ -10,7 +10,7 @@ use std::time::Duration;
 use ppu_drivers::Device;
 use ppu_drivers::analyser::{SorptionAnalyser, SorptionConfig};
 use ppu_drivers::device::Limits;
-use ppu_drivers::furnace::eurotherm::{Eurotherm, EurothermConfig};
+use ppu_drivers::furnace::eurotherm::{Eurotherm, EurothermConfig, IdentCheck};
 use ppu_drivers::transport::modbus::{ModbusConfig, ModbusEndpoint};
 use ppu_drivers::transport::mqtt::{BrokerUrl, MqttConfig, MqttTls, ParseBrokerUrlError};
 use serde::Deserialize;
@@ -137,8 +137,38 @@ pub struct EurothermEntry {
     pub sample_interval_s: f64,
     #[serde(default = "settle_s")]
     pub settle_timeout_s: f64,
+    /// Instrument idents accepted at the address (register 122): a list such as
+    /// `[0x2440, 0x2480]`, or `"skip"`. Absent: the driver's known models (2404, 2408).
+    #[serde(default)]
+    pub expected_ident: Option<ExpectedIdent>,
     #[serde(default)]
     pub limits: Limits,
+}
+
+/// The `expected_ident` key of a Eurotherm device.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum ExpectedIdent {
+    /// Register 122 must read one of these.
+    OneOf(Vec<u16>),
+    /// Only `"skip"` is valid: do not read register 122.
+    Word(String),
+}
+
+impl ExpectedIdent {
+    fn check(&self) -> Result<IdentCheck, String> {
+        match self {
+            ExpectedIdent::OneOf(list) if list.is_empty() => Err(
+                "expected_ident: an empty list accepts nothing; write \"skip\" to skip the check"
+                    .to_owned(),
+            ),
+            ExpectedIdent::OneOf(list) => Ok(IdentCheck::OneOf(list.clone())),
+            ExpectedIdent::Word(word) if word == "skip" => Ok(IdentCheck::Skip),
+            ExpectedIdent::Word(word) => Err(format!(
+                "expected_ident: \"{word}\" is neither a list of 16-bit idents nor \"skip\""
+            )),
+        }
+    }
 }
 
 fn unit_one() -> u8 {
@@ -180,6 +210,7 @@ impl EurothermEntry {
             tolerance_c: tolerance(),
             sample_interval_s: sample_s(),
             settle_timeout_s: settle_s(),
+            expected_ident: None,
             limits,
         }
     }
@@ -200,6 +231,9 @@ impl EurothermEntry {
         c.tolerance_c = self.tolerance_c;
         c.sample_interval_s = self.sample_interval_s;
         c.settle_timeout_s = self.settle_timeout_s;
+        if let Some(expected) = &self.expected_ident {
+            c.ident = expected.check()?;
+        }
         Ok(Eurotherm::new(c))
     }
 }
@@ -896,6 +930,9 @@ impl Config {
                             "devices[{i}].tolerance_c: must be a positive number"
                         ));
                     }
+                    if let Some(Err(m)) = e.expected_ident.as_ref().map(ExpectedIdent::check) {
+                        out.push(format!("devices[{i}].{m}"));
+                    }
                 }
                 DeviceConfig::SorptionMqtt(e) => {
                     out.extend(
@@ -1078,5 +1115,31 @@ mod tests {
         let text = "[[devices]]\ndriver = \"eurotherm\"\nid = \"f\"\nendpoint = \"modbus-tcp://127.0.0.1:502\"\ncolour = 1\n";
         let e = Config::parse(text, Path::new("x.toml")).unwrap_err();
         assert!(e.to_string().contains("colour"), "{e}");
+        let furnace = "[auth]\nopen = true\n[[devices]]\ndriver = \"eurotherm\"\nid = \"f\"\nendpoint = \"modbus-tcp://127.0.0.1:502\"\n";
+        for (key, expected) in [
+            ("", None),
+            (
+                "expected_ident = [0x2440, 0x3216]\n",
+                Some(ExpectedIdent::OneOf(vec![0x2440, 0x3216])),
+            ),
+            (
+                "expected_ident = \"skip\"\n",
+                Some(ExpectedIdent::Word("skip".into())),
+            ),
+        ] {
+            let c = Config::parse(&format!("{furnace}{key}"), Path::new("x.toml")).unwrap();
+            let DeviceConfig::Eurotherm(entry) = &c.devices[0] else {
+                panic!("not a eurotherm entry");
+            };
+            assert_eq!(entry.expected_ident, expected, "{key}");
+            assert!(c.drivers().is_ok());
+        }
+        for bad in ["expected_ident = []\n", "expected_ident = \"none\"\n"] {
+            let e = Config::parse(&format!("{furnace}{bad}"), Path::new("x.toml")).unwrap_err();
+            assert!(
+                e.to_string().contains("devices[0].expected_ident"),
+                "{bad}: {e}"
+            );
+        }
     }
 }

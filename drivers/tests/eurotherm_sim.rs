@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ppu_drivers::device::{FurnaceResult, Segment};
-use ppu_drivers::furnace::eurotherm::{EXPECTED_IDENT, Eurotherm, EurothermConfig, registers};
+use ppu_drivers::furnace::eurotherm::{Eurotherm, EurothermConfig, IdentCheck, registers};
 use ppu_drivers::transport::modbus::{ModbusConfig, ModbusEndpoint};
 use ppu_drivers::{
     Clock, Device, DeviceError, Limits, StepCommand, StepContext, StepOutput, StepUpdate,
@@ -28,8 +28,12 @@ struct Rig {
 }
 
 async fn rig(scale: f64) -> Rig {
+    rig_with(scale, FurnaceConfig::default()).await
+}
+
+async fn rig_with(scale: f64, furnace: FurnaceConfig) -> Rig {
     let clock = Clock::new(scale);
-    let sim = SimFurnace::new(FurnaceConfig::default(), clock);
+    let sim = SimFurnace::new(furnace, clock);
     let server = serve_tcp("127.0.0.1:0".parse().unwrap(), sim.clone())
         .await
         .expect("serve simulator");
@@ -119,7 +123,8 @@ async fn scaled_reads_and_writes() {
     let rig = rig(1.0).await;
     let dev = Eurotherm::new(config(rig.addr));
 
-    assert_eq!(dev.identify().await, Ok(EXPECTED_IDENT));
+    // The simulator is a 2404 unless told otherwise.
+    assert_eq!(dev.identify().await, Ok(0x2440));
 
     let snap = dev.read_snapshot().await.expect("read snapshot");
     let sim = rig.sim.snapshot();
@@ -487,5 +492,229 @@ async fn a_step_is_held_to_the_declared_ramp_limit_by_the_controller() {
     assert!(
         reached >= (300.0 - 25.0 - tolerance) / max_rate * 60.0,
         "reached 300 °C after {reached} s: faster than {max_rate} °C/min"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Instrument identity (register 122)
+
+fn fault_text(err: DeviceError) -> String {
+    match err {
+        DeviceError::Fault(text) => text,
+        other => panic!("expected a fault, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn another_instrument_at_the_address_is_refused_before_anything_is_written() {
+    let rig = rig_with(
+        FAST,
+        FurnaceConfig {
+            ident: 0x3216,
+            ..FurnaceConfig::default()
+        },
+    )
+    .await;
+    let dev = Eurotherm::new(config(rig.addr));
+
+    let text = fault_text(dev.status().await.unwrap_err());
+    assert!(text.contains("register 122"), "{text}");
+    assert!(text.contains("reads 0x3216"), "{text}");
+    assert!(text.contains("0x2440 (2404)"), "{text}");
+    assert!(text.contains("0x2480 (2408)"), "{text}");
+
+    // A program never reaches the setpoint register of an unverified instrument.
+    let step = StepCommand::FurnaceProgram {
+        segments: vec![Segment::StepTo {
+            temperature_c: 300.0,
+        }],
+    };
+    let (ctx, _rx) = context(rig.clock);
+    let text = fault_text(dev.execute(&step, ctx).await.unwrap_err());
+    assert!(text.contains("reads 0x3216"), "{text}");
+    assert_eq!(rig.sim.snapshot().target_sp_c, 25.0);
+}
+
+#[tokio::test]
+async fn a_compatible_model_is_accepted_when_configured_and_the_check_can_be_skipped() {
+    let rig = rig_with(
+        FAST,
+        FurnaceConfig {
+            ident: 0x3216,
+            ..FurnaceConfig::default()
+        },
+    )
+    .await;
+    let mut compatible = config(rig.addr);
+    compatible.ident = IdentCheck::OneOf(vec![0x2440, 0x3216]);
+    assert!(Eurotherm::new(compatible).status().await.is_ok());
+
+    let mut skip = config(rig.addr);
+    skip.ident = IdentCheck::Skip;
+    assert!(Eurotherm::new(skip).status().await.is_ok());
+}
+
+#[tokio::test]
+async fn a_different_instrument_plugged_in_after_an_outage_is_noticed() {
+    let rig = rig(FAST).await;
+    let dev = Eurotherm::new(config(rig.addr));
+    dev.status().await.expect("the 2404 answers");
+
+    rig.server.shutdown().await;
+    let other = SimFurnace::new(
+        FurnaceConfig {
+            ident: 0x2260,
+            ..FurnaceConfig::default()
+        },
+        rig.clock,
+    );
+    let _server = serve_tcp(rig.addr, other.clone())
+        .await
+        .expect("serve the other instrument");
+
+    let err = eventually(
+        Duration::from_secs(5),
+        "an answer after the swap",
+        || async {
+            match dev.status().await {
+                Err(e) if e.is_transient() => None,
+                other => Some(other),
+            }
+        },
+    )
+    .await
+    .unwrap_err();
+    let text = fault_text(err);
+    assert!(text.contains("reads 0x2260"), "{text}");
+    // And it stays refused: nothing is written to it.
+    assert!(dev.acknowledge_alarms().await.is_err());
+    assert!(dev.read_snapshot().await.is_err());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Outage grace, measured from the last answer
+
+/// A program whose hold (segment 2, after a short step, or segment 1 alone) outlasts every
+/// test below by far.
+fn long_hold(step_first: bool) -> StepCommand {
+    let mut segments = vec![Segment::Hold {
+        duration_s: 1_000_000.0,
+    }];
+    if step_first {
+        segments.insert(
+            0,
+            Segment::StepTo {
+                temperature_c: 60.0,
+            },
+        );
+    }
+    StepCommand::FurnaceProgram { segments }
+}
+
+/// The outage length named in an outage reason ("… unreachable for 1.7 s (grace …").
+fn outage_s(reason: &str) -> f64 {
+    let rest = reason
+        .split("unreachable for ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no outage in {reason:?}"));
+    let number = rest.split(' ').next().unwrap_or_default();
+    number
+        .parse()
+        .unwrap_or_else(|_| panic!("no outage length in {reason:?}"))
+}
+
+async fn start_hold(
+    rig: &Rig,
+    config: EurothermConfig,
+    step: StepCommand,
+) -> tokio::task::JoinHandle<Result<StepOutput, DeviceError>> {
+    let dev = Arc::new(Eurotherm::new(config));
+    let (ctx, mut rx) = context(rig.clock);
+    let run = tokio::spawn({
+        let dev = Arc::clone(&dev);
+        async move { dev.execute(&step, ctx).await }
+    });
+    wait_update(
+        &mut rx,
+        Duration::from_secs(30),
+        "the hold",
+        |u| matches!(u, StepUpdate::Progress { message, .. } if message.contains("hold")),
+    )
+    .await;
+    // The hold's first sample: from here on the driver waits for the next one.
+    wait_update(&mut rx, Duration::from_secs(30), "a hold sample", |u| {
+        matches!(u, StepUpdate::Reading(_))
+    })
+    .await;
+    run
+}
+
+async fn outage_reason(run: tokio::task::JoinHandle<Result<StepOutput, DeviceError>>) -> String {
+    let outcome = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("the step ends")
+        .expect("task");
+    match outcome {
+        Err(DeviceError::Disconnected(reason)) => reason,
+        other => panic!("expected the step to fail on the outage, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_controller_frozen_longer_than_the_grace_fails_the_step_even_when_one_call_is_slow() {
+    let rig = rig(FAST).await;
+    let mut config = config(rig.addr);
+    // One failing call takes 3 × 500 ms plus back-off: longer than the whole grace.
+    config.modbus.timeout = Duration::from_millis(500);
+    config.modbus.retries = 2;
+    config.transient_grace = Duration::from_secs(1);
+    let run = start_hold(&rig, config, long_hold(true)).await;
+
+    rig.sim.set_silent(true);
+    let reason = outage_reason(run).await;
+    assert!(reason.starts_with("furnace-1 unreachable for "), "{reason}");
+    assert!(
+        reason.contains("(grace 1 s) during segment 2 (hold)"),
+        "{reason}"
+    );
+    // Counted from the last answer: the first failing call alone already exceeds the grace.
+    assert!(outage_s(&reason) >= 1.0, "{reason}");
+}
+
+#[tokio::test]
+async fn a_freeze_hidden_inside_the_transports_retries_still_counts() {
+    let rig = rig(FAST).await;
+    let mut config = config(rig.addr);
+    // One call may retry for over 3 s: a 1.5 s freeze ends inside it and the call succeeds.
+    config.modbus.timeout = Duration::from_millis(400);
+    config.modbus.retries = 6;
+    config.transient_grace = Duration::from_secs(1);
+    let run = start_hold(&rig, config, long_hold(true)).await;
+
+    rig.sim.set_silent(true);
+    // The length of the fault (longer than the grace), not a synchronisation.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    rig.sim.set_silent(false);
+
+    let reason = outage_reason(run).await;
+    assert!(reason.contains("during segment 2 (hold)"), "{reason}");
+    assert!(outage_s(&reason) >= 1.0, "{reason}");
+}
+
+#[tokio::test]
+async fn a_silent_controller_is_noticed_within_the_grace_between_samples() {
+    // Real time and a sample every 10 minutes: without supervision between samples, the next
+    // read would come long after the test's deadline.
+    let rig = rig(1.0).await;
+    let mut config = config(rig.addr);
+    config.sample_interval_s = 600.0;
+    config.transient_grace = Duration::from_millis(1500);
+    let run = start_hold(&rig, config, long_hold(false)).await;
+
+    rig.sim.set_silent(true);
+    let reason = outage_reason(run).await;
+    assert!(
+        reason.contains("(grace 1.5 s) during segment 1 (hold)"),
+        "{reason}"
     );
 }

@@ -55,7 +55,7 @@ async fn reads_writes_and_exceptions() {
     let mut ctx = connect(server.local_addr(), 1).await;
 
     assert_eq!(read(&mut ctx, reg::PV, 1).await, Ok(vec![250]));
-    assert_eq!(read(&mut ctx, reg::IDENT, 1).await, Ok(vec![0x2BCD]));
+    assert_eq!(read(&mut ctx, reg::IDENT, 1).await, Ok(vec![0x2440]));
     assert_eq!(read(&mut ctx, reg::PV, 5).await.unwrap().len(), 5);
 
     write(&mut ctx, reg::TARGET_SP, 3000).await.unwrap();
@@ -82,7 +82,7 @@ async fn reads_writes_and_exceptions() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(input, Ok(vec![0x2BCD]));
+    assert_eq!(input, Ok(vec![0x2440]));
 
     // Exceptions come back as Modbus exceptions, and the connection stays usable.
     assert_eq!(
@@ -175,7 +175,7 @@ async fn silent_furnace_hangs_then_recovers() {
     assert_eq!(read(&mut ctx, reg::TARGET_SP, 1).await, Ok(vec![250]));
     // ... and so is one on a new connection.
     let mut fresh = connect(server.local_addr(), 1).await;
-    assert_eq!(read(&mut fresh, reg::IDENT, 1).await, Ok(vec![0x2BCD]));
+    assert_eq!(read(&mut fresh, reg::IDENT, 1).await, Ok(vec![0x2440]));
 
     server.shutdown().await;
 }
@@ -212,4 +212,46 @@ async fn shutdown_drops_connections_and_frees_the_port() {
         }
         tokio::task::yield_now().await;
     }
+}
+
+#[tokio::test]
+async fn a_program_written_over_modbus_runs_to_completion() {
+    // 6000× : the program below (1 min ramp, 1 min dwell) takes about 20 ms of real time.
+    let f = SimFurnace::new(FurnaceConfig::default(), Clock::new(6000.0));
+    let server = serve_tcp(any_port(), f.clone()).await.unwrap();
+    let mut ctx = connect(server.local_addr(), 1).await;
+    let segment = |s: u16| reg::PROGRAM_DATA + 136 + 8 * s;
+
+    // Program 1: ramp to 35.0 °C at 10.0 °C/min, dwell 1 min, end (function 16 per segment).
+    for (s, words) in [(1, vec![1, 350, 100]), (2, vec![3, 0, 1]), (3, vec![0])] {
+        timeout(
+            OK_DEADLINE,
+            ctx.write_multiple_registers(segment(s), &words),
+        )
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    }
+    assert_eq!(read(&mut ctx, segment(1), 3).await, Ok(vec![1, 350, 100]));
+    assert_eq!(read(&mut ctx, reg::PROGRAM_NUMBER, 1).await, Ok(vec![1]));
+
+    write(&mut ctx, reg::PROGRAM_STATE, 2).await.unwrap();
+    let deadline = std::time::Instant::now() + OK_DEADLINE;
+    loop {
+        let state = read(&mut ctx, reg::PROGRAM_STATE, 1).await.unwrap()[0];
+        if state == 16 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "program still in state {state}"
+        );
+        assert!(state == 2, "state {state}");
+    }
+    assert_eq!(read(&mut ctx, reg::WORKING_SP, 1).await, Ok(vec![350]));
+    let status = read(&mut ctx, reg::STATUS, 1).await.unwrap()[0];
+    assert_ne!(status & (1 << 9), 0, "program end bit in {status:#06X}");
+    write(&mut ctx, reg::PROGRAM_STATE, 1).await.unwrap();
+    assert_eq!(read(&mut ctx, reg::PROGRAM_STATE, 1).await, Ok(vec![1]));
 }

@@ -9,8 +9,19 @@
 //!
 //! Values in the integer register region are signed 16-bit integers scaled by the configured
 //! number of decimal places (`value = raw as i16 / 10^dp`).
+//!
+//! The driver reads the instrument ident (register 122) before the first exchange on every new
+//! transport connection and after any exchange the controller did not answer, and again after
+//! an exchange during which the transport reconnected; it refuses to go on unless the ident is
+//! one of [`EurothermConfig::ident`]'s values. So a misaddressed instrument is never written to,
+//! and a controller unplugged and replaced by another is noticed before the next command.
+//!
+//! During a step, an outage is measured from the last exchange the controller answered, and
+//! between trace samples the controller is read at least every third of the grace of real
+//! time, so a silent controller fails the step within its grace whatever the time scale.
 
 use std::future::Future;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -37,7 +48,7 @@ pub mod registers {
     pub const SP_RATE_LIMIT: u16 = 35;
     /// Instrument status bits.
     pub const STATUS: u16 = 75;
-    /// Instrument ident, reads `0x2BCD`.
+    /// Instrument ident, `0x2ABC`: series, model and size digits (see [`super::KNOWN_IDENTS`]).
     pub const IDENT: u16 = 122;
     /// Auto (0) / manual (1).
     pub const AUTO_MANUAL: u16 = 273;
@@ -45,8 +56,35 @@ pub mod registers {
     pub const ACK_ALARMS: u16 = 274;
 }
 
-/// The ident register's value on a genuine 2000-series controller.
-pub const EXPECTED_IDENT: u16 = 0x2BCD;
+/// Ident register values of the models this driver is written for, with their names. The
+/// 2000-series handbook gives the ident as hex `>ABCD`: A = 2 (series 2000), B = the range
+/// (4 = 2400), C = the DIN size (4 = 1/4, 8 = 1/8), D = 0 for a PID controller (2 would be a
+/// valve positioner, which this driver does not drive).
+pub const KNOWN_IDENTS: [(u16, &str); 2] = [(0x2440, "2404"), (0x2480, "2408")];
+
+/// Which instruments the driver accepts at the configured address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdentCheck {
+    /// Register 122 must read one of these values.
+    OneOf(Vec<u16>),
+    /// Do not read register 122 (a compatible controller without it).
+    Skip,
+}
+
+impl Default for IdentCheck {
+    /// The models of [`KNOWN_IDENTS`].
+    fn default() -> Self {
+        IdentCheck::OneOf(KNOWN_IDENTS.iter().map(|(ident, _)| *ident).collect())
+    }
+}
+
+/// "0x2440 (2404)" for a known model, else "0x2440".
+fn describe_ident(ident: u16) -> String {
+    match KNOWN_IDENTS.iter().find(|(known, _)| *known == ident) {
+        Some((_, model)) => format!("0x{ident:04X} ({model})"),
+        None => format!("0x{ident:04X}"),
+    }
+}
 
 /// Status-register bits reported as alarms, with their human names.
 const ALARM_BITS: [(u16, &str); 10] = [
@@ -94,15 +132,18 @@ pub struct EurothermConfig {
     pub min_poll: Duration,
     /// Physical seconds allowed beyond the expected ramp time for PV to reach a target.
     pub settle_timeout_s: f64,
-    /// Real time a running step tolerates consecutive transport failures before failing: the
-    /// controller keeps regulating on its own, so a short outage need not abort a long program.
+    /// Real time a running step tolerates the controller not answering, counted from the last
+    /// exchange it answered: the controller keeps regulating on its own, so a short outage need
+    /// not abort a long program, but a longer one must not leave it unsupervised.
     pub transient_grace: Duration,
+    /// The instrument idents accepted at the configured address (register 122).
+    pub ident: IdentCheck,
 }
 
 impl EurothermConfig {
     /// Defaults: 1 decimal place (temperatures and output), no limits beyond the register range, safe setpoint 25 °C,
     /// tolerance 2 °C, a sample every 10 s physical, 20 ms poll floor, 3600 s settle time,
-    /// 10 s transient grace.
+    /// 10 s transient grace, the idents of [`KNOWN_IDENTS`].
     pub fn new(id: impl Into<String>, modbus: ModbusConfig) -> Self {
         Self {
             id: id.into(),
@@ -116,6 +157,7 @@ impl EurothermConfig {
             min_poll: Duration::from_millis(20),
             settle_timeout_s: 3600.0,
             transient_grace: Duration::from_secs(10),
+            ident: IdentCheck::default(),
         }
     }
 }
@@ -177,8 +219,29 @@ fn encode(value: f64, decimal_places: u8) -> Option<u16> {
     }
 }
 
+/// The driver's reading of a scaled integer register word (public so that the golden
+/// transcript tests can hold it against the manual).
+pub fn decode_scaled(raw: u16, decimal_places: u8) -> f64 {
+    decode(raw, decimal_places)
+}
+
+/// The word the driver writes for `value`, or `None` if it does not fit an i16.
+pub fn encode_scaled(value: f64, decimal_places: u8) -> Option<u16> {
+    encode(value, decimal_places)
+}
+
 fn scale(decimal_places: u8) -> f64 {
     10f64.powi(i32::from(decimal_places))
+}
+
+/// What the driver knows about its link, shared by steps and status polls.
+#[derive(Debug, Default)]
+struct LinkState {
+    /// Real instant of the last exchange the controller answered (a reply or an exception).
+    last_answer: Option<Instant>,
+    /// The transport connection (see [`ModbusTransport::connections`]) on which the
+    /// instrument ident was last found as expected.
+    verified_on: Option<u64>,
 }
 
 /// A Eurotherm controller driving a furnace.
@@ -187,6 +250,7 @@ pub struct Eurotherm {
     info: DeviceInfo,
     config: EurothermConfig,
     transport: ModbusTransport,
+    link: Mutex<LinkState>,
 }
 
 impl Eurotherm {
@@ -206,6 +270,7 @@ impl Eurotherm {
             info,
             config,
             transport,
+            link: Mutex::new(LinkState::default()),
         }
     }
 
@@ -219,28 +284,119 @@ impl Eurotherm {
 
     /// Acknowledges all latched alarms (register 274).
     pub async fn acknowledge_alarms(&self) -> Result<(), DeviceError> {
-        self.transport.write_single(registers::ACK_ALARMS, 1).await
+        self.exchange(self.transport.write_single(registers::ACK_ALARMS, 1))
+            .await
     }
 
-    /// Reads the instrument ident (register 122); a 2000-series controller answers
-    /// [`EXPECTED_IDENT`].
+    /// Reads the instrument ident (register 122) as it is, without judging it.
     pub async fn identify(&self) -> Result<u16, DeviceError> {
         let words = self.transport.read_holding(registers::IDENT, 1).await?;
         first_word(&words, "read of register 122")
+    }
+
+    /// Real instant of the last exchange the controller answered, if any.
+    pub fn last_answer(&self) -> Option<Instant> {
+        self.link().last_answer
+    }
+
+    fn link(&self) -> MutexGuard<'_, LinkState> {
+        // Two plain fields: a panic elsewhere cannot leave them inconsistent.
+        self.link
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Records an answer: a reply, or a Modbus exception (the controller is there).
+    fn note_answer<T>(&self, outcome: &Result<T, DeviceError>) {
+        if matches!(outcome, Ok(_) | Err(DeviceError::Refused { .. })) {
+            self.link().last_answer = Some(Instant::now());
+        }
+    }
+
+    /// Runs one exchange with the controller: checks the instrument's identity first if this
+    /// connection has not been checked yet, records the answer, and checks the identity again
+    /// if the transport reconnected meanwhile (whoever answered may be another instrument).
+    async fn exchange<T>(
+        &self,
+        op: impl Future<Output = Result<T, DeviceError>>,
+    ) -> Result<T, DeviceError> {
+        self.verify_identity().await?;
+        let connection = self.transport.connections();
+        let outcome = op.await;
+        self.note_answer(&outcome);
+        if matches!(&outcome, Err(e) if e.is_transient()) {
+            // The controller did not answer: whoever answers next is checked again, even on a
+            // link that stays open (a shared RS-485 line, a gateway).
+            self.link().verified_on = None;
+        }
+        if self.transport.connections() != connection {
+            self.verify_identity().await?;
+        }
+        outcome
+    }
+
+    /// Reads register 122 unless it was already found as expected on the current connection;
+    /// fails with a [`DeviceError::Fault`] naming the value read and the values expected.
+    async fn verify_identity(&self) -> Result<(), DeviceError> {
+        let IdentCheck::OneOf(expected) = &self.config.ident else {
+            return Ok(());
+        };
+        let connection = self.transport.connections();
+        if connection != 0 && self.link().verified_on == Some(connection) {
+            return Ok(());
+        }
+        let outcome = self.identify().await;
+        self.note_answer(&outcome);
+        let expected_text = || {
+            let names: Vec<String> = expected.iter().map(|i| describe_ident(*i)).collect();
+            names.join(" or ")
+        };
+        let ident = match outcome {
+            Ok(ident) => ident,
+            Err(DeviceError::Refused { reason, .. }) => {
+                self.link().verified_on = None;
+                return Err(DeviceError::Fault(format!(
+                    "{} at {} has no instrument ident (register 122: {reason}), expected {}: \
+                     not a Eurotherm 2000-series controller",
+                    self.info.id,
+                    self.transport.describe(),
+                    expected_text()
+                )));
+            }
+            // A failed read leaves the identity unverified: it is asked again next time.
+            Err(e) => return Err(e),
+        };
+        if !expected.contains(&ident) {
+            self.link().verified_on = None;
+            return Err(DeviceError::Fault(format!(
+                "{} at {}: instrument ident (register 122) reads 0x{ident:04X}, expected {}: \
+                 a different instrument or unit id; for a compatible model add 0x{ident:04X} to \
+                 expected_ident",
+                self.info.id,
+                self.transport.describe(),
+                expected_text()
+            )));
+        }
+        self.link().verified_on = Some(self.transport.connections());
+        Ok(())
     }
 
     /// Reads PV, setpoints, output and status bits.
     pub async fn read_snapshot(&self) -> Result<Snapshot, DeviceError> {
         let dp = self.config.decimal_places;
         let span = registers::WORKING_SP - registers::PV + 1;
-        let words = self.transport.read_holding(registers::PV, span).await?;
+        let words = self
+            .exchange(self.transport.read_holding(registers::PV, span))
+            .await?;
         let [pv, target, output, _working_output, working] = words[..] else {
             return Err(DeviceError::Corrupt {
                 what: "read of registers 1..=5".to_owned(),
                 reason: format!("expected 5 registers, got {}", words.len()),
             });
         };
-        let status = self.transport.read_holding(registers::STATUS, 1).await?;
+        let status = self
+            .exchange(self.transport.read_holding(registers::STATUS, 1))
+            .await?;
         Ok(Snapshot {
             pv_c: decode(pv, dp),
             target_sp_c: decode(target, dp),
@@ -253,8 +409,7 @@ impl Eurotherm {
     /// Reads the setpoint rate limit, °C/min (0 = off).
     pub async fn read_rate_limit(&self) -> Result<f64, DeviceError> {
         let words = self
-            .transport
-            .read_holding(registers::SP_RATE_LIMIT, 1)
+            .exchange(self.transport.read_holding(registers::SP_RATE_LIMIT, 1))
             .await?;
         Ok(decode(
             first_word(&words, "read of register 35")?,
@@ -395,66 +550,6 @@ impl Eurotherm {
         }
     }
 
-    /// Runs `op`, riding out transient transport failures for up to `transient_grace` of real
-    /// time, and returns [`DeviceError::Aborted`] as soon as the step is cancelled.
-    async fn tolerant<T, F, Fut>(
-        &self,
-        ctx: &StepContext,
-        what: &str,
-        mut op: F,
-    ) -> Result<T, DeviceError>
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = Result<T, DeviceError>>,
-    {
-        let mut outage_since: Option<Instant> = None;
-        loop {
-            if ctx.cancel.is_cancelled() {
-                return Err(DeviceError::Aborted);
-            }
-            // Dropping an in-flight request is safe: the transport then discards the connection.
-            let outcome = tokio::select! {
-                biased;
-                _ = ctx.cancel.cancelled() => return Err(DeviceError::Aborted),
-                outcome = op() => outcome,
-            };
-            match outcome {
-                Ok(value) => {
-                    if let Some(since) = outage_since {
-                        tracing::info!(
-                            device = %self.info.id,
-                            outage_ms = since.elapsed().as_millis() as u64,
-                            "link recovered during step"
-                        );
-                    }
-                    return Ok(value);
-                }
-                Err(e) if e.is_transient() => {
-                    let since = *outage_since.get_or_insert_with(Instant::now);
-                    if since.elapsed() >= self.config.transient_grace {
-                        return Err(e);
-                    }
-                    tracing::warn!(device = %self.info.id, error = %e, "{what} failed; retrying");
-                    pause(ctx, OUTAGE_PAUSE).await?;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
-    /// Writes one scaled register, tolerating a short outage.
-    async fn write_during_step(
-        &self,
-        ctx: &StepContext,
-        reg: u16,
-        field: &str,
-        value: f64,
-    ) -> Result<(), DeviceError> {
-        let what = format!("writing {field}");
-        self.tolerant(ctx, &what, move || self.write_scaled(reg, field, value))
-            .await
-    }
-
     async fn run_program(
         &self,
         segments: &[Segment],
@@ -525,6 +620,10 @@ struct ProgramRun<'a> {
     /// Physical time the program started.
     t0: f64,
     last_progress_s: f64,
+    /// Real instant the step started: an outage is never counted from before it.
+    started: Instant,
+    /// Where the program is, for outage reasons: "program start", "segment 2 (hold)".
+    phase: String,
     /// Last rate limit written, reported with readings.
     rate_limit: Option<f64>,
     /// PV of the latest sample.
@@ -544,6 +643,8 @@ impl<'a> ProgramRun<'a> {
             total_expected_s: 0.0,
             t0: ctx.clock.now_s(),
             last_progress_s: f64::NEG_INFINITY,
+            started: Instant::now(),
+            phase: "program start".to_owned(),
             rate_limit: None,
             last_pv: f64::NAN,
             last_t_s: 0.0,
@@ -551,15 +652,91 @@ impl<'a> ProgramRun<'a> {
         }
     }
 
+    /// Runs `op`, riding out transient transport failures while the controller has been
+    /// silent for at most `transient_grace` of real time, counted from the last exchange it
+    /// answered (or the step's start). The same limit applies when an exchange succeeds only
+    /// after the transport had to reconnect: the controller was unsupervised meanwhile either
+    /// way. Returns [`DeviceError::Aborted`] as soon as the step is cancelled.
+    async fn tolerant<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T, DeviceError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, DeviceError>>,
+    {
+        let dev = self.dev;
+        let grace = dev.config.transient_grace;
+        let mut failed = false;
+        loop {
+            if self.ctx.cancel.is_cancelled() {
+                return Err(DeviceError::Aborted);
+            }
+            let last_answer = dev.last_answer();
+            let connection = dev.transport.connections();
+            // Dropping an in-flight request is safe: the transport then discards the connection.
+            let outcome = tokio::select! {
+                biased;
+                _ = self.ctx.cancel.cancelled() => return Err(DeviceError::Aborted),
+                outcome = op() => outcome,
+            };
+            let transient = matches!(&outcome, Err(e) if e.is_transient());
+            failed |= transient;
+            // A reconnect inside the transport means some attempt failed, even if a retry
+            // then succeeded.
+            if transient || dev.transport.connections() != connection {
+                let since = last_answer.map_or(self.started, |t| t.max(self.started));
+                let silent = since.elapsed();
+                if silent > grace {
+                    let cause = match &outcome {
+                        Err(e) => format!("{what}: {e}"),
+                        Ok(_) => format!("{what} succeeded only after that"),
+                    };
+                    return Err(DeviceError::Disconnected(format!(
+                        "{} unreachable for {:.1} s (grace {} s) during {}; {cause}",
+                        dev.info.id,
+                        silent.as_secs_f64(),
+                        grace.as_secs_f64(),
+                        self.phase
+                    )));
+                }
+            }
+            match outcome {
+                Ok(value) => {
+                    if failed {
+                        tracing::info!(device = %dev.info.id, phase = %self.phase, "link recovered during step");
+                    }
+                    return Ok(value);
+                }
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(device = %dev.info.id, error = %e, "{what} failed; retrying");
+                    pause(self.ctx, OUTAGE_PAUSE).await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Writes one scaled register, tolerating a short outage.
+    async fn write_during_step(
+        &self,
+        reg: u16,
+        field: &str,
+        value: f64,
+    ) -> Result<(), DeviceError> {
+        let dev = self.dev;
+        let what = format!("writing {field}");
+        self.tolerant(&what, move || {
+            dev.exchange(dev.write_scaled(reg, field, value))
+        })
+        .await
+    }
+
     async fn run(&mut self) -> Result<(), DeviceError> {
         let dev = self.dev;
-        let ctx = self.ctx;
         // Read (and fault-check) before sending anything.
         let first = self.poll(None).await?;
         self.plan(first.pv_c);
         self.progress(0, 0.0, "starting furnace program".to_owned(), true);
-        dev.tolerant(ctx, "selecting auto mode", move || {
-            dev.transport.write_single(registers::AUTO_MANUAL, 0)
+        self.tolerant("selecting auto mode", move || {
+            dev.exchange(dev.transport.write_single(registers::AUTO_MANUAL, 0))
         })
         .await?;
 
@@ -576,11 +753,11 @@ impl<'a> ProgramRun<'a> {
     /// setpoint afterwards.
     async fn run_segment(&mut self, i: usize, setpoint: f64) -> Result<f64, DeviceError> {
         let dev = self.dev;
-        let ctx = self.ctx;
         let n = self.segments.len();
         let Some(segment) = self.segments.get(i).copied() else {
             return Ok(setpoint);
         };
+        self.enter(i, &segment);
         match segment {
             Segment::Ramp {
                 temperature_c,
@@ -592,15 +769,14 @@ impl<'a> ProgramRun<'a> {
                 );
                 self.progress(i, 0.0, message.clone(), true);
                 // Rate first, so the new target is approached at the rate from the start.
-                dev.write_during_step(
-                    ctx,
+                self.write_during_step(
                     registers::SP_RATE_LIMIT,
                     "rate_limit_c_per_min",
                     rate_c_per_min,
                 )
                 .await?;
                 self.rate_limit = Some(rate_c_per_min);
-                dev.write_during_step(ctx, registers::TARGET_SP, "target_sp_c", temperature_c)
+                self.write_during_step(registers::TARGET_SP, "target_sp_c", temperature_c)
                     .await?;
                 self.reach(i, temperature_c, Some(rate_c_per_min), &message)
                     .await?;
@@ -612,15 +788,14 @@ impl<'a> ProgramRun<'a> {
                 // "As fast as allowed": with a declared ramp limit the controller itself
                 // holds the step to it, so a step can never outrun the furnace's limit.
                 let rate = step_rate(&dev.config.limits);
-                dev.write_during_step(
-                    ctx,
+                self.write_during_step(
                     registers::SP_RATE_LIMIT,
                     "rate_limit_c_per_min",
                     rate.unwrap_or(0.0),
                 )
                 .await?;
                 self.rate_limit = Some(rate.unwrap_or(0.0));
-                dev.write_during_step(ctx, registers::TARGET_SP, "target_sp_c", temperature_c)
+                self.write_during_step(registers::TARGET_SP, "target_sp_c", temperature_c)
                     .await?;
                 self.reach(i, temperature_c, rate, &message).await?;
                 Ok(temperature_c)
@@ -688,6 +863,7 @@ impl<'a> ProgramRun<'a> {
         let Some(segment) = self.segments.get(index).copied() else {
             return Ok(());
         };
+        self.enter(index, &segment);
         let mut setpoint = expected_target.unwrap_or(first.target_sp_c);
         self.progress(
             index,
@@ -736,6 +912,16 @@ impl<'a> ProgramRun<'a> {
         }
         self.send_progress(1.0, "furnace program complete".to_owned(), Some(0.0));
         Ok(())
+    }
+
+    /// Names segment `index` (0-based) as the current phase, for outage reasons.
+    fn enter(&mut self, index: usize, segment: &Segment) {
+        let kind = match segment {
+            Segment::Ramp { .. } => "ramp",
+            Segment::Hold { .. } => "hold",
+            Segment::StepTo { .. } => "step",
+        };
+        self.phase = format!("segment {} ({kind})", index + 1);
     }
 
     /// Expected physical duration of each segment: ramps at their rate from the previous
@@ -847,10 +1033,8 @@ impl<'a> ProgramRun<'a> {
     /// the overshoot above `overshoot_target`, and streams the reading.
     async fn poll(&mut self, overshoot_target: Option<f64>) -> Result<Snapshot, DeviceError> {
         let dev = self.dev;
-        let snap = dev
-            .tolerant(self.ctx, "reading the controller", move || {
-                dev.read_snapshot()
-            })
+        let snap = self
+            .tolerant("reading the controller", move || dev.read_snapshot())
             .await?;
         let t_s = self.ctx.clock.now_s() - self.t0;
         self.last_pv = snap.pv_c;
@@ -871,12 +1055,22 @@ impl<'a> ProgramRun<'a> {
         Ok(snap)
     }
 
-    /// Waits until physical time `t_s`, but at least `min_poll` of real time.
+    /// Waits until physical time `t_s`, but at least `min_poll` of real time. A wait longer
+    /// than a third of the grace is cut into pieces with a supervising read in between, so a
+    /// silent or faulted controller is noticed within the grace even between trace samples.
     async fn wait_until(&self, t_s: f64) -> Result<(), DeviceError> {
+        let dev = self.dev;
         let clock = self.ctx.clock;
-        let real = clock
-            .to_real(t_s - clock.now_s())
-            .max(self.dev.config.min_poll);
+        let piece = (dev.config.transient_grace / 3).max(dev.config.min_poll);
+        let mut real = clock.to_real(t_s - clock.now_s()).max(dev.config.min_poll);
+        while real > piece {
+            pause(self.ctx, piece).await?;
+            let snap = self
+                .tolerant("supervising the controller", move || dev.read_snapshot())
+                .await?;
+            dev.check_faults(snap.status_bits)?;
+            real = clock.to_real(t_s - clock.now_s());
+        }
         pause(self.ctx, real).await
     }
 

@@ -12,7 +12,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::str::FromStr;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::Mutex;
@@ -124,6 +124,8 @@ pub struct ModbusTransport {
     connected: AtomicBool,
     /// True once a connection has been made, to log reconnects differently from the first connect.
     ever_connected: AtomicBool,
+    /// Connections made so far (see [`Self::connections`]).
+    connections: AtomicU64,
     /// The `device` label of `ppu_transport_reconnects_total` (see [`Self::set_metrics_device`]).
     metrics_device: OnceLock<String>,
 }
@@ -145,6 +147,7 @@ impl ModbusTransport {
             ctx: Mutex::new(None),
             connected: AtomicBool::new(false),
             ever_connected: AtomicBool::new(false),
+            connections: AtomicU64::new(0),
             metrics_device: OnceLock::new(),
         }
     }
@@ -168,6 +171,12 @@ impl ModbusTransport {
     /// Best effort: true if the last exchange left an open connection.
     pub fn is_connected(&self) -> bool {
         self.connected.load(Ordering::Relaxed)
+    }
+
+    /// How many connections this transport has opened. Every failure drops the connection, so a
+    /// change means the peer may have been swapped: drivers re-check its identity.
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::Relaxed)
     }
 
     /// Reads `count` holding registers starting at `addr` (function 03).
@@ -261,6 +270,7 @@ impl ModbusTransport {
                 Some(ctx) => ctx,
                 None => match tokio::time::timeout(timeout, self.connect()).await {
                     Ok(Ok(ctx)) => {
+                        self.connections.fetch_add(1, Ordering::Relaxed);
                         if self.ever_connected.swap(true, Ordering::Relaxed) {
                             tracing::info!(peer = %self.describe(), "modbus reconnected");
                             super::count_reconnect("modbus", &self.metrics_device, || {

@@ -29,7 +29,7 @@ enum Command {
     /// Each furnace is a box furnace (3 kW, limit 1200 °C, ambient 25 °C) behind its own Modbus
     /// TCP socket, answering only for its unit id (other unit ids get no reply, as on an RS-485
     /// bus). Register map: PV 1, target SP 2, output 3, working SP 5, rate limit 35, status 75,
-    /// ident 122 (0x2BCD), auto/manual 273; temperatures scaled by 10^dp. Prints each listening
+    /// ident 122 (0x2440, a 2404), auto/manual 273; temperatures scaled by 10^dp. Prints each listening
     /// address on stdout, one per line, then runs until Ctrl-C.
     ///
     /// Example: ppu-sim furnace --listen 127.0.0.1:5020 --time-scale 600 --count 2
@@ -165,6 +165,15 @@ struct FurnaceArgs {
     /// Seed of the PV noise (each furnace adds its index).
     #[arg(long, default_value_t = 1)]
     seed: u64,
+
+    /// Instrument ident answered at register 122, hex (2440 is a 2404, 2480 a 2408).
+    #[arg(long, default_value = "2440", value_parser = parse_ident)]
+    ident: u16,
+}
+
+fn parse_ident(s: &str) -> Result<u16, String> {
+    let digits = s.trim_start_matches("0x").trim_start_matches("0X");
+    u16::from_str_radix(digits, 16).map_err(|e| format!("expected a hex word such as 2440: {e}"))
 }
 
 #[tokio::main]
@@ -344,6 +353,7 @@ async fn run_furnaces(args: FurnaceArgs) -> Result<()> {
             initial_sp_c: args.ambient.max(0.0),
             pv_noise_c: args.noise,
             seed: args.seed.wrapping_add(u64::from(i)),
+            ident: args.ident,
             ..FurnaceConfig::default()
         };
         let furnace = SimFurnace::new(config, clock);

@@ -44,12 +44,19 @@
 //! | 35 | SP rate limit, units/min (0 = off) | RW |
 //! | 39 | error PV − working SP | RO |
 //! | 74 | fast status: bits 0–3 alarms 1–4, 4 manual, 5 sensor break, 6 loop break, 7 heater fail | RO |
-//! | 75 | status: bits 0–3 alarms 1–4, 5 sensor break, 6 loop break, 7 heater fail, 10 PV out of range, 12 new alarm, 13 ramp running | RO |
+//! | 75 | status: bits 0–3 alarms 1–4, 5 sensor break, 6 loop break, 7 heater fail, 9 program end, 10 PV out of range, 12 new alarm, 13 ramp running | RO |
 //! | 107 | firmware version | RO |
-//! | 122 | instrument ident (`0x2BCD`) | RO |
+//! | 122 | instrument ident ([`FurnaceConfig::ident`], default `0x2440`: a 2404) | RO |
 //! | 202 | measured input mV | RO |
 //! | 273 | auto (0) / manual (1) | RW |
 //! | 274 | acknowledge all alarms (write any value; reads 0) | RW |
+//! | 22 | program number, 1–[`FurnaceConfig::programs`]; writable while reset or complete | RW |
+//! | 23 | program state, bit-coded: 1 reset, 2 run, 4 hold, 16 complete; write 1, 2 or 4 | RW |
+//! | 29 | type of the current segment (0 when reset) | RO |
+//! | 36 | time left in the current segment, programmer time units | RO |
+//! | 56 | current segment, 1-based (0 when reset) | RO |
+//! | 58 | time left in the program, programmer time units | RO |
+//! | 8192 + 136·p + 8·s | program `p` (1-based) segment `s` (1–16; 0: general block, plain words): `+0` type (0 end, 1 ramp at rate, 2 ramp in time, 3 dwell, 4 step), `+1` target, `+2` rate (°C/min, scaled like temperatures) or duration (time units), `+3..+7` stored words | RW (not the running program) |
 //!
 //! Alarm 1 is a latching high alarm at [`FurnaceConfig::alarm1_high_c`]; it stays set until it
 //! is acknowledged (reg 274) after its condition has cleared. Bit 12 latches on the rising edge of
@@ -58,6 +65,13 @@
 //! [`FurnaceConfig::sensor_break_output_pct`] (auto mode). Loop break (bit 6) is set when the
 //! output has been at 100 % for [`FurnaceConfig::loop_break_time_s`] without PV rising by
 //! [`FurnaceConfig::loop_break_delta_c`].
+//!
+//! The programmer ([`FurnaceConfig::programs`] programs of 16 segments) runs a written program:
+//! run starts from PV ("servo to PV"), the programmer setpoint then drives the working setpoint
+//! (register 2 keeps the controller's own setpoint, used again after reset), hold freezes it,
+//! and after an end segment (or the 16th) the program is complete: status bit 9, setpoint kept
+//! until reset. Holdback (state 8) is not simulated. Programmer durations are in
+//! [`FurnaceConfig::program_time_unit_s`] units (minutes by default) in the integer region.
 //!
 //! Every other address answers exception 02 (also when a multi-register read spans one); an
 //! out-of-range value or a write to a read-only register answers 03.
@@ -69,6 +83,7 @@
 //! cover both words of a parameter (function 16), else exception 03.
 
 mod model;
+mod programmer;
 mod registers;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -78,6 +93,7 @@ use ppu_drivers::Clock;
 use tokio_modbus::ExceptionCode;
 
 pub use model::FurnaceModel;
+pub use programmer::ProgramState;
 
 /// Plant, controller and register configuration.
 ///
@@ -142,9 +158,17 @@ pub struct FurnaceConfig {
     /// PV rise that counts as "the loop responds" for loop-break detection, °C.
     pub loop_break_delta_c: f64,
 
+    /// Programs the setpoint programmer stores (1–20).
+    pub programs: u16,
+    /// Seconds per programmer time unit (dwell and ramp-time durations, time remaining): 60
+    /// for minutes, 3600 for hours, 1 for seconds.
+    pub program_time_unit_s: f64,
+
     /// Register 107.
     pub firmware_version: u16,
-    /// Register 122.
+    /// Register 122, the instrument ident: hex `>ABCD` with A = 2 (series 2000), B = 4 (2400),
+    /// C = the DIN size (4 = 1/4 DIN, 8 = 1/8 DIN), D = 0 (PID controller). Default `0x2440`,
+    /// a 2404; a 2408 is `0x2480`.
     pub ident: u16,
 }
 
@@ -177,8 +201,10 @@ impl Default for FurnaceConfig {
             sensor_break_output_pct: 0.0,
             loop_break_time_s: 600.0,
             loop_break_delta_c: 2.0,
+            programs: 4,
+            program_time_unit_s: 60.0,
             firmware_version: 0x0312,
-            ident: 0x2BCD,
+            ident: 0x2440,
         }
     }
 }
@@ -202,6 +228,10 @@ pub struct FurnaceSnapshot {
     pub manual: bool,
     pub sensor_break: bool,
     pub heater_fail: bool,
+    /// Programmer state (register 23).
+    pub program_state: ProgramState,
+    /// Current program segment, 1-based; 0 when reset (register 56).
+    pub program_segment: u16,
 }
 
 /// Status bits of register 75.
@@ -244,6 +274,21 @@ pub mod reg {
     pub const INPUT_MV: u16 = 202;
     pub const AUTO_MANUAL: u16 = 273;
     pub const ACK_ALARMS: u16 = 274;
+    /// Programmer: selected program (1-based).
+    pub const PROGRAM_NUMBER: u16 = 22;
+    /// Programmer state, bit-coded: 1 reset, 2 run, 4 hold, 8 holdback, 16 complete.
+    pub const PROGRAM_STATE: u16 = 23;
+    /// Type of the current segment.
+    pub const SEGMENT_TYPE: u16 = 29;
+    /// Time left in the current segment, programmer time units.
+    pub const SEGMENT_TIME_LEFT: u16 = 36;
+    /// Current segment, 1-based.
+    pub const PROGRAM_SEGMENT: u16 = 56;
+    /// Time left in the program, programmer time units.
+    pub const PROGRAM_TIME_LEFT: u16 = 58;
+    /// Program data: program `p` (1-based), segment `s` (1–16; 0 is the program's general
+    /// block) at `PROGRAM_DATA + 136·p + 8·s`; `+0` type, `+1` target, `+2` rate or duration.
+    pub const PROGRAM_DATA: u16 = 8192;
     /// Start of the float region: parameter `n` is at `FLOAT_BASE + 2n`.
     pub const FLOAT_BASE: u16 = 0x8000;
 }

@@ -5,7 +5,8 @@ use std::collections::VecDeque;
 
 use tokio_modbus::ExceptionCode;
 
-use super::registers::{self, Param, Slot};
+use super::programmer::{self, Cell, Programmer};
+use super::registers::{self, Kind, Param, Slot};
 use super::{FurnaceConfig, FurnaceSnapshot, status};
 
 const STEFAN_BOLTZMANN: f64 = 5.670_374_419e-8;
@@ -62,6 +63,8 @@ pub struct FurnaceModel {
     loop_break: bool,
     /// (seconds at full output, PV when the window started)
     loop_break_window: Option<(f64, f64)>,
+
+    programmer: Programmer,
 }
 
 fn finite_or(value: f64, fallback: f64) -> f64 {
@@ -100,6 +103,8 @@ fn sanitise(mut c: FurnaceConfig) -> FurnaceConfig {
         finite_or(c.sensor_break_output_pct, 0.0).clamp(OUTPUT_MIN, OUTPUT_MAX);
     c.loop_break_time_s = finite_or(c.loop_break_time_s, 0.0).max(0.0);
     c.loop_break_delta_c = finite_or(c.loop_break_delta_c, d.loop_break_delta_c).max(0.0);
+    c.programs = c.programs.clamp(1, programmer::MAX_PROGRAMS);
+    c.program_time_unit_s = finite_or(c.program_time_unit_s, d.program_time_unit_s).max(1e-3);
     c
 }
 
@@ -147,6 +152,7 @@ impl FurnaceModel {
             prev_alarm_bits: 0,
             loop_break: false,
             loop_break_window: None,
+            programmer: Programmer::new(cfg.programs),
             cfg,
         };
         model.update_alarms();
@@ -198,6 +204,8 @@ impl FurnaceModel {
             manual: self.manual,
             sensor_break: self.sensor_break,
             heater_fail: self.heater_fail,
+            program_state: self.programmer.state(),
+            program_segment: self.programmer.segment_number(),
         }
     }
 
@@ -231,28 +239,65 @@ impl FurnaceModel {
         }
         (0..count)
             .map(|i| match registers::slot(addr + i)? {
-                Slot::Int(p) => Ok(registers::encode_int(
-                    p.kind(),
-                    self.get(p),
-                    self.cfg.decimal_places,
-                )),
+                Slot::Int(p) => {
+                    let (kind, value) = self.value_of(p)?;
+                    Ok(self.encode_int(kind, value))
+                }
                 Slot::Float(p, low) => {
-                    let words = registers::encode_float(p.kind(), self.get(p));
-                    Ok(words[usize::from(low)])
+                    let (kind, value) = self.value_of(p)?;
+                    Ok(registers::encode_float(kind, value)[usize::from(low)])
                 }
             })
             .collect()
+    }
+
+    /// A parameter's representation and value (program data cells have their own).
+    fn value_of(&self, p: Param) -> Result<(Kind, f64), ExceptionCode> {
+        let Param::ProgramData(addr) = p else {
+            return Ok((p.kind(), self.get(p)));
+        };
+        let (program, block, field) =
+            programmer::locate(addr, self.cfg.programs).ok_or(ExceptionCode::IllegalDataAddress)?;
+        let cell = self
+            .programmer
+            .cell(program, block, field)
+            .ok_or(ExceptionCode::IllegalDataAddress)?;
+        Ok(match cell {
+            Cell::Word(w) => (Kind::Word, f64::from(w)),
+            Cell::Temp(v) => (Kind::Temp, v),
+            Cell::Time(s) => (Kind::ProgramTime, s),
+        })
+    }
+
+    fn encode_int(&self, kind: Kind, value: f64) -> u16 {
+        match kind {
+            Kind::ProgramTime => {
+                registers::encode_int(Kind::Word, value / self.cfg.program_time_unit_s, 0)
+            }
+            _ => registers::encode_int(kind, value, self.cfg.decimal_places),
+        }
+    }
+
+    fn decode_int(&self, kind: Kind, word: u16) -> f64 {
+        match kind {
+            Kind::ProgramTime => f64::from(word) * self.cfg.program_time_unit_s,
+            _ => registers::decode_int(kind, word, self.cfg.decimal_places),
+        }
     }
 
     /// Function 06. A single write into the float region is refused (03): floats take two
     /// words.
     pub fn write_register(&mut self, addr: u16, value: u16) -> Result<(), ExceptionCode> {
         match registers::slot(addr)? {
-            Slot::Int(p) => self.set(
-                p,
-                registers::decode_int(p.kind(), value, self.cfg.decimal_places),
-            ),
-            Slot::Float(..) => Err(ExceptionCode::IllegalDataValue),
+            Slot::Int(p) => {
+                let (kind, _) = self.value_of(p)?;
+                self.set(p, self.decode_int(kind, value))
+            }
+            Slot::Float(p, _) => {
+                // Unmapped program data is an address error even here.
+                self.value_of(p)?;
+                Err(ExceptionCode::IllegalDataValue)
+            }
         }
     }
 
@@ -266,7 +311,8 @@ impl FurnaceModel {
         }
         // Check every address first so that an unmapped one answers 02 whatever the values.
         for i in 0..values.len() {
-            registers::slot(addr + i as u16)?;
+            let (Slot::Int(p) | Slot::Float(p, _)) = registers::slot(addr + i as u16)?;
+            self.value_of(p)?;
         }
         let mut next = self.clone();
         let mut i = 0;
@@ -274,13 +320,16 @@ impl FurnaceModel {
             let a = addr + i as u16;
             match registers::slot(a)? {
                 Slot::Int(p) => {
-                    let v = registers::decode_int(p.kind(), values[i], next.cfg.decimal_places);
+                    // The kind after the earlier words of this write (a segment's type first).
+                    let (kind, _) = next.value_of(p)?;
+                    let v = next.decode_int(kind, values[i]);
                     next.set(p, v)?;
                     i += 1;
                 }
                 Slot::Float(p, false) => {
                     let low = *values.get(i + 1).ok_or(ExceptionCode::IllegalDataValue)?;
-                    next.set(p, registers::decode_float(p.kind(), [values[i], low]))?;
+                    let (kind, _) = next.value_of(p)?;
+                    next.set(p, registers::decode_float(kind, [values[i], low]))?;
                     i += 2;
                 }
                 Slot::Float(_, true) => return Err(ExceptionCode::IllegalDataValue),
@@ -321,6 +370,14 @@ impl FurnaceModel {
             }
             Param::AutoManual => f64::from(u8::from(self.manual)),
             Param::AckAlarms => 0.0,
+            Param::ProgramNumber => f64::from(self.programmer.number()),
+            Param::ProgramState => f64::from(self.programmer.state().bits()),
+            Param::SegmentType => f64::from(self.programmer.segment_type()),
+            Param::SegmentTimeLeft => self.programmer.segment_time_left_s(),
+            Param::ProgramSegment => f64::from(self.programmer.segment_number()),
+            Param::ProgramTimeLeft => self.programmer.program_time_left_s(),
+            // Read through `value_of`.
+            Param::ProgramData(_) => 0.0,
         }
     }
 
@@ -352,7 +409,46 @@ impl FurnaceModel {
             | Param::Status
             | Param::Firmware
             | Param::Ident
-            | Param::InputMv => return Err(ExceptionCode::IllegalDataValue),
+            | Param::InputMv
+            | Param::SegmentType
+            | Param::SegmentTimeLeft
+            | Param::ProgramSegment
+            | Param::ProgramTimeLeft => return Err(ExceptionCode::IllegalDataValue),
+            Param::ProgramNumber => {
+                if !whole(v) || v < 0.0 || v > f64::from(u16::MAX) {
+                    return Err(ExceptionCode::IllegalDataValue);
+                }
+                self.programmer.select(v.round() as u16)?;
+            }
+            Param::ProgramState => {
+                if !whole(v) || v < 0.0 || v > f64::from(u16::MAX) {
+                    return Err(ExceptionCode::IllegalDataValue);
+                }
+                let was_active = self.programmer.setpoint().is_some();
+                self.programmer.command(v.round() as u16, self.pv_c)?;
+                if was_active && self.programmer.setpoint().is_none() {
+                    // Reset: back to the controller's own setpoint, ramping from PV if a
+                    // rate limit is set, as after a setpoint change.
+                    self.working_sp_c = if self.rate_c_per_min > 0.0 {
+                        self.pv_c
+                    } else {
+                        self.target_sp_c
+                    };
+                }
+            }
+            Param::ProgramData(addr) => {
+                let (program, block, field) = programmer::locate(addr, self.cfg.programs)
+                    .ok_or(ExceptionCode::IllegalDataAddress)?;
+                let max_rate = self.cfg.rate_limit_max_c_per_min;
+                self.programmer.set_cell(
+                    program,
+                    block,
+                    field,
+                    v,
+                    (self.cfg.sp_min_c, self.cfg.sp_max_c),
+                    max_rate,
+                )?;
+            }
             Param::TargetSp | Param::Sp1 => {
                 let v = self.check_sp(v)?;
                 if !self.scaled_equal(v, self.target_sp_c) {
@@ -450,8 +546,12 @@ impl FurnaceModel {
     fn step(&mut self) {
         let dt = self.dt;
 
-        // Working setpoint follows the target at the rate limit.
-        if self.rate_c_per_min > 0.0 {
+        // A program in progress drives the working setpoint; otherwise it follows the target
+        // at the rate limit.
+        self.programmer.advance(dt);
+        if let Some(sp) = self.programmer.setpoint() {
+            self.working_sp_c = sp;
+        } else if self.rate_c_per_min > 0.0 {
             let max_step = self.rate_c_per_min / 60.0 * dt;
             let diff = self.target_sp_c - self.working_sp_c;
             if diff.abs() <= max_step {
@@ -602,8 +702,14 @@ impl FurnaceModel {
         if self.new_alarm {
             bits |= status::NEW_ALARM;
         }
-        if !self.scaled_equal(self.working_sp_c, self.target_sp_c) {
+        let following_target = self.programmer.setpoint().is_none();
+        if self.programmer.ramping()
+            || (following_target && !self.scaled_equal(self.working_sp_c, self.target_sp_c))
+        {
             bits |= status::RAMP_RUNNING;
+        }
+        if self.programmer.state() == super::ProgramState::Complete {
+            bits |= status::PROGRAM_END;
         }
         bits
     }

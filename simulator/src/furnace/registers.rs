@@ -28,6 +28,14 @@ pub(crate) enum Param {
     InputMv,
     AutoManual,
     AckAlarms,
+    ProgramNumber,
+    ProgramState,
+    SegmentType,
+    SegmentTimeLeft,
+    ProgramSegment,
+    ProgramTimeLeft,
+    /// A register of the program data region (its address); the model knows what it holds.
+    ProgramData(u16),
 }
 
 /// How a parameter is represented on the wire.
@@ -43,6 +51,9 @@ pub(crate) enum Kind {
     Millivolts,
     /// A plain unsigned word (status, enumerations, versions).
     Word,
+    /// Programmer durations: whole programmer time units (integer region) / u32 milliseconds
+    /// (float region). The value is in seconds.
+    ProgramTime,
 }
 
 impl Param {
@@ -69,6 +80,15 @@ impl Param {
             reg::INPUT_MV => Param::InputMv,
             reg::AUTO_MANUAL => Param::AutoManual,
             reg::ACK_ALARMS => Param::AckAlarms,
+            reg::PROGRAM_NUMBER => Param::ProgramNumber,
+            reg::PROGRAM_STATE => Param::ProgramState,
+            reg::SEGMENT_TYPE => Param::SegmentType,
+            reg::SEGMENT_TIME_LEFT => Param::SegmentTimeLeft,
+            reg::PROGRAM_SEGMENT => Param::ProgramSegment,
+            reg::PROGRAM_TIME_LEFT => Param::ProgramTimeLeft,
+            n if (super::programmer::PROGRAM_BASE..super::programmer::PROGRAM_END).contains(&n) => {
+                Param::ProgramData(n)
+            }
             _ => return None,
         })
     }
@@ -92,7 +112,14 @@ impl Param {
             | Param::Firmware
             | Param::Ident
             | Param::AutoManual
-            | Param::AckAlarms => Kind::Word,
+            | Param::AckAlarms
+            | Param::ProgramNumber
+            | Param::ProgramState
+            | Param::SegmentType
+            | Param::ProgramSegment
+            // Program data: the model decides per cell.
+            | Param::ProgramData(_) => Kind::Word,
+            Param::SegmentTimeLeft | Param::ProgramTimeLeft => Kind::ProgramTime,
         }
     }
 }
@@ -138,7 +165,7 @@ pub(crate) fn encode_int(kind: Kind, value: f64, dp: u8) -> u16 {
         Kind::Temp => scaled_i16(value, dp_scale(dp)),
         Kind::Pct => scaled_i16(value, 10.0),
         Kind::Millivolts => scaled_i16(value, 100.0),
-        Kind::Seconds | Kind::Word => {
+        Kind::Seconds | Kind::Word | Kind::ProgramTime => {
             let v = value.round();
             if v.is_nan() {
                 0
@@ -156,14 +183,14 @@ pub(crate) fn decode_int(kind: Kind, word: u16, dp: u8) -> f64 {
         Kind::Temp => signed / dp_scale(dp),
         Kind::Pct => signed / 10.0,
         Kind::Millivolts => signed / 100.0,
-        Kind::Seconds | Kind::Word => f64::from(word),
+        Kind::Seconds | Kind::Word | Kind::ProgramTime => f64::from(word),
     }
 }
 
 /// Engineering value → float-region register pair (high word first).
 pub(crate) fn encode_float(kind: Kind, value: f64) -> [u16; 2] {
     let bits = match kind {
-        Kind::Seconds => {
+        Kind::Seconds | Kind::ProgramTime => {
             let ms = (value * 1000.0).round();
             if ms.is_nan() {
                 0
@@ -180,7 +207,7 @@ pub(crate) fn encode_float(kind: Kind, value: f64) -> [u16; 2] {
 pub(crate) fn decode_float(kind: Kind, words: [u16; 2]) -> f64 {
     let bits = (u32::from(words[0]) << 16) | u32::from(words[1]);
     match kind {
-        Kind::Seconds => f64::from(bits) / 1000.0,
+        Kind::Seconds | Kind::ProgramTime => f64::from(bits) / 1000.0,
         _ => f64::from(f32::from_bits(bits)),
     }
 }

@@ -56,7 +56,7 @@ fn power_up_registers_are_scaled() {
     assert_eq!(read1(&m, reg::RATE_LIMIT), 0);
     assert_eq!(read1(&m, reg::STATUS), 0);
     assert_eq!(read1(&m, reg::FAST_STATUS), 0);
-    assert_eq!(read1(&m, reg::IDENT), 0x2BCD);
+    assert_eq!(read1(&m, reg::IDENT), 0x2440);
     assert_eq!(read1(&m, reg::FIRMWARE), 0x0312);
     assert_eq!(read1(&m, reg::AUTO_MANUAL), 0);
     assert_eq!(read1(&m, reg::INPUT_MV), 0);
@@ -153,7 +153,7 @@ fn read_only_registers_refuse_writes() {
             "reg {addr}"
         );
     }
-    assert_eq!(read1(&m, reg::IDENT), 0x2BCD);
+    assert_eq!(read1(&m, reg::IDENT), 0x2440);
 }
 
 #[test]
@@ -701,4 +701,159 @@ fn sim_furnace_follows_the_scaled_clock() {
     assert!(!f.is_silent());
     f.set_silent(true);
     assert!(clone.is_silent());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Setpoint programmer (registers 22, 23, 29, 36, 56, 58 and the program data region)
+
+/// First register of segment `s` (1-based) of program `p` (1-based).
+fn seg(p: u16, s: u16) -> u16 {
+    reg::PROGRAM_DATA + 136 * p + 8 * s
+}
+
+/// Program 1: ramp to 100 °C at 10 °C/min, dwell 2 min, step to 50 °C, end.
+fn write_program(m: &mut FurnaceModel) {
+    m.write_registers(seg(1, 1), &[1, t(100.0), t(10.0)])
+        .unwrap();
+    m.write_registers(seg(1, 2), &[3, t(0.0), 2]).unwrap();
+    m.write_registers(seg(1, 3), &[4, t(50.0)]).unwrap();
+    m.write_register(seg(1, 4), 0).unwrap();
+}
+
+#[test]
+fn programmer_registers_power_up_reset() {
+    let m = model();
+    assert_eq!(read1(&m, reg::PROGRAM_NUMBER), 1);
+    assert_eq!(read1(&m, reg::PROGRAM_STATE), 1);
+    for r in [
+        reg::PROGRAM_SEGMENT,
+        reg::SEGMENT_TYPE,
+        reg::SEGMENT_TIME_LEFT,
+        reg::PROGRAM_TIME_LEFT,
+    ] {
+        assert_eq!(read1(&m, r), 0, "register {r}");
+    }
+    // Program data reads back as stored: empty programs are all "end" segments.
+    assert_eq!(m.read_registers(seg(1, 1), 3).unwrap(), vec![0, 0, 0]);
+}
+
+#[test]
+fn program_data_reads_back_with_its_own_scaling() {
+    let mut m = model();
+    write_program(&mut m);
+    assert_eq!(
+        m.read_registers(seg(1, 1), 3).unwrap(),
+        vec![1, t(100.0), t(10.0)]
+    );
+    // A dwell's duration is in programmer time units (minutes by default).
+    assert_eq!(m.read_registers(seg(1, 2), 3).unwrap(), vec![3, 0, 2]);
+    // The float region serves program data too: target 100 °C, dwell 120 000 ms.
+    let target = reg::FLOAT_BASE + 2 * (seg(1, 1) + 1);
+    assert_eq!(
+        m.read_registers(target, 2).unwrap(),
+        float_words(100.0).to_vec()
+    );
+    let dwell = reg::FLOAT_BASE + 2 * (seg(1, 2) + 2);
+    assert_eq!(m.read_registers(dwell, 2).unwrap(), vec![0x0001, 0xD4C0]);
+}
+
+#[test]
+fn a_written_program_runs_holds_completes_and_resets() {
+    let mut m = model();
+    write_program(&mut m);
+    m.write_register(reg::PROGRAM_STATE, 2).unwrap();
+    assert_eq!(read1(&m, reg::PROGRAM_STATE), 2);
+    assert_eq!(read1(&m, reg::PROGRAM_SEGMENT), 1);
+    assert_eq!(read1(&m, reg::SEGMENT_TYPE), 1);
+    // 75 °C at 10 °C/min: 7.5 min left in the ramp, 9.5 min in the program (whole minutes).
+    assert_eq!(read1(&m, reg::SEGMENT_TIME_LEFT), 8);
+    assert_eq!(read1(&m, reg::PROGRAM_TIME_LEFT), 10);
+
+    m.advance_to(300.0);
+    assert_eq!(read_c(&m, reg::WORKING_SP), 75.0);
+    assert_ne!(read1(&m, reg::STATUS) & status::RAMP_RUNNING, 0);
+
+    // Hold freezes the programmer setpoint.
+    m.write_register(reg::PROGRAM_STATE, 4).unwrap();
+    m.advance_to(360.0);
+    assert_eq!(read1(&m, reg::PROGRAM_STATE), 4);
+    assert_eq!(read_c(&m, reg::WORKING_SP), 75.0);
+    m.write_register(reg::PROGRAM_STATE, 2).unwrap();
+
+    // 2.5 min more of ramp, then the 2 min dwell at 100 °C.
+    m.advance_to(360.0 + 150.0 + 60.0);
+    assert_eq!(read1(&m, reg::PROGRAM_SEGMENT), 2);
+    assert_eq!(read1(&m, reg::SEGMENT_TYPE), 3);
+    assert_eq!(read_c(&m, reg::WORKING_SP), 100.0);
+    assert_eq!(read1(&m, reg::SEGMENT_TIME_LEFT), 1);
+
+    // The step and the end: complete, at the last setpoint, "program end" in the status.
+    m.advance_to(360.0 + 150.0 + 121.0);
+    assert_eq!(read1(&m, reg::PROGRAM_STATE), 16);
+    assert_eq!(read_c(&m, reg::WORKING_SP), 50.0);
+    assert_ne!(read1(&m, reg::STATUS) & status::PROGRAM_END, 0);
+    assert_eq!(read1(&m, reg::PROGRAM_TIME_LEFT), 0);
+
+    // Reset: back to the controller's own setpoint.
+    m.write_register(reg::PROGRAM_STATE, 1).unwrap();
+    m.advance_to(700.0);
+    assert_eq!(read1(&m, reg::PROGRAM_STATE), 1);
+    assert_eq!(read1(&m, reg::PROGRAM_SEGMENT), 0);
+    assert_eq!(read_c(&m, reg::WORKING_SP), 25.0);
+    assert_eq!(read1(&m, reg::STATUS) & status::PROGRAM_END, 0);
+}
+
+#[test]
+fn programmer_refuses_what_a_2400_refuses() {
+    let mut m = model();
+    write_program(&mut m);
+    // Segment types 0–4 only; targets within the setpoint range; states 1, 2, 4 only.
+    assert_eq!(m.write_register(seg(1, 5), 5), Err(IllegalDataValue));
+    assert_eq!(
+        m.write_register(seg(1, 5) + 1, t(1500.0)),
+        Err(IllegalDataValue)
+    );
+    assert_eq!(
+        m.write_register(reg::PROGRAM_STATE, 3),
+        Err(IllegalDataValue)
+    );
+    assert_eq!(
+        m.write_register(reg::PROGRAM_STATE, 16),
+        Err(IllegalDataValue)
+    );
+    assert_eq!(
+        m.write_register(reg::PROGRAM_STATE, 4),
+        Err(IllegalDataValue)
+    );
+    // Four programs are stored: a fifth does not exist.
+    assert_eq!(
+        m.write_register(reg::PROGRAM_NUMBER, 5),
+        Err(IllegalDataValue)
+    );
+    assert_eq!(m.read_registers(seg(5, 1), 1), Err(IllegalDataAddress));
+    assert_eq!(
+        m.read_registers(reg::PROGRAM_DATA, 1),
+        Err(IllegalDataAddress)
+    );
+    // Status registers are read-only.
+    for r in [
+        reg::PROGRAM_SEGMENT,
+        reg::SEGMENT_TYPE,
+        reg::SEGMENT_TIME_LEFT,
+        reg::PROGRAM_TIME_LEFT,
+    ] {
+        assert_eq!(
+            m.write_register(r, 1),
+            Err(IllegalDataValue),
+            "register {r}"
+        );
+    }
+    // While it runs, the program cannot be swapped or edited; others can.
+    m.write_register(reg::PROGRAM_STATE, 2).unwrap();
+    assert_eq!(
+        m.write_register(reg::PROGRAM_NUMBER, 2),
+        Err(IllegalDataValue)
+    );
+    assert_eq!(m.write_register(seg(1, 1), 4), Err(IllegalDataValue));
+    assert_eq!(m.write_register(seg(2, 1), 4), Ok(()));
 }
