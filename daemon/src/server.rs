@@ -175,7 +175,9 @@ fn require_target(caller: &Caller, id: &str) -> Result<(), Status> {
     Ok(())
 }
 
-/// Runs `produce` until it finishes, the client hangs up, or shutdown.
+/// Runs `produce` until it finishes, the client hangs up, or shutdown. The client hanging up
+/// is watched directly (the receiver dropped), not only noticed by the next send: a filtered
+/// stream that never sends must still give its slot back when its client goes away.
 fn spawn_stream<T, F>(
     stop: CancellationToken,
     slot: StreamSlot,
@@ -186,11 +188,13 @@ where
     F: Future<Output = ()> + Send + 'static,
 {
     let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+    let gone = tx.clone();
     let fut = produce(tx);
     tokio::spawn(async move {
         let _slot = slot;
         tokio::select! {
             _ = fut => {}
+            _ = gone.closed() => {}
             _ = stop.cancelled() => {}
         }
     });

@@ -1,0 +1,168 @@
+//! A hostile or unlucky client against a real daemon (in-process, one simulated furnace behind
+//! Modbus TCP): stream slots that must come back when clients go away, inputs beyond the
+//! configured bounds, and request bodies that do not decode.
+//!
+//! Every wait is a condition polled with a deadline (the `ppu_active_streams` gauge on the
+//! daemon's own Prometheus endpoint); nothing waits on a fixed sleep. This binary's tests are
+//! the only ones in their process that open streams, so the process-wide gauge is theirs.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use pb::event_service_client::EventServiceClient;
+use pb::experiment_service_client::ExperimentServiceClient;
+use ppu_daemon::app::{Daemon, Security};
+use ppu_daemon::config::Policies;
+use ppu_daemon::dev::DevLab;
+use ppu_daemon::devices::PollSettings;
+use ppu_daemon::server::Limits;
+use ppu_drivers::Clock;
+use ppu_proto::v1 as pb;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tonic::Code;
+use tonic::transport::{Channel, Endpoint};
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+struct Lab {
+    daemon: Daemon,
+    devlab: DevLab,
+}
+
+impl Lab {
+    async fn start(dir: &Path, limits: Limits) -> Lab {
+        let devlab = DevLab::start(Clock::new(2000.0), 1)
+            .await
+            .expect("simulated furnace");
+        let poll = PollSettings {
+            poll_interval: Duration::from_millis(100),
+            reading_log_interval: Duration::from_secs(1),
+        };
+        let security = Security {
+            limits,
+            metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            ..Security::default()
+        };
+        let daemon = devlab
+            .start_secured_daemon(
+                SocketAddr::from(([127, 0, 0, 1], 0)),
+                dir,
+                poll,
+                &Policies::default(),
+                security,
+            )
+            .await
+            .expect("daemon starts");
+        Lab { daemon, devlab }
+    }
+
+    fn channel(&self) -> Channel {
+        Endpoint::from_shared(format!("http://{}", self.daemon.addr()))
+            .expect("url")
+            .connect_lazy()
+    }
+
+    /// The value of `name{label}` in a fresh scrape of the daemon's `/metrics`; 0 if absent.
+    async fn metric(&self, name: &str, label: &str) -> f64 {
+        let addr = self.daemon.metrics_addr().expect("metrics endpoint");
+        let mut s = TcpStream::connect(addr).await.expect("connect to /metrics");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: ppud\r\n\r\n")
+            .await
+            .expect("send request");
+        let mut raw = String::new();
+        tokio::time::timeout(DEADLINE, s.read_to_string(&mut raw))
+            .await
+            .expect("the endpoint answers in time")
+            .expect("read response");
+        let series = format!("{name}{{{label}}} ");
+        raw.lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .map(|v| v.parse().expect("a numeric sample"))
+            .unwrap_or(0.0)
+    }
+
+    /// Waits until the daemon counts `n` open event streams.
+    async fn open_event_streams(&self, n: f64) {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let open = self.metric("ppu_active_streams", "kind=\"events\"").await;
+            if open == n {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{open} event streams still open, expected {n}: slots leak"
+            );
+            tokio::task::yield_now().await;
+        }
+    }
+
+    async fn stop(self) {
+        tokio::time::timeout(DEADLINE, self.daemon.shutdown())
+            .await
+            .expect("shutdown within the deadline");
+        self.devlab.shutdown().await;
+    }
+}
+
+/// A stream whose filter matches nothing: it never sends, so only watching for the client's
+/// departure can free its slot.
+fn filtered() -> pb::StreamEventsRequest {
+    pb::StreamEventsRequest {
+        experiment_id: "no-such-experiment".into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_cancelled_filtered_streams_leave_every_slot_free() {
+    const MAX_STREAMS: usize = 32;
+    const ROUND: usize = 25;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lab = Lab::start(
+        dir.path(),
+        Limits {
+            max_streams: MAX_STREAMS,
+            ..Limits::default()
+        },
+    )
+    .await;
+    let mut ev = EventServiceClient::new(lab.channel());
+    lab.open_event_streams(0.0).await;
+
+    // 1,000 streams opened and cancelled by their clients, in rounds that fit under the limit;
+    // after each round every slot must come back.
+    for _ in 0..1000 / ROUND {
+        let mut open = Vec::with_capacity(ROUND);
+        for _ in 0..ROUND {
+            open.push(ev.stream_events(filtered()).await.expect("a slot is free"));
+        }
+        lab.open_event_streams(ROUND as f64).await;
+        drop(open);
+        lab.open_event_streams(0.0).await;
+    }
+
+    // The daemon still holds max_streams live streams, and refuses the next.
+    let mut live = Vec::with_capacity(MAX_STREAMS);
+    for i in 0..MAX_STREAMS {
+        live.push(
+            ev.stream_events(filtered())
+                .await
+                .unwrap_or_else(|e| panic!("stream {i} of {MAX_STREAMS}: {e:?}")),
+        );
+    }
+    let err = ev
+        .stream_events(filtered())
+        .await
+        .expect_err("one stream over the limit");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("limits.max_streams"), "{err:?}");
+    drop(live);
+    lab.open_event_streams(0.0).await;
+    ev.stream_events(filtered())
+        .await
+        .expect("a slot after the live streams closed");
+    lab.stop().await;
+}
