@@ -166,3 +166,53 @@ async fn a_thousand_cancelled_filtered_streams_leave_every_slot_free() {
         .expect("a slot after the live streams closed");
     lab.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_500000_segment_program_is_refused_naming_the_field_and_the_limit() {
+    use pb::furnace_segment::Kind as S;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lab = Lab::start(dir.path(), Limits::default()).await;
+    let mut ex = ExperimentServiceClient::new(lab.channel());
+    let segment = pb::FurnaceSegment {
+        kind: Some(S::Hold(pb::Hold { duration_s: 1.0 })),
+    };
+    let spec = pb::ExperimentSpec {
+        name: "huge".into(),
+        sample_id: "s-huge".into(),
+        steps: vec![pb::Step {
+            device_id: String::new(),
+            kind: Some(pb::step::Kind::Furnace(pb::FurnaceProgram {
+                segments: vec![segment; 500_000],
+            })),
+        }],
+        ..Default::default()
+    };
+    let err = ex
+        .submit_batch(pb::SubmitBatchRequest {
+            idempotency_key: "huge".into(),
+            experiments: vec![spec],
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert_eq!(
+        err.metadata()
+            .get("ppu-field-path")
+            .and_then(|v| v.to_str().ok()),
+        Some("experiments[0].steps[0].furnace.segments"),
+        "{err:?}"
+    );
+    assert!(
+        err.message()
+            .contains("500000 segments, at most 1000 (limits.max_program_segments)"),
+        "{err:?}"
+    );
+    // Nothing of it was stored.
+    let listed = ex
+        .list_experiments(pb::ListExperimentsRequest::default())
+        .await
+        .expect("list")
+        .into_inner();
+    assert!(listed.experiments.is_empty(), "{listed:?}");
+    lab.stop().await;
+}
