@@ -1,6 +1,6 @@
 //! A hostile or unlucky client against a real daemon (in-process, one simulated furnace behind
 //! Modbus TCP): stream slots that must come back when clients go away, inputs beyond the
-//! configured bounds, and request bodies that do not decode.
+//! configured bounds, and request bodies that do not decode (sent as raw gRPC frames).
 //!
 //! Every wait is a condition polled with a deadline (the `ppu_active_streams` gauge on the
 //! daemon's own Prometheus endpoint); nothing waits on a fixed sleep. This binary's tests are
@@ -19,10 +19,14 @@ use ppu_daemon::devices::PollSettings;
 use ppu_daemon::server::Limits;
 use ppu_drivers::Clock;
 use ppu_proto::v1 as pb;
+use prost::Message;
+use prost::bytes::{Buf, BufMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tonic::Code;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -214,5 +218,147 @@ async fn a_500000_segment_program_is_refused_naming_the_field_and_the_limit() {
         .expect("list")
         .into_inner();
     assert!(listed.experiments.is_empty(), "{listed:?}");
+    lab.stop().await;
+}
+
+/// Sends its bytes as the gRPC message as they are, and hands back the reply's bytes: a client
+/// that can send what no generated client would.
+#[derive(Debug, Clone, Copy, Default)]
+struct RawCodec;
+
+impl Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+    fn encoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+    fn decoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+}
+
+impl Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = Status;
+    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = Status;
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
+        Ok(Some(src.copy_to_bytes(src.remaining()).to_vec()))
+    }
+}
+
+async fn raw_call(ch: &Channel, method: &'static str, body: Vec<u8>) -> Result<Vec<u8>, Status> {
+    let mut grpc = tonic::client::Grpc::new(ch.clone());
+    grpc.ready()
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    grpc.unary(
+        tonic::Request::new(body),
+        PathAndQuery::from_static(method),
+        RawCodec,
+    )
+    .await
+    .map(tonic::Response::into_inner)
+}
+
+/// Deterministic noise (a 64-bit LCG), so a failure can be replayed.
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed;
+    (0..len)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (x >> 56) as u8
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_requests_are_invalid_argument_and_counted() {
+    const SUBMIT: &str = "/ppu.v1.ExperimentService/SubmitBatch";
+    const GET: &str = "/ppu.v1.ExperimentService/GetExperiment";
+    const STREAM: &str = "/ppu.v1.EventService/StreamEvents";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lab = Lab::start(dir.path(), Limits::default()).await;
+    let ch = lab.channel();
+    let counted = |method: &str| format!("method=\"{method}\"");
+    let before = lab
+        .metric("ppu_grpc_decode_errors_total", &counted(SUBMIT))
+        .await;
+
+    let valid = pb::SubmitBatchRequest {
+        idempotency_key: "k".into(),
+        experiments: vec![pb::ExperimentSpec {
+            name: "a name long enough to cut".into(),
+            ..Default::default()
+        }],
+    }
+    .encode_to_vec();
+    let mut bodies: Vec<(&str, &'static str, Vec<u8>)> = vec![
+        (
+            "truncated message",
+            SUBMIT,
+            valid[..valid.len() - 5].to_vec(),
+        ),
+        // idempotency_key (field 1, a string) holding 0xff 0xfe.
+        ("invalid UTF-8", SUBMIT, vec![0x0a, 0x02, 0xff, 0xfe]),
+    ];
+    // Random bodies, each checked here not to decode by chance.
+    for seed in 1..=20 {
+        let body = noise(seed, 64);
+        if pb::SubmitBatchRequest::decode(&body[..]).is_err() {
+            bodies.push(("random bytes", SUBMIT, body));
+        }
+    }
+    assert!(bodies.len() > 10, "the noise mostly fails to decode");
+    let n_submit = bodies.len();
+    let random = noise(99, 32);
+    assert!(pb::GetExperimentRequest::decode(&random[..]).is_err());
+    bodies.push(("random bytes", GET, random.clone()));
+    bodies.push(("random bytes", STREAM, random));
+
+    for (what, method, body) in bodies {
+        let err = raw_call(&ch, method, body)
+            .await
+            .expect_err("an undecodable request is refused");
+        assert_eq!(
+            err.code(),
+            Code::InvalidArgument,
+            "{what} to {method}: {err:?}"
+        );
+        assert!(
+            err.message().starts_with("undecodable request: "),
+            "{what} to {method}: {err:?}"
+        );
+    }
+    let after = lab
+        .metric("ppu_grpc_decode_errors_total", &counted(SUBMIT))
+        .await;
+    assert_eq!(after - before, n_submit as f64);
+    assert!(
+        lab.metric("ppu_grpc_decode_errors_total", &counted(STREAM))
+            .await
+            >= 1.0
+    );
+
+    // A well-formed request on the same path still reaches the handler.
+    let reply = raw_call(
+        &ch,
+        GET,
+        pb::GetExperimentRequest { id: "nope".into() }.encode_to_vec(),
+    )
+    .await
+    .expect_err("unknown id");
+    assert_eq!(reply.code(), Code::NotFound, "{reply:?}");
     lab.stop().await;
 }
