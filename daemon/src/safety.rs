@@ -255,6 +255,45 @@ fn limit_rejection(step_path: &str, cmd: &StepCommand, device: &str, e: DeviceEr
     }
 }
 
+/// The devices' verdict on a step: its own check (limits), then the values it declares it
+/// accepts ([`ppu_drivers::Limits::accepted`]), generic over every family.
+fn device_check(
+    d: &crate::devices::DeviceHandle,
+    cmd: &StepCommand,
+    path: &str,
+) -> Result<(), Refusal> {
+    d.driver.check(cmd).map_err(|e| match e {
+        DeviceError::Unsupported(why) => Refusal::Unsupported {
+            device: d.id().to_owned(),
+            why,
+        },
+        e => Refusal::Limit(limit_rejection(path, cmd, d.id(), e)),
+    })?;
+    match d.driver.info().limits.refused_value(cmd) {
+        None => Ok(()),
+        Some(r) => Err(Refusal::Value {
+            field: format!("{path}.{}.{}", kind_prefix(cmd), r.parameter),
+            value: r.value.to_owned(),
+            accepted: format!("{} accepts {}", d.id(), r.accepted.join(", ")),
+        }),
+    }
+}
+
+/// Why one device refuses a step.
+enum Refusal {
+    /// Over a declared limit: the rejection to report.
+    Limit(Rejection),
+    /// A text parameter names a value the device does not accept.
+    Value {
+        field: String,
+        value: String,
+        /// "DEVICE accepts A, B".
+        accepted: String,
+    },
+    /// Not this device's kind of step (e.g. another pump's reagent).
+    Unsupported { device: String, why: String },
+}
+
 /// Checks one step against the devices: a pinned device must exist, have the capability and
 /// accept the step; an unpinned step must fit at least one device with the capability.
 pub fn check_step(s: &pb::Step, path: &str, devices: &Devices) -> Result<(), Rejection> {
@@ -274,26 +313,55 @@ pub fn check_step(s: &pb::Step, path: &str, devices: &Devices) -> Result<(), Rej
                 format!("device \"{}\" has no capability {cap}", s.device_id),
             ));
         }
-        return d
-            .driver
-            .check(&cmd)
-            .map_err(|e| limit_rejection(path, &cmd, d.id(), e));
+        return device_check(d, &cmd, path).map_err(|r| match r {
+            Refusal::Limit(r) => r,
+            Refusal::Value {
+                field,
+                value,
+                accepted,
+            } => Rejection::invalid(field, format!("{value:?} is not accepted ({accepted})")),
+            Refusal::Unsupported { device, why } => {
+                limit_rejection(path, &cmd, &device, DeviceError::Unsupported(why))
+            }
+        });
     }
     // A device that would take this kind of step but for a limit explains the refusal best;
-    // "not my reagent" from every pump means the step names something no device holds.
+    // then a value no device accepts (an unknown adsorptive), with what each accepts; "not my
+    // reagent" from every pump means the step names something no device holds.
     let mut limit_refusal = None;
+    let mut value_refusal: Option<(String, String)> = None;
+    let mut accepted = Vec::new();
     let mut unsupported = Vec::new();
     for d in devices.with(cap) {
-        match d.driver.check(&cmd) {
+        match device_check(d, &cmd, path) {
             Ok(()) => return Ok(()),
-            Err(DeviceError::Unsupported(why)) => unsupported.push(format!("{}: {why}", d.id())),
-            Err(e) => {
-                limit_refusal.get_or_insert_with(|| limit_rejection(path, &cmd, d.id(), e));
+            Err(Refusal::Unsupported { device, why }) => {
+                unsupported.push(format!("{device}: {why}"))
+            }
+            Err(Refusal::Value {
+                field,
+                value,
+                accepted: a,
+            }) => {
+                value_refusal.get_or_insert((field, value));
+                accepted.push(a);
+            }
+            Err(Refusal::Limit(r)) => {
+                limit_refusal.get_or_insert(r);
             }
         }
     }
     if let Some(r) = limit_refusal {
         return Err(r);
+    }
+    if let Some((field, value)) = value_refusal {
+        return Err(Rejection::invalid(
+            field,
+            format!(
+                "{value:?} is not accepted by any device with capability {cap} ({})",
+                accepted.join("; ")
+            ),
+        ));
     }
     if unsupported.is_empty() {
         return Err(Rejection {
@@ -519,7 +587,115 @@ pub fn check_batch(req: &pb::SubmitBatchRequest, devices: &Devices) -> Result<()
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    use ppu_drivers::device::{
+        Capability, DeviceInfo, DeviceStatus, Family, Limits as DeviceLimits, StepContext,
+        StepOutput,
+    };
+
     use super::*;
+
+    /// An analyser that declares the adsorptives it accepts; `check` accepts anything else
+    /// (the daemon's own check must be generic over the declaration).
+    struct Declaring(DeviceInfo);
+
+    #[async_trait::async_trait]
+    impl ppu_drivers::Device for Declaring {
+        fn info(&self) -> &DeviceInfo {
+            &self.0
+        }
+        fn check(&self, _: &StepCommand) -> Result<(), DeviceError> {
+            Ok(())
+        }
+        async fn execute(
+            &self,
+            _: &StepCommand,
+            _: StepContext,
+        ) -> Result<StepOutput, DeviceError> {
+            Err(DeviceError::Unsupported("not in this test".into()))
+        }
+        async fn status(&self) -> Result<DeviceStatus, DeviceError> {
+            Ok(DeviceStatus::default())
+        }
+        async fn safe_state(&self) -> Result<(), DeviceError> {
+            Ok(())
+        }
+    }
+
+    fn analyser(id: &str, adsorptives: &[&str]) -> Arc<dyn ppu_drivers::Device> {
+        Arc::new(Declaring(DeviceInfo {
+            id: id.into(),
+            family: Family::Analyser,
+            driver: "test".into(),
+            transport: "in-process".into(),
+            capabilities: vec![Capability::Isotherm],
+            limits: DeviceLimits {
+                accepted: BTreeMap::from([(
+                    "adsorptive".to_owned(),
+                    adsorptives.iter().map(|a| (*a).to_owned()).collect(),
+                )]),
+                ..DeviceLimits::default()
+            },
+        }))
+    }
+
+    fn devices(list: Vec<Arc<dyn ppu_drivers::Device>>) -> Devices {
+        Devices::with_retry(list, |_| crate::devices::RetryPolicy::default())
+    }
+
+    #[test]
+    fn a_value_no_device_declares_is_refused_at_submission_naming_field_and_accepted_set() {
+        let lab = devices(vec![
+            analyser("analyser-1", &["CO2", "N2"]),
+            analyser("analyser-2", &["Ar"]),
+        ]);
+        let req = |adsorptive: &str, device: &str| pb::SubmitBatchRequest {
+            idempotency_key: "k".into(),
+            experiments: vec![pb::ExperimentSpec {
+                steps: vec![
+                    furnace(1),
+                    furnace(1),
+                    pb::Step {
+                        device_id: device.into(),
+                        ..isotherm(adsorptive, 3)
+                    },
+                ],
+                ..Default::default()
+            }],
+        };
+        let field = "experiments[0].steps[2].isotherm.adsorptive";
+        // Furnace steps have no device here: that is a FAILED_PRECONDITION, reported after
+        // the adsorptive's INVALID_ARGUMENT.
+        let r = check_batch(&req("XENON-999", ""), &lab).expect_err("unknown gas");
+        assert_eq!(r.code, Code::InvalidArgument, "{r:?}");
+        assert_eq!(r.field, field);
+        assert!(r.reason.contains("\"XENON-999\""), "{r:?}");
+        assert!(r.reason.contains("analyser-1 accepts CO2, N2"), "{r:?}");
+        assert!(r.reason.contains("analyser-2 accepts Ar"), "{r:?}");
+
+        let r = check_batch(&req("Ar", "analyser-1"), &lab).expect_err("not on this one");
+        assert_eq!(r.code, Code::InvalidArgument, "{r:?}");
+        assert_eq!(r.field, field);
+        assert!(r.reason.contains("analyser-1 accepts CO2, N2"), "{r:?}");
+
+        // Declared values pass, whatever their ASCII case; the pinned device's own set counts.
+        for (gas, device) in [
+            ("co2", ""),
+            ("N2", "analyser-1"),
+            ("Ar", ""),
+            ("AR", "analyser-2"),
+        ] {
+            let r = check_batch(&req(gas, device), &lab).expect_err("no furnace");
+            assert_eq!(
+                r.code,
+                Code::FailedPrecondition,
+                "{gas} on {device:?}: {r:?}"
+            );
+            assert_eq!(r.field, "experiments[0].steps[0]");
+        }
+    }
 
     fn furnace(segments: usize) -> pb::Step {
         pb::Step {

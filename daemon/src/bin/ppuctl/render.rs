@@ -709,7 +709,7 @@ pub fn device_detail(d: &pb::Device) -> String {
     }
     let _ = writeln!(o, "  holds sample: {}", or_dash(&d.holds_sample_id));
     let _ = writeln!(o, "limits:");
-    let l = d.limits.unwrap_or_default();
+    let l = d.limits.clone().unwrap_or_default();
     let limits = [
         ("max temperature", l.max_temperature_c, "°C"),
         ("min temperature", l.min_temperature_c, "°C"),
@@ -730,6 +730,11 @@ pub fn device_detail(d: &pb::Device) -> String {
             };
             let _ = writeln!(o, "  {name:<16} {} {unit}{extra}", num(v));
         }
+    }
+    for (parameter, values) in &l.accepted {
+        any = true;
+        let name = format!("{parameter}s");
+        let _ = writeln!(o, "  {name:<16} {}", values.values.join(", "));
     }
     if !any {
         let _ = writeln!(o, "  (none declared)");
