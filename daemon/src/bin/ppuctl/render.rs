@@ -1087,6 +1087,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_device_shows_the_values_it_accepts() {
+        let d = pb::Device {
+            id: "analyser-1".into(),
+            limits: Some(pb::DeviceLimits {
+                max_pressure_bar: Some(1.1),
+                accepted: [(
+                    "adsorptive".to_owned(),
+                    pb::AcceptedValues {
+                        values: vec!["CO2".into(), "N2".into()],
+                    },
+                )]
+                .into_iter()
+                .collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let text = device_detail(&d);
+        assert!(text.contains("  max pressure     1.1 bar\n"), "{text}");
+        assert!(text.contains("  adsorptives      CO2, N2\n"), "{text}");
+        let json = crate::json::device(&d);
+        assert_eq!(
+            json["limits"]["accepted"]["adsorptive"],
+            serde_json::json!(["CO2", "N2"])
+        );
+    }
+
+    #[test]
     fn durations_read_naturally() {
         assert_eq!(duration(45.0), "45 s");
         assert_eq!(duration(12.34), "12.3 s");
