@@ -659,7 +659,10 @@ where
                 return Ok(finish(status.into_http(), &path, &request_id));
             }
             req.extensions_mut().insert(caller.clone());
-            let resp = oversized_is_resource_exhausted(inner.call(req).await?);
+            let resp = undecodable_is_invalid_argument(
+                oversized_is_resource_exhausted(inner.call(req).await?),
+                &path,
+            );
             if access.mutates() {
                 // A handler's error travels as a trailers-only reply: grpc-status in the
                 // headers. A success puts grpc-status 0 in the trailers, after the body.
@@ -684,6 +687,40 @@ fn oversized_is_resource_exhausted(resp: http::Response<Body>) -> http::Response
         Some(s) if s.code() == Code::OutOfRange && s.message().contains("length too large") => {
             Status::resource_exhausted(format!("{} (limits.max_message_bytes)", s.message()))
                 .into_http()
+        }
+        _ => resp,
+    }
+}
+
+/// What tonic says, as INTERNAL, when a request body does not decode: Protobuf errors (prost's
+/// `DecodeError`, field path included: invalid UTF-8, truncation, nesting too deep), bad gRPC
+/// framing, a truncated frame, a missing message, a body that does not decompress. No handler
+/// of this daemon reports INTERNAL with these words.
+const DECODE_FAILURES: [&str; 5] = [
+    "failed to decode Protobuf message",
+    "protocol error: received message with",
+    "Unexpected EOF decoding stream",
+    "Missing request message",
+    "Error decompressing",
+];
+
+/// A request that does not decode is the client's error: INVALID_ARGUMENT with a short reason,
+/// counted in `ppu_grpc_decode_errors_total{method}`, instead of tonic's INTERNAL (a server
+/// fault clients would retry). Decoding happens before the handler runs, so the status is
+/// always a trailers-only reply, in the headers.
+fn undecodable_is_invalid_argument(resp: http::Response<Body>, path: &str) -> http::Response<Body> {
+    match Status::from_header_map(resp.headers()) {
+        Some(s)
+            if s.code() == Code::Internal
+                && DECODE_FAILURES.iter().any(|p| s.message().starts_with(p)) =>
+        {
+            crate::metrics::grpc_decode_error(path);
+            let why = s
+                .message()
+                .trim_start_matches("failed to decode Protobuf message: ")
+                .trim_end_matches(", while sending request");
+            let why: String = why.chars().take(200).collect();
+            Status::invalid_argument(format!("undecodable request: {why}")).into_http()
         }
         _ => resp,
     }

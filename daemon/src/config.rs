@@ -406,7 +406,8 @@ pub struct SorptionMqttEntry {
     #[serde(default = "sorption_max_t")]
     pub max_isotherm_temperature_c: f64,
     /// `max_pressure_bar` (isotherm), `max_temperature_c`/`min_temperature_c` (degas),
-    /// `max_hold_s` (degas duration). Absent keys take the driver's defaults.
+    /// `max_hold_s` (degas duration), `accepted.adsorptive` (the gases the instrument has).
+    /// Absent keys take the driver's defaults.
     #[serde(default)]
     pub limits: Option<Limits>,
 }
@@ -562,6 +563,9 @@ impl SorptionMqttEntry {
                 max_temperature_c: l.max_temperature_c.or(d.max_temperature_c),
                 min_temperature_c: l.min_temperature_c.or(d.min_temperature_c),
                 max_hold_s: l.max_hold_s.or(d.max_hold_s),
+                // Per parameter: a configured list (the gases plumbed to this instrument)
+                // replaces the driver's default one.
+                accepted: d.accepted.into_iter().chain(l.accepted.clone()).collect(),
                 ..l.clone()
             };
         }

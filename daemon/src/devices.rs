@@ -442,6 +442,11 @@ impl DeviceHandle {
                 max_volume_ml: l.max_volume_ml,
                 max_rate_ml_per_min: l.max_rate_ml_per_min,
                 max_pressure_bar: l.max_pressure_bar,
+                accepted: l
+                    .accepted
+                    .iter()
+                    .map(|(k, v)| (k.clone(), pb::AcceptedValues { values: v.clone() }))
+                    .collect(),
             }),
             latest,
             connection_error,

@@ -56,6 +56,8 @@ pub const EVENT_LOG_BYTES: &str = "ppu_event_log_bytes";
 pub const ACTIVE_STREAMS: &str = "ppu_active_streams";
 /// Finished gRPC calls; labels `method`, `code`.
 pub const GRPC_REQUESTS: &str = "ppu_grpc_requests_total";
+/// Requests whose body did not decode (answered INVALID_ARGUMENT); label `method`.
+pub const GRPC_DECODE_ERRORS: &str = "ppu_grpc_decode_errors_total";
 
 /// Largest request head the endpoint reads; a longer one is answered 431.
 pub const MAX_HEAD: usize = 8 * 1024;
@@ -205,6 +207,11 @@ pub fn grpc_request(method: &str, code: tonic::Code) {
     counter!(GRPC_REQUESTS, "method" => method.to_owned(), "code" => code_label(code)).increment(1);
 }
 
+/// A request to `method` (full path) did not decode.
+pub fn grpc_decode_error(method: &str) {
+    counter!(GRPC_DECODE_ERRORS, "method" => method.to_owned()).increment(1);
+}
+
 /// The kinds of server stream counted by [`ACTIVE_STREAMS`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StreamKind {
@@ -337,6 +344,11 @@ fn describe_all() {
         Unit::Count,
         "Finished gRPC calls, by full method and status code."
     );
+    describe_counter!(
+        GRPC_DECODE_ERRORS,
+        Unit::Count,
+        "Requests whose body did not decode (bad framing, not the method's Protobuf message, invalid UTF-8), answered INVALID_ARGUMENT, by full method."
+    );
 }
 
 /// Registers, at zero, the series whose labels the process knows up front, so each name is in
@@ -355,6 +367,7 @@ fn register_process_series() {
         gauge!(ACTIVE_STREAMS, "kind" => k.label()).increment(0.0);
     }
     for method in api_methods() {
+        counter!(GRPC_DECODE_ERRORS, "method" => method.clone()).increment(0);
         counter!(GRPC_REQUESTS, "method" => method, "code" => code_label(tonic::Code::Ok))
             .increment(0);
     }

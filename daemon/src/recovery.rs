@@ -5,7 +5,10 @@
 //! running a program ppud started is adopted (`furnace = "adopt"`) or driven to its safe state
 //! (`furnace = "safe"`); any other device is driven to its safe state (a pump stops, an analyser
 //! aborts its measurement). Then every experiment that was RUNNING is resumed from its
-//! interrupted step or marked INTERRUPTED (`on_restart`). Stale reservations are released and
+//! interrupted step or marked INTERRUPTED (`on_restart`); under `interrupt`, one stopped between
+//! steps with nothing in flight (no journaled step, no pending transfer of its sample, no cancel
+//! pending) goes back to the queue at its place instead (`requeued`): nothing physical was cut
+//! short, so a person has nothing to decide. Stale reservations are released and
 //! pending transfers re-requested or dropped. Every decision is a `RecoveryDecision` event,
 //! committed with the records it changes.
 //!
@@ -46,7 +49,8 @@ use crate::store::{Store, StoreError, WriteTx, now_timestamp};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OnRestart {
-    /// Mark them INTERRUPTED (a person decides what to redo).
+    /// Mark them INTERRUPTED (a person decides what to redo) — except one stopped between
+    /// steps with nothing in flight, which goes back to the queue at its place.
     #[default]
     Interrupt,
     /// Resume them from the interrupted step, which runs again from its start — except a
@@ -299,6 +303,14 @@ pub async fn recover(
         return Ok(out);
     }
     let n_decisions = decisions.len();
+    // Experiments asked to cancel after their current step: never requeued.
+    let s = store.clone();
+    let cancel_after: Vec<String> = tokio::task::spawn_blocking(move || s.cancel_after())
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))??
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
     let (interrupted, _) = store
         .write_async(move |w| {
             // Whether a RUNNING experiment ends INTERRUPTED (not resumed, not adopted).
@@ -353,9 +365,12 @@ pub async fn recover(
             }
             let keep: Vec<String> = adopted.iter().map(|a| a.device_id.clone()).collect();
             release_stale(w, &keep)?;
+            // Experiments whose sample was being moved: where it is now is uncertain.
+            let mut transferring: Vec<String> = Vec::new();
             // Pending transfers: interrupted experiments close theirs; resumed ones ask again.
             for p in w.transfers()? {
                 w.take_transfer(&p.id)?;
+                transferring.push(p.experiment_id.clone());
                 if interrupts(&p.experiment_id)
                     && let Some(x) = experiments.get_mut(&p.experiment_id)
                 {
@@ -380,6 +395,7 @@ pub async fn recover(
                 }
             }
             let mut interrupted = 0;
+            let mut requeued = 0;
             let mut ids: Vec<String> = experiments.keys().cloned().collect();
             ids.sort();
             for id in ids {
@@ -406,12 +422,47 @@ pub async fn recover(
                     w.put_experiment(&e)?;
                     continue;
                 }
+                // Stopped between steps with nothing in flight: no device touched the sample
+                // since its last step ended and it is where custody says, so nothing is lost
+                // by running the rest. Back to the queue at its place (priority, rank, id).
+                if !safe_stated.contains_key(&id)
+                    && !transferring.contains(&id)
+                    && !cancel_after.contains(&id)
+                {
+                    let reason = format!(
+                        "daemon stopped between steps, before step {step}, with nothing in \
+                         flight: back to the queue at its place"
+                    );
+                    w.emit(
+                        &e.id,
+                        &e.batch_id,
+                        "",
+                        Kind::RecoveryDecision(pb::RecoveryDecision {
+                            action: "requeued".into(),
+                            step_index: step,
+                            detail: reason.clone(),
+                        }),
+                    );
+                    if set_state(&mut e, State::Queued, &reason, w).is_ok() {
+                        requeued += 1;
+                    }
+                    w.put_experiment(&e)?;
+                    continue;
+                }
                 let mut reason = if safe_stated.contains_key(&id) {
                     format!(
                         "daemon stopped while step {step} was running; the device was sent to its safe state on restart"
                     )
+                } else if transferring.contains(&id) {
+                    format!(
+                        "daemon stopped while the sample was being moved before step {step}; \
+                         where it is now is uncertain"
+                    )
                 } else {
-                    format!("daemon stopped between steps, before step {step}")
+                    format!(
+                        "daemon stopped between steps, before step {step}, with a cancel after \
+                         the current step pending"
+                    )
                 };
                 let detail = match refused.get(&id) {
                     Some(why) => {
@@ -436,14 +487,16 @@ pub async fn recover(
                 w.set_cancel_after(&e.id, None)?;
                 w.put_experiment(&e)?;
             }
-            Ok(interrupted)
+            Ok((interrupted, requeued))
         })
         .await?;
+    let (interrupted, requeued) = interrupted;
     info!(
         journaled = n_decisions,
         adopted = out.adopt.len(),
         resumed = resume.len(),
         interrupted,
+        requeued,
         "recovered in-flight work"
     );
     Ok(out)

@@ -12,11 +12,10 @@ use ppu_proto::v1 as pb;
 use tonic::{Code, Status};
 
 use crate::devices::Devices;
+use crate::server::Limits;
 
 /// Largest batch accepted in one call.
 pub const MAX_BATCH: usize = 10_000;
-/// Longest idempotency key, name or label.
-pub const MAX_TEXT: usize = 256;
 /// Metadata key carrying the offending field path in an error status.
 pub const FIELD_PATH_METADATA: &str = "ppu-field-path";
 
@@ -256,6 +255,45 @@ fn limit_rejection(step_path: &str, cmd: &StepCommand, device: &str, e: DeviceEr
     }
 }
 
+/// The devices' verdict on a step: its own check (limits), then the values it declares it
+/// accepts ([`ppu_drivers::Limits::accepted`]), generic over every family.
+fn device_check(
+    d: &crate::devices::DeviceHandle,
+    cmd: &StepCommand,
+    path: &str,
+) -> Result<(), Refusal> {
+    d.driver.check(cmd).map_err(|e| match e {
+        DeviceError::Unsupported(why) => Refusal::Unsupported {
+            device: d.id().to_owned(),
+            why,
+        },
+        e => Refusal::Limit(limit_rejection(path, cmd, d.id(), e)),
+    })?;
+    match d.driver.info().limits.refused_value(cmd) {
+        None => Ok(()),
+        Some(r) => Err(Refusal::Value {
+            field: format!("{path}.{}.{}", kind_prefix(cmd), r.parameter),
+            value: r.value.to_owned(),
+            accepted: format!("{} accepts {}", d.id(), r.accepted.join(", ")),
+        }),
+    }
+}
+
+/// Why one device refuses a step.
+enum Refusal {
+    /// Over a declared limit: the rejection to report.
+    Limit(Rejection),
+    /// A text parameter names a value the device does not accept.
+    Value {
+        field: String,
+        value: String,
+        /// "DEVICE accepts A, B".
+        accepted: String,
+    },
+    /// Not this device's kind of step (e.g. another pump's reagent).
+    Unsupported { device: String, why: String },
+}
+
 /// Checks one step against the devices: a pinned device must exist, have the capability and
 /// accept the step; an unpinned step must fit at least one device with the capability.
 pub fn check_step(s: &pb::Step, path: &str, devices: &Devices) -> Result<(), Rejection> {
@@ -275,26 +313,55 @@ pub fn check_step(s: &pb::Step, path: &str, devices: &Devices) -> Result<(), Rej
                 format!("device \"{}\" has no capability {cap}", s.device_id),
             ));
         }
-        return d
-            .driver
-            .check(&cmd)
-            .map_err(|e| limit_rejection(path, &cmd, d.id(), e));
+        return device_check(d, &cmd, path).map_err(|r| match r {
+            Refusal::Limit(r) => r,
+            Refusal::Value {
+                field,
+                value,
+                accepted,
+            } => Rejection::invalid(field, format!("{value:?} is not accepted ({accepted})")),
+            Refusal::Unsupported { device, why } => {
+                limit_rejection(path, &cmd, &device, DeviceError::Unsupported(why))
+            }
+        });
     }
     // A device that would take this kind of step but for a limit explains the refusal best;
-    // "not my reagent" from every pump means the step names something no device holds.
+    // then a value no device accepts (an unknown adsorptive), with what each accepts; "not my
+    // reagent" from every pump means the step names something no device holds.
     let mut limit_refusal = None;
+    let mut value_refusal: Option<(String, String)> = None;
+    let mut accepted = Vec::new();
     let mut unsupported = Vec::new();
     for d in devices.with(cap) {
-        match d.driver.check(&cmd) {
+        match device_check(d, &cmd, path) {
             Ok(()) => return Ok(()),
-            Err(DeviceError::Unsupported(why)) => unsupported.push(format!("{}: {why}", d.id())),
-            Err(e) => {
-                limit_refusal.get_or_insert_with(|| limit_rejection(path, &cmd, d.id(), e));
+            Err(Refusal::Unsupported { device, why }) => {
+                unsupported.push(format!("{device}: {why}"))
+            }
+            Err(Refusal::Value {
+                field,
+                value,
+                accepted: a,
+            }) => {
+                value_refusal.get_or_insert((field, value));
+                accepted.push(a);
+            }
+            Err(Refusal::Limit(r)) => {
+                limit_refusal.get_or_insert(r);
             }
         }
     }
     if let Some(r) = limit_refusal {
         return Err(r);
+    }
+    if let Some((field, value)) = value_refusal {
+        return Err(Rejection::invalid(
+            field,
+            format!(
+                "{value:?} is not accepted by any device with capability {cap} ({})",
+                accepted.join("; ")
+            ),
+        ));
     }
     if unsupported.is_empty() {
         return Err(Rejection {
@@ -316,6 +383,148 @@ pub fn check_step(s: &pb::Step, path: &str, devices: &Devices) -> Result<(), Rej
             unsupported.join("; ")
         ),
     ))
+}
+
+/// A refusal of `path` for holding `n` `what` where `limit` (the `[limits]` key) allows `max`.
+fn too_many(path: String, n: usize, what: &str, max: usize, limit: &str) -> Rejection {
+    Rejection::invalid(path, format!("{n} {what}, at most {max} (limits.{limit})"))
+}
+
+fn text(path: impl FnOnce() -> String, v: &str, max: usize, limit: &str) -> Result<(), Rejection> {
+    if v.len() > max {
+        Err(too_many(path(), v.len(), "bytes", max, limit))
+    } else {
+        Ok(())
+    }
+}
+
+/// Checks a submission against the size bounds of `[limits]`: counts (steps, segments, points,
+/// labels), string lengths and the encoded size of each experiment, so that nothing stored,
+/// listed or carried by an event can grow without bound. Runs before anything else looks at
+/// the batch; every refusal names the field path and the `[limits]` key.
+pub fn check_bounds(req: &pb::SubmitBatchRequest, l: &Limits) -> Result<(), Rejection> {
+    for (i, e) in req.experiments.iter().enumerate() {
+        let path = format!("experiments[{i}]");
+        text(
+            || format!("{path}.name"),
+            &e.name,
+            l.max_text_bytes,
+            "max_text_bytes",
+        )?;
+        text(
+            || format!("{path}.sample_id"),
+            &e.sample_id,
+            l.max_text_bytes,
+            "max_text_bytes",
+        )?;
+        if e.labels.len() > l.max_labels {
+            return Err(too_many(
+                format!("{path}.labels"),
+                e.labels.len(),
+                "labels",
+                l.max_labels,
+                "max_labels",
+            ));
+        }
+        for (k, v) in &e.labels {
+            if k.len() > l.max_label_key_bytes {
+                return Err(Rejection::invalid(
+                    format!("{path}.labels"),
+                    format!(
+                        "a key of {} bytes, at most {} (limits.max_label_key_bytes)",
+                        k.len(),
+                        l.max_label_key_bytes
+                    ),
+                ));
+            }
+            if v.len() > l.max_label_value_bytes {
+                return Err(Rejection::invalid(
+                    format!("{path}.labels"),
+                    format!(
+                        "the value of {k:?} has {} bytes, at most {} \
+                         (limits.max_label_value_bytes)",
+                        v.len(),
+                        l.max_label_value_bytes
+                    ),
+                ));
+            }
+        }
+        if e.steps.len() > l.max_experiment_steps {
+            return Err(too_many(
+                format!("{path}.steps"),
+                e.steps.len(),
+                "steps",
+                l.max_experiment_steps,
+                "max_experiment_steps",
+            ));
+        }
+        for (j, s) in e.steps.iter().enumerate() {
+            let sp = format!("{path}.steps[{j}]");
+            let t = l.max_text_bytes;
+            text(
+                || format!("{sp}.device_id"),
+                &s.device_id,
+                t,
+                "max_text_bytes",
+            )?;
+            match &s.kind {
+                Some(step::Kind::Furnace(p)) if p.segments.len() > l.max_program_segments => {
+                    return Err(too_many(
+                        format!("{sp}.furnace.segments"),
+                        p.segments.len(),
+                        "segments",
+                        l.max_program_segments,
+                        "max_program_segments",
+                    ));
+                }
+                Some(step::Kind::Dispense(d)) => {
+                    text(
+                        || format!("{sp}.dispense.reagent"),
+                        &d.reagent,
+                        t,
+                        "max_text_bytes",
+                    )?;
+                }
+                Some(step::Kind::Refill(r)) => {
+                    text(
+                        || format!("{sp}.refill.reagent"),
+                        &r.reagent,
+                        t,
+                        "max_text_bytes",
+                    )?;
+                }
+                Some(step::Kind::Isotherm(iso)) => {
+                    text(
+                        || format!("{sp}.isotherm.adsorptive"),
+                        &iso.adsorptive,
+                        t,
+                        "max_text_bytes",
+                    )?;
+                    if iso.pressure_bar.len() > l.max_isotherm_points {
+                        return Err(too_many(
+                            format!("{sp}.isotherm.pressure_bar"),
+                            iso.pressure_bar.len(),
+                            "points",
+                            l.max_isotherm_points,
+                            "max_isotherm_points",
+                        ));
+                    }
+                }
+                _ => {}
+            }
+        }
+        let size = prost::Message::encoded_len(e);
+        if size > l.max_experiment_bytes {
+            return Err(too_many(
+                path,
+                size,
+                "bytes encoded",
+                l.max_experiment_bytes,
+                "max_experiment_bytes",
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Validates a whole submission. Structural and numeric errors (INVALID_ARGUMENT) are
@@ -351,18 +560,6 @@ pub fn check_batch(req: &pb::SubmitBatchRequest, devices: &Devices) -> Result<()
     }
     for (i, e) in req.experiments.iter().enumerate() {
         let path = format!("experiments[{i}]");
-        if e.name.len() > MAX_TEXT {
-            return Err(Rejection::invalid(
-                format!("{path}.name"),
-                format!("longer than {MAX_TEXT} bytes"),
-            ));
-        }
-        if e.sample_id.len() > MAX_TEXT {
-            return Err(Rejection::invalid(
-                format!("{path}.sample_id"),
-                format!("longer than {MAX_TEXT} bytes"),
-            ));
-        }
         if e.steps.is_empty() {
             return Err(Rejection::invalid(
                 format!("{path}.steps"),
@@ -386,4 +583,301 @@ pub fn check_batch(req: &pb::SubmitBatchRequest, devices: &Devices) -> Result<()
         }
     }
     precondition.map_or(Ok(()), Err)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    use ppu_drivers::device::{
+        Capability, DeviceInfo, DeviceStatus, Family, Limits as DeviceLimits, StepContext,
+        StepOutput,
+    };
+
+    use super::*;
+
+    /// An analyser that declares the adsorptives it accepts; `check` accepts anything else
+    /// (the daemon's own check must be generic over the declaration).
+    struct Declaring(DeviceInfo);
+
+    #[async_trait::async_trait]
+    impl ppu_drivers::Device for Declaring {
+        fn info(&self) -> &DeviceInfo {
+            &self.0
+        }
+        fn check(&self, _: &StepCommand) -> Result<(), DeviceError> {
+            Ok(())
+        }
+        async fn execute(
+            &self,
+            _: &StepCommand,
+            _: StepContext,
+        ) -> Result<StepOutput, DeviceError> {
+            Err(DeviceError::Unsupported("not in this test".into()))
+        }
+        async fn status(&self) -> Result<DeviceStatus, DeviceError> {
+            Ok(DeviceStatus::default())
+        }
+        async fn safe_state(&self) -> Result<(), DeviceError> {
+            Ok(())
+        }
+    }
+
+    fn analyser(id: &str, adsorptives: &[&str]) -> Arc<dyn ppu_drivers::Device> {
+        Arc::new(Declaring(DeviceInfo {
+            id: id.into(),
+            family: Family::Analyser,
+            driver: "test".into(),
+            transport: "in-process".into(),
+            capabilities: vec![Capability::Isotherm],
+            limits: DeviceLimits {
+                accepted: BTreeMap::from([(
+                    "adsorptive".to_owned(),
+                    adsorptives.iter().map(|a| (*a).to_owned()).collect(),
+                )]),
+                ..DeviceLimits::default()
+            },
+        }))
+    }
+
+    fn devices(list: Vec<Arc<dyn ppu_drivers::Device>>) -> Devices {
+        Devices::with_retry(list, |_| crate::devices::RetryPolicy::default())
+    }
+
+    #[test]
+    fn a_value_no_device_declares_is_refused_at_submission_naming_field_and_accepted_set() {
+        let lab = devices(vec![
+            analyser("analyser-1", &["CO2", "N2"]),
+            analyser("analyser-2", &["Ar"]),
+        ]);
+        let req = |adsorptive: &str, device: &str| pb::SubmitBatchRequest {
+            idempotency_key: "k".into(),
+            experiments: vec![pb::ExperimentSpec {
+                steps: vec![
+                    furnace(1),
+                    furnace(1),
+                    pb::Step {
+                        device_id: device.into(),
+                        ..isotherm(adsorptive, 3)
+                    },
+                ],
+                ..Default::default()
+            }],
+        };
+        let field = "experiments[0].steps[2].isotherm.adsorptive";
+        // Furnace steps have no device here: that is a FAILED_PRECONDITION, reported after
+        // the adsorptive's INVALID_ARGUMENT.
+        let r = check_batch(&req("XENON-999", ""), &lab).expect_err("unknown gas");
+        assert_eq!(r.code, Code::InvalidArgument, "{r:?}");
+        assert_eq!(r.field, field);
+        assert!(r.reason.contains("\"XENON-999\""), "{r:?}");
+        assert!(r.reason.contains("analyser-1 accepts CO2, N2"), "{r:?}");
+        assert!(r.reason.contains("analyser-2 accepts Ar"), "{r:?}");
+
+        let r = check_batch(&req("Ar", "analyser-1"), &lab).expect_err("not on this one");
+        assert_eq!(r.code, Code::InvalidArgument, "{r:?}");
+        assert_eq!(r.field, field);
+        assert!(r.reason.contains("analyser-1 accepts CO2, N2"), "{r:?}");
+
+        // Declared values pass, whatever their ASCII case; the pinned device's own set counts.
+        for (gas, device) in [
+            ("co2", ""),
+            ("N2", "analyser-1"),
+            ("Ar", ""),
+            ("AR", "analyser-2"),
+        ] {
+            let r = check_batch(&req(gas, device), &lab).expect_err("no furnace");
+            assert_eq!(
+                r.code,
+                Code::FailedPrecondition,
+                "{gas} on {device:?}: {r:?}"
+            );
+            assert_eq!(r.field, "experiments[0].steps[0]");
+        }
+    }
+
+    fn furnace(segments: usize) -> pb::Step {
+        pb::Step {
+            device_id: String::new(),
+            kind: Some(step::Kind::Furnace(pb::FurnaceProgram {
+                segments: vec![
+                    pb::FurnaceSegment {
+                        kind: Some(furnace_segment::Kind::Hold(pb::Hold { duration_s: 1.0 })),
+                    };
+                    segments
+                ],
+            })),
+        }
+    }
+
+    fn isotherm(adsorptive: &str, points: usize) -> pb::Step {
+        pb::Step {
+            device_id: String::new(),
+            kind: Some(step::Kind::Isotherm(pb::Isotherm {
+                adsorptive: adsorptive.into(),
+                temperature_c: 25.0,
+                pressure_bar: (1..=points).map(|k| k as f64 / 1000.0).collect(),
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn dispense(reagent: &str) -> pb::Step {
+        pb::Step {
+            device_id: String::new(),
+            kind: Some(step::Kind::Dispense(pb::Dispense {
+                reagent: reagent.into(),
+                volume_ml: 1.0,
+                rate_ml_per_min: 1.0,
+            })),
+        }
+    }
+
+    fn batch(e: pb::ExperimentSpec) -> pb::SubmitBatchRequest {
+        let fine = pb::ExperimentSpec {
+            name: "fine".into(),
+            steps: vec![furnace(3)],
+            ..Default::default()
+        };
+        pb::SubmitBatchRequest {
+            idempotency_key: "k".into(),
+            experiments: vec![fine, e],
+        }
+    }
+
+    fn spec(steps: Vec<pb::Step>) -> pb::ExperimentSpec {
+        pb::ExperimentSpec {
+            name: "x".into(),
+            steps,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn each_bound_refuses_naming_its_field_path_and_limit() {
+        let long = |n: usize| "x".repeat(n);
+        let l = Limits::default();
+        let labels = |n: usize, key: usize, value: usize| {
+            (0..n)
+                .map(|k| (format!("{k}{}", long(key)), long(value)))
+                .collect()
+        };
+        let cases: Vec<(pb::ExperimentSpec, &str, &str)> = vec![
+            (
+                spec(vec![furnace(500_000)]),
+                "experiments[1].steps[0].furnace.segments",
+                "max_program_segments",
+            ),
+            (
+                spec(vec![furnace(1); 1001]),
+                "experiments[1].steps",
+                "max_experiment_steps",
+            ),
+            (
+                spec(vec![furnace(1), isotherm("CO2", 1001)]),
+                "experiments[1].steps[1].isotherm.pressure_bar",
+                "max_isotherm_points",
+            ),
+            (
+                spec(vec![isotherm(&long(257), 3)]),
+                "experiments[1].steps[0].isotherm.adsorptive",
+                "max_text_bytes",
+            ),
+            (
+                spec(vec![dispense(&long(257))]),
+                "experiments[1].steps[0].dispense.reagent",
+                "max_text_bytes",
+            ),
+            (
+                spec(vec![pb::Step {
+                    device_id: long(257),
+                    ..furnace(1)
+                }]),
+                "experiments[1].steps[0].device_id",
+                "max_text_bytes",
+            ),
+            (
+                pb::ExperimentSpec {
+                    name: long(257),
+                    ..spec(vec![furnace(1)])
+                },
+                "experiments[1].name",
+                "max_text_bytes",
+            ),
+            (
+                pb::ExperimentSpec {
+                    sample_id: long(257),
+                    ..spec(vec![furnace(1)])
+                },
+                "experiments[1].sample_id",
+                "max_text_bytes",
+            ),
+            (
+                pb::ExperimentSpec {
+                    labels: labels(65, 0, 1),
+                    ..spec(vec![furnace(1)])
+                },
+                "experiments[1].labels",
+                "max_labels",
+            ),
+            (
+                pb::ExperimentSpec {
+                    labels: labels(1, 128, 1),
+                    ..spec(vec![furnace(1)])
+                },
+                "experiments[1].labels",
+                "max_label_key_bytes",
+            ),
+            (
+                pb::ExperimentSpec {
+                    labels: labels(1, 3, 100_000),
+                    ..spec(vec![furnace(1)])
+                },
+                "experiments[1].labels",
+                "max_label_value_bytes",
+            ),
+            (
+                // Every count within its bound, the whole too large.
+                spec(vec![furnace(1000); 11]),
+                "experiments[1]",
+                "max_experiment_bytes",
+            ),
+        ];
+        for (e, field, limit) in cases {
+            let r = check_bounds(&batch(e), &l).expect_err(field);
+            assert_eq!(r.code, Code::InvalidArgument, "{r:?}");
+            assert_eq!(r.field, field, "{r:?}");
+            assert!(r.reason.contains(&format!("(limits.{limit})")), "{r:?}");
+            let status = Status::from(r);
+            assert_eq!(
+                status
+                    .metadata()
+                    .get(FIELD_PATH_METADATA)
+                    .and_then(|v| v.to_str().ok()),
+                Some(field)
+            );
+        }
+    }
+
+    #[test]
+    fn a_recipe_at_every_bound_passes_and_bounds_follow_the_config() {
+        let l = Limits::default();
+        let mut e = spec(vec![furnace(1000), isotherm("CO2", 1000)]);
+        e.name = "n".repeat(256);
+        e.labels = (0..64)
+            .map(|k| (format!("{k:0>128}"), "v".repeat(10)))
+            .collect();
+        check_bounds(&batch(e.clone()), &l).expect("at the bounds");
+        let tight = Limits {
+            max_program_segments: 999,
+            ..Limits::default()
+        };
+        let r = check_bounds(&batch(e), &tight).expect_err("one segment over");
+        assert_eq!(r.field, "experiments[1].steps[0].furnace.segments");
+        assert_eq!(
+            r.reason,
+            "1000 segments, at most 999 (limits.max_program_segments)"
+        );
+    }
 }

@@ -162,11 +162,18 @@ fn split_unrunnable(
         let problem = (State::from_proto(e.state) == Some(State::Queued))
             .then(|| {
                 e.spec.as_ref().and_then(|spec| {
-                    spec.steps.iter().enumerate().find_map(|(i, step)| {
-                        safety::check_step(step, &format!("steps[{i}]"), devices)
-                            .err()
-                            .map(|r| format!("{}: {}", r.field, r.reason))
-                    })
+                    // The steps still to run: one requeued by recovery has finished steps
+                    // and inserted transfers behind it.
+                    spec.steps
+                        .iter()
+                        .enumerate()
+                        .skip(e.current_step as usize)
+                        .filter(|(_, step)| !matches!(step.kind, Some(pb::step::Kind::Transfer(_))))
+                        .find_map(|(i, step)| {
+                            safety::check_step(step, &format!("steps[{i}]"), devices)
+                                .err()
+                                .map(|r| format!("{}: {}", r.field, r.reason))
+                        })
                 })
             })
             .flatten();

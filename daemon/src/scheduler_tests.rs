@@ -887,3 +887,134 @@ async fn recovery_adopts_a_running_furnace_program_under_furnace_adopt() {
     assert!(rig.sched.store().journal().unwrap().is_empty());
     rig.stop().await;
 }
+
+/// A store left as a crash between steps leaves it: experiment `id` RUNNING with step 0
+/// finished on `furnace-1` (where its sample now is), step 1 not started, nothing journaled;
+/// `transferring` adds a pending move of its sample (custody uncertain).
+fn between_steps(store: &Arc<Store>, id: &str, transferring: bool) {
+    let e = pb::Experiment {
+        id: id.to_owned(),
+        batch_id: "B".into(),
+        spec: Some(spec(id, 0, vec![furnace(100.0), furnace(100.0)])),
+        state: pb::ExperimentState::Running as i32,
+        current_step: 1,
+        results: vec![pb::StepResult {
+            step_index: 0,
+            device_id: "furnace-1".into(),
+            outcome: pb::StepOutcome::Succeeded as i32,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let sample = format!("S-{id}");
+    store
+        .write(move |w| {
+            w.put_experiment(&e)?;
+            w.set_rank(&e.id, 0)?;
+            w.set_custody(&sample, Some("furnace-1"))?;
+            if transferring {
+                w.put_transfer(&pb::PendingTransfer {
+                    id: format!("{}/1", e.id),
+                    experiment_id: e.id.clone(),
+                    step_index: 1,
+                    sample_id: sample.clone(),
+                    from_device_id: "furnace-1".into(),
+                    to_device_id: "furnace-2".into(),
+                    ..Default::default()
+                })?;
+            }
+            Ok(())
+        })
+        .unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn recovery_requeues_work_stopped_between_steps_at_its_place_unless_custody_is_uncertain() {
+    let clock = Clock::new(1.0);
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("s.redb")).unwrap();
+    // Ids sort in submission order: A was submitted before the QUEUED one, B, and C.
+    between_steps(&store, "01A", false);
+    between_steps(&store, "01C", true);
+    let b = pb::Experiment {
+        id: "01B".into(),
+        batch_id: "B".into(),
+        spec: Some(spec("01B", 0, vec![furnace(100.0)])),
+        state: pb::ExperimentState::Queued as i32,
+        ..Default::default()
+    };
+    store
+        .write(move |w| {
+            w.put_experiment(&b)?;
+            w.set_rank(&b.id, 0)
+        })
+        .unwrap();
+    // One furnace: A and B compete for it, and A must keep its place ahead of B.
+    let devices = vec![TestDevice::new(
+        "furnace-1",
+        Family::Furnace,
+        Capability::FurnaceProgram,
+        clock,
+    )];
+    let rig = Rig::start_on(dir, store, devices, clock, 1.0, RecoveryPolicy::default()).await;
+    let ids = ["01A".to_owned(), "01B".to_owned(), "01C".to_owned()];
+    rig.until_terminal(&ids).await;
+
+    let events = rig.events();
+    let decided: Vec<(String, String, u32)> = events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            Some(Kind::RecoveryDecision(d)) => {
+                Some((e.experiment_id.clone(), d.action.clone(), d.step_index))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        decided,
+        [
+            ("01A".to_owned(), "requeued".to_owned(), 1),
+            ("01C".to_owned(), "interrupted".to_owned(), 1),
+        ]
+    );
+    // A went RUNNING → QUEUED → RUNNING and ran only its second step, before B.
+    let a = rig.experiment("01A");
+    assert_eq!(
+        a.state,
+        pb::ExperimentState::Succeeded as i32,
+        "{}",
+        a.message
+    );
+    assert_eq!(
+        a.results.iter().map(|r| r.step_index).collect::<Vec<_>>(),
+        [0, 1]
+    );
+    let transitions: Vec<(String, i32, i32)> = events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            Some(Kind::ExperimentStateChanged(c)) => Some((e.experiment_id.clone(), c.from, c.to)),
+            _ => None,
+        })
+        .collect();
+    let (q, r) = (
+        pb::ExperimentState::Queued as i32,
+        pb::ExperimentState::Running as i32,
+    );
+    assert_eq!(transitions[0], ("01A".to_owned(), r, q));
+    let started: Vec<&str> = transitions
+        .iter()
+        .filter(|(_, from, to)| *from == q && *to == r)
+        .map(|(id, _, _)| id.as_str())
+        .collect();
+    assert_eq!(started, ["01A", "01B"]);
+    assert_eq!(rig.devices["furnace-1"].runs().len(), 2, "A's step 1 and B");
+    assert_eq!(
+        rig.experiment("01B").state,
+        pb::ExperimentState::Succeeded as i32
+    );
+    // C's sample was being moved: where it is is uncertain, so a person decides.
+    let c = rig.experiment("01C");
+    assert_eq!(c.state, pb::ExperimentState::Interrupted as i32);
+    assert!(c.message.contains("uncertain"), "{}", c.message);
+    rig.stop().await;
+}

@@ -56,6 +56,24 @@ pub struct Limits {
     pub submit_per_minute: u32,
     /// Most StreamEvents and WatchDevice streams open at once.
     pub max_streams: usize,
+    /// Most steps in one experiment.
+    pub max_experiment_steps: usize,
+    /// Most segments in one furnace program.
+    pub max_program_segments: usize,
+    /// Most pressure points in one isotherm.
+    pub max_isotherm_points: usize,
+    /// Most labels on one experiment.
+    pub max_labels: usize,
+    /// Longest label key, bytes.
+    pub max_label_key_bytes: usize,
+    /// Longest label value, bytes.
+    pub max_label_value_bytes: usize,
+    /// Longest name, sample id, device id, reagent or adsorptive, bytes.
+    pub max_text_bytes: usize,
+    /// Largest encoded experiment spec, bytes. It bounds what every reply and event that
+    /// carries a spec (or one of its steps) can weigh: a full default page of ListExperiments
+    /// (100) stays under the default `max_message_bytes`.
+    pub max_experiment_bytes: usize,
 }
 
 impl Default for Limits {
@@ -65,6 +83,14 @@ impl Default for Limits {
             max_message_bytes: 16 * 1024 * 1024,
             submit_per_minute: 600,
             max_streams: 256,
+            max_experiment_steps: 1000,
+            max_program_segments: 1000,
+            max_isotherm_points: 1000,
+            max_labels: 64,
+            max_label_key_bytes: 128,
+            max_label_value_bytes: 1024,
+            max_text_bytes: 256,
+            max_experiment_bytes: 128 * 1024,
         }
     }
 }
@@ -79,8 +105,18 @@ impl Limits {
         if self.max_message_bytes < 64 * 1024 {
             out.push("limits.max_message_bytes: must be at least 65536".to_owned());
         }
-        if self.max_streams == 0 {
-            out.push("limits.max_streams: must be at least 1".to_owned());
+        for (key, v) in [
+            ("max_streams", self.max_streams),
+            ("max_experiment_steps", self.max_experiment_steps),
+            ("max_program_segments", self.max_program_segments),
+            ("max_isotherm_points", self.max_isotherm_points),
+            ("max_label_key_bytes", self.max_label_key_bytes),
+            ("max_text_bytes", self.max_text_bytes),
+            ("max_experiment_bytes", self.max_experiment_bytes),
+        ] {
+            if v == 0 {
+                out.push(format!("limits.{key}: must be at least 1"));
+            }
         }
         out
     }
@@ -177,7 +213,9 @@ fn require_target(caller: &Caller, id: &str) -> Result<(), Status> {
     Ok(())
 }
 
-/// Runs `produce` until it finishes, the client hangs up, or shutdown.
+/// Runs `produce` until it finishes, the client hangs up, or shutdown. The client hanging up
+/// is watched directly (the receiver dropped), not only noticed by the next send: a filtered
+/// stream that never sends must still give its slot back when its client goes away.
 fn spawn_stream<T, F>(
     stop: CancellationToken,
     slot: StreamSlot,
@@ -188,11 +226,13 @@ where
     F: Future<Output = ()> + Send + 'static,
 {
     let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+    let gone = tx.clone();
     let fut = produce(tx);
     tokio::spawn(async move {
         let _slot = slot;
         tokio::select! {
             _ = fut => {}
+            _ = gone.closed() => {}
             _ = stop.cancelled() => {}
         }
     });
@@ -215,6 +255,7 @@ impl ExperimentService for Api {
                 r.experiments.len()
             )));
         }
+        crate::safety::check_bounds(&r, &self.limits)?;
         if let Err(wait) = self
             .rate
             .take(&caller.principal, self.limits.submit_per_minute)

@@ -45,6 +45,8 @@ impl State {
                 | (Running, Failed)
                 | (Running, Cancelled)
                 | (Running, Interrupted)
+                // Only at start-up: stopped between steps, nothing in flight (recovery).
+                | (Running, Queued)
         )
     }
 
@@ -217,7 +219,7 @@ mod tests {
         );
     }
 
-    const ALLOWED: [(State, State); 7] = [
+    const ALLOWED: [(State, State); 8] = [
         (Queued, Running),
         (Queued, Cancelled),
         (Queued, Failed),
@@ -225,6 +227,7 @@ mod tests {
         (Running, Failed),
         (Running, Cancelled),
         (Running, Interrupted),
+        (Running, Queued),
     ];
 
     #[test]

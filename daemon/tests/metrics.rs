@@ -28,7 +28,7 @@ const TIME_SCALE: f64 = 2000.0;
 const DEADLINE: Duration = Duration::from_secs(60);
 
 /// Every series the design names.
-const SERIES: [&str; 10] = [
+const SERIES: [&str; 11] = [
     "ppu_queue_depth",
     "ppu_experiments",
     "ppu_step_duration_seconds",
@@ -39,6 +39,7 @@ const SERIES: [&str; 10] = [
     "ppu_event_log_bytes",
     "ppu_active_streams",
     "ppu_grpc_requests_total",
+    "ppu_grpc_decode_errors_total",
 ];
 
 /// A sample's labels.

@@ -809,6 +809,7 @@ async fn limits_refuse_oversized_batches_messages_bursts_and_streams_and_the_dae
         max_message_bytes: 64 * 1024,
         submit_per_minute: 4,
         max_streams: 2,
+        ..Limits::default()
     };
     let lab = Lab::start(dir.path(), security).await.expect("starts");
     let ch = lab.channel();

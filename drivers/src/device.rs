@@ -6,6 +6,7 @@
 //! streams progress and readings through [`StepContext`], honours cancellation at safe points,
 //! and can always be sent to its safe state.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use async_trait::async_trait;
@@ -66,6 +67,44 @@ pub struct Limits {
     pub max_volume_ml: Option<f64>,
     pub max_rate_ml_per_min: Option<f64>,
     pub max_pressure_bar: Option<f64>,
+    /// The values the device accepts for a text parameter of a step, by the parameter's name
+    /// in [`StepCommand::text_parameters`] (e.g. `adsorptive` → `["CO2", "N2"]`), compared
+    /// without regard to ASCII case. A parameter not named here takes any value. The daemon
+    /// refuses any other value at submission, so a recipe the instrument would refuse hours
+    /// later never enters the queue.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub accepted: BTreeMap<String, Vec<String>>,
+}
+
+/// A text parameter whose value the device does not accept ([`Limits::refused_value`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusedValue<'a> {
+    /// The parameter's name, e.g. `adsorptive`.
+    pub parameter: &'static str,
+    /// The value the step names.
+    pub value: &'a str,
+    /// What the device accepts instead.
+    pub accepted: &'a [String],
+}
+
+impl Limits {
+    /// The first text parameter of `step` whose value is not among the accepted values
+    /// declared for it, if any.
+    pub fn refused_value<'a>(&'a self, step: &'a StepCommand) -> Option<RefusedValue<'a>> {
+        step.text_parameters()
+            .into_iter()
+            .find_map(|(parameter, value)| {
+                let accepted = self.accepted.get(parameter)?;
+                let known = accepted
+                    .iter()
+                    .any(|a| a.trim().eq_ignore_ascii_case(value.trim()));
+                (!known).then_some(RefusedValue {
+                    parameter,
+                    value,
+                    accepted,
+                })
+            })
+    }
 }
 
 /// Static description of a configured device.
@@ -157,6 +196,20 @@ impl StepCommand {
             StepCommand::Weigh { .. } => Capability::Weigh,
             StepCommand::Degas { .. } => Capability::Degas,
             StepCommand::Isotherm { .. } => Capability::Isotherm,
+        }
+    }
+
+    /// The step's text parameters that name something the device must know (a reagent, an
+    /// adsorptive), by name: what [`Limits::accepted`] is keyed by.
+    pub fn text_parameters(&self) -> Vec<(&'static str, &str)> {
+        match self {
+            StepCommand::Dispense { reagent, .. } | StepCommand::Refill { reagent, .. } => {
+                vec![("reagent", reagent.as_str())]
+            }
+            StepCommand::Isotherm { adsorptive, .. } => vec![("adsorptive", adsorptive.as_str())],
+            StepCommand::FurnaceProgram { .. }
+            | StepCommand::Weigh { .. }
+            | StepCommand::Degas { .. } => Vec::new(),
         }
     }
 }

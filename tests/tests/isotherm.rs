@@ -278,6 +278,74 @@ async fn bad_isotherm_pressures_are_invalid_arguments_naming_the_field() {
     lab.stop().await;
 }
 
+/// What the bridge would refuse hours into a run (an adsorptive it has no gas for, a bath
+/// temperature out of range) is refused at submission, naming the field and what is accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_the_analyser_would_refuse_are_refused_at_submission() {
+    let lab = AnalyserLab::start().await;
+    let ch = lab.channel().await;
+    let mut experiments = pb::experiment_service_client::ExperimentServiceClient::new(ch.clone());
+    let isotherm = |adsorptive: &str, temperature_c: f64| {
+        let mut step = isotherm_step(&PRESSURES);
+        if let Some(pb::step::Kind::Isotherm(i)) = &mut step.kind {
+            i.adsorptive = adsorptive.into();
+            i.temperature_c = temperature_c;
+        }
+        step
+    };
+    for (step, field, why) in [
+        (
+            isotherm("XENON-999", 25.0),
+            "experiments[0].steps[1].isotherm.adsorptive",
+            "\"XENON-999\" is not accepted by any device with capability isotherm \
+             (analyser-1 accepts CO2, N2)",
+        ),
+        (
+            isotherm("CO2", 500.0),
+            "experiments[0].steps[1].isotherm.temperature_c",
+            "max_isotherm_temperature_c 100",
+        ),
+    ] {
+        let spec = pb::ExperimentSpec {
+            name: "refused".into(),
+            sample_id: "S-refused".into(),
+            steps: vec![degas_step(), step],
+            ..Default::default()
+        };
+        let err = experiments
+            .submit_batch(batch(&format!("refused-{field}"), vec![spec]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert_eq!(
+            err.metadata()
+                .get("ppu-field-path")
+                .and_then(|v| v.to_str().ok()),
+            Some(field),
+            "{err:?}"
+        );
+        assert!(err.message().contains(why), "{}", err.message());
+    }
+    // The declaration is visible to clients.
+    let list = pb::device_service_client::DeviceServiceClient::new(ch)
+        .list_devices(pb::ListDevicesRequest {})
+        .await
+        .expect("list")
+        .into_inner();
+    let analyser = list
+        .devices
+        .iter()
+        .find(|d| d.id == "analyser-1")
+        .expect("analyser-1 listed");
+    let accepted = analyser
+        .limits
+        .as_ref()
+        .and_then(|l| l.accepted.get("adsorptive"))
+        .map(|a| a.values.clone());
+    assert_eq!(accepted, Some(vec!["CO2".to_owned(), "N2".to_owned()]));
+    lab.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_analyser_shows_disconnected_when_its_bridge_goes_and_faulty_when_it_babbles() {
     let lab = AnalyserLab::start().await;

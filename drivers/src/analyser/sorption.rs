@@ -41,6 +41,9 @@ pub const FAULTY_ALARM: &str = "malformed payloads from bridge";
 const MAX_REPLAYS: u32 = 5;
 /// Longest isotherm accepted, in points.
 const MAX_POINTS: usize = 1000;
+/// Adsorptives declared unless the configuration lists the gases plumbed to the instrument:
+/// CO₂ (the capture isotherms) and N₂ (77 K surface area, and the CO₂/N₂ selectivity).
+pub const DEFAULT_ADSORPTIVES: [&str; 2] = ["CO2", "N2"];
 /// The share (1/n) of the wait for a first status spent waiting for the retained one before
 /// the driver asks the bridge; a retained status normally arrives with the SUBACK.
 const RETAINED_STATUS_SHARE: u32 = 4;
@@ -57,7 +60,8 @@ pub struct SorptionConfig {
     /// The bridge's id in its topics.
     pub bridge_id: String,
     /// Declared limits: `max_pressure_bar` (isotherm targets), `max_temperature_c` and
-    /// `min_temperature_c` (degas temperature), `max_hold_s` (degas duration).
+    /// `min_temperature_c` (degas temperature), `max_hold_s` (degas duration), and under
+    /// `accepted` the `adsorptive`s the instrument has gas for.
     pub limits: Limits,
     /// Isotherm (bath) temperatures accepted, °C.
     pub min_isotherm_temperature_c: f64,
@@ -79,8 +83,9 @@ pub struct SorptionConfig {
 }
 
 impl SorptionConfig {
-    /// Defaults: prefix `lab/ppu/analyser`, bridge id = device id, up to 1.1 bar, degas up to
-    /// 400 °C for up to 24 h, isotherms between −200 and 100 °C, 0.1 g samples, 10 s
+    /// Defaults: prefix `lab/ppu/analyser`, bridge id = device id, up to 1.1 bar, adsorptives
+    /// CO2 and N2, degas up to 400 °C for up to 24 h, isotherms between −200 and 100 °C, 0.1 g
+    /// samples, 10 s
     /// equilibration interval, 3600 s per point, free space before each isotherm, 30 s outage
     /// grace, faulty after 5 malformed payloads within 60 s.
     pub fn new(id: impl Into<String>, mqtt: MqttConfig) -> Self {
@@ -95,6 +100,10 @@ impl SorptionConfig {
                 max_temperature_c: Some(400.0),
                 min_temperature_c: Some(20.0),
                 max_hold_s: Some(24.0 * 3600.0),
+                accepted: BTreeMap::from([(
+                    "adsorptive".to_owned(),
+                    DEFAULT_ADSORPTIVES.map(str::to_owned).to_vec(),
+                )]),
                 ..Limits::default()
             },
             min_isotherm_temperature_c: -200.0,

@@ -269,7 +269,7 @@ pub fn queue(q: &pb::Queue) -> Value {
 }
 
 pub fn device(d: &pb::Device) -> Value {
-    let l = d.limits.unwrap_or_default();
+    let l = d.limits.clone().unwrap_or_default();
     json!({
         "id": d.id,
         "family": enum_name(d.family, pb::DeviceFamily::as_str_name),
@@ -288,6 +288,10 @@ pub fn device(d: &pb::Device) -> Value {
             "max_volume_ml": l.max_volume_ml,
             "max_rate_ml_per_min": l.max_rate_ml_per_min,
             "max_pressure_bar": l.max_pressure_bar,
+            // Accepted values by parameter name, e.g. {"adsorptive": ["CO2", "N2"]}.
+            "accepted": l.accepted.iter()
+                .map(|(k, v)| (k.clone(), json!(v.values)))
+                .collect::<Map<_, _>>(),
         },
         "latest": d.latest.as_ref().map_or(Value::Null, reading),
         "connection_error": d.connection_error,

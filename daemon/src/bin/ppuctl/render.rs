@@ -709,7 +709,7 @@ pub fn device_detail(d: &pb::Device) -> String {
     }
     let _ = writeln!(o, "  holds sample: {}", or_dash(&d.holds_sample_id));
     let _ = writeln!(o, "limits:");
-    let l = d.limits.unwrap_or_default();
+    let l = d.limits.clone().unwrap_or_default();
     let limits = [
         ("max temperature", l.max_temperature_c, "°C"),
         ("min temperature", l.min_temperature_c, "°C"),
@@ -730,6 +730,11 @@ pub fn device_detail(d: &pb::Device) -> String {
             };
             let _ = writeln!(o, "  {name:<16} {} {unit}{extra}", num(v));
         }
+    }
+    for (parameter, values) in &l.accepted {
+        any = true;
+        let name = format!("{parameter}s");
+        let _ = writeln!(o, "  {name:<16} {}", values.values.join(", "));
     }
     if !any {
         let _ = writeln!(o, "  (none declared)");
@@ -1080,6 +1085,34 @@ pub fn event_line(e: &pb::Event) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_device_shows_the_values_it_accepts() {
+        let d = pb::Device {
+            id: "analyser-1".into(),
+            limits: Some(pb::DeviceLimits {
+                max_pressure_bar: Some(1.1),
+                accepted: [(
+                    "adsorptive".to_owned(),
+                    pb::AcceptedValues {
+                        values: vec!["CO2".into(), "N2".into()],
+                    },
+                )]
+                .into_iter()
+                .collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let text = device_detail(&d);
+        assert!(text.contains("  max pressure     1.1 bar\n"), "{text}");
+        assert!(text.contains("  adsorptives      CO2, N2\n"), "{text}");
+        let json = crate::json::device(&d);
+        assert_eq!(
+            json["limits"]["accepted"]["adsorptive"],
+            serde_json::json!(["CO2", "N2"])
+        );
+    }
 
     #[test]
     fn durations_read_naturally() {
