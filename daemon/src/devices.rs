@@ -6,15 +6,24 @@
 //! reading goes to the log at most once per `reading_log_interval`, and to live watchers
 //! every time. Alarms are tracked here from raised to cleared and acknowledged
 //! (`ListAlarms`, `AcknowledgeAlarm`). Status reads and safe-state commands made on the
-//! scheduler's behalf go through [`DeviceHandle::status`] and [`DeviceHandle::safe_state`], which
+//! scheduler's behalf go through [`DeviceHandle::status`] and [`DeviceHandle::secure`], which
 //! retry transient link errors with the device's bounded backoff.
+//!
+//! **Safe state that survives outages.** [`DeviceHandle::secure`] drives a device to its safe
+//! state and confirms it by reading it back ([`Device::confirm_safe`]). Until confirmed the
+//! device is *unsafe*: the daemon's own alarm [`SAFE_STATE_PENDING`] is active (durable in the
+//! alarms table, so a restart knows), the device takes no new reservations, and its poll task
+//! tries again on every reconnect and, while connected, with the device's retry backoff. A
+//! link lost while a step runs raises [`LINK_LOST`], cleared by the first good exchange. Both
+//! are tracked, listed and acknowledged like the alarms devices report themselves
+//! (docs/device-safety.md).
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pb::event::Kind;
-use ppu_drivers::device::{DeviceStatus, Family};
+use ppu_drivers::device::{DeviceStatus, Family, SafeCheck};
 use ppu_drivers::{Capability, Device, DeviceError};
 use ppu_proto::v1 as pb;
 use tokio::sync::{Notify, broadcast};
@@ -27,6 +36,18 @@ use crate::store::{Store, StoreError, now_timestamp};
 
 /// Longest single backoff between two attempts, whatever the policy says.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// The daemon's alarm for a link lost while the device runs a step (warning: the device may
+/// ride it out on its own; the step fails if the outage outlasts the driver's grace).
+pub const LINK_LOST: &str = "link_lost";
+/// The daemon's alarm for a device whose safe state failed or is not confirmed by read-back
+/// (critical: a furnace may still be heating). While it is active the device is unsafe.
+pub const SAFE_STATE_PENDING: &str = "safe_state_pending";
+
+/// True for the alarm codes the daemon raises itself, as opposed to those a device reports.
+fn is_daemon_alarm(code: &str) -> bool {
+    code == LINK_LOST || code == SAFE_STATE_PENDING
+}
 
 /// How often, and how patiently, transient link errors (timeouts, disconnects) are retried
 /// around status reads and safe-state commands. Steps themselves are not retried: a driver
@@ -93,6 +114,7 @@ impl RetryPolicy {
 struct TrackedAlarm {
     code: String,
     message: String,
+    severity: pb::AlarmSeverity,
     raised_at: prost_types::Timestamp,
     cleared: bool,
     acknowledged: Option<(String, prost_types::Timestamp)>,
@@ -101,6 +123,10 @@ struct TrackedAlarm {
 impl TrackedAlarm {
     fn from_proto(a: pb::ActiveAlarm) -> TrackedAlarm {
         TrackedAlarm {
+            severity: match pb::AlarmSeverity::try_from(a.severity) {
+                Ok(pb::AlarmSeverity::Unspecified) | Err(_) => pb::AlarmSeverity::Critical,
+                Ok(s) => s,
+            },
             code: a.code,
             message: a.message,
             raised_at: a.raised_at.unwrap_or_default(),
@@ -116,7 +142,7 @@ impl TrackedAlarm {
             device_id: device_id.to_owned(),
             code: self.code.clone(),
             message: self.message.clone(),
-            severity: pb::AlarmSeverity::Critical as i32,
+            severity: self.severity as i32,
             raised_at: Some(self.raised_at),
             cleared: self.cleared,
             acknowledged: self.acknowledged.is_some(),
@@ -175,6 +201,89 @@ struct Live {
     tracked: Vec<TrackedAlarm>,
     /// `Some(reason)` while in maintenance.
     maintenance: Option<String>,
+    /// Steps running on the device now (0 or 1 in practice): a link lost meanwhile alarms.
+    stepping: u32,
+    /// Failed attempts to make the device safe since it was last confirmed safe.
+    safe_attempts: u32,
+    /// Earliest time of the next periodic attempt while unsafe and connected.
+    next_safe_attempt: Option<Instant>,
+}
+
+impl Live {
+    /// The active (not cleared) daemon or device alarm with `code`.
+    fn active(&self, code: &str) -> Option<&TrackedAlarm> {
+        self.tracked.iter().find(|a| a.code == code && !a.cleared)
+    }
+
+    /// `Some(reason)` while the safe state is pending: the device is unsafe.
+    fn unsafe_reason(&self) -> Option<String> {
+        self.active(SAFE_STATE_PENDING).map(|a| a.message.clone())
+    }
+
+    /// Raises a daemon alarm; returns its event, or `None` when it is already active (its
+    /// message is then brought up to date, so the listing shows the latest reason).
+    fn raise(
+        &mut self,
+        code: &str,
+        message: String,
+        severity: pb::AlarmSeverity,
+        stamp: prost_types::Timestamp,
+    ) -> Option<Kind> {
+        if let Some(a) = self
+            .tracked
+            .iter_mut()
+            .find(|a| a.code == code && !a.cleared)
+        {
+            a.message = message;
+            return None;
+        }
+        // A cleared, unacknowledged earlier instance is replaced by the new one.
+        self.tracked.retain(|a| a.code != code);
+        self.tracked.push(TrackedAlarm {
+            code: code.to_owned(),
+            message: message.clone(),
+            severity,
+            raised_at: stamp,
+            cleared: false,
+            acknowledged: None,
+        });
+        Some(Kind::Alarm(pb::Alarm {
+            code: code.to_owned(),
+            message,
+            severity: severity as i32,
+            cleared: false,
+        }))
+    }
+
+    /// Clears a daemon alarm; returns its event, or `None` when it was not active. A cleared
+    /// alarm stays listed until acknowledged (dropped at once if it already was).
+    fn clear(&mut self, code: &str, message: String) -> Option<Kind> {
+        let a = self
+            .tracked
+            .iter_mut()
+            .find(|a| a.code == code && !a.cleared)?;
+        a.cleared = true;
+        let severity = a.severity;
+        self.tracked
+            .retain(|t| !(t.cleared && t.acknowledged.is_some()));
+        Some(Kind::Alarm(pb::Alarm {
+            code: code.to_owned(),
+            message,
+            severity: severity as i32,
+            cleared: true,
+        }))
+    }
+}
+
+/// Held while a step runs on a device ([`DeviceHandle::stepping`]).
+pub struct StepGuard<'a>(&'a DeviceHandle);
+
+impl Drop for StepGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut l) = self.0.live.lock() {
+            l.stepping = l.stepping.saturating_sub(1);
+        }
+    }
 }
 
 /// One configured device and what the daemon knows about it.
@@ -222,11 +331,174 @@ impl DeviceHandle {
         out
     }
 
-    /// Drives the device to its safe state, retrying transient errors per its policy.
-    pub async fn safe_state(&self) -> Result<(), DeviceError> {
-        self.retry
-            .run("safe state", self.id(), || self.driver.safe_state())
+    /// Drives the device to its safe state and reads it back, retrying transient errors per
+    /// its policy. `Err` says why the safe state is not confirmed. A write that failed but a
+    /// read-back that shows the device safe counts as safe (the read-back is the proof); a
+    /// write that failed on the link is not followed by a read-back that would only wait out
+    /// the same outage.
+    pub async fn make_safe(&self) -> Result<(), String> {
+        let id = self.id();
+        let drive = self
+            .retry
+            .run("safe state", id, || self.driver.safe_state())
+            .await;
+        if let Err(e) = &drive
+            && e.is_transient()
+        {
+            return Err(format!("safe state failed: {e}"));
+        }
+        let check = self
+            .retry
+            .run("safe-state read-back", id, || self.driver.confirm_safe())
+            .await;
+        match (drive, check) {
+            (drive, Ok(SafeCheck::Safe)) => {
+                if let Err(e) = drive {
+                    warn!(device = id, error = %e, "a safe-state write failed, but the read-back shows the device safe");
+                }
+                Ok(())
+            }
+            (Ok(()), Ok(SafeCheck::NotSafe(d))) => Err(format!(
+                "safe state written but not confirmed: {}",
+                d.join("; ")
+            )),
+            (Err(e), Ok(SafeCheck::NotSafe(d))) => Err(format!(
+                "safe state failed: {e}; read back: {}",
+                d.join("; ")
+            )),
+            (Ok(()), Err(e)) => Err(format!("safe state written but the read-back failed: {e}")),
+            (Err(e), Err(read)) => Err(format!(
+                "safe state failed: {e}; the read-back failed too: {read}"
+            )),
+        }
+    }
+
+    /// Makes the device safe ([`DeviceHandle::make_safe`]) and records the outcome durably:
+    /// unconfirmed raises (or keeps) [`SAFE_STATE_PENDING`] and the device is unsafe;
+    /// confirmed clears it. Returns whether the safe state is confirmed.
+    pub async fn secure(&self, store: &Arc<Store>) -> bool {
+        let outcome = self.make_safe().await;
+        let event = self.note_safe_outcome(&outcome);
+        match &outcome {
+            Ok(()) => info!(
+                device = self.id(),
+                "device in safe state (confirmed by read-back)"
+            ),
+            Err(reason) => warn!(device = self.id(), reason = %reason, "device is UNSAFE"),
+        }
+        if let Some(k) = event {
+            self.commit(store, vec![k]).await;
+        }
+        outcome.is_ok()
+    }
+
+    /// Applies a safe-state outcome to the live state; returns the alarm event it causes.
+    fn note_safe_outcome(&self, outcome: &Result<(), String>) -> Option<Kind> {
+        let mut l = self.live.lock().ok()?;
+        let was_unsafe = l.unsafe_reason().is_some();
+        let event = match outcome {
+            Ok(()) => {
+                l.safe_attempts = 0;
+                l.next_safe_attempt = None;
+                l.clear(
+                    SAFE_STATE_PENDING,
+                    "safe state confirmed by read-back".to_owned(),
+                )
+            }
+            Err(reason) => {
+                l.safe_attempts = l.safe_attempts.saturating_add(1);
+                l.next_safe_attempt = Some(Instant::now() + self.retry.delay(l.safe_attempts));
+                l.raise(
+                    SAFE_STATE_PENDING,
+                    format!("safe state pending: {reason}"),
+                    pb::AlarmSeverity::Critical,
+                    now_timestamp(),
+                )
+            }
+        };
+        if was_unsafe != l.unsafe_reason().is_some() {
+            self.changed.notify_one();
+        }
+        event
+    }
+
+    /// Raises [`LINK_LOST`] (if not already active) after a step failed on the link; the poll
+    /// task clears it at the first good exchange.
+    pub async fn link_lost(&self, store: &Arc<Store>, error: &DeviceError) {
+        let event = self.live.lock().ok().and_then(|mut l| {
+            l.raise(
+                LINK_LOST,
+                format!("link lost while running a step: {error}"),
+                pb::AlarmSeverity::Warning,
+                now_timestamp(),
+            )
+        });
+        if let Some(k) = event {
+            self.commit(store, vec![k]).await;
+        }
+    }
+
+    /// Whether the poll task should try the safe state now: the device is unsafe, no step
+    /// runs on it, and the link just came back or the backoff since the last try is over.
+    fn safe_attempt_due(&self, reconnected: bool) -> bool {
+        self.live.lock().is_ok_and(|l| {
+            l.unsafe_reason().is_some()
+                && l.stepping == 0
+                && (reconnected || l.next_safe_attempt.is_none_or(|t| Instant::now() >= t))
+        })
+    }
+
+    /// Clears [`LINK_LOST`] after a good exchange; returns its event if it was active.
+    fn link_back(&self) -> Option<Kind> {
+        self.live
+            .lock()
+            .ok()?
+            .clear(LINK_LOST, "link restored".to_owned())
+    }
+
+    /// Raises [`LINK_LOST`] when the link failed while a step runs on the device.
+    fn link_lost_while_stepping(&self, error: &DeviceError) -> Option<Kind> {
+        let mut l = self.live.lock().ok()?;
+        if l.stepping == 0 {
+            return None;
+        }
+        l.raise(
+            LINK_LOST,
+            format!("link lost while running a step: {error}"),
+            pb::AlarmSeverity::Warning,
+            now_timestamp(),
+        )
+    }
+
+    /// Marks a step as running on the device until the guard drops.
+    pub fn stepping(&self) -> StepGuard<'_> {
+        if let Ok(mut l) = self.live.lock() {
+            l.stepping += 1;
+        }
+        StepGuard(self)
+    }
+
+    /// `Some(reason)` while the device's safe state is not confirmed.
+    pub fn unsafe_reason(&self) -> Option<String> {
+        self.live.lock().ok().and_then(|l| l.unsafe_reason())
+    }
+
+    /// Logs `events` with the tracked alarms, in one transaction.
+    async fn commit(&self, store: &Arc<Store>, events: Vec<Kind>) {
+        let id = self.id().to_owned();
+        let alarms = self.alarm_snapshot();
+        if let Err(e) = store
+            .write_async(move |w| {
+                for k in events {
+                    w.emit("", "", &id, k);
+                }
+                w.put_alarms(&id, alarms)?;
+                Ok(())
+            })
             .await
+        {
+            warn!(device = self.id(), error = %e, "could not log device alarms");
+        }
     }
 
     /// `Some(reason)` while the device is in maintenance.
@@ -243,11 +515,14 @@ impl DeviceHandle {
     }
 
     /// True if the scheduler may reserve the device for a new step: connected (or not yet
-    /// polled) and not in maintenance.
+    /// polled), not in maintenance, and not unsafe (a device whose safe state is not
+    /// confirmed must not be given new work: it may still be heating or pumping).
     pub fn is_available(&self) -> bool {
         self.live
             .lock()
-            .map(|l| l.connected != Some(false) && l.maintenance.is_none())
+            .map(|l| {
+                l.connected != Some(false) && l.maintenance.is_none() && l.unsafe_reason().is_none()
+            })
             .unwrap_or(false)
     }
 
@@ -343,10 +618,12 @@ impl DeviceHandle {
     pub fn restore_alarms(&self, alarms: Vec<pb::ActiveAlarm>) {
         if let Ok(mut l) = self.live.lock() {
             l.tracked = alarms.into_iter().map(TrackedAlarm::from_proto).collect();
+            // Only device-reported alarms are compared with the next poll; the daemon's own
+            // ones (an unsafe device, a lost link) clear when their condition ends.
             l.alarms = l
                 .tracked
                 .iter()
-                .filter(|a| !a.cleared)
+                .filter(|a| !a.cleared && !is_daemon_alarm(&a.code))
                 .map(|a| a.message.clone())
                 .collect();
         }
@@ -410,7 +687,7 @@ impl DeviceHandle {
     /// The API view of this device.
     pub fn to_proto(&self) -> pb::Device {
         let info = self.driver.info();
-        let (connection, connection_error, latest) = match self.live.lock() {
+        let (connection, connection_error, latest, unsafe_reason) = match self.live.lock() {
             Ok(l) => (
                 match l.connected {
                     Some(false) => pb::ConnectionState::Disconnected,
@@ -419,8 +696,9 @@ impl DeviceHandle {
                 },
                 l.error.clone(),
                 l.latest.clone(),
+                l.unsafe_reason(),
             ),
-            Err(_) => (pb::ConnectionState::Unspecified, String::new(), None),
+            Err(_) => (pb::ConnectionState::Unspecified, String::new(), None, None),
         };
         let l = &info.limits;
         pb::Device {
@@ -447,6 +725,8 @@ impl DeviceHandle {
             connection_error,
             maintenance: self.maintenance().is_some(),
             maintenance_reason: self.maintenance().unwrap_or_default(),
+            r#unsafe: unsafe_reason.is_some(),
+            unsafe_reason: unsafe_reason.unwrap_or_default(),
             ..Default::default()
         }
     }
@@ -498,6 +778,7 @@ impl DeviceHandle {
             l.tracked.push(TrackedAlarm {
                 code,
                 message: a.clone(),
+                severity: pb::AlarmSeverity::Critical,
                 raised_at: stamp,
                 cleared: false,
                 acknowledged: None,
@@ -593,22 +874,18 @@ impl Devices {
         self.map.values().filter(move |d| d.has(cap))
     }
 
-    /// Drives every device to its safe state, logging failures. Used at start-up (after a
-    /// crash nothing may be left heating) and at shutdown.
-    pub async fn all_safe(&self) {
-        self.all_safe_except(&HashSet::new()).await;
+    /// Drives every device to its safe state and confirms it by read-back
+    /// ([`DeviceHandle::secure`]: an unconfirmed one is marked unsafe, durably). Used at
+    /// start-up (after a crash nothing may be left heating) and at shutdown.
+    pub async fn all_safe(&self, store: &Arc<Store>) {
+        self.all_safe_except(store, &HashSet::new()).await;
     }
 
     /// [`Devices::all_safe`] for every device not in `skip` (devices whose running program
     /// recovery adopted).
-    pub async fn all_safe_except(&self, skip: &HashSet<String>) {
+    pub async fn all_safe_except(&self, store: &Arc<Store>, skip: &HashSet<String>) {
         for d in self.all().filter(|d| !skip.contains(d.id())) {
-            match d.safe_state().await {
-                Ok(()) => info!(device = d.id(), "device in safe state"),
-                Err(e) => {
-                    warn!(device = d.id(), error = %e, "could not drive device to safe state")
-                }
-            }
+            d.secure(store).await;
         }
     }
 
@@ -635,13 +912,20 @@ async fn poll(dev: Arc<DeviceHandle>, store: Arc<Store>, s: PollSettings, stop: 
             _ = tick.tick() => {}
         }
         let mut events = Vec::new();
-        let mut alarms = None;
+        let mut alarms = false;
+        let mut make_safe = false;
         match dev.timed_status().await {
             Ok(status) => {
-                events.extend(dev.set_connected(true, String::new()));
+                let reconnected = dev.set_connected(true, String::new());
+                make_safe = dev.safe_attempt_due(reconnected.is_some());
+                events.extend(reconnected);
+                if let Some(k) = dev.link_back() {
+                    alarms = true;
+                    events.push(k);
+                }
                 let changes = dev.diff_alarms(&status.alarms);
                 if !changes.is_empty() {
-                    alarms = Some(dev.alarm_snapshot());
+                    alarms = true;
                 }
                 events.extend(changes);
                 let reading = dev.record(&status);
@@ -656,25 +940,39 @@ async fn poll(dev: Arc<DeviceHandle>, store: Arc<Store>, s: PollSettings, stop: 
                     warn!(device = dev.id(), error = %e, "device link down");
                     events.push(k);
                 }
+                if let Some(k) = dev.link_lost_while_stepping(&e) {
+                    alarms = true;
+                    events.push(k);
+                }
             }
         }
-        if events.is_empty() {
-            continue;
+        if !events.is_empty() {
+            log_events(&dev, &store, events, alarms).await;
         }
-        let id = dev.id().to_owned();
-        if let Err(e) = store
-            .write_async(move |w| {
-                for k in events {
-                    w.emit("", "", &id, k);
-                }
-                if let Some(a) = alarms {
-                    w.put_alarms(&id, a)?;
-                }
-                Ok(())
-            })
-            .await
-        {
-            warn!(device = dev.id(), error = %e, "could not log device events");
+        // After the reading is logged: on a reconnect, the link's return comes first in the
+        // log, then the safe state's outcome.
+        if make_safe {
+            dev.secure(&store).await;
         }
+    }
+}
+
+/// Logs a poll's events (and the tracked alarms when they changed) in one transaction.
+async fn log_events(dev: &DeviceHandle, store: &Arc<Store>, events: Vec<Kind>, alarms: bool) {
+    let alarms = alarms.then(|| dev.alarm_snapshot());
+    let id = dev.id().to_owned();
+    if let Err(e) = store
+        .write_async(move |w| {
+            for k in events {
+                w.emit("", "", &id, k);
+            }
+            if let Some(a) = alarms {
+                w.put_alarms(&id, a)?;
+            }
+            Ok(())
+        })
+        .await
+    {
+        warn!(device = dev.id(), error = %e, "could not log device events");
     }
 }

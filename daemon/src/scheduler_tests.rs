@@ -175,6 +175,15 @@ impl Device for TestDevice {
         Ok(())
     }
 
+    /// Safe when nothing runs: the read-back of `active`.
+    async fn confirm_safe(&self) -> Result<ppu_drivers::SafeCheck, DeviceError> {
+        Ok(if self.active.load(Ordering::SeqCst) {
+            ppu_drivers::SafeCheck::NotSafe(vec!["still active".into()])
+        } else {
+            ppu_drivers::SafeCheck::Safe
+        })
+    }
+
     async fn adopt(
         &self,
         step: &StepCommand,
