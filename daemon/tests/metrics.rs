@@ -28,13 +28,14 @@ const TIME_SCALE: f64 = 2000.0;
 const DEADLINE: Duration = Duration::from_secs(60);
 
 /// Every series the design names.
-const SERIES: [&str; 10] = [
+const SERIES: [&str; 11] = [
     "ppu_queue_depth",
     "ppu_experiments",
     "ppu_step_duration_seconds",
     "ppu_device_request_duration_seconds",
     "ppu_device_errors_total",
     "ppu_transport_reconnects_total",
+    "ppu_device_unsafe",
     "ppu_event_log_events",
     "ppu_event_log_bytes",
     "ppu_active_streams",
@@ -270,6 +271,10 @@ async fn a_scrape_shows_every_series_and_follows_the_lab() {
             "ppu_transport_reconnects_total",
             &[("transport", "modbus"), ("device", "furnace-1")]
         ),
+        0.0
+    );
+    assert_eq!(
+        fresh.value("ppu_device_unsafe", &[("device", "furnace-1")]),
         0.0
     );
 

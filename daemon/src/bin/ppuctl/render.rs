@@ -656,10 +656,15 @@ pub fn device_table(devices: &[pb::Device]) -> String {
                 d.id.clone(),
                 device_family(d.family),
                 d.driver.clone(),
-                if d.maintenance {
-                    format!("{} (maintenance)", connection(d.connection))
-                } else {
-                    connection(d.connection)
+                {
+                    let mut c = connection(d.connection);
+                    if d.maintenance {
+                        c.push_str(" (maintenance)");
+                    }
+                    if d.r#unsafe {
+                        c.push_str(" UNSAFE");
+                    }
+                    c
                 },
                 d.capabilities
                     .iter()
@@ -706,6 +711,15 @@ pub fn device_detail(d: &pb::Device) -> String {
         o.push('\n');
     } else {
         let _ = writeln!(o, "  maintenance:  no");
+    }
+    if d.r#unsafe {
+        let _ = writeln!(
+            o,
+            "  safe state:   UNSAFE, not confirmed ({}); retried on every reconnect",
+            or_dash(&d.unsafe_reason)
+        );
+    } else {
+        let _ = writeln!(o, "  safe state:   ok");
     }
     let _ = writeln!(o, "  holds sample: {}", or_dash(&d.holds_sample_id));
     let _ = writeln!(o, "limits:");
