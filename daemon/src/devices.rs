@@ -976,3 +976,228 @@ async fn log_events(dev: &DeviceHandle, store: &Arc<Store>, events: Vec<Kind>, a
         warn!(device = dev.id(), error = %e, "could not log device events");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stamp() -> prost_types::Timestamp {
+        prost_types::Timestamp {
+            seconds: 1,
+            nanos: 0,
+        }
+    }
+
+    fn alarm_of(k: Option<Kind>) -> pb::Alarm {
+        match k {
+            Some(Kind::Alarm(a)) => a,
+            other => panic!("expected an alarm event, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_daemon_alarm_is_raised_once_cleared_once_and_makes_the_device_unsafe_meanwhile() {
+        let mut l = Live::default();
+        assert_eq!(l.unsafe_reason(), None);
+        let a = alarm_of(l.raise(
+            SAFE_STATE_PENDING,
+            "safe state pending: timeout".into(),
+            pb::AlarmSeverity::Critical,
+            stamp(),
+        ));
+        assert_eq!(
+            (a.code.as_str(), a.cleared, a.severity),
+            (
+                SAFE_STATE_PENDING,
+                false,
+                pb::AlarmSeverity::Critical as i32
+            )
+        );
+        assert_eq!(
+            l.unsafe_reason().as_deref(),
+            Some("safe state pending: timeout")
+        );
+        // Raised again while active: no second event, the reason is brought up to date.
+        assert_eq!(
+            l.raise(
+                SAFE_STATE_PENDING,
+                "safe state pending: read back 150 °C".into(),
+                pb::AlarmSeverity::Critical,
+                stamp(),
+            ),
+            None
+        );
+        assert_eq!(
+            l.unsafe_reason().as_deref(),
+            Some("safe state pending: read back 150 °C")
+        );
+        let c = alarm_of(l.clear(SAFE_STATE_PENDING, "confirmed".into()));
+        assert!(c.cleared);
+        assert_eq!(l.unsafe_reason(), None);
+        assert_eq!(l.clear(SAFE_STATE_PENDING, "confirmed".into()), None);
+        // Cleared but unacknowledged: still listed, until acknowledged.
+        assert_eq!(l.tracked.len(), 1);
+        assert!(l.tracked[0].cleared);
+    }
+
+    #[test]
+    fn a_new_outage_replaces_a_cleared_unacknowledged_alarm_and_an_acknowledged_one_drops_on_clear()
+    {
+        let mut l = Live::default();
+        let raise = |l: &mut Live| {
+            l.raise(
+                LINK_LOST,
+                "link lost".into(),
+                pb::AlarmSeverity::Warning,
+                stamp(),
+            )
+        };
+        assert!(raise(&mut l).is_some());
+        assert!(l.clear(LINK_LOST, "back".into()).is_some());
+        assert!(raise(&mut l).is_some());
+        assert_eq!(l.tracked.len(), 1, "one instance per code");
+        assert!(!l.tracked[0].cleared);
+        assert_eq!(l.tracked[0].severity, pb::AlarmSeverity::Warning);
+        l.tracked[0].acknowledged = Some(("op".into(), stamp()));
+        assert!(l.clear(LINK_LOST, "back".into()).is_some());
+        assert!(l.tracked.is_empty(), "acknowledged and cleared: gone");
+    }
+
+    /// A device whose safe state and read-back are scripted.
+    struct Scripted {
+        info: ppu_drivers::DeviceInfo,
+        drive: Mutex<Result<(), DeviceError>>,
+        check: Mutex<Result<SafeCheck, DeviceError>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Device for Scripted {
+        fn info(&self) -> &ppu_drivers::DeviceInfo {
+            &self.info
+        }
+        fn check(&self, _: &ppu_drivers::StepCommand) -> Result<(), DeviceError> {
+            Ok(())
+        }
+        async fn execute(
+            &self,
+            _: &ppu_drivers::StepCommand,
+            _: ppu_drivers::StepContext,
+        ) -> Result<ppu_drivers::StepOutput, DeviceError> {
+            Err(DeviceError::Unsupported("scripted".into()))
+        }
+        async fn status(&self) -> Result<DeviceStatus, DeviceError> {
+            Ok(DeviceStatus::default())
+        }
+        async fn safe_state(&self) -> Result<(), DeviceError> {
+            self.drive.lock().unwrap().clone()
+        }
+        async fn confirm_safe(&self) -> Result<SafeCheck, DeviceError> {
+            self.check.lock().unwrap().clone()
+        }
+    }
+
+    fn scripted() -> (Arc<Scripted>, Arc<DeviceHandle>) {
+        let d = Arc::new(Scripted {
+            info: ppu_drivers::DeviceInfo {
+                id: "furnace-1".into(),
+                family: Family::Furnace,
+                driver: "scripted".into(),
+                transport: String::new(),
+                capabilities: vec![Capability::FurnaceProgram],
+                limits: Default::default(),
+            },
+            drive: Mutex::new(Ok(())),
+            check: Mutex::new(Ok(SafeCheck::Safe)),
+        });
+        let policy = RetryPolicy {
+            retries: 1,
+            backoff: Duration::from_millis(1),
+        };
+        let h = Arc::new(DeviceHandle::new(
+            d.clone(),
+            policy,
+            Arc::new(Notify::new()),
+        ));
+        (d, h)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_a_read_back_confirms_the_safe_state() {
+        let (d, h) = scripted();
+        assert_eq!(h.make_safe().await, Ok(()));
+        // Written, but the controller reads back hot.
+        *d.check.lock().unwrap() = Ok(SafeCheck::NotSafe(vec!["target 150 °C".into()]));
+        let e = h.make_safe().await.unwrap_err();
+        assert!(
+            e.contains("not confirmed") && e.contains("target 150 °C"),
+            "{e}"
+        );
+        // The read-back itself fails.
+        *d.check.lock().unwrap() = Err(DeviceError::Corrupt {
+            what: "read".into(),
+            reason: "short".into(),
+        });
+        let e = h.make_safe().await.unwrap_err();
+        assert!(e.contains("read-back failed"), "{e}");
+        // The link is down: no read-back is tried, the write's error is the reason.
+        *d.drive.lock().unwrap() = Err(DeviceError::Disconnected("refused".into()));
+        let e = h.make_safe().await.unwrap_err();
+        assert!(e.contains("refused"), "{e}");
+        // A refused write but a read-back that shows it safe: safe.
+        *d.drive.lock().unwrap() = Err(DeviceError::Refused {
+            what: "write".into(),
+            reason: "read-only".into(),
+        });
+        *d.check.lock().unwrap() = Ok(SafeCheck::Safe);
+        assert_eq!(h.make_safe().await, Ok(()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unsafe_device_is_unavailable_retried_on_reconnect_and_survives_a_restart() {
+        let (_, h) = scripted();
+        assert!(h.is_available());
+        let ev = h.note_safe_outcome(&Err("safe state failed: timeout".into()));
+        assert!(matches!(ev, Some(Kind::Alarm(ref a)) if !a.cleared));
+        assert!(!h.is_available());
+        assert!(h.to_proto().r#unsafe);
+        // Backoff after a failure: not due at once, due on a reconnect or after the wait.
+        assert!(!h.safe_attempt_due(false));
+        assert!(h.safe_attempt_due(true));
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert!(h.safe_attempt_due(false));
+        // Never while a step runs on the device.
+        {
+            let _step = h.stepping();
+            assert!(!h.safe_attempt_due(true));
+        }
+        // A restart restores the unsafe flag from the stored alarms; the next poll does not
+        // clear it as if the device had stopped reporting it.
+        let (_, restarted) = scripted();
+        restarted.restore_alarms(h.alarm_snapshot());
+        assert!(restarted.unsafe_reason().is_some());
+        assert!(restarted.diff_alarms(&[]).is_empty());
+        assert!(restarted.unsafe_reason().is_some());
+        // Confirmed: cleared, available again.
+        let ev = restarted.note_safe_outcome(&Ok(()));
+        assert!(matches!(ev, Some(Kind::Alarm(ref a)) if a.cleared));
+        assert!(restarted.is_available());
+    }
+
+    #[test]
+    fn a_link_loss_alarms_only_while_a_step_runs_and_clears_when_the_link_returns() {
+        let (_, h) = scripted();
+        let e = DeviceError::Timeout {
+            what: "read".into(),
+            timeout_ms: 1000,
+        };
+        assert_eq!(h.link_lost_while_stepping(&e), None);
+        let step = h.stepping();
+        let a = alarm_of(h.link_lost_while_stepping(&e));
+        assert_eq!(a.code, LINK_LOST);
+        assert_eq!(a.severity, pb::AlarmSeverity::Warning as i32);
+        assert_eq!(h.link_lost_while_stepping(&e), None, "raised once");
+        drop(step);
+        assert!(h.link_back().is_some_and(|k| alarm_of(Some(k)).cleared));
+        assert_eq!(h.link_back(), None);
+    }
+}
