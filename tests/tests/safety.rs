@@ -173,3 +173,67 @@ async fn a_link_cut_mid_hold_leaves_the_furnace_unsafe_until_the_reconnect_confi
     assert!(raised < cleared);
     lab.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsafe_furnace_stays_unsafe_across_a_restart_until_a_read_back_confirms_it() {
+    let mut lab = Lab::start(1).await;
+    let mut exps = lab.experiments().await;
+    let spec = furnace_experiment("hold", vec![ramp(150.0, 20.0), hold(40.0 * 3600.0)]);
+    let id = exps
+        .submit_batch(batch("restart", vec![spec]))
+        .await
+        .expect("submit")
+        .into_inner()
+        .batch
+        .expect("batch")
+        .experiment_ids[0]
+        .clone();
+    let sim = lab.devlab.furnaces[0].sim.clone();
+    eventually("the furnace holding at 150 °C", || async {
+        let s = sim.snapshot();
+        s.target_sp_c == 150.0 && (s.pv_c - 150.0).abs() < 3.0
+    })
+    .await;
+    // Cut the link and abort: the safe state after the abort cannot reach the controller.
+    sim.set_silent(true);
+    exps.cancel_experiment(pb::CancelExperimentRequest {
+        id: id.clone(),
+        reason: "operator abort during an outage".into(),
+        after_current_step: false,
+    })
+    .await
+    .expect("cancel");
+    eventually("furnace-1 unsafe after the abort", || async {
+        device(&lab, "furnace-1").await.r#unsafe
+    })
+    .await;
+
+    // Restart with the link still down: shutdown and start-up both try and cannot confirm.
+    lab.restart_daemon().await;
+    let d = device(&lab, "furnace-1").await;
+    assert!(d.r#unsafe, "the restarted daemon forgot the unsafe furnace");
+    assert!(!d.unsafe_reason.is_empty());
+    assert_eq!(sim.snapshot().target_sp_c, 150.0);
+    let pending: Vec<_> = alarms(&lab, "furnace-1")
+        .await
+        .into_iter()
+        .filter(|a| a.code == "safe_state_pending")
+        .collect();
+    assert_eq!(pending.len(), 1, "{pending:?}");
+    assert!(!pending[0].cleared);
+
+    // The link returns: the restarted daemon's poll task confirms the safe state.
+    sim.set_silent(false);
+    eventually("furnace-1 confirmed safe", || async {
+        !device(&lab, "furnace-1").await.r#unsafe
+    })
+    .await;
+    assert_eq!(sim.snapshot().target_sp_c, SAFE_SETPOINT_C);
+    assert!(
+        alarms(&lab, "furnace-1")
+            .await
+            .iter()
+            .all(|a| a.code != "safe_state_pending" || a.cleared)
+    );
+    lab.stop().await;
+}
