@@ -952,7 +952,10 @@ async fn poll(dev: Arc<DeviceHandle>, store: Arc<Store>, s: PollSettings, stop: 
         // After the reading is logged: on a reconnect, the link's return comes first in the
         // log, then the safe state's outcome.
         if make_safe {
-            dev.secure(&store).await;
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = dev.secure(&store) => {}
+            }
         }
     }
 }

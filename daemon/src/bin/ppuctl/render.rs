@@ -1603,4 +1603,25 @@ mod tests {
         let t = table(&["A", "BB"], &[vec!["xyz".into(), "1".into()]]);
         assert_eq!(t, "A    BB\nxyz  1\n");
     }
+
+    #[test]
+    fn an_unsafe_device_says_so_in_the_list_and_the_detail() {
+        let mut d = pb::Device {
+            id: "furnace-1".into(),
+            connection: pb::ConnectionState::Connected as i32,
+            ..Default::default()
+        };
+        assert!(device_detail(&d).contains("  safe state:   ok\n"));
+        assert!(!device_table(std::slice::from_ref(&d)).contains("UNSAFE"));
+        d.r#unsafe = true;
+        d.unsafe_reason = "safe state pending: target setpoint reads 150 °C".into();
+        assert!(device_table(std::slice::from_ref(&d)).contains("connected UNSAFE"));
+        assert!(
+            device_detail(&d).contains(
+                "  safe state:   UNSAFE, not confirmed (safe state pending: target setpoint reads 150 °C)"
+            ),
+            "{}",
+            device_detail(&d)
+        );
+    }
 }
