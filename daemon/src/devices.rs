@@ -335,8 +335,28 @@ impl DeviceHandle {
     /// its policy. `Err` says why the safe state is not confirmed. A write that failed but a
     /// read-back that shows the device safe counts as safe (the read-back is the proof); a
     /// write that failed on the link is not followed by a read-back that would only wait out
-    /// the same outage.
+    /// the same outage. A read-back that disagrees is tried again, writes included, with the
+    /// same policy: some devices settle (an analyser's abort ends its operation a moment after
+    /// the bridge acknowledges it).
     pub async fn make_safe(&self) -> Result<(), String> {
+        let mut attempt = 0;
+        loop {
+            match self.drive_and_confirm().await {
+                Ok(()) => return Ok(()),
+                Err((reason, true)) if attempt < self.retry.retries => {
+                    attempt += 1;
+                    let wait = self.retry.delay(attempt);
+                    warn!(device = self.id(), %reason, attempt, wait_ms = wait.as_millis() as u64, "safe state not confirmed; retrying");
+                    tokio::time::sleep(wait).await;
+                }
+                Err((reason, _)) => return Err(reason),
+            }
+        }
+    }
+
+    /// One round of [`DeviceHandle::make_safe`]; the flag says whether the device answered
+    /// but read back not safe (worth another round).
+    async fn drive_and_confirm(&self) -> Result<(), (String, bool)> {
         let id = self.id();
         let drive = self
             .retry
@@ -345,7 +365,7 @@ impl DeviceHandle {
         if let Err(e) = &drive
             && e.is_transient()
         {
-            return Err(format!("safe state failed: {e}"));
+            return Err((format!("safe state failed: {e}"), false));
         }
         let check = self
             .retry
@@ -358,17 +378,21 @@ impl DeviceHandle {
                 }
                 Ok(())
             }
-            (Ok(()), Ok(SafeCheck::NotSafe(d))) => Err(format!(
-                "safe state written but not confirmed: {}",
-                d.join("; ")
+            (Ok(()), Ok(SafeCheck::NotSafe(d))) => Err((
+                format!("safe state written but not confirmed: {}", d.join("; ")),
+                true,
             )),
-            (Err(e), Ok(SafeCheck::NotSafe(d))) => Err(format!(
-                "safe state failed: {e}; read back: {}",
-                d.join("; ")
+            (Err(e), Ok(SafeCheck::NotSafe(d))) => Err((
+                format!("safe state failed: {e}; read back: {}", d.join("; ")),
+                true,
             )),
-            (Ok(()), Err(e)) => Err(format!("safe state written but the read-back failed: {e}")),
-            (Err(e), Err(read)) => Err(format!(
-                "safe state failed: {e}; the read-back failed too: {read}"
+            (Ok(()), Err(e)) => Err((
+                format!("safe state written but the read-back failed: {e}"),
+                false,
+            )),
+            (Err(e), Err(read)) => Err((
+                format!("safe state failed: {e}; the read-back failed too: {read}"),
+                false,
             )),
         }
     }
@@ -1071,6 +1095,8 @@ mod tests {
         info: ppu_drivers::DeviceInfo,
         drive: Mutex<Result<(), DeviceError>>,
         check: Mutex<Result<SafeCheck, DeviceError>>,
+        /// Read-backs that answer "busy" before `check` applies (a device still settling).
+        settling: std::sync::atomic::AtomicU32,
     }
 
     #[async_trait::async_trait]
@@ -1095,6 +1121,14 @@ mod tests {
             self.drive.lock().unwrap().clone()
         }
         async fn confirm_safe(&self) -> Result<SafeCheck, DeviceError> {
+            use std::sync::atomic::Ordering::SeqCst;
+            if self
+                .settling
+                .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                return Ok(SafeCheck::NotSafe(vec!["busy".into()]));
+            }
             self.check.lock().unwrap().clone()
         }
     }
@@ -1111,6 +1145,7 @@ mod tests {
             },
             drive: Mutex::new(Ok(())),
             check: Mutex::new(Ok(SafeCheck::Safe)),
+            settling: Default::default(),
         });
         let policy = RetryPolicy {
             retries: 1,
@@ -1128,6 +1163,13 @@ mod tests {
     async fn only_a_read_back_confirms_the_safe_state() {
         let (d, h) = scripted();
         assert_eq!(h.make_safe().await, Ok(()));
+        // A device still settling after the write is read back again (policy: 1 retry).
+        d.settling.store(1, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(h.make_safe().await, Ok(()));
+        d.settling.store(2, std::sync::atomic::Ordering::SeqCst);
+        let e = h.make_safe().await.unwrap_err();
+        assert!(e.contains("busy"), "{e}");
+        d.settling.store(0, std::sync::atomic::Ordering::SeqCst);
         // Written, but the controller reads back hot.
         *d.check.lock().unwrap() = Ok(SafeCheck::NotSafe(vec!["target 150 °C".into()]));
         let e = h.make_safe().await.unwrap_err();
