@@ -3,16 +3,21 @@
 
 use std::time::Duration;
 
+use ppu_drivers::analyser::{SorptionAnalyser, SorptionConfig};
 use ppu_drivers::dispenser::ne1000::{Ne1000Config, Ne1000Pump};
 use ppu_drivers::furnace::eurotherm::{Eurotherm, EurothermConfig, registers};
 use ppu_drivers::transport::modbus::{ModbusConfig, ModbusEndpoint};
+use ppu_drivers::transport::mqtt::{BrokerUrl, MqttConfig};
 use ppu_drivers::transport::serial::{Framing, SerialConfig};
 use ppu_drivers::{Clock, Device, Limits, SafeCheck, StepCommand, StepContext};
+use ppu_sim::analyser::{SimAnalyser, SimAnalyserConfig};
+use ppu_sim::broker::EmbeddedBroker;
 use ppu_sim::dispenser::pump::PumpConfig;
 use ppu_sim::dispenser::{PumpSpec, SimStation, StationSpec};
 use ppu_sim::furnace::{FurnaceConfig, SimFurnace};
 use ppu_sim::modbus::serve_tcp;
 use ppu_sim::pty::FaultConfig;
+use ppu_sim::world::World;
 use tokio_util::sync::CancellationToken;
 
 /// Upper bound on any wait (real time).
@@ -145,4 +150,77 @@ async fn an_ne1000_is_confirmed_safe_only_when_it_reports_stopped() {
     cancel.cancel();
     let _ = running.await;
     station.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_analyser_is_confirmed_safe_only_when_its_bridge_reports_idle() {
+    let broker = EmbeddedBroker::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .expect("embedded broker");
+    let url: BrokerUrl = broker.url().parse().expect("broker url");
+    let prefix = format!("test/safe/{}", std::process::id());
+    let clock = Clock::new(1000.0);
+    let mut sc = SimAnalyserConfig::new(url.host.clone(), url.port, "asap-1");
+    sc.topic_prefix = prefix.clone();
+    sc.client_id = format!("sim-safe-{}", std::process::id());
+    let _sim = SimAnalyser::start(sc, World::new(42), clock);
+    let mut mqtt = MqttConfig::new(url.clone(), format!("ppud-safe-{}", std::process::id()));
+    mqtt.reconnect_max = Duration::from_millis(500);
+    mqtt.ack_timeout = Duration::from_secs(2);
+    let mut dc = SorptionConfig::new("analyser-1", mqtt);
+    dc.topic_prefix = prefix;
+    dc.bridge_id = "asap-1".into();
+    let analyser = std::sync::Arc::new(SorptionAnalyser::new(dc));
+
+    let give_up = tokio::time::Instant::now() + DEADLINE;
+    while analyser.confirm_safe().await != Ok(SafeCheck::Safe) {
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "the bridge never came up idle"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A long degas (4 h physical, ~15 s real) keeps the bridge busy: not safe.
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let ctx = StepContext {
+        clock,
+        updates: tx,
+        cancel: CancellationToken::new(),
+        sample_id: "ref-13X-1".into(),
+        experiment_id: "E-1".into(),
+    };
+    let running = {
+        let analyser = analyser.clone();
+        tokio::spawn(async move {
+            let step = StepCommand::Degas {
+                temperature_c: 300.0,
+                duration_s: 4.0 * 3600.0,
+            };
+            analyser.execute(&step, ctx).await
+        })
+    };
+    let d = loop {
+        if let Ok(SafeCheck::NotSafe(d)) = analyser.confirm_safe().await {
+            break d;
+        }
+        assert!(tokio::time::Instant::now() < give_up, "the degas never ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(d[0].contains("busy"), "{d:?}");
+
+    // The abort: the bridge reports idle again (after its operation has wound down).
+    analyser.safe_state().await.expect("abort acknowledged");
+    while analyser.confirm_safe().await != Ok(SafeCheck::Safe) {
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "still busy after the abort"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let outcome = running.await.expect("step task");
+    assert!(
+        outcome.is_err(),
+        "an aborted degas cannot succeed: {outcome:?}"
+    );
 }
