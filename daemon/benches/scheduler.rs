@@ -120,6 +120,10 @@ impl Device for Synthetic {
         self.active.store(false, Ordering::SeqCst);
         Ok(())
     }
+
+    async fn confirm_safe(&self) -> Result<ppu_drivers::SafeCheck, DeviceError> {
+        Ok(ppu_drivers::SafeCheck::Safe)
+    }
 }
 
 /// A tiny deterministic generator, so every run schedules the same workload.

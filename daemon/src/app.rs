@@ -241,7 +241,7 @@ impl Daemon {
                 // a device away from its safe state.
                 stop.cancel();
                 scheduler.shutdown(scheduler_task).await;
-                scheduler.devices().all_safe().await;
+                scheduler.devices().all_safe(scheduler.store()).await;
                 wait_for_release(&scheduler).await;
                 return Err(e);
             }
@@ -278,7 +278,10 @@ impl Daemon {
         info!("shutting down");
         self.stop.cancel();
         self.scheduler.shutdown(self.scheduler_task).await;
-        self.scheduler.devices().all_safe().await;
+        self.scheduler
+            .devices()
+            .all_safe(self.scheduler.store())
+            .await;
         match self.server_task.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => error!(error = %e, "gRPC server error"),

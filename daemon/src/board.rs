@@ -370,6 +370,9 @@ mod tests {
         async fn safe_state(&self) -> Result<(), DeviceError> {
             Ok(())
         }
+        async fn confirm_safe(&self) -> Result<ppu_drivers::SafeCheck, DeviceError> {
+            Ok(ppu_drivers::SafeCheck::Safe)
+        }
     }
 
     fn devices(spec: &[(&str, Capability)]) -> Devices {

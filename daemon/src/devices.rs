@@ -6,15 +6,24 @@
 //! reading goes to the log at most once per `reading_log_interval`, and to live watchers
 //! every time. Alarms are tracked here from raised to cleared and acknowledged
 //! (`ListAlarms`, `AcknowledgeAlarm`). Status reads and safe-state commands made on the
-//! scheduler's behalf go through [`DeviceHandle::status`] and [`DeviceHandle::safe_state`], which
+//! scheduler's behalf go through [`DeviceHandle::status`] and [`DeviceHandle::secure`], which
 //! retry transient link errors with the device's bounded backoff.
+//!
+//! **Safe state that survives outages.** [`DeviceHandle::secure`] drives a device to its safe
+//! state and confirms it by reading it back ([`Device::confirm_safe`]). Until confirmed the
+//! device is *unsafe*: the daemon's own alarm [`SAFE_STATE_PENDING`] is active (durable in the
+//! alarms table, so a restart knows), the device takes no new reservations, and its poll task
+//! tries again on every reconnect and, while connected, with the device's retry backoff. A
+//! link lost while a step runs raises [`LINK_LOST`], cleared by the first good exchange. Both
+//! are tracked, listed and acknowledged like the alarms devices report themselves
+//! (docs/device-safety.md).
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pb::event::Kind;
-use ppu_drivers::device::{DeviceStatus, Family};
+use ppu_drivers::device::{DeviceStatus, Family, SafeCheck};
 use ppu_drivers::{Capability, Device, DeviceError};
 use ppu_proto::v1 as pb;
 use tokio::sync::{Notify, broadcast};
@@ -27,6 +36,18 @@ use crate::store::{Store, StoreError, now_timestamp};
 
 /// Longest single backoff between two attempts, whatever the policy says.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// The daemon's alarm for a link lost while the device runs a step (warning: the device may
+/// ride it out on its own; the step fails if the outage outlasts the driver's grace).
+pub const LINK_LOST: &str = "link_lost";
+/// The daemon's alarm for a device whose safe state failed or is not confirmed by read-back
+/// (critical: a furnace may still be heating). While it is active the device is unsafe.
+pub const SAFE_STATE_PENDING: &str = "safe_state_pending";
+
+/// True for the alarm codes the daemon raises itself, as opposed to those a device reports.
+fn is_daemon_alarm(code: &str) -> bool {
+    code == LINK_LOST || code == SAFE_STATE_PENDING
+}
 
 /// How often, and how patiently, transient link errors (timeouts, disconnects) are retried
 /// around status reads and safe-state commands. Steps themselves are not retried: a driver
@@ -93,6 +114,7 @@ impl RetryPolicy {
 struct TrackedAlarm {
     code: String,
     message: String,
+    severity: pb::AlarmSeverity,
     raised_at: prost_types::Timestamp,
     cleared: bool,
     acknowledged: Option<(String, prost_types::Timestamp)>,
@@ -101,6 +123,10 @@ struct TrackedAlarm {
 impl TrackedAlarm {
     fn from_proto(a: pb::ActiveAlarm) -> TrackedAlarm {
         TrackedAlarm {
+            severity: match pb::AlarmSeverity::try_from(a.severity) {
+                Ok(pb::AlarmSeverity::Unspecified) | Err(_) => pb::AlarmSeverity::Critical,
+                Ok(s) => s,
+            },
             code: a.code,
             message: a.message,
             raised_at: a.raised_at.unwrap_or_default(),
@@ -116,7 +142,7 @@ impl TrackedAlarm {
             device_id: device_id.to_owned(),
             code: self.code.clone(),
             message: self.message.clone(),
-            severity: pb::AlarmSeverity::Critical as i32,
+            severity: self.severity as i32,
             raised_at: Some(self.raised_at),
             cleared: self.cleared,
             acknowledged: self.acknowledged.is_some(),
@@ -175,6 +201,89 @@ struct Live {
     tracked: Vec<TrackedAlarm>,
     /// `Some(reason)` while in maintenance.
     maintenance: Option<String>,
+    /// Steps running on the device now (0 or 1 in practice): a link lost meanwhile alarms.
+    stepping: u32,
+    /// Failed attempts to make the device safe since it was last confirmed safe.
+    safe_attempts: u32,
+    /// Earliest time of the next periodic attempt while unsafe and connected.
+    next_safe_attempt: Option<Instant>,
+}
+
+impl Live {
+    /// The active (not cleared) daemon or device alarm with `code`.
+    fn active(&self, code: &str) -> Option<&TrackedAlarm> {
+        self.tracked.iter().find(|a| a.code == code && !a.cleared)
+    }
+
+    /// `Some(reason)` while the safe state is pending: the device is unsafe.
+    fn unsafe_reason(&self) -> Option<String> {
+        self.active(SAFE_STATE_PENDING).map(|a| a.message.clone())
+    }
+
+    /// Raises a daemon alarm; returns its event, or `None` when it is already active (its
+    /// message is then brought up to date, so the listing shows the latest reason).
+    fn raise(
+        &mut self,
+        code: &str,
+        message: String,
+        severity: pb::AlarmSeverity,
+        stamp: prost_types::Timestamp,
+    ) -> Option<Kind> {
+        if let Some(a) = self
+            .tracked
+            .iter_mut()
+            .find(|a| a.code == code && !a.cleared)
+        {
+            a.message = message;
+            return None;
+        }
+        // A cleared, unacknowledged earlier instance is replaced by the new one.
+        self.tracked.retain(|a| a.code != code);
+        self.tracked.push(TrackedAlarm {
+            code: code.to_owned(),
+            message: message.clone(),
+            severity,
+            raised_at: stamp,
+            cleared: false,
+            acknowledged: None,
+        });
+        Some(Kind::Alarm(pb::Alarm {
+            code: code.to_owned(),
+            message,
+            severity: severity as i32,
+            cleared: false,
+        }))
+    }
+
+    /// Clears a daemon alarm; returns its event, or `None` when it was not active. A cleared
+    /// alarm stays listed until acknowledged (dropped at once if it already was).
+    fn clear(&mut self, code: &str, message: String) -> Option<Kind> {
+        let a = self
+            .tracked
+            .iter_mut()
+            .find(|a| a.code == code && !a.cleared)?;
+        a.cleared = true;
+        let severity = a.severity;
+        self.tracked
+            .retain(|t| !(t.cleared && t.acknowledged.is_some()));
+        Some(Kind::Alarm(pb::Alarm {
+            code: code.to_owned(),
+            message,
+            severity: severity as i32,
+            cleared: true,
+        }))
+    }
+}
+
+/// Held while a step runs on a device ([`DeviceHandle::stepping`]).
+pub struct StepGuard<'a>(&'a DeviceHandle);
+
+impl Drop for StepGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut l) = self.0.live.lock() {
+            l.stepping = l.stepping.saturating_sub(1);
+        }
+    }
 }
 
 /// One configured device and what the daemon knows about it.
@@ -222,11 +331,198 @@ impl DeviceHandle {
         out
     }
 
-    /// Drives the device to its safe state, retrying transient errors per its policy.
-    pub async fn safe_state(&self) -> Result<(), DeviceError> {
-        self.retry
-            .run("safe state", self.id(), || self.driver.safe_state())
+    /// Drives the device to its safe state and reads it back, retrying transient errors per
+    /// its policy. `Err` says why the safe state is not confirmed. A write that failed but a
+    /// read-back that shows the device safe counts as safe (the read-back is the proof); a
+    /// write that failed on the link is not followed by a read-back that would only wait out
+    /// the same outage. A read-back that disagrees is tried again, writes included, with the
+    /// same policy: some devices settle (an analyser's abort ends its operation a moment after
+    /// the bridge acknowledges it).
+    pub async fn make_safe(&self) -> Result<(), String> {
+        let mut attempt = 0;
+        loop {
+            match self.drive_and_confirm().await {
+                Ok(()) => return Ok(()),
+                Err((reason, true)) if attempt < self.retry.retries => {
+                    attempt += 1;
+                    let wait = self.retry.delay(attempt);
+                    warn!(device = self.id(), %reason, attempt, wait_ms = wait.as_millis() as u64, "safe state not confirmed; retrying");
+                    tokio::time::sleep(wait).await;
+                }
+                Err((reason, _)) => return Err(reason),
+            }
+        }
+    }
+
+    /// One round of [`DeviceHandle::make_safe`]; the flag says whether the device answered
+    /// but read back not safe (worth another round).
+    async fn drive_and_confirm(&self) -> Result<(), (String, bool)> {
+        let id = self.id();
+        let drive = self
+            .retry
+            .run("safe state", id, || self.driver.safe_state())
+            .await;
+        if let Err(e) = &drive
+            && e.is_transient()
+        {
+            return Err((format!("safe state failed: {e}"), false));
+        }
+        let check = self
+            .retry
+            .run("safe-state read-back", id, || self.driver.confirm_safe())
+            .await;
+        match (drive, check) {
+            (drive, Ok(SafeCheck::Safe)) => {
+                if let Err(e) = drive {
+                    warn!(device = id, error = %e, "a safe-state write failed, but the read-back shows the device safe");
+                }
+                Ok(())
+            }
+            (Ok(()), Ok(SafeCheck::NotSafe(d))) => Err((
+                format!("safe state written but not confirmed: {}", d.join("; ")),
+                true,
+            )),
+            (Err(e), Ok(SafeCheck::NotSafe(d))) => Err((
+                format!("safe state failed: {e}; read back: {}", d.join("; ")),
+                true,
+            )),
+            (Ok(()), Err(e)) => Err((
+                format!("safe state written but the read-back failed: {e}"),
+                false,
+            )),
+            (Err(e), Err(read)) => Err((
+                format!("safe state failed: {e}; the read-back failed too: {read}"),
+                false,
+            )),
+        }
+    }
+
+    /// Makes the device safe ([`DeviceHandle::make_safe`]) and records the outcome durably:
+    /// unconfirmed raises (or keeps) [`SAFE_STATE_PENDING`] and the device is unsafe;
+    /// confirmed clears it. Returns whether the safe state is confirmed.
+    pub async fn secure(&self, store: &Arc<Store>) -> bool {
+        let outcome = self.make_safe().await;
+        let event = self.note_safe_outcome(&outcome);
+        match &outcome {
+            Ok(()) => info!(
+                device = self.id(),
+                "device in safe state (confirmed by read-back)"
+            ),
+            Err(reason) => warn!(device = self.id(), reason = %reason, "device is UNSAFE"),
+        }
+        if let Some(k) = event {
+            self.commit(store, vec![k]).await;
+        }
+        outcome.is_ok()
+    }
+
+    /// Applies a safe-state outcome to the live state; returns the alarm event it causes.
+    fn note_safe_outcome(&self, outcome: &Result<(), String>) -> Option<Kind> {
+        let mut l = self.live.lock().ok()?;
+        let was_unsafe = l.unsafe_reason().is_some();
+        let event = match outcome {
+            Ok(()) => {
+                l.safe_attempts = 0;
+                l.next_safe_attempt = None;
+                l.clear(
+                    SAFE_STATE_PENDING,
+                    "safe state confirmed by read-back".to_owned(),
+                )
+            }
+            Err(reason) => {
+                l.safe_attempts = l.safe_attempts.saturating_add(1);
+                l.next_safe_attempt = Some(Instant::now() + self.retry.delay(l.safe_attempts));
+                l.raise(
+                    SAFE_STATE_PENDING,
+                    format!("safe state pending: {reason}"),
+                    pb::AlarmSeverity::Critical,
+                    now_timestamp(),
+                )
+            }
+        };
+        if was_unsafe != l.unsafe_reason().is_some() {
+            self.changed.notify_one();
+        }
+        event
+    }
+
+    /// Raises [`LINK_LOST`] (if not already active) after a step failed on the link; the poll
+    /// task clears it at the first good exchange.
+    pub async fn link_lost(&self, store: &Arc<Store>, error: &DeviceError) {
+        let event = self.live.lock().ok().and_then(|mut l| {
+            l.raise(
+                LINK_LOST,
+                format!("link lost while running a step: {error}"),
+                pb::AlarmSeverity::Warning,
+                now_timestamp(),
+            )
+        });
+        if let Some(k) = event {
+            self.commit(store, vec![k]).await;
+        }
+    }
+
+    /// Whether the poll task should try the safe state now: the device is unsafe, no step
+    /// runs on it, and the link just came back or the backoff since the last try is over.
+    fn safe_attempt_due(&self, reconnected: bool) -> bool {
+        self.live.lock().is_ok_and(|l| {
+            l.unsafe_reason().is_some()
+                && l.stepping == 0
+                && (reconnected || l.next_safe_attempt.is_none_or(|t| Instant::now() >= t))
+        })
+    }
+
+    /// Clears [`LINK_LOST`] after a good exchange; returns its event if it was active.
+    fn link_back(&self) -> Option<Kind> {
+        self.live
+            .lock()
+            .ok()?
+            .clear(LINK_LOST, "link restored".to_owned())
+    }
+
+    /// Raises [`LINK_LOST`] when the link failed while a step runs on the device.
+    fn link_lost_while_stepping(&self, error: &DeviceError) -> Option<Kind> {
+        let mut l = self.live.lock().ok()?;
+        if l.stepping == 0 {
+            return None;
+        }
+        l.raise(
+            LINK_LOST,
+            format!("link lost while running a step: {error}"),
+            pb::AlarmSeverity::Warning,
+            now_timestamp(),
+        )
+    }
+
+    /// Marks a step as running on the device until the guard drops.
+    pub fn stepping(&self) -> StepGuard<'_> {
+        if let Ok(mut l) = self.live.lock() {
+            l.stepping += 1;
+        }
+        StepGuard(self)
+    }
+
+    /// `Some(reason)` while the device's safe state is not confirmed.
+    pub fn unsafe_reason(&self) -> Option<String> {
+        self.live.lock().ok().and_then(|l| l.unsafe_reason())
+    }
+
+    /// Logs `events` with the tracked alarms, in one transaction.
+    async fn commit(&self, store: &Arc<Store>, events: Vec<Kind>) {
+        let id = self.id().to_owned();
+        let alarms = self.alarm_snapshot();
+        if let Err(e) = store
+            .write_async(move |w| {
+                for k in events {
+                    w.emit("", "", &id, k);
+                }
+                w.put_alarms(&id, alarms)?;
+                Ok(())
+            })
             .await
+        {
+            warn!(device = self.id(), error = %e, "could not log device alarms");
+        }
     }
 
     /// `Some(reason)` while the device is in maintenance.
@@ -243,11 +539,14 @@ impl DeviceHandle {
     }
 
     /// True if the scheduler may reserve the device for a new step: connected (or not yet
-    /// polled) and not in maintenance.
+    /// polled), not in maintenance, and not unsafe (a device whose safe state is not
+    /// confirmed must not be given new work: it may still be heating or pumping).
     pub fn is_available(&self) -> bool {
         self.live
             .lock()
-            .map(|l| l.connected != Some(false) && l.maintenance.is_none())
+            .map(|l| {
+                l.connected != Some(false) && l.maintenance.is_none() && l.unsafe_reason().is_none()
+            })
             .unwrap_or(false)
     }
 
@@ -343,10 +642,12 @@ impl DeviceHandle {
     pub fn restore_alarms(&self, alarms: Vec<pb::ActiveAlarm>) {
         if let Ok(mut l) = self.live.lock() {
             l.tracked = alarms.into_iter().map(TrackedAlarm::from_proto).collect();
+            // Only device-reported alarms are compared with the next poll; the daemon's own
+            // ones (an unsafe device, a lost link) clear when their condition ends.
             l.alarms = l
                 .tracked
                 .iter()
-                .filter(|a| !a.cleared)
+                .filter(|a| !a.cleared && !is_daemon_alarm(&a.code))
                 .map(|a| a.message.clone())
                 .collect();
         }
@@ -410,7 +711,7 @@ impl DeviceHandle {
     /// The API view of this device.
     pub fn to_proto(&self) -> pb::Device {
         let info = self.driver.info();
-        let (connection, connection_error, latest) = match self.live.lock() {
+        let (connection, connection_error, latest, unsafe_reason) = match self.live.lock() {
             Ok(l) => (
                 match l.connected {
                     Some(false) => pb::ConnectionState::Disconnected,
@@ -419,8 +720,9 @@ impl DeviceHandle {
                 },
                 l.error.clone(),
                 l.latest.clone(),
+                l.unsafe_reason(),
             ),
-            Err(_) => (pb::ConnectionState::Unspecified, String::new(), None),
+            Err(_) => (pb::ConnectionState::Unspecified, String::new(), None, None),
         };
         let l = &info.limits;
         pb::Device {
@@ -452,6 +754,8 @@ impl DeviceHandle {
             connection_error,
             maintenance: self.maintenance().is_some(),
             maintenance_reason: self.maintenance().unwrap_or_default(),
+            r#unsafe: unsafe_reason.is_some(),
+            unsafe_reason: unsafe_reason.unwrap_or_default(),
             ..Default::default()
         }
     }
@@ -503,6 +807,7 @@ impl DeviceHandle {
             l.tracked.push(TrackedAlarm {
                 code,
                 message: a.clone(),
+                severity: pb::AlarmSeverity::Critical,
                 raised_at: stamp,
                 cleared: false,
                 acknowledged: None,
@@ -598,22 +903,18 @@ impl Devices {
         self.map.values().filter(move |d| d.has(cap))
     }
 
-    /// Drives every device to its safe state, logging failures. Used at start-up (after a
-    /// crash nothing may be left heating) and at shutdown.
-    pub async fn all_safe(&self) {
-        self.all_safe_except(&HashSet::new()).await;
+    /// Drives every device to its safe state and confirms it by read-back
+    /// ([`DeviceHandle::secure`]: an unconfirmed one is marked unsafe, durably). Used at
+    /// start-up (after a crash nothing may be left heating) and at shutdown.
+    pub async fn all_safe(&self, store: &Arc<Store>) {
+        self.all_safe_except(store, &HashSet::new()).await;
     }
 
     /// [`Devices::all_safe`] for every device not in `skip` (devices whose running program
     /// recovery adopted).
-    pub async fn all_safe_except(&self, skip: &HashSet<String>) {
+    pub async fn all_safe_except(&self, store: &Arc<Store>, skip: &HashSet<String>) {
         for d in self.all().filter(|d| !skip.contains(d.id())) {
-            match d.safe_state().await {
-                Ok(()) => info!(device = d.id(), "device in safe state"),
-                Err(e) => {
-                    warn!(device = d.id(), error = %e, "could not drive device to safe state")
-                }
-            }
+            d.secure(store).await;
         }
     }
 
@@ -640,13 +941,20 @@ async fn poll(dev: Arc<DeviceHandle>, store: Arc<Store>, s: PollSettings, stop: 
             _ = tick.tick() => {}
         }
         let mut events = Vec::new();
-        let mut alarms = None;
+        let mut alarms = false;
+        let mut make_safe = false;
         match dev.timed_status().await {
             Ok(status) => {
-                events.extend(dev.set_connected(true, String::new()));
+                let reconnected = dev.set_connected(true, String::new());
+                make_safe = dev.safe_attempt_due(reconnected.is_some());
+                events.extend(reconnected);
+                if let Some(k) = dev.link_back() {
+                    alarms = true;
+                    events.push(k);
+                }
                 let changes = dev.diff_alarms(&status.alarms);
                 if !changes.is_empty() {
-                    alarms = Some(dev.alarm_snapshot());
+                    alarms = true;
                 }
                 events.extend(changes);
                 let reading = dev.record(&status);
@@ -661,25 +969,285 @@ async fn poll(dev: Arc<DeviceHandle>, store: Arc<Store>, s: PollSettings, stop: 
                     warn!(device = dev.id(), error = %e, "device link down");
                     events.push(k);
                 }
+                if let Some(k) = dev.link_lost_while_stepping(&e) {
+                    alarms = true;
+                    events.push(k);
+                }
             }
         }
-        if events.is_empty() {
-            continue;
+        if !events.is_empty() {
+            log_events(&dev, &store, events, alarms).await;
         }
-        let id = dev.id().to_owned();
-        if let Err(e) = store
-            .write_async(move |w| {
-                for k in events {
-                    w.emit("", "", &id, k);
-                }
-                if let Some(a) = alarms {
-                    w.put_alarms(&id, a)?;
-                }
-                Ok(())
-            })
-            .await
+        // After the reading is logged: on a reconnect, the link's return comes first in the
+        // log, then the safe state's outcome.
+        if make_safe {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = dev.secure(&store) => {}
+            }
+        }
+    }
+}
+
+/// Logs a poll's events (and the tracked alarms when they changed) in one transaction.
+async fn log_events(dev: &DeviceHandle, store: &Arc<Store>, events: Vec<Kind>, alarms: bool) {
+    let alarms = alarms.then(|| dev.alarm_snapshot());
+    let id = dev.id().to_owned();
+    if let Err(e) = store
+        .write_async(move |w| {
+            for k in events {
+                w.emit("", "", &id, k);
+            }
+            if let Some(a) = alarms {
+                w.put_alarms(&id, a)?;
+            }
+            Ok(())
+        })
+        .await
+    {
+        warn!(device = dev.id(), error = %e, "could not log device events");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stamp() -> prost_types::Timestamp {
+        prost_types::Timestamp {
+            seconds: 1,
+            nanos: 0,
+        }
+    }
+
+    fn alarm_of(k: Option<Kind>) -> pb::Alarm {
+        match k {
+            Some(Kind::Alarm(a)) => a,
+            other => panic!("expected an alarm event, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_daemon_alarm_is_raised_once_cleared_once_and_makes_the_device_unsafe_meanwhile() {
+        let mut l = Live::default();
+        assert_eq!(l.unsafe_reason(), None);
+        let a = alarm_of(l.raise(
+            SAFE_STATE_PENDING,
+            "safe state pending: timeout".into(),
+            pb::AlarmSeverity::Critical,
+            stamp(),
+        ));
+        assert_eq!(
+            (a.code.as_str(), a.cleared, a.severity),
+            (
+                SAFE_STATE_PENDING,
+                false,
+                pb::AlarmSeverity::Critical as i32
+            )
+        );
+        assert_eq!(
+            l.unsafe_reason().as_deref(),
+            Some("safe state pending: timeout")
+        );
+        // Raised again while active: no second event, the reason is brought up to date.
+        assert_eq!(
+            l.raise(
+                SAFE_STATE_PENDING,
+                "safe state pending: read back 150 °C".into(),
+                pb::AlarmSeverity::Critical,
+                stamp(),
+            ),
+            None
+        );
+        assert_eq!(
+            l.unsafe_reason().as_deref(),
+            Some("safe state pending: read back 150 °C")
+        );
+        let c = alarm_of(l.clear(SAFE_STATE_PENDING, "confirmed".into()));
+        assert!(c.cleared);
+        assert_eq!(l.unsafe_reason(), None);
+        assert_eq!(l.clear(SAFE_STATE_PENDING, "confirmed".into()), None);
+        // Cleared but unacknowledged: still listed, until acknowledged.
+        assert_eq!(l.tracked.len(), 1);
+        assert!(l.tracked[0].cleared);
+    }
+
+    #[test]
+    fn a_new_outage_replaces_a_cleared_unacknowledged_alarm_and_an_acknowledged_one_drops_on_clear()
+    {
+        let mut l = Live::default();
+        let raise = |l: &mut Live| {
+            l.raise(
+                LINK_LOST,
+                "link lost".into(),
+                pb::AlarmSeverity::Warning,
+                stamp(),
+            )
+        };
+        assert!(raise(&mut l).is_some());
+        assert!(l.clear(LINK_LOST, "back".into()).is_some());
+        assert!(raise(&mut l).is_some());
+        assert_eq!(l.tracked.len(), 1, "one instance per code");
+        assert!(!l.tracked[0].cleared);
+        assert_eq!(l.tracked[0].severity, pb::AlarmSeverity::Warning);
+        l.tracked[0].acknowledged = Some(("op".into(), stamp()));
+        assert!(l.clear(LINK_LOST, "back".into()).is_some());
+        assert!(l.tracked.is_empty(), "acknowledged and cleared: gone");
+    }
+
+    /// A device whose safe state and read-back are scripted.
+    struct Scripted {
+        info: ppu_drivers::DeviceInfo,
+        drive: Mutex<Result<(), DeviceError>>,
+        check: Mutex<Result<SafeCheck, DeviceError>>,
+        /// Read-backs that answer "busy" before `check` applies (a device still settling).
+        settling: std::sync::atomic::AtomicU32,
+    }
+
+    #[async_trait::async_trait]
+    impl Device for Scripted {
+        fn info(&self) -> &ppu_drivers::DeviceInfo {
+            &self.info
+        }
+        fn check(&self, _: &ppu_drivers::StepCommand) -> Result<(), DeviceError> {
+            Ok(())
+        }
+        async fn execute(
+            &self,
+            _: &ppu_drivers::StepCommand,
+            _: ppu_drivers::StepContext,
+        ) -> Result<ppu_drivers::StepOutput, DeviceError> {
+            Err(DeviceError::Unsupported("scripted".into()))
+        }
+        async fn status(&self) -> Result<DeviceStatus, DeviceError> {
+            Ok(DeviceStatus::default())
+        }
+        async fn safe_state(&self) -> Result<(), DeviceError> {
+            self.drive.lock().unwrap().clone()
+        }
+        async fn confirm_safe(&self) -> Result<SafeCheck, DeviceError> {
+            use std::sync::atomic::Ordering::SeqCst;
+            if self
+                .settling
+                .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                return Ok(SafeCheck::NotSafe(vec!["busy".into()]));
+            }
+            self.check.lock().unwrap().clone()
+        }
+    }
+
+    fn scripted() -> (Arc<Scripted>, Arc<DeviceHandle>) {
+        let d = Arc::new(Scripted {
+            info: ppu_drivers::DeviceInfo {
+                id: "furnace-1".into(),
+                family: Family::Furnace,
+                driver: "scripted".into(),
+                transport: String::new(),
+                capabilities: vec![Capability::FurnaceProgram],
+                limits: Default::default(),
+            },
+            drive: Mutex::new(Ok(())),
+            check: Mutex::new(Ok(SafeCheck::Safe)),
+            settling: Default::default(),
+        });
+        let policy = RetryPolicy {
+            retries: 1,
+            backoff: Duration::from_millis(1),
+        };
+        let h = Arc::new(DeviceHandle::new(
+            d.clone(),
+            policy,
+            Arc::new(Notify::new()),
+        ));
+        (d, h)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_a_read_back_confirms_the_safe_state() {
+        let (d, h) = scripted();
+        assert_eq!(h.make_safe().await, Ok(()));
+        // A device still settling after the write is read back again (policy: 1 retry).
+        d.settling.store(1, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(h.make_safe().await, Ok(()));
+        d.settling.store(2, std::sync::atomic::Ordering::SeqCst);
+        let e = h.make_safe().await.unwrap_err();
+        assert!(e.contains("busy"), "{e}");
+        d.settling.store(0, std::sync::atomic::Ordering::SeqCst);
+        // Written, but the controller reads back hot.
+        *d.check.lock().unwrap() = Ok(SafeCheck::NotSafe(vec!["target 150 °C".into()]));
+        let e = h.make_safe().await.unwrap_err();
+        assert!(
+            e.contains("not confirmed") && e.contains("target 150 °C"),
+            "{e}"
+        );
+        // The read-back itself fails.
+        *d.check.lock().unwrap() = Err(DeviceError::Corrupt {
+            what: "read".into(),
+            reason: "short".into(),
+        });
+        let e = h.make_safe().await.unwrap_err();
+        assert!(e.contains("read-back failed"), "{e}");
+        // The link is down: no read-back is tried, the write's error is the reason.
+        *d.drive.lock().unwrap() = Err(DeviceError::Disconnected("refused".into()));
+        let e = h.make_safe().await.unwrap_err();
+        assert!(e.contains("refused"), "{e}");
+        // A refused write but a read-back that shows it safe: safe.
+        *d.drive.lock().unwrap() = Err(DeviceError::Refused {
+            what: "write".into(),
+            reason: "read-only".into(),
+        });
+        *d.check.lock().unwrap() = Ok(SafeCheck::Safe);
+        assert_eq!(h.make_safe().await, Ok(()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unsafe_device_is_unavailable_retried_on_reconnect_and_survives_a_restart() {
+        let (_, h) = scripted();
+        assert!(h.is_available());
+        let ev = h.note_safe_outcome(&Err("safe state failed: timeout".into()));
+        assert!(matches!(ev, Some(Kind::Alarm(ref a)) if !a.cleared));
+        assert!(!h.is_available());
+        assert!(h.to_proto().r#unsafe);
+        // Backoff after a failure: not due at once, due on a reconnect or after the wait.
+        assert!(!h.safe_attempt_due(false));
+        assert!(h.safe_attempt_due(true));
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert!(h.safe_attempt_due(false));
+        // Never while a step runs on the device.
         {
-            warn!(device = dev.id(), error = %e, "could not log device events");
+            let _step = h.stepping();
+            assert!(!h.safe_attempt_due(true));
         }
+        // A restart restores the unsafe flag from the stored alarms; the next poll does not
+        // clear it as if the device had stopped reporting it.
+        let (_, restarted) = scripted();
+        restarted.restore_alarms(h.alarm_snapshot());
+        assert!(restarted.unsafe_reason().is_some());
+        assert!(restarted.diff_alarms(&[]).is_empty());
+        assert!(restarted.unsafe_reason().is_some());
+        // Confirmed: cleared, available again.
+        let ev = restarted.note_safe_outcome(&Ok(()));
+        assert!(matches!(ev, Some(Kind::Alarm(ref a)) if a.cleared));
+        assert!(restarted.is_available());
+    }
+
+    #[test]
+    fn a_link_loss_alarms_only_while_a_step_runs_and_clears_when_the_link_returns() {
+        let (_, h) = scripted();
+        let e = DeviceError::Timeout {
+            what: "read".into(),
+            timeout_ms: 1000,
+        };
+        assert_eq!(h.link_lost_while_stepping(&e), None);
+        let step = h.stepping();
+        let a = alarm_of(h.link_lost_while_stepping(&e));
+        assert_eq!(a.code, LINK_LOST);
+        assert_eq!(a.severity, pb::AlarmSeverity::Warning as i32);
+        assert_eq!(h.link_lost_while_stepping(&e), None, "raised once");
+        drop(step);
+        assert!(h.link_back().is_some_and(|k| alarm_of(Some(k)).cleared));
+        assert_eq!(h.link_back(), None);
     }
 }

@@ -48,6 +48,9 @@ pub const DEVICE_ERRORS: &str = "ppu_device_errors_total";
 /// Links reopened after having been lost; labels `transport`, `device` (recorded by the
 /// drivers' transports under this literal name).
 pub const TRANSPORT_RECONNECTS: &str = "ppu_transport_reconnects_total";
+/// 1 while a device's safe state is not confirmed by read-back (the device is unsafe), else
+/// 0; label `device`.
+pub const DEVICE_UNSAFE: &str = "ppu_device_unsafe";
 /// Events in the durable log.
 pub const EVENT_LOG_EVENTS: &str = "ppu_event_log_events";
 /// Bytes of the durable log's keys and values.
@@ -325,6 +328,11 @@ fn describe_all() {
         "Device links reopened after having been lost, by transport and device."
     );
     describe_gauge!(
+        DEVICE_UNSAFE,
+        Unit::Count,
+        "1 while a device's safe state is not confirmed by read-back (unsafe), else 0, by device."
+    );
+    describe_gauge!(
         EVENT_LOG_EVENTS,
         Unit::Count,
         "Events in the durable event log."
@@ -400,7 +408,9 @@ fn register_device_series(scheduler: &Scheduler) {
             counter!(DEVICE_ERRORS, "device" => id.clone(), "kind" => kind).increment(0);
         }
         let transport = transport_label(&d.driver.info().transport);
-        counter!(TRANSPORT_RECONNECTS, "transport" => transport, "device" => id).increment(0);
+        counter!(TRANSPORT_RECONNECTS, "transport" => transport, "device" => id.clone())
+            .increment(0);
+        gauge!(DEVICE_UNSAFE, "device" => id).set(0.0);
     }
 }
 
@@ -418,6 +428,14 @@ fn scrape(handle: &PrometheusHandle, scheduler: &Scheduler) -> String {
         Err(e) => warn!(error = %e, "metrics: cannot count the event log"),
     }
     gauge!(EVENT_LOG_BYTES).set(store.event_log_bytes() as f64);
+    for d in scheduler.devices().all() {
+        let unsafe_now = if d.unsafe_reason().is_some() {
+            1.0
+        } else {
+            0.0
+        };
+        gauge!(DEVICE_UNSAFE, "device" => d.id().to_owned()).set(unsafe_now);
+    }
     handle.render()
 }
 

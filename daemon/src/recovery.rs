@@ -37,7 +37,7 @@ use ppu_drivers::DeviceStatus;
 use ppu_drivers::device::Family;
 use ppu_proto::v1 as pb;
 use serde::Deserialize;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::devices::Devices;
 use crate::journal::JournalEntry;
@@ -242,12 +242,11 @@ pub async fn recover(
         } else {
             "policy furnace = adopt, but the experiment is no longer running".to_owned()
         };
-        let safe = match dev.safe_state().await {
-            Ok(()) => "device sent to its safe state".to_owned(),
-            Err(e) => {
-                warn!(device = %entry.device_id, error = %e, "could not make the device safe during recovery");
-                format!("safe state FAILED: {e}")
-            }
+        let safe = if dev.secure(store).await {
+            "device sent to its safe state (confirmed by read-back)".to_owned()
+        } else {
+            let why = dev.unsafe_reason().unwrap_or_default();
+            format!("device UNSAFE ({why}); retried on every reconnect")
         };
         decisions.push(Decision {
             detail: format!("{reading}; {why}; {safe}"),

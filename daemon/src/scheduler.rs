@@ -301,7 +301,7 @@ impl Scheduler {
             .iter()
             .map(|e| e.device_id.clone())
             .collect();
-        devices.all_safe_except(&adopted).await;
+        devices.all_safe_except(&store, &adopted).await;
 
         let s = store.clone();
         let loaded = blocking(move || {
@@ -1699,9 +1699,12 @@ impl Scheduler {
         let outcome = match safety::step_command(&step, &path) {
             Ok(cmd) => {
                 let t0 = std::time::Instant::now();
+                // While the guard lives, a link lost to the device raises `link_lost`.
+                let stepping = dev.stepping();
                 let out = self
                     .execute(&exp, j as u32, &dev, &cmd, token, elapsed)
                     .await;
+                drop(stepping);
                 match &out {
                     // An adopted step ran partly before this process: its time here says
                     // nothing about the step.
@@ -1716,12 +1719,17 @@ impl Scheduler {
                 r.field, r.reason
             ))),
         };
-        if outcome.is_err() {
+        if let Err(e) = &outcome {
+            if e.is_transient() {
+                dev.link_lost(self.store(), e).await;
+            }
             // Safe state is always attempted after a failed or aborted step, even if the
-            // driver already tried, with the device's retries.
+            // driver already tried, with the device's retries, and confirmed by read-back;
+            // unconfirmed, the device is marked unsafe (and alarmed) before it is released, so
+            // nothing is granted it until its poll task confirms the safe state.
             self.advance(id, StepPhase::Stopping);
-            if let Err(e) = dev.safe_state().await {
-                warn!(device = %device, error = %e, "safe state failed after step");
+            if !dev.secure(self.store()).await {
+                warn!(device = %device, "safe state not confirmed after step");
             }
         }
         let total = exp.spec.as_ref().map(|s| s.steps.len()).unwrap_or(0);

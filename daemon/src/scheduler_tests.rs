@@ -175,6 +175,15 @@ impl Device for TestDevice {
         Ok(())
     }
 
+    /// Safe when nothing runs: the read-back of `active`.
+    async fn confirm_safe(&self) -> Result<ppu_drivers::SafeCheck, DeviceError> {
+        Ok(if self.active.load(Ordering::SeqCst) {
+            ppu_drivers::SafeCheck::NotSafe(vec!["still active".into()])
+        } else {
+            ppu_drivers::SafeCheck::Safe
+        })
+    }
+
     async fn adopt(
         &self,
         step: &StepCommand,
@@ -683,6 +692,73 @@ async fn a_device_fault_fails_only_its_step_frees_the_device_and_safe_state_is_r
         pb::ExperimentState::Succeeded as i32
     );
     assert_one_step_per_device(&rig.events());
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unconfirmed_safe_state_leaves_the_device_unsafe_and_ungranted_until_confirmed() {
+    let clock = Clock::new(1.0);
+    let rig = Rig::start(lab(clock), clock, 60.0).await;
+    let f1 = rig.devices["furnace-1"].clone();
+    *f1.fault.lock().unwrap() = Some("heater fail".into());
+    // More transient failures than the retry policy's 3 retries: the safe state fails.
+    f1.safe_failures.store(4, Ordering::SeqCst);
+    let ids = rig
+        .submit(
+            "unsafe",
+            vec![spec("bad", 0, vec![pinned(furnace(100.0), "furnace-1")])],
+        )
+        .await;
+    rig.until_terminal(&ids).await;
+    let handle = rig.sched.devices().get("furnace-1").unwrap().clone();
+    let reason = handle.unsafe_reason().expect("furnace-1 unsafe");
+    assert!(reason.contains("safe state failed"), "{reason}");
+    assert!(!handle.is_available());
+    let shown = handle.to_proto();
+    assert!(shown.r#unsafe);
+    assert_eq!(shown.unsafe_reason, reason);
+    let raised = |ev: &[pb::Event], cleared: bool| {
+        ev.iter().any(|e| {
+            e.device_id == "furnace-1"
+                && matches!(&e.kind, Some(Kind::Alarm(a))
+                    if a.code == crate::devices::SAFE_STATE_PENDING
+                        && a.cleared == cleared
+                        && a.severity == pb::AlarmSeverity::Critical as i32)
+        })
+    };
+    assert!(raised(&rig.events(), false));
+    // Durable: the alarms table has it, so a restart knows the device is unsafe.
+    let stored = rig.sched.store().alarms().unwrap();
+    assert!(stored.iter().any(|(id, alarms)| {
+        id == "furnace-1"
+            && alarms
+                .iter()
+                .any(|a| a.code == crate::devices::SAFE_STATE_PENDING && !a.cleared)
+    }));
+
+    // New work pinned to it waits: an unsafe device takes no reservation.
+    *f1.fault.lock().unwrap() = None;
+    let next = rig
+        .submit(
+            "after",
+            vec![spec("next", 0, vec![pinned(furnace(10.0), "furnace-1")])],
+        )
+        .await;
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    assert_eq!(
+        rig.experiment(&next[0]).state,
+        pb::ExperimentState::Queued as i32
+    );
+    // Confirmed safe (what the poll task does on a reconnect): the alarm clears and the
+    // waiting experiment runs.
+    assert!(handle.secure(rig.sched.store()).await);
+    assert_eq!(handle.unsafe_reason(), None);
+    assert!(raised(&rig.events(), true));
+    rig.until_terminal(&next).await;
+    assert_eq!(
+        rig.experiment(&next[0]).state,
+        pb::ExperimentState::Succeeded as i32
+    );
     rig.stop().await;
 }
 

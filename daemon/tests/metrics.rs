@@ -35,6 +35,7 @@ const SERIES: [&str; 11] = [
     "ppu_device_request_duration_seconds",
     "ppu_device_errors_total",
     "ppu_transport_reconnects_total",
+    "ppu_device_unsafe",
     "ppu_event_log_events",
     "ppu_event_log_bytes",
     "ppu_active_streams",
@@ -271,6 +272,10 @@ async fn a_scrape_shows_every_series_and_follows_the_lab() {
             "ppu_transport_reconnects_total",
             &[("transport", "modbus"), ("device", "furnace-1")]
         ),
+        0.0
+    );
+    assert_eq!(
+        fresh.value("ppu_device_unsafe", &[("device", "furnace-1")]),
         0.0
     );
 

@@ -379,6 +379,31 @@ impl StepContext {
     }
 }
 
+/// What reading a device back says about its safe state ([`Device::confirm_safe`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum SafeCheck {
+    /// Every quantity that matters for safety reads back at its safe value.
+    Safe,
+    /// The device answered, but is not safe; each entry names what was read and what was
+    /// expected, e.g. "target setpoint 150 °C is above the safe 25 °C".
+    NotSafe(Vec<String>),
+}
+
+impl SafeCheck {
+    /// `Safe` when `deviations` is empty.
+    pub fn from_deviations(deviations: Vec<String>) -> Self {
+        if deviations.is_empty() {
+            SafeCheck::Safe
+        } else {
+            SafeCheck::NotSafe(deviations)
+        }
+    }
+
+    pub fn is_safe(&self) -> bool {
+        matches!(self, SafeCheck::Safe)
+    }
+}
+
 /// Why a device operation failed.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum DeviceError {
@@ -449,6 +474,13 @@ pub trait Device: Send + Sync + 'static {
     /// Drives the device to its safe state (furnace: setpoint to the safe value, no heating).
     /// Must be idempotent and must be attempted even after a failed step.
     async fn safe_state(&self) -> Result<(), DeviceError>;
+
+    /// Reads back whether the device *is* in its safe state, without changing anything: a
+    /// write that was acknowledged is not proof (a controller can be power-cycled to its
+    /// power-up setpoint, a link can drop between two writes). The daemon calls it after
+    /// [`Device::safe_state`] and treats the device as unsafe until it answers
+    /// [`SafeCheck::Safe`]. Required, so that no driver is trivially "safe" by omission.
+    async fn confirm_safe(&self) -> Result<SafeCheck, DeviceError>;
 
     /// State the daemon must keep for this driver across restarts (e.g. a syringe's fill),
     /// opaque to the daemon. It is read after every step and committed in the same transaction

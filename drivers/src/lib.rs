@@ -15,6 +15,6 @@ pub mod transport;
 
 pub use clock::Clock;
 pub use device::{
-    Capability, Device, DeviceError, DeviceInfo, DeviceStatus, Family, Limits, StepCommand,
-    StepContext, StepOutput, StepUpdate,
+    Capability, Device, DeviceError, DeviceInfo, DeviceStatus, Family, Limits, SafeCheck,
+    StepCommand, StepContext, StepOutput, StepUpdate,
 };

@@ -1275,6 +1275,52 @@ impl Device for SorptionAnalyser {
         self.ready(link).await?;
         self.abort(link, None).await
     }
+
+    /// Asks the bridge for its status (the contract's `status` command) and reads the state
+    /// its acknowledgement carries: `idle` (nothing running, or aborted) and `fault` (the
+    /// bridge stopped on its own) are safe; `busy` means it is still dosing or heating.
+    async fn confirm_safe(&self) -> Result<crate::device::SafeCheck, DeviceError> {
+        let link = self.link().await?;
+        self.ready(link).await?;
+        let cmd = Command::new(
+            self.new_request_id("", Op::Status),
+            Op::Status,
+            String::new(),
+            json!({}),
+        );
+        let ack = self.command(link, &cmd).await?;
+        let what = || format!("acknowledgement of status command {}", cmd.request_id);
+        let status = match protocol::ack_status(&self.topics, &ack) {
+            Some(Ok(status)) => status,
+            Some(Err(e)) => {
+                return Err(DeviceError::Corrupt {
+                    what: what(),
+                    reason: e.to_string(),
+                });
+            }
+            None => {
+                return Err(DeviceError::Corrupt {
+                    what: what(),
+                    reason: "no status object".to_owned(),
+                });
+            }
+        };
+        Ok(crate::device::SafeCheck::from_deviations(
+            match status.state {
+                BridgeState::Idle | BridgeState::Fault => Vec::new(),
+                BridgeState::Busy => vec![format!(
+                    "bridge {} reports busy after the abort",
+                    self.config.bridge_id
+                )],
+                BridgeState::Offline => {
+                    return Err(DeviceError::Disconnected(format!(
+                        "bridge {} reports itself offline",
+                        self.config.bridge_id
+                    )));
+                }
+            },
+        ))
+    }
 }
 
 #[cfg(test)]

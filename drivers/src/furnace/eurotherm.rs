@@ -1188,6 +1188,40 @@ impl Device for Eurotherm {
         }
         first_error.map_or(Ok(()), Err)
     }
+
+    /// Reads back what [`Device::safe_state`] writes: target setpoint at or below the safe
+    /// value (within one count of the display resolution), rate limit off, auto mode.
+    async fn confirm_safe(&self) -> Result<crate::device::SafeCheck, DeviceError> {
+        let dp = self.config.decimal_places;
+        let safe = self.config.safe_setpoint_c;
+        let read = |reg: u16| async move {
+            let words = self.transport.read_holding(reg, 1).await?;
+            first_word(&words, &format!("read of register {reg}"))
+        };
+        let target = decode(read(registers::TARGET_SP).await?, dp);
+        let rate = decode(read(registers::SP_RATE_LIMIT).await?, dp);
+        let mode = read(registers::AUTO_MANUAL).await?;
+        let mut deviations = Vec::new();
+        if target > safe + 0.5 / scale(dp) {
+            deviations.push(format!(
+                "target setpoint (register {}) reads {target} °C, above the safe {safe} °C",
+                registers::TARGET_SP
+            ));
+        }
+        if rate != 0.0 {
+            deviations.push(format!(
+                "setpoint rate limit (register {}) reads {rate} °C/min, expected 0 (off)",
+                registers::SP_RATE_LIMIT
+            ));
+        }
+        if mode != 0 {
+            deviations.push(format!(
+                "auto/manual (register {}) reads {mode}, expected 0 (auto)",
+                registers::AUTO_MANUAL
+            ));
+        }
+        Ok(crate::device::SafeCheck::from_deviations(deviations))
+    }
 }
 
 /// The rate limit a step segment runs at: the declared maximum, or none (rate limit off).

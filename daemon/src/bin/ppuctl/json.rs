@@ -297,6 +297,8 @@ pub fn device(d: &pb::Device) -> Value {
         "connection_error": d.connection_error,
         "maintenance": d.maintenance,
         "maintenance_reason": d.maintenance_reason,
+        "unsafe": d.r#unsafe,
+        "unsafe_reason": d.unsafe_reason,
         "holds_sample_id": d.holds_sample_id,
     })
 }

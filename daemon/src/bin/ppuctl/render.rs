@@ -656,10 +656,15 @@ pub fn device_table(devices: &[pb::Device]) -> String {
                 d.id.clone(),
                 device_family(d.family),
                 d.driver.clone(),
-                if d.maintenance {
-                    format!("{} (maintenance)", connection(d.connection))
-                } else {
-                    connection(d.connection)
+                {
+                    let mut c = connection(d.connection);
+                    if d.maintenance {
+                        c.push_str(" (maintenance)");
+                    }
+                    if d.r#unsafe {
+                        c.push_str(" UNSAFE");
+                    }
+                    c
                 },
                 d.capabilities
                     .iter()
@@ -706,6 +711,15 @@ pub fn device_detail(d: &pb::Device) -> String {
         o.push('\n');
     } else {
         let _ = writeln!(o, "  maintenance:  no");
+    }
+    if d.r#unsafe {
+        let _ = writeln!(
+            o,
+            "  safe state:   UNSAFE, not confirmed ({}); retried on every reconnect",
+            or_dash(&d.unsafe_reason)
+        );
+    } else {
+        let _ = writeln!(o, "  safe state:   ok");
     }
     let _ = writeln!(o, "  holds sample: {}", or_dash(&d.holds_sample_id));
     let _ = writeln!(o, "limits:");
@@ -1621,5 +1635,26 @@ mod tests {
     fn table_aligns_columns() {
         let t = table(&["A", "BB"], &[vec!["xyz".into(), "1".into()]]);
         assert_eq!(t, "A    BB\nxyz  1\n");
+    }
+
+    #[test]
+    fn an_unsafe_device_says_so_in_the_list_and_the_detail() {
+        let mut d = pb::Device {
+            id: "furnace-1".into(),
+            connection: pb::ConnectionState::Connected as i32,
+            ..Default::default()
+        };
+        assert!(device_detail(&d).contains("  safe state:   ok\n"));
+        assert!(!device_table(std::slice::from_ref(&d)).contains("UNSAFE"));
+        d.r#unsafe = true;
+        d.unsafe_reason = "safe state pending: target setpoint reads 150 °C".into();
+        assert!(device_table(std::slice::from_ref(&d)).contains("connected UNSAFE"));
+        assert!(
+            device_detail(&d).contains(
+                "  safe state:   UNSAFE, not confirmed (safe state pending: target setpoint reads 150 °C)"
+            ),
+            "{}",
+            device_detail(&d)
+        );
     }
 }

@@ -383,4 +383,9 @@ impl Device for SicsBalance {
     async fn safe_state(&self) -> Result<(), DeviceError> {
         Ok(())
     }
+
+    /// A balance only measures: it is always safe, whether or not it answers.
+    async fn confirm_safe(&self) -> Result<crate::device::SafeCheck, DeviceError> {
+        Ok(crate::device::SafeCheck::Safe)
+    }
 }

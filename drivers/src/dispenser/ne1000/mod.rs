@@ -1324,6 +1324,23 @@ impl Device for Ne1000Pump {
         Ok(())
     }
 
+    /// The pump answers the empty command (a status poll) with its status character; only
+    /// `S` (stopped) is safe. A paused pump (`P`, `T`) or one waiting for a trigger (`U`)
+    /// would move again on its own, so it is not.
+    async fn confirm_safe(&self) -> Result<crate::device::SafeCheck, DeviceError> {
+        let (status, _) = self.inner.exec_resending(&Command::Poll).await?;
+        Ok(crate::device::SafeCheck::from_deviations(
+            if status == Status::Stopped {
+                Vec::new()
+            } else {
+                vec![format!(
+                    "pump status reads '{}', expected 'S' (stopped)",
+                    status.code()
+                )]
+            },
+        ))
+    }
+
     fn saved_state(&self) -> Option<Vec<u8>> {
         Some(self.ledger().encode(&self.inner.config.reagent))
     }

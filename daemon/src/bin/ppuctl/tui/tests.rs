@@ -166,6 +166,8 @@ fn devices_at(i: i64) -> Vec<pb::Device> {
     );
     furnace_2.maintenance = true;
     furnace_2.maintenance_reason = "thermocouple replacement".into();
+    furnace_2.r#unsafe = true;
+    furnace_2.unsafe_reason = "safe state pending: safe state failed: timeout after 500 ms".into();
     furnace_2.connection = pb::ConnectionState::Disconnected as i32;
     furnace_2.connection_error = "timeout after 500 ms".into();
     if let Some(r) = furnace_2.latest.as_mut() {
@@ -513,7 +515,8 @@ fn devices_view_80x24() {
         "pumping, 3.9 mL dispensed, fill 6.1 mL",
         "idle, 0.44 bar",
         "0.1523 g stable",
-        "MAINT",
+        "STATE",
+        "UNSAFE",
         "DOWN",
         "▁▂▂▃▃▄▄▅▅▆▆▇▇█",
     ] {
@@ -524,6 +527,7 @@ fn devices_view_80x24() {
     let text = screen(&app, now);
     assert!(text.contains("thermocouple replacement"), "{text}");
     assert!(text.contains("timeout after 500 ms"), "{text}");
+    assert!(text.contains("UNSAFE safe state pending"), "{text}");
     assert_snapshot!("devices_80x24_in_maintenance", text);
 }
 

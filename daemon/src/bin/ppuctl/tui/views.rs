@@ -570,7 +570,9 @@ fn draw_devices(frame: &mut Frame, app: &App, area: Rect) {
             } else {
                 Cell::from("DOWN").style(t.alarm())
             };
-            let maint = if d.device.maintenance {
+            let maint = if d.device.r#unsafe {
+                Cell::from("UNSAFE").style(t.alarm())
+            } else if d.device.maintenance {
                 Cell::from("MAINT").style(t.warn())
             } else {
                 Cell::from("-")
@@ -596,12 +598,12 @@ fn draw_devices(frame: &mut Frame, app: &App, area: Rect) {
         [
             Constraint::Length(11),
             Constraint::Length(4),
-            Constraint::Length(5),
+            Constraint::Length(6),
             Constraint::Min(20),
             Constraint::Length(14),
         ],
     )
-    .header(Row::new(vec!["DEVICE", "LINK", "MAINT", "KEY READING", "TREND"]).style(t.title()))
+    .header(Row::new(vec!["DEVICE", "LINK", "STATE", "KEY READING", "TREND"]).style(t.title()))
     .block(Block::bordered().title(Line::from(vec![
         Span::styled(" Devices ", t.title()),
         Span::raw(format!("{} ", m.devices.len())),
@@ -669,6 +671,13 @@ fn draw_device_detail(frame: &mut Frame, app: &App, d: &DeviceRow, area: Rect) {
         )));
     }
     lines.push(Line::from(status));
+    if dev.r#unsafe {
+        // Its own line, right under the link: the one thing an operator must not miss.
+        lines.push(Line::from(vec![
+            Span::styled("UNSAFE", t.alarm()),
+            Span::styled(format!(" {}", dev.unsafe_reason), t.bad()),
+        ]));
+    }
     if let Some(r) = &dev.latest {
         let values: Vec<String> = r
             .values
