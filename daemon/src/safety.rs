@@ -622,6 +622,9 @@ mod tests {
         async fn safe_state(&self) -> Result<(), DeviceError> {
             Ok(())
         }
+        async fn confirm_safe(&self) -> Result<ppu_drivers::SafeCheck, DeviceError> {
+            Ok(ppu_drivers::SafeCheck::Safe)
+        }
     }
 
     fn analyser(id: &str, adsorptives: &[&str]) -> Arc<dyn ppu_drivers::Device> {
