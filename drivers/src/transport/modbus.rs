@@ -438,9 +438,7 @@ impl ModbusTransport {
                 Ok(Ok(ctx)) => {
                     if link.lost && link.ever_connected {
                         tracing::info!(peer = %self.describe(), "modbus reconnected");
-                        super::count_reconnect("modbus", &self.metrics_device, || {
-                            self.describe()
-                        });
+                        super::count_reconnect("modbus", &self.metrics_device, || self.describe());
                     } else {
                         tracing::debug!(peer = %self.describe(), "modbus connected");
                     }

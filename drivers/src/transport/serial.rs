@@ -574,7 +574,8 @@ impl SerialTransport {
 
     fn open(&self) -> Result<SerialStream, OpenError> {
         let bus = &self.bus;
-        let port = open_port(&bus.config).inspect_err(|_| bus.up.store(false, Ordering::Relaxed))?;
+        let port =
+            open_port(&bus.config).inspect_err(|_| bus.up.store(false, Ordering::Relaxed))?;
         bus.up.store(true, Ordering::Relaxed);
         if bus.ever_connected.swap(true, Ordering::Relaxed) {
             tracing::info!(port = %self.describe(), "serial port reopened");

@@ -293,6 +293,7 @@ async fn run_dispenser(args: DispenserArgs) -> Result<()> {
         },
         link_dir: args.link_dir.clone(),
         world: None,
+        chain: None,
     };
     let clock = Clock::new(args.time_scale);
     let station = SimStation::start(spec, clock)
