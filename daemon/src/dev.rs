@@ -53,6 +53,8 @@ pub struct SimulatedFurnace {
 
 /// Id of the lab's simulated RS-485 line of furnaces, once added.
 pub const DEV_RTU_BUS: &str = "rs485-a";
+/// Reply timeout of the furnaces on the lab's RS-485 line, ms.
+pub const DEV_RTU_TIMEOUT_MS: u64 = 250;
 /// Id of the lab's simulated NE-1000 daisy chain.
 pub const DEV_PUMP_BUS: &str = "pumps";
 
@@ -315,12 +317,16 @@ impl DevLab {
             .iter()
             .map(|f| {
                 let e = if self.furnace_line.is_some() {
-                    EurothermEntry::on_bus(
+                    let mut e = EurothermEntry::on_bus(
                         f.id.clone(),
                         DEV_RTU_BUS,
                         f.sim.unit_id(),
                         furnace_limits(),
-                    )
+                    );
+                    // A pty answers within milliseconds even at 19200 baud; a short timeout
+                    // keeps a silent unit from holding the shared line for long.
+                    e.timeout_ms = DEV_RTU_TIMEOUT_MS;
+                    e
                 } else {
                     let mut e = EurothermEntry::new(
                         f.id.clone(),
