@@ -150,9 +150,9 @@ struct Link {
     ctx: Option<Context>,
     /// When the last exchange on the line ended (reply, error or timeout), for the RTU silence.
     last_io: Option<Instant>,
-    /// True once a connection has been made, to log reconnects differently from the first one.
+    /// True once a connection has been made, to count reconnects apart from the first connect.
     ever_connected: bool,
-    /// The last connection ended in a link-level failure: the next connect is a reconnect.
+    /// The last connection ended in a link-level failure (not a unit's silence).
     lost: bool,
 }
 
@@ -436,8 +436,14 @@ impl ModbusTransport {
             Some(ctx) => ctx,
             None => match tokio::time::timeout(timeout, bus.connect(slave)).await {
                 Ok(Ok(ctx)) => {
-                    if link.lost && link.ever_connected {
-                        tracing::info!(peer = %self.describe(), "modbus reconnected");
+                    // Every reopen counts, also one after a unit's timeout (the connection was
+                    // dropped then too); only one after a link failure is news in the log.
+                    if link.ever_connected {
+                        if link.lost {
+                            tracing::info!(peer = %self.describe(), "modbus reconnected");
+                        } else {
+                            tracing::debug!(peer = %self.describe(), "modbus reopened");
+                        }
                         super::count_reconnect("modbus", &self.metrics_device, || self.describe());
                     } else {
                         tracing::debug!(peer = %self.describe(), "modbus connected");
