@@ -1494,6 +1494,17 @@ mod tests {
             "{}",
             info("p2")
         );
+        // Controllers behind a Modbus TCP gateway share one connection the same way.
+        let gateway = format!(
+            "[auth]\nopen = true\n[[buses]]\nid = \"gw\"\nkind = \"modbus_tcp\"\naddress = \"10.0.0.2:502\"\n{}",
+            furnace("f9", 9).replace("rs485-a", "gw")
+        );
+        let c = Config::parse(&gateway, Path::new("x.toml")).unwrap();
+        let drivers = c.drivers().unwrap();
+        assert_eq!(
+            drivers[0].info().transport,
+            "modbus-tcp://10.0.0.2:502 unit 9"
+        );
 
         let problem = |text: String| {
             Config::parse(&text, Path::new("x.toml"))
