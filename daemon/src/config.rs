@@ -931,7 +931,7 @@ impl Ne1000Entry {
         let mut out: Vec<String> = self.driver_config().problems();
         match (self.port.is_empty(), &self.bus) {
             (true, None) => {
-                out.push("port: give port (or bus) ".to_owned() + "for the pump's serial line")
+                out.push("port: give port (or bus) for the pump's serial line".to_owned())
             }
             (false, Some(_)) => {
                 out.push("bus: give port or bus, not both (a bus owns its port)".to_owned())
