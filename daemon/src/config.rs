@@ -11,8 +11,9 @@ use ppu_drivers::Device;
 use ppu_drivers::analyser::{SorptionAnalyser, SorptionConfig};
 use ppu_drivers::device::Limits;
 use ppu_drivers::furnace::eurotherm::{Eurotherm, EurothermConfig, IdentCheck};
-use ppu_drivers::transport::modbus::{ModbusConfig, ModbusEndpoint};
+use ppu_drivers::transport::modbus::{ModbusBus, ModbusConfig, ModbusEndpoint};
 use ppu_drivers::transport::mqtt::{BrokerUrl, MqttConfig, MqttTls, ParseBrokerUrlError};
+use ppu_drivers::transport::serial::{Framing, SerialBus};
 use serde::Deserialize;
 
 mod security;
@@ -55,8 +56,162 @@ pub struct Config {
     pub time_scale: f64,
     #[serde(default)]
     pub poll: PollConfig,
+    /// Shared lines (RS-485 Modbus RTU multi-drop, NE-1000 daisy chains, a Modbus TCP
+    /// gateway), each configured once; devices on one name it with their address.
+    #[serde(default)]
+    pub buses: Vec<BusConfig>,
     #[serde(default)]
     pub devices: Vec<DeviceConfig>,
+}
+
+/// One shared line, tagged by its kind. A serial port opens exclusively, so the bus owns the
+/// port and serves every device that names it, one exchange at a time, each device with its
+/// own address, timeout and retries.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum BusConfig {
+    /// Modbus RTU on an RS-485 (or RS-232) line: Eurotherm controllers by `unit_id`.
+    ModbusRtu(ModbusRtuBus),
+    /// One Modbus TCP connection to a TCP-to-RTU gateway: Eurotherm controllers by `unit_id`.
+    ModbusTcp(ModbusTcpBus),
+    /// An RS-232 line with NE-1000 pumps daisy-chained by `address`.
+    Serial(SerialBusEntry),
+}
+
+/// Keys of a `kind = "modbus_rtu"` bus.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModbusRtuBus {
+    pub id: String,
+    /// Serial device, e.g. `/dev/serial/by-id/…`.
+    pub port: String,
+    #[serde(default = "baud_9600")]
+    pub baud_rate: u32,
+}
+
+/// Keys of a `kind = "modbus_tcp"` bus.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModbusTcpBus {
+    pub id: String,
+    /// The gateway, `IP:PORT`.
+    pub address: String,
+}
+
+/// Keys of a `kind = "serial"` bus.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialBusEntry {
+    pub id: String,
+    pub port: String,
+    #[serde(default = "baud_9600")]
+    pub baud_rate: u32,
+    /// Least real milliseconds between the end of one exchange and the next command.
+    #[serde(default)]
+    pub gap_ms: u64,
+}
+
+impl BusConfig {
+    pub fn id(&self) -> &str {
+        match self {
+            BusConfig::ModbusRtu(b) => &b.id,
+            BusConfig::ModbusTcp(b) => &b.id,
+            BusConfig::Serial(b) => &b.id,
+        }
+    }
+
+    /// The `kind` key's value.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            BusConfig::ModbusRtu(_) => "modbus_rtu",
+            BusConfig::ModbusTcp(_) => "modbus_tcp",
+            BusConfig::Serial(_) => "serial",
+        }
+    }
+
+    /// The serial port the bus opens exclusively, if it is on one.
+    fn serial_port(&self) -> Option<&str> {
+        match self {
+            BusConfig::ModbusRtu(b) => Some(&b.port),
+            BusConfig::Serial(b) => Some(&b.port),
+            BusConfig::ModbusTcp(_) => None,
+        }
+    }
+
+    /// The Modbus endpoint of a Modbus bus.
+    fn modbus_endpoint(&self) -> Option<Result<ModbusEndpoint, String>> {
+        match self {
+            BusConfig::ModbusRtu(b) => Some(Ok(ModbusEndpoint::Rtu {
+                path: b.port.clone(),
+                baud_rate: b.baud_rate,
+            })),
+            BusConfig::ModbusTcp(b) => Some(
+                b.address
+                    .parse::<SocketAddr>()
+                    .map(ModbusEndpoint::Tcp)
+                    .map_err(|_| {
+                        format!(
+                            "{:?} is not an IP address and port, e.g. 192.168.10.20:502",
+                            b.address
+                        )
+                    }),
+            ),
+            BusConfig::Serial(_) => None,
+        }
+    }
+
+    /// Problems, each starting with the key's name.
+    fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.id().is_empty() {
+            out.push("id: must not be empty".to_owned());
+        }
+        if let Some(port) = self.serial_port()
+            && port.is_empty()
+        {
+            out.push("port: must not be empty".to_owned());
+        }
+        match self {
+            BusConfig::ModbusRtu(ModbusRtuBus { baud_rate, .. })
+            | BusConfig::Serial(SerialBusEntry { baud_rate, .. })
+                if *baud_rate == 0 =>
+            {
+                out.push("baud_rate: must be positive".to_owned());
+            }
+            _ => {}
+        }
+        if let Some(Err(m)) = self.modbus_endpoint() {
+            out.push(format!("address: {m}"));
+        }
+        out
+    }
+}
+
+/// A configured bus, opened (lazily) once and shared by the devices naming it.
+enum Bus {
+    Modbus(Arc<ModbusBus>),
+    Serial(Arc<SerialBus>),
+}
+
+impl Bus {
+    fn open(config: &BusConfig) -> Result<Bus, String> {
+        match config {
+            BusConfig::Serial(b) => {
+                let mut s = ppu_drivers::transport::serial::SerialConfig::new(
+                    b.port.clone(),
+                    Framing::Ne1000,
+                );
+                s.baud_rate = b.baud_rate;
+                s.gap = Duration::from_millis(b.gap_ms);
+                Ok(Bus::Serial(SerialBus::new(s)))
+            }
+            _ => match config.modbus_endpoint() {
+                Some(Ok(endpoint)) => Ok(Bus::Modbus(ModbusBus::new(endpoint))),
+                Some(Err(m)) => Err(format!("bus {}: address: {m}", config.id())),
+                None => Err(format!("bus {}: not a Modbus bus", config.id())),
+            },
+        }
+    }
 }
 
 fn default_listen() -> SocketAddr {
@@ -119,8 +274,14 @@ pub enum DeviceConfig {
 #[serde(deny_unknown_fields)]
 pub struct EurothermEntry {
     pub id: String,
-    /// `modbus-tcp://IP:PORT` or `modbus-rtu://PATH@BAUD`.
+    /// `modbus-tcp://IP:PORT` or `modbus-rtu://PATH@BAUD`, for a controller on a link of its
+    /// own; empty when `bus` is given.
+    #[serde(default)]
     pub endpoint: String,
+    /// The id of a `modbus_rtu` or `modbus_tcp` bus this controller is on (instead of
+    /// `endpoint`); `unit_id` is its address there.
+    #[serde(default)]
+    pub bus: Option<String>,
     #[serde(default = "unit_one")]
     pub unit_id: u8,
     #[serde(default = "timeout_ms")]
@@ -202,6 +363,7 @@ impl EurothermEntry {
         Self {
             id: id.into(),
             endpoint: endpoint.into(),
+            bus: None,
             unit_id: unit_one(),
             timeout_ms: timeout_ms(),
             retries: retries(),
@@ -215,11 +377,40 @@ impl EurothermEntry {
         }
     }
 
-    fn driver(&self) -> Result<Eurotherm, String> {
-        let endpoint: ModbusEndpoint = self
-            .endpoint
-            .parse()
-            .map_err(|e: ppu_drivers::transport::modbus::ParseEndpointError| e.to_string())?;
+    /// An entry for unit `unit_id` on the bus `bus`, with every default and the given limits.
+    pub fn on_bus(
+        id: impl Into<String>,
+        bus: impl Into<String>,
+        unit_id: u8,
+        limits: Limits,
+    ) -> Self {
+        Self {
+            bus: Some(bus.into()),
+            unit_id,
+            ..Self::new(id, "", limits)
+        }
+    }
+
+    fn driver(&self, buses: &BTreeMap<&str, Bus>) -> Result<Eurotherm, String> {
+        let bus = match &self.bus {
+            Some(name) => match buses.get(name.as_str()) {
+                Some(Bus::Modbus(bus)) => Some(bus),
+                _ => {
+                    return Err(format!(
+                        "device {}: bus: no Modbus bus \"{name}\" is configured",
+                        self.id
+                    ));
+                }
+            },
+            None => None,
+        };
+        let endpoint: ModbusEndpoint = match bus {
+            Some(bus) => bus.endpoint().clone(),
+            None => self
+                .endpoint
+                .parse()
+                .map_err(|e: ppu_drivers::transport::modbus::ParseEndpointError| e.to_string())?,
+        };
         let mut modbus = ModbusConfig::new(endpoint);
         modbus.unit_id = self.unit_id;
         modbus.timeout = Duration::from_millis(self.timeout_ms.max(1));
@@ -234,16 +425,23 @@ impl EurothermEntry {
         if let Some(expected) = &self.expected_ident {
             c.ident = expected.check()?;
         }
-        Ok(Eurotherm::new(c))
+        Ok(match bus {
+            Some(bus) => {
+                let unit = bus.unit(c.modbus.unit_id, c.modbus.timeout, c.modbus.retries);
+                Eurotherm::with_transport(c, unit)
+            }
+            None => Eurotherm::new(c),
+        })
     }
 }
 
 /// Every top-level key of the config file: [`Config`]'s and [`Policies`]'.
-const TOP_LEVEL_KEYS: [&str; 14] = [
+const TOP_LEVEL_KEYS: [&str; 15] = [
     "listen",
     "data_dir",
     "time_scale",
     "poll",
+    "buses",
     "devices",
     "recovery",
     "retry",
@@ -587,8 +785,14 @@ impl SorptionMqttEntry {
 #[serde(deny_unknown_fields)]
 pub struct Ne1000Entry {
     pub id: String,
-    /// Serial device, e.g. `/dev/ttyUSB0` or `/dev/serial/by-id/…`.
+    /// Serial device, e.g. `/dev/ttyUSB0` or `/dev/serial/by-id/…`, for a pump on a port of
+    /// its own; empty when `bus` is given.
+    #[serde(default)]
     pub port: String,
+    /// The id of a `serial` bus (a daisy chain) this pump is on (instead of `port`); `address`
+    /// tells it from its neighbours, and the bus's `baud_rate` and `gap_ms` apply.
+    #[serde(default)]
+    pub bus: Option<String>,
     #[serde(default = "baud_9600")]
     pub baud_rate: u32,
     /// Pump address on the line, 0–99.
@@ -696,6 +900,7 @@ impl Ne1000Entry {
         Self {
             id: id.into(),
             port: port.into(),
+            bus: None,
             baud_rate: baud_9600(),
             address: 0,
             timeout_ms: pump_timeout_ms(),
@@ -745,10 +950,31 @@ impl Ne1000Entry {
         c
     }
 
+    /// An entry for the pump at `address` on the bus `bus` holding `reagent`, otherwise as
+    /// [`Ne1000Entry::new`].
+    pub fn on_bus(
+        id: impl Into<String>,
+        bus: impl Into<String>,
+        address: u8,
+        reagent: impl Into<String>,
+    ) -> Self {
+        Self {
+            bus: Some(bus.into()),
+            address,
+            ..Self::new(id, "", reagent)
+        }
+    }
+
     fn problems(&self, balances: &[&str]) -> Vec<String> {
         let mut out: Vec<String> = self.driver_config().problems();
-        if self.port.is_empty() {
-            out.push("port: must not be empty".to_owned());
+        match (self.port.is_empty(), &self.bus) {
+            (true, None) => {
+                out.push("port: give port (or bus) for the pump's serial line".to_owned())
+            }
+            (false, Some(_)) => {
+                out.push("bus: give port or bus, not both (a bus owns its port)".to_owned())
+            }
+            _ => {}
         }
         if self.baud_rate == 0 {
             out.push("baud_rate: must be positive".to_owned());
@@ -821,12 +1047,46 @@ impl DeviceConfig {
         }
     }
 
-    /// The serial port a device opens exclusively, if it is on one.
+    /// The serial port a device opens exclusively itself (not through a bus), if it is on one.
     fn serial_port(&self) -> Option<&str> {
         match self {
-            DeviceConfig::Ne1000(e) => Some(&e.port),
+            DeviceConfig::Ne1000(e) if e.bus.is_none() && !e.port.is_empty() => Some(&e.port),
             DeviceConfig::MtSics(e) => Some(&e.port),
+            DeviceConfig::Eurotherm(e) if e.bus.is_none() => match e.endpoint.parse() {
+                Ok(ModbusEndpoint::Rtu { path, .. }) => {
+                    let start = e.endpoint.find(path.as_str()).unwrap_or(0);
+                    e.endpoint.get(start..start + path.len())
+                }
+                _ => None,
+            },
             _ => None,
+        }
+    }
+
+    /// The key naming [`DeviceConfig::serial_port`].
+    fn port_key(&self) -> &'static str {
+        match self {
+            DeviceConfig::Eurotherm(_) => "endpoint",
+            _ => "port",
+        }
+    }
+
+    /// The bus a device names and its address there.
+    fn bus_address(&self) -> Option<(&str, u8)> {
+        match self {
+            DeviceConfig::Eurotherm(e) => e.bus.as_deref().map(|b| (b, e.unit_id)),
+            DeviceConfig::Ne1000(e) => e.bus.as_deref().map(|b| (b, e.address)),
+            _ => None,
+        }
+    }
+
+    /// The `driver` key's value.
+    fn driver_name(&self) -> &'static str {
+        match self {
+            DeviceConfig::Eurotherm(_) => "eurotherm",
+            DeviceConfig::SorptionMqtt(_) => "sorption_mqtt",
+            DeviceConfig::Ne1000(_) => "ne1000",
+            DeviceConfig::MtSics(_) => "mt_sics",
         }
     }
 }
@@ -920,8 +1180,19 @@ impl Config {
             }
             match d {
                 DeviceConfig::Eurotherm(e) => {
-                    if let Err(m) = e.endpoint.parse::<ModbusEndpoint>() {
-                        out.push(format!("devices[{i}].endpoint: {m}"));
+                    match (e.endpoint.is_empty(), &e.bus) {
+                        (true, None) => out.push(format!(
+                            "devices[{i}].endpoint: give endpoint (or bus) for the controller's link"
+                        )),
+                        (false, Some(_)) => out.push(format!(
+                            "devices[{i}].bus: give endpoint or bus, not both (a bus owns its link)"
+                        )),
+                        (false, None) => {
+                            if let Err(m) = e.endpoint.parse::<ModbusEndpoint>() {
+                                out.push(format!("devices[{i}].endpoint: {m}"));
+                            }
+                        }
+                        (true, Some(_)) => {}
                     }
                     if e.decimal_places > 3 {
                         out.push(format!(
@@ -969,21 +1240,112 @@ impl Config {
                 }
             }
             // Serial ports open exclusively: two devices on one port would lock each other out.
-            if let Some(port) = d.serial_port()
-                && let Some(j) = self.devices[..i]
+            if let Some(port) = d.serial_port() {
+                let key = d.port_key();
+                if let Some(j) = self.devices[..i]
+                    .iter()
+                    .position(|o| o.serial_port() == Some(port))
+                {
+                    out.push(format!(
+                        "devices[{i}].{key}: \"{port}\" is already used by devices[{j}] (a serial port opens exclusively; put both on a [[buses]] entry)"
+                    ));
+                } else if let Some(j) = self
+                    .buses
+                    .iter()
+                    .position(|b| b.serial_port() == Some(port))
+                {
+                    out.push(format!(
+                        "devices[{i}].{key}: \"{port}\" is the port of buses[{j}]; name the bus instead (bus = \"{}\")",
+                        self.buses[j].id()
+                    ));
+                }
+            }
+            out.extend(self.bus_problems_of(i, d));
+        }
+        out.extend(self.buses_problems());
+        out
+    }
+
+    /// Problems of the buses themselves: ids, ports, keys.
+    fn buses_problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (i, b) in self.buses.iter().enumerate() {
+            out.extend(b.problems().into_iter().map(|m| format!("buses[{i}].{m}")));
+            if let Some(j) = self.buses[..i].iter().position(|o| o.id() == b.id()) {
+                out.push(format!(
+                    "buses[{i}].id: duplicate id \"{}\" (buses[{j}])",
+                    b.id()
+                ));
+            }
+            if let Some(port) = b.serial_port()
+                && let Some(j) = self.buses[..i]
                     .iter()
                     .position(|o| o.serial_port() == Some(port))
             {
                 out.push(format!(
-                    "devices[{i}].port: \"{port}\" is already used by devices[{j}] (a serial port opens exclusively)"
+                    "buses[{i}].port: \"{port}\" is already used by buses[{j}] (a serial port opens exclusively)"
                 ));
             }
         }
         out
     }
 
-    /// Instantiates the configured drivers.
+    /// Problems of device `i`'s place on a bus: the bus exists, is of the right kind, and no
+    /// earlier device holds the same address on it.
+    fn bus_problems_of(&self, i: usize, d: &DeviceConfig) -> Vec<String> {
+        let Some((name, address)) = d.bus_address() else {
+            return Vec::new();
+        };
+        let Some(bus) = self.buses.iter().find(|b| b.id() == name) else {
+            let known: Vec<&str> = self.buses.iter().map(BusConfig::id).collect();
+            return vec![format!(
+                "devices[{i}].bus: no bus \"{name}\" is configured (buses: {})",
+                if known.is_empty() {
+                    "none".to_owned()
+                } else {
+                    known.join(", ")
+                }
+            )];
+        };
+        let (wanted, key): (&[&str], &str) = match d {
+            DeviceConfig::Eurotherm(_) => (&["modbus_rtu", "modbus_tcp"], "unit_id"),
+            _ => (&["serial"], "address"),
+        };
+        let mut out = Vec::new();
+        if !wanted.contains(&bus.kind()) {
+            out.push(format!(
+                "devices[{i}].bus: \"{name}\" is a {} bus; a {} device needs a {} bus",
+                bus.kind(),
+                d.driver_name(),
+                wanted.join(" or ")
+            ));
+        }
+        if let BusConfig::ModbusRtu(_) = bus
+            && !(1..=247).contains(&address)
+        {
+            out.push(format!(
+                "devices[{i}].unit_id: {address} is not a Modbus RTU slave address (1–247)"
+            ));
+        }
+        if let Some(j) = self.devices[..i]
+            .iter()
+            .position(|o| o.bus_address() == Some((name, address)))
+        {
+            out.push(format!(
+                "devices[{i}].{key}: {address} on bus \"{name}\" is already used by devices[{j}] ({})",
+                self.devices[j].id()
+            ));
+        }
+        out
+    }
+
+    /// Instantiates the configured drivers, each bus opened once and shared by its devices.
     pub fn drivers(&self) -> Result<Vec<Arc<dyn Device>>, String> {
+        let buses = self
+            .buses
+            .iter()
+            .map(|b| Bus::open(b).map(|bus| (b.id(), bus)))
+            .collect::<Result<BTreeMap<&str, Bus>, String>>()?;
         // A balance is one driver object: its own device, and the gravimetric check of the
         // pumps whose `balance` names it.
         let balances: std::collections::HashMap<
@@ -1000,7 +1362,9 @@ impl Config {
         self.devices
             .iter()
             .map(|d| match d {
-                DeviceConfig::Eurotherm(e) => e.driver().map(|x| Arc::new(x) as Arc<dyn Device>),
+                DeviceConfig::Eurotherm(e) => {
+                    e.driver(&buses).map(|x| Arc::new(x) as Arc<dyn Device>)
+                }
                 DeviceConfig::SorptionMqtt(e) => e.driver().map(|x| Arc::new(x) as Arc<dyn Device>),
                 DeviceConfig::MtSics(b) => balances
                     .get(b.id.as_str())
@@ -1018,10 +1382,31 @@ impl Config {
                         }
                         None => None,
                     };
-                    Ok(Arc::new(ppu_drivers::dispenser::ne1000::Ne1000Pump::new(
-                        p.driver_config(),
-                        balance,
-                    )) as Arc<dyn Device>)
+                    let pump = match &p.bus {
+                        Some(name) => {
+                            let Some(Bus::Serial(bus)) = buses.get(name.as_str()) else {
+                                return Err(format!(
+                                    "device {}: bus: no serial bus \"{name}\" is configured",
+                                    p.id
+                                ));
+                            };
+                            let mut c = p.driver_config();
+                            c.serial = ppu_drivers::transport::serial::SerialConfig {
+                                timeout: c.serial.timeout,
+                                retries: c.serial.retries,
+                                ..bus.config().clone()
+                            };
+                            let transport = bus.device(c.serial.timeout, c.serial.retries);
+                            ppu_drivers::dispenser::ne1000::Ne1000Pump::with_transport(
+                                c, transport, balance,
+                            )
+                        }
+                        None => ppu_drivers::dispenser::ne1000::Ne1000Pump::new(
+                            p.driver_config(),
+                            balance,
+                        ),
+                    };
+                    Ok(Arc::new(pump) as Arc<dyn Device>)
                 }
             })
             .collect()
@@ -1107,6 +1492,144 @@ mod tests {
         let twice = format!("{base}{second}");
         let e = Config::parse(&twice, Path::new("x.toml")).unwrap_err();
         assert!(e.to_string().contains("devices[1].port"), "{e}");
+    }
+
+    #[test]
+    fn shared_buses_parse_and_misconfigurations_are_named() {
+        let buses = "[auth]\nopen = true\n\
+            [[buses]]\nid = \"rs485-a\"\nkind = \"modbus_rtu\"\nport = \"/dev/ttyUSB0\"\nbaud_rate = 19200\n\
+            [[buses]]\nid = \"chain\"\nkind = \"serial\"\nport = \"/dev/ttyUSB1\"\n";
+        let furnace = |id: &str, unit: u8| {
+            format!(
+                "[[devices]]\ndriver = \"eurotherm\"\nid = \"{id}\"\nbus = \"rs485-a\"\nunit_id = {unit}\n"
+            )
+        };
+        let pump = |id: &str, bus: &str, address: u8| {
+            format!(
+                "[[devices]]\ndriver = \"ne1000\"\nid = \"{id}\"\nbus = \"{bus}\"\naddress = {address}\n\
+                 reagent = \"{id}\"\ndensity_g_per_ml = 1.0\nsyringe_inner_diameter_mm = 14.43\n\
+                 syringe_volume_ml = 10.0\nfill_ml = 5.0\n"
+            )
+        };
+        let good = format!(
+            "{buses}{}{}{}{}",
+            furnace("f1", 1),
+            furnace("f2", 2),
+            pump("p1", "chain", 1),
+            pump("p2", "chain", 2)
+        );
+        let c = Config::parse(&good, Path::new("x.toml")).unwrap();
+        let drivers = c.drivers().unwrap();
+        let info = |id: &str| {
+            drivers
+                .iter()
+                .find(|d| d.info().id == id)
+                .unwrap()
+                .info()
+                .transport
+                .clone()
+        };
+        assert_eq!(info("f2"), "modbus-rtu:///dev/ttyUSB0@19200 unit 2");
+        assert!(
+            info("p2").starts_with("serial:///dev/ttyUSB1@9600 address 2"),
+            "{}",
+            info("p2")
+        );
+        // Controllers behind a Modbus TCP gateway share one connection the same way.
+        let gateway = format!(
+            "[auth]\nopen = true\n[[buses]]\nid = \"gw\"\nkind = \"modbus_tcp\"\naddress = \"10.0.0.2:502\"\n{}",
+            furnace("f9", 9).replace("rs485-a", "gw")
+        );
+        let c = Config::parse(&gateway, Path::new("x.toml")).unwrap();
+        let drivers = c.drivers().unwrap();
+        assert_eq!(
+            drivers[0].info().transport,
+            "modbus-tcp://10.0.0.2:502 unit 9"
+        );
+
+        let problem = |text: String| {
+            Config::parse(&text, Path::new("x.toml"))
+                .unwrap_err()
+                .to_string()
+        };
+        // Two devices at one address.
+        let e = problem(format!("{buses}{}{}", furnace("f1", 2), furnace("f2", 2)));
+        assert!(
+            e.contains(
+                "devices[1].unit_id: 2 on bus \"rs485-a\" is already used by devices[0] (f1)"
+            ),
+            "{e}"
+        );
+        let e = problem(format!(
+            "{buses}{}{}",
+            pump("p1", "chain", 3),
+            pump("p2", "chain", 3)
+        ));
+        assert!(e.contains("devices[1].address: 3 on bus \"chain\""), "{e}");
+        // An unknown bus; a bus of the wrong kind.
+        let e = problem(format!(
+            "{buses}{}",
+            furnace("f1", 1).replace("rs485-a", "rs485-b")
+        ));
+        assert!(
+            e.contains("devices[0].bus: no bus \"rs485-b\" is configured (buses: rs485-a, chain)"),
+            "{e}"
+        );
+        let e = problem(format!("{buses}{}", pump("p1", "rs485-a", 1)));
+        assert!(e.contains("devices[0].bus: \"rs485-a\" is a modbus_rtu bus; a ne1000 device needs a serial bus"), "{e}");
+        // Both a link of its own and a bus; neither.
+        let e = problem(format!(
+            "{buses}{}port = \"/dev/ttyUSB5\"\n",
+            pump("p1", "chain", 1)
+        ));
+        assert!(
+            e.contains("devices[0].bus: give port or bus, not both"),
+            "{e}"
+        );
+        let e = problem(format!(
+            "{buses}{}endpoint = \"modbus-tcp://127.0.0.1:502\"\n",
+            furnace("f1", 1)
+        ));
+        assert!(
+            e.contains("devices[0].bus: give endpoint or bus, not both"),
+            "{e}"
+        );
+        let e = problem("[[devices]]\ndriver = \"eurotherm\"\nid = \"f\"\n".to_owned());
+        assert!(
+            e.contains("devices[0].endpoint: give endpoint (or bus)"),
+            "{e}"
+        );
+        // A device opening a bus's port itself; two controllers on one RTU port without a bus.
+        let e = problem(format!(
+            "{buses}[[devices]]\ndriver = \"mt_sics\"\nid = \"b\"\nport = \"/dev/ttyUSB1\"\n"
+        ));
+        assert!(
+            e.contains(
+                "devices[0].port: \"/dev/ttyUSB1\" is the port of buses[1]; name the bus instead"
+            ),
+            "{e}"
+        );
+        let rtu = |id: &str, unit: u8| {
+            format!(
+                "[[devices]]\ndriver = \"eurotherm\"\nid = \"{id}\"\nendpoint = \"modbus-rtu:///dev/ttyS0@9600\"\nunit_id = {unit}\n"
+            )
+        };
+        let e = problem(format!("{}{}", rtu("f1", 1), rtu("f2", 2)));
+        assert!(
+            e.contains("devices[1].endpoint: \"/dev/ttyS0\" is already used by devices[0]"),
+            "{e}"
+        );
+        // Bus keys: duplicate ids, a bad gateway address, an unknown kind.
+        let e = problem(format!(
+            "{buses}[[buses]]\nid = \"chain\"\nkind = \"modbus_tcp\"\naddress = \"gw:502\"\n"
+        ));
+        assert!(e.contains("buses[2].address"), "{e}");
+        let e = problem(format!(
+            "{buses}[[buses]]\nid = \"chain\"\nkind = \"modbus_tcp\"\naddress = \"10.0.0.2:502\"\n"
+        ));
+        assert!(e.contains("buses[2].id: duplicate id \"chain\""), "{e}");
+        let e = problem("[[buses]]\nid = \"x\"\nkind = \"canbus\"\n".to_owned());
+        assert!(e.contains("canbus"), "{e}");
     }
 
     #[test]

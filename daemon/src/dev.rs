@@ -17,7 +17,8 @@ use ppu_sim::dispenser::pump::PumpConfig;
 use ppu_sim::dispenser::{PumpSpec, SimStation, StationSpec};
 use ppu_sim::furnace::{FurnaceConfig, SimFurnace};
 use ppu_sim::modbus::{ServerHandle, serve_tcp};
-use ppu_sim::pty::FaultConfig;
+use ppu_sim::pty::{FaultConfig, PtyServer};
+use ppu_sim::rtu::serve_rtu_units;
 use ppu_sim::world::World;
 
 use ppu_proto::v1 as pb;
@@ -28,7 +29,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::app::{Daemon, Options, Security, StartError};
 use crate::config::{
-    Config, DeviceConfig, EurothermEntry, MtSicsEntry, Ne1000Entry, Policies, SorptionMqttEntry,
+    BusConfig, Config, DeviceConfig, EurothermEntry, ModbusRtuBus, MtSicsEntry, Ne1000Entry,
+    Policies, SerialBusEntry, SorptionMqttEntry,
 };
 use crate::devices::PollSettings;
 use crate::scheduler::Scheduler;
@@ -49,9 +51,26 @@ pub struct SimulatedFurnace {
     pub server: ServerHandle,
 }
 
+/// Id of the lab's simulated RS-485 line of furnaces, once added.
+pub const DEV_RTU_BUS: &str = "rs485-a";
+/// Reply timeout of the furnaces on the lab's RS-485 line, ms.
+pub const DEV_RTU_TIMEOUT_MS: u64 = 250;
+/// Id of the lab's simulated NE-1000 daisy chain.
+pub const DEV_PUMP_BUS: &str = "pumps";
+
+/// Every furnace of the lab on one simulated Modbus RTU line (one pty), each at its own unit
+/// id. While the line exists, the daemon reaches the furnaces through it, as one bus; their
+/// TCP servers keep running for other clients.
+pub struct FurnaceLine {
+    pub baud_rate: u32,
+    pub pty: PtyServer,
+}
+
 /// The simulated lab.
 pub struct DevLab {
     pub furnaces: Vec<SimulatedFurnace>,
+    /// The furnaces' shared RS-485 line, once added ([`DevLab::add_furnace_line`]).
+    pub furnace_line: Option<FurnaceLine>,
     /// What happened to each sample (dispenses, furnace history, degas), for the analysers.
     pub world: World,
     /// The embedded MQTT broker, once analysers are added.
@@ -63,7 +82,7 @@ pub struct DevLab {
 }
 
 /// Reagents of the simulated dispensing station: (pump id, reagent, density g/mL, delivery
-/// error of its syringe).
+/// error of its syringe). The pumps share one daisy chain at addresses 1, 2, … in this order.
 pub const DEV_REAGENTS: [(&str, &str, f64, f64); 2] =
     [("pump-a", "A", 1.0, 0.003), ("pump-b", "B", 0.789, -0.002)];
 
@@ -71,14 +90,17 @@ pub const DEV_REAGENTS: [(&str, &str, f64, f64); 2] =
 pub const DEV_BALANCE: &str = "balance-1";
 
 /// The simulated dispensing station of `ppud dev`: a pump per reagent of [`DEV_REAGENTS`] (full
-/// 10 mL syringes) over the balance [`DEV_BALANCE`], without faults; what it delivers is filed
-/// in `world` when given. Tests that run the station outside the daemon use the same spec.
+/// 10 mL syringes, daisy-chained on one line as [`DEV_PUMP_BUS`]) over the balance
+/// [`DEV_BALANCE`], without faults; what it delivers is filed in `world` when given. Tests that
+/// run the station outside the daemon use the same spec.
 pub fn dev_station_spec(world: Option<World>) -> StationSpec {
     let pumps = DEV_REAGENTS
         .iter()
-        .map(|(id, reagent, density, error)| PumpSpec {
+        .zip(1u8..)
+        .map(|((id, reagent, density, error), address)| PumpSpec {
             id: (*id).to_owned(),
             config: PumpConfig {
+                address,
                 reagent: (*reagent).to_owned(),
                 density_g_per_ml: *density,
                 delivery_error: *error,
@@ -92,6 +114,7 @@ pub fn dev_station_spec(world: Option<World>) -> StationSpec {
         faults: FaultConfig::default(),
         link_dir: None,
         world,
+        chain: Some(DEV_PUMP_BUS.to_owned()),
     }
 }
 
@@ -116,12 +139,17 @@ pub fn furnace_limits() -> Limits {
 }
 
 impl DevLab {
-    /// Starts `furnaces` simulated Eurotherm controllers on loopback ports chosen by the OS.
+    /// Starts `furnaces` simulated Eurotherm controllers (unit ids 1, 2, …) on loopback ports
+    /// chosen by the OS.
     pub async fn start(clock: Clock, furnaces: usize) -> std::io::Result<DevLab> {
         let world = World::new(WORLD_SEED);
         let mut out = Vec::with_capacity(furnaces);
         for i in 1..=furnaces {
-            let sim = SimFurnace::new(FurnaceConfig::default(), clock);
+            let config = FurnaceConfig {
+                unit_id: u8::try_from(i).unwrap_or(u8::MAX).min(247),
+                ..FurnaceConfig::default()
+            };
+            let sim = SimFurnace::new(config, clock);
             let server = serve_tcp(SocketAddr::from(([127, 0, 0, 1], 0)), sim.clone()).await?;
             let id = format!("furnace-{i}");
             sim.set_observer(Some(world.furnace_observer(&id)));
@@ -129,6 +157,7 @@ impl DevLab {
         }
         Ok(DevLab {
             furnaces: out,
+            furnace_line: None,
             world,
             broker: None,
             analysers: Vec::new(),
@@ -137,8 +166,21 @@ impl DevLab {
         })
     }
 
+    /// Puts every furnace on one simulated Modbus RTU line at `baud_rate` (a pty; replies
+    /// paced at that rate), which the daemon then uses as the bus [`DEV_RTU_BUS`]. A no-op if
+    /// the line exists.
+    pub async fn add_furnace_line(&mut self, baud_rate: u32) -> std::io::Result<()> {
+        if self.furnace_line.is_some() {
+            return Ok(());
+        }
+        let sims = self.furnaces.iter().map(|f| f.sim.clone()).collect();
+        let pty = serve_rtu_units(sims, baud_rate, None).await?;
+        self.furnace_line = Some(FurnaceLine { baud_rate, pty });
+        Ok(())
+    }
+
     /// Adds the dispensing station: two NE-1000 pumps (reagents of [`DEV_REAGENTS`], full 10 mL
-    /// syringes) over one MT-SICS balance, each on its own pseudo-terminal. What the pumps
+    /// syringes) daisy-chained on one pseudo-terminal, over one MT-SICS balance on another. What the pumps
     /// deliver goes into the balance's vessel and into the world's record of the sample placed
     /// at the pump. A no-op if the station exists.
     pub async fn add_dispensing_station(&mut self) -> std::io::Result<()> {
@@ -164,7 +206,8 @@ impl DevLab {
         }
         for p in &station.pumps {
             let sim = p.sim.config();
-            let mut e = Ne1000Entry::new(p.id.clone(), p.port.path(), sim.reagent.clone());
+            let mut e =
+                Ne1000Entry::on_bus(p.id.clone(), DEV_PUMP_BUS, sim.address, sim.reagent.clone());
             e.density_g_per_ml = sim.density_g_per_ml;
             e.syringe_inner_diameter_mm = sim.diameter_mm;
             e.syringe_volume_ml = sim.syringe_volume_ml;
@@ -232,6 +275,7 @@ impl DevLab {
             data_dir: data_dir.to_owned(),
             time_scale: self.clock.scale(),
             poll: Default::default(),
+            buses: self.bus_configs(),
             devices: self.device_configs(),
         };
         let drivers = config.drivers().map_err(StartError::Drivers)?;
@@ -245,17 +289,53 @@ impl DevLab {
         Daemon::start_with(opts, policies, drivers).await
     }
 
+    /// The shared lines of the simulated lab, as `ppud serve` would have them: the furnaces'
+    /// RS-485 line (once added) and the pumps' daisy chain.
+    pub fn bus_configs(&self) -> Vec<BusConfig> {
+        let mut out = Vec::new();
+        if let Some(line) = &self.furnace_line {
+            out.push(BusConfig::ModbusRtu(ModbusRtuBus {
+                id: DEV_RTU_BUS.to_owned(),
+                port: line.pty.path(),
+                baud_rate: line.baud_rate,
+            }));
+        }
+        if let Some(p) = self.dispensing.as_ref().and_then(|s| s.pumps.first()) {
+            out.push(BusConfig::Serial(SerialBusEntry {
+                id: DEV_PUMP_BUS.to_owned(),
+                port: p.port.path(),
+                baud_rate: 9600,
+                gap_ms: 0,
+            }));
+        }
+        out
+    }
+
     /// Config entries pointing the real drivers at the simulated devices.
     pub fn device_configs(&self) -> Vec<DeviceConfig> {
         self.furnaces
             .iter()
             .map(|f| {
-                let mut e = EurothermEntry::new(
-                    f.id.clone(),
-                    format!("modbus-tcp://{}", f.server.local_addr()),
-                    furnace_limits(),
-                );
-                e.unit_id = f.sim.unit_id();
+                let e = if self.furnace_line.is_some() {
+                    let mut e = EurothermEntry::on_bus(
+                        f.id.clone(),
+                        DEV_RTU_BUS,
+                        f.sim.unit_id(),
+                        furnace_limits(),
+                    );
+                    // A pty answers within milliseconds even at 19200 baud; a short timeout
+                    // keeps a silent unit from holding the shared line for long.
+                    e.timeout_ms = DEV_RTU_TIMEOUT_MS;
+                    e
+                } else {
+                    let mut e = EurothermEntry::new(
+                        f.id.clone(),
+                        format!("modbus-tcp://{}", f.server.local_addr()),
+                        furnace_limits(),
+                    );
+                    e.unit_id = f.sim.unit_id();
+                    e
+                };
                 DeviceConfig::Eurotherm(e)
             })
             .chain(self.analyser_configs())
@@ -281,6 +361,9 @@ impl DevLab {
 
     /// Stops every simulated device's server.
     pub async fn shutdown(self) {
+        if let Some(line) = self.furnace_line {
+            line.pty.shutdown().await;
+        }
         for f in self.furnaces {
             f.server.shutdown().await;
         }

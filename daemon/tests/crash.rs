@@ -659,9 +659,20 @@ async fn outside_station() -> SimStation {
         .expect("simulated dispensing station")
 }
 
-/// `[[devices]]` tables for the station, as a lab's config names its serial ports.
+/// `[[devices]]` tables for the station, as a lab's config names its serial ports: the pumps'
+/// daisy chain is one `[[buses]]` entry, each pump on it by address.
 fn station_devices(station: &SimStation) -> String {
     let mut out = String::new();
+    let chain = station
+        .pumps
+        .first()
+        .map(|p| p.port.path())
+        .unwrap_or_default();
+    write!(
+        out,
+        "[[buses]]\nid = \"pumps\"\nkind = \"serial\"\nport = \"{chain}\"\n\n"
+    )
+    .unwrap();
     let balance = station.balance.as_ref().expect("the station has a balance");
     write!(
         out,
@@ -677,7 +688,8 @@ fn station_devices(station: &SimStation) -> String {
             r#"[[devices]]
 driver = "ne1000"
 id = "{}"
-port = "{}"
+bus = "pumps"
+address = {}
 reagent = "{}"
 density_g_per_ml = {:?}
 syringe_inner_diameter_mm = {:?}
@@ -691,7 +703,7 @@ max_volume_ml = 10.0
 
 "#,
             p.id,
-            p.port.path(),
+            c.address,
             c.reagent,
             c.density_g_per_ml,
             c.diameter_mm,

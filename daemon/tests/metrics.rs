@@ -28,7 +28,7 @@ const TIME_SCALE: f64 = 2000.0;
 const DEADLINE: Duration = Duration::from_secs(60);
 
 /// Every series the design names.
-const SERIES: [&str; 11] = [
+const SERIES: [&str; 12] = [
     "ppu_queue_depth",
     "ppu_experiments",
     "ppu_step_duration_seconds",

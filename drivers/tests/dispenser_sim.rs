@@ -115,6 +115,7 @@ async fn rig_with(
         faults: FaultConfig::default(),
         link_dir: None,
         world: None,
+        chain: None,
     };
     configure(&mut spec);
     let dir = spec

@@ -95,6 +95,7 @@ async fn an_ne1000_is_confirmed_safe_only_when_it_reports_stopped() {
             faults: FaultConfig::default(),
             link_dir: None,
             world: None,
+            chain: None,
         },
         clock,
     )

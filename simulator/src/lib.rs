@@ -7,6 +7,7 @@
 //!   losses, thermocouple lag), plus fault injection (sensor break, heater failure, silence).
 //! - [`modbus`]: a real Modbus TCP server (tokio-modbus) that exposes one or more furnaces by
 //!   unit id.
+//! - [`rtu`]: several furnaces on one Modbus RTU line (RS-485 multi-drop) on one pty.
 //! - [`analyser`]: a volumetric gas-sorption analyser (isotherm models, dosing, LDF kinetics,
 //!   equilibrium criterion) behind its MQTT bridge, a separate client on the broker.
 //! - [`broker`]: an embedded MQTT broker (rumqttd) with switchable outages, and a Mosquitto
@@ -26,4 +27,5 @@ pub mod dispenser;
 pub mod furnace;
 pub mod modbus;
 pub mod pty;
+pub mod rtu;
 pub mod world;

@@ -256,7 +256,10 @@ impl FurnaceService {
     }
 }
 
-fn dispatch(furnace: &SimFurnace, request: Request<'static>) -> Result<Response, ExceptionCode> {
+pub(crate) fn dispatch(
+    furnace: &SimFurnace,
+    request: Request<'static>,
+) -> Result<Response, ExceptionCode> {
     match request {
         Request::ReadHoldingRegisters(addr, count) => {
             check_read_count(count)?;

@@ -43,6 +43,9 @@ pub struct LabOptions {
     pub policies: Policies,
     /// Add the simulated dispensing station (pump-a, pump-b, balance-1 on ptys).
     pub dispensing: bool,
+    /// `Some(baud)`: the daemon reaches every furnace through one simulated Modbus RTU line
+    /// (a pty paced at that baud rate) as one bus, instead of a TCP socket per furnace.
+    pub furnace_line: Option<u32>,
 }
 
 impl LabOptions {
@@ -52,6 +55,7 @@ impl LabOptions {
             transfer_delay: Some(TEST_TRANSFER_DELAY),
             policies: Policies::default(),
             dispensing: false,
+            furnace_line: None,
         }
     }
 }
@@ -91,6 +95,12 @@ impl Lab {
         let mut devlab = DevLab::start(clock, lab_opts.furnaces)
             .await
             .expect("simulated lab");
+        if let Some(baud) = lab_opts.furnace_line {
+            devlab
+                .add_furnace_line(baud)
+                .await
+                .expect("simulated RS-485 line of furnaces");
+        }
         if lab_opts.dispensing {
             devlab
                 .add_dispensing_station()

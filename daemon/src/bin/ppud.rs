@@ -13,6 +13,9 @@ use ppu_daemon::config::{Config, DEFAULT_LISTEN, LogFormat, Policies};
 use ppu_daemon::dev::{DevLab, TransferRobot};
 use ppu_daemon::devices::PollSettings;
 use ppu_daemon::recovery::{FurnaceRecovery, OnRestart, RecoveryPolicy};
+
+/// Baud rate of `ppud dev`'s simulated RS-485 line of furnaces.
+const DEV_RTU_BAUD: u32 = 19_200;
 use ppu_drivers::Clock;
 use tracing_subscriber::EnvFilter;
 
@@ -36,10 +39,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the daemon together with a simulated lab in one process: simulated Eurotherm furnaces
-    /// behind real Modbus TCP sockets on loopback, driven by the real drivers. Physical time runs
+    /// on one Modbus RTU line (a pseudo-terminal at 19200 baud, unit ids 1, 2, …; each also
+    /// behind a Modbus TCP socket on loopback), driven by the real drivers. Physical time runs
     /// --time-scale times faster, so a 2-hour furnace program takes about 12 s by default.
-    /// A dispensing station (two NE-1000 syringe pumps, reagents A and B, over an MT-SICS
-    /// balance) runs on pseudo-terminals; its paths are printed at start.
+    /// A dispensing station (two NE-1000 syringe pumps, reagents A and B, daisy-chained on one
+    /// pseudo-terminal, over an MT-SICS balance on another) runs too; its paths are printed.
     ///
     /// Example: `ppud dev` then, in another terminal, `ppuctl submit examples/batch.toml`.
     Dev {
@@ -157,6 +161,9 @@ async fn main() -> Result<()> {
             lab.add_analysers(analysers)
                 .await
                 .context("starting the simulated analysers and their MQTT broker")?;
+            lab.add_furnace_line(DEV_RTU_BAUD)
+                .await
+                .context("starting the simulated RS-485 line of furnaces")?;
             lab.add_dispensing_station()
                 .await
                 .context("starting the simulated dispensing station")?;
@@ -165,6 +172,7 @@ async fn main() -> Result<()> {
                 data_dir,
                 time_scale,
                 poll: Default::default(),
+                buses: lab.bus_configs(),
                 devices: lab.device_configs(),
             };
             let poll = PollSettings {
@@ -176,8 +184,17 @@ async fn main() -> Result<()> {
                 config.data_dir.display()
             );
             for f in &lab.furnaces {
+                let line = lab.furnace_line.as_ref().map_or(String::new(), |l| {
+                    format!(
+                        ", used through bus {} (modbus-rtu://{}@{}) unit {}",
+                        ppu_daemon::dev::DEV_RTU_BUS,
+                        l.pty.path(),
+                        l.baud_rate,
+                        f.sim.unit_id()
+                    )
+                });
                 println!(
-                    "  device {}: simulated Eurotherm at modbus-tcp://{}",
+                    "  device {}: simulated Eurotherm at modbus-tcp://{}{line}",
                     f.id,
                     f.server.local_addr()
                 );
@@ -196,10 +213,12 @@ async fn main() -> Result<()> {
                 for p in &station.pumps {
                     let c = p.sim.config();
                     println!(
-                        "  device {}: simulated NE-1000 pump ({}, {} mL syringe) on {}",
+                        "  device {}: simulated NE-1000 pump ({}, {} mL syringe) at address {} of the chain {} on {}",
                         p.id,
                         c.reagent,
                         c.syringe_volume_ml,
+                        c.address,
+                        ppu_daemon::dev::DEV_PUMP_BUS,
                         p.port.path()
                     );
                 }

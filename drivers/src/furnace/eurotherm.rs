@@ -254,9 +254,15 @@ pub struct Eurotherm {
 }
 
 impl Eurotherm {
-    /// Creates the driver; nothing is sent until the first request.
+    /// Creates the driver with a Modbus link of its own; nothing is sent until the first request.
     pub fn new(config: EurothermConfig) -> Self {
         let transport = ModbusTransport::new(config.modbus.clone());
+        Self::with_transport(config, transport)
+    }
+
+    /// Creates the driver on `transport`, e.g. a unit handle onto a shared RS-485 line
+    /// ([`ModbusBus::unit`](crate::transport::modbus::ModbusBus::unit)).
+    pub fn with_transport(config: EurothermConfig, transport: ModbusTransport) -> Self {
         transport.set_metrics_device(config.id.clone());
         let info = DeviceInfo {
             id: config.id.clone(),

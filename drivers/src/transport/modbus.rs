@@ -11,12 +11,14 @@ use std::borrow::Cow;
 use std::fmt;
 use std::net::SocketAddr;
 use std::str::FromStr;
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::Mutex;
+use tokio::time::Instant;
 use tokio_modbus::client::{Client, Context};
+use tokio_modbus::slave::SlaveContext as _;
 use tokio_modbus::{ExceptionCode, Request, Response, Slave};
 
 use crate::device::DeviceError;
@@ -113,19 +115,135 @@ impl ModbusConfig {
     }
 }
 
-/// A Modbus client that connects lazily, times out every exchange and reconnects after
-/// failures. Safe to share: requests are serialised, as a Modbus link requires.
-pub struct ModbusTransport {
-    config: ModbusConfig,
-    /// `None` until connected, and again after any failure that may have desynchronised the
-    /// link. A call takes the context out while it runs, so a call future dropped mid-exchange
-    /// (e.g. on cancellation) leaves no half-used connection behind.
-    ctx: Mutex<Option<Context>>,
-    connected: AtomicBool,
-    /// True once a connection has been made, to log reconnects differently from the first connect.
-    ever_connected: AtomicBool,
-    /// Connections made so far (see [`Self::connections`]).
+/// RTU inter-frame silence (Modbus over Serial Line V1.02, §2.5.1.1): at least 3.5 character
+/// times between frames, a character being 10 bits at 8N1; above 19200 baud the spec fixes it at
+/// 1.75 ms. TCP has no such silence.
+pub fn rtu_silence(baud_rate: u32) -> Duration {
+    if baud_rate > 19_200 {
+        Duration::from_micros(1750)
+    } else {
+        Duration::from_secs_f64(3.5 * 10.0 / f64::from(baud_rate.max(1)))
+    }
+}
+
+/// One Modbus link — a TCP connection (to a device or to a TCP-to-RTU gateway) or one RS-485
+/// line — shared by every unit on it.
+///
+/// A serial port opens exclusively and an RS-485 line carries one exchange at a time, so the
+/// bus, not the device, owns the connection: each device gets a cheap [`ModbusTransport`]
+/// handle ([`ModbusBus::unit`]) with its own unit id, timeout and retries. Exchanges are
+/// serialised one *attempt* at a time, so a dead unit holds the line for at most its own
+/// timeout per attempt and its neighbours are served between its retries. A unit that does not
+/// answer is that unit's outage ([`ModbusTransport::is_connected`] turns false for it alone);
+/// only a failure of the link itself (connect refused, EIO, port gone) takes the bus down.
+pub struct ModbusBus {
+    endpoint: ModbusEndpoint,
+    link: Mutex<Link>,
+    /// False after a link-level failure, until a connect succeeds.
+    up: AtomicBool,
+    /// Connections made so far (see [`ModbusTransport::connections`]).
     connections: AtomicU64,
+}
+
+struct Link {
+    /// `None` until connected, and again after any failure that may have desynchronised the
+    /// link. An attempt takes the context out while it runs, so an attempt dropped
+    /// mid-exchange (e.g. on cancellation) leaves no half-used connection behind.
+    ctx: Option<Context>,
+    /// When the last exchange on the line ended (reply, error or timeout), for the RTU silence.
+    last_io: Option<Instant>,
+    /// True once a connection has been made, to count reconnects apart from the first connect.
+    ever_connected: bool,
+    /// The last connection ended in a link-level failure (not a unit's silence).
+    lost: bool,
+}
+
+impl fmt::Debug for ModbusBus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ModbusBus")
+            .field("endpoint", &self.endpoint)
+            .field("up", &self.is_up())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ModbusBus {
+    /// Creates the bus without connecting; the first request of any unit connects.
+    pub fn new(endpoint: ModbusEndpoint) -> Arc<Self> {
+        Arc::new(Self {
+            endpoint,
+            link: Mutex::new(Link {
+                ctx: None,
+                last_io: None,
+                ever_connected: false,
+                lost: false,
+            }),
+            up: AtomicBool::new(false),
+            connections: AtomicU64::new(0),
+        })
+    }
+
+    pub fn endpoint(&self) -> &ModbusEndpoint {
+        &self.endpoint
+    }
+
+    /// A handle for the unit at `unit_id`, with its own real-time `timeout` per exchange and
+    /// `retries` after a timeout or link failure.
+    pub fn unit(self: &Arc<Self>, unit_id: u8, timeout: Duration, retries: u32) -> ModbusTransport {
+        ModbusTransport::on_bus(
+            Arc::clone(self),
+            ModbusConfig {
+                endpoint: self.endpoint.clone(),
+                unit_id,
+                timeout,
+                retries,
+            },
+        )
+    }
+
+    /// Best effort: false after a link-level failure, until the next successful connect.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// Least silence between the end of one exchange and the next request.
+    fn silence(&self) -> Duration {
+        match &self.endpoint {
+            ModbusEndpoint::Tcp(_) => Duration::ZERO,
+            ModbusEndpoint::Rtu { baud_rate, .. } => rtu_silence(*baud_rate),
+        }
+    }
+
+    async fn connect(&self, slave: Slave) -> std::io::Result<Context> {
+        match &self.endpoint {
+            ModbusEndpoint::Tcp(addr) => {
+                tokio_modbus::client::tcp::connect_slave(*addr, slave).await
+            }
+            ModbusEndpoint::Rtu { path, baud_rate } => {
+                use tokio_serial::SerialPortBuilderExt as _;
+                let port = tokio_serial::new(path.as_str(), *baud_rate)
+                    .data_bits(tokio_serial::DataBits::Eight)
+                    .parity(tokio_serial::Parity::None)
+                    .stop_bits(tokio_serial::StopBits::One)
+                    .open_native_async()
+                    .map_err(std::io::Error::from)?;
+                // Whatever waits in the input queue answers an abandoned exchange.
+                tokio_serial::SerialPort::clear(&port, tokio_serial::ClearBuffer::Input)
+                    .map_err(std::io::Error::from)?;
+                Ok(tokio_modbus::client::rtu::attach_slave(port, slave))
+            }
+        }
+    }
+}
+
+/// One unit's view of a Modbus link: connects lazily, times out every exchange and reconnects
+/// after failures. Safe to share: requests are serialised on the [`ModbusBus`], as a Modbus
+/// link requires. A device with a link of its own is a bus of one ([`ModbusTransport::new`]).
+pub struct ModbusTransport {
+    bus: Arc<ModbusBus>,
+    config: ModbusConfig,
+    /// This unit's last exchange got an answer (a reply or a Modbus exception).
+    connected: AtomicBool,
     /// The `device` label of `ppu_transport_reconnects_total` (see [`Self::set_metrics_device`]).
     metrics_device: OnceLock<String>,
 }
@@ -139,15 +257,28 @@ impl fmt::Debug for ModbusTransport {
     }
 }
 
+/// How one attempt ended without a reply.
+enum AttemptError {
+    /// The device's considered answer (a Modbus exception): never retried.
+    Final(DeviceError),
+    /// A timeout or a link failure: retried.
+    Retry(DeviceError),
+}
+
 impl ModbusTransport {
-    /// Creates the transport without connecting; the first request connects.
+    /// Creates a transport with a link of its own (a bus of one) without connecting; the
+    /// first request connects.
     pub fn new(config: ModbusConfig) -> Self {
+        let bus = ModbusBus::new(config.endpoint.clone());
+        Self::on_bus(bus, config)
+    }
+
+    /// A handle onto a shared `bus`; `config.endpoint` should be the bus's (the bus decides).
+    pub fn on_bus(bus: Arc<ModbusBus>, config: ModbusConfig) -> Self {
         Self {
+            bus,
             config,
-            ctx: Mutex::new(None),
             connected: AtomicBool::new(false),
-            ever_connected: AtomicBool::new(false),
-            connections: AtomicU64::new(0),
             metrics_device: OnceLock::new(),
         }
     }
@@ -163,20 +294,26 @@ impl ModbusTransport {
         &self.config
     }
 
+    /// The link this unit is on.
+    pub fn bus(&self) -> &Arc<ModbusBus> {
+        &self.bus
+    }
+
     /// Human-readable peer, e.g. `modbus-tcp://127.0.0.1:5020 unit 1`.
     pub fn describe(&self) -> String {
-        format!("{} unit {}", self.config.endpoint, self.config.unit_id)
+        format!("{} unit {}", self.bus.endpoint, self.config.unit_id)
     }
 
-    /// Best effort: true if the last exchange left an open connection.
+    /// Best effort: true if this unit's last exchange was answered and the link is up.
     pub fn is_connected(&self) -> bool {
-        self.connected.load(Ordering::Relaxed)
+        self.connected.load(Ordering::Relaxed) && self.bus.is_up()
     }
 
-    /// How many connections this transport has opened. Every failure drops the connection, so a
-    /// change means the peer may have been swapped: drivers re-check its identity.
+    /// How many connections this unit's link has opened. Every failure drops the connection, so
+    /// a change means the peer may have been swapped: drivers re-check its identity. On a shared
+    /// bus a neighbour's reconnect counts too, which only makes the check more frequent.
     pub fn connections(&self) -> u64 {
-        self.connections.load(Ordering::Relaxed)
+        self.bus.connections.load(Ordering::Relaxed)
     }
 
     /// Reads `count` holding registers starting at `addr` (function 03).
@@ -246,7 +383,9 @@ impl ModbusTransport {
         }
     }
 
-    /// Runs one request with connect-on-demand, timeouts and bounded retries.
+    /// Runs one request with connect-on-demand, timeouts and bounded retries. The line is
+    /// held for one attempt at a time: between attempts (during the backoff) the other units
+    /// on the bus get their turn.
     async fn call(
         &self,
         request: Request<'_>,
@@ -254,117 +393,143 @@ impl ModbusTransport {
         addr: u16,
         count: u16,
     ) -> Result<Response, DeviceError> {
-        let timeout = self.config.timeout;
-        let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
-        let mut slot = self.ctx.lock().await;
         let mut backoff = INITIAL_BACKOFF;
         let mut last_error = None;
-
         for attempt in 0..=self.config.retries {
             if attempt > 0 {
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
-
-            let mut ctx = match slot.take() {
-                Some(ctx) => ctx,
-                None => match tokio::time::timeout(timeout, self.connect()).await {
-                    Ok(Ok(ctx)) => {
-                        self.connections.fetch_add(1, Ordering::Relaxed);
-                        if self.ever_connected.swap(true, Ordering::Relaxed) {
-                            tracing::info!(peer = %self.describe(), "modbus reconnected");
-                            super::count_reconnect("modbus", &self.metrics_device, || {
-                                self.describe()
-                            });
-                        } else {
-                            tracing::debug!(peer = %self.describe(), "modbus connected");
-                        }
-                        ctx
-                    }
-                    Ok(Err(e)) => {
-                        tracing::debug!(peer = %self.describe(), attempt, error = %e, "modbus connect failed");
-                        last_error = Some(DeviceError::Disconnected(format!(
-                            "{}: {e}",
-                            self.describe()
-                        )));
-                        continue;
-                    }
-                    Err(_) => {
-                        tracing::debug!(peer = %self.describe(), attempt, "modbus connect timed out");
-                        last_error = Some(DeviceError::Timeout {
-                            what: format!("connect to {}", self.describe()),
-                            timeout_ms,
-                        });
-                        continue;
-                    }
-                },
-            };
-            self.connected.store(true, Ordering::Relaxed);
-
-            // On every failure below `ctx` is dropped instead of being put back: the next
-            // attempt opens a fresh connection.
-            let error = match tokio::time::timeout(timeout, ctx.call(request.clone())).await {
-                Ok(Ok(Ok(response))) => {
-                    *slot = Some(ctx);
+            match self.attempt(&request, what, addr, count).await {
+                Ok(response) => {
+                    self.connected.store(true, Ordering::Relaxed);
                     return Ok(response);
                 }
-                Ok(Ok(Err(exception))) => {
-                    *slot = Some(ctx);
-                    return Err(DeviceError::Refused {
-                        what: what.to_owned(),
-                        reason: exception_reason(exception, addr, count),
-                    });
+                Err(AttemptError::Final(e)) => {
+                    self.connected.store(true, Ordering::Relaxed);
+                    return Err(e);
                 }
-                // tokio-modbus reports a closed stream as the last OS error, often "os error 0".
-                Ok(Err(tokio_modbus::Error::Transport(e))) if e.raw_os_error() == Some(0) => {
-                    DeviceError::Disconnected(format!("{}: connection closed", self.describe()))
+                Err(AttemptError::Retry(e)) => {
+                    tracing::warn!(
+                        peer = %self.describe(),
+                        attempt,
+                        retries = self.config.retries,
+                        error = %e,
+                        "modbus request failed"
+                    );
+                    self.connected.store(false, Ordering::Relaxed);
+                    last_error = Some(e);
                 }
-                Ok(Err(tokio_modbus::Error::Transport(e))) => {
-                    DeviceError::Disconnected(format!("{}: {e}", self.describe()))
-                }
-                Ok(Err(tokio_modbus::Error::Protocol(e))) => DeviceError::Corrupt {
-                    what: what.to_owned(),
-                    reason: e.to_string(),
-                },
-                Err(_) => DeviceError::Timeout {
-                    what: format!("reply to {what} from {}", self.describe()),
-                    timeout_ms,
-                },
-            };
-            self.connected.store(false, Ordering::Relaxed);
-            tracing::warn!(
-                peer = %self.describe(),
-                attempt,
-                retries = self.config.retries,
-                error = %error,
-                "modbus request failed; dropping connection"
-            );
-            last_error = Some(error);
+            }
         }
-
         self.connected.store(false, Ordering::Relaxed);
         Err(last_error.unwrap_or_else(|| {
             DeviceError::Disconnected(format!("{}: no attempt made", self.describe()))
         }))
     }
 
-    async fn connect(&self) -> std::io::Result<Context> {
+    /// One exchange with the line held: connect if needed, keep the inter-frame silence,
+    /// send, wait for the reply under this unit's timeout.
+    async fn attempt(
+        &self,
+        request: &Request<'_>,
+        what: &str,
+        addr: u16,
+        count: u16,
+    ) -> Result<Response, AttemptError> {
+        let timeout = self.config.timeout;
+        let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
         let slave = Slave(self.config.unit_id);
-        match &self.config.endpoint {
-            ModbusEndpoint::Tcp(addr) => {
-                tokio_modbus::client::tcp::connect_slave(*addr, slave).await
-            }
-            ModbusEndpoint::Rtu { path, baud_rate } => {
-                use tokio_serial::SerialPortBuilderExt as _;
-                let port = tokio_serial::new(path.as_str(), *baud_rate)
-                    .data_bits(tokio_serial::DataBits::Eight)
-                    .parity(tokio_serial::Parity::None)
-                    .stop_bits(tokio_serial::StopBits::One)
-                    .open_native_async()
-                    .map_err(std::io::Error::from)?;
-                Ok(tokio_modbus::client::rtu::attach_slave(port, slave))
+        let bus = &self.bus;
+        let mut link = bus.link.lock().await;
+        let mut ctx = match link.ctx.take() {
+            Some(ctx) => ctx,
+            None => match tokio::time::timeout(timeout, bus.connect(slave)).await {
+                Ok(Ok(ctx)) => {
+                    // Every reopen counts, also one after a unit's timeout (the connection was
+                    // dropped then too); only one after a link failure is news in the log.
+                    if link.ever_connected {
+                        if link.lost {
+                            tracing::info!(peer = %self.describe(), "modbus reconnected");
+                        } else {
+                            tracing::debug!(peer = %self.describe(), "modbus reopened");
+                        }
+                        super::count_reconnect("modbus", &self.metrics_device, || self.describe());
+                    } else {
+                        tracing::debug!(peer = %self.describe(), "modbus connected");
+                    }
+                    link.ever_connected = true;
+                    link.lost = false;
+                    bus.connections.fetch_add(1, Ordering::Relaxed);
+                    bus.up.store(true, Ordering::Relaxed);
+                    ctx
+                }
+                Ok(Err(e)) => {
+                    link.lost = true;
+                    bus.up.store(false, Ordering::Relaxed);
+                    return Err(AttemptError::Retry(DeviceError::Disconnected(format!(
+                        "{}: {e}",
+                        self.describe()
+                    ))));
+                }
+                Err(_) => {
+                    link.lost = true;
+                    bus.up.store(false, Ordering::Relaxed);
+                    return Err(AttemptError::Retry(DeviceError::Timeout {
+                        what: format!("connect to {}", self.describe()),
+                        timeout_ms,
+                    }));
+                }
+            },
+        };
+        ctx.set_slave(slave);
+        // Only sleep while the silence still runs: even a zero sleep waits for a timer tick.
+        if let Some(last) = link.last_io {
+            let free = last + bus.silence();
+            if Instant::now() < free {
+                tokio::time::sleep_until(free).await;
             }
         }
+        let result = tokio::time::timeout(timeout, ctx.call(request.clone())).await;
+        link.last_io = Some(Instant::now());
+        // On every failure below `ctx` is dropped instead of being put back: the next attempt
+        // (of any unit) opens a fresh connection, so a late or partial reply can never be read
+        // as the answer to the next request.
+        let error = match result {
+            Ok(Ok(Ok(response))) => {
+                link.ctx = Some(ctx);
+                return Ok(response);
+            }
+            Ok(Ok(Err(exception))) => {
+                link.ctx = Some(ctx);
+                return Err(AttemptError::Final(DeviceError::Refused {
+                    what: what.to_owned(),
+                    reason: exception_reason(exception, addr, count),
+                }));
+            }
+            // The link itself failed: the whole bus is down until a reconnect.
+            Ok(Err(tokio_modbus::Error::Transport(e))) => {
+                link.lost = true;
+                bus.up.store(false, Ordering::Relaxed);
+                // tokio-modbus reports a closed stream as the last OS error, often "os error 0".
+                if e.raw_os_error() == Some(0) {
+                    DeviceError::Disconnected(format!("{}: connection closed", self.describe()))
+                } else {
+                    DeviceError::Disconnected(format!("{}: {e}", self.describe()))
+                }
+            }
+            // A garbled reply or one from another unit: this exchange's problem.
+            Ok(Err(tokio_modbus::Error::Protocol(e))) => DeviceError::Corrupt {
+                what: what.to_owned(),
+                reason: e.to_string(),
+            },
+            // No answer from this unit: its outage, not the bus's.
+            Err(_) => DeviceError::Timeout {
+                what: format!("reply to {what} from {}", self.describe()),
+                timeout_ms,
+            },
+        };
+        Err(AttemptError::Retry(error))
     }
 }
 

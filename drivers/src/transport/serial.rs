@@ -26,8 +26,8 @@
 
 use std::fmt;
 use std::io::ErrorKind as IoKind;
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -407,14 +407,85 @@ struct PortSlot {
     decoder: FrameDecoder,
 }
 
-/// A serial request/reply link: opens lazily, times out every exchange, retries a bounded
-/// number of times and reopens the port after it vanished. Safe to share: exchanges are
-/// serialised, as a half-duplex instrument requires.
-pub struct SerialTransport {
+/// One serial port shared by the instruments on it: an RS-232 daisy chain of addressed
+/// NE-1000 pumps, or a single instrument (a bus of one).
+///
+/// A port opens exclusively, so the bus, not the device, owns it; each device gets a
+/// [`SerialTransport`] handle ([`SerialBus::device`]) with its own timeout and retries, and
+/// picks its own replies by address in its `accept` function. Exchanges are serialised one
+/// *attempt* at a time, so a silent pump holds the line for at most its own timeout per
+/// attempt and its neighbours are served between its retries. A device that does not answer
+/// is that device's outage; only a port-level failure (EIO, end of file, the device node gone)
+/// takes the bus down, and the port is then reopened by path on the next attempt.
+pub struct SerialBus {
+    /// Path, baud rate, framing and gap of the line (its timeout and retries are unused).
     config: SerialConfig,
     slot: Mutex<PortSlot>,
-    connected: AtomicBool,
+    /// False after a port-level failure, until the port is open again.
+    up: AtomicBool,
     ever_connected: AtomicBool,
+}
+
+impl fmt::Debug for SerialBus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SerialBus")
+            .field("port", &self.config.describe())
+            .field("up", &self.is_up())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SerialBus {
+    /// Creates the bus without opening the port; the first request of any device opens it.
+    /// `config.timeout` and `config.retries` are the defaults of [`SerialBus::device`] handles
+    /// made by [`SerialTransport::new`]; each handle has its own.
+    pub fn new(config: SerialConfig) -> Arc<Self> {
+        let decoder = FrameDecoder::new(config.framing);
+        Arc::new(Self {
+            config,
+            slot: Mutex::new(PortSlot {
+                port: None,
+                last_io: None,
+                decoder,
+            }),
+            up: AtomicBool::new(false),
+            ever_connected: AtomicBool::new(false),
+        })
+    }
+
+    /// A handle for one device on this line, with its own real-time `timeout` per reply and
+    /// `retries` after a timeout or a port failure.
+    pub fn device(self: &Arc<Self>, timeout: Duration, retries: u32) -> SerialTransport {
+        let mut config = self.config.clone();
+        config.timeout = timeout;
+        config.retries = retries;
+        SerialTransport::on_bus(Arc::clone(self), config)
+    }
+
+    pub fn config(&self) -> &SerialConfig {
+        &self.config
+    }
+
+    /// Best effort: false after a port-level failure, until the port is open again.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    pub fn describe(&self) -> String {
+        self.config.describe()
+    }
+}
+
+/// One device's view of a serial line: opens lazily, times out every exchange, retries a
+/// bounded number of times and reopens the port after it vanished. Safe to share: exchanges
+/// are serialised on the [`SerialBus`], as a half-duplex line requires. A device with a port
+/// of its own is a bus of one ([`SerialTransport::new`]).
+pub struct SerialTransport {
+    bus: Arc<SerialBus>,
+    /// The bus's line settings with this device's timeout and retries.
+    config: SerialConfig,
+    /// This device's last exchange was answered.
+    connected: AtomicBool,
     /// The `device` label of `ppu_transport_reconnects_total` (see [`Self::set_metrics_device`]).
     metrics_device: OnceLock<String>,
 }
@@ -437,18 +508,24 @@ enum AttemptError {
 }
 
 impl SerialTransport {
-    /// Creates the transport without opening the port; the first request opens it.
+    /// Creates a transport with a port of its own (a bus of one) without opening it; the
+    /// first request opens it.
     pub fn new(config: SerialConfig) -> Self {
-        let decoder = FrameDecoder::new(config.framing);
+        Self::on_bus(SerialBus::new(config.clone()), config)
+    }
+
+    /// A handle onto a shared `bus` with `config`'s timeout and retries (the bus's path, baud
+    /// rate, framing and gap apply).
+    pub fn on_bus(bus: Arc<SerialBus>, config: SerialConfig) -> Self {
+        let config = SerialConfig {
+            timeout: config.timeout,
+            retries: config.retries,
+            ..bus.config.clone()
+        };
         Self {
+            bus,
             config,
-            slot: Mutex::new(PortSlot {
-                port: None,
-                last_io: None,
-                decoder,
-            }),
             connected: AtomicBool::new(false),
-            ever_connected: AtomicBool::new(false),
             metrics_device: OnceLock::new(),
         }
     }
@@ -464,34 +541,43 @@ impl SerialTransport {
         &self.config
     }
 
+    /// The line this device is on.
+    pub fn bus(&self) -> &Arc<SerialBus> {
+        &self.bus
+    }
+
     pub fn describe(&self) -> String {
         self.config.describe()
     }
 
-    /// Best effort: true if the last exchange left an open, answering port.
+    /// Best effort: true if this device's last exchange was answered and the port is open.
     pub fn is_connected(&self) -> bool {
-        self.connected.load(Ordering::Relaxed)
+        self.connected.load(Ordering::Relaxed) && self.bus.is_up()
     }
 
     /// Opens the port now (if it is not open), reporting why it cannot be.
     pub async fn connect(&self) -> Result<(), OpenError> {
-        let mut slot = self.slot.lock().await;
+        let mut slot = self.bus.slot.lock().await;
         if slot.port.is_none() {
             slot.port = Some(self.open()?);
         }
         Ok(())
     }
 
-    /// Closes the port (it is reopened by the next request).
+    /// Closes the port (for every device on the bus; the next request reopens it).
     pub async fn disconnect(&self) {
-        let mut slot = self.slot.lock().await;
+        let mut slot = self.bus.slot.lock().await;
         slot.port = None;
+        self.bus.up.store(false, Ordering::Relaxed);
         self.connected.store(false, Ordering::Relaxed);
     }
 
     fn open(&self) -> Result<SerialStream, OpenError> {
-        let port = open_port(&self.config)?;
-        if self.ever_connected.swap(true, Ordering::Relaxed) {
+        let bus = &self.bus;
+        let port =
+            open_port(&bus.config).inspect_err(|_| bus.up.store(false, Ordering::Relaxed))?;
+        bus.up.store(true, Ordering::Relaxed);
+        if bus.ever_connected.swap(true, Ordering::Relaxed) {
             tracing::info!(port = %self.describe(), "serial port reopened");
             super::count_reconnect("serial", &self.metrics_device, || self.describe());
         } else {
@@ -523,7 +609,6 @@ impl SerialTransport {
     ) -> Result<T, DeviceError> {
         let timeout = options.timeout.unwrap_or(self.config.timeout);
         let retries = options.retries.unwrap_or(self.config.retries);
-        let mut slot = self.slot.lock().await;
         let mut backoff = INITIAL_BACKOFF;
         let mut last_error = None;
         for attempt in 0..=retries {
@@ -531,6 +616,8 @@ impl SerialTransport {
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
+            // The line is held for one attempt: during the backoff the neighbours get a turn.
+            let mut slot = self.bus.slot.lock().await;
             if slot.port.is_none() {
                 match self.open() {
                     Ok(port) => slot.port = Some(port),
@@ -553,10 +640,12 @@ impl SerialTransport {
                 Err(AttemptError::Link(e)) => {
                     tracing::warn!(port = %self.describe(), attempt, retries, error = %e, "serial link failed; reopening");
                     slot.port = None;
+                    self.bus.up.store(false, Ordering::Relaxed);
                     self.connected.store(false, Ordering::Relaxed);
                     last_error = Some(e);
                 }
                 Err(AttemptError::Timeout(e)) => {
+                    // This device's silence, not the port's: the bus stays up.
                     tracing::warn!(port = %self.describe(), attempt, retries, error = %e, "serial request timed out");
                     self.connected.store(false, Ordering::Relaxed);
                     last_error = Some(e);
@@ -564,6 +653,7 @@ impl SerialTransport {
                         && drain(port).await.is_err()
                     {
                         slot.port = None;
+                        self.bus.up.store(false, Ordering::Relaxed);
                     }
                     slot.last_io = Some(Instant::now());
                 }

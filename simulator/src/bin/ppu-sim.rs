@@ -169,6 +169,12 @@ struct FurnaceArgs {
     /// Instrument ident answered at register 122, hex (2440 is a 2404, 2480 a 2408).
     #[arg(long, default_value = "2440", value_parser = parse_ident)]
     ident: u16,
+
+    /// Serve every furnace on one Modbus RTU line (a pty, replies paced at this baud rate,
+    /// e.g. 9600 or 19200) instead of TCP sockets, at unit ids --unit, --unit + 1, …; prints
+    /// `modbus-rtu://PATH@BAUD`.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(300..=115_200))]
+    rtu_baud: Option<u32>,
 }
 
 fn parse_ident(s: &str) -> Result<u16, String> {
@@ -303,6 +309,7 @@ async fn run_dispenser(args: DispenserArgs) -> Result<()> {
         },
         link_dir: args.link_dir.clone(),
         world: None,
+        chain: None,
     };
     let clock = Clock::new(args.time_scale);
     let station = SimStation::start(spec, clock)
@@ -328,6 +335,45 @@ async fn run_dispenser(args: DispenserArgs) -> Result<()> {
     Ok(())
 }
 
+/// `ppu-sim furnace --rtu-baud N`: every furnace on one simulated RS-485 line.
+async fn run_rtu_line(args: &FurnaceArgs, clock: Clock, baud: u32) -> Result<()> {
+    let mut furnaces = Vec::new();
+    for i in 0..args.count {
+        let unit = u16::from(args.unit) + i;
+        let unit = u8::try_from(unit)
+            .ok()
+            .filter(|u| *u <= 247)
+            .context("unit ids exceed 247")?;
+        let config = FurnaceConfig {
+            unit_id: unit,
+            decimal_places: args.decimal_places,
+            ambient_c: args.ambient,
+            initial_sp_c: args.ambient.max(0.0),
+            pv_noise_c: args.noise,
+            seed: args.seed.wrapping_add(u64::from(i)),
+            ..FurnaceConfig::default()
+        };
+        furnaces.push(SimFurnace::new(config, clock));
+    }
+    let line = ppu_sim::rtu::serve_rtu_units(furnaces, baud, None)
+        .await
+        .context("opening a pseudo-terminal")?;
+    println!("modbus-rtu://{}@{baud}", line.path());
+    tracing::info!(
+        count = args.count,
+        first_unit = args.unit,
+        baud,
+        time_scale = args.time_scale,
+        "furnaces running on one RTU line; Ctrl-C to stop"
+    );
+    tokio::signal::ctrl_c()
+        .await
+        .context("cannot wait for Ctrl-C")?;
+    tracing::info!("stopping");
+    line.shutdown().await;
+    Ok(())
+}
+
 async fn run_furnaces(args: FurnaceArgs) -> Result<()> {
     if !(args.time_scale.is_finite() && args.time_scale > 0.0) {
         bail!("--time-scale must be a positive number");
@@ -336,6 +382,9 @@ async fn run_furnaces(args: FurnaceArgs) -> Result<()> {
         bail!("--noise must be a non-negative number");
     }
     let clock = Clock::new(args.time_scale);
+    if let Some(baud) = args.rtu_baud {
+        return run_rtu_line(&args, clock, baud).await;
+    }
     let mut servers: Vec<ServerHandle> = Vec::new();
     for i in 0..args.count {
         let mut addr = args.listen;

@@ -10,12 +10,14 @@
 pub mod balance;
 pub mod pump;
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use ppu_drivers::Clock;
 
-use crate::pty::{FaultConfig, PtyServer};
+use crate::pty::{FaultConfig, PtyServer, ReplyFuture, Request, SerialDevice};
 use crate::world::World;
 use balance::{BalanceConfig, SimBalance};
 use pump::{PumpConfig, SimPump};
@@ -120,14 +122,76 @@ pub struct StationSpec {
     pub link_dir: Option<PathBuf>,
     /// Record delivered liquid in this world, for the sample placed at each pump.
     pub world: Option<World>,
+    /// `Some(name)`: every pump on one pty, daisy-chained by address (the addresses in their
+    /// configs must differ); `name` names the symlink under `link_dir`. `None`: a pty per pump.
+    pub chain: Option<String>,
 }
 
-/// A running pump: model and pty.
+/// Pumps daisy-chained on one RS-232 line (NE-1000 network): every pump hears every command
+/// and only the one whose address it names answers. A pump taken off the chain
+/// ([`RunningPump::set_unplugged`]) neither hears nor answers while its neighbours go on. A
+/// pump on a port of its own is a chain of one.
+struct PumpChain {
+    members: Vec<(SimPump, Arc<AtomicBool>)>,
+    /// Which member each request returned by `receive` belongs to, in order.
+    pending: Mutex<VecDeque<usize>>,
+}
+
+impl SerialDevice for PumpChain {
+    fn receive(&self, bytes: &[u8]) -> Vec<Request> {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::new();
+        for (i, (pump, unplugged)) in self.members.iter().enumerate() {
+            if unplugged.load(Ordering::SeqCst) {
+                continue;
+            }
+            for request in pump.receive(bytes) {
+                pending.push_back(i);
+                out.push(request);
+            }
+        }
+        out
+    }
+
+    fn answer(&self, request: Request) -> ReplyFuture {
+        let member = self
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop_front()
+            .and_then(|i| self.members.get(i));
+        match member {
+            Some((pump, unplugged)) if !unplugged.load(Ordering::SeqCst) => pump.answer(request),
+            _ => Box::pin(std::future::ready(None)),
+        }
+    }
+
+    fn reset_input(&self) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        for (pump, _) in &self.members {
+            pump.reset_input();
+        }
+    }
+}
+
+/// A running pump: model and pty (shared with the other pumps of its chain, if any).
 #[derive(Debug)]
 pub struct RunningPump {
     pub id: String,
     pub sim: SimPump,
-    pub port: PtyServer,
+    pub port: Arc<PtyServer>,
+    unplugged: Arc<AtomicBool>,
+}
+
+impl RunningPump {
+    /// Takes this pump off its line (it stops hearing and answering; the port and the other
+    /// pumps on it stay) or puts it back.
+    pub fn set_unplugged(&self, unplugged: bool) {
+        self.unplugged.store(unplugged, Ordering::SeqCst);
+    }
 }
 
 /// A running balance: model and pty.
@@ -155,16 +219,45 @@ impl SimStation {
             ..spec.faults.clone()
         };
         let mut pumps = Vec::with_capacity(spec.pumps.len());
+        let mut chain = Vec::new();
         for (i, p) in spec.pumps.iter().enumerate() {
             let world = spec.world.clone().map(|w| (w, p.id.clone()));
             let sim = SimPump::new(p.config.clone(), clock, world);
             station.add_pump(sim.clone());
-            let port = PtyServer::start(Arc::new(sim.clone()), faults(i), link(&p.id)).await?;
+            let unplugged = Arc::new(AtomicBool::new(false));
+            if spec.chain.is_some() {
+                chain.push((p.id.clone(), sim, unplugged));
+                continue;
+            }
+            let device = PumpChain {
+                members: vec![(sim.clone(), Arc::clone(&unplugged))],
+                pending: Mutex::new(VecDeque::new()),
+            };
+            let port = PtyServer::start(Arc::new(device), faults(i), link(&p.id)).await?;
             pumps.push(RunningPump {
                 id: p.id.clone(),
                 sim,
-                port,
+                port: Arc::new(port),
+                unplugged,
             });
+        }
+        if let Some(name) = &spec.chain {
+            let device = PumpChain {
+                members: chain
+                    .iter()
+                    .map(|(_, sim, unplugged)| (sim.clone(), Arc::clone(unplugged)))
+                    .collect(),
+                pending: Mutex::new(VecDeque::new()),
+            };
+            let port = Arc::new(PtyServer::start(Arc::new(device), faults(0), link(name)).await?);
+            for (id, sim, unplugged) in chain {
+                pumps.push(RunningPump {
+                    id,
+                    sim,
+                    port: Arc::clone(&port),
+                    unplugged,
+                });
+            }
         }
         let balance = match &spec.balance {
             Some((id, config)) => {
@@ -195,7 +288,7 @@ impl SimStation {
     /// Closes every pty.
     pub async fn shutdown(self) {
         for p in self.pumps {
-            p.port.shutdown().await;
+            p.port.unplug().await;
         }
         if let Some(b) = self.balance {
             b.port.shutdown().await;

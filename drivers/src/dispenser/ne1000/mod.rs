@@ -369,6 +369,17 @@ impl Ne1000Pump {
     /// until the first request.
     pub fn new(config: Ne1000Config, balance: Option<Arc<SicsBalance>>) -> Self {
         let transport = SerialTransport::new(config.serial.clone());
+        Self::with_transport(config, transport, balance)
+    }
+
+    /// Creates the driver on `transport`, e.g. a handle onto a daisy chain of pumps
+    /// ([`SerialBus::device`](crate::transport::serial::SerialBus::device)); the pump is told
+    /// apart from its neighbours by `config.address`, in its commands and in their replies.
+    pub fn with_transport(
+        config: Ne1000Config,
+        transport: SerialTransport,
+        balance: Option<Arc<SicsBalance>>,
+    ) -> Self {
         transport.set_metrics_device(config.id.clone());
         let limits = Limits {
             max_volume_ml: Some(config.max_dispense_ml()),
