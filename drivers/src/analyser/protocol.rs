@@ -267,6 +267,8 @@ pub enum ResultMsg {
         request_id: String,
         index: u32,
         point: IsothermPoint,
+        /// The target the bridge dosed toward, if it says (optional in schema 1).
+        target_pressure_bar: Option<f64>,
     },
     Complete(Complete),
     Failed {
@@ -299,6 +301,8 @@ enum RawResult {
         p0_bar: f64,
         amount_mmol_per_g: f64,
         equilibration_time_s: f64,
+        #[serde(default)]
+        target_pressure_bar: Option<f64>,
     },
     Complete(Complete),
     Failed {
@@ -428,8 +432,12 @@ fn parse_value(kind: TopicKind, topic: &str, value: Value) -> Result<Inbound, Ma
                 p0_bar,
                 amount_mmol_per_g,
                 equilibration_time_s,
+                target_pressure_bar,
             } => {
                 non_negative("pressure_bar", pressure_bar, &bad)?;
+                if let Some(t) = target_pressure_bar {
+                    non_negative("target_pressure_bar", t, &bad)?;
+                }
                 non_negative("p0_bar", p0_bar, &bad)?;
                 finite("amount_mmol_per_g", amount_mmol_per_g, &bad)?;
                 non_negative("equilibration_time_s", equilibration_time_s, &bad)?;
@@ -442,6 +450,7 @@ fn parse_value(kind: TopicKind, topic: &str, value: Value) -> Result<Inbound, Ma
                         amount_mmol_per_g,
                         equilibration_time_s,
                     },
+                    target_pressure_bar,
                 }
             }
             RawResult::Complete(c) => {
