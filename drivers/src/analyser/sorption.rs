@@ -25,7 +25,8 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::protocol::{
-    self, Ack, BridgeState, Command, Complete, Event, Inbound, Op, ResultMsg, Topics,
+    self, Ack, BridgeState, Command, Complete, Event, Inbound, IsothermParams, Op, ResultMsg,
+    Topics,
 };
 use crate::device::{
     Capability, DegasResult, Device, DeviceError, DeviceInfo, DeviceStatus, Family, IsothermPoint,
@@ -448,15 +449,11 @@ impl SorptionAnalyser {
     /// Asks the bridge to abort (its current operation, or `target`), waiting for the
     /// acknowledgement.
     async fn abort(&self, link: &Link, target: Option<&str>) -> Result<(), DeviceError> {
-        let params = match target {
-            Some(t) => json!({ "target_request_id": t }),
-            None => json!({}),
-        };
         let cmd = Command::new(
             self.new_request_id("", Op::Abort),
             Op::Abort,
             String::new(),
-            params,
+            protocol::abort_params(target),
         );
         self.command(link, &cmd).await.map(|_| ())
     }
@@ -579,7 +576,7 @@ impl SorptionAnalyser {
             self.new_request_id(&ctx.experiment_id, Op::Degas),
             Op::Degas,
             ctx.sample_id.clone(),
-            json!({ "temperature_c": temperature_c, "duration_s": duration_s }),
+            protocol::degas_params(temperature_c, duration_s),
         );
         // Heating at a few °C/min and cooling back take hours on a real degas port.
         let allowance_s = duration_s + (temperature_c - 20.0).max(0.0) / 2.0 * 60.0 * 2.0 + 3600.0;
@@ -626,7 +623,7 @@ impl SorptionAnalyser {
                 self.new_request_id(&ctx.experiment_id, Op::FreeSpace),
                 Op::FreeSpace,
                 ctx.sample_id.clone(),
-                json!({ "temperature_c": temperature_c }),
+                protocol::free_space_params(temperature_c),
             );
             let plan = OpPlan::without_points(
                 2.0 * 3600.0,
@@ -644,16 +641,17 @@ impl SorptionAnalyser {
             self.new_request_id(&ctx.experiment_id, Op::Isotherm),
             Op::Isotherm,
             ctx.sample_id.clone(),
-            json!({
-                "adsorptive": adsorptive,
-                "temperature_c": temperature_c,
-                "pressures_bar": pressures_bar,
-                "equilibration_interval_s": interval,
-                "max_equilibration_s": max_eq,
-                "sample_mass_g": mass,
-                "tolerance_bar": self.config.tolerance_bar,
-                "tolerance_relative": self.config.tolerance_relative,
-            }),
+            IsothermParams {
+                adsorptive: adsorptive.to_owned(),
+                temperature_c,
+                pressures_bar: pressures_bar.to_vec(),
+                equilibration_interval_s: interval,
+                max_equilibration_s: max_eq,
+                sample_mass_g: mass,
+                tolerance_bar: self.config.tolerance_bar,
+                tolerance_relative: self.config.tolerance_relative,
+            }
+            .to_value(),
         );
         // The bridge enforces max_equilibration_s itself and says why; this is the backstop
         // for a bridge that never answers (dosing, evacuation and bath settling take time).
@@ -1028,11 +1026,15 @@ impl OpPlan {
                 ),
             });
         }
-        let tolerance = (self.tolerance_relative * target).max(self.tolerance_bar);
-        // A hair of slack for the decimal round trip through JSON.
-        if (pressure_bar - target).abs() <= tolerance * (1.0 + 1e-9) {
+        if protocol::within_tolerance(
+            pressure_bar,
+            target,
+            self.tolerance_bar,
+            self.tolerance_relative,
+        ) {
             return Ok(());
         }
+        let tolerance = (self.tolerance_relative * target).max(self.tolerance_bar);
         let side = if pressure_bar > target {
             "above"
         } else {
