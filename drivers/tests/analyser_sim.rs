@@ -105,11 +105,15 @@ fn driver(url: &BrokerUrl, prefix: &str, client_id: String) -> SorptionAnalyser 
 }
 
 async fn rig(kind: Kind, needs_restart: bool) -> Option<Rig> {
+    rig_at(kind, needs_restart, SCALE).await
+}
+
+async fn rig_at(kind: Kind, needs_restart: bool, scale: f64) -> Option<Rig> {
     let broker = broker(kind, needs_restart).await?;
     let url: BrokerUrl = broker.url().parse().expect("broker url");
     let n = NEXT.fetch_add(1, Ordering::SeqCst);
     let prefix = format!("test/{}/{n}", std::process::id());
-    let clock = Clock::new(SCALE);
+    let clock = Clock::new(scale);
     let world = World::new(42);
     let mut sc = SimAnalyserConfig::new(url.host.clone(), url.port, "asap-1");
     sc.topic_prefix = prefix.clone();
@@ -171,9 +175,18 @@ where
 }
 
 fn isotherm(pressures: &[f64], max_equilibration_s: f64) -> StepCommand {
+    isotherm_of("CO2", 25.0, pressures, max_equilibration_s)
+}
+
+fn isotherm_of(
+    adsorptive: &str,
+    temperature_c: f64,
+    pressures: &[f64],
+    max_equilibration_s: f64,
+) -> StepCommand {
     StepCommand::Isotherm {
-        adsorptive: "CO2".into(),
-        temperature_c: 25.0,
+        adsorptive: adsorptive.into(),
+        temperature_c,
         pressures_bar: pressures.to_vec(),
         equilibration_interval_s: Some(10.0),
         max_equilibration_s: Some(max_equilibration_s),
@@ -203,14 +216,29 @@ fn assert_in_order(points: &[(u32, IsothermPoint)], result: &IsothermResult) {
     }
 }
 
+/// The driver's default tolerance: `max(5 % of target, 0.005 bar)`.
+fn tolerance(target: f64) -> f64 {
+    (0.05 * target).max(0.005)
+}
+
+/// Every point lies within the tolerance of its target, on both sides.
+fn assert_within_tolerance(targets: &[f64], result: &IsothermResult) {
+    assert_eq!(result.points.len(), targets.len());
+    for (p, &target) in result.points.iter().zip(targets) {
+        assert!(
+            (p.pressure_bar - target).abs() <= tolerance(target),
+            "{} bar for the target {target} ± {} bar",
+            p.pressure_bar,
+            tolerance(target)
+        );
+    }
+}
+
 /// Measured points sit on the material's isotherm: the volumetric mass balance (measured free
 /// space, noisy pressures, several doses) recovers the equilibrium uptake within 2 %.
 fn assert_on_isotherm(material: &Material, result: &IsothermResult) {
+    assert_within_tolerance(&PRESSURES, result);
     for (k, p) in result.points.iter().enumerate() {
-        assert!(
-            p.pressure_bar >= PRESSURES[k] * 0.95,
-            "point {k} reached its target: {p:?}"
-        );
         let expected = material.co2.uptake(p.pressure_bar, 298.15);
         let rel = (p.amount_mmol_per_g - expected) / expected;
         assert!(
@@ -276,6 +304,119 @@ async fn ten_point_isotherm_embedded_broker() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_point_isotherm_mosquitto() {
     ten_point_isotherm(Kind::Mosquitto).await;
+}
+
+/// Acceptance of issue 13: isotherm points land within the tolerance of their targets at
+/// 0.05 bar as at 1 bar, for CO₂ at 25 °C and N₂ at −196 °C (a near-rectangular isotherm, the
+/// hardest to dose), on the reference materials.
+async fn points_land_within_tolerance(kind: Kind) {
+    let Some(rig) = rig(kind, false).await else {
+        return;
+    };
+    let targets = [0.05, 0.1, 0.15, 1.0];
+    for (sample, adsorptive, temperature_c) in [
+        ("ref-13X-tol", "CO2", 25.0),
+        ("ref-MOF-74-tol", "CO2", 25.0),
+        ("ref-HKUST-1-tol", "CO2", 25.0),
+        ("ref-13X-tol-n2", "N2", -196.0),
+        ("ref-MOF-74-tol-n2", "N2", -196.0),
+    ] {
+        let (ctx, mut rx) = rig.ctx(sample);
+        let step = isotherm_of(adsorptive, temperature_c, &targets, 3600.0);
+        let out = tokio::time::timeout(DEADLINE, rig.driver.execute(&step, ctx))
+            .await
+            .expect("isotherm finishes")
+            .unwrap_or_else(|e| panic!("{sample} {adsorptive}: {e}"));
+        let StepOutput::Isotherm(result) = out else {
+            panic!("{out:?}")
+        };
+        assert_within_tolerance(&targets, &result);
+        let streamed = drain_points(&mut rx);
+        assert_eq!(streamed.len(), targets.len(), "{sample}");
+        // Cumulative uptake never falls on an adsorption branch (beyond the noise of a
+        // saturated sample).
+        for w in result.points.windows(2) {
+            assert!(
+                w[1].amount_mmol_per_g > w[0].amount_mmol_per_g * 0.999,
+                "{sample}: {w:?}"
+            );
+        }
+    }
+    rig.driver.shutdown().await;
+    rig.sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn points_land_within_tolerance_embedded_broker() {
+    points_land_within_tolerance(Kind::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn points_land_within_tolerance_mosquitto() {
+    points_land_within_tolerance(Kind::Mosquitto).await;
+}
+
+/// A bridge whose dosing is broken reports a point far above its target (the 0.229 bar for
+/// 0.05 bar of issue 13): the driver refuses it, says why, and aborts the measurement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_point_outside_the_tolerance_fails_the_step_with_the_reason() {
+    let rig = rig(Kind::Embedded, false).await.expect("embedded broker");
+    rig.sim.set_overdosing(true);
+    let (ctx, mut rx) = rig.ctx("ref-13X-overdosed");
+    let err = tokio::time::timeout(
+        DEADLINE,
+        rig.driver
+            .execute(&isotherm(&[0.05, 0.1, 0.15], 3600.0), ctx),
+    )
+    .await
+    .expect("finishes")
+    .unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, DeviceError::Fault(_)), "{err:?}");
+    for part in [
+        "point 1/3 refused",
+        "target 0.05 bar",
+        "±0.0050 bar",
+        "above",
+    ] {
+        assert!(text.contains(part), "{part:?} missing from {text}");
+    }
+    assert!(
+        drain_points(&mut rx).is_empty(),
+        "the refused point was not passed on"
+    );
+    wait_for("the instrument to be idle", || async { !rig.sim.is_busy() }).await;
+    rig.sim.shutdown().await;
+}
+
+/// Equilibrium is judged in physical time: at 100 000× (a 3600 s point in 36 ms of wall
+/// time) isotherms succeed exactly as at 2000×; the time scale changes the wall time only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_high_time_scale_changes_the_wall_time_only() {
+    let rig = rig_at(Kind::Embedded, false, 100_000.0)
+        .await
+        .expect("embedded broker");
+    let targets = [0.05, 0.1, 0.15, 0.4, 1.0];
+    for k in 0..8 {
+        let sample = ["ref-13X-fast", "ref-MOF-74-fast", "ref-HKUST-1-fast"][k % 3];
+        let (ctx, _rx) = rig.ctx(&format!("{sample}-{k}"));
+        let out = tokio::time::timeout(
+            DEADLINE,
+            rig.driver.execute(&isotherm(&targets, 3600.0), ctx),
+        )
+        .await
+        .expect("isotherm finishes")
+        .unwrap_or_else(|e| panic!("isotherm {k} at 100 000×: {e}"));
+        let StepOutput::Isotherm(result) = out else {
+            panic!("{out:?}")
+        };
+        assert_within_tolerance(&targets, &result);
+        for p in &result.points {
+            assert!(p.equilibration_time_s < 3600.0, "{p:?}");
+        }
+    }
+    rig.driver.shutdown().await;
+    rig.sim.shutdown().await;
 }
 
 async fn broker_restart_mid_isotherm(kind: Kind) {

@@ -157,6 +157,56 @@ impl Command {
     }
 }
 
+/// `params` of a `degas` command (§5.1).
+pub fn degas_params(temperature_c: f64, duration_s: f64) -> Value {
+    serde_json::json!({ "temperature_c": temperature_c, "duration_s": duration_s })
+}
+
+/// `params` of a `free_space` command: the analysis temperature (§5.1).
+pub fn free_space_params(temperature_c: f64) -> Value {
+    serde_json::json!({ "temperature_c": temperature_c })
+}
+
+/// `params` of an `abort` command: the operation to abort, or whatever runs (§5.1).
+pub fn abort_params(target_request_id: Option<&str>) -> Value {
+    match target_request_id {
+        Some(t) => serde_json::json!({ "target_request_id": t }),
+        None => serde_json::json!({}),
+    }
+}
+
+/// `params` of an `isotherm` command (§5.1), with the pressure tolerance of revision 1.1.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct IsothermParams {
+    pub adsorptive: String,
+    pub temperature_c: f64,
+    pub pressures_bar: Vec<f64>,
+    pub equilibration_interval_s: f64,
+    pub max_equilibration_s: f64,
+    pub sample_mass_g: f64,
+    pub tolerance_bar: f64,
+    pub tolerance_relative: f64,
+}
+
+impl IsothermParams {
+    pub fn to_value(&self) -> Value {
+        serde_json::to_value(self).unwrap_or(Value::Null)
+    }
+}
+
+/// Whether a point measured at `pressure_bar` is on its target (§5.1, revision 1.1):
+/// `|P − target| ≤ max(tolerance_relative × target, tolerance_bar)`, with a hair of slack
+/// for the decimal round trip through JSON.
+pub fn within_tolerance(
+    pressure_bar: f64,
+    target_bar: f64,
+    tolerance_bar: f64,
+    tolerance_relative: f64,
+) -> bool {
+    let band = (tolerance_relative * target_bar).max(tolerance_bar);
+    (pressure_bar - target_bar).abs() <= band * (1.0 + 1e-9)
+}
+
 /// ppu's end-to-end acknowledgement of a request's final result.
 pub fn result_ack(request_id: &str) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({"schema": SCHEMA, "request_id": request_id}))
@@ -267,6 +317,8 @@ pub enum ResultMsg {
         request_id: String,
         index: u32,
         point: IsothermPoint,
+        /// The target the bridge dosed toward, if it says (optional in schema 1).
+        target_pressure_bar: Option<f64>,
     },
     Complete(Complete),
     Failed {
@@ -299,6 +351,8 @@ enum RawResult {
         p0_bar: f64,
         amount_mmol_per_g: f64,
         equilibration_time_s: f64,
+        #[serde(default)]
+        target_pressure_bar: Option<f64>,
     },
     Complete(Complete),
     Failed {
@@ -428,8 +482,12 @@ fn parse_value(kind: TopicKind, topic: &str, value: Value) -> Result<Inbound, Ma
                 p0_bar,
                 amount_mmol_per_g,
                 equilibration_time_s,
+                target_pressure_bar,
             } => {
                 non_negative("pressure_bar", pressure_bar, &bad)?;
+                if let Some(t) = target_pressure_bar {
+                    non_negative("target_pressure_bar", t, &bad)?;
+                }
                 non_negative("p0_bar", p0_bar, &bad)?;
                 finite("amount_mmol_per_g", amount_mmol_per_g, &bad)?;
                 non_negative("equilibration_time_s", equilibration_time_s, &bad)?;
@@ -442,6 +500,7 @@ fn parse_value(kind: TopicKind, topic: &str, value: Value) -> Result<Inbound, Ma
                         amount_mmol_per_g,
                         equilibration_time_s,
                     },
+                    target_pressure_bar,
                 }
             }
             RawResult::Complete(c) => {

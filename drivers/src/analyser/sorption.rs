@@ -25,7 +25,8 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::protocol::{
-    self, Ack, BridgeState, Command, Complete, Event, Inbound, Op, ResultMsg, Topics,
+    self, Ack, BridgeState, Command, Complete, Event, Inbound, IsothermParams, Op, ResultMsg,
+    Topics,
 };
 use crate::device::{
     Capability, DegasResult, Device, DeviceError, DeviceInfo, DeviceStatus, Family, IsothermPoint,
@@ -74,6 +75,12 @@ pub struct SorptionConfig {
     pub default_max_equilibration_s: f64,
     /// Measure the free space (helium) before every isotherm.
     pub measure_free_space: bool,
+    /// Pressure tolerance of an isotherm point, sent with every isotherm command and checked
+    /// on every point: a point is accepted when `|P_eq − target| ≤ max(tolerance_relative ·
+    /// target, tolerance_bar)` (docs/mqtt-contract.md §5.1, §6.1); any other point fails the
+    /// step.
+    pub tolerance_bar: f64,
+    pub tolerance_relative: f64,
     /// Real time a running operation tolerates the broker or the bridge being unreachable.
     pub outage_grace: Duration,
     /// Malformed payloads within [`SorptionConfig::malformed_window`] that mark the device
@@ -85,8 +92,8 @@ pub struct SorptionConfig {
 impl SorptionConfig {
     /// Defaults: prefix `lab/ppu/analyser`, bridge id = device id, up to 1.1 bar, adsorptives
     /// CO2 and N2, degas up to 400 °C for up to 24 h, isotherms between −200 and 100 °C, 0.1 g
-    /// samples, 10 s
-    /// equilibration interval, 3600 s per point, free space before each isotherm, 30 s outage
+    /// samples, 10 s equilibration interval, 3600 s per point, free space before each
+    /// isotherm, points within `max(5 % of target, 0.005 bar)` of their targets, 30 s outage
     /// grace, faulty after 5 malformed payloads within 60 s.
     pub fn new(id: impl Into<String>, mqtt: MqttConfig) -> Self {
         let id = id.into();
@@ -112,6 +119,8 @@ impl SorptionConfig {
             default_equilibration_interval_s: 10.0,
             default_max_equilibration_s: 3600.0,
             measure_free_space: true,
+            tolerance_bar: 0.005,
+            tolerance_relative: 0.05,
             outage_grace: Duration::from_secs(30),
             malformed_limit: 5,
             malformed_window: Duration::from_secs(60),
@@ -401,6 +410,14 @@ impl SorptionAnalyser {
         format!("{scope}-{}-{nanos:x}-{n}", op.name())
     }
 
+    /// The least real time without progress before the stall watchdog may fire, whatever the
+    /// time scale: at 100 000× a 5300 s physical limit is 53 ms of real time, less than a
+    /// message may take to cross the broker on a busy machine. Equilibrium itself is judged
+    /// by the bridge in physical time; this only keeps the backstop from firing on transit.
+    fn stall_real_floor(&self) -> Duration {
+        self.config.mqtt.ack_timeout * 2
+    }
+
     /// Sends a command and waits for its acknowledgement; a refusal is an error.
     async fn command(&self, link: &Link, cmd: &Command) -> Result<Ack, DeviceError> {
         let what = format!(
@@ -440,15 +457,11 @@ impl SorptionAnalyser {
     /// Asks the bridge to abort (its current operation, or `target`), waiting for the
     /// acknowledgement.
     async fn abort(&self, link: &Link, target: Option<&str>) -> Result<(), DeviceError> {
-        let params = match target {
-            Some(t) => json!({ "target_request_id": t }),
-            None => json!({}),
-        };
         let cmd = Command::new(
             self.new_request_id("", Op::Abort),
             Op::Abort,
             String::new(),
-            params,
+            protocol::abort_params(target),
         );
         self.command(link, &cmd).await.map(|_| ())
     }
@@ -571,18 +584,16 @@ impl SorptionAnalyser {
             self.new_request_id(&ctx.experiment_id, Op::Degas),
             Op::Degas,
             ctx.sample_id.clone(),
-            json!({ "temperature_c": temperature_c, "duration_s": duration_s }),
+            protocol::degas_params(temperature_c, duration_s),
         );
         // Heating at a few °C/min and cooling back take hours on a real degas port.
         let allowance_s = duration_s + (temperature_c - 20.0).max(0.0) / 2.0 * 60.0 * 2.0 + 3600.0;
-        let plan = OpPlan {
-            expected_points: 0,
-            stall_limit_s: allowance_s,
-            stall_what: format!(
+        let plan = OpPlan::without_points(
+            allowance_s,
+            format!(
                 "degas at {temperature_c} °C for {duration_s} s did not finish within {allowance_s:.0} s of physical time"
             ),
-            pressures: Vec::new(),
-        };
+        );
         let (complete, _) = self.run_op(link, ctx, &cmd, plan).await?;
         if let Ok(mut d) = self.degassed.lock() {
             d.insert(ctx.sample_id.clone(), (temperature_c, duration_s));
@@ -620,15 +631,12 @@ impl SorptionAnalyser {
                 self.new_request_id(&ctx.experiment_id, Op::FreeSpace),
                 Op::FreeSpace,
                 ctx.sample_id.clone(),
-                json!({ "temperature_c": temperature_c }),
+                protocol::free_space_params(temperature_c),
             );
-            let plan = OpPlan {
-                expected_points: 0,
-                stall_limit_s: 2.0 * 3600.0,
-                stall_what: "free-space measurement did not finish within 7200 s of physical time"
-                    .to_owned(),
-                pressures: Vec::new(),
-            };
+            let plan = OpPlan::without_points(
+                2.0 * 3600.0,
+                "free-space measurement did not finish within 7200 s of physical time".to_owned(),
+            );
             let (fs, _) = self.run_op(link, ctx, &cmd, plan).await?;
             tracing::info!(
                 device = %self.info.id,
@@ -641,14 +649,17 @@ impl SorptionAnalyser {
             self.new_request_id(&ctx.experiment_id, Op::Isotherm),
             Op::Isotherm,
             ctx.sample_id.clone(),
-            json!({
-                "adsorptive": adsorptive,
-                "temperature_c": temperature_c,
-                "pressures_bar": pressures_bar,
-                "equilibration_interval_s": interval,
-                "max_equilibration_s": max_eq,
-                "sample_mass_g": mass,
-            }),
+            IsothermParams {
+                adsorptive: adsorptive.to_owned(),
+                temperature_c,
+                pressures_bar: pressures_bar.to_vec(),
+                equilibration_interval_s: interval,
+                max_equilibration_s: max_eq,
+                sample_mass_g: mass,
+                tolerance_bar: self.config.tolerance_bar,
+                tolerance_relative: self.config.tolerance_relative,
+            }
+            .to_value(),
         );
         // The bridge enforces max_equilibration_s itself and says why; this is the backstop
         // for a bridge that never answers (dosing, evacuation and bath settling take time).
@@ -658,6 +669,8 @@ impl SorptionAnalyser {
             stall_limit_s: stall,
             stall_what: String::new(),
             pressures: pressures_bar.to_vec(),
+            tolerance_bar: self.config.tolerance_bar,
+            tolerance_relative: self.config.tolerance_relative,
         };
         let (complete, points) = self.run_op(link, ctx, &cmd, plan).await?;
         let (degas_t, degas_s) = match (complete.degas_temperature_c, complete.degas_duration_s) {
@@ -721,6 +734,8 @@ impl SorptionAnalyser {
             points: BTreeMap::new(),
             emitted: 0,
             last_progress_s: ctx.clock.now_s(),
+            last_progress_at: Instant::now(),
+            abort_on_error: false,
             outage: None,
             need_replay: false,
             replay_sent: None,
@@ -737,7 +752,15 @@ impl SorptionAnalyser {
                 }
                 received = rx.recv() => match received {
                     Ok(message) => {
-                        if let Some(done) = self.on_message(ctx, &message, &id, op, &plan, &mut run)? {
+                        let handled = self.on_message(ctx, &message, &id, op, &plan, &mut run);
+                        let handled = match handled {
+                            Err(e) if run.abort_on_error => {
+                                self.abort_best_effort(link, &id).await;
+                                return Err(e);
+                            }
+                            other => other?,
+                        };
+                        if let Some(done) = handled {
                             let _ = transport.publish(&self.topics.result_ack(), protocol::result_ack(&id), Qos::AtLeastOnce, false);
                             let points = run.points.into_values().collect();
                             return Ok((done, points));
@@ -782,6 +805,7 @@ impl SorptionAnalyser {
                         run.need_replay = true;
                         // Physical time ran on during the outage; the watchdog restarts.
                         run.last_progress_s = ctx.clock.now_s();
+                        run.last_progress_at = Instant::now();
                     }
                     // A replay request the bridge has not acknowledged (it may have come back
                         // after the broker and missed it) is sent again.
@@ -803,7 +827,9 @@ impl SorptionAnalyser {
                         }
                     }
                     let now = ctx.clock.now_s();
-                    if now - run.last_progress_s > plan.stall_limit_s {
+                    if now - run.last_progress_s > plan.stall_limit_s
+                        && run.last_progress_at.elapsed() >= self.stall_real_floor()
+                    {
                         self.abort_best_effort(link, &id).await;
                         return Err(DeviceError::Fault(plan.stall_reason(run.emitted)));
                     }
@@ -834,11 +860,20 @@ impl SorptionAnalyser {
                 Ok(None)
             }
             Inbound::Result(r) if r.request_id() == id => match r {
-                ResultMsg::Point { index, point, .. } => {
+                ResultMsg::Point {
+                    index,
+                    point,
+                    target_pressure_bar,
+                    ..
+                } => {
                     let i = index as usize;
                     if i >= plan.expected_points {
                         tracing::warn!(device = %self.info.id, index, expected = plan.expected_points, "point index out of range; ignored");
                         return Ok(None);
+                    }
+                    if let Err(e) = plan.check_point(i, point.pressure_bar, target_pressure_bar) {
+                        run.abort_on_error = true;
+                        return Err(e);
                     }
                     if run.points.insert(index, point).is_none() && i > run.emitted {
                         // A gap: an earlier point was lost (e.g. while the broker restarted).
@@ -852,6 +887,7 @@ impl SorptionAnalyser {
                         });
                         run.emitted += 1;
                         run.last_progress_s = ctx.clock.now_s();
+                        run.last_progress_at = Instant::now();
                         ctx.send(StepUpdate::Progress {
                             fraction: run.emitted as f64 / plan.expected_points as f64,
                             message: format!(
@@ -921,6 +957,7 @@ impl SorptionAnalyser {
             }) if request_id == id => {
                 if plan.expected_points == 0 {
                     run.last_progress_s = ctx.clock.now_s().max(run.last_progress_s);
+                    run.last_progress_at = Instant::now();
                 }
                 ctx.send(StepUpdate::Progress {
                     fraction: if plan.expected_points == 0 {
@@ -957,9 +994,70 @@ struct OpPlan {
     stall_limit_s: f64,
     stall_what: String,
     pressures: Vec<f64>,
+    /// Pressure tolerance of the points: `max(relative·target, bar)`.
+    tolerance_bar: f64,
+    tolerance_relative: f64,
 }
 
 impl OpPlan {
+    /// An operation without points.
+    fn without_points(stall_limit_s: f64, stall_what: String) -> Self {
+        Self {
+            expected_points: 0,
+            stall_limit_s,
+            stall_what,
+            pressures: Vec::new(),
+            tolerance_bar: 0.0,
+            tolerance_relative: 0.0,
+        }
+    }
+
+    /// Refuses point `index` unless its equilibrium pressure lies within the tolerance of its
+    /// target (and the bridge, if it names the target, dosed toward the right one).
+    fn check_point(
+        &self,
+        index: usize,
+        pressure_bar: f64,
+        reported_target: Option<f64>,
+    ) -> Result<(), DeviceError> {
+        let Some(&target) = self.pressures.get(index) else {
+            return Ok(());
+        };
+        let n = self.expected_points;
+        if let Some(reported) = reported_target
+            && (reported - target).abs() > 1e-9 * target.abs().max(1.0)
+        {
+            return Err(DeviceError::Corrupt {
+                what: format!("point {}/{n}", index + 1),
+                reason: format!(
+                    "the bridge reports target {reported} bar, the command asked for {target} bar"
+                ),
+            });
+        }
+        if protocol::within_tolerance(
+            pressure_bar,
+            target,
+            self.tolerance_bar,
+            self.tolerance_relative,
+        ) {
+            return Ok(());
+        }
+        let tolerance = (self.tolerance_relative * target).max(self.tolerance_bar);
+        let side = if pressure_bar > target {
+            "above"
+        } else {
+            "below"
+        };
+        Err(DeviceError::Fault(format!(
+            "point {}/{n} refused: measured at {pressure_bar:.4} bar, {side} its target \
+             {target} bar by more than the tolerance ±{tolerance:.4} bar (max({} % of target, \
+             {} bar)); the measurement was aborted",
+            index + 1,
+            self.tolerance_relative * 100.0,
+            self.tolerance_bar
+        )))
+    }
+
     fn stall_reason(&self, emitted: usize) -> String {
         if self.expected_points == 0 {
             return format!("{}; aborted", self.stall_what);
@@ -984,6 +1082,11 @@ struct OpRun {
     /// Points passed on so far (always a prefix).
     emitted: usize,
     last_progress_s: f64,
+    /// Real time of the last progress: the stall watchdog also waits at least
+    /// [`stall_real_floor`] of real time, since messages take real time to arrive.
+    last_progress_at: Instant,
+    /// The operation still runs on the instrument after an error (e.g. a refused point).
+    abort_on_error: bool,
     outage: Option<Instant>,
     need_replay: bool,
     /// When the last replay request went out, until the bridge acknowledges it.
@@ -1368,6 +1471,57 @@ mod tests {
         assert_eq!(f, "pressure_bar[0]");
         let (f, _) = field(d.check(&isotherm(vec![])).unwrap_err());
         assert_eq!(f, "pressure_bar");
+    }
+
+    fn isotherm_plan(pressures: &[f64]) -> OpPlan {
+        OpPlan {
+            expected_points: pressures.len(),
+            stall_limit_s: 1.0,
+            stall_what: String::new(),
+            pressures: pressures.to_vec(),
+            tolerance_bar: 0.005,
+            tolerance_relative: 0.05,
+        }
+    }
+
+    #[test]
+    fn points_outside_the_tolerance_of_their_target_are_refused() {
+        let plan = isotherm_plan(&[0.05, 0.15, 1.0]);
+        // Inside: absolute at low pressure, relative at high pressure.
+        for (i, p) in [
+            (0, 0.0451),
+            (0, 0.0549),
+            (1, 0.1451),
+            (2, 0.951),
+            (2, 1.049),
+        ] {
+            assert!(plan.check_point(i, p, None).is_ok(), "{i} {p}");
+        }
+        // The overshoot of issue 13: 0.229 bar for a 0.05 bar target.
+        let Err(DeviceError::Fault(why)) = plan.check_point(0, 0.229, Some(0.05)) else {
+            panic!("an overshoot must be refused");
+        };
+        for part in [
+            "point 1/3",
+            "0.2290 bar",
+            "above",
+            "target 0.05 bar",
+            "±0.0050 bar",
+        ] {
+            assert!(why.contains(part), "{part:?} missing from {why}");
+        }
+        let Err(DeviceError::Fault(why)) = plan.check_point(2, 0.9, None) else {
+            panic!("a short point must be refused");
+        };
+        assert!(
+            why.contains("below") && why.contains("±0.0500 bar"),
+            "{why}"
+        );
+        // A bridge that dosed toward another target is corrupt, whatever it measured.
+        assert!(matches!(
+            plan.check_point(1, 0.15, Some(0.1)),
+            Err(DeviceError::Corrupt { .. })
+        ));
     }
 
     #[test]

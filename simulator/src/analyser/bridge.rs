@@ -12,9 +12,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::SimAnalyserConfig;
-use super::physics::{
-    Cell, EquilibriumCriterion, KELVIN, Noise, capacity_mmol_per_bar, saturation_pressure_bar,
-};
+use super::dosing::{Dosing, IsothermPlan, IsothermRun, Step, StepFaults, Tolerance};
+use super::physics::{Cell, KELVIN, Noise, capacity_mmol_per_bar, saturation_pressure_bar};
 use crate::world::World;
 
 const SCHEMA: u64 = 1;
@@ -66,6 +65,7 @@ struct Faults {
     leak_mmol_per_s: f64,
     never_equilibrates: bool,
     malformed_telemetry: bool,
+    overdose: bool,
 }
 
 struct Shared {
@@ -165,6 +165,12 @@ impl SimAnalyser {
     /// Fault: no point ever meets the equilibrium criterion, and the bridge never gives up.
     pub fn set_never_equilibrates(&self, on: bool) {
         lock(&self.shared.faults).never_equilibrates = on;
+    }
+
+    /// Fault: broken dosing. Every dose of the next isotherms fills the full manifold and
+    /// each point is reported wherever it lands, however far from its target.
+    pub fn set_overdosing(&self, on: bool) {
+        lock(&self.shared.faults).overdose = on;
     }
 
     /// Fault: the next `count` result messages are lost in transit (the bridge still keeps them
@@ -605,7 +611,35 @@ impl Shared {
                 let mass = num("sample_mass_g")
                     .filter(|v| *v > 0.0 && v.is_finite())
                     .unwrap_or(0.1);
+                // Optional (contract §5.1): the pressure tolerance of every point.
+                let mut tolerance = self.config.tolerance;
+                for (name, slot) in [
+                    ("tolerance_bar", &mut tolerance.absolute_bar),
+                    ("tolerance_relative", &mut tolerance.relative),
+                ] {
+                    match params.get(name) {
+                        None | Some(Value::Null) => {}
+                        Some(v) => match v.as_f64().filter(|x| x.is_finite() && *x >= 0.0) {
+                            Some(x) => *slot = x,
+                            None => {
+                                return Err((
+                                    "invalid",
+                                    format!("params.{name} must be a number ≥ 0, not {v}"),
+                                ));
+                            }
+                        },
+                    }
+                }
+                if tolerance.absolute_bar <= 0.0 && tolerance.relative <= 0.0 {
+                    return Err((
+                        "invalid",
+                        "params.tolerance_bar and params.tolerance_relative are both 0: no \
+                         measured pressure can equal a target exactly"
+                            .to_owned(),
+                    ));
+                }
                 PlanKind::Isotherm {
+                    tolerance,
                     adsorptive,
                     temperature_c,
                     pressures,
@@ -652,6 +686,7 @@ enum PlanKind {
         temperature_c: f64,
     },
     Isotherm {
+        tolerance: Tolerance,
         adsorptive: String,
         temperature_c: f64,
         pressures: Vec<f64>,
@@ -832,6 +867,7 @@ async fn isotherm(
     cancel: &CancellationToken,
 ) -> Result<Value, Stop> {
     let PlanKind::Isotherm {
+        tolerance,
         adsorptive,
         temperature_c,
         pressures,
@@ -857,80 +893,84 @@ async fn isotherm(
     let bath_k = temperature_c + KELVIN;
     let g = cfg.geometry;
     // What the instrument believes (measured free space) versus the true cell.
-    let c_man = g.manifold_capacity();
-    let c_cell = capacity_mmol_per_bar(warm, g.ambient_k) + capacity_mmol_per_bar(cold, bath_k);
-    let c_tot = c_man + c_cell;
-    let mut cell = Cell::new(g, bath_k, *sample_mass_g, *model, *ldf_k_per_s);
+    let dosing = Dosing {
+        manifold_capacity: g.manifold_capacity(),
+        cell_capacity: capacity_mmol_per_bar(warm, g.ambient_k)
+            + capacity_mmol_per_bar(cold, bath_k),
+        max_dose_bar: cfg.max_dose_bar,
+        max_doses_per_point: cfg.max_doses_per_point,
+        tolerance: *tolerance,
+        overdose: lock(&shared.faults).overdose,
+    };
+    let cell = Cell::new(g, bath_k, *sample_mass_g, *model, *ldf_k_per_s);
+    let mut run = IsothermRun::new(
+        cell,
+        dosing,
+        IsothermPlan {
+            targets_bar: pressures.clone(),
+            interval_s: *interval_s,
+            max_equilibration_s: *max_equilibration_s,
+        },
+    );
     let p0 = saturation_pressure_bar(adsorptive, bath_k);
     let n = pressures.len();
-    let mut n_ads = 0.0; // mmol, from the measured mass balance
-    let mut p_cell = 0.0; // measured cell pressure before the next dose
-    let mut history: Vec<(f64, f64)> = vec![(0.0, 0.0)]; // (P, n_ads) at equilibria
     lock(&shared.core).sample_temperature_c = *temperature_c;
-    for (i, &target) in pressures.iter().enumerate() {
-        let started = shared.clock.now_s();
-        let mut doses = 0;
-        let p_eq = loop {
-            doses += 1;
-            // Expected extra adsorption from the last two equilibria, damped: on a concave
-            // isotherm the chord overestimates what lies ahead, and an overshoot cannot be
-            // taken back on an adsorption branch (a short dose is simply topped up).
-            let slope = match history.as_slice() {
-                [.., (pa, na), (pb, nb)] if pb > pa => ((nb - na) / (pb - pa)).max(0.0) * 0.6,
-                _ => 0.0,
-            };
-            let needed = c_tot * target - c_cell * p_cell + slope * (target - p_cell).max(0.0);
-            // Always a little above the cell, so every dose adds gas and pressures only rise.
-            let floor = (p_cell * 1.02 + 1e-6).min(cfg.max_dose_bar);
-            let dose = (needed / c_man).clamp(floor, cfg.max_dose_bar);
-            let dose_read = shared.read_pressure(dose);
-            cell.dose(dose);
-            shared.progress(
+    // The run lives in physical time of its own, one equilibration interval per reading; the
+    // bridge only paces it against the clock (and catches up when it fell behind), so the
+    // outcome never depends on the time scale.
+    let origin = shared.clock.now_s();
+    let mut read = |p: f64| shared.read_pressure(p);
+    loop {
+        let f = *lock(&shared.faults);
+        let faults = StepFaults {
+            leak_mmol_per_s: f.leak_mmol_per_s,
+            never_equilibrates: f.never_equilibrates,
+        };
+        match run.step(faults, &mut read) {
+            Step::Dosed {
+                index,
+                dose,
+                dose_bar,
+                target_bar,
+            } => shared.progress(
                 id,
                 0.0,
                 format!(
-                    "point {}/{n}: dose {doses} to {dose:.4} bar (target {target} bar)",
-                    i + 1
+                    "point {}/{n}: dose {dose} to {dose_bar:.4} bar (target {target_bar} bar)",
+                    index + 1
                 ),
-            );
-            let p = equilibrate(
-                shared,
-                &mut cell,
-                *interval_s,
-                *max_equilibration_s,
-                started,
-                i,
-                n,
-                target,
-                cancel,
-            )
-            .await?;
-            n_ads += c_man * dose_read + c_cell * p_cell - c_tot * p;
-            p_cell = p;
-            lock(&shared.core).pressure_bar = p;
-            if p >= target * (1.0 - cfg.target_tolerance) {
-                break p;
+            ),
+            Step::Reading { pressure_bar } => {
+                lock(&shared.core).pressure_bar = pressure_bar;
+                let behind = origin + run.time_s - shared.clock.now_s();
+                if behind > 0.0 {
+                    tokio::select! {
+                        biased;
+                        _ = cancel.cancelled() => return Err(Stop::Aborted),
+                        _ = shared.clock.sleep(behind) => {}
+                    }
+                } else if cancel.is_cancelled() {
+                    return Err(Stop::Aborted);
+                } else {
+                    tokio::task::yield_now().await;
+                }
             }
-            if doses >= cfg.max_doses_per_point {
-                return Err(Stop::Failed {
-                    code: "target_not_reached",
-                    reason: format!(
-                        "point {}/{n}: {p:.4} bar after {doses} doses, target {target} bar",
-                        i + 1
-                    ),
-                });
+            Step::Point(p) => {
+                lock(&shared.core).pressure_bar = p.pressure_bar;
+                shared.result(
+                    id,
+                    json!({"schema": SCHEMA, "kind": "point", "request_id": id, "index": p.index,
+                           "pressure_bar": p.pressure_bar, "p0_bar": p0,
+                           "amount_mmol_per_g": p.amount_mmol / sample_mass_g,
+                           "equilibration_time_s": p.equilibration_time_s,
+                           "target_pressure_bar": p.target_bar,
+                           "tolerance_bar": p.tolerance_bar, "doses": p.doses}),
+                );
+                shared.progress(id, 1.0, format!("point {}/{n} measured", p.index + 1));
             }
-            history.push((p, n_ads));
-        };
-        history.push((p_eq, n_ads));
-        let elapsed = shared.clock.now_s() - started;
-        shared.result(
-            id,
-            json!({"schema": SCHEMA, "kind": "point", "request_id": id, "index": i,
-                   "pressure_bar": p_eq, "p0_bar": p0, "amount_mmol_per_g": n_ads / sample_mass_g,
-                   "equilibration_time_s": elapsed, "target_pressure_bar": target, "doses": doses}),
-        );
-        shared.progress(id, 1.0, format!("point {}/{n} measured", i + 1));
+            Step::Failed { code, reason } => return Err(Stop::Failed { code, reason }),
+            Step::Done => break,
+        }
     }
     let degas = shared.world.history(sample).and_then(|h| h.degas);
     Ok(json!({
@@ -944,57 +984,6 @@ async fn isotherm(
         "warm_free_space_cm3": warm,
         "cold_free_space_cm3": cold,
     }))
-}
-
-/// Reads the pressure every `interval_s` until the criterion holds; fails after
-/// `max_equilibration_s` of the point (unless the bridge is stuck by a fault).
-#[allow(clippy::too_many_arguments)]
-async fn equilibrate(
-    shared: &Arc<Shared>,
-    cell: &mut Cell,
-    interval_s: f64,
-    max_equilibration_s: f64,
-    point_started: f64,
-    index: usize,
-    n: usize,
-    target: f64,
-    cancel: &CancellationToken,
-) -> Result<f64, Stop> {
-    let mut criterion = EquilibriumCriterion::micromeritics();
-    let mut last_t = shared.clock.now_s();
-    loop {
-        wait(shared, interval_s, cancel).await?;
-        let faults = *lock(&shared.faults);
-        cell.leak_mmol_per_s = faults.leak_mmol_per_s;
-        let now = shared.clock.now_s();
-        cell.advance(now - last_t);
-        last_t = now;
-        let reading = shared.read_pressure(cell.pressure());
-        lock(&shared.core).pressure_bar = reading;
-        let flat = criterion.push(reading);
-        if flat && !faults.never_equilibrates {
-            return Ok(criterion.mean());
-        }
-        if now - point_started > max_equilibration_s && !faults.never_equilibrates {
-            let drift = criterion.slope_per_interval() / interval_s * 60.0
-                / criterion.mean().max(1e-12)
-                * 100.0;
-            let hint = if drift > 0.0 {
-                " (rising: leak suspected)"
-            } else {
-                ""
-            };
-            return Err(Stop::Failed {
-                code: "not_equilibrated",
-                reason: format!(
-                    "point {}/{n} (target {target} bar) did not equilibrate within {max_equilibration_s:.0} s: \
-                     pressure {:.4} bar drifting {drift:+.3} %/min{hint}",
-                    index + 1,
-                    criterion.mean()
-                ),
-            });
-        }
-    }
 }
 
 /// The bridge's MQTT connection: connect, announce, serve commands; reconnect on failure.

@@ -16,12 +16,18 @@
 //!   equilibrium criterion holds (11 readings at the equilibration interval, drift below
 //!   0.01 % of the mean per interval). The reported amount comes from the mass balance of the
 //!   *measured* pressures and free space, as on a real instrument.
+//! - [`dosing`]: the isotherm procedure as a state machine in physical time — doses sized from
+//!   the measured free space and the uptake measured so far, capped so that no dose can
+//!   overshoot its target beyond the pressure tolerance, topped up until the point lands
+//!   within `max(5 % of target, 0.005 bar)` (or the tolerance the command names).
 //!
 //! Fault switches: the bridge going offline (its connection dropped without a DISCONNECT, so
 //! the broker publishes its will), a point that never equilibrates (and a bridge that never
-//! gives up on it), a leak (pressure drifts upward), and malformed payloads.
+//! gives up on it), a leak (pressure drifts upward), broken dosing (every dose a full manifold,
+//! points reported wherever they land), and malformed payloads.
 
 mod bridge;
+pub mod dosing;
 pub mod material;
 pub mod physics;
 
@@ -32,6 +38,7 @@ use ppu_drivers::Clock;
 
 use crate::world::World;
 pub use bridge::SimAnalyser;
+pub use dosing::Tolerance;
 pub use physics::{CellGeometry, Material};
 
 /// Configuration of one simulated analyser and its bridge.
@@ -64,8 +71,9 @@ pub struct SimAnalyserConfig {
     pub pressure_noise_abs_bar: f64,
     /// Relative standard deviation of a free-space measurement.
     pub free_space_error_rel: f64,
-    /// A point is accepted at or above `(1 − target_tolerance)·target`; below, dose again.
-    pub target_tolerance: f64,
+    /// Pressure tolerance of a point when the isotherm command names none: accepted when
+    /// `|P_eq − target| ≤ max(relative·target, absolute_bar)`; short of it, dose again.
+    pub tolerance: Tolerance,
     pub max_doses_per_point: u32,
     /// Material of a sample the world knows nothing about.
     pub default_material: Material,
@@ -101,8 +109,8 @@ impl SimAnalyserConfig {
             pressure_noise_rel: 2e-5,
             pressure_noise_abs_bar: 1e-7,
             free_space_error_rel: 1e-3,
-            target_tolerance: 0.05,
-            max_doses_per_point: 30,
+            tolerance: Tolerance::default(),
+            max_doses_per_point: 60,
             default_material: Material::zeolite_13x(),
             telemetry_interval: Duration::from_millis(500),
             seed: 1,
