@@ -445,7 +445,7 @@ mod tests {
     /// An experiment's `spec` in JSON has the batch-file shape: it parses back to the same spec.
     #[test]
     fn spec_json_round_trips_through_the_batch_format() {
-        let text = include_str!("../../../../examples/batch.toml");
+        let text = include_str!("../../examples/batch.toml");
         let batch = batch_file::parse(text.as_bytes(), batch_file::Format::Toml).unwrap();
         let doc = json!({ "experiments": batch.experiments.iter().map(spec).collect::<Vec<_>>() });
         let again =

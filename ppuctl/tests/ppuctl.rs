@@ -2,7 +2,7 @@
 //! simulated lab (simulated Eurotherm furnaces behind Modbus TCP, reached through the real
 //! drivers), on an ephemeral port and a temporary data directory.
 //!
-//! These tests live in the daemon package (not tests/) because only here does Cargo hand us the
+//! These tests live in the ppuctl package (not tests/) because only here does Cargo hand us the
 //! freshly built `ppuctl` binary (`CARGO_BIN_EXE_ppuctl`). Nothing waits on a sleep: every wait
 //! reads process output or events, bounded by [`DEADLINE`].
 

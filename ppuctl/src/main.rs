@@ -4,7 +4,7 @@
 //! [`json`], and batch files are read by [`batch_file`]. Errors are reported at this edge as
 //! `error: <CODE>: <message>` with exit code 2 for caller mistakes and 1 for everything else.
 
-mod batch_file;
+use ppuctl::batch_file;
 mod conn;
 mod export;
 mod json;

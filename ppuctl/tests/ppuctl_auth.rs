@@ -1,7 +1,8 @@
 //! The real `ppuctl` binary against a secured daemon (in-process, one simulated furnace behind
 //! Modbus TCP) whose tokens come from a tokens file: the token from --token-file or PPU_TOKEN
 //! on every call and on streams, the hints for refused calls, the Unix socket, TLS and mutual
-//! TLS. The daemon's own role × RPC matrix is tested in security.rs; this file tests the client.
+//! TLS. The daemon's own role × RPC matrix is tested in daemon/tests/security.rs; this file
+//! tests the client.
 //!
 //! Nothing waits on a sleep: every wait reads process output, bounded by [`DEADLINE`].
 

@@ -627,8 +627,8 @@ impl<'de, 'a, 'p, I: Iterator<Item = (&'a String, &'a Value)>> MapAccess<'de>
 mod tests {
     use super::*;
 
-    const EXAMPLE_TOML: &str = include_str!("../../../../examples/batch.toml");
-    const EXAMPLE_JSON: &str = include_str!("../../../../examples/batch.json");
+    const EXAMPLE_TOML: &str = include_str!("../../examples/batch.toml");
+    const EXAMPLE_JSON: &str = include_str!("../../examples/batch.json");
 
     fn toml_err(text: &str) -> String {
         parse(text.as_bytes(), Format::Toml)
