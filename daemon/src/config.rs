@@ -599,6 +599,12 @@ pub struct SorptionMqttEntry {
     pub max_equilibration_s: f64,
     #[serde(default = "yes")]
     pub measure_free_space: bool,
+    /// A point is accepted within `max(tolerance_relative · target, tolerance_bar)` of its
+    /// target pressure; the driver refuses any other (docs/mqtt-contract.md §5.1).
+    #[serde(default = "sorption_tolerance_bar")]
+    pub tolerance_bar: f64,
+    #[serde(default = "sorption_tolerance_relative")]
+    pub tolerance_relative: f64,
     #[serde(default = "sorption_min_t")]
     pub min_isotherm_temperature_c: f64,
     #[serde(default = "sorption_max_t")]
@@ -610,6 +616,12 @@ pub struct SorptionMqttEntry {
     pub limits: Option<Limits>,
 }
 
+fn sorption_tolerance_bar() -> f64 {
+    0.005
+}
+fn sorption_tolerance_relative() -> f64 {
+    0.05
+}
 fn sorption_prefix() -> String {
     "lab/ppu/analyser".to_owned()
 }
@@ -670,6 +682,8 @@ impl SorptionMqttEntry {
             equilibration_interval_s: sample_s(),
             max_equilibration_s: settle_s(),
             measure_free_space: true,
+            tolerance_bar: sorption_tolerance_bar(),
+            tolerance_relative: sorption_tolerance_relative(),
             min_isotherm_temperature_c: sorption_min_t(),
             max_isotherm_temperature_c: sorption_max_t(),
             limits: None,
@@ -695,10 +709,14 @@ impl SorptionMqttEntry {
             ("default_sample_mass_g", self.default_sample_mass_g),
             ("equilibration_interval_s", self.equilibration_interval_s),
             ("max_equilibration_s", self.max_equilibration_s),
+            ("tolerance_bar", self.tolerance_bar),
         ] {
             if !(v.is_finite() && v > 0.0) {
                 out.push(format!("{key}: must be a positive number"));
             }
+        }
+        if !(self.tolerance_relative.is_finite() && (0.0..1.0).contains(&self.tolerance_relative)) {
+            out.push("tolerance_relative: must be a fraction from 0 to below 1".to_owned());
         }
         let (lo, hi) = (
             self.min_isotherm_temperature_c,
@@ -773,6 +791,8 @@ impl SorptionMqttEntry {
         c.default_equilibration_interval_s = self.equilibration_interval_s;
         c.default_max_equilibration_s = self.max_equilibration_s;
         c.measure_free_space = self.measure_free_space;
+        c.tolerance_bar = self.tolerance_bar;
+        c.tolerance_relative = self.tolerance_relative;
         c.outage_grace = Duration::from_secs(self.outage_grace_s);
         c.malformed_limit = self.malformed_limit;
         c.malformed_window = Duration::from_secs(self.malformed_window_s.max(1));
@@ -1667,6 +1687,27 @@ mod tests {
                 e.to_string().contains("devices[0].expected_ident"),
                 "{bad}: {e}"
             );
+        }
+    }
+
+    #[test]
+    fn analyser_point_tolerance_is_configurable_and_checked() {
+        let analyser = "[auth]\nopen = true\n[[devices]]\ndriver = \"sorption_mqtt\"\nid = \"a\"\nbroker = \"mqtt://127.0.0.1:1883\"\n";
+        let c = Config::parse(
+            &format!("{analyser}tolerance_bar = 0.002\ntolerance_relative = 0.02\n"),
+            Path::new("x.toml"),
+        )
+        .unwrap();
+        let DeviceConfig::SorptionMqtt(entry) = &c.devices[0] else {
+            panic!("not an analyser entry");
+        };
+        assert_eq!((entry.tolerance_bar, entry.tolerance_relative), (0.002, 0.02));
+        for (bad, key) in [
+            ("tolerance_bar = 0.0\n", "tolerance_bar"),
+            ("tolerance_relative = 1.5\n", "tolerance_relative"),
+        ] {
+            let e = Config::parse(&format!("{analyser}{bad}"), Path::new("x.toml")).unwrap_err();
+            assert!(e.to_string().contains(key), "{bad}: {e}");
         }
     }
 }
