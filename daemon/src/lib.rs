@@ -6,6 +6,7 @@ pub mod app;
 pub mod auth;
 pub mod board;
 pub mod config;
+#[cfg(feature = "dev-lab")]
 pub mod dev;
 pub mod devices;
 pub mod events;

@@ -8,15 +8,22 @@
 //! rendering, under one lock, so a process running several daemons (the tests) still answers
 //! each scrape with that daemon's state.
 //!
-//! The endpoint is a deliberately small HTTP/1.1 responder instead of an HTTP stack: one
-//! request per connection, a head of at most [`MAX_HEAD`] bytes read under a real-time
-//! deadline, `200` for `GET`/`HEAD /metrics`, an error status for anything else, then close.
-//! It has no authentication: keep it on loopback or a management network.
+//! The endpoint is hyper's HTTP/1.1 server (already in the tree through tonic): one request per
+//! connection, a head of at most [`MAX_HEAD`] bytes read under a real-time deadline, `200` for
+//! `GET`/`HEAD /metrics`, an error status for anything else, then close. It has no
+//! authentication: keep it on loopback or a management network.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics::{
     Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
 };
@@ -24,8 +31,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use ppu_drivers::DeviceError;
 use ppu_drivers::device::Family;
 use prost::Message;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -62,16 +68,13 @@ pub const GRPC_REQUESTS: &str = "ppu_grpc_requests_total";
 /// Requests whose body did not decode (answered INVALID_ARGUMENT); label `method`.
 pub const GRPC_DECODE_ERRORS: &str = "ppu_grpc_decode_errors_total";
 
-/// Largest request head the endpoint reads; a longer one is answered 431.
+/// Largest request head the endpoint reads (hyper's smallest buffer limit); a longer one is
+/// answered 431.
 pub const MAX_HEAD: usize = 8 * 1024;
-/// Real-time limit for a client to send its request head (answered 408 after it).
+/// Real-time limit for a client to send its request head; the connection is closed after it.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
-/// Real-time limit for writing the response to a slow reader.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-/// After answering, how long and how much of what the client still sends is read and dropped,
-/// so that closing does not reset the connection before the client has read the response.
-const LINGER: Duration = Duration::from_millis(500);
-const LINGER_BYTES: usize = 64 * 1024;
+/// Real-time limit for a whole connection (head, rendering, writing to a slow reader).
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(20);
 /// Connections served at once; further ones wait in the listen backlog.
 const MAX_CONNECTIONS: usize = 16;
 /// How often histogram samples are folded into their buckets between scrapes, so memory stays
@@ -446,17 +449,32 @@ fn scrape(handle: &PrometheusHandle, scheduler: &Scheduler) -> String {
 /// Renders the scrape body; run on the blocking pool.
 type Render = Arc<dyn Fn() -> String + Send + Sync>;
 
-/// Real-time limits of the responder (shortened in tests).
+/// Real-time limits of a connection (shortened in tests).
 #[derive(Debug, Clone, Copy)]
 struct Limits {
     head_timeout: Duration,
-    write_timeout: Duration,
+    connection_timeout: Duration,
 }
 
 const LIMITS: Limits = Limits {
     head_timeout: HEAD_TIMEOUT,
-    write_timeout: WRITE_TIMEOUT,
+    connection_timeout: CONNECTION_TIMEOUT,
 };
+
+/// hyper's HTTP/1.1 server as the endpoint uses it: one request per connection, a bounded head
+/// read under a deadline, header names in the usual title case.
+fn http_server(limits: Limits) -> http1::Builder {
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.head_timeout)
+        .max_buf_size(MAX_HEAD)
+        .keep_alive(false)
+        // A client may half-close once its request is sent and still read the answer.
+        .half_close(true)
+        .title_case_headers(true);
+    builder
+}
 
 /// A bound `GET /metrics` endpoint; [`MetricsEndpoint::spawn`] starts serving it.
 #[derive(Debug)]
@@ -538,9 +556,17 @@ async fn serve(listener: TcpListener, render: Render, stop: CancellationToken, l
         };
         let (render, stop) = (render.clone(), stop.clone());
         tasks.spawn(async move {
+            let service = service_fn(move |req| respond(req, render.clone()));
+            let connection = http_server(limits).serve_connection(TokioIo::new(stream), service);
             tokio::select! {
                 _ = stop.cancelled() => {}
-                _ = connection(stream, render, limits) => {}
+                served = tokio::time::timeout(limits.connection_timeout, connection) => {
+                    match served {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => debug!(%peer, error = %e, "metrics: connection failed"),
+                        Err(_) => debug!(%peer, "metrics: connection took too long, closed"),
+                    }
+                }
             }
             drop(permit);
             debug!(%peer, "metrics connection closed");
@@ -550,243 +576,52 @@ async fn serve(listener: TcpListener, render: Render, stop: CancellationToken, l
     tasks.wait().await;
 }
 
-/// What a request head asks for.
-#[derive(Debug, PartialEq, Eq)]
-enum Route {
-    /// `GET /metrics` (`head_only` for `HEAD`).
-    Metrics { head_only: bool },
-    /// A request the endpoint answers with an error status.
-    Error(Status),
-}
-
-/// The error statuses the endpoint answers with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Status {
-    BadRequest,
-    NotFound,
-    MethodNotAllowed,
-    RequestTimeout,
-    HeadTooLarge,
-    Internal,
-}
-
-impl Status {
-    fn line(self) -> &'static str {
-        match self {
-            Status::BadRequest => "400 Bad Request",
-            Status::NotFound => "404 Not Found",
-            Status::MethodNotAllowed => "405 Method Not Allowed",
-            Status::RequestTimeout => "408 Request Timeout",
-            Status::HeadTooLarge => "431 Request Header Fields Too Large",
-            Status::Internal => "500 Internal Server Error",
+/// Answers one request: the scrape for `GET`/`HEAD /metrics`, an error status otherwise.
+async fn respond(req: Request<Incoming>, render: Render) -> Result<Response<String>, Infallible> {
+    if req.uri().path() != "/metrics" {
+        return Ok(error_response(StatusCode::NOT_FOUND));
+    }
+    if !matches!(*req.method(), Method::GET | Method::HEAD) {
+        let mut response = error_response(StatusCode::METHOD_NOT_ALLOWED);
+        response
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return Ok(response);
+    }
+    // hyper leaves the body out of the answer to HEAD itself.
+    Ok(match tokio::task::spawn_blocking(move || render()).await {
+        Ok(body) => {
+            let mut response = Response::new(body);
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            response
         }
-    }
-}
-
-/// Where the head ends (the index after the blank line), if it is complete.
-fn head_end(buf: &[u8]) -> Option<usize> {
-    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
-    // Bare LF line endings are tolerated, as most servers do.
-    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
-    match (crlf, lf) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
-}
-
-/// Routes a complete request head by its request line; headers are not needed.
-fn route(head: &[u8]) -> Route {
-    let Ok(text) = std::str::from_utf8(head) else {
-        return Route::Error(Status::BadRequest);
-    };
-    let line = text.lines().next().unwrap_or_default();
-    let mut parts = line.split(' ');
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Route::Error(Status::BadRequest);
-    };
-    let token = |s: &str| {
-        !s.is_empty()
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
-    };
-    if !token(method) || !target.starts_with('/') || !version.starts_with("HTTP/1.") {
-        return Route::Error(Status::BadRequest);
-    }
-    let path = target.split_once('?').map_or(target, |(p, _)| p);
-    if path != "/metrics" {
-        return Route::Error(Status::NotFound);
-    }
-    match method {
-        "GET" => Route::Metrics { head_only: false },
-        "HEAD" => Route::Metrics { head_only: true },
-        _ => Route::Error(Status::MethodNotAllowed),
-    }
-}
-
-/// Reads the request head under the real-time limit; `Err` carries the status to answer.
-async fn read_head(stream: &mut TcpStream, limits: Limits) -> Result<Vec<u8>, Option<Status>> {
-    let mut buf = Vec::with_capacity(1024);
-    let read = async {
-        let mut chunk = [0u8; 1024];
-        loop {
-            let n = stream.read(&mut chunk).await.map_err(|_| None)?;
-            if n == 0 {
-                // The client went away (or half-closed) before a full head: nothing to answer
-                // unless it sent something.
-                return Err(if buf.is_empty() {
-                    None
-                } else {
-                    Some(Status::BadRequest)
-                });
-            }
-            buf.extend_from_slice(&chunk[..n]);
-            if let Some(end) = head_end(&buf).filter(|end| *end <= MAX_HEAD) {
-                buf.truncate(end);
-                return Ok(());
-            }
-            if buf.len() > MAX_HEAD {
-                return Err(Some(Status::HeadTooLarge));
-            }
-        }
-    };
-    match tokio::time::timeout(limits.head_timeout, read).await {
-        Ok(Ok(())) => Ok(buf),
-        Ok(Err(status)) => Err(status),
-        Err(_) => Err(Some(Status::RequestTimeout)),
-    }
-}
-
-/// Serves one request on `stream`, then closes it.
-async fn connection(mut stream: TcpStream, render: Render, limits: Limits) {
-    let response = match read_head(&mut stream, limits).await {
-        Ok(head) => match route(&head) {
-            Route::Metrics { head_only } => {
-                match tokio::task::spawn_blocking(move || render()).await {
-                    Ok(body) => ok_response(&body, head_only),
-                    Err(e) => {
-                        warn!(error = %e, "metrics: rendering failed");
-                        error_response(Status::Internal)
-                    }
-                }
-            }
-            Route::Error(status) => error_response(status),
-        },
-        Err(Some(status)) => error_response(status),
-        Err(None) => return,
-    };
-    let write = async {
-        stream.write_all(&response).await?;
-        stream.flush().await?;
-        stream.shutdown().await
-    };
-    match tokio::time::timeout(limits.write_timeout, write).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
-            debug!(error = %e, "metrics: client went away before the response was sent");
-            return;
-        }
-        Err(_) => {
-            debug!("metrics: client too slow to read the response");
-            return;
-        }
-    }
-    // Drain (bounded) whatever the client still sends until it closes, so the close is not a
-    // reset that could discard the response before the client read it.
-    let _ = tokio::time::timeout(LINGER, async {
-        let mut chunk = [0u8; 4096];
-        let mut drained = 0;
-        while drained < LINGER_BYTES {
-            match stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => drained += n,
-            }
+        Err(e) => {
+            warn!(error = %e, "metrics: rendering failed");
+            error_response(StatusCode::INTERNAL_SERVER_ERROR)
         }
     })
-    .await;
 }
 
-fn ok_response(body: &str, head_only: bool) -> Vec<u8> {
-    let mut out = format!(
-        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
-    if !head_only {
-        out.extend_from_slice(body.as_bytes());
-    }
-    out
-}
-
-fn error_response(status: Status) -> Vec<u8> {
-    let body = format!("{}\n", status.line());
-    let allow = if status == Status::MethodNotAllowed {
-        "Allow: GET, HEAD\r\n"
-    } else {
-        ""
-    };
-    format!(
-        "HTTP/1.1 {}\r\nContent-Type: text/plain; charset=utf-8\r\n{allow}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        status.line(),
-        body.len()
-    )
-    .into_bytes()
+/// A plain-text error response whose body is its status line, e.g. `404 Not Found`.
+fn error_response(status: StatusCode) -> Response<String> {
+    let reason = status.canonical_reason().unwrap_or_default();
+    let mut response = Response::new(format!("{} {reason}\n", status.as_u16()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn request_lines_route_to_metrics_or_an_error() {
-        let r = |s: &str| route(s.as_bytes());
-        assert_eq!(
-            r("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
-            Route::Metrics { head_only: false }
-        );
-        assert_eq!(
-            r("GET /metrics?name[]=x HTTP/1.0\n\n"),
-            Route::Metrics { head_only: false }
-        );
-        assert_eq!(
-            r("HEAD /metrics HTTP/1.1\r\n\r\n"),
-            Route::Metrics { head_only: true }
-        );
-        assert_eq!(
-            r("POST /metrics HTTP/1.1\r\n\r\n"),
-            Route::Error(Status::MethodNotAllowed)
-        );
-        assert_eq!(r("GET / HTTP/1.1\r\n\r\n"), Route::Error(Status::NotFound));
-        assert_eq!(
-            r("GET /metricsx HTTP/1.1\r\n\r\n"),
-            Route::Error(Status::NotFound)
-        );
-        for bad in [
-            "\r\n\r\n",
-            "GET\r\n\r\n",
-            "GET /metrics\r\n\r\n",
-            "GET /metrics HTTP/1.1 extra\r\n\r\n",
-            "GET  /metrics HTTP/1.1\r\n\r\n",
-            "GET metrics HTTP/1.1\r\n\r\n",
-            "PRI * HTTP/2.0\r\n\r\n",
-            "GET /metrics SPDY/3\r\n\r\n",
-            "G(T /metrics HTTP/1.1\r\n\r\n",
-        ] {
-            assert_eq!(r(bad), Route::Error(Status::BadRequest), "{bad:?}");
-        }
-        assert_eq!(
-            route(b"GET /metrics HTTP/1.1\r\nX: \xff\xfe\r\n\r\n"),
-            Route::Error(Status::BadRequest)
-        );
-    }
-
-    #[test]
-    fn heads_end_at_the_first_blank_line() {
-        assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\r\n\r\nbody"), Some(24));
-        assert_eq!(head_end(b"GET / HTTP/1.1\n\n"), Some(16));
-        assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\r\n"), None);
-    }
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
 
     #[test]
     fn every_error_kind_and_state_has_a_label() {
@@ -852,7 +687,7 @@ mod tests {
         let render: Render = Arc::new(|| "ppu_test_series 1\n".to_owned());
         let limits = Limits {
             head_timeout: Duration::from_millis(300),
-            write_timeout: Duration::from_secs(5),
+            connection_timeout: Duration::from_secs(5),
         };
         let server = tokio::spawn(serve(listener, render, stop.clone(), limits));
         let deadline = Duration::from_secs(20);
@@ -878,25 +713,18 @@ mod tests {
                 status_line(&exchange(addr, long_header.as_bytes()).await),
                 "HTTP/1.1 431 Request Header Fields Too Large"
             );
-            // A truncated head, then the client half-closes.
-            assert_eq!(
-                status_line(&exchange(addr, b"GET /metr").await),
-                "HTTP/1.1 400 Bad Request"
-            );
-            // A client that connects and says nothing is timed out.
+            // A truncated head, then the client half-closes: closed without an answer.
+            assert_eq!(exchange(addr, b"GET /metr").await, "");
+            // A client that connects and says nothing is closed after the head timeout.
             let mut idle = TcpStream::connect(addr).await.unwrap();
             let mut out = Vec::new();
             idle.read_to_end(&mut out).await.unwrap();
-            assert_eq!(
-                status_line(&String::from_utf8_lossy(&out)),
-                "HTTP/1.1 408 Request Timeout"
-            );
+            assert!(out.is_empty(), "{}", String::from_utf8_lossy(&out));
             // Connecting and leaving at once.
             drop(TcpStream::connect(addr).await.unwrap());
-            assert_eq!(
-                status_line(&exchange(addr, b"DELETE /metrics HTTP/1.1\r\n\r\n").await),
-                "HTTP/1.1 405 Method Not Allowed"
-            );
+            let delete = exchange(addr, b"DELETE /metrics HTTP/1.1\r\n\r\n").await;
+            assert_eq!(status_line(&delete), "HTTP/1.1 405 Method Not Allowed");
+            assert!(delete.contains("\r\nAllow: GET, HEAD\r\n"), "{delete}");
             assert_eq!(
                 status_line(&exchange(addr, b"GET /other HTTP/1.1\r\n\r\n").await),
                 "HTTP/1.1 404 Not Found"
@@ -912,6 +740,7 @@ mod tests {
             let head = exchange(addr, b"HEAD /metrics HTTP/1.1\r\n\r\n").await;
             assert_eq!(status_line(&head), "HTTP/1.1 200 OK");
             assert!(head.ends_with("\r\n\r\n"), "{head}");
+            assert!(head.contains("\r\nContent-Length: 18\r\n"), "{head}");
         };
         tokio::time::timeout(deadline, run)
             .await

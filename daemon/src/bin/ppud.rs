@@ -1,23 +1,31 @@
 //! `ppud` — the ppu lab daemon.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use ppu_daemon::app::{Daemon, LocalSocket, Options, Security};
-use ppu_daemon::auth::{self, Authenticator, Mode, Role, Tokens};
-use ppu_daemon::config::{Config, DEFAULT_LISTEN, LogFormat, Policies};
-use ppu_daemon::dev::{DevLab, TransferRobot};
+use ppu_daemon::app::{Daemon, Options, Security};
+use ppu_daemon::auth::{self, Mode, Role};
+use ppu_daemon::config::{Config, LogFormat, Policies};
 use ppu_daemon::devices::PollSettings;
-use ppu_daemon::recovery::{FurnaceRecovery, OnRestart, RecoveryPolicy};
-
-/// Baud rate of `ppud dev`'s simulated RS-485 line of furnaces.
-const DEV_RTU_BAUD: u32 = 19_200;
 use ppu_drivers::Clock;
 use tracing_subscriber::EnvFilter;
+// What only `ppud dev` (the `dev-lab` feature) uses.
+#[cfg(feature = "dev-lab")]
+use {
+    ppu_daemon::app::LocalSocket,
+    ppu_daemon::auth::{Authenticator, Tokens},
+    ppu_daemon::config::DEFAULT_LISTEN,
+    ppu_daemon::dev::{DevLab, TransferRobot},
+    ppu_daemon::recovery::{FurnaceRecovery, OnRestart, RecoveryPolicy},
+    std::net::SocketAddr,
+    std::sync::Arc,
+    std::time::Duration,
+};
+
+/// Baud rate of `ppud dev`'s simulated RS-485 line of furnaces.
+#[cfg(feature = "dev-lab")]
+const DEV_RTU_BAUD: u32 = 19_200;
 
 /// The ppu lab daemon: a durable experiment queue that runs recipes on lab devices
 /// (furnaces, pumps, balances, sorption analysers) and streams results to planners over gRPC.
@@ -46,6 +54,7 @@ enum Command {
     /// pseudo-terminal, over an MT-SICS balance on another) runs too; its paths are printed.
     ///
     /// Example: `ppud dev` then, in another terminal, `ppuctl submit examples/batch.toml`.
+    #[cfg(feature = "dev-lab")]
     Dev {
         /// gRPC listen address (port 0 picks a free port; the address is printed).
         #[arg(long, default_value = DEFAULT_LISTEN)]
@@ -89,6 +98,14 @@ enum Command {
         /// Serve Prometheus metrics at http://ADDR/metrics.
         #[arg(long)]
         metrics_listen: Option<SocketAddr>,
+    },
+    /// A build without the `dev-lab` feature (the deployed ppud) has no simulated lab; `ppud
+    /// dev` then says how to get one instead of "unrecognized subcommand".
+    #[cfg(not(feature = "dev-lab"))]
+    #[command(hide = true, disable_help_flag = true)]
+    Dev {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+        _args: Vec<String>,
     },
     /// Run the daemon against the real devices a TOML config names.
     /// See deploy/ppud.example.toml for every key.
@@ -137,6 +154,13 @@ async fn main() -> Result<()> {
     });
     init_logging(&cli.log, format);
     match cli.command {
+        #[cfg(not(feature = "dev-lab"))]
+        Command::Dev { .. } => anyhow::bail!(
+            "this ppud was built without the simulated lab (cargo feature `dev-lab`, left out \
+             of deployment builds); run `cargo run --release --bin ppud -- dev` in the source \
+             tree, or build with default features"
+        ),
+        #[cfg(feature = "dev-lab")]
         Command::Dev {
             listen,
             data_dir,
@@ -310,6 +334,12 @@ async fn main() -> Result<()> {
     }
 }
 
+/// `ppud dev`'s simulated lab and its transfer robot's delay; nothing in a build without it.
+#[cfg(feature = "dev-lab")]
+type Robot = (Arc<DevLab>, Duration);
+#[cfg(not(feature = "dev-lab"))]
+type Robot = std::convert::Infallible;
+
 /// Runs the daemon until SIGINT/SIGTERM; with `robot`, the simulated lab's transfer robot
 /// (lab, delay) runs alongside it.
 async fn run(
@@ -318,7 +348,7 @@ async fn run(
     security: Security,
     poll: PollSettings,
     clock: Clock,
-    robot: Option<(Arc<DevLab>, Duration)>,
+    robot: Option<Robot>,
 ) -> Result<()> {
     let drivers = config.drivers().map_err(anyhow::Error::msg)?;
     let scheme = if security.tls.is_some() {
@@ -340,6 +370,7 @@ async fn run(
         drivers,
     )
     .await?;
+    #[cfg(feature = "dev-lab")]
     let robot =
         robot.map(|(lab, delay)| TransferRobot::start(lab, daemon.scheduler().clone(), delay));
     // One line on stdout that scripts and tests can wait for.
@@ -359,7 +390,10 @@ async fn run(
     }
     shutdown_signal().await;
     if let Some(r) = robot {
+        #[cfg(feature = "dev-lab")]
         r.stop().await;
+        #[cfg(not(feature = "dev-lab"))]
+        match r {}
     }
     daemon.shutdown().await;
     Ok(())
