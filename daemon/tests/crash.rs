@@ -1077,6 +1077,10 @@ fn isotherm() -> pb::ExperimentSpec {
                 temperature_c: 25.0,
                 pressure_bar: vec![0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0],
                 equilibration_interval_s: 60.0,
+                // The analyser now doses toward each target within its tolerance; at 60 s
+                // between readings the first, low-pressure point takes several doses, more
+                // than the default hour of physical time on this sample.
+                max_equilibration_s: 36_000.0,
                 ..Default::default()
             })),
         }],
