@@ -12,6 +12,7 @@ mod fanout;
 mod figure;
 mod lab;
 mod latency;
+mod memory;
 mod scale;
 mod submit;
 mod workload;
@@ -62,6 +63,12 @@ enum Command {
     Daemon {
         #[arg(long)]
         data_dir: PathBuf,
+        /// Simulated furnaces to start in the daemon's process (the memory figure submits).
+        #[arg(long, default_value_t = 0)]
+        furnaces: usize,
+        /// `limits.max_streams` (default: the daemon's default).
+        #[arg(long)]
+        max_streams: Option<usize>,
     },
     /// Pre-fill a store in DATA_DIR as the scale figure does (queue paused), to profile the
     /// daemon's start-up on it: `valgrind --tool=callgrind ppu-bench daemon --data-dir DIR
@@ -83,7 +90,12 @@ enum Section {
     Driver,
     Scale,
     Campaign,
+    Memory,
 }
+
+/// Idle time before the memory figure reads `after`: longer than tokio's keep-alive of idle
+/// blocking threads (10 s), whose stacks count as resident until they exit.
+const MEMORY_SETTLE: Duration = Duration::from_secs(12);
 
 /// The sizes of one run.
 struct Plan {
@@ -93,6 +105,7 @@ struct Plan {
     driver: driver::Sizes,
     scale: scale::Sizes,
     campaign: campaign::Sizes,
+    memory: memory::Sizes,
 }
 
 impl Plan {
@@ -140,6 +153,12 @@ impl Plan {
                 transfer_delay: Duration::from_millis(20),
                 deadline: Duration::from_secs(600),
             },
+            memory: memory::Sizes {
+                experiments: 10_000,
+                streams: 500,
+                stream_rounds: 3,
+                settle: MEMORY_SETTLE,
+            },
         }
     }
 
@@ -179,6 +198,12 @@ impl Plan {
             campaign: campaign::Sizes {
                 experiments: 40,
                 ..full.campaign
+            },
+            memory: memory::Sizes {
+                experiments: 2000,
+                streams: 200,
+                stream_rounds: 2,
+                settle: MEMORY_SETTLE,
             },
         }
     }
@@ -222,6 +247,12 @@ impl Plan {
                 deadline: Duration::from_secs(120),
                 ..full.campaign
             },
+            memory: memory::Sizes {
+                experiments: 100,
+                streams: 20,
+                stream_rounds: 1,
+                settle: Duration::from_millis(500),
+            },
         }
     }
 }
@@ -244,7 +275,11 @@ fn machine() -> String {
 async fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Some(Command::Daemon { data_dir }) => return scale::child_main(data_dir).await,
+        Some(Command::Daemon {
+            data_dir,
+            furnaces,
+            max_streams,
+        }) => return scale::child_main(data_dir, furnaces, max_streams).await,
         Some(Command::Fill {
             data_dir,
             experiments,
@@ -303,6 +338,9 @@ async fn main() -> Result<()> {
     }
     if wants(Section::Campaign) {
         campaign::run(plan.campaign, &work).await?;
+    }
+    if wants(Section::Memory) {
+        memory::run(plan.memory, &work).await?;
     }
     note(format!("done in {:.1} s", started.elapsed().as_secs_f64()));
     Ok(())

@@ -21,6 +21,8 @@ use anyhow::{Context, Result, anyhow, bail};
 use pb::event_service_client::EventServiceClient;
 use pb::experiment_service_client::ExperimentServiceClient;
 use ppu_daemon::app::{Daemon, Options, STORE_FILE};
+use ppu_daemon::config::Policies;
+use ppu_daemon::dev::DevLab;
 use ppu_daemon::devices::PollSettings;
 use ppu_daemon::state::State;
 use ppu_daemon::store::Store;
@@ -201,7 +203,7 @@ async fn observe(data_dir: &Path, list_calls: usize, events: u64) -> Result<Obse
 }
 
 /// VmRSS and VmHWM of a process, MB.
-fn memory_mb(pid: u32) -> Result<(f64, f64)> {
+pub fn memory_mb(pid: u32) -> Result<(f64, f64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .context("reading /proc/PID/status (Linux only)")?;
     let field = |name: &str| -> Result<f64> {
@@ -220,20 +222,40 @@ fn memory_mb(pid: u32) -> Result<(f64, f64)> {
 }
 
 /// A daemon in its own process: this executable, `daemon --data-dir DIR`.
-struct ChildDaemon {
+pub struct ChildDaemon {
     child: Child,
     stdin: Option<ChildStdin>,
-    addr: String,
+    pub addr: String,
     start_ms: f64,
+}
+
+/// What the child daemon runs with besides its data dir.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ChildOptions {
+    /// Simulated furnaces started in the child (0: no devices, nothing can be submitted).
+    pub furnaces: usize,
+    /// `limits.max_streams`; `None` for the default.
+    pub max_streams: Option<usize>,
 }
 
 impl ChildDaemon {
     fn spawn(data_dir: &Path) -> Result<ChildDaemon> {
+        Self::spawn_with(data_dir, ChildOptions::default())
+    }
+
+    pub fn spawn_with(data_dir: &Path, opts: ChildOptions) -> Result<ChildDaemon> {
         let exe = std::env::current_exe().context("locating ppu-bench")?;
-        let mut child = Command::new(exe)
+        let mut command = Command::new(exe);
+        command
             .arg("daemon")
             .arg("--data-dir")
             .arg(data_dir)
+            .arg("--furnaces")
+            .arg(opts.furnaces.to_string());
+        if let Some(n) = opts.max_streams {
+            command.arg("--max-streams").arg(n.to_string());
+        }
+        let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -268,12 +290,12 @@ impl ChildDaemon {
         }
     }
 
-    fn pid(&self) -> u32 {
+    pub fn pid(&self) -> u32 {
         self.child.id()
     }
 
     /// Closing stdin asks for a graceful shutdown; waits for the exit.
-    fn stop(&mut self) -> Result<()> {
+    pub fn stop(&mut self) -> Result<()> {
         drop(self.stdin.take());
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -291,24 +313,49 @@ impl ChildDaemon {
     }
 }
 
-/// The `daemon` subcommand: `Daemon::start` on `data_dir` with no devices, reporting how long
-/// it took; runs until stdin closes, then shuts down gracefully.
-pub async fn child_main(data_dir: PathBuf) -> Result<()> {
+/// The `daemon` subcommand: `Daemon::start` on `data_dir` (with `furnaces` simulated furnaces
+/// in this process when asked, started as `ppud dev` starts them), reporting how long it took;
+/// runs until stdin closes, then shuts down gracefully.
+pub async fn child_main(
+    data_dir: PathBuf,
+    furnaces: usize,
+    max_streams: Option<usize>,
+) -> Result<()> {
+    let mut security = ppu_daemon::app::Security::default();
+    if let Some(n) = max_streams {
+        security.limits.max_streams = n;
+    }
+    let poll = PollSettings {
+        poll_interval: Duration::from_secs(1),
+        reading_log_interval: Duration::from_secs(10),
+    };
     let t0 = Instant::now();
-    let daemon = Daemon::start(
-        Options {
-            listen: "127.0.0.1:0".parse()?,
-            data_dir,
-            clock: Clock::real(),
-            poll: PollSettings {
-                poll_interval: Duration::from_secs(1),
-                reading_log_interval: Duration::from_secs(10),
+    let (daemon, lab) = if furnaces == 0 {
+        let daemon = Daemon::start(
+            Options {
+                listen: "127.0.0.1:0".parse()?,
+                data_dir,
+                clock: Clock::real(),
+                poll,
+                security,
             },
-            security: Default::default(),
-        },
-        Vec::new(),
-    )
-    .await?;
+            Vec::new(),
+        )
+        .await?;
+        (daemon, None)
+    } else {
+        let lab = DevLab::start(Clock::real(), furnaces).await?;
+        let daemon = lab
+            .start_secured_daemon(
+                "127.0.0.1:0".parse()?,
+                &data_dir,
+                poll,
+                &Policies::default(),
+                security,
+            )
+            .await?;
+        (daemon, Some(lab))
+    };
     let start_ms = t0.elapsed().as_secs_f64() * 1e3;
     println!("ready addr={} start_ms={start_ms:.3}", daemon.addr());
     std::io::Write::flush(&mut std::io::stdout())?;
@@ -326,5 +373,8 @@ pub async fn child_main(data_dir: PathBuf) -> Result<()> {
     })
     .await?;
     daemon.shutdown().await;
+    if let Some(lab) = lab {
+        lab.shutdown().await;
+    }
     Ok(())
 }

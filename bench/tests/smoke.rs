@@ -88,6 +88,8 @@ fn smoke_run_prints_every_figure() {
         ("scale.list_first_page", None),
         ("startup.daemon_start", None),
         ("campaign.wall_time", None),
+        ("memory.cancel_burst", None),
+        ("memory.stream_burst", Some(("round", "1"))),
     ]);
     let missing: Vec<_> = expected.iter().filter(|(n, k)| !has(n, *k)).collect();
     assert!(

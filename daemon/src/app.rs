@@ -233,6 +233,7 @@ impl Daemon {
         .await?;
         let stop = CancellationToken::new();
         devices.spawn_pollers(store, opts.poll, stop.clone());
+        crate::allocator::spawn_trimmer(stop.clone());
 
         let serving = match serve(&opts, &scheduler, &stop, tls).await {
             Ok(serving) => serving,

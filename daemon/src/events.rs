@@ -16,6 +16,12 @@ use crate::store::{Store, StoreError};
 /// Events read from the log per replay round trip.
 const REPLAY_CHUNK: usize = 1024;
 
+/// Chunks read from the log at once, across all streams. Hundreds of clients catching up
+/// together would otherwise each decode a chunk on its own blocking thread at the same time,
+/// and the daemon's memory would peak with their number (docs/BENCHMARKS.md, "Memory after
+/// bursts"); queued here they wait their turn, in order, on a couple of cores anyway.
+static REPLAY_READS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
+
 /// Which events a subscriber wants.
 #[derive(Debug, Clone, Default)]
 pub struct Filter {
@@ -84,9 +90,15 @@ async fn replay(
 ) -> Result<u64, StreamEnd> {
     loop {
         let s = store.clone();
-        let chunk = tokio::task::spawn_blocking(move || s.events_after(last, REPLAY_CHUNK))
-            .await
-            .map_err(|e| StoreError::Task(e.to_string()))??;
+        let chunk = {
+            let _turn = REPLAY_READS
+                .acquire()
+                .await
+                .map_err(|e| StoreError::Task(e.to_string()))?;
+            tokio::task::spawn_blocking(move || s.events_after(last, REPLAY_CHUNK))
+                .await
+                .map_err(|e| StoreError::Task(e.to_string()))??
+        };
         if chunk.is_empty() {
             return Ok(last);
         }

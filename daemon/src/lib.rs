@@ -2,6 +2,7 @@
 //! scheduler, submission-time safety checks, the device registry and the gRPC server. The
 //! `ppud` binary wires them together; `ppuctl` is the command-line client.
 
+pub mod allocator;
 pub mod app;
 pub mod auth;
 pub mod board;

@@ -70,6 +70,10 @@ const META_EVENT_LOG_BYTES: &str = "event_log_bytes";
 /// Capacity of the live event broadcast. A subscriber that falls further behind than this
 /// re-reads from the store, so the size only trades memory for replay frequency.
 const BROADCAST_CAPACITY: usize = 4096;
+/// redb's page cache. Its default (1 GiB) grows with whatever is read, e.g. every client
+/// replaying the event log, and never shrinks; 64 MiB holds the hot pages (the experiment
+/// table's upper levels, the log's tail) of a store far larger than a lab's queue.
+pub const CACHE_BYTES: usize = 64 * 1024 * 1024;
 
 /// The device id under which the daemon's own alarms (storage faults) are listed and logged.
 pub const DAEMON_ALARM_SOURCE: &str = "ppud";
@@ -528,7 +532,9 @@ pub struct Page {
 impl Store {
     /// Opens (or creates) the store at `path`. redb repairs a file left by a crash on open.
     pub fn open(path: &Path) -> Result<Arc<Self>, StoreError> {
-        let db = Database::create(path)?;
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)?;
         // Create every table up front so readers never meet a missing table.
         let tx = db.begin_write()?;
         {
