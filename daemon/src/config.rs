@@ -1701,7 +1701,10 @@ mod tests {
         let DeviceConfig::SorptionMqtt(entry) = &c.devices[0] else {
             panic!("not an analyser entry");
         };
-        assert_eq!((entry.tolerance_bar, entry.tolerance_relative), (0.002, 0.02));
+        assert_eq!(
+            (entry.tolerance_bar, entry.tolerance_relative),
+            (0.002, 0.02)
+        );
         for (bad, key) in [
             ("tolerance_bar = 0.0\n", "tolerance_bar"),
             ("tolerance_relative = 1.5\n", "tolerance_relative"),
