@@ -118,6 +118,58 @@ pub fn dev_station_spec(world: Option<World>) -> StationSpec {
     }
 }
 
+/// The `[[buses]]` and `[[devices]]` tables of a station started from [`dev_station_spec`]
+/// outside the daemon, as a lab's `ppud serve` config names its serial ports: the pumps on one
+/// chain ([`DEV_PUMP_BUS`]) at their addresses, the balance on its own port, and the limits of
+/// [`pump_limits`]. Used by the crash tests and `ppu-soak`, whose devices outlive the daemon.
+pub fn station_config(station: &SimStation) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    if let Some(first) = station.pumps.first() {
+        let _ = write!(
+            out,
+            "[[buses]]\nid = \"{DEV_PUMP_BUS}\"\nkind = \"serial\"\nport = \"{}\"\n\n",
+            first.port.path()
+        );
+    }
+    let balance = station.balance.as_ref();
+    if let Some(b) = balance {
+        let _ = write!(
+            out,
+            "[[devices]]\ndriver = \"mt_sics\"\nid = \"{}\"\nport = \"{}\"\n\n",
+            b.id,
+            b.port.path()
+        );
+    }
+    let limits = pump_limits();
+    for p in &station.pumps {
+        let c = p.sim.config();
+        let _ = write!(
+            out,
+            "[[devices]]\ndriver = \"ne1000\"\nid = \"{}\"\nbus = \"{DEV_PUMP_BUS}\"\naddress = {}\n\
+             reagent = \"{}\"\ndensity_g_per_ml = {:?}\nsyringe_inner_diameter_mm = {:?}\n\
+             syringe_volume_ml = {:?}\nfill_ml = {:?}\n",
+            p.id,
+            c.address,
+            c.reagent,
+            c.density_g_per_ml,
+            c.diameter_mm,
+            c.syringe_volume_ml,
+            c.contents_ml,
+        );
+        if let Some(b) = balance {
+            let _ = writeln!(out, "balance = \"{}\"", b.id);
+        }
+        let _ = write!(
+            out,
+            "\n[devices.limits]\nmax_rate_ml_per_min = {:?}\nmax_volume_ml = {:?}\n\n",
+            limits.max_rate_ml_per_min.unwrap_or(20.0),
+            limits.max_volume_ml.unwrap_or(10.0),
+        );
+    }
+    out
+}
+
 /// Limits ppud dev declares for its pumps: 10 mL syringes, at most 20 mL/min.
 pub fn pump_limits() -> Limits {
     Limits {

@@ -12,7 +12,6 @@
 //! process of the test's own — and the embedded rumqttd) — and `ppud serve --config` drives it, so the device outlives the
 //! killed daemon exactly as hardware would, and the simulator's state tells what recovery did.
 
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Stdio;
@@ -662,58 +661,7 @@ async fn outside_station() -> SimStation {
 /// `[[devices]]` tables for the station, as a lab's config names its serial ports: the pumps'
 /// daisy chain is one `[[buses]]` entry, each pump on it by address.
 fn station_devices(station: &SimStation) -> String {
-    let mut out = String::new();
-    let chain = station
-        .pumps
-        .first()
-        .map(|p| p.port.path())
-        .unwrap_or_default();
-    write!(
-        out,
-        "[[buses]]\nid = \"pumps\"\nkind = \"serial\"\nport = \"{chain}\"\n\n"
-    )
-    .unwrap();
-    let balance = station.balance.as_ref().expect("the station has a balance");
-    write!(
-        out,
-        "[[devices]]\ndriver = \"mt_sics\"\nid = \"{}\"\nport = \"{}\"\n\n",
-        balance.id,
-        balance.port.path()
-    )
-    .unwrap();
-    for p in &station.pumps {
-        let c = p.sim.config();
-        write!(
-            out,
-            r#"[[devices]]
-driver = "ne1000"
-id = "{}"
-bus = "pumps"
-address = {}
-reagent = "{}"
-density_g_per_ml = {:?}
-syringe_inner_diameter_mm = {:?}
-syringe_volume_ml = {:?}
-fill_ml = {:?}
-balance = "{}"
-
-[devices.limits]
-max_rate_ml_per_min = 20.0
-max_volume_ml = 10.0
-
-"#,
-            p.id,
-            c.address,
-            c.reagent,
-            c.density_g_per_ml,
-            c.diameter_mm,
-            c.syringe_volume_ml,
-            c.contents_ml,
-            balance.id
-        )
-        .unwrap();
-    }
-    out
+    ppu_daemon::dev::station_config(station)
 }
 
 /// True (after a notice) when this process cannot run the dispense kill points. The driver

@@ -30,7 +30,7 @@ use pb::device_service_client::DeviceServiceClient;
 use pb::event_service_client::EventServiceClient;
 use pb::experiment_service_client::ExperimentServiceClient;
 use pb::queue_service_client::QueueServiceClient;
-use ppu_daemon::dev::dev_station_spec;
+use ppu_daemon::dev::{dev_station_spec, station_config};
 use ppu_drivers::Clock;
 use ppu_proto::v1 as pb;
 use ppu_sim::dispenser::SimStation;
@@ -349,34 +349,7 @@ fn write_config(
             server.local_addr()
         );
     }
-    let balance = station
-        .balance
-        .as_ref()
-        .context("the dev station has a balance")?;
-    let _ = write!(
-        text,
-        "[[devices]]\ndriver = \"mt_sics\"\nid = \"{}\"\nport = \"{}\"\n\n",
-        balance.id,
-        balance.port.path()
-    );
-    for p in &station.pumps {
-        let c = p.sim.config();
-        let _ = write!(
-            text,
-            "[[devices]]\ndriver = \"ne1000\"\nid = \"{}\"\nport = \"{}\"\nreagent = \"{}\"\n\
-             density_g_per_ml = {:?}\nsyringe_inner_diameter_mm = {:?}\n\
-             syringe_volume_ml = {:?}\nfill_ml = {:?}\nbalance = \"{}\"\n\n\
-             [devices.limits]\nmax_rate_ml_per_min = 20.0\nmax_volume_ml = 10.0\n\n",
-            p.id,
-            p.port.path(),
-            c.reagent,
-            c.density_g_per_ml,
-            c.diameter_mm,
-            c.syringe_volume_ml,
-            c.contents_ml,
-            balance.id
-        );
-    }
+    text.push_str(&station_config(station));
     let path = dir.join("ppud.toml");
     std::fs::create_dir_all(dir)?;
     std::fs::write(&path, text)?;
