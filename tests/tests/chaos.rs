@@ -273,7 +273,19 @@ fn short_analyser_grace(d: &mut DeviceConfig) {
     }
 }
 
-fn isotherm() -> pb::ExperimentSpec {
+/// Reads until the first isotherm point: the bridge accepted the run and the driver follows it.
+async fn read_until_first_point(
+    stream: &mut tonic::Streaming<pb::Event>,
+    events: &mut Vec<pb::Event>,
+) {
+    read_until(stream, events, |ev| {
+        ev.iter()
+            .any(|e| matches!(e.kind, Some(pb::event::Kind::IsothermPointMeasured(_))))
+    })
+    .await;
+}
+
+fn isotherm(points: u32) -> pb::ExperimentSpec {
     pb::ExperimentSpec {
         name: "isotherm".into(),
         sample_id: "S-isotherm".into(),
@@ -282,7 +294,9 @@ fn isotherm() -> pb::ExperimentSpec {
             kind: Some(pb::step::Kind::Isotherm(pb::Isotherm {
                 adsorptive: "CO2".into(),
                 temperature_c: 25.0,
-                pressure_bar: vec![0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.4, 0.6, 0.8, 1.0],
+                pressure_bar: (1..=points)
+                    .map(|i| f64::from(i) / f64::from(points))
+                    .collect(),
                 equilibration_interval_s: 10.0,
                 max_equilibration_s: 3600.0,
                 sample_mass_g: 0.1,
@@ -294,10 +308,10 @@ fn isotherm() -> pb::ExperimentSpec {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_down_mid_isotherm_for_longer_than_the_grace_fails_the_step_and_aborts_the_run() {
-    // 50× real time: the isotherm outlasts the outage, so only ppud's abort ends it.
+    // 200× real time: the isotherm outlasts the outage, so only ppud's abort ends it.
     let lab = Lab::start_with(LabOptions {
         analysers: 1,
-        time_scale: 50.0,
+        time_scale: 200.0,
         adjust_device: short_analyser_grace,
         ..LabOptions::furnaces(0)
     })
@@ -306,20 +320,19 @@ async fn a_broker_down_mid_isotherm_for_longer_than_the_grace_fails_the_step_and
     let broker = lab.devlab.broker.as_ref().expect("broker");
     let mut stream = lab.event_stream().await;
     let mut events = Vec::new();
-    let id = lab.submit("broker", isotherm()).await;
-    // The first point: the driver follows the run (the bridge accepted it).
-    read_until(&mut stream, &mut events, |ev| {
-        ev.iter()
-            .any(|e| matches!(e.kind, Some(pb::event::Kind::IsothermPointMeasured(_))))
-    })
-    .await;
+    // Many points, so the run outlasts the outage by far.
+    let id = lab.submit("broker", isotherm(40)).await;
+    read_until_first_point(&mut stream, &mut events).await;
     assert!(analyser.is_busy());
 
     broker.go_down().await;
     let e = finished_experiment(&lab, &mut stream, &mut events, &id).await;
     let why = failed_step_message(&e);
     assert!(
-        why.contains(&format!("{ANALYSER_GRACE_S} s")),
+        why.contains(&format!(
+            "broker unreachable (I/O: Connection refused (os error 111)) for {ANALYSER_GRACE_S} s \
+             during isotherm"
+        )),
         "the failure names the outage and the grace: {why}"
     );
     read_until(&mut stream, &mut events, |ev| {
@@ -339,6 +352,58 @@ async fn a_broker_down_mid_isotherm_for_longer_than_the_grace_fails_the_step_and
     .await;
     assert!(!analyser.is_busy(), "the bridge aborted the run");
     assert!(!lab.device("analyser-1").await.r#unsafe);
+    assert_nothing_lost(&lab, &[&id], &events).await;
+    lab.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restart_mid_isotherm_within_the_grace_is_ridden_out_and_loses_no_point() {
+    let lab = Lab::start_with(LabOptions {
+        analysers: 1,
+        ..LabOptions::furnaces(0)
+    })
+    .await;
+    let broker = lab.devlab.broker.as_ref().expect("broker");
+    let mut stream = lab.event_stream().await;
+    let mut events = Vec::new();
+    let id = lab.submit("broker-restart", isotherm(10)).await;
+    read_until_first_point(&mut stream, &mut events).await;
+
+    // Down until the daemon has noticed (its alarm is the proof), then straight back up:
+    // well within the default 30 s grace.
+    broker.go_down().await;
+    read_until(&mut stream, &mut events, |ev| {
+        has_alarm(&alarm_events(ev, "analyser-1"), "link_lost", false)
+    })
+    .await;
+    broker.come_up().await.expect("broker back");
+    let e = finished_experiment(&lab, &mut stream, &mut events, &id).await;
+    assert_eq!(
+        e.state,
+        pb::ExperimentState::Succeeded as i32,
+        "{}",
+        e.message
+    );
+    let iso = e
+        .results
+        .iter()
+        .find_map(|r| match &r.result {
+            Some(pb::step_result::Result::Isotherm(i)) => Some(i.clone()),
+            _ => None,
+        })
+        .expect("an isotherm result");
+    assert_eq!(
+        iso.points.len(),
+        10,
+        "every point, replayed after the outage"
+    );
+    read_until_alarms_cleared(&mut stream, &mut events, "analyser-1", &["link_lost"]).await;
+    let a = alarm_events(&events, "analyser-1");
+    assert!(
+        !has_alarm(&a, "safe_state_pending", false),
+        "no safe state was needed: {a:?}"
+    );
+    assert!(!lab.devlab.analysers[0].sim.is_busy());
     assert_nothing_lost(&lab, &[&id], &events).await;
     lab.stop().await;
 }
