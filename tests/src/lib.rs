@@ -419,6 +419,14 @@ impl Lab {
     }
 }
 
+/// The isotherm result among `e`'s step results, if any.
+pub fn isotherm_result(e: &pb::Experiment) -> Option<pb::IsothermResult> {
+    e.results.iter().find_map(|r| match &r.result {
+        Some(pb::step_result::Result::Isotherm(i)) => Some(i.clone()),
+        _ => None,
+    })
+}
+
 /// The device alarm events in `events` as (code, cleared, severity).
 pub fn alarm_events(events: &[pb::Event], device: &str) -> Vec<(String, bool, i32)> {
     events

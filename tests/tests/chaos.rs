@@ -384,14 +384,7 @@ async fn a_broker_restart_mid_isotherm_within_the_grace_is_ridden_out_and_loses_
         "{}",
         e.message
     );
-    let iso = e
-        .results
-        .iter()
-        .find_map(|r| match &r.result {
-            Some(pb::step_result::Result::Isotherm(i)) => Some(i.clone()),
-            _ => None,
-        })
-        .expect("an isotherm result");
+    let iso = isotherm_result(&e).expect("an isotherm result");
     assert_eq!(
         iso.points.len(),
         10,
