@@ -322,13 +322,54 @@ impl DevLab {
         policies: &Policies,
         security: Security,
     ) -> Result<Daemon, StartError> {
+        self.start_configured(
+            listen,
+            data_dir,
+            poll,
+            policies,
+            security,
+            self.device_configs(),
+        )
+        .await
+    }
+
+    /// [`DevLab::start_daemon`] with `devices` instead of [`DevLab::device_configs`], e.g.
+    /// those entries with a shorter outage grace for a test.
+    pub async fn start_daemon_with_devices(
+        &self,
+        listen: SocketAddr,
+        data_dir: &Path,
+        poll: PollSettings,
+        policies: &Policies,
+        devices: Vec<DeviceConfig>,
+    ) -> Result<Daemon, StartError> {
+        self.start_configured(
+            listen,
+            data_dir,
+            poll,
+            policies,
+            Security::default(),
+            devices,
+        )
+        .await
+    }
+
+    async fn start_configured(
+        &self,
+        listen: SocketAddr,
+        data_dir: &Path,
+        poll: PollSettings,
+        policies: &Policies,
+        security: Security,
+        devices: Vec<DeviceConfig>,
+    ) -> Result<Daemon, StartError> {
         let config = Config {
             listen,
             data_dir: data_dir.to_owned(),
             time_scale: self.clock.scale(),
             poll: Default::default(),
             buses: self.bus_configs(),
-            devices: self.device_configs(),
+            devices,
         };
         let drivers = config.drivers().map_err(StartError::Drivers)?;
         let opts = Options {

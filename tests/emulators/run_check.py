@@ -8,7 +8,12 @@ in safe mode) that dispense into the vessel on that balance. Writes a `ppud serv
 1. `ppuctl devices` must show the three devices connected and the balance's mass;
 2. a furnace program (ramp + hold), then a weigh, then a dispense per pump must all succeed: the furnace
    reached its target (the emulator's PV), the weigh returned the emulator's mass, the dispense
-   was weighed within the pump's tolerance.
+   was weighed within the pump's tolerance;
+3. chaos: the Modbus link is cut mid-hold for longer than the driver's grace (the server stops;
+   the emulated 2404 keeps its setpoint and regulates on its own), so the step must fail naming
+   the outage, the furnace must show unsafe with `link_lost` and `safe_state_pending` raised;
+   when a new server serves the same controller on the same port, ppud must write the safe
+   setpoint (the emulator's own register shows 25 °C) and clear both alarms.
 Every check runs, and every failure is listed at the end with ppud's log tail; exit status 1
 if any failed.
 
@@ -190,7 +195,107 @@ def expect_succeeded(check, what, shown, kind):
     return result[kind]
 
 
-def run_checks(check, tmp, furnace, pan):
+class ModbusLink:
+    """The emulated controller's Modbus TCP link, which can be cut: the server stops (its
+    connections close) and later a new one serves the same Furnace on the same port, as when a
+    cable or a gateway comes back. The Furnace runs on regardless."""
+
+    def __init__(self, furnace, port):
+        self.furnace = furnace
+        self.port = port
+        self.server = eurotherm2404.Server(furnace, port=port).start()
+
+    def cut(self):
+        self.server.stop()
+        self.server = None
+
+    def restore(self):
+        self.server = eurotherm2404.Server(self.furnace, port=self.port).start()
+
+    def stop(self):
+        if self.server is not None:
+            self.server.stop()
+
+
+def setpoint(furnace):
+    with furnace.lock:
+        return furnace.sp[furnace.sp_select]
+
+
+def wait_for(what, condition, within_s):
+    """Polls `condition` until it returns a true value (returned) or `within_s` passes (None)."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.25)
+    print(f"timed out after {within_s} s waiting for {what}", flush=True)
+    return None
+
+
+def furnace_alarms(check):
+    return {a["code"]: a for a in check.ctl("alarms", "--device", "furnace-1")}
+
+
+def run_link_cut_mid_hold(check, tmp, furnace, link):
+    """Issue 13's acceptance: a link cut mid-hold leaves the furnace unsafe (alarmed) until the
+    first reconnect writes and reads back the safe setpoint."""
+    target = FURNACE_TARGET_C
+    (hold_id,) = check.submit(tmp, "link-cut", batch("emulators-link-cut", [
+        {"name": "hold through a link cut", "steps": [{"device_id": "furnace-1", "furnace": {
+            "segments": [{"ramp": {"temperature_c": target, "rate_c_per_min": 20.0}},
+                         {"hold": {"duration_s": 4 * 3600.0}}]}}]}]))
+    # Mid-hold: the driver saw PV at the target (its reading), and the controller holds it.
+    holding = wait_for("the furnace holding", lambda: (
+        check.ctl("show", hold_id).get("state") == "EXPERIMENT_STATE_RUNNING"
+        and setpoint(furnace) == target
+        and abs(((check.devices()["furnace-1"].get("latest") or {}).get("values", {})
+                 .get("pv_c", 0.0)) - target) <= 1.0), DEADLINE_S)
+    if not holding:
+        check.fail(f"link cut: the furnace never held {target} °C before the cut")
+        return
+    link.cut()
+    shown = check.wait([hold_id], DEADLINE_S)[hold_id]
+    result = step_of(shown, "furnace") or {}
+    why = result.get("message") or shown.get("message") or ""
+    if (shown.get("state") != "EXPERIMENT_STATE_FAILED" or "unreachable for" not in why
+            or "(hold)" not in why):
+        check.fail(f"link cut: the step did not fail naming the outage: {shown.get('state')}: "
+                   f"{why}")
+    else:
+        check.ok(f"link cut: the step failed: {why}")
+    unsafe = wait_for("furnace-1 unsafe", lambda: check.devices()["furnace-1"].get("unsafe"),
+                      DEADLINE_S)
+    alarms = furnace_alarms(check)
+    active = {c for c, a in alarms.items() if not a.get("cleared")}
+    if not unsafe or not {"link_lost", "safe_state_pending"} <= active:
+        check.fail(f"link cut: furnace-1 unsafe={unsafe}, active alarms {sorted(active)}")
+    else:
+        check.ok("link cut: furnace-1 unsafe, link_lost and safe_state_pending raised")
+    if setpoint(furnace) != target:
+        check.fail(f"link cut: the emulated controller lost its setpoint ({setpoint(furnace)})")
+    else:
+        check.ok(f"link cut: the controller keeps heating at {target} °C meanwhile")
+
+    link.restore()
+    safe = wait_for("furnace-1 confirmed safe", lambda: (
+        not check.devices()["furnace-1"].get("unsafe") and setpoint(furnace) <= 25.0 + 1e-6),
+        DEADLINE_S)
+    alarms = furnace_alarms(check)
+    still = sorted(c for c, a in alarms.items()
+                   if c in ("link_lost", "safe_state_pending") and not a.get("cleared"))
+    if not safe:
+        check.fail(f"link restored: furnace-1 not confirmed safe; the controller's setpoint is "
+                   f"{setpoint(furnace)} °C")
+    elif still:
+        check.fail(f"link restored: alarms still active: {still}")
+    else:
+        check.ok(f"link restored: the controller's setpoint is {setpoint(furnace)} °C, "
+                 "furnace-1 safe, both alarms cleared")
+
+
+def run_checks(check, tmp, furnace, pan, link):
     # 1. The balance is connected and shows the vessel's mass.
     deadline = time.monotonic() + 20
     devices = {}
@@ -270,6 +375,9 @@ def run_checks(check, tmp, furnace, pan):
                 check.ok(f"{what}: weighed {dr['measured_mass_g']} g for {DISPENSE_ML} mL "
                          f"(deviation {dev:+.4f})")
 
+    # 3. Chaos: the link cut mid-hold.
+    run_link_cut_mid_hold(check, tmp, furnace, link)
+
 
 def main():
     if len(sys.argv) != 3:
@@ -278,7 +386,7 @@ def main():
     ppud, ppuctl = sys.argv[1], sys.argv[2]
     furnace = eurotherm2404.Furnace(time_scale=TIME_SCALE)
     modbus_port = free_port()
-    server = eurotherm2404.Server(furnace, port=modbus_port).start()
+    link = ModbusLink(furnace, modbus_port)
     pan = mtsics.Pan()
     _, balance_line, _ = mtsics.start(pan)
     pan.set_load(VESSEL_G)  # the vessel is put on the balance after its power-up zero
@@ -323,7 +431,7 @@ def main():
                 threading.Thread(target=daemon.stdout.read, daemon=True).start()
                 check.base = [ppuctl, "--addr", addr]
                 try:
-                    run_checks(check, tmp, furnace, pan)
+                    run_checks(check, tmp, furnace, pan, link)
                 except (RuntimeError, subprocess.TimeoutExpired, KeyError, ValueError) as e:
                     check.fail(f"check aborted: {e}")
         finally:
@@ -338,7 +446,7 @@ def main():
                     tail = f.readlines()[-40:]
                 print("--- ppud log (last 40 lines) ---", file=sys.stderr)
                 sys.stderr.writelines(tail)
-    server.stop()
+    link.stop()
     balance_line.close()
     pump_line.close()
     safe_pump_line.close()

@@ -11,7 +11,7 @@ use pb::event_service_client::EventServiceClient;
 use pb::experiment_service_client::ExperimentServiceClient;
 use pb::queue_service_client::QueueServiceClient;
 use ppu_daemon::app::Daemon;
-use ppu_daemon::config::Policies;
+use ppu_daemon::config::{DeviceConfig, Policies};
 use ppu_daemon::dev::{DevLab, TransferRobot};
 use ppu_daemon::devices::PollSettings;
 use ppu_drivers::Clock;
@@ -46,6 +46,13 @@ pub struct LabOptions {
     /// `Some(baud)`: the daemon reaches every furnace through one simulated Modbus RTU line
     /// (a pty paced at that baud rate) as one bus, instead of a TCP socket per furnace.
     pub furnace_line: Option<u32>,
+    /// Simulated sorption analysers (analyser-1, …) behind the embedded MQTT broker.
+    pub analysers: usize,
+    /// Physical seconds per real second; [`TEST_TIME_SCALE`] unless a test needs a device to
+    /// stay busy for longer (a dispense still running when its pump is plugged back).
+    pub time_scale: f64,
+    /// Changes the daemon's device entries (e.g. a shorter outage grace) before it starts.
+    pub adjust_device: fn(&mut DeviceConfig),
 }
 
 impl LabOptions {
@@ -56,6 +63,9 @@ impl LabOptions {
             policies: Policies::default(),
             dispensing: false,
             furnace_line: None,
+            analysers: 0,
+            time_scale: TEST_TIME_SCALE,
+            adjust_device: |_| {},
         }
     }
 }
@@ -67,6 +77,7 @@ pub struct Lab {
     pub devlab: Arc<DevLab>,
     pub data_dir: PathBuf,
     robot: Option<TransferRobot>,
+    adjust_device: fn(&mut DeviceConfig),
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -91,7 +102,7 @@ impl Lab {
 
     /// A lab built from `opts` on an existing data dir.
     pub async fn start_in_with(data_dir: &Path, lab_opts: LabOptions) -> Lab {
-        let clock = Clock::new(TEST_TIME_SCALE);
+        let clock = Clock::new(lab_opts.time_scale);
         let mut devlab = DevLab::start(clock, lab_opts.furnaces)
             .await
             .expect("simulated lab");
@@ -107,11 +118,19 @@ impl Lab {
                 .await
                 .expect("simulated dispensing station");
         }
-        let listen = "127.0.0.1:0".parse().expect("addr");
-        let daemon = devlab
-            .start_daemon(listen, data_dir, TEST_POLL, &lab_opts.policies)
-            .await
-            .expect("daemon starts");
+        if lab_opts.analysers > 0 {
+            devlab
+                .add_analysers(lab_opts.analysers)
+                .await
+                .expect("simulated analysers");
+        }
+        let daemon = start_daemon(
+            &devlab,
+            data_dir,
+            &lab_opts.policies,
+            lab_opts.adjust_device,
+        )
+        .await;
         let devlab = Arc::new(devlab);
         let robot = lab_opts
             .transfer_delay
@@ -121,6 +140,7 @@ impl Lab {
             devlab,
             data_dir: data_dir.to_owned(),
             robot,
+            adjust_device: lab_opts.adjust_device,
             _tmp: None,
         }
     }
@@ -168,16 +188,13 @@ impl Lab {
             d.shutdown().await;
         }
         // Same lab, same clock: the simulators keep their physical time across the restart.
-        let daemon = self
-            .devlab
-            .start_daemon(
-                "127.0.0.1:0".parse().expect("addr"),
-                &self.data_dir,
-                TEST_POLL,
-                &Policies::default(),
-            )
-            .await
-            .expect("daemon restarts");
+        let daemon = start_daemon(
+            &self.devlab,
+            &self.data_dir,
+            &Policies::default(),
+            self.adjust_device,
+        )
+        .await;
         if had_robot {
             self.robot = Some(TransferRobot::start(
                 self.devlab.clone(),
@@ -200,6 +217,27 @@ impl Lab {
             devlab.shutdown().await;
         }
     }
+}
+
+/// The daemon on `devlab`'s devices, their entries changed by `adjust`, on a free port.
+async fn start_daemon(
+    devlab: &DevLab,
+    data_dir: &Path,
+    policies: &Policies,
+    adjust: fn(&mut DeviceConfig),
+) -> Daemon {
+    let mut devices = devlab.device_configs();
+    devices.iter_mut().for_each(adjust);
+    devlab
+        .start_daemon_with_devices(
+            "127.0.0.1:0".parse().expect("addr"),
+            data_dir,
+            TEST_POLL,
+            policies,
+            devices,
+        )
+        .await
+        .expect("daemon starts")
 }
 
 /// A furnace step from segments.
@@ -302,5 +340,114 @@ where
         );
         tokio::task::yield_now().await;
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+impl Lab {
+    /// The device `id` as `GetDevice` shows it.
+    pub async fn device(&self, id: &str) -> pb::Device {
+        self.devices()
+            .await
+            .get_device(pb::GetDeviceRequest { id: id.to_owned() })
+            .await
+            .expect("GetDevice")
+            .into_inner()
+    }
+
+    /// The alarms of device `id` as `ListAlarms` shows them (active and unacknowledged).
+    pub async fn alarms(&self, id: &str) -> Vec<pb::ActiveAlarm> {
+        self.devices()
+            .await
+            .list_alarms(pb::ListAlarmsRequest {
+                device_id: id.to_owned(),
+            })
+            .await
+            .expect("ListAlarms")
+            .into_inner()
+            .alarms
+    }
+
+    /// Every experiment the daemon lists, with its state (all pages).
+    pub async fn all_experiments(&self) -> std::collections::BTreeMap<String, i32> {
+        let mut client = self.experiments().await;
+        let mut out = std::collections::BTreeMap::new();
+        let mut token = String::new();
+        loop {
+            let page = client
+                .list_experiments(pb::ListExperimentsRequest {
+                    page_size: 1000,
+                    page_token: token.clone(),
+                    ..Default::default()
+                })
+                .await
+                .expect("ListExperiments")
+                .into_inner();
+            for e in page.experiments {
+                out.insert(e.id, e.state);
+            }
+            if page.next_page_token.is_empty() {
+                return out;
+            }
+            token = page.next_page_token;
+        }
+    }
+
+    /// Submits `spec` alone in a batch; returns the new experiment's id.
+    pub async fn submit(&self, key: &str, spec: pb::ExperimentSpec) -> String {
+        self.experiments()
+            .await
+            .submit_batch(batch(key, vec![spec]))
+            .await
+            .expect("submit")
+            .into_inner()
+            .batch
+            .expect("batch")
+            .experiment_ids
+            .into_iter()
+            .next()
+            .expect("one id")
+    }
+
+    /// The whole durable event log so far, from sequence 1.
+    pub async fn event_stream(&self) -> tonic::Streaming<pb::Event> {
+        self.events()
+            .await
+            .stream_events(pb::StreamEventsRequest::default())
+            .await
+            .expect("stream")
+            .into_inner()
+    }
+}
+
+/// The isotherm result among `e`'s step results, if any.
+pub fn isotherm_result(e: &pb::Experiment) -> Option<pb::IsothermResult> {
+    e.results.iter().find_map(|r| match &r.result {
+        Some(pb::step_result::Result::Isotherm(i)) => Some(i.clone()),
+        _ => None,
+    })
+}
+
+/// The device alarm events in `events` as (code, cleared, severity).
+pub fn alarm_events(events: &[pb::Event], device: &str) -> Vec<(String, bool, i32)> {
+    events
+        .iter()
+        .filter(|e| e.device_id == device)
+        .filter_map(|e| match &e.kind {
+            Some(pb::event::Kind::Alarm(a)) => Some((a.code.clone(), a.cleared, a.severity)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// True when `alarms` (from [`alarm_events`]) has `code` raised (`cleared` false) or cleared.
+pub fn has_alarm(alarms: &[(String, bool, i32)], code: &str, cleared: bool) -> bool {
+    alarms.iter().any(|(c, cl, _)| c == code && *cl == cleared)
+}
+
+/// Asserts that `events`, read from the start of the log, are numbered 1, 2, 3, … without a gap.
+pub fn assert_gapless(events: &[pb::Event]) {
+    assert!(!events.is_empty(), "no events");
+    for (i, e) in events.iter().enumerate() {
+        assert_eq!(e.sequence, i as u64 + 1, "no gap in the event log");
     }
 }

@@ -168,14 +168,7 @@ async fn dispense_furnace_then_isotherm_ends_with_an_isotherm_result_in_the_reco
     );
 
     // The record holds the typed result.
-    let iso = e
-        .results
-        .iter()
-        .find_map(|r| match &r.result {
-            Some(pb::step_result::Result::Isotherm(i)) => Some(i.clone()),
-            _ => None,
-        })
-        .expect("an isotherm result");
+    let iso = ppu_tests::isotherm_result(&e).expect("an isotherm result");
     assert_eq!(iso.points.len(), PRESSURES.len());
     assert_eq!((iso.adsorptive.as_str(), iso.sample_mass_g), ("CO2", 0.1));
     assert_eq!(

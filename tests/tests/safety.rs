@@ -12,43 +12,6 @@ const TARGET_SP_REGISTER: u16 = 2;
 /// The safe setpoint ppud's furnaces are configured with, °C.
 const SAFE_SETPOINT_C: f64 = 25.0;
 
-async fn device(lab: &Lab, id: &str) -> pb::Device {
-    lab.devices()
-        .await
-        .get_device(pb::GetDeviceRequest { id: id.to_owned() })
-        .await
-        .expect("GetDevice")
-        .into_inner()
-}
-
-async fn alarms(lab: &Lab, id: &str) -> Vec<pb::ActiveAlarm> {
-    lab.devices()
-        .await
-        .list_alarms(pb::ListAlarmsRequest {
-            device_id: id.to_owned(),
-        })
-        .await
-        .expect("ListAlarms")
-        .into_inner()
-        .alarms
-}
-
-/// The device alarm events in `events` as (code, cleared, severity).
-fn alarm_events(events: &[pb::Event], device: &str) -> Vec<(String, bool, i32)> {
-    events
-        .iter()
-        .filter(|e| e.device_id == device)
-        .filter_map(|e| match &e.kind {
-            Some(pb::event::Kind::Alarm(a)) => Some((a.code.clone(), a.cleared, a.severity)),
-            _ => None,
-        })
-        .collect()
-}
-
-fn has(events: &[(String, bool, i32)], code: &str, cleared: bool) -> bool {
-    events.iter().any(|(c, cl, _)| c == code && *cl == cleared)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_link_cut_mid_hold_leaves_the_furnace_unsafe_until_the_reconnect_confirms_it_safe() {
     let lab = Lab::start(1).await;
@@ -103,10 +66,10 @@ async fn a_link_cut_mid_hold_leaves_the_furnace_unsafe_until_the_reconnect_confi
 
     // While the link is down the furnace is unsafe, visibly and in the metrics' source.
     eventually("furnace-1 listed unsafe", || async {
-        device(&lab, "furnace-1").await.r#unsafe
+        lab.device("furnace-1").await.r#unsafe
     })
     .await;
-    let d = device(&lab, "furnace-1").await;
+    let d = lab.device("furnace-1").await;
     assert!(
         d.unsafe_reason.contains("safe state"),
         "unsafe reason: {}",
@@ -117,7 +80,7 @@ async fn a_link_cut_mid_hold_leaves_the_furnace_unsafe_until_the_reconnect_confi
         150.0,
         "the silent controller keeps its setpoint"
     );
-    let listed = alarms(&lab, "furnace-1").await;
+    let listed = lab.alarms("furnace-1").await;
     for code in ["link_lost", "safe_state_pending"] {
         assert!(
             listed.iter().any(|a| a.code == code && !a.cleared),
@@ -131,7 +94,7 @@ async fn a_link_cut_mid_hold_leaves_the_furnace_unsafe_until_the_reconnect_confi
     assert_eq!(pending.severity, pb::AlarmSeverity::Critical as i32);
     read_until(&mut stream, &mut events, |ev| {
         let a = alarm_events(ev, "furnace-1");
-        has(&a, "link_lost", false) && has(&a, "safe_state_pending", false)
+        has_alarm(&a, "link_lost", false) && has_alarm(&a, "safe_state_pending", false)
     })
     .await;
 
@@ -140,7 +103,7 @@ async fn a_link_cut_mid_hold_leaves_the_furnace_unsafe_until_the_reconnect_confi
     furnace.sim.set_silent(false);
     read_until(&mut stream, &mut events, |ev| {
         let a = alarm_events(ev, "furnace-1");
-        has(&a, "link_lost", true) && has(&a, "safe_state_pending", true)
+        has_alarm(&a, "link_lost", true) && has_alarm(&a, "safe_state_pending", true)
     })
     .await;
     let raw = furnace
@@ -152,10 +115,10 @@ async fn a_link_cut_mid_hold_leaves_the_furnace_unsafe_until_the_reconnect_confi
         SAFE_SETPOINT_C,
         "the controller's target setpoint after the reconnect"
     );
-    let d = device(&lab, "furnace-1").await;
+    let d = lab.device("furnace-1").await;
     assert!(!d.r#unsafe, "still unsafe: {}", d.unsafe_reason);
     assert_eq!(d.connection, pb::ConnectionState::Connected as i32);
-    let listed = alarms(&lab, "furnace-1").await;
+    let listed = lab.alarms("furnace-1").await;
     assert!(
         listed.iter().all(|a| a.cleared),
         "alarms still active: {listed:?}"
@@ -204,17 +167,18 @@ async fn an_unsafe_furnace_stays_unsafe_across_a_restart_until_a_read_back_confi
     .await
     .expect("cancel");
     eventually("furnace-1 unsafe after the abort", || async {
-        device(&lab, "furnace-1").await.r#unsafe
+        lab.device("furnace-1").await.r#unsafe
     })
     .await;
 
     // Restart with the link still down: shutdown and start-up both try and cannot confirm.
     lab.restart_daemon().await;
-    let d = device(&lab, "furnace-1").await;
+    let d = lab.device("furnace-1").await;
     assert!(d.r#unsafe, "the restarted daemon forgot the unsafe furnace");
     assert!(!d.unsafe_reason.is_empty());
     assert_eq!(sim.snapshot().target_sp_c, 150.0);
-    let pending: Vec<_> = alarms(&lab, "furnace-1")
+    let pending: Vec<_> = lab
+        .alarms("furnace-1")
         .await
         .into_iter()
         .filter(|a| a.code == "safe_state_pending")
@@ -225,12 +189,12 @@ async fn an_unsafe_furnace_stays_unsafe_across_a_restart_until_a_read_back_confi
     // The link returns: the restarted daemon's poll task confirms the safe state.
     sim.set_silent(false);
     eventually("furnace-1 confirmed safe", || async {
-        !device(&lab, "furnace-1").await.r#unsafe
+        !lab.device("furnace-1").await.r#unsafe
     })
     .await;
     assert_eq!(sim.snapshot().target_sp_c, SAFE_SETPOINT_C);
     assert!(
-        alarms(&lab, "furnace-1")
+        lab.alarms("furnace-1")
             .await
             .iter()
             .all(|a| a.code != "safe_state_pending" || a.cleared)

@@ -6,7 +6,7 @@
 //! Needs root to mount the tmpfs: skipped with a notice otherwise, except under `CI=true`,
 //! where a failed mount fails the test.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -133,30 +133,6 @@ fn bulky(name: &str) -> pb::ExperimentSpec {
 }
 
 /// Every experiment in the store, by id, with its state.
-async fn all_experiments(lab: &Lab) -> BTreeMap<String, i32> {
-    let mut client = lab.experiments().await;
-    let mut out = BTreeMap::new();
-    let mut token = String::new();
-    loop {
-        let page = client
-            .list_experiments(pb::ListExperimentsRequest {
-                page_size: 1000,
-                page_token: token.clone(),
-                ..Default::default()
-            })
-            .await
-            .expect("ListExperiments answers during a storage fault")
-            .into_inner();
-        for e in page.experiments {
-            out.insert(e.id, e.state);
-        }
-        if page.next_page_token.is_empty() {
-            return out;
-        }
-        token = page.next_page_token;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_full_disk_heals_without_restart_and_loses_nothing() {
     let Some(fs) = Tmpfs::mount() else { return };
@@ -249,7 +225,7 @@ async fn a_full_disk_heals_without_restart_and_loses_nothing() {
     assert_eq!(again.code(), Code::Unavailable);
 
     // Reads answer and agree with the store: nothing dropped from the queue.
-    let stored = all_experiments(&lab).await;
+    let stored = lab.all_experiments().await;
     for id in &acknowledged {
         assert!(stored.contains_key(id), "acknowledged {id} is in the store");
     }
@@ -347,12 +323,12 @@ async fn a_full_disk_heals_without_restart_and_loses_nothing() {
     eventually("every acknowledged experiment finishes", || {
         let lab = &lab;
         async move {
-            let all = all_experiments(lab).await;
+            let all = lab.all_experiments().await;
             all.values().all(|s| is_terminal(*s))
         }
     })
     .await;
-    let stored = all_experiments(&lab).await;
+    let stored = lab.all_experiments().await;
     for id in &acknowledged {
         assert_eq!(
             stored.get(id).copied(),

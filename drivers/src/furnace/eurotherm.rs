@@ -600,6 +600,20 @@ impl Eurotherm {
 }
 
 /// Sleeps for `real`, returning [`DeviceError::Aborted`] if the step is cancelled meanwhile.
+/// Fails the step when the controller no longer holds the program's setpoint: a controller
+/// that restarted comes back at its power-up setpoint (and one changed at its front panel at
+/// another), and silently continuing would report a program the sample never saw.
+fn check_setpoint(snap: &Snapshot, program_c: f64, tolerance_c: f64) -> Result<(), DeviceError> {
+    if (snap.target_sp_c - program_c).abs() <= tolerance_c {
+        return Ok(());
+    }
+    Err(DeviceError::Fault(format!(
+        "controller restarted or overridden: target setpoint is {:.1} °C, \
+         the program holds {program_c:.1} °C",
+        snap.target_sp_c
+    )))
+}
+
 async fn pause(ctx: &StepContext, real: Duration) -> Result<(), DeviceError> {
     tokio::select! {
         biased;
@@ -978,6 +992,7 @@ impl<'a> ProgramRun<'a> {
         };
         loop {
             let snap = self.poll(heating.then_some(target)).await?;
+            check_setpoint(&snap, target, config.tolerance_c)?;
             let now = clock.now_s();
             if (snap.pv_c - target).abs() <= config.tolerance_c {
                 self.result.targets.push(TargetReached {
@@ -1019,6 +1034,7 @@ impl<'a> ProgramRun<'a> {
         let end_s = clock.now_s() + duration_s;
         loop {
             let snap = self.poll(Some(setpoint)).await?;
+            check_setpoint(&snap, setpoint, self.dev.config.tolerance_c)?;
             let now = clock.now_s();
             if now >= end_s {
                 return Ok(());
@@ -1297,6 +1313,28 @@ mod tests {
         assert_eq!(info.transport, "modbus-tcp://127.0.0.1:5020 unit 1");
         assert_eq!(info.capabilities, vec![Capability::FurnaceProgram]);
         assert_eq!(info.limits, limits());
+    }
+
+    #[test]
+    fn a_setpoint_away_from_the_program_fails_naming_both() {
+        let snap = |target_sp_c| Snapshot {
+            pv_c: 149.0,
+            target_sp_c,
+            output_pct: 10.0,
+            working_sp_c: target_sp_c,
+            status_bits: 0,
+        };
+        assert!(check_setpoint(&snap(150.0), 150.0, 2.0).is_ok());
+        assert!(check_setpoint(&snap(151.5), 150.0, 2.0).is_ok());
+        let err = check_setpoint(&snap(25.0), 150.0, 2.0).unwrap_err();
+        assert!(matches!(err, DeviceError::Fault(_)), "{err:?}");
+        assert!(
+            err.to_string().contains(
+                "controller restarted or overridden: target setpoint is 25.0 °C, \
+                 the program holds 150.0 °C"
+            ),
+            "{err}"
+        );
     }
 
     #[test]

@@ -378,6 +378,13 @@ impl SimFurnace {
         self.lock_now().set_heater_fail(on);
     }
 
+    /// Power cycle of the controller: setpoints and mode back at their power-up
+    /// values (`initial_sp_c`, automatic); the furnace keeps its heat and the controller
+    /// keeps regulating, now at its power-up setpoint.
+    pub fn power_cycle(&self) {
+        self.lock_now().power_cycle();
+    }
+
     /// Reads `count` holding registers from `addr` (function 03/04).
     pub fn read_registers(&self, addr: u16, count: u16) -> Result<Vec<u16>, ExceptionCode> {
         self.lock_now().read_registers(addr, count)

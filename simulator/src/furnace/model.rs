@@ -227,6 +227,28 @@ impl FurnaceModel {
         self.update_alarms();
     }
 
+    /// Power cycle of the controller (not the plant): the setpoints and the mode come back at
+    /// their configured power-up values, the control loop restarts from the live measurement,
+    /// and the controller keeps regulating at its power-up setpoint. The furnace's
+    /// temperature, the configuration, the stored programs and any plant fault survive.
+    pub fn power_cycle(&mut self) {
+        let sp = self.cfg.initial_sp_c;
+        self.target_sp_c = sp;
+        self.working_sp_c = sp;
+        self.sp2_c = sp;
+        self.remote_sp_c = sp;
+        self.manual = false;
+        self.output_pct = 0.0;
+        self.integral_pct = 0.0;
+        self.dpv_filtered = 0.0;
+        self.prev_pv_c = self.pv_c;
+        self.alarm1_latched = false;
+        self.new_alarm = false;
+        self.loop_break = false;
+        self.loop_break_window = None;
+        self.update_alarms();
+    }
+
     pub fn set_heater_fail(&mut self, on: bool) {
         self.heater_fail = on;
         self.update_alarms();

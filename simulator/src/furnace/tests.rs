@@ -857,3 +857,31 @@ fn programmer_refuses_what_a_2400_refuses() {
     assert_eq!(m.write_register(seg(1, 1), 4), Err(IllegalDataValue));
     assert_eq!(m.write_register(seg(2, 1), 4), Ok(()));
 }
+
+#[test]
+fn a_power_cycle_restores_the_power_up_setpoint_and_mode_and_keeps_the_heat() {
+    let mut m = model();
+    m.write_register(reg::RATE_LIMIT, t(0.0)).unwrap();
+    m.write_register(reg::TARGET_SP, t(150.0)).unwrap();
+    m.advance_to(3600.0);
+    let hot = m.snapshot().pv_c;
+    assert!(hot > 100.0, "heated to {hot}");
+    m.write_register(reg::AUTO_MANUAL, 1).unwrap();
+    write_program(&mut m);
+
+    m.power_cycle();
+    assert_eq!(read_c(&m, reg::TARGET_SP), 25.0);
+    assert_eq!(read1(&m, reg::AUTO_MANUAL), 0, "automatic after power-up");
+    assert!(
+        (m.snapshot().pv_c - hot).abs() < 1.0,
+        "the plant keeps its heat"
+    );
+    // It keeps regulating at the power-up setpoint: the heater stays off while hot.
+    m.advance_to(3700.0);
+    assert_eq!(m.snapshot().output_pct, 0.0);
+    // The stored programs survive: they live in the controller's non-volatile memory.
+    assert_eq!(
+        m.read_registers(seg(1, 1), 3).unwrap(),
+        vec![1, t(100.0), t(10.0)]
+    );
+}
