@@ -175,7 +175,7 @@ async fn a_controller_restarted_mid_hold_fails_the_step_instead_of_holding_its_p
         ),
         "{why}"
     );
-    // The scheduler drove it safe and read it back: no alarm left, nothing unsafe.
+    // The scheduler drove it safe and read it back: nothing unsafe.
     eventually("furnace-1 safe after the restart", || async {
         let word = furnace.read_registers(RATE_LIMIT_REGISTER, 1).expect("reg");
         word[0] == 0 && !lab.device("furnace-1").await.r#unsafe
@@ -188,6 +188,21 @@ async fn a_controller_restarted_mid_hold_fails_the_step_instead_of_holding_its_p
             .iter()
             .all(|a| a.cleared || a.code != "safe_state_pending")
     );
+    // The controller has no status bit for a restart: the driver reports the dropped setpoint
+    // as an alarm, listed and logged until a technician acknowledges it.
+    eventually("the setpoint_overridden alarm listed", || async {
+        lab.alarms("furnace-1")
+            .await
+            .iter()
+            .any(|a| a.code == "setpoint_overridden" && !a.acknowledged)
+    })
+    .await;
+    let mut stream = lab.event_stream().await;
+    let mut logged = Vec::new();
+    read_until(&mut stream, &mut logged, |ev| {
+        has_alarm(&alarm_events(ev, "furnace-1"), "setpoint_overridden", false)
+    })
+    .await;
     assert_nothing_lost(&lab, &[&id], &events).await;
     lab.stop().await;
 }

@@ -242,7 +242,14 @@ struct LinkState {
     /// The transport connection (see [`ModbusTransport::connections`]) on which the
     /// instrument ident was last found as expected.
     verified_on: Option<u64>,
+    /// A program found the controller no longer holding its setpoint (it restarted, or was
+    /// changed at its front panel): reported as the alarm [`SETPOINT_OVERRIDDEN`] until
+    /// acknowledged, since the controller itself has no status bit for it.
+    overridden: bool,
 }
+
+/// The alarm a controller that dropped a program's setpoint raises (see [`LinkState`]).
+pub const SETPOINT_OVERRIDDEN: &str = "setpoint overridden";
 
 /// A Eurotherm controller driving a furnace.
 #[derive(Debug)]
@@ -291,7 +298,19 @@ impl Eurotherm {
     /// Acknowledges all latched alarms (register 274).
     pub async fn acknowledge_alarms(&self) -> Result<(), DeviceError> {
         self.exchange(self.transport.write_single(registers::ACK_ALARMS, 1))
-            .await
+            .await?;
+        self.link().overridden = false;
+        Ok(())
+    }
+
+    /// Fails the step when the controller no longer holds the program's setpoint, and
+    /// remembers it as an alarm for the technician (see [`SETPOINT_OVERRIDDEN`]).
+    fn holds_setpoint(&self, snap: &Snapshot, program_c: f64) -> Result<(), DeviceError> {
+        let held = check_setpoint(snap, program_c, self.config.tolerance_c);
+        if held.is_err() {
+            self.link().overridden = true;
+        }
+        held
     }
 
     /// Reads the instrument ident (register 122) as it is, without judging it.
@@ -992,7 +1011,7 @@ impl<'a> ProgramRun<'a> {
         };
         loop {
             let snap = self.poll(heating.then_some(target)).await?;
-            check_setpoint(&snap, target, config.tolerance_c)?;
+            self.dev.holds_setpoint(&snap, target)?;
             let now = clock.now_s();
             if (snap.pv_c - target).abs() <= config.tolerance_c {
                 self.result.targets.push(TargetReached {
@@ -1034,7 +1053,7 @@ impl<'a> ProgramRun<'a> {
         let end_s = clock.now_s() + duration_s;
         loop {
             let snap = self.poll(Some(setpoint)).await?;
-            check_setpoint(&snap, setpoint, self.dev.config.tolerance_c)?;
+            self.dev.holds_setpoint(&snap, setpoint)?;
             let now = clock.now_s();
             if now >= end_s {
                 return Ok(());
@@ -1178,7 +1197,11 @@ impl Device for Eurotherm {
     async fn status(&self) -> Result<DeviceStatus, DeviceError> {
         let snap = self.read_snapshot().await?;
         let rate = self.read_rate_limit().await?;
-        Ok(snap.to_status(Some(rate), self.is_active(snap.target_sp_c)))
+        let mut status = snap.to_status(Some(rate), self.is_active(snap.target_sp_c));
+        if self.link().overridden {
+            status.alarms.push(SETPOINT_OVERRIDDEN.to_owned());
+        }
+        Ok(status)
     }
 
     /// Target setpoint to the safe value first (so no later failure can leave a high target
