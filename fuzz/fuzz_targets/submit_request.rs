@@ -35,6 +35,10 @@ driver = "ne1000"
 id = "pump-a"
 port = "/nonexistent/pump"
 reagent = "A"
+density_g_per_ml = 1.0
+syringe_inner_diameter_mm = 14.43
+syringe_volume_ml = 10.0
+fill_ml = 10.0
 balance = "balance-1"
 [devices.limits]
 max_rate_ml_per_min = 20.0
