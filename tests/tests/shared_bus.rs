@@ -159,6 +159,9 @@ async fn unplugging_one_furnace_on_a_shared_rtu_line_fails_only_its_experiment()
             .any(|e| e.device_id == "furnace-1" && matches!(e.kind, Some(Kind::Alarm(_)))),
         "no alarm for furnace-1"
     );
+    // Only furnace-2, whose link was lost mid-step, was alarmed.
+    let alarms = alarm_events(&ev, "furnace-2");
+    assert!(has_alarm(&alarms, "link_lost", false), "{alarms:?}");
     // furnace-1 ended its program in its safe state, over the shared line.
     let snap = lab.devlab.furnaces[0].sim.snapshot();
     assert_eq!(snap.target_sp_c, 25.0, "{snap:?}");
