@@ -21,7 +21,7 @@ use std::time::Duration;
 use pb::event::Kind;
 use pb::event_service_client::EventServiceClient;
 use pb::experiment_service_client::ExperimentServiceClient;
-use ppu_daemon::dev::{DEV_REAGENTS, dev_station_spec};
+use ppu_daemon::dev::{DEV_REAGENTS, dev_station_spec, station_config};
 use ppu_drivers::Clock;
 use ppu_drivers::transport::mqtt::BrokerUrl;
 use ppu_proto::v1 as pb;
@@ -658,12 +658,6 @@ async fn outside_station() -> SimStation {
         .expect("simulated dispensing station")
 }
 
-/// `[[devices]]` tables for the station, as a lab's config names its serial ports: the pumps'
-/// daisy chain is one `[[buses]]` entry, each pump on it by address.
-fn station_devices(station: &SimStation) -> String {
-    ppu_daemon::dev::station_config(station)
-}
-
 /// True (after a notice) when this process cannot run the dispense kill points. The driver
 /// opens serial ports with `TIOCEXCL`; a real port loses that flag when the last process
 /// holding it closes it, but a simulated port stays open in the simulator, so after the daemon
@@ -724,7 +718,7 @@ async fn start_long_dispense(
     station: &SimStation,
     on_restart: &str,
 ) -> (String, Vec<pb::Event>, Child) {
-    let devices = station_devices(station);
+    let devices = station_config(station);
     let (child, endpoint) =
         spawn_serve(dir, DISPENSE_TIME_SCALE, on_restart, "safe", &devices).await;
     let mut s = stream_all(&endpoint).await;
@@ -747,7 +741,7 @@ async fn kill_during_dispense(
         pump_a(station).sim.snapshot().running,
         "the killed daemon left the pump pumping"
     );
-    let devices = station_devices(station);
+    let devices = station_config(station);
     let (child, endpoint) =
         spawn_serve(dir, DISPENSE_TIME_SCALE, on_restart, "safe", &devices).await;
     (id, before, child, endpoint)
@@ -939,7 +933,7 @@ async fn a_graceful_shutdown_mid_dispense_under_on_restart_resume_does_not_dispe
     terminate(&mut child).await;
     // The daemon stopped the pump on its way down.
     let stopped_ml = assert_pump_stopped_now(&station);
-    let devices = station_devices(&station);
+    let devices = station_config(&station);
     let (mut child, endpoint) =
         spawn_serve(dir.path(), DISPENSE_TIME_SCALE, "resume", "safe", &devices).await;
     let mut after = Vec::new();

@@ -713,8 +713,15 @@ async fn unsafe_devices(endpoint: &str) -> Result<BTreeSet<String>> {
         .devices;
     Ok(devices
         .into_iter()
-        .filter(|d| d.connection != pb::ConnectionState::Connected as i32)
-        .map(|d| format!("{} (not connected)", d.id))
+        .filter_map(|d| {
+            if d.r#unsafe {
+                Some(format!("{} (unsafe: {})", d.id, d.unsafe_reason))
+            } else if d.connection != pb::ConnectionState::Connected as i32 {
+                Some(format!("{} (not connected)", d.id))
+            } else {
+                None
+            }
+        })
         .collect())
 }
 
