@@ -55,8 +55,19 @@ impl Lab {
             poll_interval: Duration::from_millis(250),
             reading_log_interval: Duration::from_secs(5),
         };
+        // The bench measures throughput, not abuse: it configures its daemon without the
+        // per-principal submission rate limit (600 calls a minute by default), which the
+        // single-experiment figures would otherwise hit within their first second.
+        let mut security = ppu_daemon::app::Security::default();
+        security.limits.submit_per_minute = 0; // 0: no limit
         let daemon = devlab
-            .start_daemon("127.0.0.1:0".parse()?, data_dir, poll, &Policies::default())
+            .start_secured_daemon(
+                "127.0.0.1:0".parse()?,
+                data_dir,
+                poll,
+                &Policies::default(),
+                security,
+            )
             .await
             .context("starting the daemon")?;
         let devlab = Arc::new(devlab);
