@@ -6,113 +6,25 @@
 //! streams progress and readings through [`StepContext`], honours cancellation at safe points,
 //! and can always be sent to its safe state.
 
-use std::collections::BTreeMap;
-use std::fmt;
-
 use async_trait::async_trait;
-use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
 
-/// What kind of device this is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Family {
-    Furnace,
-    Dispenser,
-    Balance,
-    Analyser,
-}
+/// A capability a device declares (`furnace_program`, `dispense`, `gas_flow`): the name its
+/// family's schema gives the commands it runs.
+pub type Capability = String;
 
-/// A kind of step a device can run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Capability {
-    Dispense,
-    Weigh,
-    FurnaceProgram,
-    Degas,
-    Isotherm,
-}
-
-impl Capability {
-    /// Lower-case name used in messages and config, e.g. `furnace_program`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Capability::Dispense => "dispense",
-            Capability::Weigh => "weigh",
-            Capability::FurnaceProgram => "furnace_program",
-            Capability::Degas => "degas",
-            Capability::Isotherm => "isotherm",
-        }
-    }
-}
-
-impl fmt::Display for Capability {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-/// Limits a driver declares. `None` means "no limit of this kind".
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Limits {
-    pub max_temperature_c: Option<f64>,
-    pub min_temperature_c: Option<f64>,
-    pub max_rate_c_per_min: Option<f64>,
-    pub max_hold_s: Option<f64>,
-    pub max_volume_ml: Option<f64>,
-    pub max_rate_ml_per_min: Option<f64>,
-    pub max_pressure_bar: Option<f64>,
-    /// The values the device accepts for a text parameter of a step, by the parameter's name
-    /// in [`StepCommand::text_parameters`] (e.g. `adsorptive` → `["CO2", "N2"]`), compared
-    /// without regard to ASCII case. A parameter not named here takes any value. The daemon
-    /// refuses any other value at submission, so a recipe the instrument would refuse hours
-    /// later never enters the queue.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub accepted: BTreeMap<String, Vec<String>>,
-}
-
-/// A text parameter whose value the device does not accept ([`Limits::refused_value`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RefusedValue<'a> {
-    /// The parameter's name, e.g. `adsorptive`.
-    pub parameter: &'static str,
-    /// The value the step names.
-    pub value: &'a str,
-    /// What the device accepts instead.
-    pub accepted: &'a [String],
-}
-
-impl Limits {
-    /// The first text parameter of `step` whose value is not among the accepted values
-    /// declared for it, if any.
-    pub fn refused_value<'a>(&'a self, step: &'a StepCommand) -> Option<RefusedValue<'a>> {
-        step.text_parameters()
-            .into_iter()
-            .find_map(|(parameter, value)| {
-                let accepted = self.accepted.get(parameter)?;
-                let known = accepted
-                    .iter()
-                    .any(|a| a.trim().eq_ignore_ascii_case(value.trim()));
-                (!known).then_some(RefusedValue {
-                    parameter,
-                    value,
-                    accepted,
-                })
-            })
-    }
-}
+pub use ppu_schema::Limits;
 
 /// Static description of a configured device.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeviceInfo {
     /// Unique id from the configuration.
     pub id: String,
-    pub family: Family,
+    /// The family's name in its schema (`furnace`, `mfc`).
+    pub family: String,
     /// Driver name, e.g. `eurotherm`.
     pub driver: String,
     /// Human-readable transport, e.g. `modbus-tcp://127.0.0.1:5020 unit 1`.
@@ -121,194 +33,74 @@ pub struct DeviceInfo {
     pub limits: Limits,
 }
 
-/// One segment of a furnace program.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Segment {
-    /// Ramp the setpoint to `temperature_c` at `rate_c_per_min`; ends when PV reaches it.
-    Ramp {
-        temperature_c: f64,
-        rate_c_per_min: f64,
-    },
-    /// Hold the current setpoint for `duration_s` of physical time.
-    Hold { duration_s: f64 },
-    /// Jump the setpoint to `temperature_c`; ends when PV reaches it.
-    StepTo { temperature_c: f64 },
-}
-
-impl Segment {
-    /// The temperature this segment drives towards, if it has one.
-    pub fn target_c(&self) -> Option<f64> {
-        match *self {
-            Segment::Ramp { temperature_c, .. } | Segment::StepTo { temperature_c } => {
-                Some(temperature_c)
-            }
-            Segment::Hold { .. } => None,
-        }
+impl DeviceInfo {
+    /// True if the device declares `capability`.
+    pub fn has(&self, capability: &str) -> bool {
+        self.capabilities.iter().any(|c| c == capability)
     }
 }
 
-/// A step, as a driver sees it.
+/// A step, as a driver sees it: one of its family's command messages, packed as a
+/// `google.protobuf.Any`. The daemon has already checked it against the family's schema and the
+/// device's limits; the driver decodes it into its own type ([`StepCommand::decode`]) and
+/// checks again what only it knows.
 #[derive(Debug, Clone, PartialEq)]
-pub enum StepCommand {
-    FurnaceProgram {
-        segments: Vec<Segment>,
-    },
-    /// Dispense `volume_ml` of `reagent` at `rate_ml_per_min`.
-    Dispense {
-        reagent: String,
-        volume_ml: f64,
-        rate_ml_per_min: f64,
-    },
-    /// Withdraw into the syringe from the reservoir; `None` = the driver's choice
-    /// (fill the syringe, default rate).
-    Refill {
-        reagent: String,
-        volume_ml: Option<f64>,
-        rate_ml_per_min: Option<f64>,
-    },
-    /// Read a stable weight; `None` = the device's default stability timeout (real time).
-    Weigh {
-        stability_timeout_s: Option<f64>,
-    },
-    Degas {
-        temperature_c: f64,
-        duration_s: f64,
-    },
-    Isotherm {
-        adsorptive: String,
-        temperature_c: f64,
-        pressures_bar: Vec<f64>,
-        /// Physical seconds between the readings the equilibrium criterion is judged on.
-        equilibration_interval_s: Option<f64>,
-        /// Longest physical wait for one point.
-        max_equilibration_s: Option<f64>,
-        /// Sample mass to normalise to, g; `None` = the device default.
-        sample_mass_g: Option<f64>,
-    },
-}
+pub struct StepCommand(pub prost_types::Any);
 
 impl StepCommand {
-    /// The capability a device needs to run this step.
-    pub fn capability(&self) -> Capability {
-        match self {
-            StepCommand::FurnaceProgram { .. } => Capability::FurnaceProgram,
-            StepCommand::Dispense { .. } | StepCommand::Refill { .. } => Capability::Dispense,
-            StepCommand::Weigh { .. } => Capability::Weigh,
-            StepCommand::Degas { .. } => Capability::Degas,
-            StepCommand::Isotherm { .. } => Capability::Isotherm,
-        }
+    /// Packs a family's command message.
+    pub fn pack<M: prost::Name>(message: &M) -> Self {
+        Self(pack(message))
     }
 
-    /// The step's text parameters that name something the device must know (a reagent, an
-    /// adsorptive), by name: what [`Limits::accepted`] is keyed by.
-    pub fn text_parameters(&self) -> Vec<(&'static str, &str)> {
-        match self {
-            StepCommand::Dispense { reagent, .. } | StepCommand::Refill { reagent, .. } => {
-                vec![("reagent", reagent.as_str())]
-            }
-            StepCommand::Isotherm { adsorptive, .. } => vec![("adsorptive", adsorptive.as_str())],
-            StepCommand::FurnaceProgram { .. }
-            | StepCommand::Weigh { .. }
-            | StepCommand::Degas { .. } => Vec::new(),
-        }
+    /// The command's message name, e.g. `ppu.devices.furnace.v1.FurnaceProgram`.
+    pub fn type_name(&self) -> &str {
+        ppu_schema::type_name(&self.0.type_url)
+    }
+
+    /// True if the command is a `M`.
+    pub fn is<M: prost::Name>(&self) -> bool {
+        self.type_name() == M::full_name()
+    }
+
+    /// The command as a `M`, or `None` if it is another command.
+    pub fn decode<M: prost::Name + Default>(&self) -> Option<Result<M, DeviceError>> {
+        self.is::<M>().then(|| {
+            M::decode(self.0.value.as_slice()).map_err(|e| {
+                DeviceError::Unsupported(format!("{} does not decode: {e}", M::full_name()))
+            })
+        })
+    }
+
+    /// The error a driver returns for a command of another family.
+    pub fn unsupported(&self, device: &str) -> DeviceError {
+        DeviceError::Unsupported(format!("device {device} cannot run {}", self.type_name()))
     }
 }
 
-/// One sample of a furnace run.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct FurnaceSample {
-    /// Physical seconds since the program started.
-    pub t_s: f64,
-    pub pv_c: f64,
-    pub working_sp_c: f64,
-    pub output_pct: f64,
+/// Packs a message as a `google.protobuf.Any`.
+pub fn pack<M: prost::Name>(message: &M) -> prost_types::Any {
+    prost_types::Any {
+        type_url: M::type_url(),
+        value: message.encode_to_vec(),
+    }
 }
 
-/// When a segment's target was reached.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct TargetReached {
-    pub segment_index: u32,
-    pub temperature_c: f64,
-    pub reached_at_s: f64,
-    pub tolerance_c: f64,
-}
-
-/// What a furnace did during a program.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct FurnaceResult {
-    pub trace: Vec<FurnaceSample>,
-    pub max_overshoot_c: f64,
-    pub targets: Vec<TargetReached>,
-}
-
-/// What a dispense delivered.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct DispenseResult {
-    pub reagent: String,
-    pub requested_volume_ml: f64,
-    pub pump_volume_ml: f64,
-    /// `None` where no balance serves the station.
-    pub measured_mass_g: Option<f64>,
-    pub expected_mass_g: f64,
-    /// (measured − expected) / expected; `None` without a balance.
-    pub relative_deviation: Option<f64>,
-    pub remaining_ml: f64,
-}
-
-/// A weighing.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
-pub struct WeighResult {
-    pub mass_g: f64,
-    pub stable: bool,
-}
-
-/// A refill.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct RefillResult {
-    pub reagent: String,
-    pub volume_ml: f64,
-    pub fill_ml: f64,
-}
-
-/// A degas as performed.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
-pub struct DegasResult {
-    pub temperature_c: f64,
-    pub duration_s: f64,
-    pub final_pressure_bar: f64,
-}
-
-/// One equilibrium point.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
-pub struct IsothermPoint {
-    pub pressure_bar: f64,
-    /// 0 where not applicable (supercritical).
-    pub p0_bar: f64,
-    pub amount_mmol_per_g: f64,
-    pub equilibration_time_s: f64,
-}
-
-/// A measured isotherm.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct IsothermResult {
-    pub adsorptive: String,
-    pub temperature_c: f64,
-    pub sample_mass_g: f64,
-    pub degas_temperature_c: f64,
-    pub degas_duration_s: f64,
-    pub points: Vec<IsothermPoint>,
-    pub instrument: String,
-}
-
-/// The typed result of a successful step.
+/// The typed result of a successful step: the family's result message, packed.
 #[derive(Debug, Clone, PartialEq)]
-pub enum StepOutput {
-    Furnace(FurnaceResult),
-    Dispense(DispenseResult),
-    Refill(RefillResult),
-    Weigh(WeighResult),
-    Degas(DegasResult),
-    Isotherm(IsothermResult),
+pub struct StepOutput(pub prost_types::Any);
+
+impl StepOutput {
+    pub fn pack<M: prost::Name>(message: &M) -> Self {
+        Self(pack(message))
+    }
+
+    /// The result as a `M`, or `None` if it is another message.
+    pub fn decode<M: prost::Name + Default>(&self) -> Option<M> {
+        (ppu_schema::type_name(&self.0.type_url) == M::full_name())
+            .then(|| M::decode(self.0.value.as_slice()).ok())
+            .flatten()
+    }
 }
 
 /// A named value read from a device, the unit as a suffix of the name (`pv_c`).
@@ -351,8 +143,9 @@ pub enum StepUpdate {
     },
     /// A fresh reading taken while the step runs.
     Reading(DeviceStatus),
-    /// One isotherm point, as soon as it is measured (logged durably by the daemon).
-    IsothermPoint { index: u32, point: IsothermPoint },
+    /// An intermediate response (an isotherm point), as soon as it is measured: the command's
+    /// `intermediate` message, packed; the daemon logs each one durably.
+    Intermediate { index: u32, value: prost_types::Any },
 }
 
 /// Everything a step needs from the daemon while it runs.

@@ -11,10 +11,11 @@ pub mod clock;
 pub mod device;
 pub mod dispenser;
 pub mod furnace;
+pub mod registry;
 pub mod transport;
 
 pub use clock::Clock;
 pub use device::{
-    Capability, Device, DeviceError, DeviceInfo, DeviceStatus, Family, Limits, SafeCheck,
-    StepCommand, StepContext, StepOutput, StepUpdate,
+    Capability, Device, DeviceError, DeviceInfo, DeviceStatus, Limits, SafeCheck, StepCommand,
+    StepContext, StepOutput, StepUpdate,
 };

@@ -5,11 +5,11 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use ppu_drivers::analyser::schema::{IsothermPoint, IsothermResult};
 use ppu_drivers::analyser::sorption::{BridgeLiveness, FAULTY_ALARM};
 use ppu_drivers::analyser::{SorptionAnalyser, SorptionConfig};
-use ppu_drivers::device::{IsothermPoint, IsothermResult};
 use ppu_drivers::transport::mqtt::{BrokerUrl, MqttConfig, MqttTransport, Qos};
-use ppu_drivers::{Clock, Device, DeviceError, StepCommand, StepContext, StepOutput, StepUpdate};
+use ppu_drivers::{Clock, Device, DeviceError, StepCommand, StepContext, StepUpdate};
 use ppu_sim::analyser::{Material, SimAnalyser, SimAnalyserConfig};
 use ppu_sim::broker::{EmbeddedBroker, MosquittoForTest, mosquitto_for_test, mosquitto_required};
 use ppu_sim::world::World;
@@ -184,7 +184,7 @@ fn isotherm_of(
     pressures: &[f64],
     max_equilibration_s: f64,
 ) -> StepCommand {
-    StepCommand::Isotherm {
+    ppu_drivers::analyser::StepKind::Isotherm {
         adsorptive: adsorptive.into(),
         temperature_c,
         pressures_bar: pressures.to_vec(),
@@ -192,12 +192,23 @@ fn isotherm_of(
         max_equilibration_s: Some(max_equilibration_s),
         sample_mass_g: Some(0.1),
     }
+    .pack()
+}
+
+/// The isotherm point an update carries, if it is one.
+fn point_of(u: &StepUpdate) -> Option<(u32, IsothermPoint)> {
+    match u {
+        StepUpdate::Intermediate { index, value } => {
+            Some((*index, prost::Message::decode(value.value.as_slice()).ok()?))
+        }
+        _ => None,
+    }
 }
 
 fn drain_points(rx: &mut mpsc::UnboundedReceiver<StepUpdate>) -> Vec<(u32, IsothermPoint)> {
     let mut points = Vec::new();
     while let Ok(u) = rx.try_recv() {
-        if let StepUpdate::IsothermPoint { index, point } = u {
+        if let Some((index, point)) = point_of(&u) {
             points.push((index, point));
         }
     }
@@ -255,13 +266,14 @@ async fn ten_point_isotherm(kind: Kind) {
     let Some(rig) = rig(kind, false).await else {
         return;
     };
-    let degas = StepCommand::Degas {
+    let degas = ppu_drivers::analyser::StepKind::Degas {
         temperature_c: 300.0,
         duration_s: 2.0 * 3600.0,
-    };
+    }
+    .pack();
     let (ctx, _rx) = rig.ctx("ref-13X-1");
     let out = rig.driver.execute(&degas, ctx).await.expect("degas");
-    let StepOutput::Degas(d) = out else {
+    let Some(d) = (out).decode::<ppu_drivers::analyser::schema::DegasResult>() else {
         panic!("{out:?}")
     };
     assert!(d.final_pressure_bar < 1.3e-5, "good vacuum: {d:?}");
@@ -274,7 +286,7 @@ async fn ten_point_isotherm(kind: Kind) {
     .await
     .expect("isotherm finishes")
     .expect("isotherm succeeds");
-    let StepOutput::Isotherm(result) = out else {
+    let Some(result) = (out).decode::<ppu_drivers::analyser::schema::IsothermResult>() else {
         panic!("{out:?}")
     };
     assert_eq!(result.points.len(), 10);
@@ -327,7 +339,7 @@ async fn points_land_within_tolerance(kind: Kind) {
             .await
             .expect("isotherm finishes")
             .unwrap_or_else(|e| panic!("{sample} {adsorptive}: {e}"));
-        let StepOutput::Isotherm(result) = out else {
+        let Some(result) = (out).decode::<ppu_drivers::analyser::schema::IsothermResult>() else {
             panic!("{out:?}")
         };
         assert_within_tolerance(&targets, &result);
@@ -407,7 +419,7 @@ async fn a_high_time_scale_changes_the_wall_time_only() {
         .await
         .expect("isotherm finishes")
         .unwrap_or_else(|e| panic!("isotherm {k} at 100 000×: {e}"));
-        let StepOutput::Isotherm(result) = out else {
+        let Some(result) = (out).decode::<ppu_drivers::analyser::schema::IsothermResult>() else {
             panic!("{out:?}")
         };
         assert_within_tolerance(&targets, &result);
@@ -434,7 +446,7 @@ async fn broker_restart_mid_isotherm(kind: Kind) {
     while seen.len() < 3 {
         tokio::select! {
             out = &mut run => panic!("isotherm ended before the outage: {out:?}"),
-            Some(u) = rx.recv() => if let StepUpdate::IsothermPoint { index, point } = u { seen.push((index, point)); },
+            Some(u) = rx.recv() => if let Some(p) = point_of(&u) { seen.push(p); },
             _ = tokio::time::sleep_until(deadline) => panic!("no points before the outage"),
         }
     }
@@ -454,8 +466,8 @@ async fn broker_restart_mid_isotherm(kind: Kind) {
     let out = tokio::time::timeout(DEADLINE, &mut run)
         .await
         .expect("the measurement ends without hanging");
-    match out {
-        Ok(StepOutput::Isotherm(result)) => {
+    match out.map(|o| o.decode::<IsothermResult>()) {
+        Ok(Some(result)) => {
             seen.extend(drain_points(&mut rx));
             assert_in_order(&seen, &result);
             assert_on_isotherm(&Material::mg_mof_74(), &result);
@@ -653,7 +665,7 @@ async fn cancelling_aborts_the_measurement_on_the_instrument() {
     loop {
         tokio::select! {
             out = &mut run => panic!("ended early: {out:?}"),
-            Some(u) = rx.recv() => if matches!(u, StepUpdate::IsothermPoint { .. }) { break },
+            Some(u) = rx.recv() => if point_of(&u).is_some() { break },
         }
     }
     cancel.cancel();
@@ -681,7 +693,7 @@ async fn lost_results_are_replayed_by_request_id_without_measuring_twice() {
     while seen.len() < 2 {
         tokio::select! {
             out = &mut run => panic!("ended early: {out:?}"),
-            Some(u) = rx.recv() => if let StepUpdate::IsothermPoint { index, point } = u { seen.push((index, point)); },
+            Some(u) = rx.recv() => if let Some(p) = point_of(&u) { seen.push(p); },
         }
     }
     rig.sim.drop_next_results(2);
@@ -689,7 +701,7 @@ async fn lost_results_are_replayed_by_request_id_without_measuring_twice() {
         .await
         .expect("finishes")
         .expect("the gap is filled by a replay");
-    let StepOutput::Isotherm(result) = out else {
+    let Some(result) = (out).decode::<ppu_drivers::analyser::schema::IsothermResult>() else {
         panic!("{out:?}")
     };
     seen.extend(drain_points(&mut rx));

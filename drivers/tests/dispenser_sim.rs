@@ -7,10 +7,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use ppu_drivers::balance::schema::WeighResult;
 use ppu_drivers::balance::sics::{SicsBalance, SicsConfig, SicsError};
-use ppu_drivers::device::{DispenseResult, StepOutput, WeighResult};
+use ppu_drivers::device::StepOutput;
 use ppu_drivers::dispenser::ne1000::protocol::{Command, PumpError};
 use ppu_drivers::dispenser::ne1000::{Ne1000Config, Ne1000Error, Ne1000Pump};
+use ppu_drivers::dispenser::schema::DispenseResult;
 use ppu_drivers::transport::serial::{Framing, OpenError, SerialConfig, SerialTransport};
 use ppu_drivers::{Clock, Device, DeviceError, Limits, StepCommand, StepContext, StepUpdate};
 use ppu_sim::dispenser::balance::BalanceConfig;
@@ -77,11 +79,9 @@ fn pump_config(id: &str, path: String, reagent: &str, density: f64) -> Ne1000Con
     c.density_g_per_ml = density;
     c.fill_ml = 10.0;
     c.tolerance = 0.01;
-    c.limits = Limits {
-        max_rate_ml_per_min: Some(20.0),
-        max_volume_ml: Some(10.0),
-        ..Limits::default()
-    };
+    c.limits = Limits::default()
+        .with("max_rate_ml_per_min", 20.0)
+        .with("max_volume_ml", 10.0);
     c.poll_interval_s = 5.0;
     c.min_poll = Duration::from_millis(5);
     c.transient_grace = Duration::from_secs(2);
@@ -168,11 +168,12 @@ fn ctx(clock: Clock) -> Ctx {
 }
 
 fn dispense(reagent: &str, volume_ml: f64, rate_ml_per_min: f64) -> StepCommand {
-    StepCommand::Dispense {
+    ppu_drivers::dispenser::StepKind::Dispense {
         reagent: reagent.into(),
         volume_ml,
         rate_ml_per_min,
     }
+    .pack()
 }
 
 async fn run(
@@ -187,9 +188,9 @@ async fn run(
 }
 
 fn dispensed(out: StepOutput) -> DispenseResult {
-    match out {
-        StepOutput::Dispense(d) => d,
-        other => panic!("expected a dispense result, got {other:?}"),
+    match out.decode::<DispenseResult>() {
+        Some(d) => d,
+        None => panic!("expected a dispense result, got {out:?}"),
     }
 }
 
@@ -500,23 +501,27 @@ async fn refill_withdraws_and_the_fill_limits_dispenses() {
     );
     assert_eq!(rig.station.pumps[0].sim.snapshot().delivered_ml, before);
 
-    let refill = StepCommand::Refill {
+    let refill = ppu_drivers::dispenser::StepKind::Refill {
         reagent: "A".into(),
         volume_ml: None,
         rate_ml_per_min: None,
-    };
-    let StepOutput::Refill(r) = run(&rig.pump_a, refill, rig.clock).await.unwrap() else {
+    }
+    .pack();
+    let Some(r) = (run(&rig.pump_a, refill, rig.clock).await.unwrap())
+        .decode::<ppu_drivers::dispenser::schema::RefillResult>()
+    else {
         panic!("expected a refill result");
     };
     assert!((r.volume_ml - 8.0).abs() < 1e-6, "{r:?}");
     assert!((r.fill_ml - 10.0).abs() < 1e-6, "{r:?}");
     assert!((rig.station.pumps[0].sim.snapshot().contents_ml - 10.0).abs() < 1e-6);
     // Too much for the free space.
-    let over = StepCommand::Refill {
+    let over = ppu_drivers::dispenser::StepKind::Refill {
         reagent: "A".into(),
         volume_ml: Some(1.0),
         rate_ml_per_min: None,
-    };
+    }
+    .pack();
     let err = run(&rig.pump_a, over, rig.clock).await.unwrap_err();
     assert!(matches!(err, DeviceError::Limit { .. }), "{err:?}");
     run(&rig.pump_a, dispense("A", 3.0, 20.0), rig.clock)
@@ -687,15 +692,12 @@ async fn the_balance_weighs_tares_and_reports_overload() {
     assert!(w.stable && w.grams().abs() < 0.001, "{w:?}");
     let c = ctx(rig.clock);
     let out = b
-        .execute(
-            &StepCommand::Weigh {
-                stability_timeout_s: Some(5.0),
-            },
-            c.ctx,
-        )
+        .execute(&ppu_drivers::balance::weigh_command(Some(5.0)), c.ctx)
         .await
         .unwrap();
-    let StepOutput::Weigh(WeighResult { stable, mass_g }) = out else {
+    let Some(WeighResult { stable, mass_g }) =
+        (out).decode::<ppu_drivers::balance::schema::WeighResult>()
+    else {
         panic!("{out:?}");
     };
     assert!(stable && mass_g.abs() < 0.001);

@@ -6,8 +6,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ppu_drivers::device::{FurnaceResult, Segment};
+use ppu_drivers::furnace::Segment;
 use ppu_drivers::furnace::eurotherm::{Eurotherm, EurothermConfig, IdentCheck, registers};
+use ppu_drivers::furnace::schema::FurnaceResult;
 use ppu_drivers::transport::modbus::{ModbusConfig, ModbusEndpoint};
 use ppu_drivers::{
     Clock, Device, DeviceError, Limits, StepCommand, StepContext, StepOutput, StepUpdate,
@@ -51,11 +52,9 @@ fn config(addr: SocketAddr) -> EurothermConfig {
     modbus.timeout = Duration::from_millis(200);
     modbus.retries = 1;
     let mut config = EurothermConfig::new("furnace-1", modbus);
-    config.limits = Limits {
-        max_temperature_c: Some(1100.0),
-        max_rate_c_per_min: Some(20.0),
-        ..Limits::default()
-    };
+    config.limits = Limits::default()
+        .with("max_temperature_c", 1100.0)
+        .with("max_rate_c_per_min", 20.0);
     config.min_poll = Duration::from_millis(5);
     config
 }
@@ -111,9 +110,9 @@ async fn wait_update(
 }
 
 fn furnace(output: StepOutput) -> FurnaceResult {
-    match output {
-        StepOutput::Furnace(result) => result,
-        other => panic!("a furnace returned {other:?}"),
+    match output.decode::<FurnaceResult>() {
+        Some(result) => result,
+        None => panic!("a furnace returned {output:?}"),
     }
 }
 
@@ -233,18 +232,16 @@ async fn reconnects_after_the_server_comes_back() {
 async fn program_runs_to_every_target_and_ends_safe() {
     let rig = rig(FAST).await;
     let dev = Eurotherm::new(config(rig.addr));
-    let step = StepCommand::FurnaceProgram {
-        segments: vec![
-            Segment::Ramp {
-                temperature_c: 200.0,
-                rate_c_per_min: 10.0,
-            },
-            Segment::Hold { duration_s: 600.0 },
-            Segment::StepTo {
-                temperature_c: 150.0,
-            },
-        ],
-    };
+    let step = ppu_drivers::furnace::program_command(&vec![
+        Segment::Ramp {
+            temperature_c: 200.0,
+            rate_c_per_min: 10.0,
+        },
+        Segment::Hold { duration_s: 600.0 },
+        Segment::StepTo {
+            temperature_c: 150.0,
+        },
+    ]);
     let (ctx, mut rx) = context(rig.clock);
     let result = tokio::time::timeout(Duration::from_secs(60), dev.execute(&step, ctx))
         .await
@@ -294,7 +291,7 @@ async fn program_runs_to_every_target_and_ends_safe() {
         .iter()
         .filter_map(|u| match u {
             StepUpdate::Progress { fraction, .. } => Some(*fraction),
-            StepUpdate::Reading(_) | StepUpdate::IsothermPoint { .. } => None,
+            StepUpdate::Reading(_) | StepUpdate::Intermediate { .. } => None,
         })
         .collect();
     assert!(fractions.windows(2).all(|w| w[0] <= w[1]), "{fractions:?}");
@@ -305,17 +302,15 @@ async fn program_runs_to_every_target_and_ends_safe() {
 async fn cancelling_during_a_hold_aborts_and_leaves_the_furnace_safe() {
     let rig = rig(FAST).await;
     let dev = Arc::new(Eurotherm::new(config(rig.addr)));
-    let step = StepCommand::FurnaceProgram {
-        segments: vec![
-            Segment::Ramp {
-                temperature_c: 100.0,
-                rate_c_per_min: 20.0,
-            },
-            Segment::Hold {
-                duration_s: 1_000_000.0,
-            },
-        ],
-    };
+    let step = ppu_drivers::furnace::program_command(&vec![
+        Segment::Ramp {
+            temperature_c: 100.0,
+            rate_c_per_min: 20.0,
+        },
+        Segment::Hold {
+            duration_s: 1_000_000.0,
+        },
+    ]);
     let (ctx, mut rx) = context(rig.clock);
     let cancel = ctx.cancel.clone();
     let run = tokio::spawn({
@@ -347,12 +342,10 @@ async fn cancelling_during_a_hold_aborts_and_leaves_the_furnace_safe() {
 async fn heater_failure_fails_the_program() {
     let rig = rig(FAST).await;
     let dev = Arc::new(Eurotherm::new(config(rig.addr)));
-    let step = StepCommand::FurnaceProgram {
-        segments: vec![Segment::Ramp {
-            temperature_c: 800.0,
-            rate_c_per_min: 10.0,
-        }],
-    };
+    let step = ppu_drivers::furnace::program_command(&vec![Segment::Ramp {
+        temperature_c: 800.0,
+        rate_c_per_min: 10.0,
+    }]);
     let (ctx, mut rx) = context(rig.clock);
     let run = tokio::spawn({
         let dev = Arc::clone(&dev);
@@ -382,15 +375,13 @@ async fn heater_failure_fails_the_program() {
 async fn a_short_outage_during_a_hold_is_ridden_out() {
     let rig = rig(FAST).await;
     let dev = Arc::new(Eurotherm::new(config(rig.addr)));
-    let step = StepCommand::FurnaceProgram {
-        segments: vec![
-            Segment::StepTo {
-                temperature_c: 60.0,
-            },
-            // 6000 s physical = 3 s real at FAST: the outage falls inside the hold.
-            Segment::Hold { duration_s: 6000.0 },
-        ],
-    };
+    let step = ppu_drivers::furnace::program_command(&vec![
+        Segment::StepTo {
+            temperature_c: 60.0,
+        },
+        // 6000 s physical = 3 s real at FAST: the outage falls inside the hold.
+        Segment::Hold { duration_s: 6000.0 },
+    ]);
     let (ctx, mut rx) = context(rig.clock);
     let run = tokio::spawn({
         let dev = Arc::clone(&dev);
@@ -424,17 +415,15 @@ async fn a_short_outage_during_a_hold_is_ridden_out() {
 async fn a_program_over_the_limits_is_rejected_before_anything_is_sent() {
     let rig = rig(FAST).await;
     let dev = Eurotherm::new(config(rig.addr));
-    let step = StepCommand::FurnaceProgram {
-        segments: vec![
-            Segment::Ramp {
-                temperature_c: 500.0,
-                rate_c_per_min: 10.0,
-            },
-            Segment::StepTo {
-                temperature_c: 1150.0,
-            },
-        ],
-    };
+    let step = ppu_drivers::furnace::program_command(&vec![
+        Segment::Ramp {
+            temperature_c: 500.0,
+            rate_c_per_min: 10.0,
+        },
+        Segment::StepTo {
+            temperature_c: 1150.0,
+        },
+    ]);
     let (ctx, _rx) = context(rig.clock);
     let err = dev.execute(&step, ctx).await.unwrap_err();
     assert_eq!(
@@ -455,13 +444,11 @@ async fn a_step_is_held_to_the_declared_ramp_limit_by_the_controller() {
     let max_rate = dev
         .config()
         .limits
-        .max_rate_c_per_min
+        .get("max_rate_c_per_min")
         .expect("rig declares a ramp limit");
-    let step = StepCommand::FurnaceProgram {
-        segments: vec![Segment::StepTo {
-            temperature_c: 300.0,
-        }],
-    };
+    let step = ppu_drivers::furnace::program_command(&vec![Segment::StepTo {
+        temperature_c: 300.0,
+    }]);
     let (ctx, mut rx) = context(rig.clock);
     let run = tokio::spawn(async move { dev.execute(&step, ctx).await });
     // While the step runs, the controller itself carries the limit: the first reading after
@@ -524,11 +511,9 @@ async fn another_instrument_at_the_address_is_refused_before_anything_is_written
     assert!(text.contains("0x2480 (2408)"), "{text}");
 
     // A program never reaches the setpoint register of an unverified instrument.
-    let step = StepCommand::FurnaceProgram {
-        segments: vec![Segment::StepTo {
-            temperature_c: 300.0,
-        }],
-    };
+    let step = ppu_drivers::furnace::program_command(&vec![Segment::StepTo {
+        temperature_c: 300.0,
+    }]);
     let (ctx, _rx) = context(rig.clock);
     let text = fault_text(dev.execute(&step, ctx).await.unwrap_err());
     assert!(text.contains("reads 0x3216"), "{text}");
@@ -608,7 +593,7 @@ fn long_hold(step_first: bool) -> StepCommand {
             },
         );
     }
-    StepCommand::FurnaceProgram { segments }
+    ppu_drivers::furnace::program_command(&segments)
 }
 
 /// The outage length named in an outage reason ("… unreachable for 1.7 s (grace …").

@@ -228,10 +228,11 @@ impl ppu_sim::pty::SerialDevice for ScriptedBalance {
 
 #[tokio::test]
 async fn status_and_weighing_work_with_the_manuals_replies() {
+    use ppu_drivers::balance::schema::WeighResult;
     use ppu_drivers::balance::sics::{SicsBalance, SicsConfig, SicsError};
-    use ppu_drivers::device::{StepOutput, WeighResult};
+
     use ppu_drivers::transport::serial::{Framing, SerialConfig};
-    use ppu_drivers::{Clock, Device, StepCommand, StepContext};
+    use ppu_drivers::{Clock, Device, StepContext};
     use std::sync::Arc;
     use std::time::Duration;
 
@@ -298,15 +299,12 @@ async fn status_and_weighing_work_with_the_manuals_replies() {
         experiment_id: "E-1".into(),
     };
     let out = balance
-        .execute(
-            &StepCommand::Weigh {
-                stability_timeout_s: Some(0.2),
-            },
-            ctx,
-        )
+        .execute(&ppu_drivers::balance::weigh_command(Some(0.2)), ctx)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let StepOutput::Weigh(WeighResult { mass_g, stable }) = out else {
+    let Some(WeighResult { mass_g, stable }) =
+        (out).decode::<ppu_drivers::balance::schema::WeighResult>()
+    else {
         panic!("{out:?}");
     };
     assert!(!stable && (mass_g - 129.07).abs() < 1e-9);

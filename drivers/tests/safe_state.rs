@@ -9,7 +9,7 @@ use ppu_drivers::furnace::eurotherm::{Eurotherm, EurothermConfig, registers};
 use ppu_drivers::transport::modbus::{ModbusConfig, ModbusEndpoint};
 use ppu_drivers::transport::mqtt::{BrokerUrl, MqttConfig};
 use ppu_drivers::transport::serial::{Framing, SerialConfig};
-use ppu_drivers::{Clock, Device, Limits, SafeCheck, StepCommand, StepContext};
+use ppu_drivers::{Clock, Device, Limits, SafeCheck, StepContext};
 use ppu_sim::analyser::{SimAnalyser, SimAnalyserConfig};
 use ppu_sim::broker::EmbeddedBroker;
 use ppu_sim::dispenser::pump::PumpConfig;
@@ -105,11 +105,9 @@ async fn an_ne1000_is_confirmed_safe_only_when_it_reports_stopped() {
     serial.timeout = Duration::from_millis(300);
     let mut config = Ne1000Config::new("pump-a", serial, "A");
     config.fill_ml = 10.0;
-    config.limits = Limits {
-        max_rate_ml_per_min: Some(20.0),
-        max_volume_ml: Some(10.0),
-        ..Limits::default()
-    };
+    config.limits = Limits::default()
+        .with("max_rate_ml_per_min", 20.0)
+        .with("max_volume_ml", 10.0);
     let pump = std::sync::Arc::new(Ne1000Pump::new(config, None));
     assert_eq!(pump.confirm_safe().await, Ok(SafeCheck::Safe));
 
@@ -127,11 +125,12 @@ async fn an_ne1000_is_confirmed_safe_only_when_it_reports_stopped() {
     let running = {
         let pump = pump.clone();
         tokio::spawn(async move {
-            let step = StepCommand::Dispense {
+            let step = ppu_drivers::dispenser::StepKind::Dispense {
                 reagent: "A".into(),
                 volume_ml: 5.0,
                 rate_ml_per_min: 0.1,
-            };
+            }
+            .pack();
             pump.execute(&step, ctx).await
         })
     };
@@ -194,10 +193,11 @@ async fn an_analyser_is_confirmed_safe_only_when_its_bridge_reports_idle() {
     let running = {
         let analyser = analyser.clone();
         tokio::spawn(async move {
-            let step = StepCommand::Degas {
+            let step = ppu_drivers::analyser::StepKind::Degas {
                 temperature_c: 300.0,
                 duration_s: 4.0 * 3600.0,
-            };
+            }
+            .pack();
             analyser.execute(&step, ctx).await
         })
     };

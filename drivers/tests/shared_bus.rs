@@ -7,14 +7,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ppu_drivers::device::Segment;
 use ppu_drivers::dispenser::ne1000::{Ne1000Config, Ne1000Pump};
+use ppu_drivers::furnace::Segment;
 use ppu_drivers::furnace::eurotherm::{Eurotherm, EurothermConfig};
 use ppu_drivers::transport::modbus::{ModbusBus, ModbusConfig, ModbusEndpoint};
 use ppu_drivers::transport::serial::{Framing, SerialBus, SerialConfig};
-use ppu_drivers::{
-    Clock, Device, DeviceError, Limits, StepCommand, StepContext, StepOutput, StepUpdate,
-};
+use ppu_drivers::{Clock, Device, DeviceError, Limits, StepCommand, StepContext, StepUpdate};
 use ppu_sim::dispenser::pump::PumpConfig;
 use ppu_sim::dispenser::{PumpSpec, SimStation, StationSpec};
 use ppu_sim::furnace::{FurnaceConfig, SimFurnace};
@@ -98,11 +96,9 @@ async fn furnace_line(baud: u32) -> FurnaceLine {
             modbus.timeout = timeout;
             modbus.retries = 1;
             let mut config = EurothermConfig::new(format!("furnace-{unit}"), modbus);
-            config.limits = Limits {
-                max_temperature_c: Some(1100.0),
-                max_rate_c_per_min: Some(20.0),
-                ..Limits::default()
-            };
+            config.limits = Limits::default()
+                .with("max_temperature_c", 1100.0)
+                .with("max_rate_c_per_min", 20.0);
             config.min_poll = Duration::from_millis(5);
             config.transient_grace = Duration::from_secs(1);
             Arc::new(Eurotherm::with_transport(
@@ -121,12 +117,10 @@ async fn furnace_line(baud: u32) -> FurnaceLine {
 }
 
 fn program(temperature_c: f64, hold_s: f64) -> StepCommand {
-    StepCommand::FurnaceProgram {
-        segments: vec![
-            Segment::StepTo { temperature_c },
-            Segment::Hold { duration_s: hold_s },
-        ],
-    }
+    ppu_drivers::furnace::program_command(&vec![
+        Segment::StepTo { temperature_c },
+        Segment::Hold { duration_s: hold_s },
+    ])
 }
 
 async fn two_furnaces_run_programs_concurrently(baud: u32) {
@@ -147,7 +141,7 @@ async fn two_furnaces_run_programs_concurrently(baud: u32) {
             .expect("program finishes")
             .expect("task")
             .expect("program succeeds");
-        let StepOutput::Furnace(result) = out else {
+        let Some(result) = (out).decode::<ppu_drivers::furnace::schema::FurnaceResult>() else {
             panic!("a furnace returned {out:?}");
         };
         assert_eq!(result.targets.len(), 1);
@@ -222,7 +216,10 @@ async fn an_unplugged_unit_fails_only_its_own_program() {
         .expect("unit 1's program ends")
         .expect("task")
         .expect("unit 1's program succeeds although its neighbour is gone");
-    assert!(matches!(out, StepOutput::Furnace(r) if r.targets.len() == 1));
+    assert!(
+        out.decode::<ppu_drivers::furnace::schema::FurnaceResult>()
+            .is_some_and(|r| r.targets.len() == 1)
+    );
 
     // Unit 1 ended safe and still answers; only unit 2 looks disconnected; the bus is up.
     assert_eq!(
@@ -292,11 +289,9 @@ async fn pump_chain() -> PumpChain {
             );
             c.address = address;
             c.fill_ml = 10.0;
-            c.limits = Limits {
-                max_rate_ml_per_min: Some(20.0),
-                max_volume_ml: Some(10.0),
-                ..Limits::default()
-            };
+            c.limits = Limits::default()
+                .with("max_rate_ml_per_min", 20.0)
+                .with("max_volume_ml", 10.0);
             c.poll_interval_s = 5.0;
             c.min_poll = Duration::from_millis(5);
             c.transient_grace = Duration::from_secs(1);
@@ -313,11 +308,12 @@ async fn pump_chain() -> PumpChain {
 }
 
 fn dispense(reagent: &str, volume_ml: f64) -> StepCommand {
-    StepCommand::Dispense {
+    ppu_drivers::dispenser::StepKind::Dispense {
         reagent: reagent.into(),
         volume_ml,
         rate_ml_per_min: 2.0,
     }
+    .pack()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -339,7 +335,11 @@ async fn two_pumps_on_one_chain_dispense_concurrently() {
             .expect("dispense finishes")
             .expect("task")
             .expect("dispense succeeds");
-        assert!(matches!(out, StepOutput::Dispense(_)), "{out:?}");
+        assert!(
+            out.decode::<ppu_drivers::dispenser::schema::DispenseResult>()
+                .is_some(),
+            "{out:?}"
+        );
     }
     // Each pump moved its own volume: the addresses kept the commands apart.
     let a = chain.station.pump("pump-a").unwrap().sim.snapshot();
@@ -390,7 +390,11 @@ async fn a_pump_taken_off_the_chain_fails_only_its_own_dispense() {
         .expect("pump-a's step ends")
         .expect("task")
         .expect("pump-a's dispense succeeds although its neighbour is gone");
-    assert!(matches!(out, StepOutput::Dispense(_)), "{out:?}");
+    assert!(
+        out.decode::<ppu_drivers::dispenser::schema::DispenseResult>()
+            .is_some(),
+        "{out:?}"
+    );
     let a = chain.station.pump("pump-a").unwrap().sim.snapshot();
     assert!((a.infused_ml - 3.0).abs() < 1e-6, "{a:?}");
     assert!(chain.pumps[0].transport().is_connected());

@@ -12,7 +12,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::device::{IsothermPoint, Reading};
+use super::schema::IsothermPoint;
+use crate::device::Reading;
 use crate::transport::mqtt::Message;
 
 /// The payload schema this driver speaks. A payload with another number is malformed.

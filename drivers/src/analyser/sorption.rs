@@ -24,13 +24,15 @@ use tokio::sync::{OnceCell, broadcast, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use super::StepKind;
 use super::protocol::{
     self, Ack, BridgeState, Command, Complete, Event, Inbound, IsothermParams, Op, ResultMsg,
     Topics,
 };
+use super::schema::{DegasResult, IsothermPoint, IsothermResult};
 use crate::device::{
-    Capability, DegasResult, Device, DeviceError, DeviceInfo, DeviceStatus, Family, IsothermPoint,
-    IsothermResult, Limits, Reading, StepCommand, StepContext, StepOutput, StepUpdate,
+    Device, DeviceError, DeviceInfo, DeviceStatus, Limits, Reading, StepCommand, StepContext,
+    StepOutput, StepUpdate,
 };
 use crate::transport::mqtt::{LinkState, Message, MqttConfig, MqttTransport, Qos, Will};
 
@@ -102,17 +104,12 @@ impl SorptionConfig {
             id,
             mqtt,
             topic_prefix: "lab/ppu/analyser".to_owned(),
-            limits: Limits {
-                max_pressure_bar: Some(1.1),
-                max_temperature_c: Some(400.0),
-                min_temperature_c: Some(20.0),
-                max_hold_s: Some(24.0 * 3600.0),
-                accepted: BTreeMap::from([(
-                    "adsorptive".to_owned(),
-                    DEFAULT_ADSORPTIVES.map(str::to_owned).to_vec(),
-                )]),
-                ..Limits::default()
-            },
+            limits: Limits::default()
+                .with("max_pressure_bar", 1.1)
+                .with("max_temperature_c", 400.0)
+                .with("min_temperature_c", 20.0)
+                .with("max_hold_s", 24.0 * 3600.0)
+                .accepting("adsorptive", DEFAULT_ADSORPTIVES),
             min_isotherm_temperature_c: -200.0,
             max_isotherm_temperature_c: 100.0,
             default_sample_mass_g: 0.1,
@@ -220,10 +217,10 @@ impl SorptionAnalyser {
         let topics = Topics::new(&config.topic_prefix, &config.bridge_id);
         let info = DeviceInfo {
             id: config.id.clone(),
-            family: Family::Analyser,
+            family: "analyser".into(),
             driver: "sorption_mqtt".to_owned(),
             transport: format!("{} topics {}/#", config.mqtt.broker, topics.base()),
-            capabilities: vec![Capability::Degas, Capability::Isotherm],
+            capabilities: vec!["degas".into(), "isotherm".into()],
             limits: config.limits.clone(),
         };
         let (monitor_tx, _) = watch::channel(Monitor::new());
@@ -474,12 +471,12 @@ impl SorptionAnalyser {
 
     fn check_degas(&self, temperature_c: f64, duration_s: f64) -> Result<(), DeviceError> {
         let l = &self.config.limits;
-        let min = l.min_temperature_c.unwrap_or(0.0);
+        let min = l.get("min_temperature_c").unwrap_or(0.0);
         check_value(
             "temperature_c",
             temperature_c,
             Some(min),
-            l.max_temperature_c,
+            l.get("max_temperature_c"),
             "min_temperature_c",
             "max_temperature_c",
         )?;
@@ -487,7 +484,7 @@ impl SorptionAnalyser {
             "duration_s",
             duration_s,
             Some(0.0),
-            l.max_hold_s,
+            l.get("max_hold_s"),
             "min_duration_s",
             "max_hold_s",
         )
@@ -525,7 +522,7 @@ impl SorptionAnalyser {
                 limit: format!("1 to {MAX_POINTS} points"),
             });
         }
-        let max = self.config.limits.max_pressure_bar;
+        let max = self.config.limits.get("max_pressure_bar");
         for (k, &p) in pressures_bar.iter().enumerate() {
             let field = format!("pressure_bar[{k}]");
             if !(p.is_finite() && p > 0.0) {
@@ -881,9 +878,9 @@ impl SorptionAnalyser {
                     }
                     while let Some(p) = run.points.get(&(run.emitted as u32)).copied() {
                         let n = run.emitted;
-                        ctx.send(StepUpdate::IsothermPoint {
+                        ctx.send(StepUpdate::Intermediate {
                             index: n as u32,
-                            point: p,
+                            value: crate::device::pack(&p),
                         });
                         run.emitted += 1;
                         run.last_progress_s = ctx.clock.now_s();
@@ -1252,12 +1249,12 @@ impl Device for SorptionAnalyser {
     }
 
     fn check(&self, step: &StepCommand) -> Result<(), DeviceError> {
-        match step {
-            StepCommand::Degas {
+        match StepKind::of(step, &self.info.id)? {
+            StepKind::Degas {
                 temperature_c,
                 duration_s,
-            } => self.check_degas(*temperature_c, *duration_s),
-            StepCommand::Isotherm {
+            } => self.check_degas(temperature_c, duration_s),
+            StepKind::Isotherm {
                 adsorptive,
                 temperature_c,
                 pressures_bar,
@@ -1265,17 +1262,13 @@ impl Device for SorptionAnalyser {
                 max_equilibration_s,
                 sample_mass_g,
             } => self.check_isotherm(
-                adsorptive,
-                *temperature_c,
-                pressures_bar,
-                *equilibration_interval_s,
-                *max_equilibration_s,
-                *sample_mass_g,
+                &adsorptive,
+                temperature_c,
+                &pressures_bar,
+                equilibration_interval_s,
+                max_equilibration_s,
+                sample_mass_g,
             ),
-            other => Err(DeviceError::Unsupported(format!(
-                "a sorption analyser cannot run a {} step",
-                other.capability()
-            ))),
         }
     }
 
@@ -1294,15 +1287,15 @@ impl Device for SorptionAnalyser {
                 self.config.bridge_id
             )));
         }
-        match step {
-            StepCommand::Degas {
+        match StepKind::of(step, &self.info.id)? {
+            StepKind::Degas {
                 temperature_c,
                 duration_s,
             } => self
-                .degas(link, &ctx, *temperature_c, *duration_s)
+                .degas(link, &ctx, temperature_c, duration_s)
                 .await
-                .map(StepOutput::Degas),
-            StepCommand::Isotherm {
+                .map(|r| StepOutput::pack(&r)),
+            StepKind::Isotherm {
                 adsorptive,
                 temperature_c,
                 pressures_bar,
@@ -1313,16 +1306,15 @@ impl Device for SorptionAnalyser {
                 .isotherm(
                     link,
                     &ctx,
-                    adsorptive,
-                    *temperature_c,
-                    pressures_bar,
-                    *equilibration_interval_s,
-                    *max_equilibration_s,
-                    *sample_mass_g,
+                    &adsorptive,
+                    temperature_c,
+                    &pressures_bar,
+                    equilibration_interval_s,
+                    max_equilibration_s,
+                    sample_mass_g,
                 )
                 .await
-                .map(StepOutput::Isotherm),
-            other => Err(DeviceError::Unsupported(other.capability().to_string())),
+                .map(|r| StepOutput::pack(&r)),
         }
     }
 
@@ -1440,7 +1432,7 @@ mod tests {
     }
 
     fn isotherm(pressures: Vec<f64>) -> StepCommand {
-        StepCommand::Isotherm {
+        crate::analyser::StepKind::Isotherm {
             adsorptive: "CO2".into(),
             temperature_c: 25.0,
             pressures_bar: pressures,
@@ -1448,6 +1440,7 @@ mod tests {
             max_equilibration_s: None,
             sample_mass_g: None,
         }
+        .pack()
     }
 
     fn field(e: DeviceError) -> (String, String) {
@@ -1528,17 +1521,23 @@ mod tests {
     fn degas_and_other_steps_are_checked() {
         let d = driver();
         assert!(
-            d.check(&StepCommand::Degas {
-                temperature_c: 150.0,
-                duration_s: 3600.0
-            })
+            d.check(
+                &crate::analyser::StepKind::Degas {
+                    temperature_c: 150.0,
+                    duration_s: 3600.0
+                }
+                .pack()
+            )
             .is_ok()
         );
         let (f, l) = field(
-            d.check(&StepCommand::Degas {
-                temperature_c: 450.0,
-                duration_s: 3600.0,
-            })
+            d.check(
+                &crate::analyser::StepKind::Degas {
+                    temperature_c: 450.0,
+                    duration_s: 3600.0,
+                }
+                .pack(),
+            )
             .unwrap_err(),
         );
         assert_eq!(
@@ -1546,17 +1545,18 @@ mod tests {
             ("temperature_c", "max_temperature_c 400")
         );
         let (f, _) = field(
-            d.check(&StepCommand::Degas {
-                temperature_c: 150.0,
-                duration_s: 1e9,
-            })
+            d.check(
+                &crate::analyser::StepKind::Degas {
+                    temperature_c: 150.0,
+                    duration_s: 1e9,
+                }
+                .pack(),
+            )
             .unwrap_err(),
         );
         assert_eq!(f, "duration_s");
         assert!(matches!(
-            d.check(&StepCommand::Weigh {
-                stability_timeout_s: None
-            }),
+            d.check(&crate::balance::weigh_command(None)),
             Err(DeviceError::Unsupported(_))
         ));
     }

@@ -27,10 +27,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::time::Instant;
 
+use super::Segment;
+use super::schema::{FurnaceResult, FurnaceSample, TargetReached};
 use crate::device::{
-    Capability, Device, DeviceError, DeviceInfo, DeviceStatus, Family, FurnaceResult,
-    FurnaceSample, Limits, Reading, Segment, StepCommand, StepContext, StepOutput, StepUpdate,
-    TargetReached,
+    Device, DeviceError, DeviceInfo, DeviceStatus, Limits, Reading, StepCommand, StepContext,
+    StepOutput, StepUpdate,
 };
 use crate::transport::modbus::{ModbusConfig, ModbusTransport};
 
@@ -273,10 +274,10 @@ impl Eurotherm {
         transport.set_metrics_device(config.id.clone());
         let info = DeviceInfo {
             id: config.id.clone(),
-            family: Family::Furnace,
+            family: "furnace".into(),
             driver: "eurotherm".to_owned(),
             transport: transport.describe(),
-            capabilities: vec![Capability::FurnaceProgram],
+            capabilities: vec!["furnace_program".into()],
             limits: config.limits.clone(),
         };
         Self {
@@ -476,11 +477,11 @@ impl Eurotherm {
         }
         // A furnace cannot cool below ambient; a negative target is a typo unless the
         // configuration explicitly allows it.
-        let min = limits.min_temperature_c.unwrap_or(0.0);
+        let min = limits.get("min_temperature_c").unwrap_or(0.0);
         if value < min {
             return Err(violation(format!("min_temperature_c {min}")));
         }
-        if let Some(max) = limits.max_temperature_c
+        if let Some(max) = limits.get("max_temperature_c")
             && value > max
         {
             return Err(violation(format!("max_temperature_c {max}")));
@@ -504,7 +505,7 @@ impl Eurotherm {
         if value <= 0.0 {
             return Err(violation("min_rate_c_per_min > 0".to_owned()));
         }
-        if let Some(max) = self.config.limits.max_rate_c_per_min
+        if let Some(max) = self.config.limits.get("max_rate_c_per_min")
             && value > max
         {
             return Err(violation(format!("max_rate_c_per_min {max}")));
@@ -527,7 +528,7 @@ impl Eurotherm {
         if value < 0.0 {
             return Err(violation("min_duration_s 0".to_owned()));
         }
-        if let Some(max) = self.config.limits.max_hold_s
+        if let Some(max) = self.config.limits.get("max_hold_s")
             && value > max
         {
             return Err(violation(format!("max_hold_s {max}")));
@@ -604,7 +605,7 @@ impl Eurotherm {
     ) -> Result<StepOutput, DeviceError> {
         let safe = self.safe_state().await;
         match (outcome, safe) {
-            (Ok(result), Ok(())) => Ok(StepOutput::Furnace(result)),
+            (Ok(result), Ok(())) => Ok(StepOutput::pack(&result)),
             (Ok(_), Err(e)) => {
                 tracing::error!(device = %self.info.id, error = %e, "program finished but the furnace could not be made safe");
                 Err(e)
@@ -1151,13 +1152,7 @@ impl Device for Eurotherm {
     }
 
     fn check(&self, step: &StepCommand) -> Result<(), DeviceError> {
-        match step {
-            StepCommand::FurnaceProgram { segments } => self.check_segments(segments),
-            other => Err(DeviceError::Unsupported(format!(
-                "a furnace controller cannot run a {} step",
-                other.capability()
-            ))),
-        }
+        self.check_segments(&super::program(step, &self.info.id)?)
     }
 
     async fn execute(
@@ -1166,11 +1161,9 @@ impl Device for Eurotherm {
         ctx: StepContext,
     ) -> Result<StepOutput, DeviceError> {
         // Never send a command that breaks a limit, whatever the daemon checked before.
-        self.check(step)?;
-        let StepCommand::FurnaceProgram { segments } = step else {
-            return Err(DeviceError::Unsupported(step.capability().to_string()));
-        };
-        let outcome = self.run_program(segments, &ctx).await;
+        let segments = super::program(step, &self.info.id)?;
+        self.check_segments(&segments)?;
+        let outcome = self.run_program(&segments, &ctx).await;
         // Every exit leaves the furnace safe: a finished program must not keep heating either.
         self.finish_program(outcome).await
     }
@@ -1181,11 +1174,9 @@ impl Device for Eurotherm {
         elapsed_s: f64,
         ctx: StepContext,
     ) -> Result<StepOutput, DeviceError> {
-        self.check(step)?;
-        let StepCommand::FurnaceProgram { segments } = step else {
-            return Err(DeviceError::Unsupported(step.capability().to_string()));
-        };
-        let outcome = self.adopt_program(segments, elapsed_s, &ctx).await;
+        let segments = super::program(step, &self.info.id)?;
+        self.check_segments(&segments)?;
+        let outcome = self.adopt_program(&segments, elapsed_s, &ctx).await;
         // Adopted or refused, the furnace ends safe, exactly as after `execute`.
         self.finish_program(outcome).await
     }
@@ -1272,7 +1263,7 @@ impl Device for Eurotherm {
 /// The rate limit a step segment runs at: the declared maximum, or none (rate limit off).
 fn step_rate(limits: &Limits) -> Option<f64> {
     limits
-        .max_rate_c_per_min
+        .get("max_rate_c_per_min")
         .filter(|r| r.is_finite() && *r > 0.0)
 }
 
@@ -1289,16 +1280,14 @@ mod tests {
     }
 
     fn limits() -> Limits {
-        Limits {
-            max_temperature_c: Some(1100.0),
-            max_rate_c_per_min: Some(20.0),
-            max_hold_s: Some(86400.0),
-            ..Limits::default()
-        }
+        Limits::default()
+            .with("max_temperature_c", 1100.0)
+            .with("max_rate_c_per_min", 20.0)
+            .with("max_hold_s", 86400.0)
     }
 
     fn program(segments: Vec<Segment>) -> StepCommand {
-        StepCommand::FurnaceProgram { segments }
+        crate::furnace::program_command(&segments)
     }
 
     fn limit_field(err: DeviceError) -> (String, String) {
@@ -1331,10 +1320,10 @@ mod tests {
     fn info_describes_the_transport() {
         let d = driver(limits());
         let info = d.info();
-        assert_eq!(info.family, Family::Furnace);
+        assert_eq!(info.family, "furnace");
         assert_eq!(info.driver, "eurotherm");
         assert_eq!(info.transport, "modbus-tcp://127.0.0.1:5020 unit 1");
-        assert_eq!(info.capabilities, vec![Capability::FurnaceProgram]);
+        assert_eq!(info.capabilities, vec!["furnace_program".to_owned()]);
         assert_eq!(info.limits, limits());
     }
 

@@ -19,9 +19,10 @@ use async_trait::async_trait;
 use tokio::sync::{Mutex, MutexGuard};
 use tokio::time::Instant;
 
+use super::schema::WeighResult;
 use crate::device::{
-    Capability, Device, DeviceError, DeviceInfo, DeviceStatus, Family, Limits, Reading,
-    StepCommand, StepContext, StepOutput, WeighResult,
+    Device, DeviceError, DeviceInfo, DeviceStatus, Limits, Reading, StepCommand, StepContext,
+    StepOutput,
 };
 use crate::transport::serial::{Frame, RequestOptions, SerialConfig, SerialTransport};
 use protocol::{Command, Reply, Weight};
@@ -112,10 +113,10 @@ impl SicsBalance {
         transport.set_metrics_device(config.id.clone());
         let info = DeviceInfo {
             id: config.id.clone(),
-            family: Family::Balance,
+            family: "balance".into(),
             driver: "mt_sics".to_owned(),
             transport: transport.describe(),
-            capabilities: vec![Capability::Weigh],
+            capabilities: vec!["weigh".into()],
             limits: config.limits.clone(),
         };
         Self {
@@ -307,15 +308,7 @@ impl Device for SicsBalance {
     }
 
     fn check(&self, step: &StepCommand) -> Result<(), DeviceError> {
-        match step {
-            StepCommand::Weigh {
-                stability_timeout_s,
-            } => self.check_weigh(*stability_timeout_s),
-            other => Err(DeviceError::Unsupported(format!(
-                "a balance cannot run a {} step",
-                other.capability()
-            ))),
-        }
+        self.check_weigh(super::weigh(step, &self.info.id)?)
     }
 
     async fn execute(
@@ -323,13 +316,8 @@ impl Device for SicsBalance {
         step: &StepCommand,
         ctx: StepContext,
     ) -> Result<StepOutput, DeviceError> {
-        self.check(step)?;
-        let StepCommand::Weigh {
-            stability_timeout_s,
-        } = step
-        else {
-            return Err(DeviceError::Unsupported(step.capability().to_string()));
-        };
+        let stability_timeout_s = super::weigh(step, &self.info.id)?;
+        self.check_weigh(stability_timeout_s)?;
         let timeout = stability_timeout_s
             .and_then(|s| Duration::try_from_secs_f64(s).ok())
             .unwrap_or(self.config.stability_timeout);
@@ -354,7 +342,7 @@ impl Device for SicsBalance {
         tokio::select! {
             biased;
             _ = ctx.cancel.cancelled() => Err(DeviceError::Aborted),
-            r = weighing => r.map(StepOutput::Weigh),
+            r = weighing => r.map(|w| StepOutput::pack(&w)),
         }
     }
 

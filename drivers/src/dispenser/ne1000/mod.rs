@@ -46,10 +46,12 @@ use async_trait::async_trait;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use super::StepKind;
+use super::schema::{DispenseResult, RefillResult};
 use crate::balance::sics::{SicsBalance, SicsError};
 use crate::device::{
-    Capability, Device, DeviceError, DeviceInfo, DeviceStatus, DispenseResult, Family, Limits,
-    Reading, RefillResult, StepCommand, StepContext, StepOutput, StepUpdate,
+    Device, DeviceError, DeviceInfo, DeviceStatus, Limits, Reading, StepCommand, StepContext,
+    StepOutput, StepUpdate,
 };
 use crate::transport::serial::{Frame, RequestOptions, SerialConfig, SerialTransport};
 use protocol::{
@@ -137,7 +139,7 @@ impl Ne1000Config {
     /// Largest volume of one dispense: the declared limit, never more than the syringe.
     pub fn max_dispense_ml(&self) -> f64 {
         self.limits
-            .max_volume_ml
+            .get("max_volume_ml")
             .map_or(self.syringe_volume_ml, |m| m.min(self.syringe_volume_ml))
     }
 
@@ -381,20 +383,20 @@ impl Ne1000Pump {
         balance: Option<Arc<SicsBalance>>,
     ) -> Self {
         transport.set_metrics_device(config.id.clone());
-        let limits = Limits {
-            max_volume_ml: Some(config.max_dispense_ml()),
-            ..config.limits.clone()
-        };
+        let limits = config
+            .limits
+            .clone()
+            .with("max_volume_ml", config.max_dispense_ml());
         let mut transport_text = format!("{} address {}", transport.describe(), config.address);
         if let Some(b) = &balance {
             transport_text.push_str(&format!(", weighed by {}", b.info().id));
         }
         let info = DeviceInfo {
             id: config.id.clone(),
-            family: Family::Dispenser,
+            family: "dispenser".into(),
             driver: "ne1000".to_owned(),
             transport: transport_text,
-            capabilities: vec![Capability::Dispense],
+            capabilities: vec!["dispense".into()],
             limits,
         };
         let ledger = Ledger::new(config.fill_ml);
@@ -923,7 +925,7 @@ impl Inner {
         if !(rate.is_finite() && rate > 0.0) {
             return Err(violation("a positive, finite rate".to_owned()));
         }
-        if let Some(max) = self.config.limits.max_rate_ml_per_min
+        if let Some(max) = self.config.limits.get("max_rate_ml_per_min")
             && rate > max
         {
             return Err(violation(format!("max_rate_ml_per_min {max}")));
@@ -972,33 +974,29 @@ impl Inner {
     }
 
     fn check_step(&self, step: &StepCommand) -> Result<(), DeviceError> {
-        match step {
-            StepCommand::Dispense {
+        match StepKind::of(step, &self.info.id)? {
+            StepKind::Dispense {
                 reagent,
                 volume_ml,
                 rate_ml_per_min,
             } => {
-                self.check_reagent(reagent)?;
-                self.check_volume(*volume_ml, self.config.max_dispense_ml())?;
-                self.check_rate(*rate_ml_per_min)?;
+                self.check_reagent(&reagent)?;
+                self.check_volume(volume_ml, self.config.max_dispense_ml())?;
+                self.check_rate(rate_ml_per_min)?;
                 Ok(())
             }
-            StepCommand::Refill {
+            StepKind::Refill {
                 reagent,
                 volume_ml,
                 rate_ml_per_min,
             } => {
-                self.check_reagent(reagent)?;
+                self.check_reagent(&reagent)?;
                 if let Some(v) = volume_ml {
-                    self.check_volume(*v, self.config.syringe_volume_ml)?;
+                    self.check_volume(v, self.config.syringe_volume_ml)?;
                 }
                 self.check_rate(rate_ml_per_min.unwrap_or(self.config.refill_rate_ml_per_min))?;
                 Ok(())
             }
-            other => Err(DeviceError::Unsupported(format!(
-                "a syringe pump cannot run a {} step",
-                other.capability()
-            ))),
         }
     }
 
@@ -1298,24 +1296,23 @@ impl Device for Ne1000Pump {
         self.check(step)?;
         let inner = &self.inner;
         let _step = inner.step.lock().await;
-        match step {
-            StepCommand::Dispense {
+        match StepKind::of(step, &inner.info.id)? {
+            StepKind::Dispense {
                 reagent,
                 volume_ml,
                 rate_ml_per_min,
             } => inner
-                .dispense(reagent, *volume_ml, *rate_ml_per_min, &ctx)
+                .dispense(&reagent, volume_ml, rate_ml_per_min, &ctx)
                 .await
-                .map(StepOutput::Dispense),
-            StepCommand::Refill {
+                .map(|r| StepOutput::pack(&r)),
+            StepKind::Refill {
                 reagent,
                 volume_ml,
                 rate_ml_per_min,
             } => inner
-                .refill(reagent, *volume_ml, *rate_ml_per_min, &ctx)
+                .refill(&reagent, volume_ml, rate_ml_per_min, &ctx)
                 .await
-                .map(StepOutput::Refill),
-            other => Err(DeviceError::Unsupported(other.capability().to_string())),
+                .map(|r| StepOutput::pack(&r)),
         }
     }
 
@@ -1400,11 +1397,12 @@ mod tests {
     }
 
     fn dispense(reagent: &str, volume_ml: f64, rate_ml_per_min: f64) -> StepCommand {
-        StepCommand::Dispense {
+        crate::dispenser::StepKind::Dispense {
             reagent: reagent.into(),
             volume_ml,
             rate_ml_per_min,
         }
+        .pack()
     }
 
     fn limit(err: DeviceError) -> (String, String) {
@@ -1416,13 +1414,13 @@ mod tests {
 
     #[test]
     fn check_accepts_own_reagent_within_limits() {
-        let p = pump(Limits {
-            max_rate_ml_per_min: Some(20.0),
-            max_volume_ml: Some(5.0),
-            ..Limits::default()
-        });
+        let p = pump(
+            Limits::default()
+                .with("max_rate_ml_per_min", 20.0)
+                .with("max_volume_ml", 5.0),
+        );
         assert_eq!(p.check(&dispense("A", 2.5, 1.0)), Ok(()));
-        assert_eq!(p.info().limits.max_volume_ml, Some(5.0));
+        assert_eq!(p.info().limits.get("max_volume_ml"), Some(5.0));
         let err = p.check(&dispense("B", 2.5, 1.0)).unwrap_err();
         assert!(
             matches!(&err, DeviceError::Unsupported(m) if m.contains("\"A\"")),
@@ -1442,28 +1440,22 @@ mod tests {
         let (field, lim) = limit(p.check(&dispense("A", 0.0004, 1.0)).unwrap_err());
         assert_eq!(field, "volume_ml");
         assert!(lim.contains("resolution"), "{lim}");
-        let err = p
-            .check(&StepCommand::Weigh {
-                stability_timeout_s: None,
-            })
-            .unwrap_err();
+        let err = p.check(&crate::balance::weigh_command(None)).unwrap_err();
         assert!(matches!(err, DeviceError::Unsupported(_)));
     }
 
     #[test]
     fn the_syringe_caps_the_declared_volume_limit() {
-        let p = pump(Limits {
-            max_volume_ml: Some(50.0),
-            ..Limits::default()
-        });
-        assert_eq!(p.info().limits.max_volume_ml, Some(10.0));
+        let p = pump(Limits::default().with("max_volume_ml", 50.0));
+        assert_eq!(p.info().limits.get("max_volume_ml"), Some(10.0));
         let (_, lim) = limit(p.check(&dispense("A", 12.0, 1.0)).unwrap_err());
         assert_eq!(lim, "the syringe volume 10 mL");
-        let refill = StepCommand::Refill {
+        let refill = crate::dispenser::StepKind::Refill {
             reagent: "A".into(),
             volume_ml: Some(11.0),
             rate_ml_per_min: None,
-        };
+        }
+        .pack();
         assert!(p.check(&refill).is_err());
     }
 

@@ -1,0 +1,333 @@
+//! Generic validation of a command against its schema: one walker for every family.
+//!
+//! Two passes, because they answer different questions. [`structure`] needs no device: numbers
+//! are finite and within their static bounds, required text is present, lists have their
+//! items, a oneof has a member, and lists stay within the daemon's size limits. [`device`]
+//! compares the values with one device's declared [`Limits`](crate::Limits) and accepted
+//! values. Every refusal names the field path below the step (`furnace.segments[0].ramp.
+//! temperature_c`) and a reason a planner can act on.
+
+use prost_reflect::{DynamicMessage, FieldDescriptor, Kind, ReflectMessage, Value};
+
+use crate::{Limits, Schema};
+
+/// A refused field.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FieldError {
+    /// Path below the caller's prefix, e.g. `segments[0].ramp.temperature_c`.
+    pub path: String,
+    pub reason: String,
+}
+
+/// Why a device refuses a command's value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DeviceRefusal {
+    /// Beyond a declared numeric limit.
+    Limit {
+        path: String,
+        value: f64,
+        /// `max_temperature_c 400`.
+        limit: String,
+    },
+    /// A text value the device does not accept.
+    Value {
+        path: String,
+        value: String,
+        accepted: Vec<String>,
+    },
+}
+
+fn join(prefix: &str, name: &str) -> String {
+    if prefix.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{prefix}.{name}")
+    }
+}
+
+fn number(v: &Value) -> Option<f64> {
+    match v {
+        Value::F64(x) => Some(*x),
+        Value::F32(x) => Some(f64::from(*x)),
+        Value::I32(x) => Some(f64::from(*x)),
+        Value::I64(x) => Some(*x as f64),
+        Value::U32(x) => Some(f64::from(*x)),
+        Value::U64(x) => Some(*x as f64),
+        _ => None,
+    }
+}
+
+/// Calls `f` on every set scalar of `msg` (list items one by one) with its path, recursing
+/// into nested messages.
+fn walk<E>(
+    schema: &Schema,
+    msg: &DynamicMessage,
+    prefix: &str,
+    f: &mut dyn FnMut(
+        &FieldDescriptor,
+        &crate::options::FieldOptions,
+        &str,
+        &Value,
+    ) -> Result<(), E>,
+) -> Result<(), E> {
+    for (field, value) in msg.fields() {
+        let path = join(prefix, field.name());
+        let opts = schema.field_options(&field);
+        match value {
+            Value::List(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    let p = format!("{path}[{i}]");
+                    match item {
+                        Value::Message(m) => walk(schema, m, &p, f)?,
+                        v => f(&field, &opts, &p, v)?,
+                    }
+                }
+            }
+            Value::Message(m) => walk(schema, m, &path, f)?,
+            v => f(&field, &opts, &path, v)?,
+        }
+    }
+    Ok(())
+}
+
+/// Checks what needs no device. `items_limit` resolves a `max_items_limit` name (a `[limits]`
+/// key of the daemon) to its value.
+pub fn structure(
+    schema: &Schema,
+    msg: &DynamicMessage,
+    prefix: &str,
+    items_limit: &dyn Fn(&str) -> Option<usize>,
+) -> Result<(), FieldError> {
+    let desc = msg.descriptor();
+    // Presence: required text, list lengths, oneofs; these look at unset fields too.
+    for oneof in desc.oneofs() {
+        if oneof.is_synthetic() {
+            continue;
+        }
+        if !oneof.fields().any(|f| msg.has_field(&f)) {
+            let names: Vec<String> = oneof.fields().map(|f| f.name().to_owned()).collect();
+            return Err(FieldError {
+                path: prefix.to_owned(),
+                reason: format!("no {} set (one of {})", oneof.name(), names.join(", ")),
+            });
+        }
+    }
+    for field in desc.fields() {
+        let opts = schema.field_options(&field);
+        let path = join(prefix, field.name());
+        if field.is_list() {
+            let n = match &*msg.get_field(&field) {
+                Value::List(items) => items.len(),
+                _ => 0,
+            };
+            if n < opts.min_items as usize {
+                return Err(FieldError {
+                    path,
+                    reason: if opts.min_items == 1 {
+                        format!("at least one {} is required", singular(field.name()))
+                    } else {
+                        format!("at least {} items are required", opts.min_items)
+                    },
+                });
+            }
+            if !opts.max_items_limit.is_empty()
+                && let Some(max) = items_limit(&opts.max_items_limit)
+                && n > max
+            {
+                return Err(FieldError {
+                    path,
+                    reason: format!("{n} items, at most {max} (limits.{})", opts.max_items_limit),
+                });
+            }
+            if opts.increasing
+                && let Value::List(items) = &*msg.get_field(&field)
+            {
+                let values: Vec<f64> = items.iter().filter_map(number).collect();
+                for (k, pair) in values.windows(2).enumerate() {
+                    if pair[1] <= pair[0] {
+                        return Err(FieldError {
+                            path: format!("{path}[{}]", k + 1),
+                            reason: format!(
+                                "{} is not above the previous value {}: the values must increase",
+                                pair[1], pair[0]
+                            ),
+                        });
+                    }
+                }
+            }
+        } else if opts.required
+            && matches!(field.kind(), Kind::String)
+            && msg
+                .get_field(&field)
+                .as_str()
+                .is_none_or(|s| s.trim().is_empty())
+        {
+            let example = if opts.example.is_empty() {
+                String::new()
+            } else {
+                format!(", e.g. {:?}", opts.example)
+            };
+            return Err(FieldError {
+                path,
+                reason: format!("{} is required{example}", field.name()),
+            });
+        }
+    }
+    // Nested messages (and list items) get the same presence checks.
+    for (field, value) in msg.fields() {
+        let path = join(prefix, field.name());
+        match value {
+            Value::Message(m) => structure(schema, m, &path, items_limit)?,
+            Value::List(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    if let Value::Message(m) = item {
+                        structure(schema, m, &format!("{path}[{i}]"), items_limit)?;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    // Values: finite, static bounds.
+    walk(schema, msg, prefix, &mut |_, opts, path, value| {
+        let Some(v) = number(value) else {
+            return Ok(());
+        };
+        let err = |reason: String| {
+            Err(FieldError {
+                path: path.to_owned(),
+                reason,
+            })
+        };
+        if !v.is_finite() {
+            return err(format!("{v} is not a finite number"));
+        }
+        if opts.zero_is_default && v == 0.0 {
+            return Ok(());
+        }
+        if let Some(min) = opts.min {
+            if opts.exclusive_min && v <= min {
+                return err(if min == 0.0 {
+                    format!("{v} must be greater than 0")
+                } else {
+                    format!("{v} must be greater than {min}")
+                });
+            }
+            if v < min {
+                return err(if min == 0.0 {
+                    format!("{v} must not be negative")
+                } else {
+                    format!("{v} is below the minimum {min}")
+                });
+            }
+        }
+        if let Some(max) = opts.max
+            && v > max
+        {
+            return err(format!("{v} exceeds the maximum {max}"));
+        }
+        Ok(())
+    })
+}
+
+/// `segments` → `segment`, `pressure_bar` → `pressure_bar`: enough for messages.
+fn singular(name: &str) -> String {
+    name.strip_suffix('s').unwrap_or(name).to_owned()
+}
+
+/// Checks the values against one device's limits and accepted values.
+pub fn device(
+    schema: &Schema,
+    msg: &DynamicMessage,
+    prefix: &str,
+    limits: &Limits,
+) -> Result<(), DeviceRefusal> {
+    walk(schema, msg, prefix, &mut |_, opts, path, value| {
+        if !opts.accepted.is_empty()
+            && let Some(text) = value.as_str()
+            && !limits.accepts(&opts.accepted, text)
+        {
+            return Err(DeviceRefusal::Value {
+                path: path.to_owned(),
+                value: text.to_owned(),
+                accepted: limits
+                    .accepted
+                    .get(&opts.accepted)
+                    .cloned()
+                    .unwrap_or_default(),
+            });
+        }
+        let Some(v) = number(value) else {
+            return Ok(());
+        };
+        if opts.zero_is_default && v == 0.0 {
+            return Ok(());
+        }
+        let limit = |name: &str| (!name.is_empty()).then(|| limits.get(name)).flatten();
+        if let Some(max) = limit(&opts.max_limit)
+            && v > max
+        {
+            return Err(DeviceRefusal::Limit {
+                path: path.to_owned(),
+                value: v,
+                limit: format!("{} {max}", opts.max_limit),
+            });
+        }
+        if let Some(min) = limit(&opts.min_limit)
+            && v < min
+        {
+            return Err(DeviceRefusal::Limit {
+                path: path.to_owned(),
+                value: v,
+                limit: format!("{} {min}", opts.min_limit),
+            });
+        }
+        Ok(())
+    })
+}
+
+/// The limit names a family's commands refer to, for checking a device's configuration.
+pub fn limit_names(schema: &Schema, family: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for c in schema.commands().iter().filter(|c| c.family == family) {
+        collect_limits(schema, &c.message, &mut out, &mut seen);
+    }
+    out
+}
+
+fn collect_limits(
+    schema: &Schema,
+    desc: &prost_reflect::MessageDescriptor,
+    out: &mut Vec<String>,
+    seen: &mut std::collections::HashSet<String>,
+) {
+    if !seen.insert(desc.full_name().to_owned()) {
+        return;
+    }
+    for field in desc.fields() {
+        let o = schema.field_options(&field);
+        for name in [o.max_limit, o.min_limit] {
+            if !name.is_empty() && !out.contains(&name) {
+                out.push(name);
+            }
+        }
+        if let Kind::Message(m) = field.kind() {
+            collect_limits(schema, &m, out, seen);
+        }
+    }
+}
+
+/// The accepted-value parameter names a family's commands refer to (`reagent`, `gas`).
+pub fn accepted_names(schema: &Schema, family: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for c in schema.commands().iter().filter(|c| c.family == family) {
+        for field in c.message.fields() {
+            let o = schema.field_options(&field);
+            if !o.accepted.is_empty() && !out.contains(&o.accepted) {
+                out.push(o.accepted);
+            }
+        }
+    }
+    out
+}
