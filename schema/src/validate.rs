@@ -188,8 +188,17 @@ pub fn structure(
             _ => {}
         }
     }
-    // Values: finite, static bounds.
+    // Values: text length, finite, static bounds.
+    let max_text = items_limit("max_text_bytes");
     walk(schema, msg, prefix, &mut |_, opts, path, value| {
+        if let (Some(text), Some(max)) = (value.as_str(), max_text)
+            && text.len() > max
+        {
+            return Err(FieldError {
+                path: path.to_owned(),
+                reason: format!("{} bytes, at most {max} (limits.max_text_bytes)", text.len()),
+            });
+        }
         let Some(v) = number(value) else {
             return Ok(());
         };
