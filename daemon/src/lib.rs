@@ -10,8 +10,10 @@ pub mod config;
 #[cfg(feature = "dev-lab")]
 pub mod dev;
 pub mod devices;
+pub mod error;
 pub mod events;
 pub mod journal;
+pub mod limits;
 pub mod metrics;
 pub mod queue;
 pub mod recovery;

@@ -29,17 +29,17 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::{Code, Status};
 use tracing::{info, warn};
 
 use crate::board::{Board, Need, Running, StopReason};
 use crate::devices::{DeviceHandle, Devices};
+use crate::error::{Error, Rejection, RejectionKind};
 use crate::journal::JournalEntry;
 use crate::metrics;
 use crate::queue::{OrderKey, priority};
 use crate::recovery::{self, OnRestart, RecoveryPolicy};
 use crate::results;
-use crate::safety::{self, Rejection};
+use crate::safety;
 use crate::state::{State, StepPhase};
 use crate::store::{Store, StoreError, WriteTx, now_timestamp};
 
@@ -119,12 +119,12 @@ pub(crate) fn set_state(
     w: &mut WriteTx<'_>,
 ) -> Result<(), Rejection> {
     let from = State::from_proto(e.state).ok_or_else(|| Rejection {
-        code: Code::Internal,
+        kind: RejectionKind::Inconsistent,
         field: String::new(),
         reason: format!("experiment {} has no valid state", e.id),
     })?;
     from.transition(to).map_err(|t| Rejection {
-        code: Code::FailedPrecondition,
+        kind: RejectionKind::Precondition,
         field: String::new(),
         reason: t.to_string(),
     })?;
@@ -242,7 +242,7 @@ enum Outcome<T> {
 
 fn not_found(id: &str) -> Rejection {
     Rejection {
-        code: Code::NotFound,
+        kind: RejectionKind::NotFound,
         field: "id".into(),
         reason: format!("no experiment \"{id}\""),
     }
@@ -251,7 +251,7 @@ fn not_found(id: &str) -> Rejection {
 fn not_queued(id: &str, state: Option<State>, what: &str) -> Rejection {
     let state = state.map_or("in no valid state".to_owned(), |s| s.to_string());
     Rejection {
-        code: Code::FailedPrecondition,
+        kind: RejectionKind::Precondition,
         field: "id".into(),
         reason: format!("experiment {id} is {state}: only a QUEUED experiment can be {what}"),
     }
@@ -449,15 +449,15 @@ impl Scheduler {
         self.inner.wake.notify_one();
     }
 
-    fn next_id(&self) -> Result<String, Status> {
+    fn next_id(&self) -> Result<String, Error> {
         let mut g = self
             .inner
             .ids
             .lock()
-            .map_err(|_| Status::internal("id generator poisoned"))?;
+            .map_err(|_| Error::Internal("id generator poisoned".into()))?;
         g.generate()
             .map(|u| u.to_string())
-            .map_err(|e| Status::unavailable(e.to_string()))
+            .map_err(|e| Error::IdsExhausted(e.to_string()))
     }
 
     // -----------------------------------------------------------------------------------------
@@ -465,7 +465,7 @@ impl Scheduler {
     // -----------------------------------------------------------------------------------------
 
     /// Validates, stores and enqueues a batch; see `SubmitBatch` in the API.
-    pub async fn submit(&self, req: pb::SubmitBatchRequest) -> Result<(pb::Batch, bool), Status> {
+    pub async fn submit(&self, req: pb::SubmitBatchRequest) -> Result<(pb::Batch, bool), Error> {
         self.submit_as(req, "").await
     }
 
@@ -474,7 +474,7 @@ impl Scheduler {
         &self,
         req: pb::SubmitBatchRequest,
         principal: &str,
-    ) -> Result<(pb::Batch, bool), Status> {
+    ) -> Result<(pb::Batch, bool), Error> {
         safety::check_batch(&req, &self.inner.devices)?;
         let hash = content_hash(&req.experiments);
         if let Some(found) = self.existing_batch(&req.idempotency_key, &hash)? {
@@ -550,18 +550,18 @@ impl Scheduler {
                     .inner
                     .store
                     .get_batch(&id)?
-                    .ok_or_else(|| Status::internal("batch vanished"))?;
+                    .ok_or_else(|| Error::Internal("batch vanished".into()))?;
                 Ok((b, true))
             }
         }
     }
 
-    fn existing_batch(&self, key: &str, hash: &str) -> Result<Option<pb::Batch>, Status> {
+    fn existing_batch(&self, key: &str, hash: &str) -> Result<Option<pb::Batch>, Error> {
         let Some((id, stored_hash)) = self.inner.store.find_idempotency_key(key)? else {
             return Ok(None);
         };
         if stored_hash != hash {
-            return Err(Status::already_exists(format!(
+            return Err(Error::Conflict(format!(
                 "idempotency_key: \"{key}\" was already used for a batch with different content (batch {id})"
             )));
         }
@@ -582,7 +582,7 @@ impl Scheduler {
                     .and_then(|d| d.maintenance())
                 {
                     return Err(Rejection {
-                        code: Code::FailedPrecondition,
+                        kind: RejectionKind::Precondition,
                         field: format!("experiments[{i}].steps[{j}].device_id"),
                         reason: format!(
                             "device \"{}\" is in maintenance ({reason}) and takes no new reservations",
@@ -624,7 +624,7 @@ impl Scheduler {
     }
 
     /// The queue as the API shows it.
-    pub fn queue(&self) -> Result<pb::Queue, Status> {
+    pub fn queue(&self) -> Result<pb::Queue, Error> {
         let paused = self.is_paused()?;
         Ok(pb::Queue {
             state: if paused {
@@ -640,7 +640,7 @@ impl Scheduler {
 
     /// Running experiments as the store records them: a runner that has committed its
     /// terminal state but not yet left the board no longer counts.
-    fn running_ids_in_store(&self) -> Result<Vec<String>, Status> {
+    fn running_ids_in_store(&self) -> Result<Vec<String>, Error> {
         let mut out = Vec::new();
         for id in self.running_ids() {
             if self
@@ -657,7 +657,7 @@ impl Scheduler {
 
     /// Pauses or resumes the queue, durably, logging the change. Paused, no device is
     /// reserved for any new step; steps already holding a device finish.
-    pub async fn set_paused(&self, paused: bool, reason: String) -> Result<(), Status> {
+    pub async fn set_paused(&self, paused: bool, reason: String) -> Result<(), Error> {
         let store = self.inner.store.clone();
         let was = store.queue_paused()?;
         if was != paused {
@@ -680,13 +680,13 @@ impl Scheduler {
         Ok(())
     }
 
-    pub fn is_paused(&self) -> Result<bool, Status> {
+    pub fn is_paused(&self) -> Result<bool, Error> {
         Ok(self.inner.store.queue_paused()?)
     }
 
     /// Pauses the queue and aborts every running experiment: running steps stop, their
     /// devices go to their safe state, the experiments become CANCELLED with `reason`.
-    pub async fn abort_queue(&self, reason: String) -> Result<pb::Queue, Status> {
+    pub async fn abort_queue(&self, reason: String) -> Result<pb::Queue, Error> {
         let reason = if reason.is_empty() {
             "queue aborted".to_owned()
         } else {
@@ -708,7 +708,7 @@ impl Scheduler {
         id: &str,
         reason: String,
         after_current_step: bool,
-    ) -> Result<pb::Experiment, Status> {
+    ) -> Result<pb::Experiment, Error> {
         let reason = if reason.is_empty() {
             "cancelled by client".to_owned()
         } else {
@@ -738,7 +738,7 @@ impl Scheduler {
                         Ok(Outcome::Done(None))
                     }
                     Some(done) => Ok(Outcome::Refused(Rejection {
-                        code: Code::FailedPrecondition,
+                        kind: RejectionKind::Precondition,
                         field: "id".into(),
                         reason: format!("experiment {id_owned} has already finished ({done})"),
                     })),
@@ -779,7 +779,7 @@ impl Scheduler {
                         .inner
                         .store
                         .get_experiment(id)?
-                        .ok_or_else(|| Status::not_found(format!("id: no experiment \"{id}\"")));
+                        .ok_or_else(|| Error::NotFound(format!("id: no experiment \"{id}\"")));
                 }
                 self.stop_running(id, StopReason::Cancel(reason));
                 let ids = [id.to_owned()];
@@ -787,7 +787,7 @@ impl Scheduler {
                 self.inner
                     .store
                     .get_experiment(id)?
-                    .ok_or_else(|| Status::not_found(format!("id: no experiment \"{id}\"")))
+                    .ok_or_else(|| Error::NotFound(format!("id: no experiment \"{id}\"")))
             }
         }
     }
@@ -797,7 +797,7 @@ impl Scheduler {
         &self,
         ids: &[String],
         events: &mut tokio::sync::broadcast::Receiver<Arc<pb::Event>>,
-    ) -> Result<(), Status> {
+    ) -> Result<(), Error> {
         let deadline = Instant::now() + STOP_WAIT;
         loop {
             let mut pending = None;
@@ -816,12 +816,12 @@ impl Scheduler {
             };
             match tokio::time::timeout_at(deadline, events.recv()).await {
                 Err(_) => {
-                    return Err(Status::deadline_exceeded(format!(
+                    return Err(Error::TimedOut(format!(
                         "experiment {id} is still stopping; watch its events"
                     )));
                 }
                 Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => {
-                    return Err(Status::unavailable("daemon shutting down"));
+                    return Err(Error::ShuttingDown);
                 }
                 Ok(_) => {}
             }
@@ -857,7 +857,7 @@ impl Scheduler {
         id: &str,
         hold: bool,
         reason: String,
-    ) -> Result<pb::Experiment, Status> {
+    ) -> Result<pb::Experiment, Error> {
         let id_owned = id.to_owned();
         let (outcome, _) = self
             .inner
@@ -898,7 +898,7 @@ impl Scheduler {
     }
 
     /// Moves a QUEUED experiment to `position` in the start order; see `MoveExperiment`.
-    pub async fn move_experiment(&self, id: &str, position: u32) -> Result<pb::Queue, Status> {
+    pub async fn move_experiment(&self, id: &str, position: u32) -> Result<pb::Queue, Error> {
         let _serial = self.inner.move_lock.lock().await;
         let Some(e) = self.inner.store.get_experiment(id)? else {
             return Err(not_found(id).into());
@@ -958,7 +958,7 @@ impl Scheduler {
     // -----------------------------------------------------------------------------------------
 
     /// Transfers waiting for confirmation.
-    pub fn list_transfers(&self) -> Result<Vec<pb::PendingTransfer>, Status> {
+    pub fn list_transfers(&self) -> Result<Vec<pb::PendingTransfer>, Error> {
         Ok(self.inner.store.transfers()?)
     }
 
@@ -968,7 +968,7 @@ impl Scheduler {
         &self,
         transfer_id: &str,
         confirmed_by: &str,
-    ) -> Result<pb::PendingTransfer, Status> {
+    ) -> Result<pb::PendingTransfer, Error> {
         let (tid, by) = (transfer_id.to_owned(), confirmed_by.to_owned());
         let (outcome, _) = self
             .inner
@@ -976,7 +976,7 @@ impl Scheduler {
             .write_async(move |w| {
                 let Some(p) = w.take_transfer(&tid)? else {
                     return Ok(Outcome::Refused(Rejection {
-                        code: Code::NotFound,
+                        kind: RejectionKind::NotFound,
                         field: "transfer_id".into(),
                         reason: format!("no pending transfer \"{tid}\""),
                     }));
@@ -1059,9 +1059,9 @@ impl Scheduler {
         device_id: &str,
         maintenance: bool,
         reason: String,
-    ) -> Result<pb::Device, Status> {
+    ) -> Result<pb::Device, Error> {
         let Some(d) = self.inner.devices.get(device_id).cloned() else {
-            return Err(Status::not_found(format!("id: no device \"{device_id}\"")));
+            return Err(Error::NotFound(format!("id: no device \"{device_id}\"")));
         };
         let new = maintenance.then(|| {
             if reason.is_empty() {

@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use crate::app::{LocalSocket, Security, TlsPem, check_listen};
 use crate::auth::{Authenticator, Mode, Role, Tokens};
-use crate::server::Limits;
+use crate::limits::Limits;
 
 /// The security tables. Relative file paths resolve against the config file's directory.
 #[derive(Debug, Clone, Default, Deserialize)]
