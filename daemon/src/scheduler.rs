@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use pb::event::Kind;
-use ppu_drivers::device::{Family, StepOutput};
+use ppu_drivers::device::StepOutput;
 use ppu_drivers::{Clock, DeviceError, StepCommand, StepContext, StepUpdate};
 use ppu_proto::v1 as pb;
 use prost::Message;
@@ -35,9 +35,10 @@ use crate::board::{Board, Need, Running, StopReason};
 use crate::devices::{DeviceHandle, Devices};
 use crate::error::{Error, Rejection, RejectionKind};
 use crate::journal::JournalEntry;
+use crate::lifecycle::set_state;
 use crate::metrics;
 use crate::queue::{OrderKey, priority};
-use crate::recovery::{self, OnRestart, RecoveryPolicy};
+use crate::recovery::{self, OnRestart, RecoveryPolicy, safe_action};
 use crate::results;
 use crate::safety;
 use crate::state::{State, StepPhase};
@@ -108,45 +109,6 @@ struct Inner {
     stats: Mutex<DispatchStats>,
     /// Runners whose bookkeeping waits for the store to write again (a storage fault).
     waiting_on_store: std::sync::atomic::AtomicUsize,
-}
-
-/// Moves an experiment to `to` in `w`, with its event. The single place experiment states
-/// change.
-pub(crate) fn set_state(
-    e: &mut pb::Experiment,
-    to: State,
-    reason: &str,
-    w: &mut WriteTx<'_>,
-) -> Result<(), Rejection> {
-    let from = State::from_proto(e.state).ok_or_else(|| Rejection {
-        kind: RejectionKind::Inconsistent,
-        field: String::new(),
-        reason: format!("experiment {} has no valid state", e.id),
-    })?;
-    from.transition(to).map_err(|t| Rejection {
-        kind: RejectionKind::Precondition,
-        field: String::new(),
-        reason: t.to_string(),
-    })?;
-    e.state = to.to_proto() as i32;
-    e.updated_at = Some(now_timestamp());
-    if !reason.is_empty() {
-        e.message = reason.to_owned();
-    }
-    if to != State::Queued {
-        e.held = false;
-    }
-    w.emit(
-        &e.id,
-        &e.batch_id,
-        "",
-        Kind::ExperimentStateChanged(pb::ExperimentStateChanged {
-            from: from.to_proto() as i32,
-            to: to.to_proto() as i32,
-            reason: reason.to_owned(),
-        }),
-    );
-    Ok(())
 }
 
 /// Separates the QUEUED experiments that the configured devices can no longer run — a device
@@ -222,16 +184,6 @@ pub(crate) fn sample_key(e: &pb::Experiment) -> String {
 /// Transfer ids are derived from the step they belong to, so they survive a restart.
 pub(crate) fn transfer_id(experiment_id: &str, step_index: u32) -> String {
     format!("{experiment_id}/{step_index}")
-}
-
-/// The RecoveryDecision action for driving a device of `family` to its safe state.
-pub(crate) fn safe_action(family: Family) -> &'static str {
-    match family {
-        Family::Furnace => "furnace_safe_state",
-        Family::Dispenser => "pump_stopped",
-        Family::Analyser => "analyser_aborted",
-        Family::Balance => "balance_safe_state",
-    }
 }
 
 /// A write whose closure can refuse with a gRPC-shaped reason.
@@ -2039,6 +1991,27 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| StoreError::Task(e.to_string()))?
+}
+
+impl metrics::Scraped for Scheduler {
+    fn queue_depth(&self) -> usize {
+        Scheduler::queue_depth(self)
+    }
+
+    fn store(&self) -> &Store {
+        Scheduler::store(self)
+    }
+
+    fn device_gauges(&self) -> Vec<metrics::DeviceGauge> {
+        self.devices()
+            .all()
+            .map(|d| metrics::DeviceGauge {
+                id: d.id().to_owned(),
+                transport: d.driver.info().transport.clone(),
+                unsafe_now: d.unsafe_reason().is_some(),
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]

@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use async_trait::async_trait;
 use ppu_drivers::device::{
-    DegasResult, DeviceInfo, DeviceStatus, DispenseResult, FurnaceResult, IsothermResult, Limits,
-    RefillResult, Segment, WeighResult,
+    DegasResult, DeviceInfo, DeviceStatus, DispenseResult, Family, FurnaceResult, IsothermResult,
+    Limits, RefillResult, Segment, WeighResult,
 };
 use ppu_drivers::{Capability, Device};
 use tempfile::TempDir;
