@@ -1,6 +1,7 @@
 //! The daemon core's domain errors: what went wrong, in the core's own words. The core (store,
 //! scheduler, safety, devices) never names a transport; the server edge maps each variant to a
-//! gRPC code and metadata in one place (`server::status`), and a SiLA edge can map them again.
+//! gRPC code and metadata in one place (the `From` impls for `Status` in `server.rs`), and a
+//! SiLA edge can map them again.
 
 use crate::store::StoreError;
 
