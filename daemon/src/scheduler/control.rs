@@ -1,7 +1,22 @@
 //! Queue control and views: pause/resume, abort, cancel, hold/release, move, the queue as the
 //! API shows it, and taking devices in and out of maintenance.
 
-use super::*;
+use std::sync::Arc;
+
+use pb::event::Kind;
+use ppu_proto::v1 as pb;
+use tokio::time::Instant;
+use tracing::info;
+
+use crate::board::StopReason;
+use crate::devices::DeviceHandle;
+use crate::error::{Error, Rejection, RejectionKind};
+use crate::lifecycle::set_state;
+use crate::queue::OrderKey;
+use crate::state::{State, StepPhase};
+use crate::store::{StoreError, now_timestamp};
+
+use super::{Outcome, STOP_WAIT, Scheduler, is_terminal, not_found, not_queued};
 
 impl Scheduler {
     /// How many experiments are QUEUED (held ones included); O(1), for metrics.
@@ -49,7 +64,7 @@ impl Scheduler {
 
     /// Running experiments as the store records them: a runner that has committed its
     /// terminal state but not yet left the board no longer counts.
-    pub(super) fn running_ids_in_store(&self) -> Result<Vec<String>, Error> {
+    fn running_ids_in_store(&self) -> Result<Vec<String>, Error> {
         let mut out = Vec::new();
         for id in self.running_ids() {
             if self
@@ -202,7 +217,7 @@ impl Scheduler {
     }
 
     /// Waits until every experiment in `ids` is terminal (or no longer running here).
-    pub(super) async fn wait_terminal(
+    async fn wait_terminal(
         &self,
         ids: &[String],
         events: &mut tokio::sync::broadcast::Receiver<Arc<pb::Event>>,
@@ -237,7 +252,7 @@ impl Scheduler {
         }
     }
 
-    pub(super) fn stop_running(&self, id: &str, why: StopReason) {
+    fn stop_running(&self, id: &str, why: StopReason) {
         let mut b = self.lock();
         if let Some(run) = b.running.get_mut(id) {
             run.stop.get_or_insert(why);

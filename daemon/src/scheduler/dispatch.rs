@@ -1,7 +1,9 @@
 //! The dispatcher: matches waiting steps to free devices ([`Board::decide`]) and starts one
 //! runner per experiment it grants.
 
-use super::*;
+use tracing::warn;
+
+use super::{MAX_ROUND_SAMPLES, Scheduler, Start};
 
 impl Scheduler {
     pub(super) async fn dispatch(self) {

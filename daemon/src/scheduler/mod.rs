@@ -25,29 +25,25 @@ mod transfer;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use pb::event::Kind;
-use ppu_drivers::device::StepOutput;
-use ppu_drivers::{Clock, DeviceError, StepCommand, StepContext, StepUpdate};
+use ppu_drivers::Clock;
 use ppu_proto::v1 as pb;
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::warn;
 
-use crate::board::{Board, Need, Running, StopReason};
-use crate::devices::{DeviceHandle, Devices};
+use crate::board::{Board, Running};
+use crate::devices::Devices;
 use crate::error::{Error, Rejection, RejectionKind};
 use crate::journal::JournalEntry;
 use crate::lifecycle::set_state;
 use crate::metrics;
 use crate::queue::{OrderKey, priority};
-use crate::recovery::{self, OnRestart, RecoveryPolicy, safe_action};
-use crate::results;
+use crate::recovery::{self, RecoveryPolicy};
 use crate::safety;
 use crate::state::{State, StepPhase};
-use crate::store::{Store, StoreError, WriteTx, now_timestamp};
+use crate::store::{Store, StoreError, WriteTx};
 
 /// Least real time between two logged progress events of one step.
 const PROGRESS_LOG_INTERVAL: Duration = Duration::from_millis(500);

@@ -1,7 +1,19 @@
 //! The runner: owns one RUNNING experiment from grant to terminal state; reserves devices
 //! (inserting transfers when the sample is elsewhere), waits for grants, requeues and concludes.
 
-use super::*;
+use pb::event::Kind;
+use ppu_proto::v1 as pb;
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::board::{Need, StopReason};
+use crate::lifecycle::set_state;
+use crate::recovery::OnRestart;
+use crate::state::{State, StepPhase};
+use crate::store::{StoreError, WriteTx, now_timestamp};
+
+use super::{Flow, Reservation, Scheduler, Start, sample_key, transfer_id};
 
 impl Scheduler {
     /// Runs one experiment from `start` to a terminal state (or until shutdown).
@@ -139,7 +151,7 @@ impl Scheduler {
 
     /// Puts a granted experiment that did not start (held meanwhile) back into the queue with
     /// its place; one that was cancelled meanwhile is simply forgotten.
-    pub(super) async fn requeue(&self, id: &str) -> Result<(), StoreError> {
+    async fn requeue(&self, id: &str) -> Result<(), StoreError> {
         let e = loop {
             match self.inner.store.get_experiment(id) {
                 Err(StoreError::Unavailable(_)) if self.wait_store().await => continue,
@@ -159,11 +171,7 @@ impl Scheduler {
     }
 
     /// Cancels a granted experiment that is still QUEUED (it never held its device).
-    pub(super) async fn cancel_unstarted(
-        &self,
-        id: &str,
-        reason: String,
-    ) -> Result<(), StoreError> {
+    async fn cancel_unstarted(&self, id: &str, reason: String) -> Result<(), StoreError> {
         let id_owned = id.to_owned();
         self.commit(move |w| {
             if let Some(mut e) = w.get_experiment(&id_owned)?
@@ -179,7 +187,7 @@ impl Scheduler {
     }
 
     /// Announces the step's need and waits for the dispatcher's grant, or for a stop.
-    pub(super) async fn wait_grant(
+    async fn wait_grant(
         &self,
         id: &str,
         step_index: u32,
@@ -223,7 +231,7 @@ impl Scheduler {
     /// TRANSFER step (sample, from, to) before the step and requests the move; a TRANSFER step
     /// already current (after a restart) is requested again. `None` if the experiment is no
     /// longer in the expected state.
-    pub(super) async fn reserve(
+    async fn reserve(
         &self,
         id: &str,
         device: &str,

@@ -2,7 +2,27 @@
 //! recovery re-attached to), drive the device safe after a failure or abort, and commit the
 //! result, the journal removal and the release together.
 
-use super::*;
+use std::sync::Arc;
+
+use pb::event::Kind;
+use ppu_drivers::device::StepOutput;
+use ppu_drivers::{DeviceError, StepCommand, StepContext, StepUpdate};
+use ppu_proto::v1 as pb;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::board::StopReason;
+use crate::devices::DeviceHandle;
+use crate::journal::JournalEntry;
+use crate::lifecycle::set_state;
+use crate::recovery::{OnRestart, safe_action};
+use crate::state::{State, StepPhase};
+use crate::store::{StoreError, now_timestamp};
+use crate::{metrics, recovery, results, safety};
+
+use super::{Flow, PROGRESS_LOG_INTERVAL, Scheduler, sample_key};
 
 impl Scheduler {
     /// Runs step `j` on `device` (already reserved and logged), or — with `adopt` — finishes
@@ -339,7 +359,7 @@ impl Scheduler {
 
     /// Turns one update of a running step into a device reading or a logged event; progress
     /// is throttled, isotherm points are logged every one.
-    pub(super) async fn on_update(
+    async fn on_update(
         &self,
         exp: &pb::Experiment,
         step_index: u32,

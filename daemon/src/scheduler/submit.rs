@@ -4,7 +4,16 @@
 use prost::Message;
 use sha2::{Digest, Sha256};
 
-use super::*;
+use pb::event::Kind;
+use ppu_proto::v1 as pb;
+use tracing::info;
+
+use crate::error::{Error, Rejection, RejectionKind};
+use crate::safety;
+use crate::state::State;
+use crate::store::now_timestamp;
+
+use super::Scheduler;
 
 impl Scheduler {
     /// Validates, stores and enqueues a batch; see `SubmitBatch` in the API.
@@ -99,7 +108,7 @@ impl Scheduler {
         }
     }
 
-    pub(super) fn existing_batch(&self, key: &str, hash: &str) -> Result<Option<pb::Batch>, Error> {
+    fn existing_batch(&self, key: &str, hash: &str) -> Result<Option<pb::Batch>, Error> {
         let Some((id, stored_hash)) = self.inner.store.find_idempotency_key(key)? else {
             return Ok(None);
         };
@@ -112,7 +121,7 @@ impl Scheduler {
     }
 
     /// A step pinned to a device in maintenance could never be reserved: refuse it now.
-    pub(super) fn check_maintenance(&self, req: &pb::SubmitBatchRequest) -> Result<(), Rejection> {
+    fn check_maintenance(&self, req: &pb::SubmitBatchRequest) -> Result<(), Rejection> {
         for (i, e) in req.experiments.iter().enumerate() {
             for (j, s) in e.steps.iter().enumerate() {
                 if s.device_id.is_empty() {

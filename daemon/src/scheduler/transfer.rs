@@ -1,7 +1,17 @@
 //! Sample transfers between devices: listing and confirming them (the API side), and the
 //! runner's wait for a confirmation.
 
-use super::*;
+use pb::event::Kind;
+use ppu_proto::v1 as pb;
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::error::{Error, Rejection, RejectionKind};
+use crate::state::StepPhase;
+use crate::store::{StoreError, now_timestamp};
+
+use super::{Outcome, Scheduler};
 
 impl Scheduler {
     /// Transfers waiting for confirmation.
