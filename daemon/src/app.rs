@@ -19,11 +19,12 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::auth::{AuthLayer, Authenticator, LocalPolicy, Mode, Role};
+use crate::auth::{AuthLayer, LocalPolicy, Mode};
 use crate::config::Policies;
 use crate::devices::{Devices, PollSettings};
 use crate::scheduler::Scheduler;
-use crate::server::{self, Api, Limits};
+pub use crate::security::{LocalSocket, Security, TlsPem, check_listen};
+use crate::server::{self, Api};
 use crate::store::{Store, StoreError};
 
 /// Longest wait at shutdown for background tasks to release the store.
@@ -64,91 +65,6 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-}
-
-/// The listening rules behind [`Security::check_listen`], on the facts they need.
-pub fn check_listen(
-    listen: SocketAddr,
-    open: bool,
-    tls: bool,
-    insecure_plaintext: bool,
-) -> Result<(), String> {
-    if listen.ip().is_loopback() {
-        return Ok(());
-    }
-    if open {
-        return Err(format!(
-            "{listen} is not a loopback address and authentication is off: anyone on the \
-             network could drive the lab. Configure [auth] tokens_file, or listen on 127.0.0.1"
-        ));
-    }
-    if !tls && !insecure_plaintext {
-        return Err(format!(
-            "{listen} is not a loopback address and no [tls] is configured: tokens and lab data \
-             would cross the network in clear text. Configure [tls] cert_file and key_file, \
-             listen on 127.0.0.1, or pass --insecure-plaintext (config: insecure_plaintext = \
-             true) to accept the risk"
-        ));
-    }
-    Ok(())
-}
-
-/// Server certificate and key, and for mutual TLS the CA that signs client certificates (PEM).
-#[derive(Debug, Clone)]
-pub struct TlsPem {
-    pub cert: Vec<u8>,
-    pub key: Vec<u8>,
-    pub client_ca: Option<Vec<u8>>,
-}
-
-/// The Unix socket for tools on this host.
-#[derive(Debug, Clone)]
-pub struct LocalSocket {
-    pub path: PathBuf,
-    /// File mode of the socket, e.g. 0o660.
-    pub mode: u32,
-    /// Role of a peer that connects without a token (own uid and root: admin).
-    pub role: Role,
-    /// Admitted peer uids besides the daemon's and root; empty admits any.
-    pub allowed_uids: Vec<u32>,
-}
-
-/// Who may connect and how (config `[auth]`, `[tls]`, `[local]`, `[limits]`, `[metrics]`).
-/// The default is what `ppud dev` runs with: open, plain text, loopback only.
-#[derive(Debug, Clone, Default)]
-pub struct Security {
-    pub auth: Authenticator,
-    pub tls: Option<TlsPem>,
-    /// Allow plain-text gRPC on a non-loopback address.
-    pub insecure_plaintext: bool,
-    pub local: Option<LocalSocket>,
-    pub limits: Limits,
-    /// Where to serve Prometheus metrics, if anywhere.
-    pub metrics_listen: Option<SocketAddr>,
-}
-
-impl Security {
-    /// The listening rules: off loopback, plain text needs an explicit opt-in and an open
-    /// daemon is never allowed. Returns the reason for a refusal.
-    pub fn check_listen(&self, listen: SocketAddr) -> Result<(), String> {
-        check_listen(
-            listen,
-            matches!(self.auth.mode, Mode::Open),
-            self.tls.is_some(),
-            self.insecure_plaintext,
-        )
-    }
-
-    fn server_tls(&self) -> Result<Option<ServerTlsConfig>, StartError> {
-        let Some(tls) = &self.tls else {
-            return Ok(None);
-        };
-        let mut config = ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert, &tls.key));
-        if let Some(ca) = &tls.client_ca {
-            config = config.client_ca_root(Certificate::from_pem(ca));
-        }
-        Ok(Some(config))
-    }
 }
 
 /// How to run the daemon.
@@ -194,7 +110,7 @@ impl Daemon {
                  loopback; never on a lab network (configure [auth] tokens_file)"
             );
         }
-        let tls = opts.security.server_tls()?;
+        let tls = server_tls(&opts.security)?;
         std::fs::create_dir_all(&opts.data_dir).map_err(|source| StartError::DataDir {
             path: opts.data_dir.clone(),
             source,
@@ -442,4 +358,16 @@ fn bind_local(local: &LocalSocket) -> Result<(tokio::net::UnixListener, u32), St
         .map_err(err)?;
     let uid = std::fs::metadata(&local.path).map_err(err)?.uid();
     Ok((listener, uid))
+}
+
+/// tonic's TLS settings for `security`, if it configures TLS.
+fn server_tls(security: &Security) -> Result<Option<ServerTlsConfig>, StartError> {
+    let Some(tls) = &security.tls else {
+        return Ok(None);
+    };
+    let mut config = ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert, &tls.key));
+    if let Some(ca) = &tls.client_ca {
+        config = config.client_ca_root(Certificate::from_pem(ca));
+    }
+    Ok(Some(config))
 }

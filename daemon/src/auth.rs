@@ -26,7 +26,6 @@ use tonic::codegen::http;
 use tonic::{Code, Status};
 use tracing::{Instrument, info, warn};
 
-use crate::metrics::code_label;
 use crate::store::Store;
 
 /// The roles of the API, from least to most trusted.
@@ -735,7 +734,7 @@ fn finish(mut resp: http::Response<Body>, path: &str, request_id: &str) -> http:
     let code = Status::from_header_map(resp.headers())
         .map(|s| s.code())
         .unwrap_or(Code::Ok);
-    crate::metrics::grpc_request(path, code);
+    crate::metrics::grpc_request(path, code_label(code));
     if let Ok(v) = http::HeaderValue::from_str(request_id) {
         resp.headers_mut().insert(REQUEST_ID, v);
     }
@@ -781,6 +780,31 @@ async fn audit(store: &Arc<Store>, caller: &Caller, method: &str, code: Code, me
         .await;
     if let Err(e) = result {
         warn!(error = %e, "could not write the audit record");
+    }
+}
+
+/// The canonical gRPC name of a status code, e.g. `PERMISSION_DENIED`: the `code` label of
+/// `ppu_grpc_requests_total` (and the name the audit records use).
+pub fn code_label(code: Code) -> &'static str {
+    use Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
     }
 }
 

@@ -8,7 +8,7 @@
 //! rendering, under one lock, so a process running several daemons (the tests) still answers
 //! each scrape with that daemon's state.
 //!
-//! The endpoint is hyper's HTTP/1.1 server (already in the tree through tonic): one request per
+//! The endpoint is hyper's HTTP/1.1 server (already in the tree through the gRPC stack): one request per
 //! connection, a head of at most [`MAX_HEAD`] bytes read under a real-time deadline, `200` for
 //! `GET`/`HEAD /metrics`, an error status for anything else, then close. It has no
 //! authentication: keep it on loopback or a management network.
@@ -38,8 +38,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
-use crate::scheduler::Scheduler;
 use crate::state::State;
+use crate::store::Store;
 
 /// QUEUED experiments waiting to start (held ones included), as the dispatcher sees them.
 pub const QUEUE_DEPTH: &str = "ppu_queue_depth";
@@ -163,31 +163,6 @@ fn transport_label(described: &str) -> &'static str {
     }
 }
 
-/// The canonical gRPC name of a status code, e.g. `PERMISSION_DENIED`: the `code` label of
-/// [`GRPC_REQUESTS`] (and the name the audit records use).
-pub fn code_label(code: tonic::Code) -> &'static str {
-    use tonic::Code::*;
-    match code {
-        Ok => "OK",
-        Cancelled => "CANCELLED",
-        Unknown => "UNKNOWN",
-        InvalidArgument => "INVALID_ARGUMENT",
-        DeadlineExceeded => "DEADLINE_EXCEEDED",
-        NotFound => "NOT_FOUND",
-        AlreadyExists => "ALREADY_EXISTS",
-        PermissionDenied => "PERMISSION_DENIED",
-        ResourceExhausted => "RESOURCE_EXHAUSTED",
-        FailedPrecondition => "FAILED_PRECONDITION",
-        Aborted => "ABORTED",
-        OutOfRange => "OUT_OF_RANGE",
-        Unimplemented => "UNIMPLEMENTED",
-        Internal => "INTERNAL",
-        Unavailable => "UNAVAILABLE",
-        DataLoss => "DATA_LOSS",
-        Unauthenticated => "UNAUTHENTICATED",
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Recording (cheap no-ops until a recorder is installed)
 // ---------------------------------------------------------------------------------------------
@@ -209,8 +184,9 @@ pub fn device_error(device: &str, e: &DeviceError) {
 }
 
 /// A gRPC call finished; `method` is the full path, e.g. `/ppu.v1.QueueService/PauseQueue`.
-pub fn grpc_request(method: &str, code: tonic::Code) {
-    counter!(GRPC_REQUESTS, "method" => method.to_owned(), "code" => code_label(code)).increment(1);
+/// `code` is the status code's canonical name, e.g. `PERMISSION_DENIED`.
+pub fn grpc_request(method: &str, code: &'static str) {
+    counter!(GRPC_REQUESTS, "method" => method.to_owned(), "code" => code).increment(1);
 }
 
 /// A request to `method` (full path) did not decode.
@@ -379,8 +355,7 @@ fn register_process_series() {
     }
     for method in api_methods() {
         counter!(GRPC_DECODE_ERRORS, "method" => method.clone()).increment(0);
-        counter!(GRPC_REQUESTS, "method" => method, "code" => code_label(tonic::Code::Ok))
-            .increment(0);
+        counter!(GRPC_REQUESTS, "method" => method, "code" => "OK").increment(0);
     }
 }
 
@@ -403,26 +378,45 @@ fn api_methods() -> Vec<String> {
 }
 
 /// Registers, at zero, the series of one daemon's devices.
-fn register_device_series(scheduler: &Scheduler) {
-    for d in scheduler.devices().all() {
-        let id = d.id().to_owned();
+fn register_device_series(lab: &dyn Scraped) {
+    for d in lab.device_gauges() {
+        let id = d.id;
         let _ = histogram!(DEVICE_REQUEST_DURATION, "device" => id.clone());
         for kind in DEVICE_ERROR_KINDS {
             counter!(DEVICE_ERRORS, "device" => id.clone(), "kind" => kind).increment(0);
         }
-        let transport = transport_label(&d.driver.info().transport);
+        let transport = transport_label(&d.transport);
         counter!(TRANSPORT_RECONNECTS, "transport" => transport, "device" => id.clone())
             .increment(0);
         gauge!(DEVICE_UNSAFE, "device" => id).set(0.0);
     }
 }
 
-/// Sets the state gauges from `scheduler`'s daemon and renders every series. Blocking (a store
-/// read); holds [`SCRAPE`] throughout.
-fn scrape(handle: &PrometheusHandle, scheduler: &Scheduler) -> String {
+/// One device as a scrape sees it.
+#[derive(Debug, Clone)]
+pub struct DeviceGauge {
+    pub id: String,
+    /// The driver's transport description, e.g. `serial /dev/ttyUSB0`.
+    pub transport: String,
+    /// Not confirmed in its safe state.
+    pub unsafe_now: bool,
+}
+
+/// What a scrape reads from the daemon. The scheduler implements it, so this module (which the
+/// scheduler and devices record into) never reaches back into them.
+pub trait Scraped: Send + Sync + 'static {
+    /// How many experiments are QUEUED; O(1).
+    fn queue_depth(&self) -> usize;
+    fn store(&self) -> &Store;
+    fn device_gauges(&self) -> Vec<DeviceGauge>;
+}
+
+/// Sets the state gauges from `lab` and renders every series. Blocking (a store read); holds
+/// [`SCRAPE`] throughout.
+fn scrape(handle: &PrometheusHandle, lab: &dyn Scraped) -> String {
     let _one_at_a_time = SCRAPE.lock().unwrap_or_else(|p| p.into_inner());
-    let store = scheduler.store();
-    gauge!(QUEUE_DEPTH).set(scheduler.queue_depth() as f64);
+    let store = lab.store();
+    gauge!(QUEUE_DEPTH).set(lab.queue_depth() as f64);
     for (state, n) in store.experiment_counts() {
         gauge!(EXPERIMENTS, "state" => state_label(state)).set(n as f64);
     }
@@ -431,13 +425,9 @@ fn scrape(handle: &PrometheusHandle, scheduler: &Scheduler) -> String {
         Err(e) => warn!(error = %e, "metrics: cannot count the event log"),
     }
     gauge!(EVENT_LOG_BYTES).set(store.event_log_bytes() as f64);
-    for d in scheduler.devices().all() {
-        let unsafe_now = if d.unsafe_reason().is_some() {
-            1.0
-        } else {
-            0.0
-        };
-        gauge!(DEVICE_UNSAFE, "device" => d.id().to_owned()).set(unsafe_now);
+    for d in lab.device_gauges() {
+        let unsafe_now = if d.unsafe_now { 1.0 } else { 0.0 };
+        gauge!(DEVICE_UNSAFE, "device" => d.id).set(unsafe_now);
     }
     handle.render()
 }
@@ -502,12 +492,12 @@ impl MetricsEndpoint {
         self.addr
     }
 
-    /// Serves scrapes of `scheduler`'s daemon until `stop`. The task ends once every open
-    /// connection has closed, so awaiting it means no clone of `scheduler` is left here.
-    pub fn spawn(self, scheduler: Scheduler, stop: CancellationToken) -> JoinHandle<()> {
-        register_device_series(&scheduler);
+    /// Serves scrapes of `lab` (a daemon's scheduler) until `stop`. The task ends once every
+    /// open connection has closed, so awaiting it means no clone of `lab` is left here.
+    pub fn spawn(self, lab: impl Scraped, stop: CancellationToken) -> JoinHandle<()> {
+        register_device_series(&lab);
         let handle = self.handle;
-        let render: Render = Arc::new(move || scrape(handle, &scheduler));
+        let render: Render = Arc::new(move || scrape(handle, &lab));
         debug!(addr = %self.addr, "metrics endpoint serving");
         tokio::spawn(async move {
             let upkeep = tokio::spawn(upkeep(handle, stop.clone()));

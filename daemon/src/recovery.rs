@@ -41,7 +41,7 @@ use tracing::info;
 
 use crate::devices::Devices;
 use crate::journal::JournalEntry;
-use crate::scheduler::{safe_action, set_state};
+use crate::lifecycle::set_state;
 use crate::state::State;
 use crate::store::{Store, StoreError, WriteTx, now_timestamp};
 
@@ -520,6 +520,16 @@ fn release_stale(w: &mut WriteTx<'_>, keep: &[String]) -> Result<(), StoreError>
         );
     }
     Ok(())
+}
+
+/// The RecoveryDecision action for driving a device of `family` to its safe state.
+pub(crate) fn safe_action(family: Family) -> &'static str {
+    match family {
+        Family::Furnace => "furnace_safe_state",
+        Family::Dispenser => "pump_stopped",
+        Family::Analyser => "analyser_aborted",
+        Family::Balance => "balance_safe_state",
+    }
 }
 
 #[cfg(test)]

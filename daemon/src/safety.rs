@@ -9,49 +9,13 @@ use pb::{furnace_segment, step};
 use ppu_drivers::device::Segment;
 use ppu_drivers::{DeviceError, StepCommand};
 use ppu_proto::v1 as pb;
-use tonic::{Code, Status};
 
 use crate::devices::Devices;
-use crate::server::Limits;
+pub use crate::error::{Rejection, RejectionKind};
+use crate::limits::Limits;
 
 /// Largest batch accepted in one call.
 pub const MAX_BATCH: usize = 10_000;
-/// Metadata key carrying the offending field path in an error status.
-pub const FIELD_PATH_METADATA: &str = "ppu-field-path";
-
-/// Why a submission was refused.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Rejection {
-    pub code: Code,
-    /// Path of the offending field; empty when the whole request is at fault.
-    pub field: String,
-    pub reason: String,
-}
-
-impl Rejection {
-    fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
-        Self {
-            code: Code::InvalidArgument,
-            field: field.into(),
-            reason: reason.into(),
-        }
-    }
-}
-
-impl From<Rejection> for Status {
-    fn from(r: Rejection) -> Status {
-        let msg = if r.field.is_empty() {
-            r.reason
-        } else {
-            format!("{}: {}", r.field, r.reason)
-        };
-        let mut s = Status::new(r.code, msg);
-        if let Ok(v) = r.field.parse() {
-            s.metadata_mut().insert(FIELD_PATH_METADATA, v);
-        }
-        s
-    }
-}
 
 fn finite(path: &str, v: f64) -> Result<f64, Rejection> {
     if v.is_finite() {
@@ -365,7 +329,7 @@ pub fn check_step(s: &pb::Step, path: &str, devices: &Devices) -> Result<(), Rej
     }
     if unsupported.is_empty() {
         return Err(Rejection {
-            code: Code::FailedPrecondition,
+            kind: RejectionKind::Precondition,
             field: path.to_owned(),
             reason: format!("no device with capability {cap}"),
         });
@@ -575,7 +539,7 @@ pub fn check_batch(req: &pb::SubmitBatchRequest, devices: &Devices) -> Result<()
         for (j, s) in e.steps.iter().enumerate() {
             match check_step(s, &format!("experiments[{i}].steps[{j}]"), devices) {
                 Ok(()) => {}
-                Err(r) if r.code == Code::FailedPrecondition => {
+                Err(r) if r.kind == RejectionKind::Precondition => {
                     precondition.get_or_insert(r);
                 }
                 Err(r) => return Err(r),
@@ -672,14 +636,14 @@ mod tests {
         // Furnace steps have no device here: that is a FAILED_PRECONDITION, reported after
         // the adsorptive's INVALID_ARGUMENT.
         let r = check_batch(&req("XENON-999", ""), &lab).expect_err("unknown gas");
-        assert_eq!(r.code, Code::InvalidArgument, "{r:?}");
+        assert_eq!(r.kind, RejectionKind::Invalid, "{r:?}");
         assert_eq!(r.field, field);
         assert!(r.reason.contains("\"XENON-999\""), "{r:?}");
         assert!(r.reason.contains("analyser-1 accepts CO2, N2"), "{r:?}");
         assert!(r.reason.contains("analyser-2 accepts Ar"), "{r:?}");
 
         let r = check_batch(&req("Ar", "analyser-1"), &lab).expect_err("not on this one");
-        assert_eq!(r.code, Code::InvalidArgument, "{r:?}");
+        assert_eq!(r.kind, RejectionKind::Invalid, "{r:?}");
         assert_eq!(r.field, field);
         assert!(r.reason.contains("analyser-1 accepts CO2, N2"), "{r:?}");
 
@@ -692,8 +656,8 @@ mod tests {
         ] {
             let r = check_batch(&req(gas, device), &lab).expect_err("no furnace");
             assert_eq!(
-                r.code,
-                Code::FailedPrecondition,
+                r.kind,
+                RejectionKind::Precondition,
                 "{gas} on {device:?}: {r:?}"
             );
             assert_eq!(r.field, "experiments[0].steps[0]");
@@ -849,17 +813,9 @@ mod tests {
         ];
         for (e, field, limit) in cases {
             let r = check_bounds(&batch(e), &l).expect_err(field);
-            assert_eq!(r.code, Code::InvalidArgument, "{r:?}");
+            assert_eq!(r.kind, RejectionKind::Invalid, "{r:?}");
             assert_eq!(r.field, field, "{r:?}");
             assert!(r.reason.contains(&format!("(limits.{limit})")), "{r:?}");
-            let status = Status::from(r);
-            assert_eq!(
-                status
-                    .metadata()
-                    .get(FIELD_PATH_METADATA)
-                    .and_then(|v| v.to_str().ok()),
-                Some(field)
-            );
         }
     }
 

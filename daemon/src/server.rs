@@ -20,7 +20,6 @@ use pb::event_service_server::{EventService, EventServiceServer};
 use pb::experiment_service_server::{ExperimentService, ExperimentServiceServer};
 use pb::queue_service_server::{QueueService, QueueServiceServer};
 use ppu_proto::v1 as pb;
-use serde::Deserialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -29,7 +28,9 @@ use tracing::warn;
 
 use crate::auth::{Caller, Role};
 use crate::devices::AckError;
+use crate::error::{Error, Rejection, RejectionKind};
 use crate::events::{self, Filter};
+pub use crate::limits::Limits;
 use crate::metrics::{ActiveStream, StreamKind};
 use crate::scheduler::Scheduler;
 use crate::state::State;
@@ -42,85 +43,6 @@ const DEFAULT_PAGE: u32 = 100;
 const STREAM_BUFFER: usize = 256;
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
-
-/// Limits against abuse and mistakes (config `[limits]`).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Limits {
-    /// Most experiments in one SubmitBatch; more is INVALID_ARGUMENT.
-    pub max_batch_experiments: usize,
-    /// Largest gRPC message either way, bytes; larger is RESOURCE_EXHAUSTED.
-    pub max_message_bytes: usize,
-    /// SubmitBatch calls per principal per minute (a token bucket holding a minute's worth);
-    /// 0 for no limit.
-    pub submit_per_minute: u32,
-    /// Most StreamEvents and WatchDevice streams open at once.
-    pub max_streams: usize,
-    /// Most steps in one experiment.
-    pub max_experiment_steps: usize,
-    /// Most segments in one furnace program.
-    pub max_program_segments: usize,
-    /// Most pressure points in one isotherm.
-    pub max_isotherm_points: usize,
-    /// Most labels on one experiment.
-    pub max_labels: usize,
-    /// Longest label key, bytes.
-    pub max_label_key_bytes: usize,
-    /// Longest label value, bytes.
-    pub max_label_value_bytes: usize,
-    /// Longest name, sample id, device id, reagent or adsorptive, bytes.
-    pub max_text_bytes: usize,
-    /// Largest encoded experiment spec, bytes. It bounds what every reply and event that
-    /// carries a spec (or one of its steps) can weigh: a full default page of ListExperiments
-    /// (100) stays under the default `max_message_bytes`.
-    pub max_experiment_bytes: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            max_batch_experiments: 10_000,
-            max_message_bytes: 16 * 1024 * 1024,
-            submit_per_minute: 600,
-            max_streams: 256,
-            max_experiment_steps: 1000,
-            max_program_segments: 1000,
-            max_isotherm_points: 1000,
-            max_labels: 64,
-            max_label_key_bytes: 128,
-            max_label_value_bytes: 1024,
-            max_text_bytes: 256,
-            max_experiment_bytes: 128 * 1024,
-        }
-    }
-}
-
-impl Limits {
-    /// Every problem with these limits, for `ppud check-config`.
-    pub fn problems(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        if self.max_batch_experiments == 0 {
-            out.push("limits.max_batch_experiments: must be at least 1".to_owned());
-        }
-        if self.max_message_bytes < 64 * 1024 {
-            out.push("limits.max_message_bytes: must be at least 65536".to_owned());
-        }
-        for (key, v) in [
-            ("max_streams", self.max_streams),
-            ("max_experiment_steps", self.max_experiment_steps),
-            ("max_program_segments", self.max_program_segments),
-            ("max_isotherm_points", self.max_isotherm_points),
-            ("max_label_key_bytes", self.max_label_key_bytes),
-            ("max_text_bytes", self.max_text_bytes),
-            ("max_experiment_bytes", self.max_experiment_bytes),
-        ] {
-            if v == 0 {
-                out.push(format!("limits.{key}: must be at least 1"));
-            }
-        }
-        out
-    }
-}
 
 /// Per-principal token buckets for SubmitBatch.
 #[derive(Default)]
@@ -352,7 +274,7 @@ impl ExperimentService for Api {
 
 impl Api {
     fn queue(&self) -> Result<pb::Queue, Status> {
-        self.scheduler.queue()
+        Ok(self.scheduler.queue()?)
     }
 
     /// A planner may cancel only experiments of batches it submitted. An unknown experiment
@@ -378,6 +300,45 @@ impl Api {
                     owner.as_str()
                 }
             )))
+        }
+    }
+}
+
+/// Metadata key carrying the offending field path in an error status.
+pub const FIELD_PATH_METADATA: &str = "ppu-field-path";
+
+// ---------------------------------------------------------------------------------------------
+// The one mapping of the core's domain errors to gRPC statuses
+// ---------------------------------------------------------------------------------------------
+
+/// A refusal is `field: reason` with the field path also in the `ppu-field-path` metadata.
+impl From<Rejection> for Status {
+    fn from(r: Rejection) -> Status {
+        let code = match r.kind {
+            RejectionKind::Invalid => tonic::Code::InvalidArgument,
+            RejectionKind::NotFound => tonic::Code::NotFound,
+            RejectionKind::Precondition => tonic::Code::FailedPrecondition,
+            RejectionKind::Inconsistent => tonic::Code::Internal,
+        };
+        let mut s = Status::new(code, r.message());
+        if let Ok(v) = r.field.parse() {
+            s.metadata_mut().insert(FIELD_PATH_METADATA, v);
+        }
+        s
+    }
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        match e {
+            Error::Refused(r) => r.into(),
+            Error::Store(e) => e.into(),
+            Error::NotFound(m) => Status::not_found(m),
+            Error::Conflict(m) => Status::already_exists(m),
+            Error::TimedOut(m) => Status::deadline_exceeded(m),
+            e @ Error::ShuttingDown => Status::unavailable(e.to_string()),
+            Error::IdsExhausted(m) => Status::unavailable(m),
+            Error::Internal(m) => Status::internal(m),
         }
     }
 }
@@ -776,4 +737,70 @@ pub async fn router(
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
         ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_carries_its_field_path_as_metadata_and_in_the_message() {
+        let mut req = pb::SubmitBatchRequest::default();
+        req.experiments.push(pb::ExperimentSpec {
+            name: "n".repeat(257),
+            ..Default::default()
+        });
+        let r = crate::safety::check_bounds(&req, &Limits::default()).expect_err("too long");
+        let status = Status::from(r);
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert_eq!(
+            status
+                .metadata()
+                .get(FIELD_PATH_METADATA)
+                .and_then(|v| v.to_str().ok()),
+            Some("experiments[0].name")
+        );
+        assert!(
+            status.message().starts_with("experiments[0].name: "),
+            "{}",
+            status.message()
+        );
+    }
+
+    #[test]
+    fn core_errors_map_to_the_codes_clients_retry_or_fix_on() {
+        let cases = [
+            (
+                Error::NotFound("id: no device \"x\"".into()),
+                tonic::Code::NotFound,
+            ),
+            (
+                Error::Conflict("idempotency_key: used".into()),
+                tonic::Code::AlreadyExists,
+            ),
+            (
+                Error::TimedOut("waited".into()),
+                tonic::Code::DeadlineExceeded,
+            ),
+            (Error::ShuttingDown, tonic::Code::Unavailable),
+            (
+                Error::IdsExhausted("overflow".into()),
+                tonic::Code::Unavailable,
+            ),
+            (
+                Error::Internal("batch vanished".into()),
+                tonic::Code::Internal,
+            ),
+            (
+                Error::Store(StoreError::Unavailable("disk full".into())),
+                tonic::Code::Unavailable,
+            ),
+        ];
+        for (e, code) in cases {
+            let message = e.to_string();
+            let status = Status::from(e);
+            assert_eq!(status.code(), code, "{message}");
+            assert_eq!(status.message(), message);
+        }
+    }
 }

@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::app::{LocalSocket, Security, TlsPem, check_listen};
 use crate::auth::{Authenticator, Mode, Role, Tokens};
-use crate::server::Limits;
+use crate::limits::Limits;
+use crate::security::{LocalSocket, Security, TlsPem, check_listen};
 
 /// The security tables. Relative file paths resolve against the config file's directory.
 #[derive(Debug, Clone, Default, Deserialize)]

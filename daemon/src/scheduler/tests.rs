@@ -11,15 +11,17 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use async_trait::async_trait;
+use pb::event::Kind;
+use ppu_drivers::device::StepOutput;
 use ppu_drivers::device::{
-    DegasResult, DeviceInfo, DeviceStatus, DispenseResult, FurnaceResult, IsothermResult, Limits,
-    RefillResult, Segment, WeighResult,
+    DegasResult, DeviceInfo, DeviceStatus, DispenseResult, Family, FurnaceResult, IsothermResult,
+    Limits, RefillResult, Segment, WeighResult,
 };
-use ppu_drivers::{Capability, Device};
+use ppu_drivers::{Capability, Device, DeviceError, StepCommand, StepContext};
 use tempfile::TempDir;
 
 use super::*;
-use crate::recovery::FurnaceRecovery;
+use crate::recovery::{FurnaceRecovery, OnRestart};
 
 /// Physical seconds a step takes on a [`TestDevice`].
 fn step_seconds(cmd: &StepCommand) -> f64 {

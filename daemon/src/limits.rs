@@ -1,0 +1,83 @@
+//! Limits against abuse and mistakes (config `[limits]`): read by submission-time safety
+//! (recipe bounds) and by the server edge (batch size, message size, rate, streams).
+
+use serde::Deserialize;
+
+/// Limits against abuse and mistakes (config `[limits]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Most experiments in one SubmitBatch; more is INVALID_ARGUMENT.
+    pub max_batch_experiments: usize,
+    /// Largest gRPC message either way, bytes; larger is RESOURCE_EXHAUSTED.
+    pub max_message_bytes: usize,
+    /// SubmitBatch calls per principal per minute (a token bucket holding a minute's worth);
+    /// 0 for no limit.
+    pub submit_per_minute: u32,
+    /// Most StreamEvents and WatchDevice streams open at once.
+    pub max_streams: usize,
+    /// Most steps in one experiment.
+    pub max_experiment_steps: usize,
+    /// Most segments in one furnace program.
+    pub max_program_segments: usize,
+    /// Most pressure points in one isotherm.
+    pub max_isotherm_points: usize,
+    /// Most labels on one experiment.
+    pub max_labels: usize,
+    /// Longest label key, bytes.
+    pub max_label_key_bytes: usize,
+    /// Longest label value, bytes.
+    pub max_label_value_bytes: usize,
+    /// Longest name, sample id, device id, reagent or adsorptive, bytes.
+    pub max_text_bytes: usize,
+    /// Largest encoded experiment spec, bytes. It bounds what every reply and event that
+    /// carries a spec (or one of its steps) can weigh: a full default page of ListExperiments
+    /// (100) stays under the default `max_message_bytes`.
+    pub max_experiment_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_batch_experiments: 10_000,
+            max_message_bytes: 16 * 1024 * 1024,
+            submit_per_minute: 600,
+            max_streams: 256,
+            max_experiment_steps: 1000,
+            max_program_segments: 1000,
+            max_isotherm_points: 1000,
+            max_labels: 64,
+            max_label_key_bytes: 128,
+            max_label_value_bytes: 1024,
+            max_text_bytes: 256,
+            max_experiment_bytes: 128 * 1024,
+        }
+    }
+}
+
+impl Limits {
+    /// Every problem with these limits, for `ppud check-config`.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.max_batch_experiments == 0 {
+            out.push("limits.max_batch_experiments: must be at least 1".to_owned());
+        }
+        if self.max_message_bytes < 64 * 1024 {
+            out.push("limits.max_message_bytes: must be at least 65536".to_owned());
+        }
+        for (key, v) in [
+            ("max_streams", self.max_streams),
+            ("max_experiment_steps", self.max_experiment_steps),
+            ("max_program_segments", self.max_program_segments),
+            ("max_isotherm_points", self.max_isotherm_points),
+            ("max_label_key_bytes", self.max_label_key_bytes),
+            ("max_text_bytes", self.max_text_bytes),
+            ("max_experiment_bytes", self.max_experiment_bytes),
+        ] {
+            if v == 0 {
+                out.push(format!("limits.{key}: must be at least 1"));
+            }
+        }
+        out
+    }
+}

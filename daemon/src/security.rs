@@ -1,0 +1,83 @@
+//! Who may connect and how, as the daemon runs with it: the resolved `[auth]`, `[tls]`,
+//! `[local]`, `[limits]` and `[metrics]` tables and the listening rules. The config edge builds
+//! it (`config::security`); the app serves by it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use crate::auth::{Authenticator, Mode, Role};
+use crate::limits::Limits;
+
+/// The listening rules behind [`Security::check_listen`], on the facts they need.
+pub fn check_listen(
+    listen: SocketAddr,
+    open: bool,
+    tls: bool,
+    insecure_plaintext: bool,
+) -> Result<(), String> {
+    if listen.ip().is_loopback() {
+        return Ok(());
+    }
+    if open {
+        return Err(format!(
+            "{listen} is not a loopback address and authentication is off: anyone on the \
+             network could drive the lab. Configure [auth] tokens_file, or listen on 127.0.0.1"
+        ));
+    }
+    if !tls && !insecure_plaintext {
+        return Err(format!(
+            "{listen} is not a loopback address and no [tls] is configured: tokens and lab data \
+             would cross the network in clear text. Configure [tls] cert_file and key_file, \
+             listen on 127.0.0.1, or pass --insecure-plaintext (config: insecure_plaintext = \
+             true) to accept the risk"
+        ));
+    }
+    Ok(())
+}
+
+/// Server certificate and key, and for mutual TLS the CA that signs client certificates (PEM).
+#[derive(Debug, Clone)]
+pub struct TlsPem {
+    pub cert: Vec<u8>,
+    pub key: Vec<u8>,
+    pub client_ca: Option<Vec<u8>>,
+}
+
+/// The Unix socket for tools on this host.
+#[derive(Debug, Clone)]
+pub struct LocalSocket {
+    pub path: PathBuf,
+    /// File mode of the socket, e.g. 0o660.
+    pub mode: u32,
+    /// Role of a peer that connects without a token (own uid and root: admin).
+    pub role: Role,
+    /// Admitted peer uids besides the daemon's and root; empty admits any.
+    pub allowed_uids: Vec<u32>,
+}
+
+/// Who may connect and how (config `[auth]`, `[tls]`, `[local]`, `[limits]`, `[metrics]`).
+/// The default is what `ppud dev` runs with: open, plain text, loopback only.
+#[derive(Debug, Clone, Default)]
+pub struct Security {
+    pub auth: Authenticator,
+    pub tls: Option<TlsPem>,
+    /// Allow plain-text gRPC on a non-loopback address.
+    pub insecure_plaintext: bool,
+    pub local: Option<LocalSocket>,
+    pub limits: Limits,
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+impl Security {
+    /// The listening rules: off loopback, plain text needs an explicit opt-in and an open
+    /// daemon is never allowed. Returns the reason for a refusal.
+    pub fn check_listen(&self, listen: SocketAddr) -> Result<(), String> {
+        check_listen(
+            listen,
+            matches!(self.auth.mode, Mode::Open),
+            self.tls.is_some(),
+            self.insecure_plaintext,
+        )
+    }
+}
