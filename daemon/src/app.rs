@@ -144,7 +144,7 @@ impl Daemon {
             store.clone(),
             devices.clone(),
             opts.clock,
-            policies.recovery,
+            policies.recovery.clone(),
         )
         .await?;
         let stop = CancellationToken::new();

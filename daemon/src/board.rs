@@ -18,14 +18,13 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use ppu_drivers::StepCommand;
 use ppu_proto::v1 as pb;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
+use crate::command::{self, Command, Resolved};
 use crate::devices::{DeviceHandle, Devices};
 use crate::queue::{OrderKey, QueueIndex};
-use crate::safety;
 use crate::state::{IllegalPhase, StepPhase};
 
 /// What device a step needs.
@@ -34,7 +33,7 @@ pub enum Need {
     /// This device and no other (a pinned step, or a transfer's destination).
     Device(String),
     /// Any device with the command's capability whose driver accepts it.
-    Any(StepCommand),
+    Any(Box<Command>),
 }
 
 impl Need {
@@ -46,16 +45,19 @@ impl Need {
         if !step.device_id.is_empty() {
             return Ok(Need::Device(step.device_id.clone()));
         }
-        safety::step_command(step, path)
-            .map(Need::Any)
-            .map_err(|r| format!("{}: {}", r.field, r.reason))
+        // Checked at submission; resolving only decodes it.
+        match command::resolve(crate::schema::schema(), step, path) {
+            Ok(Resolved::Command(c)) => Ok(Need::Any(Box::new(c))),
+            Ok(Resolved::Transfer(t)) => Ok(Need::Device(t.to_device_id)),
+            Err(r) => Err(format!("{}: {}", r.field, r.reason)),
+        }
     }
 
     /// True if `d` could run the step (ignoring whether it is free or available).
     pub fn fits(&self, d: &DeviceHandle) -> bool {
         match self {
             Need::Device(id) => d.id() == id,
-            Need::Any(cmd) => d.has(cmd.capability()) && d.driver.check(cmd).is_ok(),
+            Need::Any(cmd) => d.has(&cmd.capability) && d.driver.check(&cmd.step).is_ok(),
         }
     }
 }

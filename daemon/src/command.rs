@@ -19,7 +19,7 @@ use crate::error::Rejection;
 const STEP_DEVICE_ID: u32 = 1;
 
 /// A resolved, structurally valid command.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Command {
     /// The step key (`furnace`, `gas_flow`): the path element of its fields in refusals.
     pub name: String,
@@ -81,9 +81,12 @@ pub fn resolve(schema: &Schema, step: &pb::Step, path: &str) -> Result<Resolved,
             })?
         }
     };
-    let message = DynamicMessage::decode(command.message.clone(), bytes.as_slice())
-        .map_err(|e| {
-            Rejection::invalid(format!("{path}.{}", command.name()), format!("does not decode: {e}"))
+    let message =
+        DynamicMessage::decode(command.message.clone(), bytes.as_slice()).map_err(|e| {
+            Rejection::invalid(
+                format!("{path}.{}", command.name()),
+                format!("does not decode: {e}"),
+            )
         })?;
     Ok(Resolved::Command(Command {
         name: command.name().to_owned(),
@@ -99,17 +102,30 @@ pub fn resolve(schema: &Schema, step: &pb::Step, path: &str) -> Result<Resolved,
 }
 
 /// Resolves `step` and checks what needs no device (finite numbers, static bounds, required
-/// text, list lengths within `items_limit`, the daemon's `[limits]` by key).
+/// text, least list lengths).
 pub fn resolve_checked(
     schema: &Schema,
     step: &pb::Step,
     path: &str,
-    items_limit: &dyn Fn(&str) -> Option<usize>,
 ) -> Result<Resolved, Rejection> {
     let resolved = resolve(schema, step, path)?;
     if let Resolved::Command(c) = &resolved {
-        validate::structure(schema, &c.message, &format!("{path}.{}", c.name), items_limit)
+        validate::structure(schema, &c.message, &format!("{path}.{}", c.name))
             .map_err(|e| Rejection::invalid(e.path, e.reason))?;
     }
     Ok(resolved)
+}
+
+/// Resolves `step` and checks its sizes against the daemon's `[limits]` (`limit` by key).
+pub fn check_bounds(
+    schema: &Schema,
+    step: &pb::Step,
+    path: &str,
+    limit: &dyn Fn(&str) -> Option<usize>,
+) -> Result<(), Rejection> {
+    if let Resolved::Command(c) = resolve(schema, step, path)? {
+        validate::bounds(schema, &c.message, &format!("{path}.{}", c.name), limit)
+            .map_err(|e| Rejection::invalid(e.path, e.reason))?;
+    }
+    Ok(())
 }

@@ -774,15 +774,11 @@ impl SorptionMqttEntry {
         c.bridge_id = self.bridge_id.clone().unwrap_or_else(|| self.id.clone());
         if let Some(l) = &self.limits {
             let d = c.limits.clone();
+            // Per limit and per parameter: a configured value (or list of the gases plumbed
+            // to this instrument) replaces the driver's default one.
             c.limits = Limits {
-                max_pressure_bar: l.max_pressure_bar.or(d.max_pressure_bar),
-                max_temperature_c: l.max_temperature_c.or(d.max_temperature_c),
-                min_temperature_c: l.min_temperature_c.or(d.min_temperature_c),
-                max_hold_s: l.max_hold_s.or(d.max_hold_s),
-                // Per parameter: a configured list (the gases plumbed to this instrument)
-                // replaces the driver's default one.
+                values: d.values.into_iter().chain(l.values.clone()).collect(),
                 accepted: d.accepted.into_iter().chain(l.accepted.clone()).collect(),
-                ..l.clone()
             };
         }
         c.min_isotherm_temperature_c = self.min_isotherm_temperature_c;
@@ -1176,6 +1172,7 @@ impl Config {
     pub fn problems_with(&self, policies: &Policies) -> Vec<String> {
         let mut out = self.problems();
         out.extend(policies.retry.problems(&self.devices));
+        out.extend(policies.recovery.problems());
         if let Err(problems) = policies.security.resolve(self.listen) {
             out.extend(problems);
         }

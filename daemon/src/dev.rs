@@ -163,8 +163,8 @@ pub fn station_config(station: &SimStation) -> String {
         let _ = write!(
             out,
             "\n[devices.limits]\nmax_rate_ml_per_min = {:?}\nmax_volume_ml = {:?}\n\n",
-            limits.max_rate_ml_per_min.unwrap_or(20.0),
-            limits.max_volume_ml.unwrap_or(10.0),
+            limits.get("max_rate_ml_per_min").unwrap_or(20.0),
+            limits.get("max_volume_ml").unwrap_or(10.0),
         );
     }
     out
@@ -172,22 +172,18 @@ pub fn station_config(station: &SimStation) -> String {
 
 /// Limits ppud dev declares for its pumps: 10 mL syringes, at most 20 mL/min.
 pub fn pump_limits() -> Limits {
-    Limits {
-        max_rate_ml_per_min: Some(20.0),
-        max_volume_ml: Some(10.0),
-        ..Limits::default()
-    }
+    Limits::default()
+        .with("max_rate_ml_per_min", 20.0)
+        .with("max_volume_ml", 10.0)
 }
 
 /// Limits ppud dev declares for its furnaces: a typical lab box furnace.
 pub fn furnace_limits() -> Limits {
-    Limits {
-        max_temperature_c: Some(1100.0),
-        min_temperature_c: Some(0.0),
-        max_rate_c_per_min: Some(20.0),
-        max_hold_s: Some(48.0 * 3600.0),
-        ..Limits::default()
-    }
+    Limits::default()
+        .with("max_temperature_c", 1100.0)
+        .with("min_temperature_c", 0.0)
+        .with("max_rate_c_per_min", 20.0)
+        .with("max_hold_s", 48.0 * 3600.0)
 }
 
 impl DevLab {

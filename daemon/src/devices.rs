@@ -23,8 +23,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pb::event::Kind;
-use ppu_drivers::device::{DeviceStatus, Family, SafeCheck};
-use ppu_drivers::{Capability, Device, DeviceError};
+use ppu_drivers::device::{DeviceStatus, SafeCheck};
+use ppu_drivers::{Device, DeviceError};
 use ppu_proto::v1 as pb;
 use tokio::sync::{Notify, broadcast};
 use tokio::time::Instant;
@@ -308,8 +308,9 @@ impl DeviceHandle {
         }
     }
 
-    pub fn family(&self) -> Family {
-        self.driver.info().family
+    /// The device's family name (`furnace`, `mfc`).
+    pub fn family(&self) -> &str {
+        &self.driver.info().family
     }
 
     pub fn retry_policy(&self) -> RetryPolicy {
@@ -665,8 +666,8 @@ impl DeviceHandle {
         &self.driver.info().id
     }
 
-    pub fn has(&self, cap: Capability) -> bool {
-        self.driver.info().capabilities.contains(&cap)
+    pub fn has(&self, cap: &str) -> bool {
+        self.driver.info().has(cap)
     }
 
     /// False only when the last exchange failed.
@@ -724,32 +725,20 @@ impl DeviceHandle {
             ),
             Err(_) => (pb::ConnectionState::Unspecified, String::new(), None, None),
         };
-        let l = &info.limits;
         pb::Device {
             id: info.id.clone(),
-            family: family_to_proto(info.family) as i32,
+            family: crate::schema::v1_family(&info.family),
+            family_name: info.family.clone(),
             driver: info.driver.clone(),
             transport: info.transport.clone(),
             connection: connection as i32,
             capabilities: info
                 .capabilities
                 .iter()
-                .map(|c| capability_to_proto(*c) as i32)
+                .filter_map(|c| crate::schema::v1_capability(c))
                 .collect(),
-            limits: Some(pb::DeviceLimits {
-                max_temperature_c: l.max_temperature_c,
-                min_temperature_c: l.min_temperature_c,
-                max_rate_c_per_min: l.max_rate_c_per_min,
-                max_hold_s: l.max_hold_s,
-                max_volume_ml: l.max_volume_ml,
-                max_rate_ml_per_min: l.max_rate_ml_per_min,
-                max_pressure_bar: l.max_pressure_bar,
-                accepted: l
-                    .accepted
-                    .iter()
-                    .map(|(k, v)| (k.clone(), pb::AcceptedValues { values: v.clone() }))
-                    .collect(),
-            }),
+            capability_names: info.capabilities.clone(),
+            limits: Some(crate::schema::v1_limits(&info.limits)),
             latest,
             connection_error,
             maintenance: self.maintenance().is_some(),
@@ -836,25 +825,6 @@ fn alarm(text: &str, cleared: bool) -> Kind {
     })
 }
 
-pub fn family_to_proto(f: Family) -> pb::DeviceFamily {
-    match f {
-        Family::Furnace => pb::DeviceFamily::Furnace,
-        Family::Dispenser => pb::DeviceFamily::Dispenser,
-        Family::Balance => pb::DeviceFamily::Balance,
-        Family::Analyser => pb::DeviceFamily::Analyser,
-    }
-}
-
-pub fn capability_to_proto(c: Capability) -> pb::Capability {
-    match c {
-        Capability::Dispense => pb::Capability::Dispense,
-        Capability::Weigh => pb::Capability::Weigh,
-        Capability::FurnaceProgram => pb::Capability::FurnaceProgram,
-        Capability::Degas => pb::Capability::Degas,
-        Capability::Isotherm => pb::Capability::Isotherm,
-    }
-}
-
 /// All configured devices, by id.
 #[derive(Clone, Default)]
 pub struct Devices {
@@ -899,7 +869,7 @@ impl Devices {
     }
 
     /// Devices that can run `cap`, in id order.
-    pub fn with(&self, cap: Capability) -> impl Iterator<Item = &Arc<DeviceHandle>> {
+    pub fn with<'a>(&'a self, cap: &'a str) -> impl Iterator<Item = &'a Arc<DeviceHandle>> {
         self.map.values().filter(move |d| d.has(cap))
     }
 

@@ -6,6 +6,7 @@ pub mod allocator;
 pub mod app;
 pub mod auth;
 pub mod board;
+pub mod command;
 pub mod config;
 #[cfg(feature = "dev-lab")]
 pub mod dev;
@@ -21,6 +22,7 @@ pub mod recovery;
 pub mod results;
 pub mod safety;
 pub mod scheduler;
+pub mod schema;
 pub mod security;
 pub mod server;
 pub mod state;

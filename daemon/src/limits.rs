@@ -57,6 +57,20 @@ impl Default for Limits {
 
 impl Limits {
     /// Every problem with these limits, for `ppud check-config`.
+    /// The bound `name` (a `[limits]` key) that a family's schema refers to by name
+    /// (`max_items_limit`), e.g. `max_program_segments`.
+    pub fn get(&self, name: &str) -> Option<usize> {
+        match name {
+            "max_experiment_steps" => Some(self.max_experiment_steps),
+            "max_program_segments" => Some(self.max_program_segments),
+            "max_isotherm_points" => Some(self.max_isotherm_points),
+            "max_text_bytes" => Some(self.max_text_bytes),
+            "max_label_key_bytes" => Some(self.max_label_key_bytes),
+            "max_label_value_bytes" => Some(self.max_label_value_bytes),
+            _ => None,
+        }
+    }
+
     pub fn problems(&self) -> Vec<String> {
         let mut out = Vec::new();
         if self.max_batch_experiments == 0 {

@@ -29,7 +29,6 @@ use metrics::{
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use ppu_drivers::DeviceError;
-use ppu_drivers::device::Family;
 use prost::Message;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -105,14 +104,6 @@ pub const DEVICE_ERROR_KINDS: [&str; 8] = [
     "unsupported",
 ];
 
-/// Every device family, for the `family` label of [`STEP_DURATION`].
-const FAMILIES: [Family; 4] = [
-    Family::Furnace,
-    Family::Dispenser,
-    Family::Balance,
-    Family::Analyser,
-];
-
 /// The `kind` label of a device error.
 pub fn error_kind(e: &DeviceError) -> &'static str {
     match e {
@@ -124,16 +115,6 @@ pub fn error_kind(e: &DeviceError) -> &'static str {
         DeviceError::Fault(_) => "fault",
         DeviceError::Aborted => "aborted",
         DeviceError::Unsupported(_) => "unsupported",
-    }
-}
-
-/// The `family` label of a device family.
-pub fn family_label(f: Family) -> &'static str {
-    match f {
-        Family::Furnace => "furnace",
-        Family::Dispenser => "dispenser",
-        Family::Balance => "balance",
-        Family::Analyser => "analyser",
     }
 }
 
@@ -168,8 +149,8 @@ fn transport_label(described: &str) -> &'static str {
 // ---------------------------------------------------------------------------------------------
 
 /// A step finished on a device of `family` after `elapsed` real time.
-pub fn step_finished(family: Family, elapsed: Duration) {
-    histogram!(STEP_DURATION, "family" => family_label(family)).record(elapsed.as_secs_f64());
+pub fn step_finished(family: &str, elapsed: Duration) {
+    histogram!(STEP_DURATION, "family" => family.to_owned()).record(elapsed.as_secs_f64());
 }
 
 /// One status read of `device` took `elapsed` (successful or not).
@@ -347,8 +328,9 @@ fn register_process_series() {
     }
     gauge!(EVENT_LOG_EVENTS).set(0.0);
     gauge!(EVENT_LOG_BYTES).set(0.0);
-    for f in FAMILIES {
-        let _ = histogram!(STEP_DURATION, "family" => family_label(f));
+    // Every family the daemon was built with, from the schema.
+    for f in crate::schema::schema().families() {
+        let _ = histogram!(STEP_DURATION, "family" => f.name().to_owned());
     }
     for k in StreamKind::ALL {
         gauge!(ACTIVE_STREAMS, "kind" => k.label()).increment(0.0);

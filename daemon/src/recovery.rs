@@ -27,18 +27,18 @@
 //! what is missing. The same holds for a dispense aborted by a graceful shutdown. Experiments
 //! stopped between steps, or in any other kind of step, resume as configured.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 
 use pb::event::Kind;
 use ppu_drivers::DeviceStatus;
-use ppu_drivers::device::Family;
 use ppu_proto::v1 as pb;
 use serde::Deserialize;
 use tracing::info;
 
+use crate::command::{self, Resolved};
 use crate::devices::Devices;
 use crate::journal::JournalEntry;
 use crate::lifecycle::set_state;
@@ -59,23 +59,61 @@ pub enum OnRestart {
     Resume,
 }
 
-/// What happens to a furnace found still running a program ppud started.
+/// What happens to a device found still running a step ppud started, for a family whose
+/// commands can be re-attached to (`adoptable` in its schema, e.g. a furnace program).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum FurnaceRecovery {
+pub enum AdoptPolicy {
     /// Drive it to its safe state.
     #[default]
     Safe,
-    /// Re-attach to the program and supervise it to its end.
+    /// Re-attach to the step and supervise it to its end.
     Adopt,
 }
 
-/// The `[recovery]` table of the config file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+/// The `[recovery]` table of the config file: `on_restart`, and per family (by its schema
+/// name, e.g. `furnace = "adopt"`) what to do with a step found still running.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(default)]
 pub struct RecoveryPolicy {
     pub on_restart: OnRestart,
-    pub furnace: FurnaceRecovery,
+    #[serde(flatten)]
+    pub families: BTreeMap<String, AdoptPolicy>,
+}
+
+impl RecoveryPolicy {
+    /// The policy for steps found running on a device of `family`.
+    pub fn for_family(&self, family: &str) -> AdoptPolicy {
+        self.families.get(family).copied().unwrap_or_default()
+    }
+
+    /// Sets the policy for `family`.
+    pub fn with_family(mut self, family: &str, policy: AdoptPolicy) -> Self {
+        self.families.insert(family.to_owned(), policy);
+        self
+    }
+
+    /// Keys naming no family whose commands can be re-attached to, one line each.
+    pub fn problems(&self) -> Vec<String> {
+        let schema = crate::schema::schema();
+        let adoptable: Vec<&str> = schema
+            .commands()
+            .iter()
+            .filter(|c| c.options.adoptable)
+            .map(|c| c.family.as_str())
+            .collect();
+        self.families
+            .keys()
+            .filter(|k| !adoptable.contains(&k.as_str()))
+            .map(|k| {
+                format!(
+                    "recovery.{k}: not a device family whose running steps can be re-attached to \
+                     (one of: {})",
+                    adoptable.join(", ")
+                )
+            })
+            .collect()
+    }
 }
 
 /// A policy value that is not one of the allowed words.
@@ -100,12 +138,12 @@ impl FromStr for OnRestart {
     }
 }
 
-impl FromStr for FurnaceRecovery {
+impl FromStr for AdoptPolicy {
     type Err = BadPolicy;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
-            "safe" => Ok(FurnaceRecovery::Safe),
-            "adopt" => Ok(FurnaceRecovery::Adopt),
+            "safe" => Ok(AdoptPolicy::Safe),
+            "adopt" => Ok(AdoptPolicy::Adopt),
             _ => Err(BadPolicy {
                 value: s.to_owned(),
                 allowed: "safe, adopt",
@@ -123,28 +161,29 @@ impl fmt::Display for OnRestart {
     }
 }
 
-impl fmt::Display for FurnaceRecovery {
+impl fmt::Display for AdoptPolicy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            FurnaceRecovery::Safe => "safe",
-            FurnaceRecovery::Adopt => "adopt",
+            AdoptPolicy::Safe => "safe",
+            AdoptPolicy::Adopt => "adopt",
         })
     }
 }
 
 /// Why `step`, cut short while it ran, must not run again from its beginning, or `None` if
-/// it may. A dispense may already have delivered part of its volume, which cannot be taken
-/// back: running it again would deliver the whole volume on top (see the module docs).
+/// it may: its family's schema says so (`not_rerunnable`, e.g. a dispense may already have
+/// delivered part of its volume, which cannot be taken back; see the module docs).
 pub fn not_rerunnable(step: &pb::Step) -> Option<String> {
-    match &step.kind {
-        Some(pb::step::Kind::Dispense(d)) => Some(format!(
-            "a dispense ({} mL of {}) cut short may already have delivered part of its volume, and \
-             running it again from its start would deliver the whole volume on top, so it is not \
-             resumed; check the vessel and resubmit what is missing",
-            d.volume_ml, d.reagent
-        )),
-        _ => None,
-    }
+    let schema = crate::schema::schema();
+    let Ok(Resolved::Command(c)) = command::resolve(schema, step, "") else {
+        return None;
+    };
+    let why = c.not_rerunnable?;
+    Some(format!(
+        "a {} ({}) was cut short: {why}",
+        c.name,
+        ppu_schema::render::summary(schema, &c.message)
+    ))
 }
 
 /// What recovery left for the scheduler to run.
@@ -159,7 +198,7 @@ pub struct Recovered {
 /// One journaled step and what was decided about it.
 struct Decision {
     entry: JournalEntry,
-    action: &'static str,
+    action: String,
     detail: String,
     adopted: bool,
 }
@@ -212,35 +251,42 @@ pub async fn recover(
                     entry.device_id
                 ),
                 entry,
-                action: "device_missing",
+                action: "device_missing".to_owned(),
                 adopted: false,
             });
             continue;
         };
         let status = dev.status().await;
         let reading = describe(&status);
-        let furnace = dev.family() == Family::Furnace;
+        let family = dev.family().to_owned();
+        let adoptable = entry.step.as_ref().is_some_and(|s| {
+            matches!(
+                command::resolve(crate::schema::schema(), s, ""),
+                Ok(Resolved::Command(c)) if c.adoptable
+            )
+        });
+        let adopt = policy.for_family(&family) == AdoptPolicy::Adopt;
         let active = status.as_ref().is_ok_and(|s| s.active);
-        if furnace && policy.furnace == FurnaceRecovery::Adopt && is_running && active {
-            info!(device = %entry.device_id, experiment = %entry.experiment_id, "adopting the running furnace program");
+        if adoptable && adopt && is_running && active {
+            info!(device = %entry.device_id, experiment = %entry.experiment_id, family, "adopting the running step");
             decisions.push(Decision {
                 detail: format!(
-                    "{reading}; policy furnace = adopt: re-attached to the running program"
+                    "{reading}; policy {family} = adopt: re-attached to the running program"
                 ),
                 entry,
-                action: "furnace_adopted",
+                action: format!("{family}_adopted"),
                 adopted: true,
             });
             continue;
         }
-        let why = if !furnace {
+        let why = if !adoptable {
             "the step cannot be resumed on the device".to_owned()
-        } else if policy.furnace == FurnaceRecovery::Safe {
-            "policy furnace = safe".to_owned()
+        } else if !adopt {
+            format!("policy {family} = safe")
         } else if !active {
-            "policy furnace = adopt, but no program is running any more".to_owned()
+            format!("policy {family} = adopt, but no program is running any more")
         } else {
-            "policy furnace = adopt, but the experiment is no longer running".to_owned()
+            format!("policy {family} = adopt, but the experiment is no longer running")
         };
         let safe = if dev.secure(store).await {
             "device sent to its safe state (confirmed by read-back)".to_owned()
@@ -251,7 +297,7 @@ pub async fn recover(
         decisions.push(Decision {
             detail: format!("{reading}; {why}; {safe}"),
             entry,
-            action: safe_action(dev.family()),
+            action: safe_action(dev.family()).to_owned(),
             adopted: false,
         });
     }
@@ -522,14 +568,10 @@ fn release_stale(w: &mut WriteTx<'_>, keep: &[String]) -> Result<(), StoreError>
     Ok(())
 }
 
-/// The RecoveryDecision action for driving a device of `family` to its safe state.
-pub(crate) fn safe_action(family: Family) -> &'static str {
-    match family {
-        Family::Furnace => "furnace_safe_state",
-        Family::Dispenser => "pump_stopped",
-        Family::Analyser => "analyser_aborted",
-        Family::Balance => "balance_safe_state",
-    }
+/// The RecoveryDecision action for driving a device of `family` to its safe state, as its
+/// schema names it (`furnace_safe_state`, `pump_stopped`).
+pub(crate) fn safe_action(family: &str) -> String {
+    crate::schema::safe_action(family)
 }
 
 #[cfg(test)]

@@ -2,14 +2,19 @@
 //! capabilities and declared limits before anything is stored. Drivers check each command again
 //! before it goes on the wire; this is the first of the two gates.
 //!
+//! Generic over families: a step's command is resolved and checked against its family's schema
+//! ([`crate::command`]), then against each candidate device's declared limits and accepted
+//! values ([`ppu_schema::validate::device`]), then by the driver itself ([`Device::check`]).
 //! Every refusal names the field path (`experiments[0].steps[1].furnace.segments[0].ramp.
 //! temperature_c`), the value and the limit, so a planner can fix its recipe without guessing.
+//!
+//! [`Device::check`]: ppu_drivers::Device::check
 
-use pb::{furnace_segment, step};
-use ppu_drivers::device::Segment;
-use ppu_drivers::{DeviceError, StepCommand};
+use ppu_drivers::DeviceError;
 use ppu_proto::v1 as pb;
+use ppu_schema::validate::{self, DeviceRefusal};
 
+use crate::command::{self, Command, Resolved};
 use crate::devices::Devices;
 pub use crate::error::{Rejection, RejectionKind};
 use crate::limits::Limits;
@@ -17,230 +22,69 @@ use crate::limits::Limits;
 /// Largest batch accepted in one call.
 pub const MAX_BATCH: usize = 10_000;
 
-fn finite(path: &str, v: f64) -> Result<f64, Rejection> {
-    if v.is_finite() {
-        Ok(v)
-    } else {
-        Err(Rejection::invalid(
-            path,
-            format!("{v} is not a finite number"),
-        ))
+/// The command of a submitted step, resolved against the schema and checked for what needs no
+/// device; `path` is the step's path for error messages. A transfer is refused: the scheduler
+/// inserts those.
+pub fn step_command(s: &pb::Step, path: &str) -> Result<Command, Rejection> {
+    match command::resolve_checked(crate::schema::schema(), s, path)? {
+        Resolved::Command(c) => Ok(c),
+        Resolved::Transfer(_) => Err(Rejection::invalid(
+            format!("{path}.transfer"),
+            "transfer steps are inserted by the scheduler, not submitted",
+        )),
     }
 }
 
-fn positive(path: &str, v: f64) -> Result<f64, Rejection> {
-    if finite(path, v)? > 0.0 {
-        Ok(v)
-    } else {
-        Err(Rejection::invalid(
-            path,
-            format!("{v} must be greater than 0"),
-        ))
-    }
-}
-
-fn non_negative(path: &str, v: f64) -> Result<f64, Rejection> {
-    if finite(path, v)? >= 0.0 {
-        Ok(v)
-    } else {
-        Err(Rejection::invalid(
-            path,
-            format!("{v} must not be negative"),
-        ))
-    }
-}
-
-/// The driver command for a submitted step, after checking the step's own numbers (finite,
-/// signs, order); `path` is the step's path for error messages.
-pub fn step_command(s: &pb::Step, path: &str) -> Result<StepCommand, Rejection> {
-    let Some(kind) = &s.kind else {
-        return Err(Rejection::invalid(
-            path,
-            "no step kind set (one of dispense, weigh, furnace, degas, isotherm, refill)",
-        ));
-    };
-    let optional = |field: &str, v: f64| -> Result<Option<f64>, Rejection> {
-        Ok((non_negative(field, v)? > 0.0).then_some(v))
-    };
-    Ok(match kind {
-        step::Kind::Furnace(p) => {
-            let base = format!("{path}.furnace");
-            if p.segments.is_empty() {
-                return Err(Rejection::invalid(
-                    format!("{base}.segments"),
-                    "a furnace program needs at least one segment",
-                ));
-            }
-            let mut segments = Vec::with_capacity(p.segments.len());
-            for (k, seg) in p.segments.iter().enumerate() {
-                let sp = format!("{base}.segments[{k}]");
-                segments.push(match &seg.kind {
-                    Some(furnace_segment::Kind::Ramp(r)) => Segment::Ramp {
-                        temperature_c: finite(
-                            &format!("{sp}.ramp.temperature_c"),
-                            r.temperature_c,
-                        )?,
-                        rate_c_per_min: positive(
-                            &format!("{sp}.ramp.rate_c_per_min"),
-                            r.rate_c_per_min,
-                        )?,
-                    },
-                    Some(furnace_segment::Kind::Hold(h)) => Segment::Hold {
-                        duration_s: non_negative(&format!("{sp}.hold.duration_s"), h.duration_s)?,
-                    },
-                    Some(furnace_segment::Kind::Step(t)) => Segment::StepTo {
-                        temperature_c: finite(
-                            &format!("{sp}.step.temperature_c"),
-                            t.temperature_c,
-                        )?,
-                    },
-                    None => {
-                        return Err(Rejection::invalid(
-                            sp,
-                            "no segment kind set (one of ramp, hold, step)",
-                        ));
-                    }
-                });
-            }
-            StepCommand::FurnaceProgram { segments }
-        }
-        step::Kind::Dispense(d) => {
-            let base = format!("{path}.dispense");
-            if d.reagent.is_empty() {
-                return Err(Rejection::invalid(
-                    format!("{base}.reagent"),
-                    "reagent is required",
-                ));
-            }
-            StepCommand::Dispense {
-                reagent: d.reagent.clone(),
-                volume_ml: positive(&format!("{base}.volume_ml"), d.volume_ml)?,
-                rate_ml_per_min: positive(&format!("{base}.rate_ml_per_min"), d.rate_ml_per_min)?,
-            }
-        }
-        step::Kind::Refill(r) => {
-            let base = format!("{path}.refill");
-            if r.reagent.is_empty() {
-                return Err(Rejection::invalid(
-                    format!("{base}.reagent"),
-                    "reagent is required",
-                ));
-            }
-            StepCommand::Refill {
-                reagent: r.reagent.clone(),
-                volume_ml: optional(&format!("{base}.volume_ml"), r.volume_ml)?,
-                rate_ml_per_min: optional(&format!("{base}.rate_ml_per_min"), r.rate_ml_per_min)?,
-            }
-        }
-        step::Kind::Weigh(w) => StepCommand::Weigh {
-            stability_timeout_s: optional(
-                &format!("{path}.weigh.stability_timeout_s"),
-                w.stability_timeout_s,
-            )?,
-        },
-        step::Kind::Degas(d) => StepCommand::Degas {
-            temperature_c: finite(&format!("{path}.degas.temperature_c"), d.temperature_c)?,
-            duration_s: non_negative(&format!("{path}.degas.duration_s"), d.duration_s)?,
-        },
-        step::Kind::Isotherm(i) => {
-            let base = format!("{path}.isotherm");
-            if i.adsorptive.is_empty() {
-                return Err(Rejection::invalid(
-                    format!("{base}.adsorptive"),
-                    "adsorptive is required, e.g. \"CO2\"",
-                ));
-            }
-            if i.pressure_bar.is_empty() {
-                return Err(Rejection::invalid(
-                    format!("{base}.pressure_bar"),
-                    "at least one pressure is required",
-                ));
-            }
-            for (k, p) in i.pressure_bar.iter().enumerate() {
-                let field = format!("{base}.pressure_bar[{k}]");
-                positive(&field, *p)?;
-                if k > 0 && *p <= i.pressure_bar[k - 1] {
-                    return Err(Rejection::invalid(
-                        field,
-                        format!(
-                            "{p} is not above the previous pressure {}: an adsorption branch must increase",
-                            i.pressure_bar[k - 1]
-                        ),
-                    ));
-                }
-            }
-            StepCommand::Isotherm {
-                adsorptive: i.adsorptive.clone(),
-                temperature_c: finite(&format!("{base}.temperature_c"), i.temperature_c)?,
-                pressures_bar: i.pressure_bar.clone(),
-                equilibration_interval_s: optional(
-                    &format!("{base}.equilibration_interval_s"),
-                    i.equilibration_interval_s,
-                )?,
-                max_equilibration_s: optional(
-                    &format!("{base}.max_equilibration_s"),
-                    i.max_equilibration_s,
-                )?,
-                sample_mass_g: optional(&format!("{base}.sample_mass_g"), i.sample_mass_g)?,
-            }
-        }
-        step::Kind::Transfer(_) => {
-            return Err(Rejection::invalid(
-                format!("{path}.transfer"),
-                "transfer steps are inserted by the scheduler, not submitted",
-            ));
-        }
-    })
-}
-
-/// Sub-path of a step kind, to prefix driver-reported field names.
-fn kind_prefix(cmd: &StepCommand) -> &'static str {
-    match cmd {
-        StepCommand::FurnaceProgram { .. } => "furnace",
-        StepCommand::Dispense { .. } => "dispense",
-        StepCommand::Refill { .. } => "refill",
-        StepCommand::Weigh { .. } => "weigh",
-        StepCommand::Degas { .. } => "degas",
-        StepCommand::Isotherm { .. } => "isotherm",
-    }
-}
-
-fn limit_rejection(step_path: &str, cmd: &StepCommand, device: &str, e: DeviceError) -> Rejection {
+fn limit_rejection(step_path: &str, cmd: &Command, device: &str, e: DeviceError) -> Rejection {
     match e {
         DeviceError::Limit {
             field,
             value,
             limit,
         } => Rejection::invalid(
-            format!("{step_path}.{}.{field}", kind_prefix(cmd)),
+            format!("{step_path}.{}.{field}", cmd.name),
             format!("{value} exceeds {limit} of device {device}"),
         ),
         other => Rejection::invalid(step_path, format!("refused by device {device}: {other}")),
     }
 }
 
-/// The devices' verdict on a step: its own check (limits), then the values it declares it
-/// accepts ([`ppu_drivers::Limits::accepted`]), generic over every family.
+/// The devices' verdict on a step: the schema's bounds tied to its declared limits, the values
+/// it declares it accepts, then the driver's own check; generic over every family.
 fn device_check(
     d: &crate::devices::DeviceHandle,
-    cmd: &StepCommand,
+    cmd: &Command,
     path: &str,
 ) -> Result<(), Refusal> {
-    d.driver.check(cmd).map_err(|e| match e {
+    let info = d.driver.info();
+    let prefix = format!("{path}.{}", cmd.name);
+    match validate::device(crate::schema::schema(), &cmd.message, &prefix, &info.limits) {
+        Ok(()) => {}
+        Err(DeviceRefusal::Limit { path, value, limit }) => {
+            return Err(Refusal::Limit(Rejection::invalid(
+                path,
+                format!("{value} exceeds {limit} of device {}", d.id()),
+            )));
+        }
+        Err(DeviceRefusal::Value {
+            path,
+            value,
+            accepted,
+        }) => {
+            return Err(Refusal::Value {
+                field: path,
+                value,
+                accepted: format!("{} accepts {}", d.id(), accepted.join(", ")),
+            });
+        }
+    }
+    d.driver.check(&cmd.step).map_err(|e| match e {
         DeviceError::Unsupported(why) => Refusal::Unsupported {
             device: d.id().to_owned(),
             why,
         },
         e => Refusal::Limit(limit_rejection(path, cmd, d.id(), e)),
-    })?;
-    match d.driver.info().limits.refused_value(cmd) {
-        None => Ok(()),
-        Some(r) => Err(Refusal::Value {
-            field: format!("{path}.{}.{}", kind_prefix(cmd), r.parameter),
-            value: r.value.to_owned(),
-            accepted: format!("{} accepts {}", d.id(), r.accepted.join(", ")),
-        }),
-    }
+    })
 }
 
 /// Why one device refuses a step.
@@ -260,24 +104,35 @@ enum Refusal {
 
 /// Checks one step against the devices: a pinned device must exist, have the capability and
 /// accept the step; an unpinned step must fit at least one device with the capability.
-pub fn check_step(s: &pb::Step, path: &str, devices: &Devices) -> Result<(), Rejection> {
+pub fn check_step(s: &pb::Step, path: &str, devices: &Devices) -> Result<Command, Rejection> {
     let cmd = step_command(s, path)?;
-    let cap = cmd.capability();
-    if !s.device_id.is_empty() {
+    check_command(&cmd, &s.device_id, path, devices)?;
+    Ok(cmd)
+}
+
+/// Checks a resolved command against the devices (see [`check_step`]).
+pub fn check_command(
+    cmd: &Command,
+    device_id: &str,
+    path: &str,
+    devices: &Devices,
+) -> Result<(), Rejection> {
+    let cap = cmd.capability.as_str();
+    if !device_id.is_empty() {
         let dev_path = format!("{path}.device_id");
-        let Some(d) = devices.get(&s.device_id) else {
+        let Some(d) = devices.get(device_id) else {
             return Err(Rejection::invalid(
                 dev_path,
-                format!("unknown device \"{}\"", s.device_id),
+                format!("unknown device \"{device_id}\""),
             ));
         };
         if !d.has(cap) {
             return Err(Rejection::invalid(
                 dev_path,
-                format!("device \"{}\" has no capability {cap}", s.device_id),
+                format!("device \"{device_id}\" has no capability {cap}"),
             ));
         }
-        return device_check(d, &cmd, path).map_err(|r| match r {
+        return device_check(d, cmd, path).map_err(|r| match r {
             Refusal::Limit(r) => r,
             Refusal::Value {
                 field,
@@ -285,7 +140,7 @@ pub fn check_step(s: &pb::Step, path: &str, devices: &Devices) -> Result<(), Rej
                 accepted,
             } => Rejection::invalid(field, format!("{value:?} is not accepted ({accepted})")),
             Refusal::Unsupported { device, why } => {
-                limit_rejection(path, &cmd, &device, DeviceError::Unsupported(why))
+                limit_rejection(path, cmd, &device, DeviceError::Unsupported(why))
             }
         });
     }
@@ -297,7 +152,7 @@ pub fn check_step(s: &pb::Step, path: &str, devices: &Devices) -> Result<(), Rej
     let mut accepted = Vec::new();
     let mut unsupported = Vec::new();
     for d in devices.with(cap) {
-        match device_check(d, &cmd, path) {
+        match device_check(d, cmd, path) {
             Ok(()) => return Ok(()),
             Err(Refusal::Unsupported { device, why }) => {
                 unsupported.push(format!("{device}: {why}"))
@@ -334,12 +189,11 @@ pub fn check_step(s: &pb::Step, path: &str, devices: &Devices) -> Result<(), Rej
             reason: format!("no device with capability {cap}"),
         });
     }
-    let field = match &cmd {
-        StepCommand::Dispense { .. } | StepCommand::Refill { .. } => {
-            format!("{path}.{}.reagent", kind_prefix(&cmd))
-        }
-        _ => path.to_owned(),
-    };
+    // Every device refused it as not its own: name the field that selects the device (the
+    // schema's accepted-value field, e.g. a pump's reagent), else the step.
+    let field = selecting_field(cmd)
+        .map(|f| format!("{path}.{}.{f}", cmd.name))
+        .unwrap_or_else(|| path.to_owned());
     Err(Rejection::invalid(
         field,
         format!(
@@ -347,6 +201,17 @@ pub fn check_step(s: &pb::Step, path: &str, devices: &Devices) -> Result<(), Rej
             unsupported.join("; ")
         ),
     ))
+}
+
+/// The command's first top-level field whose value must be one a device accepts.
+fn selecting_field(cmd: &Command) -> Option<String> {
+    use ppu_schema::prost_reflect::ReflectMessage;
+    let schema = crate::schema::schema();
+    cmd.message
+        .descriptor()
+        .fields()
+        .find(|f| !schema.field_options(f).accepted.is_empty())
+        .map(|f| f.name().to_owned())
 }
 
 /// A refusal of `path` for holding `n` `what` where `limit` (the `[limits]` key) allows `max`.
@@ -431,50 +296,9 @@ pub fn check_bounds(req: &pb::SubmitBatchRequest, l: &Limits) -> Result<(), Reje
                 t,
                 "max_text_bytes",
             )?;
-            match &s.kind {
-                Some(step::Kind::Furnace(p)) if p.segments.len() > l.max_program_segments => {
-                    return Err(too_many(
-                        format!("{sp}.furnace.segments"),
-                        p.segments.len(),
-                        "segments",
-                        l.max_program_segments,
-                        "max_program_segments",
-                    ));
-                }
-                Some(step::Kind::Dispense(d)) => {
-                    text(
-                        || format!("{sp}.dispense.reagent"),
-                        &d.reagent,
-                        t,
-                        "max_text_bytes",
-                    )?;
-                }
-                Some(step::Kind::Refill(r)) => {
-                    text(
-                        || format!("{sp}.refill.reagent"),
-                        &r.reagent,
-                        t,
-                        "max_text_bytes",
-                    )?;
-                }
-                Some(step::Kind::Isotherm(iso)) => {
-                    text(
-                        || format!("{sp}.isotherm.adsorptive"),
-                        &iso.adsorptive,
-                        t,
-                        "max_text_bytes",
-                    )?;
-                    if iso.pressure_bar.len() > l.max_isotherm_points {
-                        return Err(too_many(
-                            format!("{sp}.isotherm.pressure_bar"),
-                            iso.pressure_bar.len(),
-                            "points",
-                            l.max_isotherm_points,
-                            "max_isotherm_points",
-                        ));
-                    }
-                }
-                _ => {}
+            // A transfer is refused later, with its reason; an unresolvable step too.
+            if !matches!(s.kind, Some(pb::step::Kind::Transfer(_))) {
+                command::check_bounds(crate::schema::schema(), s, &sp, &|k| l.get(k))?;
             }
         }
         let size = prost::Message::encoded_len(e);
@@ -494,7 +318,12 @@ pub fn check_bounds(req: &pb::SubmitBatchRequest, l: &Limits) -> Result<(), Reje
 /// Validates a whole submission. Structural and numeric errors (INVALID_ARGUMENT) are
 /// reported before missing capabilities (FAILED_PRECONDITION), so a planner fixes its own
 /// mistakes first.
-pub fn check_batch(req: &pb::SubmitBatchRequest, devices: &Devices) -> Result<(), Rejection> {
+/// On success, every step's resolved command, by experiment and step: checked once here, then
+/// carried to the queue (parse once).
+pub fn check_batch(
+    req: &pb::SubmitBatchRequest,
+    devices: &Devices,
+) -> Result<Vec<Vec<Command>>, Rejection> {
     if req.idempotency_key.is_empty() {
         return Err(Rejection::invalid(
             "idempotency_key",
@@ -522,6 +351,7 @@ pub fn check_batch(req: &pb::SubmitBatchRequest, devices: &Devices) -> Result<()
             ),
         ));
     }
+    let mut commands = Vec::with_capacity(req.experiments.len());
     for (i, e) in req.experiments.iter().enumerate() {
         let path = format!("experiments[{i}]");
         if e.steps.is_empty() {
@@ -530,14 +360,17 @@ pub fn check_batch(req: &pb::SubmitBatchRequest, devices: &Devices) -> Result<()
                 "an experiment needs at least one step",
             ));
         }
+        let mut steps = Vec::with_capacity(e.steps.len());
         for (j, s) in e.steps.iter().enumerate() {
-            step_command(s, &format!("{path}.steps[{j}]"))?;
+            steps.push(step_command(s, &format!("{path}.steps[{j}]"))?);
         }
+        commands.push(steps);
     }
     let mut precondition = None;
     for (i, e) in req.experiments.iter().enumerate() {
         for (j, s) in e.steps.iter().enumerate() {
-            match check_step(s, &format!("experiments[{i}].steps[{j}]"), devices) {
+            let path = format!("experiments[{i}].steps[{j}]");
+            match check_command(&commands[i][j], &s.device_id, &path, devices) {
                 Ok(()) => {}
                 Err(r) if r.kind == RejectionKind::Precondition => {
                     precondition.get_or_insert(r);
@@ -546,7 +379,7 @@ pub fn check_batch(req: &pb::SubmitBatchRequest, devices: &Devices) -> Result<()
             }
         }
     }
-    precondition.map_or(Ok(()), Err)
+    precondition.map_or(Ok(commands), Err)
 }
 
 #[cfg(test)]

@@ -90,14 +90,67 @@ fn walk<E>(
     Ok(())
 }
 
-/// Checks what needs no device. `items_limit` resolves a `max_items_limit` name (a `[limits]`
-/// key of the daemon) to its value.
-pub fn structure(
+/// Checks sizes against the daemon's `[limits]`, which `limit` resolves by key: each list
+/// within its field's `max_items_limit`, each text within `max_text_bytes`. Run first on
+/// anything received, so nothing stored can grow without bound.
+pub fn bounds(
     schema: &Schema,
     msg: &DynamicMessage,
     prefix: &str,
-    items_limit: &dyn Fn(&str) -> Option<usize>,
+    limit: &dyn Fn(&str) -> Option<usize>,
 ) -> Result<(), FieldError> {
+    for (field, value) in msg.fields() {
+        let path = join(prefix, field.name());
+        let opts = schema.field_options(&field);
+        if let Value::List(items) = value
+            && !opts.max_items_limit.is_empty()
+            && let Some(max) = limit(&opts.max_items_limit)
+            && items.len() > max
+        {
+            return Err(FieldError {
+                path,
+                reason: format!(
+                    "{} {}, at most {max} (limits.{})",
+                    items.len(),
+                    field.name(),
+                    opts.max_items_limit
+                ),
+            });
+        }
+        match value {
+            Value::Message(m) => bounds(schema, m, &path, limit)?,
+            Value::List(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    if let Value::Message(m) = item {
+                        bounds(schema, m, &format!("{path}[{i}]"), limit)?;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let max_text = limit("max_text_bytes");
+    walk(
+        schema,
+        msg,
+        prefix,
+        &mut |_, _, path, value| match (value.as_str(), max_text) {
+            (Some(text), Some(max)) if text.len() > max => Err(FieldError {
+                path: path.to_owned(),
+                reason: format!(
+                    "{} bytes, at most {max} (limits.max_text_bytes)",
+                    text.len()
+                ),
+            }),
+            _ => Ok(()),
+        },
+    )
+}
+
+/// Checks what needs no device: numbers finite and within static bounds, required text
+/// present, lists with their least number of items (and increasing where declared), a oneof
+/// member set.
+pub fn structure(schema: &Schema, msg: &DynamicMessage, prefix: &str) -> Result<(), FieldError> {
     let desc = msg.descriptor();
     // Presence: required text, list lengths, oneofs; these look at unset fields too.
     for oneof in desc.oneofs() {
@@ -128,15 +181,6 @@ pub fn structure(
                     } else {
                         format!("at least {} items are required", opts.min_items)
                     },
-                });
-            }
-            if !opts.max_items_limit.is_empty()
-                && let Some(max) = items_limit(&opts.max_items_limit)
-                && n > max
-            {
-                return Err(FieldError {
-                    path,
-                    reason: format!("{n} items, at most {max} (limits.{})", opts.max_items_limit),
                 });
             }
             if opts.increasing
@@ -177,28 +221,19 @@ pub fn structure(
     for (field, value) in msg.fields() {
         let path = join(prefix, field.name());
         match value {
-            Value::Message(m) => structure(schema, m, &path, items_limit)?,
+            Value::Message(m) => structure(schema, m, &path)?,
             Value::List(items) => {
                 for (i, item) in items.iter().enumerate() {
                     if let Value::Message(m) = item {
-                        structure(schema, m, &format!("{path}[{i}]"), items_limit)?;
+                        structure(schema, m, &format!("{path}[{i}]"))?;
                     }
                 }
             }
             _ => {}
         }
     }
-    // Values: text length, finite, static bounds.
-    let max_text = items_limit("max_text_bytes");
+    // Values: finite, static bounds.
     walk(schema, msg, prefix, &mut |_, opts, path, value| {
-        if let (Some(text), Some(max)) = (value.as_str(), max_text)
-            && text.len() > max
-        {
-            return Err(FieldError {
-                path: path.to_owned(),
-                reason: format!("{} bytes, at most {max} (limits.max_text_bytes)", text.len()),
-            });
-        }
         let Some(v) = number(value) else {
             return Ok(());
         };

@@ -17,7 +17,7 @@ use {
     ppu_daemon::auth::{Authenticator, Tokens},
     ppu_daemon::config::DEFAULT_LISTEN,
     ppu_daemon::dev::{DevLab, TransferRobot},
-    ppu_daemon::recovery::{FurnaceRecovery, OnRestart, RecoveryPolicy},
+    ppu_daemon::recovery::{AdoptPolicy, OnRestart, RecoveryPolicy},
     std::net::SocketAddr,
     std::sync::Arc,
     std::time::Duration,
@@ -81,12 +81,13 @@ enum Command {
         /// on_restart).
         #[arg(long, default_value_t = OnRestart::Interrupt)]
         on_restart: OnRestart,
-        /// What a restart does with a furnace still running a program ppud started: `safe`
-        /// drives it to its safe state, `adopt` supervises the program to its end (config:
-        /// [recovery] furnace). The simulated furnaces live in this process, so they restart
-        /// cold with it; adoption shows against `ppu-sim` and `ppud serve`.
-        #[arg(long, default_value_t = FurnaceRecovery::Safe)]
-        furnace_recovery: FurnaceRecovery,
+        /// A device family (e.g. `furnace`) whose steps found still running after a restart
+        /// are re-attached to and supervised to their end instead of driven to the safe
+        /// state (config: [recovery] FAMILY = "adopt"); repeatable. The simulated devices live
+        /// in this process, so they restart cold with it; adoption shows against `ppu-sim`
+        /// and `ppud serve`.
+        #[arg(long = "adopt", value_name = "FAMILY")]
+        adopt: Vec<String>,
         /// Require bearer tokens from this token file (see `ppud token`). Without it the dev
         /// daemon runs OPEN — every caller is an admin — and says so at start-up.
         #[arg(long)]
@@ -169,7 +170,7 @@ async fn main() -> Result<()> {
             analysers,
             transfer_delay_ms,
             on_restart,
-            furnace_recovery,
+            adopt,
             tokens_file,
             socket,
             metrics_listen,
@@ -255,10 +256,13 @@ async fn main() -> Result<()> {
                 }
             }
             let policies = Policies {
-                recovery: RecoveryPolicy {
-                    on_restart,
-                    furnace: furnace_recovery,
-                },
+                recovery: adopt.iter().fold(
+                    RecoveryPolicy {
+                        on_restart,
+                        ..RecoveryPolicy::default()
+                    },
+                    |p, family| p.with_family(family, AdoptPolicy::Adopt),
+                ),
                 ..Policies::default()
             };
             let mut auth = Authenticator::default();

@@ -240,7 +240,7 @@ impl Scheduler {
                 d.set_maintenance(Some(reason));
             }
         }
-        let recovered = recovery::recover(&store, &devices, policy).await?;
+        let recovered = recovery::recover(&store, &devices, policy.clone()).await?;
         let adopted = recovered
             .adopt
             .iter()
@@ -361,7 +361,7 @@ impl Scheduler {
     }
 
     pub fn policy(&self) -> RecoveryPolicy {
-        self.inner.policy
+        self.inner.policy.clone()
     }
 
     /// How many runners hold a commit (a step result, a reservation, a conclusion) that waits

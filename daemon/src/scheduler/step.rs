@@ -14,13 +14,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::board::StopReason;
+use crate::command::{self, Resolved};
 use crate::devices::DeviceHandle;
 use crate::journal::JournalEntry;
 use crate::lifecycle::set_state;
 use crate::recovery::{OnRestart, safe_action};
 use crate::state::{State, StepPhase};
 use crate::store::{StoreError, now_timestamp};
-use crate::{metrics, recovery, results, safety};
+use crate::{metrics, recovery, results};
 
 use super::{Flow, PROGRESS_LOG_INTERVAL, Scheduler, sample_key};
 
@@ -118,8 +119,10 @@ impl Scheduler {
             }
         };
         let path = format!("steps[{j}]");
-        let outcome = match safety::step_command(&step, &path) {
-            Ok(cmd) => {
+        // Checked at submission; resolving only decodes it.
+        let outcome = match command::resolve(crate::schema::schema(), &step, &path) {
+            Ok(Resolved::Command(cmd)) => {
+                let cmd = cmd.step;
                 let t0 = std::time::Instant::now();
                 // While the guard lives, a link lost to the device raises `link_lost`.
                 let stepping = dev.stepping();
@@ -136,6 +139,9 @@ impl Scheduler {
                 }
                 out
             }
+            Ok(Resolved::Transfer(_)) => Err(DeviceError::Unsupported(format!(
+                "{path}: a transfer is not run on a device"
+            ))),
             Err(r) => Err(DeviceError::Unsupported(format!(
                 "{}: {}",
                 r.field, r.reason
@@ -168,7 +174,7 @@ impl Scheduler {
         let (keep, advance, to) = match outcome {
             Ok(out) => {
                 result.outcome = pb::StepOutcome::Succeeded as i32;
-                result.result = Some(results::to_proto(out));
+                result.result = Some(results::to_proto(crate::schema::schema(), out));
                 let to = if j + 1 >= total {
                     Some((State::Succeeded, String::new()))
                 } else if let Some(r) = self.cancel_after(id) {
@@ -177,7 +183,7 @@ impl Scheduler {
                     let why = format!(
                         "daemon stopped while step {j} was running; the step was adopted and finished, and on_restart = interrupt stops the experiment here"
                     );
-                    decision = Some(("interrupted", why.clone()));
+                    decision = Some(("interrupted".to_owned(), why.clone()));
                     Some((State::Interrupted, why))
                 } else {
                     None
@@ -200,7 +206,7 @@ impl Scheduler {
                             // Resuming would run it again from its start: see `recovery`.
                             let why = format!("daemon shut down while step {j} was running; {why}");
                             decision = Some((
-                                "interrupted",
+                                "interrupted".to_owned(),
                                 format!(
                                     "policy on_restart = resume, but step {j} cannot run again: {why}"
                                 ),
@@ -286,7 +292,7 @@ impl Scheduler {
                     &e.batch_id,
                     &d,
                     Kind::RecoveryDecision(pb::RecoveryDecision {
-                        action: (*action).to_owned(),
+                        action: action.clone(),
                         step_index: j as u32,
                         detail: detail.clone(),
                     }),
@@ -372,13 +378,10 @@ impl Scheduler {
                 dev.record(&status);
                 return;
             }
-            StepUpdate::IsothermPoint { index, point } => {
-                // Each point is durable as soon as it arrives: a crash mid-isotherm keeps it.
-                Kind::IsothermPointMeasured(pb::IsothermPointMeasured {
-                    step_index,
-                    point_index: index,
-                    point: Some(results::isotherm_point(point)),
-                })
+            StepUpdate::Intermediate { index, value } => {
+                // Each response is durable as soon as it arrives: a crash mid-isotherm keeps
+                // the points measured.
+                results::intermediate(crate::schema::schema(), step_index, index, value)
             }
             StepUpdate::Progress {
                 fraction,
