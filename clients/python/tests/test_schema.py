@@ -375,3 +375,12 @@ def test_async_client_schema_learns_the_daemons_families(schema_server: str) -> 
 
     s = asyncio.run(go())
     assert "late_gas_flow" in s.commands and schema_mod.current() is s
+
+
+def test_message_parameters_are_taken_as_they_are() -> None:
+    from ppu_client._generated.families.furnace import furnace_pb2
+
+    seg = furnace_pb2.FurnaceSegment(ramp=furnace_pb2.Ramp(temperature_c=300.0, rate_c_per_min=2.0))
+    s = step("furnace", segments=(seg, {"hold": {"duration_s": 5.0}}))
+    assert [x.WhichOneof("kind") for x in s.furnace.segments] == ["ramp", "hold"]
+    assert s.furnace.segments[0].ramp.temperature_c == 300.0

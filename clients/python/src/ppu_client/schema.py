@@ -334,6 +334,8 @@ class Schema:
             return None
         alias = getattr(event, kind)
         by_number = alias.DESCRIPTOR.fields_by_number
+        if not {1, 2, 3} <= set(by_number):
+            return None
         value = getattr(alias, by_number[3].name)
         return (
             getattr(alias, by_number[1].name),
@@ -343,16 +345,16 @@ class Schema:
 
 
 def _plain(value: Any) -> Any:
-    """A parameter value the message constructor takes: messages become dicts (so a message
-    of the compiled or the run-time class fits either)."""
+    """A parameter value the message constructor takes: messages become dicts of their set
+    fields (so a message of the compiled or the run-time class fits either)."""
     if isinstance(value, Message):
-        from google.protobuf.json_format import MessageToDict
-
-        return MessageToDict(value, preserving_proto_field_name=True)
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, Mapping):
+        return {f.name: _plain(v) for f, v in value.ListFields()}
+    if isinstance(value, Mapping) or (hasattr(value, "items") and hasattr(value, "keys")):
         return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (str, bytes)):
+        return value
+    if isinstance(value, Iterable):
+        return [_plain(v) for v in value]
     return value
 
 
