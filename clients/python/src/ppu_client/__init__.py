@@ -12,6 +12,10 @@ inspect and cancel them, and turn measured isotherms into AIF or pyGAPS objects:
 
 `AsyncClient` (in `ppu_client.aio`) offers the same API for asyncio. The raw ppu.v1 messages,
 generated from proto/ppu/v1 when the package was built, are in `ppu_client.pb`.
+
+Any device family's step is built by its command name with `step("gas_flow", flow_sccm=50,
+...)`, and any step's result read with its units through `ExperimentResult.outputs()` (see
+`ppu_client.schema`; `Client.schema()` learns the families added after the SDK was built).
 """
 
 from . import pb
@@ -30,7 +34,16 @@ from .errors import (
     UnavailableError,
 )
 from .isotherm import amount_at, isotherm_to_aif, isotherm_to_pygaps
-from .models import Batch, Capability, ExperimentResult, State
+from .models import (
+    Batch,
+    Capability,
+    ExperimentResult,
+    Field,
+    State,
+    TypedIntermediate,
+    TypedMessage,
+    TypedResult,
+)
 from .recipes import (
     Degas,
     Dispense,
@@ -45,6 +58,7 @@ from .recipes import (
     anneal,
     furnace,
 )
+from .schema import Schema, step
 
 __version__ = "0.1.0"
 
@@ -62,6 +76,7 @@ __all__ = [
     "Experiment",
     "ExperimentResult",
     "FailedPreconditionError",
+    "Field",
     "Furnace",
     "Hold",
     "InvalidArgumentError",
@@ -71,8 +86,12 @@ __all__ = [
     "PpuError",
     "Ramp",
     "Refill",
+    "Schema",
     "State",
     "StepTo",
+    "TypedIntermediate",
+    "TypedMessage",
+    "TypedResult",
     "UnauthenticatedError",
     "UnavailableError",
     "Weigh",
@@ -82,4 +101,5 @@ __all__ = [
     "isotherm_to_aif",
     "isotherm_to_pygaps",
     "pb",
+    "step",
 ]

@@ -34,6 +34,8 @@ from .client import DEFAULT_TARGET, _budget, _deadline, _unavailable
 from .errors import UnavailableError, error_from_rpc
 from .models import Batch, Capability, ExperimentResult, State
 from .recipes import ExperimentLike
+from .schema import Schema
+from .schema import use as use_schema
 
 
 class AsyncClient:
@@ -169,6 +171,14 @@ class AsyncClient:
         """Every configured device with its capabilities, limits and link state."""
         resp = await self._unary(self._devices.ListDevices, pb.ListDevicesRequest())
         return tuple(resp.devices)
+
+    async def schema(self) -> Schema:
+        """Every device family the daemon knows (`DeviceService.GetSchema`), with the families
+        compiled into the SDK: from then on `ppu_client.step()` builds, and the typed result
+        views (`ExperimentResult.outputs()`, `TypedIntermediate.of`) decode, the commands and
+        results of families added after this SDK was built. Returns the schema."""
+        resp = await self._unary(self._devices.GetSchema, pb.GetSchemaRequest())
+        return use_schema(Schema.from_descriptor_set(resp.file_descriptor_set))
 
     async def capabilities(self) -> frozenset[Capability]:
         """The step kinds at least one configured device can run."""

@@ -29,6 +29,8 @@ from ._requests import (
 from .errors import DeadlineExceededError, UnavailableError, error_from_rpc
 from .models import Batch, Capability, ExperimentResult, State
 from .recipes import ExperimentLike
+from .schema import Schema
+from .schema import use as use_schema
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
@@ -212,6 +214,14 @@ class Client:
     def devices(self) -> tuple[pb.Device, ...]:
         """Every configured device with its capabilities, limits and link state."""
         return tuple(self._unary(self._devices.ListDevices, pb.ListDevicesRequest()).devices)
+
+    def schema(self) -> Schema:
+        """Every device family the daemon knows (`DeviceService.GetSchema`), with the families
+        compiled into the SDK: from then on `ppu_client.step()` builds, and the typed result
+        views (`ExperimentResult.outputs()`, `TypedIntermediate.of`) decode, the commands and
+        results of families added after this SDK was built. Returns the schema."""
+        resp = self._unary(self._devices.GetSchema, pb.GetSchemaRequest())
+        return use_schema(Schema.from_descriptor_set(resp.file_descriptor_set))
 
     def capabilities(self) -> frozenset[Capability]:
         """The step kinds at least one configured device can run."""
