@@ -341,8 +341,8 @@ impl Board {
 mod tests {
     use super::*;
     use async_trait::async_trait;
-    use ppu_drivers::device::{DeviceInfo, DeviceStatus, Family, Limits};
-    use ppu_drivers::{Capability, Device, DeviceError, StepContext, StepOutput};
+    use ppu_drivers::device::{DeviceInfo, DeviceStatus, Limits};
+    use ppu_drivers::{Device, DeviceError, StepCommand, StepContext, StepOutput};
 
     /// A device that only describes itself: the decision never talks to a device.
     struct Idle(DeviceInfo);
@@ -353,10 +353,11 @@ mod tests {
             &self.0
         }
         fn check(&self, step: &StepCommand) -> Result<(), DeviceError> {
-            if self.0.capabilities.contains(&step.capability()) {
+            let cap = crate::schema::capability_of(step).unwrap_or_default();
+            if self.0.has(cap) {
                 Ok(())
             } else {
-                Err(DeviceError::Unsupported(step.capability().to_string()))
+                Err(DeviceError::Unsupported(cap.to_owned()))
             }
         }
         async fn execute(
@@ -377,16 +378,16 @@ mod tests {
         }
     }
 
-    fn devices(spec: &[(&str, Capability)]) -> Devices {
+    fn devices(spec: &[(&str, String)]) -> Devices {
         Devices::new(
             spec.iter()
                 .map(|(id, cap)| {
                     Arc::new(Idle(DeviceInfo {
                         id: (*id).into(),
-                        family: Family::Furnace,
+                        family: "furnace".to_owned(),
                         driver: "idle".into(),
                         transport: String::new(),
-                        capabilities: vec![*cap],
+                        capabilities: vec![cap.clone()],
                         limits: Limits::default(),
                     })) as Arc<dyn Device>
                 })
@@ -437,8 +438,8 @@ mod tests {
     #[test]
     fn priority_then_fifo_and_no_device_twice() {
         let d = devices(&[
-            ("f1", Capability::FurnaceProgram),
-            ("f2", Capability::FurnaceProgram),
+            ("f1", "furnace_program".to_owned()),
+            ("f2", "furnace_program".to_owned()),
         ]);
         let mut b = Board::default();
         for (i, (id, p)) in [("a", 0), ("b", 5), ("c", 0), ("d", 5)].iter().enumerate() {
@@ -454,8 +455,8 @@ mod tests {
     #[test]
     fn a_busy_pinned_device_does_not_block_the_ones_behind() {
         let d = devices(&[
-            ("f1", Capability::FurnaceProgram),
-            ("f2", Capability::FurnaceProgram),
+            ("f1", "furnace_program".to_owned()),
+            ("f2", "furnace_program".to_owned()),
         ]);
         let mut b = Board::default();
         b.enqueue(&exp("a", 0, "", furnace_step("f1")), 1);
@@ -467,8 +468,8 @@ mod tests {
     #[test]
     fn paused_held_maintenance_and_shared_samples_grant_nothing() {
         let d = devices(&[
-            ("f1", Capability::FurnaceProgram),
-            ("f2", Capability::FurnaceProgram),
+            ("f1", "furnace_program".to_owned()),
+            ("f2", "furnace_program".to_owned()),
         ]);
         let mut b = Board::default();
         let mut held = exp("a", 9, "", furnace_step(""));
@@ -492,7 +493,7 @@ mod tests {
 
     #[test]
     fn a_waiting_running_experiment_competes_in_priority_order() {
-        let d = devices(&[("f1", Capability::FurnaceProgram)]);
+        let d = devices(&[("f1", "furnace_program".to_owned())]);
         let mut b = Board::default();
         b.enqueue(&exp("q-low", -1, "", furnace_step("")), 1);
         b.enqueue(&exp("q-high", 3, "", furnace_step("")), 2);

@@ -1449,11 +1449,11 @@ mod tests {
 
     #[test]
     fn policies_parse_with_defaults_overrides_and_named_errors() {
-        use crate::recovery::{FurnaceRecovery, OnRestart};
+        use crate::recovery::{AdoptPolicy, OnRestart};
         let dev = "[auth]\nopen = true\n[[devices]]\ndriver = \"eurotherm\"\nid = \"f\"\nendpoint = \"modbus-tcp://127.0.0.1:502\"\n";
         let (_, p) = Config::parse_with_policies(dev, Path::new("x.toml")).unwrap();
         assert_eq!(p.recovery.on_restart, OnRestart::Interrupt);
-        assert_eq!(p.recovery.furnace, FurnaceRecovery::Safe);
+        assert_eq!(p.recovery.for_family("furnace"), AdoptPolicy::Safe);
         assert_eq!(p.retry.policy("f"), RetryPolicy::default());
         let text = format!(
             "[recovery]\non_restart = \"resume\"\nfurnace = \"adopt\"\n[retry]\nretries = 1\n\
@@ -1461,7 +1461,7 @@ mod tests {
         );
         let (_, p) = Config::parse_with_policies(&text, Path::new("x.toml")).unwrap();
         assert_eq!(p.recovery.on_restart, OnRestart::Resume);
-        assert_eq!(p.recovery.furnace, FurnaceRecovery::Adopt);
+        assert_eq!(p.recovery.for_family("furnace"), AdoptPolicy::Adopt);
         assert_eq!(
             p.retry.policy("f"),
             RetryPolicy {

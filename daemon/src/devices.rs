@@ -1112,10 +1112,10 @@ mod tests {
         let d = Arc::new(Scripted {
             info: ppu_drivers::DeviceInfo {
                 id: "furnace-1".into(),
-                family: Family::Furnace,
+                family: "furnace".to_owned(),
                 driver: "scripted".into(),
                 transport: String::new(),
-                capabilities: vec![Capability::FurnaceProgram],
+                capabilities: vec!["furnace_program".to_owned()],
                 limits: Default::default(),
             },
             drive: Mutex::new(Ok(())),

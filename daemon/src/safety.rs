@@ -384,12 +384,12 @@ pub fn check_batch(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
     use std::sync::Arc;
 
+    use pb::{furnace_segment, step};
+    use ppu_drivers::StepCommand;
     use ppu_drivers::device::{
-        Capability, DeviceInfo, DeviceStatus, Family, Limits as DeviceLimits, StepContext,
-        StepOutput,
+        DeviceInfo, DeviceStatus, Limits as DeviceLimits, StepContext, StepOutput,
     };
 
     use super::*;
@@ -427,17 +427,11 @@ mod tests {
     fn analyser(id: &str, adsorptives: &[&str]) -> Arc<dyn ppu_drivers::Device> {
         Arc::new(Declaring(DeviceInfo {
             id: id.into(),
-            family: Family::Analyser,
+            family: "analyser".to_owned(),
             driver: "test".into(),
             transport: "in-process".into(),
-            capabilities: vec![Capability::Isotherm],
-            limits: DeviceLimits {
-                accepted: BTreeMap::from([(
-                    "adsorptive".to_owned(),
-                    adsorptives.iter().map(|a| (*a).to_owned()).collect(),
-                )]),
-                ..DeviceLimits::default()
-            },
+            capabilities: vec!["isotherm".to_owned()],
+            limits: DeviceLimits::default().accepting("adsorptive", adsorptives.iter().copied()),
         }))
     }
 

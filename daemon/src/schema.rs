@@ -38,6 +38,11 @@ pub fn v1_capability(capability: &str) -> Option<i32> {
         .find(|n| *n != 0)
 }
 
+/// The capability that runs `cmd`, if it is a registered family's command.
+pub fn capability_of(cmd: &ppu_drivers::StepCommand) -> Option<&'static str> {
+    schema().command(cmd.type_name()).map(|c| c.capability())
+}
+
 /// The audit action recorded when a device of `family` is driven safe.
 pub fn safe_action(family: &str) -> String {
     schema()

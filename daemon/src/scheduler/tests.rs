@@ -12,58 +12,81 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use async_trait::async_trait;
 use pb::event::Kind;
+use ppu_drivers::analyser::schema::{DegasResult, IsothermResult};
+use ppu_drivers::balance::schema::WeighResult;
 use ppu_drivers::device::StepOutput;
-use ppu_drivers::device::{
-    DegasResult, DeviceInfo, DeviceStatus, DispenseResult, Family, FurnaceResult, IsothermResult,
-    Limits, RefillResult, Segment, WeighResult,
-};
-use ppu_drivers::{Capability, Device, DeviceError, StepCommand, StepContext};
+use ppu_drivers::device::{DeviceInfo, DeviceStatus, Limits};
+use ppu_drivers::dispenser::schema::{DispenseResult, RefillResult};
+use ppu_drivers::furnace::Segment;
+use ppu_drivers::furnace::schema::FurnaceResult;
+use ppu_drivers::{Device, DeviceError, StepCommand, StepContext};
 use tempfile::TempDir;
 
 use super::*;
-use crate::recovery::{FurnaceRecovery, OnRestart};
+use crate::recovery::{AdoptPolicy, OnRestart};
 
 /// Physical seconds a step takes on a [`TestDevice`].
 fn step_seconds(cmd: &StepCommand) -> f64 {
-    match cmd {
-        StepCommand::FurnaceProgram { segments } => segments
+    use ppu_drivers::{analyser, balance, dispenser, furnace};
+    if let Ok(segments) = furnace::program(cmd, "test") {
+        return segments
             .iter()
             .map(|s| match s {
                 Segment::Hold { duration_s } => *duration_s,
                 _ => 0.0,
             })
-            .sum(),
-        StepCommand::Dispense {
+            .sum();
+    }
+    if balance::weigh(cmd, "test").is_ok() {
+        return 10.0;
+    }
+    match dispenser::StepKind::of(cmd, "test") {
+        Ok(dispenser::StepKind::Dispense {
             volume_ml,
             rate_ml_per_min,
             ..
-        } => volume_ml / rate_ml_per_min * 60.0,
-        StepCommand::Refill { .. } => 60.0,
-        StepCommand::Weigh { .. } => 10.0,
-        StepCommand::Degas { duration_s, .. } => *duration_s,
-        StepCommand::Isotherm {
+        }) => return volume_ml / rate_ml_per_min * 60.0,
+        Ok(dispenser::StepKind::Refill { .. }) => return 60.0,
+        Err(_) => {}
+    }
+    match analyser::StepKind::of(cmd, "test") {
+        Ok(analyser::StepKind::Degas { duration_s, .. }) => duration_s,
+        Ok(analyser::StepKind::Isotherm {
             pressures_bar,
             equilibration_interval_s,
             ..
-        } => pressures_bar.len() as f64 * equilibration_interval_s.unwrap_or(10.0),
+        }) => pressures_bar.len() as f64 * equilibration_interval_s.unwrap_or(10.0),
+        Err(_) => 0.0,
     }
 }
 
 fn output(cmd: &StepCommand) -> StepOutput {
-    match cmd {
-        StepCommand::FurnaceProgram { .. } => StepOutput::Furnace(FurnaceResult::default()),
-        StepCommand::Dispense {
+    use ppu_drivers::{analyser, balance, dispenser, furnace};
+    if furnace::program(cmd, "test").is_ok() {
+        return StepOutput::pack(&FurnaceResult::default());
+    }
+    if balance::weigh(cmd, "test").is_ok() {
+        return StepOutput::pack(&WeighResult::default());
+    }
+    match dispenser::StepKind::of(cmd, "test") {
+        Ok(dispenser::StepKind::Dispense {
             reagent, volume_ml, ..
-        } => StepOutput::Dispense(DispenseResult {
-            reagent: reagent.clone(),
-            requested_volume_ml: *volume_ml,
-            pump_volume_ml: *volume_ml,
-            ..Default::default()
-        }),
-        StepCommand::Refill { .. } => StepOutput::Refill(RefillResult::default()),
-        StepCommand::Weigh { .. } => StepOutput::Weigh(WeighResult::default()),
-        StepCommand::Degas { .. } => StepOutput::Degas(DegasResult::default()),
-        StepCommand::Isotherm { .. } => StepOutput::Isotherm(IsothermResult::default()),
+        }) => {
+            return StepOutput::pack(&DispenseResult {
+                reagent,
+                requested_volume_ml: volume_ml,
+                pump_volume_ml: volume_ml,
+                ..Default::default()
+            });
+        }
+        Ok(dispenser::StepKind::Refill { .. }) => {
+            return StepOutput::pack(&RefillResult::default());
+        }
+        Err(_) => {}
+    }
+    match analyser::StepKind::of(cmd, "test") {
+        Ok(analyser::StepKind::Degas { .. }) => StepOutput::pack(&DegasResult::default()),
+        _ => StepOutput::pack(&IsothermResult::default()),
     }
 }
 
@@ -85,7 +108,8 @@ struct TestDevice {
 }
 
 impl TestDevice {
-    fn new(id: &str, family: Family, cap: Capability, clock: Clock) -> Arc<Self> {
+    fn new(id: &str, family: String, cap: String, clock: Clock) -> Arc<Self> {
+        let adoptable = family == "furnace";
         Arc::new(Self {
             info: DeviceInfo {
                 id: id.into(),
@@ -100,7 +124,7 @@ impl TestDevice {
             safe_calls: AtomicU32::new(0),
             safe_failures: AtomicU32::new(0),
             fault: Mutex::new(None),
-            adoptable: family == Family::Furnace,
+            adoptable,
             adopted: AtomicU32::new(0),
             runs: Mutex::new(Vec::new()),
         })
@@ -132,10 +156,11 @@ impl Device for TestDevice {
     }
 
     fn check(&self, step: &StepCommand) -> Result<(), DeviceError> {
-        if self.info.capabilities.contains(&step.capability()) {
+        let cap = crate::schema::capability_of(step).unwrap_or_default();
+        if self.info.has(cap) {
             Ok(())
         } else {
-            Err(DeviceError::Unsupported(step.capability().to_string()))
+            Err(DeviceError::Unsupported(cap.to_owned()))
         }
     }
 
@@ -215,21 +240,36 @@ struct Rig {
 /// 2 furnaces, 1 analyser, 2 pumps.
 fn lab(clock: Clock) -> Vec<Arc<TestDevice>> {
     vec![
-        TestDevice::new("pump-1", Family::Dispenser, Capability::Dispense, clock),
-        TestDevice::new("pump-2", Family::Dispenser, Capability::Dispense, clock),
+        TestDevice::new(
+            "pump-1",
+            "dispenser".to_owned(),
+            "dispense".to_owned(),
+            clock,
+        ),
+        TestDevice::new(
+            "pump-2",
+            "dispenser".to_owned(),
+            "dispense".to_owned(),
+            clock,
+        ),
         TestDevice::new(
             "furnace-1",
-            Family::Furnace,
-            Capability::FurnaceProgram,
+            "furnace".to_owned(),
+            "furnace_program".to_owned(),
             clock,
         ),
         TestDevice::new(
             "furnace-2",
-            Family::Furnace,
-            Capability::FurnaceProgram,
+            "furnace".to_owned(),
+            "furnace_program".to_owned(),
             clock,
         ),
-        TestDevice::new("analyser-1", Family::Analyser, Capability::Isotherm, clock),
+        TestDevice::new(
+            "analyser-1",
+            "analyser".to_owned(),
+            "isotherm".to_owned(),
+            clock,
+        ),
     ]
 }
 
@@ -899,8 +939,9 @@ async fn recovery_resumes_from_the_interrupted_step_under_on_restart_resume() {
     let (store, id) = crashed_store(&dir, "furnace-1", pinned(furnace(1000.0), "furnace-1"), 10);
     let policy = RecoveryPolicy {
         on_restart: OnRestart::Resume,
-        furnace: FurnaceRecovery::Safe,
-    };
+        ..RecoveryPolicy::default()
+    }
+    .with_family("furnace", AdoptPolicy::Safe);
     let rig = Rig::start_on(dir, store, lab(clock), clock, 1.0, policy).await;
     rig.until_terminal(std::slice::from_ref(&id)).await;
     let e = rig.experiment(&id);
@@ -934,8 +975,9 @@ async fn recovery_adopts_a_running_furnace_program_under_furnace_adopt() {
     devices[2].active.store(true, Ordering::SeqCst);
     let policy = RecoveryPolicy {
         on_restart: OnRestart::Interrupt,
-        furnace: FurnaceRecovery::Adopt,
-    };
+        ..RecoveryPolicy::default()
+    }
+    .with_family("furnace", AdoptPolicy::Adopt);
     let rig = Rig::start_on(dir, store, devices, clock, 1.0, policy).await;
     let f1 = rig.devices["furnace-1"].clone();
     assert_eq!(
@@ -1030,8 +1072,8 @@ async fn recovery_requeues_work_stopped_between_steps_at_its_place_unless_custod
     // One furnace: A and B compete for it, and A must keep its place ahead of B.
     let devices = vec![TestDevice::new(
         "furnace-1",
-        Family::Furnace,
-        Capability::FurnaceProgram,
+        "furnace".to_owned(),
+        "furnace_program".to_owned(),
         clock,
     )];
     let rig = Rig::start_on(dir, store, devices, clock, 1.0, RecoveryPolicy::default()).await;
