@@ -3,7 +3,10 @@
 use std::fmt::Write as _;
 
 use ppu_proto::v1 as pb;
+use ppu_schema::render as generic;
 use prost_types::Timestamp;
+
+use crate::families;
 
 // ---------------------------------------------------------------------------------------------
 // Enums.
@@ -187,6 +190,7 @@ pub fn step_kind_name(step: &pb::Step) -> &'static str {
         Some(Kind::Isotherm(_)) => "isotherm",
         Some(Kind::Refill(_)) => "refill",
         Some(Kind::Transfer(_)) => "transfer",
+        Some(Kind::Command(_)) => families::step_command(step).map_or("command", |(c, _)| c.name()),
         None => "(none)",
     }
 }
@@ -286,6 +290,10 @@ pub fn step_body(step: &pb::Step) -> String {
             },
             or_dash(&t.to_device_id)
         ),
+        Some(Kind::Command(any)) => match families::step_command(step) {
+            Some((c, m)) => format!("{}: {}", c.name(), generic::summary(families::get(), &m)),
+            None => format!("command {} (not in the daemon's schema)", any.type_url),
+        },
         None => "(no step kind)".to_owned(),
     }
 }
@@ -416,6 +424,25 @@ fn step_result(o: &mut String, r: &pb::StepResult) {
     match &r.result {
         Some(R::Furnace(f)) => furnace_result(o, f),
         Some(R::Isotherm(i)) => isotherm_result(o, i),
+        // A family without a typed v1 result: its summary, then every field with its unit.
+        Some(R::Output(_)) => match families::step_output(r) {
+            Some((c, m)) => {
+                let schema = families::get();
+                let _ = writeln!(o, "      {}: {}", c.name(), generic::summary(schema, &m));
+                for (path, value) in generic::rows(schema, &m) {
+                    let _ = writeln!(o, "        {path}: {value}");
+                }
+            }
+            None => {
+                if let Some(R::Output(any)) = &r.result {
+                    let _ = writeln!(
+                        o,
+                        "      result {} (not in the daemon's schema)",
+                        any.type_url
+                    );
+                }
+            }
+        },
         Some(other) => {
             let _ = writeln!(o, "      {}", result_summary(other));
         }
@@ -512,6 +539,13 @@ pub fn result_summary(r: &pb::step_result::Result) -> String {
             r.volume_ml, r.reagent, r.fill_ml
         ),
         R::Transfer(t) => format!("transfer confirmed by {}", or_dash(&t.confirmed_by)),
+        R::Output(any) => match families::get().command_by_result(&any.type_url) {
+            Some(c) => match families::decode_any(any) {
+                Some(m) => format!("{}: {}", c.name(), generic::summary(families::get(), &m)),
+                None => format!("{}: result does not decode", c.name()),
+            },
+            None => format!("result {} (not in the daemon's schema)", any.type_url),
+        },
     }
 }
 
@@ -812,6 +846,7 @@ pub fn event_kind_name(e: &pb::Event) -> &'static str {
         Some(Kind::ExperimentHeld(_)) => "experiment_held",
         Some(Kind::ExperimentMoved(_)) => "experiment_moved",
         Some(Kind::Audit(_)) => "audit",
+        Some(Kind::StepIntermediate(_)) => "step_intermediate",
         None => "unknown",
     }
 }
@@ -882,6 +917,13 @@ pub fn event_summary(e: &pb::Event) -> String {
             };
             if !q.reason.is_empty() {
                 let _ = write!(s, ": {}", q.reason);
+            }
+            s
+        }
+        Some(Kind::StepIntermediate(m)) => {
+            let mut s = format!("step {} response {}", m.step_index + 1, m.index + 1);
+            if let Some(v) = m.value.as_ref().and_then(families::decode_any) {
+                let _ = write!(s, ": {}", generic::summary(families::get(), &v));
             }
             s
         }
