@@ -761,6 +761,113 @@ transfer = { sample_id = "S-1", from_device_id = "balance-1", to_device_id = "fu
         );
     }
 
+    /// A family the daemon serves that ppuctl was not built with (and v1 has no member for):
+    /// its descriptors are made here as GetSchema would send them.
+    fn schema_with_a_new_family() -> Schema {
+        let set = r#"{"file":[{
+            "name": "test/mfc.proto", "package": "test.mfc.v1", "syntax": "proto3",
+            "dependency": ["ppu/schema/v1/options.proto"],
+            "options": {"[ppu.schema.v1.family]": {"name": "mfc"}},
+            "messageType": [
+              {"name": "GasFlow",
+               "options": {"[ppu.schema.v1.command]": {"name": "gas_flow",
+                  "capability": "gas_flow", "result": "test.mfc.v1.GasFlowResult"}},
+               "field": [
+                 {"name": "gas", "number": 1, "type": "TYPE_STRING", "label": "LABEL_OPTIONAL",
+                  "jsonName": "gas", "options": {"[ppu.schema.v1.field]": {"required": true}}},
+                 {"name": "flow_sccm", "number": 2, "type": "TYPE_DOUBLE",
+                  "label": "LABEL_OPTIONAL", "jsonName": "flowSccm",
+                  "options": {"[ppu.schema.v1.field]": {"unit": "sccm"}}},
+                 {"name": "duration_s", "number": 3, "type": "TYPE_DOUBLE",
+                  "label": "LABEL_OPTIONAL", "jsonName": "durationS"}]},
+              {"name": "GasFlowResult",
+               "field": [{"name": "mean_flow_sccm", "number": 1, "type": "TYPE_DOUBLE",
+                  "label": "LABEL_OPTIONAL", "jsonName": "meanFlowSccm"}]}]}]}"#;
+        let base = schema();
+        let desc = base
+            .pool()
+            .get_message_by_name("google.protobuf.FileDescriptorSet")
+            .expect("descriptor.proto is in the pool");
+        let mut de = serde_json::Deserializer::from_str(set);
+        let set = DynamicMessage::deserialize(desc, &mut de).expect("the test family is valid");
+        use prost::Message as _;
+        Schema::new(&[
+            pb::FILE_DESCRIPTOR_SET,
+            ppu_drivers::registry::FILE_DESCRIPTOR_SET,
+            &set.encode_to_vec(),
+        ])
+        .expect("the schema with the test family loads")
+    }
+
+    #[test]
+    fn a_command_of_a_family_outside_v1_travels_as_an_any() {
+        let schema = schema_with_a_new_family();
+        let text = r#"
+[[experiments]]
+name = "flow"
+[[experiments.steps]]
+device_id = "mfc-1"
+gas_flow = { gas = "CO2", flow_sccm = 50, duration_s = 60 }
+"#;
+        let batch = parse(text.as_bytes(), Format::Toml, &schema).unwrap();
+        let step = &batch.experiments[0].steps[0];
+        assert_eq!(step.device_id, "mfc-1");
+        let Some(pb::step::Kind::Command(any)) = &step.kind else {
+            panic!("{step:?}")
+        };
+        assert_eq!(any.type_url, "type.googleapis.com/test.mfc.v1.GasFlow");
+        let m = schema.decode(&any.type_url, &any.value).unwrap();
+        assert_eq!(m.get_field_by_name("gas").unwrap().as_str(), Some("CO2"));
+        assert_eq!(
+            m.get_field_by_name("flow_sccm").unwrap().as_f64(),
+            Some(50.0)
+        );
+
+        // Its keys follow the family's schema, with the path named.
+        let err = parse(
+            br#"{"experiments":[{"name":"x","steps":[{"gas_flow":{"gas":"CO2","flow":5,"duration_s":1}}]}]}"#,
+            Format::Json,
+            &schema,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("experiments[0].steps[0].gas_flow: unknown field `flow`"),
+            "{err}"
+        );
+        let err = parse(
+            br#"{"experiments":[{"name":"x","steps":[{"gas_flow":{"gas":"CO2","duration_s":1}}]}]}"#,
+            Format::Json,
+            &schema,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("experiments[0].steps[0].gas_flow: missing field `flow_sccm`"),
+            "{err}"
+        );
+        let err = parse(
+            br#"{"experiments":[{"name":"x","steps":[{"weigh":{},
+                "gas_flow":{"gas":"CO2","flow_sccm":5,"duration_s":1}}]}]}"#,
+            Format::Json,
+            &schema,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("dispense, weigh, furnace, degas, isotherm, refill, gas_flow; found 2"),
+            "{err}"
+        );
+        // Without the daemon's schema the command is not known.
+        let err = parse(text.as_bytes(), Format::Toml, &offline_schema())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("experiments[0].steps[0]: unknown field `gas_flow`"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn syntax_errors_are_reported() {
         assert!(toml_err("experiments = [").starts_with("invalid TOML"));

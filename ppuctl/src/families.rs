@@ -119,3 +119,14 @@ pub fn step_output(r: &pb::StepResult) -> Option<(&'static Command, DynamicMessa
 pub fn decode_any(any: &prost_types::Any) -> Option<DynamicMessage> {
     get().decode(&any.type_url, &any.value).ok()
 }
+
+/// The name of the member set in `message`'s oneof `oneof` (`Event.kind` → `step_started`), read
+/// from the message's descriptor; `None` when none is set.
+pub fn oneof_member<M: Message>(full_name: &str, message: &M, oneof: &str) -> Option<String> {
+    let m = get().decode(full_name, &message.encode_to_vec()).ok()?;
+    let desc = ppu_schema::prost_reflect::ReflectMessage::descriptor(&m);
+    let o = desc.oneofs().find(|o| o.name() == oneof)?;
+    o.fields()
+        .find(|f| m.has_field(f))
+        .map(|f| f.name().to_owned())
+}

@@ -180,18 +180,13 @@ fn or_dash(s: &str) -> &str {
 // Steps.
 // ---------------------------------------------------------------------------------------------
 
-pub fn step_kind_name(step: &pb::Step) -> &'static str {
-    use pb::step::Kind;
-    match &step.kind {
-        Some(Kind::Dispense(_)) => "dispense",
-        Some(Kind::Weigh(_)) => "weigh",
-        Some(Kind::Furnace(_)) => "furnace",
-        Some(Kind::Degas(_)) => "degas",
-        Some(Kind::Isotherm(_)) => "isotherm",
-        Some(Kind::Refill(_)) => "refill",
-        Some(Kind::Transfer(_)) => "transfer",
-        Some(Kind::Command(_)) => families::step_command(step).map_or("command", |(c, _)| c.name()),
-        None => "(none)",
+/// A step's kind: its command's step name from the schema (`furnace`, `gas_flow`), else the
+/// name of the `Step` member set (`transfer`).
+pub fn step_kind_name(step: &pb::Step) -> String {
+    match families::step_command(step) {
+        Some((c, _)) => c.name().to_owned(),
+        None => families::oneof_member("ppu.v1.Step", step, "kind")
+            .unwrap_or_else(|| "(none)".to_owned()),
     }
 }
 
@@ -824,31 +819,9 @@ pub fn reading_line(r: &pb::DeviceReading) -> String {
 // Events.
 // ---------------------------------------------------------------------------------------------
 
-pub fn event_kind_name(e: &pb::Event) -> &'static str {
-    use pb::event::Kind;
-    match &e.kind {
-        Some(Kind::ExperimentStateChanged(_)) => "experiment_state_changed",
-        Some(Kind::StepStarted(_)) => "step_started",
-        Some(Kind::StepProgress(_)) => "step_progress",
-        Some(Kind::StepFinished(_)) => "step_finished",
-        Some(Kind::DeviceReading(_)) => "device_reading",
-        Some(Kind::DeviceConnectionChanged(_)) => "device_connection_changed",
-        Some(Kind::Alarm(_)) => "alarm",
-        Some(Kind::QueueStateChanged(_)) => "queue_state_changed",
-        Some(Kind::IsothermPointMeasured(_)) => "isotherm_point_measured",
-        Some(Kind::DeviceReserved(_)) => "device_reserved",
-        Some(Kind::DeviceReleased(_)) => "device_released",
-        Some(Kind::TransferRequested(_)) => "transfer_requested",
-        Some(Kind::TransferConfirmed(_)) => "transfer_confirmed",
-        Some(Kind::RecoveryDecision(_)) => "recovery_decision",
-        Some(Kind::MaintenanceChanged(_)) => "maintenance_changed",
-        Some(Kind::AlarmAcknowledged(_)) => "alarm_acknowledged",
-        Some(Kind::ExperimentHeld(_)) => "experiment_held",
-        Some(Kind::ExperimentMoved(_)) => "experiment_moved",
-        Some(Kind::Audit(_)) => "audit",
-        Some(Kind::StepIntermediate(_)) => "step_intermediate",
-        None => "unknown",
-    }
+/// An event's kind: the name of the `Event` member set (`step_started`).
+pub fn event_kind_name(e: &pb::Event) -> String {
+    families::oneof_member("ppu.v1.Event", e, "kind").unwrap_or_else(|| "unknown".to_owned())
 }
 
 /// A readable summary of an event's payload.
