@@ -1,21 +1,27 @@
 //! Batch files: the TOML/JSON documents `ppuctl submit` reads.
 //!
-//! The serde structs below mirror `ppu.v1.SubmitBatchRequest` field for field (see
-//! `examples/batch.toml` for an annotated example). Every struct denies unknown keys, and every
-//! error names the path of the offending key, e.g.
-//! `experiments[0].steps[1].furnace.segments[0].ramp: unknown field `rate`, expected ...`.
+//! A batch file is `ppu.v1.SubmitBatchRequest` in the proto3 JSON mapping with proto field
+//! names (see `examples/batch.toml` for an annotated example), whether written as TOML or
+//! JSON. A step names its command by the command's step name: a typed v1 member (`furnace`,
+//! `dispense`, ...) or any command of a family the daemon's schema declares (`gas_flow`), which
+//! travels as `Step.command`. No family is known here by name: the file is read through the
+//! message descriptors of the [`Schema`] the caller passes.
 //!
-//! Paths are tracked by parsing the file into a `serde_json::Value` first (TOML or JSON, same
-//! tree), then deserializing the typed structs from that tree through [`PathDeserializer`],
-//! which records where in the tree an error was raised.
+//! The file is parsed into one tree (`serde_json::Value`), checked against the descriptors for
+//! what proto3 JSON does not check (unknown keys, one-ofs, the keys a command requires, see
+//! [`Checker`]), then converted by prost-reflect; every refusal names the path of the
+//! offending key, e.g.
+//! `experiments[0].steps[1].furnace.segments[0].ramp: unknown field `rate`, expected ...`.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
 
 use ppu_proto::v1 as pb;
+use ppu_schema::Schema;
+use ppu_schema::prost_reflect::{
+    DeserializeOptions, DynamicMessage, FieldDescriptor, Kind, MessageDescriptor,
+};
 use serde::Deserialize;
-use serde::de::{self, DeserializeSeed, IntoDeserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -85,150 +91,8 @@ impl fmt::Display for BatchError {
 impl std::error::Error for BatchError {}
 
 // ---------------------------------------------------------------------------------------------
-// The file format (mirrors ppu.v1).
-// ---------------------------------------------------------------------------------------------
-
-/// The whole file: one `SubmitBatchRequest`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BatchFile {
-    /// Optional idempotency key; `--key` overrides it, and without either the key is
-    /// `sha256:<hex of the file's bytes>`.
-    #[serde(default)]
-    pub idempotency_key: Option<String>,
-    /// At least one experiment.
-    pub experiments: Vec<ExperimentFile>,
-}
-
-/// One `ExperimentSpec`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ExperimentFile {
-    pub name: String,
-    #[serde(default)]
-    pub sample_id: String,
-    #[serde(default)]
-    pub priority: i32,
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-    pub steps: Vec<StepFile>,
-}
-
-/// One `Step`: an optional device pin and exactly one step kind.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StepFile {
-    #[serde(default)]
-    pub device_id: Option<String>,
-    #[serde(default)]
-    pub dispense: Option<DispenseFile>,
-    #[serde(default)]
-    pub weigh: Option<WeighFile>,
-    #[serde(default)]
-    pub furnace: Option<FurnaceFile>,
-    #[serde(default)]
-    pub degas: Option<DegasFile>,
-    #[serde(default)]
-    pub isotherm: Option<IsothermFile>,
-    #[serde(default)]
-    pub refill: Option<RefillFile>,
-    /// Accepted by the parser only to refuse it with a clear message: the scheduler inserts
-    /// transfers, clients never submit them.
-    #[serde(default)]
-    pub transfer: Option<Value>,
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DispenseFile {
-    pub reagent: String,
-    pub volume_ml: f64,
-    pub rate_ml_per_min: f64,
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct WeighFile {
-    /// 0 (the default) means the device's own default.
-    #[serde(default)]
-    pub stability_timeout_s: f64,
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FurnaceFile {
-    pub segments: Vec<SegmentFile>,
-}
-
-/// One `FurnaceSegment`: exactly one of `ramp`, `hold`, `step`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SegmentFile {
-    #[serde(default)]
-    pub ramp: Option<RampFile>,
-    #[serde(default)]
-    pub hold: Option<HoldFile>,
-    #[serde(default)]
-    pub step: Option<StepToFile>,
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RampFile {
-    pub temperature_c: f64,
-    pub rate_c_per_min: f64,
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HoldFile {
-    pub duration_s: f64,
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StepToFile {
-    pub temperature_c: f64,
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DegasFile {
-    pub temperature_c: f64,
-    pub duration_s: f64,
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct IsothermFile {
-    pub adsorptive: String,
-    pub temperature_c: f64,
-    pub pressure_bar: Vec<f64>,
-    /// 0 (the default) means the device default.
-    #[serde(default)]
-    pub equilibration_interval_s: f64,
-    /// 0 (the default) means the device default.
-    #[serde(default)]
-    pub max_equilibration_s: f64,
-    /// 0 (the default) means the mass last weighed for the sample, else the device default.
-    #[serde(default)]
-    pub sample_mass_g: f64,
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RefillFile {
-    pub reagent: String,
-    /// 0 (the default) means "fill the syringe".
-    #[serde(default)]
-    pub volume_ml: f64,
-    /// 0 (the default) means the pump's default rate.
-    #[serde(default)]
-    pub rate_ml_per_min: f64,
-}
-
-// ---------------------------------------------------------------------------------------------
-// Parsing and conversion.
+// Parsing and conversion: the file's tree, checked against the message descriptors, then
+// converted by prost-reflect's proto3 JSON mapping.
 // ---------------------------------------------------------------------------------------------
 
 /// A parsed and converted batch, ready to submit.
@@ -239,22 +103,72 @@ pub struct Batch {
     pub experiments: Vec<pb::ExperimentSpec>,
 }
 
-/// Parses a batch file's bytes in the given format and converts it to proto specs.
-pub fn parse(bytes: &[u8], format: Format) -> Result<Batch, BatchError> {
+/// The schema of ppu.v1 alone, with no device family: what a batch file is checked against
+/// when the daemon's schema cannot be had. Typed v1 steps still convert (without the families'
+/// required-key rules); family commands outside v1 are unknown keys.
+pub fn offline_schema() -> Schema {
+    match Schema::new(&[pb::FILE_DESCRIPTOR_SET]) {
+        Ok(schema) => schema,
+        // ppu.v1's own descriptors are compiled in: they always load.
+        Err(e) => unreachable!("ppu.v1 descriptors do not load: {e}"),
+    }
+}
+
+/// The envelope's keys a batch file must write (proto3 has no required fields; these are the
+/// ones a batch is meaningless without). Family commands declare theirs in their schema.
+const ENVELOPE_REQUIRED: &[(&str, &str)] = &[
+    ("ppu.v1.SubmitBatchRequest", "experiments"),
+    ("ppu.v1.ExperimentSpec", "name"),
+    ("ppu.v1.ExperimentSpec", "steps"),
+];
+
+const STEP: &str = "ppu.v1.Step";
+/// The `Step` member clients never submit (the scheduler inserts transfers).
+const TRANSFER: &str = "transfer";
+/// The `Step` member carrying any family's command as `google.protobuf.Any`; a batch file names
+/// the command instead (`gas_flow = { ... }`).
+const COMMAND: &str = "command";
+
+/// Parses a batch file's bytes in the given format and converts it to proto specs, resolving
+/// step kinds through `schema` (the daemon's families plus ppu.v1, or [`offline_schema`]).
+pub fn parse(bytes: &[u8], format: Format, schema: &Schema) -> Result<Batch, BatchError> {
     let text = std::str::from_utf8(bytes)
         .map_err(|e| BatchError::new(format!("the file is not valid UTF-8: {e}")))?;
-    let tree: Value = match format {
+    let mut tree: Value = match format {
         Format::Toml => toml::from_str(text)
             .map_err(|e| BatchError::new(format!("invalid TOML: {}", e.to_string().trim_end())))?,
         Format::Json => {
             serde_json::from_str(text).map_err(|e| BatchError::new(format!("invalid JSON: {e}")))?
         }
     };
-    let file = BatchFile::deserialize(PathDeserializer::root(&tree)).map_err(|e| BatchError {
-        path: e.path,
-        message: e.message,
+    let desc = schema
+        .pool()
+        .get_message_by_name("ppu.v1.SubmitBatchRequest")
+        .ok_or_else(|| BatchError::new("the schema has no ppu.v1.SubmitBatchRequest"))?;
+    Checker { schema }.message(&mut tree, &desc, "", Mode::Envelope)?;
+    let mut track = serde_path_to_error::Track::new();
+    let msg = DynamicMessage::deserialize_with_options(
+        desc,
+        serde_path_to_error::Deserializer::new(&tree, &mut track),
+        &DeserializeOptions::new(),
+    )
+    .map_err(|e| {
+        let path = track.path();
+        let path = (path.iter().next().is_some()).then(|| path.to_string());
+        BatchError {
+            path,
+            message: e.to_string(),
+        }
     })?;
-    file.into_batch()
+    let request: pb::SubmitBatchRequest = msg
+        .transcode_to()
+        .map_err(|e| BatchError::new(format!("the batch does not convert: {e}")))?;
+    // An absent key and an empty one are the same in proto3; the file's key is optional.
+    let has_key = tree.get("idempotency_key").is_some_and(|k| !k.is_null());
+    Ok(Batch {
+        idempotency_key: has_key.then_some(request.idempotency_key),
+        experiments: request.experiments,
+    })
 }
 
 /// The default idempotency key of a file: `sha256:` + the hex SHA-256 of its bytes.
@@ -268,236 +182,271 @@ pub fn content_key(bytes: &[u8]) -> String {
     key
 }
 
-impl BatchFile {
-    /// Converts to proto specs, checking the one-of rules the types cannot express.
-    pub fn into_batch(self) -> Result<Batch, BatchError> {
-        let experiments = self
-            .experiments
-            .into_iter()
-            .enumerate()
-            .map(|(i, e)| e.into_spec(&format!("experiments[{i}]")))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Batch {
-            idempotency_key: self.idempotency_key,
-            experiments,
-        })
-    }
+/// Which rules a message's keys follow.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// ppu.v1's envelope (batch, experiment, step): [`ENVELOPE_REQUIRED`].
+    Envelope,
+    /// Inside a family's command, read through its schema: every field is required unless
+    /// its options say 0 means a default (`zero_is_default`), it is optional, or it is a list
+    /// that may be empty.
+    Family,
+    /// Inside a v1 message no family schema describes (offline): nothing required.
+    Loose,
 }
 
-impl ExperimentFile {
-    fn into_spec(self, path: &str) -> Result<pb::ExperimentSpec, BatchError> {
-        let steps = self
-            .steps
-            .into_iter()
-            .enumerate()
-            .map(|(j, s)| s.into_step(&format!("{path}.steps[{j}]")))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(pb::ExperimentSpec {
-            name: self.name,
-            sample_id: self.sample_id,
-            // `collect` so this works whether prost generated a HashMap or a BTreeMap.
-            labels: self.labels.into_iter().collect(),
-            priority: self.priority,
-            steps,
-        })
-    }
+/// The checks proto3 JSON does not make, with the path of every refusal: unknown keys (named
+/// with the keys that would do), one-ofs with exactly one member, keys a command requires,
+/// numbers written as numbers. It also rewrites a step naming a family command outside v1
+/// (`gas_flow = {...}`) into the `Step.command` Any that carries it.
+struct Checker<'a> {
+    schema: &'a Schema,
 }
 
-/// Names of the step kinds, in proto order, for error messages.
-const STEP_KINDS: &str = "dispense, weigh, furnace, degas, isotherm, refill";
-
-impl StepFile {
-    fn into_step(self, path: &str) -> Result<pb::Step, BatchError> {
-        use pb::step::Kind;
-        if self.transfer.is_some() {
+impl Checker<'_> {
+    fn message(
+        &self,
+        value: &mut Value,
+        desc: &MessageDescriptor,
+        path: &str,
+        mode: Mode,
+    ) -> Result<(), BatchError> {
+        // Anything but a table is the converter's to refuse, with its own wording.
+        let Value::Object(map) = value else {
+            return Ok(());
+        };
+        let is_step = desc.full_name() == STEP;
+        // Unknown keys first, reported at the table holding them.
+        for key in map.keys() {
+            let known = field(desc, key).is_some_and(|f| !(is_step && f.name() == COMMAND))
+                || (is_step && self.step_command(key).is_some());
+            if !known {
+                return Err(BatchError::at(path, unknown_field(key, &self.keys(desc))));
+            }
+        }
+        for f in desc.fields() {
+            let required = match mode {
+                Mode::Envelope => ENVELOPE_REQUIRED.contains(&(desc.full_name(), f.name())),
+                Mode::Family => {
+                    let opts = self.schema.field_options(&f);
+                    let optional = f.containing_oneof().is_some()
+                        || f.supports_presence()
+                        || opts.zero_is_default
+                        || f.is_map()
+                        || (f.is_list() && opts.min_items == 0);
+                    !optional
+                }
+                Mode::Loose => false,
+            };
+            if required && !map.contains_key(f.name()) && !map.contains_key(f.json_name()) {
+                return Err(BatchError::at(
+                    path,
+                    format!("missing field `{}`", f.name()),
+                ));
+            }
+        }
+        let keys: Vec<String> = map.keys().cloned().collect();
+        for key in &keys {
+            let here = join_key(path, key);
+            if is_step && key == TRANSFER {
+                continue; // refused below, whatever its content
+            }
+            let Some(v) = map.get_mut(key) else { continue };
+            if is_step && let Some(cmd) = self.step_command(key) {
+                let message = cmd.message.clone();
+                self.message(v, &message, &here, Mode::Family)?;
+                continue;
+            }
+            let Some(f) = field(desc, key) else { continue };
+            // A v1 alias is read through its family's message when the schema has it (same
+            // bytes, same keys, plus the family's rules).
+            if is_step && let Some(cmd) = self.schema.command_by_v1_step(f.number()) {
+                let message = cmd.message.clone();
+                self.message(v, &message, &here, Mode::Family)?;
+                continue;
+            }
+            let inner = match (mode, &f.kind()) {
+                (Mode::Envelope, Kind::Message(_)) if is_step => Mode::Loose,
+                _ => mode,
+            };
+            self.field_value(v, &f, &here, inner)?;
+        }
+        if is_step && map.contains_key(TRANSFER) {
             return Err(BatchError::at(
-                format!("{path}.transfer"),
+                join_key(path, TRANSFER),
                 "transfer steps cannot be submitted: the scheduler inserts a transfer \
                  whenever the next step needs the sample on another device",
             ));
         }
-        let mut kinds: Vec<(&str, Kind)> = Vec::new();
-        if let Some(d) = self.dispense {
-            kinds.push((
-                "dispense",
-                Kind::Dispense(pb::Dispense {
-                    reagent: d.reagent,
-                    volume_ml: d.volume_ml,
-                    rate_ml_per_min: d.rate_ml_per_min,
-                }),
-            ));
+        for oneof in desc.oneofs().filter(|o| !o.is_synthetic()) {
+            let allowed: Vec<String> = if is_step {
+                self.step_kinds(&oneof)
+            } else {
+                oneof.fields().map(|f| f.name().to_owned()).collect()
+            };
+            let found: Vec<&String> = allowed.iter().filter(|k| map.contains_key(*k)).collect();
+            if found.len() != 1 {
+                let what = words(desc.name());
+                let allowed = allowed.join(", ");
+                let found = match found.len() {
+                    0 => "none".to_owned(),
+                    n => {
+                        let names: Vec<&str> = found.iter().map(|s| s.as_str()).collect();
+                        format!("{n} ({})", names.join(", "))
+                    }
+                };
+                return Err(BatchError::at(
+                    path,
+                    format!("a {what} needs exactly one of: {allowed}; found {found}"),
+                ));
+            }
         }
-        if let Some(w) = self.weigh {
-            kinds.push((
-                "weigh",
-                Kind::Weigh(pb::Weigh {
-                    stability_timeout_s: w.stability_timeout_s,
-                }),
-            ));
+        // The command outside v1 travels as `Step.command`, an Any of its message.
+        if is_step {
+            let named = keys
+                .iter()
+                .find_map(|k| self.step_command(k).map(|c| (k, c)));
+            if let Some((key, cmd)) = named {
+                let type_url = ppu_schema::type_url(cmd.full_name());
+                if let Some(Value::Object(mut body)) = map.remove(key.as_str()) {
+                    body.insert("@type".into(), Value::String(type_url));
+                    map.insert(COMMAND.into(), Value::Object(body));
+                }
+            }
         }
-        if let Some(f) = self.furnace {
-            let segments = f
-                .segments
-                .into_iter()
-                .enumerate()
-                .map(|(k, s)| s.into_segment(&format!("{path}.furnace.segments[{k}]")))
-                .collect::<Result<Vec<_>, _>>()?;
-            kinds.push(("furnace", Kind::Furnace(pb::FurnaceProgram { segments })));
+        Ok(())
+    }
+
+    fn field_value(
+        &self,
+        value: &mut Value,
+        f: &FieldDescriptor,
+        path: &str,
+        mode: Mode,
+    ) -> Result<(), BatchError> {
+        if f.is_map() {
+            let Kind::Message(entry) = f.kind() else {
+                return Ok(());
+            };
+            let vf = entry.map_entry_value_field();
+            if let Value::Object(m) = value {
+                for (k, v) in m.iter_mut() {
+                    self.single(v, &vf, &join_key(path, k), mode)?;
+                }
+            }
+            return Ok(());
         }
-        if let Some(d) = self.degas {
-            kinds.push((
-                "degas",
-                Kind::Degas(pb::Degas {
-                    temperature_c: d.temperature_c,
-                    duration_s: d.duration_s,
-                }),
-            ));
+        if f.is_list() {
+            if let Value::Array(items) = value {
+                for (i, v) in items.iter_mut().enumerate() {
+                    self.single(v, f, &format!("{path}[{i}]"), mode)?;
+                }
+            }
+            return Ok(());
         }
-        if let Some(i) = self.isotherm {
-            kinds.push((
-                "isotherm",
-                Kind::Isotherm(pb::Isotherm {
-                    adsorptive: i.adsorptive,
-                    temperature_c: i.temperature_c,
-                    pressure_bar: i.pressure_bar,
-                    equilibration_interval_s: i.equilibration_interval_s,
-                    max_equilibration_s: i.max_equilibration_s,
-                    sample_mass_g: i.sample_mass_g,
-                }),
-            ));
+        self.single(value, f, path, mode)
+    }
+
+    fn single(
+        &self,
+        value: &mut Value,
+        f: &FieldDescriptor,
+        path: &str,
+        mode: Mode,
+    ) -> Result<(), BatchError> {
+        let number = |r: Result<f64, serde_json::Error>| {
+            r.map(|_| ())
+                .map_err(|e| BatchError::at(path, e.to_string()))
+        };
+        match f.kind() {
+            Kind::Message(m) => self.message(value, &m, path, mode),
+            // proto3 JSON also takes numbers as strings; a batch file writes numbers.
+            Kind::Double | Kind::Float => number(f64::deserialize(&*value)),
+            Kind::Int32
+            | Kind::Sint32
+            | Kind::Sfixed32
+            | Kind::Int64
+            | Kind::Sint64
+            | Kind::Sfixed64 => number(i64::deserialize(&*value).map(|v| v as f64)),
+            Kind::Uint32 | Kind::Fixed32 | Kind::Uint64 | Kind::Fixed64 => {
+                number(u64::deserialize(&*value).map(|v| v as f64))
+            }
+            _ => Ok(()),
         }
-        if let Some(r) = self.refill {
-            kinds.push((
-                "refill",
-                Kind::Refill(pb::Refill {
-                    reagent: r.reagent,
-                    volume_ml: r.volume_ml,
-                    rate_ml_per_min: r.rate_ml_per_min,
-                }),
-            ));
+    }
+
+    /// A command of the schema named `key` that has no typed member in `ppu.v1.Step`.
+    fn step_command(&self, key: &str) -> Option<&ppu_schema::Command> {
+        self.schema
+            .command_named(key)
+            .filter(|c| c.options.v1_step_field == 0)
+    }
+
+    /// The step kinds a batch file may write: the typed v1 members (in field order) and every
+    /// command of the schema without one, never `transfer` or the raw `command`.
+    fn step_kinds(&self, oneof: &ppu_schema::prost_reflect::OneofDescriptor) -> Vec<String> {
+        let mut kinds: Vec<String> = oneof
+            .fields()
+            .map(|f| f.name().to_owned())
+            .filter(|n| n != TRANSFER && n != COMMAND)
+            .collect();
+        kinds.extend(
+            self.schema
+                .commands()
+                .iter()
+                .filter(|c| c.options.v1_step_field == 0)
+                .map(|c| c.name().to_owned()),
+        );
+        kinds
+    }
+
+    /// The keys a table of `desc` may hold, for an unknown key's message.
+    fn keys(&self, desc: &MessageDescriptor) -> Vec<String> {
+        if desc.full_name() == STEP {
+            let mut keys = vec!["device_id".to_owned()];
+            for oneof in desc.oneofs() {
+                keys.extend(self.step_kinds(&oneof));
+            }
+            return keys;
         }
-        let kind = exactly_one(path, "step", STEP_KINDS, kinds)?;
-        Ok(pb::Step {
-            device_id: self.device_id.unwrap_or_default(),
-            kind: Some(kind),
-        })
+        desc.fields().map(|f| f.name().to_owned()).collect()
     }
 }
 
-impl SegmentFile {
-    fn into_segment(self, path: &str) -> Result<pb::FurnaceSegment, BatchError> {
-        use pb::furnace_segment::Kind;
-        let mut kinds: Vec<(&str, Kind)> = Vec::new();
-        if let Some(r) = self.ramp {
-            kinds.push((
-                "ramp",
-                Kind::Ramp(pb::Ramp {
-                    temperature_c: r.temperature_c,
-                    rate_c_per_min: r.rate_c_per_min,
-                }),
-            ));
-        }
-        if let Some(h) = self.hold {
-            kinds.push((
-                "hold",
-                Kind::Hold(pb::Hold {
-                    duration_s: h.duration_s,
-                }),
-            ));
-        }
-        if let Some(s) = self.step {
-            kinds.push((
-                "step",
-                Kind::Step(pb::StepTo {
-                    temperature_c: s.temperature_c,
-                }),
-            ));
-        }
-        let kind = exactly_one(path, "furnace segment", "ramp, hold, step", kinds)?;
-        Ok(pb::FurnaceSegment { kind: Some(kind) })
+/// The field a key names: its proto name or its JSON (lowerCamelCase) name.
+fn field(desc: &MessageDescriptor, key: &str) -> Option<FieldDescriptor> {
+    desc.get_field_by_name(key)
+        .or_else(|| desc.get_field_by_json_name(key))
+}
+
+/// serde's wording for an unknown key, so messages read as they always have.
+fn unknown_field(key: &str, expected: &[String]) -> String {
+    let quoted: Vec<String> = expected.iter().map(|k| format!("`{k}`")).collect();
+    match quoted.as_slice() {
+        [] => format!("unknown field `{key}`, there are no fields"),
+        [one] => format!("unknown field `{key}`, expected {one}"),
+        [a, b] => format!("unknown field `{key}`, expected {a} or {b}"),
+        _ => format!(
+            "unknown field `{key}`, expected one of {}",
+            quoted.join(", ")
+        ),
     }
 }
 
-fn exactly_one<K>(
-    path: &str,
-    what: &str,
-    allowed: &str,
-    mut kinds: Vec<(&str, K)>,
-) -> Result<K, BatchError> {
-    match kinds.len() {
-        1 => Ok(kinds.pop().expect("one element").1),
-        0 => Err(BatchError::at(
-            path,
-            format!("a {what} needs exactly one of: {allowed}; found none"),
-        )),
-        _ => {
-            let found: Vec<&str> = kinds.iter().map(|(n, _)| *n).collect();
-            Err(BatchError::at(
-                path,
-                format!(
-                    "a {what} needs exactly one of: {allowed}; found {} ({})",
-                    found.len(),
-                    found.join(", ")
-                ),
-            ))
+/// `FurnaceSegment` → `furnace segment`: a message's name as words, for messages.
+fn words(name: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in name.chars().enumerate() {
+        if c.is_uppercase() {
+            if i > 0 {
+                out.push(' ');
+            }
+            out.extend(c.to_lowercase());
+        } else {
+            out.push(c);
         }
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// A serde Deserializer over `serde_json::Value` that records the path of the first error.
-// ---------------------------------------------------------------------------------------------
-
-/// Error of [`PathDeserializer`]: a message and the path where it was raised.
-#[derive(Debug)]
-pub struct PathError {
-    path: Option<String>,
-    message: String,
-}
-
-impl PathError {
-    /// Sets the path unless a deeper level already did.
-    fn at(mut self, path: &str) -> Self {
-        if self.path.is_none() {
-            self.path = Some(path.to_owned());
-        }
-        self
-    }
-}
-
-impl fmt::Display for PathError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.path {
-            Some(p) if !p.is_empty() => write!(f, "{p}: {}", self.message),
-            _ => f.write_str(&self.message),
-        }
-    }
-}
-
-impl std::error::Error for PathError {}
-
-impl de::Error for PathError {
-    fn custom<T: fmt::Display>(msg: T) -> Self {
-        PathError {
-            path: None,
-            message: msg.to_string(),
-        }
-    }
-}
-
-/// Deserializes from a `Value`, attributing errors to the path of the node that raised them.
-pub struct PathDeserializer<'a> {
-    value: &'a Value,
-    path: String,
-}
-
-impl<'a> PathDeserializer<'a> {
-    pub fn root(value: &'a Value) -> Self {
-        PathDeserializer {
-            value,
-            path: String::new(),
-        }
-    }
+    out
 }
 
 fn join_key(path: &str, key: &str) -> String {
@@ -508,144 +457,40 @@ fn join_key(path: &str, key: &str) -> String {
     }
 }
 
-impl<'de, 'a> de::Deserializer<'de> for PathDeserializer<'a> {
-    type Error = PathError;
-
-    fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, PathError> {
-        let path = self.path;
-        let result = match self.value {
-            Value::Null => visitor.visit_unit(),
-            Value::Bool(b) => visitor.visit_bool(*b),
-            Value::Number(n) => {
-                if let Some(u) = n.as_u64() {
-                    visitor.visit_u64(u)
-                } else if let Some(i) = n.as_i64() {
-                    visitor.visit_i64(i)
-                } else {
-                    visitor.visit_f64(n.as_f64().unwrap_or(f64::NAN))
-                }
-            }
-            Value::String(s) => visitor.visit_str(s),
-            Value::Array(items) => visitor.visit_seq(PathSeq {
-                items: items.iter().enumerate(),
-                path: &path,
-            }),
-            Value::Object(map) => visitor.visit_map(PathMap {
-                entries: map.iter(),
-                pending: None,
-                path: &path,
-            }),
-        };
-        result.map_err(|e| e.at(&path))
-    }
-
-    fn deserialize_option<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, PathError> {
-        match self.value {
-            Value::Null => visitor.visit_none(),
-            _ => visitor.visit_some(self),
-        }
-    }
-
-    serde::forward_to_deserialize_any! {
-        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
-        unit unit_struct newtype_struct seq tuple tuple_struct map struct enum identifier
-        ignored_any
-    }
-}
-
-struct PathSeq<'a, 'p, I: Iterator<Item = (usize, &'a Value)>> {
-    items: I,
-    path: &'p str,
-}
-
-impl<'de, 'a, 'p, I: Iterator<Item = (usize, &'a Value)>> SeqAccess<'de> for PathSeq<'a, 'p, I> {
-    type Error = PathError;
-
-    fn next_element_seed<T: DeserializeSeed<'de>>(
-        &mut self,
-        seed: T,
-    ) -> Result<Option<T::Value>, PathError> {
-        match self.items.next() {
-            None => Ok(None),
-            Some((i, value)) => {
-                let path = format!("{}[{i}]", self.path);
-                seed.deserialize(PathDeserializer {
-                    value,
-                    path: path.clone(),
-                })
-                .map(Some)
-                .map_err(|e| e.at(&path))
-            }
-        }
-    }
-}
-
-struct PathMap<'a, 'p, I: Iterator<Item = (&'a String, &'a Value)>> {
-    entries: I,
-    pending: Option<(&'a String, &'a Value)>,
-    path: &'p str,
-}
-
-impl<'de, 'a, 'p, I: Iterator<Item = (&'a String, &'a Value)>> MapAccess<'de>
-    for PathMap<'a, 'p, I>
-{
-    type Error = PathError;
-
-    fn next_key_seed<K: DeserializeSeed<'de>>(
-        &mut self,
-        seed: K,
-    ) -> Result<Option<K::Value>, PathError> {
-        match self.entries.next() {
-            None => Ok(None),
-            Some((key, value)) => {
-                self.pending = Some((key, value));
-                let key_de: de::value::StrDeserializer<'_, PathError> =
-                    key.as_str().into_deserializer();
-                // An unknown key is reported at the path of the map holding it, so the message
-                // reads `experiments[0].steps[1]: unknown field `furnce`, expected one of ...`.
-                seed.deserialize(key_de)
-                    .map(Some)
-                    .map_err(|e| e.at(self.path))
-            }
-        }
-    }
-
-    fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, PathError> {
-        let (key, value) = self.pending.take().ok_or_else(|| {
-            <PathError as de::Error>::custom("internal error: map value requested before its key")
-        })?;
-        let path = join_key(self.path, key);
-        seed.deserialize(PathDeserializer {
-            value,
-            path: path.clone(),
-        })
-        .map_err(|e| e.at(&path))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// ppu.v1 and the four families the drivers register, as a daemon serves them.
+    fn schema() -> Schema {
+        Schema::new(&[
+            pb::FILE_DESCRIPTOR_SET,
+            ppu_drivers::registry::FILE_DESCRIPTOR_SET,
+        ])
+        .expect("the schema loads")
+    }
 
     const EXAMPLE_TOML: &str = include_str!("../../examples/batch.toml");
     const EXAMPLE_JSON: &str = include_str!("../../examples/batch.json");
 
     fn toml_err(text: &str) -> String {
-        parse(text.as_bytes(), Format::Toml)
+        parse(text.as_bytes(), Format::Toml, &schema())
             .expect_err("should be refused")
             .to_string()
     }
 
     fn json_err(text: &str) -> String {
-        parse(text.as_bytes(), Format::Json)
+        parse(text.as_bytes(), Format::Json, &schema())
             .expect_err("should be refused")
             .to_string()
     }
 
     #[test]
     fn example_files_convert_to_identical_specs() {
-        let from_toml = parse(EXAMPLE_TOML.as_bytes(), Format::Toml).expect("batch.toml parses");
-        let from_json = parse(EXAMPLE_JSON.as_bytes(), Format::Json).expect("batch.json parses");
+        let from_toml =
+            parse(EXAMPLE_TOML.as_bytes(), Format::Toml, &schema()).expect("batch.toml parses");
+        let from_json =
+            parse(EXAMPLE_JSON.as_bytes(), Format::Json, &schema()).expect("batch.json parses");
         assert_eq!(from_toml, from_json);
         assert_eq!(
             from_toml.idempotency_key.as_deref(),
@@ -657,7 +502,7 @@ mod tests {
     /// The examples are realistic furnace programs: ≤ 600 °C, ≤ 10 °C/min, roughly 2 h each.
     #[test]
     fn example_programs_are_realistic() {
-        let batch = parse(EXAMPLE_TOML.as_bytes(), Format::Toml).unwrap();
+        let batch = parse(EXAMPLE_TOML.as_bytes(), Format::Toml, &schema()).unwrap();
         for spec in &batch.experiments {
             assert!(!spec.name.is_empty() && !spec.sample_id.is_empty());
             let mut setpoint = 25.0_f64; // room temperature
@@ -784,6 +629,7 @@ steps = []
         let batch = parse(
             br#"{"experiments":[{"name":"x","steps":[{"dispense":{"reagent":"EtOH","volume_ml":5,"rate_ml_per_min":2}}]}]}"#,
             Format::Json,
+            &schema(),
         )
         .unwrap();
         let Some(pb::step::Kind::Dispense(d)) = &batch.experiments[0].steps[0].kind else {
@@ -803,7 +649,7 @@ refill = { reagent = "ethanol", volume_ml = 5.0, rate_ml_per_min = 2.5 }
 device_id = "pump-1"
 refill = { reagent = "water" }
 "#;
-        let batch = parse(text.as_bytes(), Format::Toml).unwrap();
+        let batch = parse(text.as_bytes(), Format::Toml, &schema()).unwrap();
         let steps = &batch.experiments[0].steps;
         assert_eq!(
             steps[0].kind,
@@ -839,7 +685,10 @@ refill = { reagent = "water" }
             r#"{"experiments":[{"name":"x","steps":[{"refill":{"reagent":"a"},"weigh":{}}]}]}"#,
         );
         assert!(err.contains("weigh, refill"), "{err}");
-        assert!(err.contains(STEP_KINDS), "{err}");
+        assert!(
+            err.contains("dispense, weigh, furnace, degas, isotherm, refill"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -852,7 +701,7 @@ isotherm = { adsorptive = "CO2", temperature_c = 25.0, pressure_bar = [0.1, 0.5,
 [[experiments.steps]]
 isotherm = { adsorptive = "N2", temperature_c = -196.0, pressure_bar = [0.05] }
 "#;
-        let batch = parse(text.as_bytes(), Format::Toml).unwrap();
+        let batch = parse(text.as_bytes(), Format::Toml, &schema()).unwrap();
         let steps = &batch.experiments[0].steps;
         assert_eq!(
             steps[0].kind,
@@ -908,6 +757,113 @@ transfer = { sample_id = "S-1", from_device_id = "balance-1", to_device_id = "fu
             json_err(r#"{"experiments":[{"name":"x","steps":[{"weigh":{},"transfer":{}}]}]}"#);
         assert!(
             err.starts_with("experiments[0].steps[0].transfer: transfer steps cannot be submitted"),
+            "{err}"
+        );
+    }
+
+    /// A family the daemon serves that ppuctl was not built with (and v1 has no member for):
+    /// its descriptors are made here as GetSchema would send them.
+    fn schema_with_a_new_family() -> Schema {
+        let set = r#"{"file":[{
+            "name": "test/mfc.proto", "package": "test.mfc.v1", "syntax": "proto3",
+            "dependency": ["ppu/schema/v1/options.proto"],
+            "options": {"[ppu.schema.v1.family]": {"name": "mfc"}},
+            "messageType": [
+              {"name": "GasFlow",
+               "options": {"[ppu.schema.v1.command]": {"name": "gas_flow",
+                  "capability": "gas_flow", "result": "test.mfc.v1.GasFlowResult"}},
+               "field": [
+                 {"name": "gas", "number": 1, "type": "TYPE_STRING", "label": "LABEL_OPTIONAL",
+                  "jsonName": "gas", "options": {"[ppu.schema.v1.field]": {"required": true}}},
+                 {"name": "flow_sccm", "number": 2, "type": "TYPE_DOUBLE",
+                  "label": "LABEL_OPTIONAL", "jsonName": "flowSccm",
+                  "options": {"[ppu.schema.v1.field]": {"unit": "sccm"}}},
+                 {"name": "duration_s", "number": 3, "type": "TYPE_DOUBLE",
+                  "label": "LABEL_OPTIONAL", "jsonName": "durationS"}]},
+              {"name": "GasFlowResult",
+               "field": [{"name": "mean_flow_sccm", "number": 1, "type": "TYPE_DOUBLE",
+                  "label": "LABEL_OPTIONAL", "jsonName": "meanFlowSccm"}]}]}]}"#;
+        let base = schema();
+        let desc = base
+            .pool()
+            .get_message_by_name("google.protobuf.FileDescriptorSet")
+            .expect("descriptor.proto is in the pool");
+        let mut de = serde_json::Deserializer::from_str(set);
+        let set = DynamicMessage::deserialize(desc, &mut de).expect("the test family is valid");
+        use prost::Message as _;
+        Schema::new(&[
+            pb::FILE_DESCRIPTOR_SET,
+            ppu_drivers::registry::FILE_DESCRIPTOR_SET,
+            &set.encode_to_vec(),
+        ])
+        .expect("the schema with the test family loads")
+    }
+
+    #[test]
+    fn a_command_of_a_family_outside_v1_travels_as_an_any() {
+        let schema = schema_with_a_new_family();
+        let text = r#"
+[[experiments]]
+name = "flow"
+[[experiments.steps]]
+device_id = "mfc-1"
+gas_flow = { gas = "CO2", flow_sccm = 50, duration_s = 60 }
+"#;
+        let batch = parse(text.as_bytes(), Format::Toml, &schema).unwrap();
+        let step = &batch.experiments[0].steps[0];
+        assert_eq!(step.device_id, "mfc-1");
+        let Some(pb::step::Kind::Command(any)) = &step.kind else {
+            panic!("{step:?}")
+        };
+        assert_eq!(any.type_url, "type.googleapis.com/test.mfc.v1.GasFlow");
+        let m = schema.decode(&any.type_url, &any.value).unwrap();
+        assert_eq!(m.get_field_by_name("gas").unwrap().as_str(), Some("CO2"));
+        assert_eq!(
+            m.get_field_by_name("flow_sccm").unwrap().as_f64(),
+            Some(50.0)
+        );
+
+        // Its keys follow the family's schema, with the path named.
+        let err = parse(
+            br#"{"experiments":[{"name":"x","steps":[{"gas_flow":{"gas":"CO2","flow":5,"duration_s":1}}]}]}"#,
+            Format::Json,
+            &schema,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("experiments[0].steps[0].gas_flow: unknown field `flow`"),
+            "{err}"
+        );
+        let err = parse(
+            br#"{"experiments":[{"name":"x","steps":[{"gas_flow":{"gas":"CO2","duration_s":1}}]}]}"#,
+            Format::Json,
+            &schema,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("experiments[0].steps[0].gas_flow: missing field `flow_sccm`"),
+            "{err}"
+        );
+        let err = parse(
+            br#"{"experiments":[{"name":"x","steps":[{"weigh":{},
+                "gas_flow":{"gas":"CO2","flow_sccm":5,"duration_s":1}}]}]}"#,
+            Format::Json,
+            &schema,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("dispense, weigh, furnace, degas, isotherm, refill, gas_flow; found 2"),
+            "{err}"
+        );
+        // Without the daemon's schema the command is not known.
+        let err = parse(text.as_bytes(), Format::Toml, &offline_schema())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("experiments[0].steps[0]: unknown field `gas_flow`"),
             "{err}"
         );
     }

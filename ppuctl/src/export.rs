@@ -1,19 +1,26 @@
-//! `ppuctl export`: an experiment's measured isotherm as AIF (the Adsorption Information File,
-//! CIF syntax, readable by pyGAPS and other adsorption software), CSV or JSON.
+//! `ppuctl export`: a step's result as CSV or JSON, whatever its family, or as AIF (the
+//! Adsorption Information File, CIF syntax, readable by pyGAPS and other adsorption software)
+//! where the result carries an adsorption isotherm.
 //!
-//! AIF units: temperature K, pressure bar (absolute), amount mmol/g, mass g, degas time h.
-//! One AIF data block holds one isotherm, so an experiment with several isotherm steps is
-//! exported one step at a time (`--step`).
+//! The result is read through the daemon's family schema: CSV has one row per item of the
+//! result's table (its repeated message field: an isotherm's points, a furnace's trace, a flow
+//! trace), JSON has the result's fields with the step's metadata. AIF is a format for one
+//! adsorption isotherm; it exports any result with the fields the format needs (see [`Aif`]),
+//! whichever family declares it. AIF units: temperature K, pressure bar (absolute), amount
+//! mmol/g, mass g, degas time h. One AIF data block holds one isotherm, so an experiment with
+//! several is exported one step at a time (`--step`).
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use crate::InputError;
 use crate::conn::Channel;
+use crate::families;
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use ppu_proto::v1 as pb;
 use ppu_proto::v1::experiment_service_client::ExperimentServiceClient;
+use ppu_schema::prost_reflect::{DynamicMessage, ReflectMessage, Value as PValue};
 use serde_json::{Value, json};
 
 /// The AIF dictionary version written (the one pyGAPS' parser implements).
@@ -22,11 +29,11 @@ const KELVIN: f64 = 273.15;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ExportFormat {
-    /// Adsorption Information File (CIF syntax).
+    /// Adsorption Information File (CIF syntax), for a result holding an adsorption isotherm.
     Aif,
-    /// One row per point.
+    /// One row per item of the result's table (e.g. per isotherm point, per trace sample).
     Csv,
-    /// The isotherm with its metadata.
+    /// The result with its metadata.
     Json,
 }
 
@@ -40,30 +47,79 @@ pub struct ExportArgs {
     /// Write to FILE instead of stdout.
     #[arg(long, short, value_name = "FILE")]
     pub output: Option<PathBuf>,
-    /// Index of the isotherm step to export when the experiment has several (default: the
-    /// last isotherm measured).
+    /// Index of the step whose result to export when the experiment has several (default: the
+    /// last one the format can export, e.g. the last isotherm measured for AIF).
     #[arg(long, value_name = "INDEX")]
     pub step: Option<u32>,
 }
 
-/// One isotherm of an experiment, with what the export needs to describe it.
-pub struct Isotherm<'a> {
+/// One step result of an experiment, decoded as its family's result message.
+pub struct Output<'a> {
     pub experiment: &'a pb::Experiment,
     pub step_index: u32,
-    pub result: &'a pb::IsothermResult,
+    /// The step name of the command it answers (`isotherm`, `gas_flow`).
+    pub command: &'static str,
+    pub result: DynamicMessage,
 }
 
-/// The isotherm results of an experiment, in step order.
-pub fn isotherms(e: &pb::Experiment) -> Vec<Isotherm<'_>> {
+impl Output<'_> {
+    fn f64(&self, name: &str) -> f64 {
+        field_f64(&self.result, name)
+    }
+
+    fn text(&self, name: &str) -> String {
+        self.result
+            .get_field_by_name(name)
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default()
+    }
+
+    /// The result's table: its first repeated message field, as (name, rows).
+    fn table(&self) -> Option<(String, Vec<DynamicMessage>)> {
+        self.result.descriptor().fields().find_map(|f| {
+            if !f.is_list() || f.kind().as_message().is_none() {
+                return None;
+            }
+            let v = self.result.get_field(&f);
+            let rows = v
+                .as_list()?
+                .iter()
+                .filter_map(|i| i.as_message().cloned())
+                .collect::<Vec<_>>();
+            Some((f.name().to_owned(), rows))
+        })
+    }
+
+    fn exports_as(&self, format: ExportFormat) -> bool {
+        match format {
+            ExportFormat::Aif => Aif::of(self).is_some(),
+            ExportFormat::Csv | ExportFormat::Json => self.table().is_some(),
+        }
+    }
+}
+
+fn field_f64(m: &DynamicMessage, name: &str) -> f64 {
+    m.get_field_by_name(name)
+        .and_then(|v| match &*v {
+            PValue::F64(x) => Some(*x),
+            PValue::F32(x) => Some(f64::from(*x)),
+            _ => None,
+        })
+        .unwrap_or(0.0)
+}
+
+/// The family results of an experiment, in step order.
+pub fn outputs(e: &pb::Experiment) -> Vec<Output<'_>> {
     e.results
         .iter()
-        .filter_map(|r| match &r.result {
-            Some(pb::step_result::Result::Isotherm(i)) => Some(Isotherm {
+        .filter_map(|r| {
+            let (command, result) = families::step_output(r)?;
+            Some(Output {
                 experiment: e,
                 step_index: r.step_index,
-                result: i,
-            }),
-            _ => None,
+                command: command.name(),
+                result,
+            })
         })
         .collect()
 }
@@ -74,21 +130,27 @@ pub async fn run(ch: Channel, args: ExportArgs) -> Result<()> {
         id: args.id.clone(),
     }))
     .await?;
-    let all = isotherms(&e);
+    let what = match args.format {
+        ExportFormat::Aif => "isotherm result (AIF)",
+        ExportFormat::Csv | ExportFormat::Json => "result with a table of values",
+    };
+    let all = outputs(&e);
     let chosen = match args.step {
-        Some(k) => all.into_iter().find(|i| i.step_index == k).ok_or_else(|| {
-            InputError(format!(
-                "experiment {}: step {k} has no isotherm result",
-                e.id
-            ))
-        })?,
-        None => all.into_iter().last().ok_or_else(|| {
-            InputError(format!(
-                "experiment {} has no isotherm result yet (state {})",
-                e.id,
-                crate::render::experiment_state(e.state)
-            ))
-        })?,
+        Some(k) => all
+            .into_iter()
+            .find(|o| o.step_index == k && o.exports_as(args.format))
+            .ok_or_else(|| InputError(format!("experiment {}: step {k} has no {what}", e.id)))?,
+        None => all
+            .into_iter()
+            .filter(|o| o.exports_as(args.format))
+            .last()
+            .ok_or_else(|| {
+                InputError(format!(
+                    "experiment {} has no {what} yet (state {})",
+                    e.id,
+                    crate::render::experiment_state(e.state)
+                ))
+            })?,
     };
     let text = match args.format {
         ExportFormat::Aif => to_aif(&chosen),
@@ -144,7 +206,7 @@ fn num(v: f64) -> String {
     }
 }
 
-fn material_id(i: &Isotherm<'_>) -> String {
+fn material_id(i: &Output<'_>) -> String {
     let sample = i
         .experiment
         .spec
@@ -158,7 +220,7 @@ fn material_id(i: &Isotherm<'_>) -> String {
     }
 }
 
-fn operator(i: &Isotherm<'_>) -> String {
+fn operator(i: &Output<'_>) -> String {
     i.experiment
         .spec
         .as_ref()
@@ -167,7 +229,7 @@ fn operator(i: &Isotherm<'_>) -> String {
         .unwrap_or_else(|| "ppu".to_owned())
 }
 
-fn measured_at(i: &Isotherm<'_>) -> String {
+fn measured_at(i: &Output<'_>) -> String {
     let finished = i
         .experiment
         .results
@@ -177,9 +239,42 @@ fn measured_at(i: &Isotherm<'_>) -> String {
     crate::render::time(finished.or(i.experiment.updated_at.as_ref()))
 }
 
-/// The isotherm as an AIF data block.
-pub fn to_aif(i: &Isotherm<'_>) -> String {
-    let r = i.result;
+/// What AIF needs of a result, by field name: an adsorptive, a temperature (°C) and a table
+/// of points with an absolute pressure (bar), a saturation pressure and an amount adsorbed
+/// (mmol/g); sample mass, instrument and the preceding degas are written when present.
+struct Aif {
+    points: Vec<DynamicMessage>,
+}
+
+impl Aif {
+    const POINT_FIELDS: [&str; 3] = ["pressure_bar", "p0_bar", "amount_mmol_per_g"];
+
+    fn of(o: &Output<'_>) -> Option<Aif> {
+        let d = o.result.descriptor();
+        d.get_field_by_name("adsorptive")?;
+        d.get_field_by_name("temperature_c")?;
+        let (_, points) = o.table()?;
+        let point = d
+            .fields()
+            .find(|f| f.is_list() && f.kind().as_message().is_some())?
+            .kind();
+        let point = point.as_message()?;
+        if Self::POINT_FIELDS
+            .iter()
+            .any(|n| point.get_field_by_name(n).is_none())
+        {
+            return None;
+        }
+        Some(Aif { points })
+    }
+}
+
+/// The result as an AIF data block (empty if it holds no isotherm; [`Output::exports_as`]
+/// says beforehand).
+pub fn to_aif(i: &Output<'_>) -> String {
+    let Some(aif) = Aif::of(i) else {
+        return String::new();
+    };
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -203,17 +298,17 @@ pub fn to_aif(i: &Isotherm<'_>) -> String {
                 t => cif_value(t),
             },
         ),
-        ("_exptl_adsorptive", cif_value(&r.adsorptive)),
-        ("_exptl_temperature", num(r.temperature_c + KELVIN)),
+        ("_exptl_adsorptive", cif_value(&i.text("adsorptive"))),
+        ("_exptl_temperature", num(i.f64("temperature_c") + KELVIN)),
         ("_exptl_method", cif_value("volumetric")),
-        ("_exptl_instrument", cif_value(&r.instrument)),
+        ("_exptl_instrument", cif_value(&i.text("instrument"))),
         ("_adsnt_material_id", cif_value(&material_id(i))),
-        ("_adsnt_sample_mass", num(r.sample_mass_g)),
+        ("_adsnt_sample_mass", num(i.f64("sample_mass_g"))),
         (
             "_adsnt_degas_temperature",
-            num(r.degas_temperature_c + KELVIN),
+            num(i.f64("degas_temperature_c") + KELVIN),
         ),
-        ("_adsnt_degas_time", num(r.degas_duration_s / 3600.0)),
+        ("_adsnt_degas_time", num(i.f64("degas_duration_s") / 3600.0)),
         ("_units_temperature", "K".to_owned()),
         ("_units_pressure", "bar".to_owned()),
         ("_units_mass", "g".to_owned()),
@@ -225,55 +320,75 @@ pub fn to_aif(i: &Isotherm<'_>) -> String {
     }
     let _ = writeln!(s);
     let _ = writeln!(s, "loop_\n_adsorp_pressure\n_adsorp_p0\n_adsorp_amount");
-    for p in &r.points {
-        let _ = writeln!(
-            s,
-            "{} {} {}",
-            num(p.pressure_bar),
-            num(p.p0_bar),
-            num(p.amount_mmol_per_g)
-        );
+    for p in &aif.points {
+        let [pressure, p0, amount] = Aif::POINT_FIELDS.map(|n| num(field_f64(p, n)));
+        let _ = writeln!(s, "{pressure} {p0} {amount}");
     }
     s
 }
 
-/// The isotherm as CSV: a header, then one row per point.
-pub fn to_csv(i: &Isotherm<'_>) -> String {
-    let mut s = String::from("point,pressure_bar,p0_bar,amount_mmol_per_g,equilibration_time_s\n");
-    for (k, p) in i.result.points.iter().enumerate() {
-        let _ = writeln!(
-            s,
-            "{k},{},{},{},{}",
-            num(p.pressure_bar),
-            num(p.p0_bar),
-            num(p.amount_mmol_per_g),
-            num(p.equilibration_time_s)
-        );
+/// The result's table as CSV: a header (`point` then the row message's field names), then one
+/// row per item, numbers in their shortest round-tripping form.
+pub fn to_csv(i: &Output<'_>) -> String {
+    let Some((_, rows)) = i.table() else {
+        return String::new();
+    };
+    let Some(first) = rows.first() else {
+        return String::new();
+    };
+    let fields: Vec<_> = first.descriptor().fields().collect();
+    let mut s = String::from("point");
+    for f in &fields {
+        s.push(',');
+        s.push_str(f.name());
+    }
+    s.push('\n');
+    for (k, row) in rows.iter().enumerate() {
+        let _ = write!(s, "{k}");
+        for f in &fields {
+            let cell = match &*row.get_field(f) {
+                PValue::F64(x) => num(*x),
+                PValue::F32(x) => num(f64::from(*x)),
+                PValue::String(t) => csv_text(t),
+                PValue::Bool(b) => b.to_string(),
+                PValue::I32(n) | PValue::EnumNumber(n) => n.to_string(),
+                PValue::I64(n) => n.to_string(),
+                PValue::U32(n) => n.to_string(),
+                PValue::U64(n) => n.to_string(),
+                // A nested message or list has no one-cell form.
+                _ => String::new(),
+            };
+            let _ = write!(s, ",{cell}");
+        }
+        s.push('\n');
     }
     s
 }
 
-/// The isotherm with its metadata as JSON.
-pub fn to_json(i: &Isotherm<'_>) -> Value {
-    let r = i.result;
-    json!({
+/// A CSV cell: quoted when it holds a separator, quote or line break.
+fn csv_text(t: &str) -> String {
+    if t.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", t.replace('"', "\"\""))
+    } else {
+        t.to_owned()
+    }
+}
+
+/// The result with its metadata as JSON: the step's identity, then the result's own fields.
+pub fn to_json(i: &Output<'_>) -> Value {
+    let mut v = json!({
         "experiment_id": i.experiment.id,
         "step_index": i.step_index,
+        "command": i.command,
         "sample_id": material_id(i),
         "measured_at": measured_at(i),
-        "adsorptive": r.adsorptive,
-        "temperature_c": r.temperature_c,
-        "sample_mass_g": r.sample_mass_g,
-        "degas_temperature_c": r.degas_temperature_c,
-        "degas_duration_s": r.degas_duration_s,
-        "instrument": r.instrument,
-        "points": r.points.iter().map(|p| json!({
-            "pressure_bar": p.pressure_bar,
-            "p0_bar": p.p0_bar,
-            "amount_mmol_per_g": p.amount_mmol_per_g,
-            "equilibration_time_s": p.equilibration_time_s,
-        })).collect::<Vec<_>>(),
-    })
+    });
+    if let (Value::Object(o), Value::Object(fields)) =
+        (&mut v, crate::json::dynamic(families::get(), &i.result))
+    {
+        o.extend(fields);
+    }
+    v
 }
 
 #[cfg(test)]
@@ -320,7 +435,7 @@ mod tests {
     #[test]
     fn aif_has_the_required_items_and_the_points() {
         let e = experiment();
-        let all = isotherms(&e);
+        let all = outputs(&e);
         let aif = to_aif(&all[0]);
         assert!(aif.contains("data_ppu_01EXP_step2\n"), "{aif}");
         assert!(
@@ -345,6 +460,38 @@ mod tests {
         let csv = to_csv(&all[0]);
         assert_eq!(csv.lines().count(), 3);
         assert_eq!(to_json(&all[0])["points"][1]["amount_mmol_per_g"], 3.8);
+    }
+
+    /// CSV and JSON come from the result's descriptor: the isotherm's table and keys are the
+    /// ones the hand-written export wrote.
+    #[test]
+    fn csv_and_json_are_read_from_the_result_message() {
+        let e = experiment();
+        let all = outputs(&e);
+        assert_eq!(all[0].command, "isotherm");
+        assert_eq!(
+            to_csv(&all[0]),
+            "point,pressure_bar,p0_bar,amount_mmol_per_g,equilibration_time_s\n\
+             0,0.15,64.4,2.8,300\n1,1,64.4,3.8,200\n"
+        );
+        let j = to_json(&all[0]);
+        for key in [
+            "experiment_id",
+            "step_index",
+            "sample_id",
+            "measured_at",
+            "adsorptive",
+            "temperature_c",
+            "sample_mass_g",
+            "degas_temperature_c",
+            "degas_duration_s",
+            "instrument",
+            "points",
+        ] {
+            assert!(j.get(key).is_some(), "{key} missing from {j:#}");
+        }
+        assert_eq!(j["sample_id"], "S 1");
+        assert!(all[0].exports_as(ExportFormat::Aif));
     }
 
     #[test]

@@ -1,440 +1,246 @@
-//! `--json` output: explicit serde_json renderings of ppu.v1 messages.
+//! `--json` output: any ppu.v1 message as JSON, read through its descriptor.
 //!
 //! Conventions (close to the proto3 JSON mapping, made friendlier for `jq`): keys are the proto
 //! field names (snake_case); enums are their full proto names (`EXPERIMENT_STATE_RUNNING`), or
 //! the number if unknown to this client; timestamps are RFC 3339 strings (null if unset); 64-bit
-//! integers are JSON numbers; every field is present, including defaults; a oneof appears as
-//! the single key of the variant that is set (as in batch files), so an experiment's `spec` has
-//! the batch-file shape and can be pasted into a batch file.
+//! integers are JSON numbers; every field is present, including defaults (an unset message or
+//! optional field is null); a oneof appears as the single key of the variant that is set (as in
+//! batch files), so an experiment's `spec` has the batch-file shape and can be pasted into a
+//! batch file. A family's command or result carried as `google.protobuf.Any` (`Step.command`,
+//! `StepResult.output`) is decoded through the daemon's schema and keyed by its command's step
+//! name (`gas_flow`), like the typed ones; any other Any is its message with an `@type` key.
+//! Two lists read better as objects: a reading's values (name → value) and a device's
+//! accepted values (parameter → list).
 
 use ppu_proto::v1 as pb;
+use ppu_schema::prost_reflect::{
+    DynamicMessage, FieldDescriptor, Kind, MapKey, ReflectMessage, Value as PValue,
+};
+use ppu_schema::{Schema, type_name};
+use prost::Message;
 use prost_types::Timestamp;
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Number, Value, json};
 
-fn enum_name<E: TryFrom<i32>>(v: i32, name: impl Fn(&E) -> &'static str) -> Value {
-    match E::try_from(v) {
-        Ok(e) => Value::from(name(&e)),
-        Err(_) => Value::from(v),
+use crate::families;
+
+/// `message` (of proto type `full_name`) as JSON, through the schema's descriptors.
+fn message<M: Message>(full_name: &str, message: &M) -> Value {
+    let schema = families::get();
+    match schema.decode(full_name, &message.encode_to_vec()) {
+        Ok(m) => dynamic(schema, &m),
+        Err(e) => json!({ "error": e }),
     }
 }
 
-fn time(ts: Option<&Timestamp>) -> Value {
-    ts.map_or(Value::Null, |t| {
-        let mut t = *t;
-        t.normalize();
-        Value::from(t.to_string())
-    })
-}
-
-fn labels<'a>(labels: impl IntoIterator<Item = (&'a String, &'a String)>) -> Value {
-    let map: Map<String, Value> = labels
-        .into_iter()
-        .map(|(k, v)| (k.clone(), Value::from(v.as_str())))
-        .collect();
-    Value::Object(map)
-}
-
-pub fn experiment_state(v: i32) -> Value {
-    enum_name(v, pb::ExperimentState::as_str_name)
-}
-
-pub fn spec(s: &pb::ExperimentSpec) -> Value {
-    json!({
-        "name": s.name,
-        "sample_id": s.sample_id,
-        "labels": labels(&s.labels),
-        "priority": s.priority,
-        "steps": s.steps.iter().map(step).collect::<Vec<_>>(),
-    })
-}
-
-pub fn step(s: &pb::Step) -> Value {
-    use pb::step::Kind;
+/// A dynamic message as JSON (see the module's conventions).
+pub fn dynamic(schema: &Schema, m: &DynamicMessage) -> Value {
+    let desc = m.descriptor();
+    match desc.full_name() {
+        "google.protobuf.Timestamp" => return timestamp(m),
+        "google.protobuf.Any" => return any(schema, m).1,
+        _ => {}
+    }
     let mut o = Map::new();
-    o.insert("device_id".into(), Value::from(s.device_id.as_str()));
-    let (key, body) = match &s.kind {
-        Some(Kind::Dispense(d)) => (
-            "dispense",
-            json!({
-                "reagent": d.reagent,
-                "volume_ml": d.volume_ml,
-                "rate_ml_per_min": d.rate_ml_per_min,
-            }),
-        ),
-        Some(Kind::Weigh(w)) => (
-            "weigh",
-            json!({ "stability_timeout_s": w.stability_timeout_s }),
-        ),
-        Some(Kind::Furnace(f)) => (
-            "furnace",
-            json!({ "segments": f.segments.iter().map(segment).collect::<Vec<_>>() }),
-        ),
-        Some(Kind::Degas(d)) => (
-            "degas",
-            json!({ "temperature_c": d.temperature_c, "duration_s": d.duration_s }),
-        ),
-        Some(Kind::Isotherm(i)) => (
-            "isotherm",
-            json!({
-                "adsorptive": i.adsorptive,
-                "temperature_c": i.temperature_c,
-                "pressure_bar": i.pressure_bar,
-                "equilibration_interval_s": i.equilibration_interval_s,
-                "max_equilibration_s": i.max_equilibration_s,
-                "sample_mass_g": i.sample_mass_g,
-            }),
-        ),
-        Some(Kind::Refill(r)) => (
-            "refill",
-            json!({
-                "reagent": r.reagent,
-                "volume_ml": r.volume_ml,
-                "rate_ml_per_min": r.rate_ml_per_min,
-            }),
-        ),
-        Some(Kind::Transfer(t)) => (
-            "transfer",
-            json!({
-                "sample_id": t.sample_id,
-                "from_device_id": t.from_device_id,
-                "to_device_id": t.to_device_id,
-            }),
-        ),
-        None => return Value::Object(o),
-    };
-    o.insert(key.into(), body);
+    for f in desc.fields() {
+        let in_oneof = f.containing_oneof().is_some_and(|o| !o.is_synthetic());
+        let set = m.has_field(&f);
+        if in_oneof && !set {
+            continue;
+        }
+        if !set && f.supports_presence() {
+            o.insert(f.name().to_owned(), Value::Null);
+            continue;
+        }
+        let v = m.get_field(&f);
+        if let (true, Kind::Message(k), PValue::Message(inner)) = (in_oneof, f.kind(), &*v)
+            && k.full_name() == "google.protobuf.Any"
+        {
+            let (key, body) = any(schema, inner);
+            o.insert(key.unwrap_or_else(|| f.name().to_owned()), body);
+            continue;
+        }
+        o.insert(f.name().to_owned(), field(schema, &f, &v));
+    }
     Value::Object(o)
 }
 
-fn segment(s: &pb::FurnaceSegment) -> Value {
-    use pb::furnace_segment::Kind;
-    match &s.kind {
-        Some(Kind::Ramp(r)) => json!({
-            "ramp": { "temperature_c": r.temperature_c, "rate_c_per_min": r.rate_c_per_min }
-        }),
-        Some(Kind::Hold(h)) => json!({ "hold": { "duration_s": h.duration_s } }),
-        Some(Kind::Step(t)) => json!({ "step": { "temperature_c": t.temperature_c } }),
-        None => json!({}),
+fn field(schema: &Schema, f: &FieldDescriptor, v: &PValue) -> Value {
+    match (f.full_name(), v) {
+        // Name → value, far easier to use than the proto's list of pairs.
+        ("ppu.v1.DeviceReading.values", PValue::List(items)) => {
+            let mut o = Map::new();
+            for item in items {
+                if let PValue::Message(r) = item {
+                    let name = r
+                        .get_field_by_name("name")
+                        .and_then(|n| n.as_str().map(str::to_owned));
+                    let value = r
+                        .get_field_by_name("value")
+                        .map(|v| single(schema, &f.kind(), &v));
+                    if let (Some(n), Some(v)) = (name, value) {
+                        o.insert(n, v);
+                    }
+                }
+            }
+            Value::Object(o)
+        }
+        // Parameter → accepted values, e.g. {"adsorptive": ["CO2", "N2"]}.
+        ("ppu.v1.DeviceLimits.accepted", PValue::Map(entries)) => {
+            let mut o = Map::new();
+            for (k, v) in entries {
+                let values = match v {
+                    PValue::Message(a) => a
+                        .get_field_by_name("values")
+                        .map_or(Value::Null, |v| single(schema, &Kind::String, &v)),
+                    _ => Value::Null,
+                };
+                o.insert(map_key(k), values);
+            }
+            Value::Object(o)
+        }
+        (_, PValue::Map(entries)) => {
+            let value_kind = match f.kind() {
+                Kind::Message(entry) => entry.map_entry_value_field().kind(),
+                k => k,
+            };
+            Value::Object(
+                entries
+                    .iter()
+                    .map(|(k, v)| (map_key(k), single(schema, &value_kind, v)))
+                    .collect(),
+            )
+        }
+        _ => single(schema, &f.kind(), v),
     }
 }
 
-pub fn batch(b: &pb::Batch) -> Value {
-    json!({
-        "id": b.id,
-        "idempotency_key": b.idempotency_key,
-        "experiment_ids": b.experiment_ids,
-        "created_at": time(b.created_at.as_ref()),
-    })
+fn map_key(k: &MapKey) -> String {
+    match k {
+        MapKey::Bool(b) => b.to_string(),
+        MapKey::I32(n) => n.to_string(),
+        MapKey::I64(n) => n.to_string(),
+        MapKey::U32(n) => n.to_string(),
+        MapKey::U64(n) => n.to_string(),
+        MapKey::String(s) => s.clone(),
+    }
+}
+
+fn single(schema: &Schema, kind: &Kind, v: &PValue) -> Value {
+    match v {
+        PValue::Bool(b) => Value::Bool(*b),
+        PValue::I32(n) => Value::from(*n),
+        PValue::I64(n) => Value::from(*n),
+        PValue::U32(n) => Value::from(*n),
+        PValue::U64(n) => Value::from(*n),
+        PValue::F32(x) => float(f64::from(*x)),
+        PValue::F64(x) => float(*x),
+        PValue::String(s) => Value::from(s.as_str()),
+        PValue::Bytes(b) => Value::from(b.iter().map(|x| format!("{x:02x}")).collect::<String>()),
+        PValue::EnumNumber(n) => match kind {
+            Kind::Enum(e) => e
+                .get_value(*n)
+                .map_or(Value::from(*n), |ev| Value::from(ev.name())),
+            _ => Value::from(*n),
+        },
+        PValue::Message(m) => dynamic(schema, m),
+        PValue::List(items) => {
+            Value::Array(items.iter().map(|i| single(schema, kind, i)).collect())
+        }
+        PValue::Map(_) => Value::Null,
+    }
+}
+
+/// A float as a JSON number; NaN and infinities (not JSON numbers) as null.
+fn float(x: f64) -> Value {
+    Number::from_f64(x).map_or(Value::Null, Value::Number)
+}
+
+fn timestamp(m: &DynamicMessage) -> Value {
+    let get = |name: &str| m.get_field_by_name(name);
+    let seconds = get("seconds").and_then(|v| v.as_i64()).unwrap_or(0);
+    let nanos = get("nanos").and_then(|v| v.as_i32()).unwrap_or(0);
+    let mut t = Timestamp { seconds, nanos };
+    t.normalize();
+    Value::from(t.to_string())
+}
+
+/// An Any: the step name of the command its message is (or is the result of), if the schema
+/// knows it, and its message as JSON (`@type` added where it is not a command's).
+fn any(schema: &Schema, m: &DynamicMessage) -> (Option<String>, Value) {
+    let url = m
+        .get_field_by_name("type_url")
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    let bytes = m
+        .get_field_by_name("value")
+        .and_then(|v| v.as_bytes().map(|b| b.to_vec()))
+        .unwrap_or_default();
+    let name = schema
+        .command(&url)
+        .or_else(|| schema.command_by_result(&url))
+        .filter(|c| {
+            let t = type_name(&url);
+            c.full_name() == t || c.result.as_ref().is_some_and(|r| r.full_name() == t)
+        })
+        .map(|c| c.name().to_owned());
+    match schema.decode(&url, &bytes) {
+        Ok(inner) => {
+            let mut body = dynamic(schema, &inner);
+            if name.is_none()
+                && let Value::Object(o) = &mut body
+            {
+                o.insert("@type".into(), Value::from(url));
+            }
+            (name, body)
+        }
+        // A type this daemon's schema does not declare: shown, not dropped.
+        Err(_) => (
+            name,
+            json!({ "@type": url, "value": single(schema, &Kind::Bytes, &PValue::Bytes(bytes.into())) }),
+        ),
+    }
+}
+
+#[cfg(test)]
+pub fn spec(s: &pb::ExperimentSpec) -> Value {
+    message("ppu.v1.ExperimentSpec", s)
 }
 
 pub fn submit_response(r: &pb::SubmitBatchResponse) -> Value {
-    json!({
-        "batch": r.batch.as_ref().map_or(Value::Null, batch),
-        "duplicate": r.duplicate,
-    })
+    message("ppu.v1.SubmitBatchResponse", r)
 }
 
 pub fn experiment(e: &pb::Experiment) -> Value {
-    json!({
-        "id": e.id,
-        "batch_id": e.batch_id,
-        "spec": e.spec.as_ref().map_or(Value::Null, spec),
-        "state": experiment_state(e.state),
-        "current_step": e.current_step,
-        "results": e.results.iter().map(step_result).collect::<Vec<_>>(),
-        "message": e.message,
-        "created_at": time(e.created_at.as_ref()),
-        "updated_at": time(e.updated_at.as_ref()),
-        "held": e.held,
-    })
+    message("ppu.v1.Experiment", e)
 }
 
+#[cfg(test)]
 pub fn step_result(r: &pb::StepResult) -> Value {
-    let mut v = json!({
-        "step_index": r.step_index,
-        "device_id": r.device_id,
-        "outcome": enum_name(r.outcome, pb::StepOutcome::as_str_name),
-        "message": r.message,
-        "started_at": time(r.started_at.as_ref()),
-        "finished_at": time(r.finished_at.as_ref()),
-    });
-    use pb::step_result::Result as R;
-    let (key, body) = match &r.result {
-        Some(R::Furnace(f)) => ("furnace", furnace_result(f)),
-        Some(R::Dispense(d)) => (
-            "dispense",
-            json!({
-                "reagent": d.reagent,
-                "requested_volume_ml": d.requested_volume_ml,
-                "pump_volume_ml": d.pump_volume_ml,
-                // Null without a balance.
-                "measured_mass_g": d.measured_mass_g,
-                "expected_mass_g": d.expected_mass_g,
-                "relative_deviation": d.relative_deviation,
-                "remaining_ml": d.remaining_ml,
-            }),
-        ),
-        Some(R::Weigh(w)) => ("weigh", json!({ "mass_g": w.mass_g, "stable": w.stable })),
-        Some(R::Degas(d)) => (
-            "degas",
-            json!({
-                "temperature_c": d.temperature_c,
-                "duration_s": d.duration_s,
-                "final_pressure_bar": d.final_pressure_bar,
-            }),
-        ),
-        Some(R::Isotherm(i)) => (
-            "isotherm",
-            json!({
-                "adsorptive": i.adsorptive,
-                "temperature_c": i.temperature_c,
-                "sample_mass_g": i.sample_mass_g,
-                "degas_temperature_c": i.degas_temperature_c,
-                "degas_duration_s": i.degas_duration_s,
-                "points": i.points.iter().map(isotherm_point).collect::<Vec<_>>(),
-                "instrument": i.instrument,
-            }),
-        ),
-        Some(R::Refill(r)) => (
-            "refill",
-            json!({ "reagent": r.reagent, "volume_ml": r.volume_ml, "fill_ml": r.fill_ml }),
-        ),
-        Some(R::Transfer(t)) => ("transfer", json!({ "confirmed_by": t.confirmed_by })),
-        None => return v,
-    };
-    v[key] = body;
-    v
-}
-
-fn isotherm_point(p: &pb::IsothermPoint) -> Value {
-    json!({
-        "pressure_bar": p.pressure_bar,
-        "p0_bar": p.p0_bar,
-        "amount_mmol_per_g": p.amount_mmol_per_g,
-        "equilibration_time_s": p.equilibration_time_s,
-    })
+    message("ppu.v1.StepResult", r)
 }
 
 pub fn pending_transfer(t: &pb::PendingTransfer) -> Value {
-    json!({
-        "id": t.id,
-        "experiment_id": t.experiment_id,
-        "step_index": t.step_index,
-        "sample_id": t.sample_id,
-        "from_device_id": t.from_device_id,
-        "to_device_id": t.to_device_id,
-        "requested_at": time(t.requested_at.as_ref()),
-    })
+    message("ppu.v1.PendingTransfer", t)
 }
 
 pub fn active_alarm(a: &pb::ActiveAlarm) -> Value {
-    json!({
-        "device_id": a.device_id,
-        "code": a.code,
-        "message": a.message,
-        "severity": enum_name(a.severity, pb::AlarmSeverity::as_str_name),
-        "raised_at": time(a.raised_at.as_ref()),
-        "cleared": a.cleared,
-        "acknowledged": a.acknowledged,
-        "acknowledged_by": a.acknowledged_by,
-        "acknowledged_at": time(a.acknowledged_at.as_ref()),
-    })
-}
-
-fn furnace_result(f: &pb::FurnaceResult) -> Value {
-    json!({
-        "trace": f.trace.iter().map(|s| json!({
-            "t_s": s.t_s,
-            "pv_c": s.pv_c,
-            "working_sp_c": s.working_sp_c,
-            "output_pct": s.output_pct,
-        })).collect::<Vec<_>>(),
-        "max_overshoot_c": f.max_overshoot_c,
-        "targets": f.targets.iter().map(|t| json!({
-            "segment_index": t.segment_index,
-            "temperature_c": t.temperature_c,
-            "reached_at_s": t.reached_at_s,
-            "tolerance_c": t.tolerance_c,
-        })).collect::<Vec<_>>(),
-    })
+    message("ppu.v1.ActiveAlarm", a)
 }
 
 pub fn queue(q: &pb::Queue) -> Value {
-    json!({
-        "state": enum_name(q.state, pb::QueueState::as_str_name),
-        "running_ids": q.running_ids,
-        "queued_ids": q.queued_ids,
-        "held_ids": q.held_ids,
-    })
+    message("ppu.v1.Queue", q)
 }
 
 pub fn device(d: &pb::Device) -> Value {
-    let l = d.limits.clone().unwrap_or_default();
-    json!({
-        "id": d.id,
-        "family": enum_name(d.family, pb::DeviceFamily::as_str_name),
-        "driver": d.driver,
-        "transport": d.transport,
-        "connection": enum_name(d.connection, pb::ConnectionState::as_str_name),
-        "capabilities": d.capabilities.iter()
-            .map(|c| enum_name(*c, pb::Capability::as_str_name))
-            .collect::<Vec<_>>(),
-        // Unset limits are null ("no limit of this kind").
-        "limits": {
-            "max_temperature_c": l.max_temperature_c,
-            "min_temperature_c": l.min_temperature_c,
-            "max_rate_c_per_min": l.max_rate_c_per_min,
-            "max_hold_s": l.max_hold_s,
-            "max_volume_ml": l.max_volume_ml,
-            "max_rate_ml_per_min": l.max_rate_ml_per_min,
-            "max_pressure_bar": l.max_pressure_bar,
-            // Accepted values by parameter name, e.g. {"adsorptive": ["CO2", "N2"]}.
-            "accepted": l.accepted.iter()
-                .map(|(k, v)| (k.clone(), json!(v.values)))
-                .collect::<Map<_, _>>(),
-        },
-        "latest": d.latest.as_ref().map_or(Value::Null, reading),
-        "connection_error": d.connection_error,
-        "maintenance": d.maintenance,
-        "maintenance_reason": d.maintenance_reason,
-        "unsafe": d.r#unsafe,
-        "unsafe_reason": d.unsafe_reason,
-        "holds_sample_id": d.holds_sample_id,
-    })
+    message("ppu.v1.Device", d)
 }
 
 pub fn reading(r: &pb::DeviceReading) -> Value {
-    let values: Map<String, Value> = r
-        .values
-        .iter()
-        .map(|v| (v.name.clone(), Value::from(v.value)))
-        .collect();
-    json!({
-        "device_id": r.device_id,
-        "time": time(r.time.as_ref()),
-        // A name → value object is far easier to use than the proto's list of pairs.
-        "values": values,
-        "alarms": r.alarms,
-    })
+    message("ppu.v1.DeviceReading", r)
 }
 
 pub fn event(e: &pb::Event) -> Value {
-    use pb::event::Kind;
-    let mut v = json!({
-        "sequence": e.sequence,
-        "time": time(e.time.as_ref()),
-        "experiment_id": e.experiment_id,
-        "batch_id": e.batch_id,
-        "device_id": e.device_id,
-    });
-    let (key, body) = match &e.kind {
-        Some(Kind::ExperimentStateChanged(c)) => (
-            "experiment_state_changed",
-            json!({
-                "from": experiment_state(c.from),
-                "to": experiment_state(c.to),
-                "reason": c.reason,
-            }),
-        ),
-        Some(Kind::StepStarted(s)) => (
-            "step_started",
-            json!({
-                "step_index": s.step_index,
-                "step": s.step.as_ref().map_or(Value::Null, step),
-            }),
-        ),
-        Some(Kind::StepProgress(p)) => (
-            "step_progress",
-            json!({
-                "step_index": p.step_index,
-                "fraction": p.fraction,
-                "message": p.message,
-                "remaining_s": p.remaining_s,
-            }),
-        ),
-        Some(Kind::StepFinished(f)) => (
-            "step_finished",
-            json!({ "result": f.result.as_ref().map_or(Value::Null, step_result) }),
-        ),
-        Some(Kind::DeviceReading(r)) => ("device_reading", reading(r)),
-        Some(Kind::DeviceConnectionChanged(c)) => (
-            "device_connection_changed",
-            json!({
-                "state": enum_name(c.state, pb::ConnectionState::as_str_name),
-                "reason": c.reason,
-            }),
-        ),
-        Some(Kind::Alarm(a)) => (
-            "alarm",
-            json!({
-                "code": a.code,
-                "message": a.message,
-                "severity": enum_name(a.severity, pb::AlarmSeverity::as_str_name),
-                "cleared": a.cleared,
-            }),
-        ),
-        Some(Kind::QueueStateChanged(q)) => (
-            "queue_state_changed",
-            json!({ "paused": q.paused, "reason": q.reason }),
-        ),
-        Some(Kind::IsothermPointMeasured(m)) => (
-            "isotherm_point_measured",
-            json!({
-                "step_index": m.step_index,
-                "point_index": m.point_index,
-                "point": m.point.as_ref().map_or(Value::Null, isotherm_point),
-            }),
-        ),
-        Some(Kind::DeviceReserved(r)) => ("device_reserved", json!({ "step_index": r.step_index })),
-        Some(Kind::DeviceReleased(r)) => ("device_released", json!({ "step_index": r.step_index })),
-        Some(Kind::TransferRequested(t)) => (
-            "transfer_requested",
-            json!({ "transfer": t.transfer.as_ref().map_or(Value::Null, pending_transfer) }),
-        ),
-        Some(Kind::TransferConfirmed(c)) => (
-            "transfer_confirmed",
-            json!({
-                "transfer": c.transfer.as_ref().map_or(Value::Null, pending_transfer),
-                "confirmed_by": c.confirmed_by,
-            }),
-        ),
-        Some(Kind::RecoveryDecision(r)) => (
-            "recovery_decision",
-            json!({ "action": r.action, "step_index": r.step_index, "detail": r.detail }),
-        ),
-        Some(Kind::MaintenanceChanged(m)) => (
-            "maintenance_changed",
-            json!({ "maintenance": m.maintenance, "reason": m.reason }),
-        ),
-        Some(Kind::AlarmAcknowledged(a)) => (
-            "alarm_acknowledged",
-            json!({ "code": a.code, "acknowledged_by": a.acknowledged_by }),
-        ),
-        Some(Kind::ExperimentHeld(h)) => (
-            "experiment_held",
-            json!({ "held": h.held, "reason": h.reason }),
-        ),
-        Some(Kind::ExperimentMoved(m)) => (
-            "experiment_moved",
-            json!({ "position": m.position, "priority": m.priority }),
-        ),
-        Some(Kind::Audit(a)) => (
-            "audit",
-            json!({
-                "principal": a.principal,
-                "role": a.role,
-                "method": a.method,
-                "request_id": a.request_id,
-                "code": a.code,
-                "message": a.message,
-                "target": a.target,
-                "transport": a.transport,
-            }),
-        ),
-        None => return v,
-    };
-    v[key] = body;
-    v
+    message("ppu.v1.Event", e)
 }
 
 #[cfg(test)]
@@ -446,10 +252,15 @@ mod tests {
     #[test]
     fn spec_json_round_trips_through_the_batch_format() {
         let text = include_str!("../../examples/batch.toml");
-        let batch = batch_file::parse(text.as_bytes(), batch_file::Format::Toml).unwrap();
+        let batch =
+            batch_file::parse(text.as_bytes(), batch_file::Format::Toml, families::get()).unwrap();
         let doc = json!({ "experiments": batch.experiments.iter().map(spec).collect::<Vec<_>>() });
-        let again =
-            batch_file::parse(doc.to_string().as_bytes(), batch_file::Format::Json).unwrap();
+        let again = batch_file::parse(
+            doc.to_string().as_bytes(),
+            batch_file::Format::Json,
+            families::get(),
+        )
+        .unwrap();
         assert_eq!(again.experiments, batch.experiments);
     }
 
@@ -464,7 +275,8 @@ refill = { reagent = "ethanol", volume_ml = 5.0, rate_ml_per_min = 2.0 }
 [[experiments.steps]]
 isotherm = { adsorptive = "CO2", temperature_c = 25.0, pressure_bar = [0.1, 1.0], equilibration_interval_s = 15.0, max_equilibration_s = 1800.0, sample_mass_g = 0.12 }
 "#;
-        let batch = batch_file::parse(text.as_bytes(), batch_file::Format::Toml).unwrap();
+        let batch =
+            batch_file::parse(text.as_bytes(), batch_file::Format::Toml, families::get()).unwrap();
         let doc = json!({ "experiments": batch.experiments.iter().map(spec).collect::<Vec<_>>() });
         assert_eq!(
             doc["experiments"][0]["steps"][0]["refill"]["volume_ml"],
@@ -474,8 +286,12 @@ isotherm = { adsorptive = "CO2", temperature_c = 25.0, pressure_bar = [0.1, 1.0]
             doc["experiments"][0]["steps"][1]["isotherm"]["sample_mass_g"],
             0.12
         );
-        let again =
-            batch_file::parse(doc.to_string().as_bytes(), batch_file::Format::Json).unwrap();
+        let again = batch_file::parse(
+            doc.to_string().as_bytes(),
+            batch_file::Format::Json,
+            families::get(),
+        )
+        .unwrap();
         assert_eq!(again.experiments, batch.experiments);
     }
 

@@ -7,6 +7,7 @@
 use ppuctl::batch_file;
 mod conn;
 mod export;
+mod families;
 mod json;
 mod render;
 mod tui;
@@ -607,6 +608,22 @@ async fn main() -> ExitCode {
 async fn run(cli: Cli, conn: &Conn) -> Result<()> {
     let ch = conn.channel(Tuning::CLI)?;
     let json = cli.json;
+    // Commands that read a batch file or show steps and results read them through the
+    // daemon's family schema; the others never ask for it.
+    let needs_schema = matches!(
+        &cli.command,
+        Command::Submit(_)
+            | Command::List(_)
+            | Command::Show { .. }
+            | Command::Watch(_)
+            | Command::Cancel { .. }
+            | Command::Queue { .. }
+            | Command::Export(_)
+            | Command::Tui(_)
+    );
+    if needs_schema {
+        families::fetch(ch.clone()).await;
+    }
     match cli.command {
         Command::Submit(args) => submit(ch, args, json).await,
         Command::List(args) => list(ch, args, json).await,
@@ -662,8 +679,8 @@ async fn submit(ch: Channel, args: SubmitArgs, json: bool) -> Result<()> {
     } else {
         std::fs::read(&args.file).map_err(|e| InputError(format!("cannot read {shown}: {e}")))?
     };
-    let batch =
-        batch_file::parse(&bytes, format).map_err(|e| InputError(format!("{shown}: {e}")))?;
+    let batch = batch_file::parse(&bytes, format, families::get())
+        .map_err(|e| InputError(format!("{shown}: {e}")))?;
     let key = args
         .key
         .or(batch.idempotency_key.filter(|k| !k.is_empty()))

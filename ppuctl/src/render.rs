@@ -3,7 +3,10 @@
 use std::fmt::Write as _;
 
 use ppu_proto::v1 as pb;
+use ppu_schema::render as generic;
 use prost_types::Timestamp;
+
+use crate::families;
 
 // ---------------------------------------------------------------------------------------------
 // Enums.
@@ -177,17 +180,13 @@ fn or_dash(s: &str) -> &str {
 // Steps.
 // ---------------------------------------------------------------------------------------------
 
-pub fn step_kind_name(step: &pb::Step) -> &'static str {
-    use pb::step::Kind;
-    match &step.kind {
-        Some(Kind::Dispense(_)) => "dispense",
-        Some(Kind::Weigh(_)) => "weigh",
-        Some(Kind::Furnace(_)) => "furnace",
-        Some(Kind::Degas(_)) => "degas",
-        Some(Kind::Isotherm(_)) => "isotherm",
-        Some(Kind::Refill(_)) => "refill",
-        Some(Kind::Transfer(_)) => "transfer",
-        None => "(none)",
+/// A step's kind: its command's step name from the schema (`furnace`, `gas_flow`), else the
+/// name of the `Step` member set (`transfer`).
+pub fn step_kind_name(step: &pb::Step) -> String {
+    match families::step_command(step) {
+        Some((c, _)) => c.name().to_owned(),
+        None => families::oneof_member("ppu.v1.Step", step, "kind")
+            .unwrap_or_else(|| "(none)".to_owned()),
     }
 }
 
@@ -286,6 +285,10 @@ pub fn step_body(step: &pb::Step) -> String {
             },
             or_dash(&t.to_device_id)
         ),
+        Some(Kind::Command(any)) => match families::step_command(step) {
+            Some((c, m)) => format!("{}: {}", c.name(), generic::summary(families::get(), &m)),
+            None => format!("command {} (not in the daemon's schema)", any.type_url),
+        },
         None => "(no step kind)".to_owned(),
     }
 }
@@ -416,6 +419,25 @@ fn step_result(o: &mut String, r: &pb::StepResult) {
     match &r.result {
         Some(R::Furnace(f)) => furnace_result(o, f),
         Some(R::Isotherm(i)) => isotherm_result(o, i),
+        // A family without a typed v1 result: its summary, then every field with its unit.
+        Some(R::Output(_)) => match families::step_output(r) {
+            Some((c, m)) => {
+                let schema = families::get();
+                let _ = writeln!(o, "      {}: {}", c.name(), generic::summary(schema, &m));
+                for (path, value) in generic::rows(schema, &m) {
+                    let _ = writeln!(o, "        {path}: {value}");
+                }
+            }
+            None => {
+                if let Some(R::Output(any)) = &r.result {
+                    let _ = writeln!(
+                        o,
+                        "      result {} (not in the daemon's schema)",
+                        any.type_url
+                    );
+                }
+            }
+        },
         Some(other) => {
             let _ = writeln!(o, "      {}", result_summary(other));
         }
@@ -512,6 +534,13 @@ pub fn result_summary(r: &pb::step_result::Result) -> String {
             r.volume_ml, r.reagent, r.fill_ml
         ),
         R::Transfer(t) => format!("transfer confirmed by {}", or_dash(&t.confirmed_by)),
+        R::Output(any) => match families::get().command_by_result(&any.type_url) {
+            Some(c) => match families::decode_any(any) {
+                Some(m) => format!("{}: {}", c.name(), generic::summary(families::get(), &m)),
+                None => format!("{}: result does not decode", c.name()),
+            },
+            None => format!("result {} (not in the daemon's schema)", any.type_url),
+        },
     }
 }
 
@@ -790,30 +819,9 @@ pub fn reading_line(r: &pb::DeviceReading) -> String {
 // Events.
 // ---------------------------------------------------------------------------------------------
 
-pub fn event_kind_name(e: &pb::Event) -> &'static str {
-    use pb::event::Kind;
-    match &e.kind {
-        Some(Kind::ExperimentStateChanged(_)) => "experiment_state_changed",
-        Some(Kind::StepStarted(_)) => "step_started",
-        Some(Kind::StepProgress(_)) => "step_progress",
-        Some(Kind::StepFinished(_)) => "step_finished",
-        Some(Kind::DeviceReading(_)) => "device_reading",
-        Some(Kind::DeviceConnectionChanged(_)) => "device_connection_changed",
-        Some(Kind::Alarm(_)) => "alarm",
-        Some(Kind::QueueStateChanged(_)) => "queue_state_changed",
-        Some(Kind::IsothermPointMeasured(_)) => "isotherm_point_measured",
-        Some(Kind::DeviceReserved(_)) => "device_reserved",
-        Some(Kind::DeviceReleased(_)) => "device_released",
-        Some(Kind::TransferRequested(_)) => "transfer_requested",
-        Some(Kind::TransferConfirmed(_)) => "transfer_confirmed",
-        Some(Kind::RecoveryDecision(_)) => "recovery_decision",
-        Some(Kind::MaintenanceChanged(_)) => "maintenance_changed",
-        Some(Kind::AlarmAcknowledged(_)) => "alarm_acknowledged",
-        Some(Kind::ExperimentHeld(_)) => "experiment_held",
-        Some(Kind::ExperimentMoved(_)) => "experiment_moved",
-        Some(Kind::Audit(_)) => "audit",
-        None => "unknown",
-    }
+/// An event's kind: the name of the `Event` member set (`step_started`).
+pub fn event_kind_name(e: &pb::Event) -> String {
+    families::oneof_member("ppu.v1.Event", e, "kind").unwrap_or_else(|| "unknown".to_owned())
 }
 
 /// A readable summary of an event's payload.
@@ -882,6 +890,13 @@ pub fn event_summary(e: &pb::Event) -> String {
             };
             if !q.reason.is_empty() {
                 let _ = write!(s, ": {}", q.reason);
+            }
+            s
+        }
+        Some(Kind::StepIntermediate(m)) => {
+            let mut s = format!("step {} response {}", m.step_index + 1, m.index + 1);
+            if let Some(v) = m.value.as_ref().and_then(families::decode_any) {
+                let _ = write!(s, ": {}", generic::summary(families::get(), &v));
             }
             s
         }

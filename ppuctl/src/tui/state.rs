@@ -654,7 +654,9 @@ impl Model {
                     self.transfers.retain(|x| x.id != t.id);
                 }
             }
-            Kind::IsothermPointMeasured(_) | Kind::RecoveryDecision(_) => {}
+            Kind::IsothermPointMeasured(_)
+            | Kind::StepIntermediate(_)
+            | Kind::RecoveryDecision(_) => {}
         }
         if let Some(row) = self.experiments.get_mut(&e.experiment_id) {
             row.recent.push_back(e.clone());
