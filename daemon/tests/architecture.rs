@@ -344,3 +344,69 @@ fn the_reference_parser_and_cycle_finder_see_what_they_must() {
         Some(vec!["a".into(), "b".into(), "c".into(), "a".into()])
     );
 }
+
+/// Words that name a device family, its commands, its drivers or their results. The core is
+/// generic over the family schema (`ppu_drivers::registry`, `daemon/src/schema.rs`), so none of
+/// these may appear in its code.
+const FAMILY_WORDS: &[&str] = &[
+    "furnace",
+    "dispenser",
+    "dispense",
+    "balance",
+    "analyser",
+    "degas",
+    "isotherm",
+    "weigh",
+    "refill",
+    "segment",
+    "eurotherm",
+    "ne1000",
+    "sics",
+    "sorption",
+    "alicat",
+    "mfc",
+];
+
+/// Where a family may be named in `daemon/src`: `dev.rs` composes the simulated lab of
+/// `ppud dev` (the dev lab's own wiring), and `[limits]` keys that predate the schema keep their
+/// names for existing configuration files (a family's schema refers to them by name).
+const FAMILY_ALLOWED: &[&str] = &["dev.rs", "bin/"];
+const FAMILY_ALLOWED_WORDS: &[&str] = &["max_program_segments", "max_isotherm_points"];
+
+/// The text before the file's `#[cfg(test)]` module: tests may name whatever they exercise.
+fn without_tests(code: &str) -> &str {
+    code.find("#[cfg(test)]").map_or(code, |i| &code[..i])
+}
+
+#[test]
+fn the_core_names_no_device_family() {
+    let mut found = Vec::new();
+    for (path, text) in sources(&src_dir()) {
+        if FAMILY_ALLOWED
+            .iter()
+            .any(|a| path == *a || (a.ends_with('/') && path.starts_with(a)))
+            || path.ends_with("tests.rs")
+        {
+            continue;
+        }
+        let code = code_only(&text);
+        for (n, line) in without_tests(&code).lines().enumerate() {
+            let mut lower = line.to_lowercase();
+            for allowed in FAMILY_ALLOWED_WORDS {
+                lower = lower.replace(allowed, "");
+            }
+            if let Some(word) = FAMILY_WORDS.iter().find(|w| lower.contains(*w)) {
+                found.push(format!(
+                    "daemon/src/{path}:{}: {word}: {}",
+                    n + 1,
+                    line.trim()
+                ));
+            }
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "the daemon core names a device family; go through the family schema instead:\n{}",
+        found.join("\n")
+    );
+}

@@ -183,22 +183,6 @@ pub fn structure(schema: &Schema, msg: &DynamicMessage, prefix: &str) -> Result<
                     },
                 });
             }
-            if opts.increasing
-                && let Value::List(items) = &*msg.get_field(&field)
-            {
-                let values: Vec<f64> = items.iter().filter_map(number).collect();
-                for (k, pair) in values.windows(2).enumerate() {
-                    if pair[1] <= pair[0] {
-                        return Err(FieldError {
-                            path: format!("{path}[{}]", k + 1),
-                            reason: format!(
-                                "{} is not above the previous value {}: the values must increase",
-                                pair[1], pair[0]
-                            ),
-                        });
-                    }
-                }
-            }
         } else if opts.required
             && matches!(field.kind(), Kind::String)
             && msg
@@ -271,7 +255,29 @@ pub fn structure(schema: &Schema, msg: &DynamicMessage, prefix: &str) -> Result<
             return err(format!("{v} exceeds the maximum {max}"));
         }
         Ok(())
-    })
+    })?;
+    // Order, once every value is known to be valid on its own.
+    for field in desc.fields() {
+        let opts = schema.field_options(&field);
+        let path = join(prefix, field.name());
+        if opts.increasing
+            && let Value::List(items) = &*msg.get_field(&field)
+        {
+            let values: Vec<f64> = items.iter().filter_map(number).collect();
+            for (k, pair) in values.windows(2).enumerate() {
+                if pair[1] <= pair[0] {
+                    return Err(FieldError {
+                        path: format!("{path}[{}]", k + 1),
+                        reason: format!(
+                            "{} is not above the previous value {}: the values must increase",
+                            pair[1], pair[0]
+                        ),
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `segments` → `segment`, `pressure_bar` → `pressure_bar`: enough for messages.
