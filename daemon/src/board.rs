@@ -131,10 +131,17 @@ pub struct Board {
 impl Board {
     /// Adds a QUEUED experiment.
     pub fn enqueue(&mut self, e: &pb::Experiment, rank: i64) {
+        self.enqueue_with(e, rank, None);
+    }
+
+    /// [`Board::enqueue`] with the current step's command already resolved and checked (at
+    /// submission), so it is not resolved again.
+    pub fn enqueue_with(&mut self, e: &pb::Experiment, rank: i64, command: Option<Command>) {
         let spec = e.spec.clone().unwrap_or_default();
-        let need = match spec.steps.get(e.current_step as usize) {
-            Some(step) => Need::of(step, &format!("steps[{}]", e.current_step)),
-            None => Err("the experiment has no step to run".to_owned()),
+        let need = match (spec.steps.get(e.current_step as usize), command) {
+            (Some(step), Some(c)) if step.device_id.is_empty() => Ok(Need::Any(Box::new(c))),
+            (Some(step), _) => Need::of(step, &format!("steps[{}]", e.current_step)),
+            (None, _) => Err("the experiment has no step to run".to_owned()),
         };
         self.queue
             .insert(OrderKey::new(spec.priority, rank, e.id.clone()));

@@ -27,7 +27,8 @@ impl Scheduler {
         req: pb::SubmitBatchRequest,
         principal: &str,
     ) -> Result<(pb::Batch, bool), Error> {
-        safety::check_batch(&req, &self.inner.devices)?;
+        // Checked once here; each experiment's first command is carried to the queue.
+        let commands = safety::check_batch(&req, &self.inner.devices)?;
         let hash = content_hash(&req.experiments);
         if let Some(found) = self.existing_batch(&req.idempotency_key, &hash)? {
             return Ok((found, true));
@@ -89,8 +90,8 @@ impl Scheduler {
             Ok((batch, experiments, ranks)) => {
                 {
                     let mut b = self.lock();
-                    for (e, rank) in experiments.iter().zip(ranks) {
-                        b.enqueue(e, rank);
+                    for ((e, rank), steps) in experiments.iter().zip(ranks).zip(commands) {
+                        b.enqueue_with(e, rank, steps.into_iter().next());
                     }
                 }
                 info!(batch = %batch.id, experiments = experiments.len(), "batch accepted");
