@@ -73,12 +73,23 @@ pub struct KeyError {
 /// Deserializes a device's table into a driver's config type; an error names the key's path,
 /// down to an unknown key itself (`limits.colour`, not just `limits`).
 pub fn parse_table<T: DeserializeOwned>(table: toml::Table) -> Result<T, KeyError> {
+    let limits = table.get("limits").and_then(toml::Value::as_table).cloned();
     serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
         let mut path = e.path().to_string();
         if path == "." {
             path.clear();
         }
         let message = e.inner().message().to_owned();
+        // `Limits` is a flattened map, whose errors stop at `limits`: name the limit that is
+        // not a number.
+        if path == "limits"
+            && let Some(name) = limits.iter().flatten().find_map(|(k, v)| {
+                (k != "accepted" && !matches!(v, toml::Value::Float(_) | toml::Value::Integer(_)))
+                    .then_some(k)
+            })
+        {
+            path = format!("limits.{name}");
+        }
         // Some deserializers report an unknown key at its table; name the key itself.
         if let Some(key) = message
             .strip_prefix("unknown field `")
