@@ -8,12 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ppu_drivers::Device;
-use ppu_drivers::analyser::{SorptionAnalyser, SorptionConfig};
-use ppu_drivers::device::Limits;
-use ppu_drivers::furnace::eurotherm::{Eurotherm, EurothermConfig, IdentCheck};
-use ppu_drivers::transport::modbus::{ModbusBus, ModbusConfig, ModbusEndpoint};
-use ppu_drivers::transport::mqtt::{BrokerUrl, MqttConfig, MqttTls, ParseBrokerUrlError};
-use ppu_drivers::transport::serial::{Framing, SerialBus};
+use ppu_drivers::registry::{self, BuildContext, BusUse, DeviceSpec, DeviceUse, PortUse};
+use ppu_drivers::transport::modbus::{ModbusBus, ModbusEndpoint};
+use ppu_schema::{Schema, validate};
 use serde::Deserialize;
 
 mod security;
@@ -37,6 +34,13 @@ pub enum ConfigError {
     },
     #[error("{path}: {message}")]
     Parse { path: PathBuf, message: String },
+    /// An error at a line of the file, e.g. in a device's table.
+    #[error("{path}:{line}: {message}")]
+    At {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
 }
@@ -60,9 +64,14 @@ pub struct Config {
     /// gateway), each configured once; devices on one name it with their address.
     #[serde(default)]
     pub buses: Vec<BusConfig>,
-    #[serde(default)]
+    /// The `[[devices]]` tables, each read by its driver (see [`Config::parse_unchecked`]).
+    #[serde(skip)]
     pub devices: Vec<DeviceConfig>,
 }
+
+/// One `[[devices]]` entry: the config type of the driver its `driver` key names (e.g.
+/// `ppu_drivers::furnace::eurotherm::config::EurothermEntry`), with its defaults applied.
+pub type DeviceConfig = Box<dyn DeviceSpec>;
 
 /// One shared line, tagged by its kind. A serial port opens exclusively, so the bus owns the
 /// port and serves every device that names it, one exchange at a time, each device with its
@@ -187,33 +196,6 @@ impl BusConfig {
     }
 }
 
-/// A configured bus, opened (lazily) once and shared by the devices naming it.
-enum Bus {
-    Modbus(Arc<ModbusBus>),
-    Serial(Arc<SerialBus>),
-}
-
-impl Bus {
-    fn open(config: &BusConfig) -> Result<Bus, String> {
-        match config {
-            BusConfig::Serial(b) => {
-                let mut s = ppu_drivers::transport::serial::SerialConfig::new(
-                    b.port.clone(),
-                    Framing::Ne1000,
-                );
-                s.baud_rate = b.baud_rate;
-                s.gap = Duration::from_millis(b.gap_ms);
-                Ok(Bus::Serial(SerialBus::new(s)))
-            }
-            _ => match config.modbus_endpoint() {
-                Some(Ok(endpoint)) => Ok(Bus::Modbus(ModbusBus::new(endpoint))),
-                Some(Err(m)) => Err(format!("bus {}: address: {m}", config.id())),
-                None => Err(format!("bus {}: not a Modbus bus", config.id())),
-            },
-        }
-    }
-}
-
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 50051))
 }
@@ -224,6 +206,10 @@ fn default_data_dir() -> PathBuf {
 
 fn one() -> f64 {
     1.0
+}
+
+fn baud_9600() -> u32 {
+    9600
 }
 
 /// Device polling.
@@ -255,186 +241,6 @@ impl PollConfig {
     }
 }
 
-/// One device, tagged by its driver.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "driver", rename_all = "snake_case")]
-pub enum DeviceConfig {
-    /// A Eurotherm 2000/3000-series controller over Modbus.
-    Eurotherm(EurothermEntry),
-    /// A gas-sorption analyser behind an MQTT bridge (docs/mqtt-contract.md).
-    SorptionMqtt(SorptionMqttEntry),
-    /// A New Era NE-1000/NE-4000 syringe pump holding one reagent, over RS-232.
-    Ne1000(Ne1000Entry),
-    /// A Mettler Toledo balance speaking MT-SICS over RS-232.
-    MtSics(MtSicsEntry),
-}
-
-/// Keys of a `driver = "eurotherm"` device.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EurothermEntry {
-    pub id: String,
-    /// `modbus-tcp://IP:PORT` or `modbus-rtu://PATH@BAUD`, for a controller on a link of its
-    /// own; empty when `bus` is given.
-    #[serde(default)]
-    pub endpoint: String,
-    /// The id of a `modbus_rtu` or `modbus_tcp` bus this controller is on (instead of
-    /// `endpoint`); `unit_id` is its address there.
-    #[serde(default)]
-    pub bus: Option<String>,
-    #[serde(default = "unit_one")]
-    pub unit_id: u8,
-    #[serde(default = "timeout_ms")]
-    pub timeout_ms: u64,
-    #[serde(default = "retries")]
-    pub retries: u32,
-    #[serde(default = "dp")]
-    pub decimal_places: u8,
-    #[serde(default = "safe_sp")]
-    pub safe_setpoint_c: f64,
-    #[serde(default = "tolerance")]
-    pub tolerance_c: f64,
-    #[serde(default = "sample_s")]
-    pub sample_interval_s: f64,
-    #[serde(default = "settle_s")]
-    pub settle_timeout_s: f64,
-    /// Instrument idents accepted at the address (register 122): a list such as
-    /// `[0x2440, 0x2480]`, or `"skip"`. Absent: the driver's known models (2404, 2408).
-    #[serde(default)]
-    pub expected_ident: Option<ExpectedIdent>,
-    #[serde(default)]
-    pub limits: Limits,
-}
-
-/// The `expected_ident` key of a Eurotherm device.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(untagged)]
-pub enum ExpectedIdent {
-    /// Register 122 must read one of these.
-    OneOf(Vec<u16>),
-    /// Only `"skip"` is valid: do not read register 122.
-    Word(String),
-}
-
-impl ExpectedIdent {
-    fn check(&self) -> Result<IdentCheck, String> {
-        match self {
-            ExpectedIdent::OneOf(list) if list.is_empty() => Err(
-                "expected_ident: an empty list accepts nothing; write \"skip\" to skip the check"
-                    .to_owned(),
-            ),
-            ExpectedIdent::OneOf(list) => Ok(IdentCheck::OneOf(list.clone())),
-            ExpectedIdent::Word(word) if word == "skip" => Ok(IdentCheck::Skip),
-            ExpectedIdent::Word(word) => Err(format!(
-                "expected_ident: \"{word}\" is neither a list of 16-bit idents nor \"skip\""
-            )),
-        }
-    }
-}
-
-fn unit_one() -> u8 {
-    1
-}
-fn timeout_ms() -> u64 {
-    1000
-}
-fn retries() -> u32 {
-    2
-}
-fn dp() -> u8 {
-    1
-}
-fn safe_sp() -> f64 {
-    25.0
-}
-fn tolerance() -> f64 {
-    2.0
-}
-fn sample_s() -> f64 {
-    10.0
-}
-fn settle_s() -> f64 {
-    3600.0
-}
-
-impl EurothermEntry {
-    /// An entry for a controller at `endpoint` with every default and the given limits.
-    pub fn new(id: impl Into<String>, endpoint: impl Into<String>, limits: Limits) -> Self {
-        Self {
-            id: id.into(),
-            endpoint: endpoint.into(),
-            bus: None,
-            unit_id: unit_one(),
-            timeout_ms: timeout_ms(),
-            retries: retries(),
-            decimal_places: dp(),
-            safe_setpoint_c: safe_sp(),
-            tolerance_c: tolerance(),
-            sample_interval_s: sample_s(),
-            settle_timeout_s: settle_s(),
-            expected_ident: None,
-            limits,
-        }
-    }
-
-    /// An entry for unit `unit_id` on the bus `bus`, with every default and the given limits.
-    pub fn on_bus(
-        id: impl Into<String>,
-        bus: impl Into<String>,
-        unit_id: u8,
-        limits: Limits,
-    ) -> Self {
-        Self {
-            bus: Some(bus.into()),
-            unit_id,
-            ..Self::new(id, "", limits)
-        }
-    }
-
-    fn driver(&self, buses: &BTreeMap<&str, Bus>) -> Result<Eurotherm, String> {
-        let bus = match &self.bus {
-            Some(name) => match buses.get(name.as_str()) {
-                Some(Bus::Modbus(bus)) => Some(bus),
-                _ => {
-                    return Err(format!(
-                        "device {}: bus: no Modbus bus \"{name}\" is configured",
-                        self.id
-                    ));
-                }
-            },
-            None => None,
-        };
-        let endpoint: ModbusEndpoint = match bus {
-            Some(bus) => bus.endpoint().clone(),
-            None => self
-                .endpoint
-                .parse()
-                .map_err(|e: ppu_drivers::transport::modbus::ParseEndpointError| e.to_string())?,
-        };
-        let mut modbus = ModbusConfig::new(endpoint);
-        modbus.unit_id = self.unit_id;
-        modbus.timeout = Duration::from_millis(self.timeout_ms.max(1));
-        modbus.retries = self.retries;
-        let mut c = EurothermConfig::new(self.id.clone(), modbus);
-        c.decimal_places = self.decimal_places;
-        c.limits = self.limits.clone();
-        c.safe_setpoint_c = self.safe_setpoint_c;
-        c.tolerance_c = self.tolerance_c;
-        c.sample_interval_s = self.sample_interval_s;
-        c.settle_timeout_s = self.settle_timeout_s;
-        if let Some(expected) = &self.expected_ident {
-            c.ident = expected.check()?;
-        }
-        Ok(match bus {
-            Some(bus) => {
-                let unit = bus.unit(c.modbus.unit_id, c.modbus.timeout, c.modbus.retries);
-                Eurotherm::with_transport(c, unit)
-            }
-            None => Eurotherm::new(c),
-        })
-    }
-}
-
 /// Every top-level key of the config file: [`Config`]'s and [`Policies`]'.
 const TOP_LEVEL_KEYS: [&str; 15] = [
     "listen",
@@ -459,7 +265,7 @@ const TOP_LEVEL_KEYS: [&str; 15] = [
 /// change when a policy is added.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct Policies {
-    /// Crash recovery (`on_restart`, `furnace`).
+    /// Crash recovery (`on_restart`, and per family `adopt` or `safe`).
     #[serde(default)]
     pub recovery: RecoveryPolicy,
     /// Retries of transient device errors.
@@ -549,564 +355,6 @@ impl RetryConfig {
     }
 }
 
-/// Keys of a `driver = "sorption_mqtt"` device: an analyser reached through its MQTT bridge.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SorptionMqttEntry {
-    pub id: String,
-    /// `mqtt://HOST[:PORT]` (default port 1883) or `mqtts://HOST[:PORT]` (TLS, 8883).
-    pub broker: String,
-    /// MQTT client id; default `ppud-{id}`. Keep it stable: the broker keeps the session under it.
-    #[serde(default)]
-    pub client_id: Option<String>,
-    #[serde(default)]
-    pub username: Option<String>,
-    #[serde(default)]
-    pub password: Option<String>,
-    /// Name of an environment variable holding the password (instead of `password`).
-    #[serde(default)]
-    pub password_env: Option<String>,
-    #[serde(default)]
-    pub tls_ca_file: Option<PathBuf>,
-    #[serde(default)]
-    pub tls_client_cert_file: Option<PathBuf>,
-    #[serde(default)]
-    pub tls_client_key_file: Option<PathBuf>,
-    #[serde(default = "sorption_prefix")]
-    pub topic_prefix: String,
-    /// The bridge's id in its topics; default: the device id.
-    #[serde(default)]
-    pub bridge_id: Option<String>,
-    #[serde(default = "sorption_keep_alive")]
-    pub keep_alive_s: u64,
-    #[serde(default = "sorption_ack_timeout")]
-    pub ack_timeout_ms: u64,
-    #[serde(default = "retries")]
-    pub request_retries: u32,
-    #[serde(default = "sorption_reconnect_max")]
-    pub reconnect_max_ms: u64,
-    #[serde(default = "sorption_outage_grace")]
-    pub outage_grace_s: u64,
-    #[serde(default = "sorption_malformed_limit")]
-    pub malformed_limit: u32,
-    #[serde(default = "sorption_malformed_window")]
-    pub malformed_window_s: u64,
-    #[serde(default = "sorption_mass")]
-    pub default_sample_mass_g: f64,
-    #[serde(default = "sample_s")]
-    pub equilibration_interval_s: f64,
-    #[serde(default = "settle_s")]
-    pub max_equilibration_s: f64,
-    #[serde(default = "yes")]
-    pub measure_free_space: bool,
-    /// A point is accepted within `max(tolerance_relative · target, tolerance_bar)` of its
-    /// target pressure; the driver refuses any other (docs/mqtt-contract.md §5.1).
-    #[serde(default = "sorption_tolerance_bar")]
-    pub tolerance_bar: f64,
-    #[serde(default = "sorption_tolerance_relative")]
-    pub tolerance_relative: f64,
-    #[serde(default = "sorption_min_t")]
-    pub min_isotherm_temperature_c: f64,
-    #[serde(default = "sorption_max_t")]
-    pub max_isotherm_temperature_c: f64,
-    /// `max_pressure_bar` (isotherm), `max_temperature_c`/`min_temperature_c` (degas),
-    /// `max_hold_s` (degas duration), `accepted.adsorptive` (the gases the instrument has).
-    /// Absent keys take the driver's defaults.
-    #[serde(default)]
-    pub limits: Option<Limits>,
-}
-
-fn sorption_tolerance_bar() -> f64 {
-    0.005
-}
-fn sorption_tolerance_relative() -> f64 {
-    0.05
-}
-fn sorption_prefix() -> String {
-    "lab/ppu/analyser".to_owned()
-}
-fn sorption_keep_alive() -> u64 {
-    5
-}
-fn sorption_ack_timeout() -> u64 {
-    3000
-}
-fn sorption_reconnect_max() -> u64 {
-    5000
-}
-fn sorption_outage_grace() -> u64 {
-    30
-}
-fn sorption_malformed_limit() -> u32 {
-    5
-}
-fn sorption_malformed_window() -> u64 {
-    60
-}
-fn sorption_mass() -> f64 {
-    0.1
-}
-fn sorption_min_t() -> f64 {
-    -200.0
-}
-fn sorption_max_t() -> f64 {
-    100.0
-}
-fn yes() -> bool {
-    true
-}
-
-impl SorptionMqttEntry {
-    /// An entry for a bridge on `broker` with every default.
-    pub fn new(id: impl Into<String>, broker: impl Into<String>) -> Self {
-        Self {
-            id: id.into(),
-            broker: broker.into(),
-            client_id: None,
-            username: None,
-            password: None,
-            password_env: None,
-            tls_ca_file: None,
-            tls_client_cert_file: None,
-            tls_client_key_file: None,
-            topic_prefix: sorption_prefix(),
-            bridge_id: None,
-            keep_alive_s: sorption_keep_alive(),
-            ack_timeout_ms: sorption_ack_timeout(),
-            request_retries: retries(),
-            reconnect_max_ms: sorption_reconnect_max(),
-            outage_grace_s: sorption_outage_grace(),
-            malformed_limit: sorption_malformed_limit(),
-            malformed_window_s: sorption_malformed_window(),
-            default_sample_mass_g: sorption_mass(),
-            equilibration_interval_s: sample_s(),
-            max_equilibration_s: settle_s(),
-            measure_free_space: true,
-            tolerance_bar: sorption_tolerance_bar(),
-            tolerance_relative: sorption_tolerance_relative(),
-            min_isotherm_temperature_c: sorption_min_t(),
-            max_isotherm_temperature_c: sorption_max_t(),
-            limits: None,
-        }
-    }
-
-    /// Problems, each starting with the key's name.
-    fn problems(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        if let Err(e) = self.broker.parse::<BrokerUrl>() {
-            out.push(format!("broker: {e}"));
-        }
-        if self.password.is_some() && self.password_env.is_some() {
-            out.push("password: give password or password_env, not both".to_owned());
-        }
-        if self.tls_client_cert_file.is_some() != self.tls_client_key_file.is_some() {
-            out.push("tls_client_cert_file: needs tls_client_key_file (and vice versa)".to_owned());
-        }
-        if self.keep_alive_s == 0 {
-            out.push("keep_alive_s: must be at least 1".to_owned());
-        }
-        for (key, v) in [
-            ("default_sample_mass_g", self.default_sample_mass_g),
-            ("equilibration_interval_s", self.equilibration_interval_s),
-            ("max_equilibration_s", self.max_equilibration_s),
-            ("tolerance_bar", self.tolerance_bar),
-        ] {
-            if !(v.is_finite() && v > 0.0) {
-                out.push(format!("{key}: must be a positive number"));
-            }
-        }
-        if !(self.tolerance_relative.is_finite() && (0.0..1.0).contains(&self.tolerance_relative)) {
-            out.push("tolerance_relative: must be a fraction from 0 to below 1".to_owned());
-        }
-        let (lo, hi) = (
-            self.min_isotherm_temperature_c,
-            self.max_isotherm_temperature_c,
-        );
-        if lo.is_nan() || hi.is_nan() || lo >= hi {
-            out.push(
-                "min_isotherm_temperature_c: must be below max_isotherm_temperature_c".to_owned(),
-            );
-        }
-        out
-    }
-
-    fn driver(&self) -> Result<SorptionAnalyser, String> {
-        let broker: BrokerUrl = self
-            .broker
-            .parse()
-            .map_err(|e: ParseBrokerUrlError| e.to_string())?;
-        let tls = broker.tls;
-        let mut mqtt = MqttConfig::new(
-            broker,
-            self.client_id
-                .clone()
-                .unwrap_or_else(|| format!("ppud-{}", self.id)),
-        );
-        let password = match (&self.password, &self.password_env) {
-            (Some(p), _) => Some(p.clone()),
-            (None, Some(var)) => Some(std::env::var(var).map_err(|_| {
-                format!(
-                    "device {}: password_env: environment variable {var} is not set",
-                    self.id
-                )
-            })?),
-            (None, None) => None,
-        };
-        if let Some(user) = &self.username {
-            mqtt.credentials = Some((
-                user.clone(),
-                ppu_drivers::transport::mqtt::Password(password.unwrap_or_default()),
-            ));
-        }
-        if tls {
-            mqtt.tls = Some(MqttTls {
-                ca_file: self.tls_ca_file.clone(),
-                client_cert_file: self.tls_client_cert_file.clone(),
-                client_key_file: self.tls_client_key_file.clone(),
-            });
-        }
-        mqtt.keep_alive = Duration::from_secs(self.keep_alive_s.max(1));
-        mqtt.ack_timeout = Duration::from_millis(self.ack_timeout_ms.max(1));
-        mqtt.request_retries = self.request_retries;
-        mqtt.reconnect_max = Duration::from_millis(self.reconnect_max_ms.max(100));
-        let mut c = SorptionConfig::new(self.id.clone(), mqtt);
-        c.topic_prefix = self.topic_prefix.clone();
-        c.bridge_id = self.bridge_id.clone().unwrap_or_else(|| self.id.clone());
-        if let Some(l) = &self.limits {
-            let d = c.limits.clone();
-            // Per limit and per parameter: a configured value (or list of the gases plumbed
-            // to this instrument) replaces the driver's default one.
-            c.limits = Limits {
-                values: d.values.into_iter().chain(l.values.clone()).collect(),
-                accepted: d.accepted.into_iter().chain(l.accepted.clone()).collect(),
-            };
-        }
-        c.min_isotherm_temperature_c = self.min_isotherm_temperature_c;
-        c.max_isotherm_temperature_c = self.max_isotherm_temperature_c;
-        c.default_sample_mass_g = self.default_sample_mass_g;
-        c.default_equilibration_interval_s = self.equilibration_interval_s;
-        c.default_max_equilibration_s = self.max_equilibration_s;
-        c.measure_free_space = self.measure_free_space;
-        c.tolerance_bar = self.tolerance_bar;
-        c.tolerance_relative = self.tolerance_relative;
-        c.outage_grace = Duration::from_secs(self.outage_grace_s);
-        c.malformed_limit = self.malformed_limit;
-        c.malformed_window = Duration::from_secs(self.malformed_window_s.max(1));
-        Ok(SorptionAnalyser::new(c))
-    }
-}
-
-/// Keys of a `driver = "ne1000"` device: one pump, its syringe and the reagent in it.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Ne1000Entry {
-    pub id: String,
-    /// Serial device, e.g. `/dev/ttyUSB0` or `/dev/serial/by-id/…`, for a pump on a port of
-    /// its own; empty when `bus` is given.
-    #[serde(default)]
-    pub port: String,
-    /// The id of a `serial` bus (a daisy chain) this pump is on (instead of `port`); `address`
-    /// tells it from its neighbours, and the bus's `baud_rate` and `gap_ms` apply.
-    #[serde(default)]
-    pub bus: Option<String>,
-    #[serde(default = "baud_9600")]
-    pub baud_rate: u32,
-    /// Pump address on the line, 0–99.
-    #[serde(default)]
-    pub address: u8,
-    #[serde(default = "pump_timeout_ms")]
-    pub timeout_ms: u64,
-    #[serde(default = "retries")]
-    pub retries: u32,
-    /// Least real milliseconds between the end of one exchange and the next command.
-    #[serde(default)]
-    pub gap_ms: u64,
-    /// The reagent in the syringe; dispense and refill steps name it.
-    pub reagent: String,
-    pub density_g_per_ml: f64,
-    pub syringe_inner_diameter_mm: f64,
-    pub syringe_volume_ml: f64,
-    /// Fill at the daemon's first start; afterwards the daemon's tracked fill is used.
-    pub fill_ml: f64,
-    /// Id of the `mt_sics` balance under this pump's station, if any.
-    #[serde(default)]
-    pub balance: Option<String>,
-    /// Largest accepted |measured − expected| / expected of a weighed dispense.
-    #[serde(default = "dispense_tolerance")]
-    pub tolerance: f64,
-    #[serde(default = "refill_rate")]
-    pub refill_rate_ml_per_min: f64,
-    /// Safe mode with this watchdog, 1–255 s; omit for basic mode.
-    #[serde(default)]
-    pub safe_mode_watchdog_s: Option<u8>,
-    /// Physical seconds between status polls while pumping.
-    #[serde(default = "pump_poll_s")]
-    pub poll_interval_s: f64,
-    /// Real seconds the balance may take to settle for the tare and the weighing.
-    #[serde(default = "ten")]
-    pub weigh_timeout_s: f64,
-    #[serde(default)]
-    pub limits: Limits,
-}
-
-/// Keys of a `driver = "mt_sics"` device.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MtSicsEntry {
-    pub id: String,
-    pub port: String,
-    #[serde(default = "baud_9600")]
-    pub baud_rate: u32,
-    #[serde(default = "timeout_ms")]
-    pub timeout_ms: u64,
-    #[serde(default = "retries")]
-    pub retries: u32,
-    #[serde(default)]
-    pub gap_ms: u64,
-    /// Real seconds a weighing waits for a stable reading.
-    #[serde(default = "ten")]
-    pub stability_timeout_s: f64,
-    #[serde(default)]
-    pub limits: Limits,
-}
-
-fn baud_9600() -> u32 {
-    9600
-}
-fn pump_timeout_ms() -> u64 {
-    500
-}
-fn dispense_tolerance() -> f64 {
-    0.02
-}
-fn refill_rate() -> f64 {
-    10.0
-}
-fn pump_poll_s() -> f64 {
-    2.0
-}
-fn ten() -> f64 {
-    10.0
-}
-
-fn serial_config(
-    port: &str,
-    baud_rate: u32,
-    framing: ppu_drivers::transport::serial::Framing,
-    timeout_ms: u64,
-    retries: u32,
-    gap_ms: u64,
-) -> ppu_drivers::transport::serial::SerialConfig {
-    let mut s = ppu_drivers::transport::serial::SerialConfig::new(port, framing);
-    s.baud_rate = baud_rate;
-    s.timeout = Duration::from_millis(timeout_ms.max(1));
-    s.retries = retries;
-    s.gap = Duration::from_millis(gap_ms);
-    s
-}
-
-fn real_seconds(s: f64) -> Duration {
-    Duration::try_from_secs_f64(s.max(0.0)).unwrap_or(Duration::MAX)
-}
-
-impl Ne1000Entry {
-    /// An entry for a pump at `port` holding `reagent`: a 10 mL syringe (14.43 mm), full,
-    /// and every other key at its default.
-    pub fn new(id: impl Into<String>, port: impl Into<String>, reagent: impl Into<String>) -> Self {
-        Self {
-            id: id.into(),
-            port: port.into(),
-            bus: None,
-            baud_rate: baud_9600(),
-            address: 0,
-            timeout_ms: pump_timeout_ms(),
-            retries: retries(),
-            gap_ms: 0,
-            reagent: reagent.into(),
-            density_g_per_ml: 1.0,
-            syringe_inner_diameter_mm: 14.43,
-            syringe_volume_ml: 10.0,
-            fill_ml: 10.0,
-            balance: None,
-            tolerance: dispense_tolerance(),
-            refill_rate_ml_per_min: refill_rate(),
-            safe_mode_watchdog_s: None,
-            poll_interval_s: pump_poll_s(),
-            weigh_timeout_s: ten(),
-            limits: Limits::default(),
-        }
-    }
-
-    pub fn driver_config(&self) -> ppu_drivers::dispenser::ne1000::Ne1000Config {
-        use ppu_drivers::transport::serial::Framing;
-        let serial = serial_config(
-            &self.port,
-            self.baud_rate,
-            Framing::Ne1000,
-            self.timeout_ms,
-            self.retries,
-            self.gap_ms,
-        );
-        let mut c = ppu_drivers::dispenser::ne1000::Ne1000Config::new(
-            self.id.clone(),
-            serial,
-            self.reagent.clone(),
-        );
-        c.address = self.address;
-        c.density_g_per_ml = self.density_g_per_ml;
-        c.syringe_inner_diameter_mm = self.syringe_inner_diameter_mm;
-        c.syringe_volume_ml = self.syringe_volume_ml;
-        c.fill_ml = self.fill_ml;
-        c.limits = self.limits.clone();
-        c.tolerance = self.tolerance;
-        c.refill_rate_ml_per_min = self.refill_rate_ml_per_min;
-        c.safe_mode_watchdog_s = self.safe_mode_watchdog_s;
-        c.poll_interval_s = self.poll_interval_s;
-        c.weigh_timeout = real_seconds(self.weigh_timeout_s);
-        c
-    }
-
-    /// An entry for the pump at `address` on the bus `bus` holding `reagent`, otherwise as
-    /// [`Ne1000Entry::new`].
-    pub fn on_bus(
-        id: impl Into<String>,
-        bus: impl Into<String>,
-        address: u8,
-        reagent: impl Into<String>,
-    ) -> Self {
-        Self {
-            bus: Some(bus.into()),
-            address,
-            ..Self::new(id, "", reagent)
-        }
-    }
-
-    fn problems(&self, balances: &[&str]) -> Vec<String> {
-        let mut out: Vec<String> = self.driver_config().problems();
-        match (self.port.is_empty(), &self.bus) {
-            (true, None) => {
-                out.push("port: give port (or bus) for the pump's serial line".to_owned())
-            }
-            (false, Some(_)) => {
-                out.push("bus: give port or bus, not both (a bus owns its port)".to_owned())
-            }
-            _ => {}
-        }
-        if self.baud_rate == 0 {
-            out.push("baud_rate: must be positive".to_owned());
-        }
-        if !(self.poll_interval_s.is_finite() && self.poll_interval_s > 0.0) {
-            out.push("poll_interval_s: must be a positive number".to_owned());
-        }
-        if let Some(b) = &self.balance
-            && !balances.contains(&b.as_str())
-        {
-            out.push(format!("balance: no mt_sics device \"{b}\" is configured"));
-        }
-        out
-    }
-}
-
-impl MtSicsEntry {
-    /// An entry for a balance at `port` with every default.
-    pub fn new(id: impl Into<String>, port: impl Into<String>) -> Self {
-        Self {
-            id: id.into(),
-            port: port.into(),
-            baud_rate: baud_9600(),
-            timeout_ms: timeout_ms(),
-            retries: retries(),
-            gap_ms: 0,
-            stability_timeout_s: ten(),
-            limits: Limits::default(),
-        }
-    }
-
-    pub fn driver(&self) -> ppu_drivers::balance::sics::SicsBalance {
-        use ppu_drivers::balance::sics::{SicsBalance, SicsConfig};
-        let serial = serial_config(
-            &self.port,
-            self.baud_rate,
-            ppu_drivers::transport::serial::Framing::CrLf,
-            self.timeout_ms,
-            self.retries,
-            self.gap_ms,
-        );
-        let mut c = SicsConfig::new(self.id.clone(), serial);
-        c.stability_timeout = real_seconds(self.stability_timeout_s);
-        c.limits = self.limits.clone();
-        SicsBalance::new(c)
-    }
-
-    fn problems(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        if self.port.is_empty() {
-            out.push("port: must not be empty".to_owned());
-        }
-        if self.baud_rate == 0 {
-            out.push("baud_rate: must be positive".to_owned());
-        }
-        if !(self.stability_timeout_s.is_finite() && self.stability_timeout_s >= 0.0) {
-            out.push("stability_timeout_s: must be a non-negative number".to_owned());
-        }
-        out
-    }
-}
-
-impl DeviceConfig {
-    pub fn id(&self) -> &str {
-        match self {
-            DeviceConfig::Eurotherm(e) => &e.id,
-            DeviceConfig::SorptionMqtt(e) => &e.id,
-            DeviceConfig::Ne1000(e) => &e.id,
-            DeviceConfig::MtSics(e) => &e.id,
-        }
-    }
-
-    /// The serial port a device opens exclusively itself (not through a bus), if it is on one.
-    fn serial_port(&self) -> Option<&str> {
-        match self {
-            DeviceConfig::Ne1000(e) if e.bus.is_none() && !e.port.is_empty() => Some(&e.port),
-            DeviceConfig::MtSics(e) => Some(&e.port),
-            DeviceConfig::Eurotherm(e) if e.bus.is_none() => match e.endpoint.parse() {
-                Ok(ModbusEndpoint::Rtu { path, .. }) => {
-                    let start = e.endpoint.find(path.as_str()).unwrap_or(0);
-                    e.endpoint.get(start..start + path.len())
-                }
-                _ => None,
-            },
-            _ => None,
-        }
-    }
-
-    /// The key naming [`DeviceConfig::serial_port`].
-    fn port_key(&self) -> &'static str {
-        match self {
-            DeviceConfig::Eurotherm(_) => "endpoint",
-            _ => "port",
-        }
-    }
-
-    /// The bus a device names and its address there.
-    fn bus_address(&self) -> Option<(&str, u8)> {
-        match self {
-            DeviceConfig::Eurotherm(e) => e.bus.as_deref().map(|b| (b, e.unit_id)),
-            DeviceConfig::Ne1000(e) => e.bus.as_deref().map(|b| (b, e.address)),
-            _ => None,
-        }
-    }
-
-    /// The `driver` key's value.
-    fn driver_name(&self) -> &'static str {
-        match self {
-            DeviceConfig::Eurotherm(_) => "eurotherm",
-            DeviceConfig::SorptionMqtt(_) => "sorption_mqtt",
-            DeviceConfig::Ne1000(_) => "ne1000",
-            DeviceConfig::MtSics(_) => "mt_sics",
-        }
-    }
-}
-
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -1146,13 +394,14 @@ impl Config {
     }
 
     /// Parses config text (refusing unknown keys) without checking values; see
-    /// [`Config::problems_with`].
+    /// [`Config::problems_with`]. Each `[[devices]]` table goes to the registered driver its
+    /// `driver` key names; an error in one names the key's full path and its line.
     pub fn parse_unchecked(text: &str, path: &Path) -> Result<(Config, Policies), ConfigError> {
         let parse_error = |e: toml::de::Error| ConfigError::Parse {
             path: path.to_owned(),
             message: e.to_string(),
         };
-        let table: toml::Table = toml::from_str(text).map_err(parse_error)?;
+        let mut table: toml::Table = toml::from_str(text).map_err(parse_error)?;
         if let Some(key) = table.keys().find(|k| !TOP_LEVEL_KEYS.contains(&k.as_str())) {
             return Err(ConfigError::Parse {
                 path: path.to_owned(),
@@ -1162,9 +411,20 @@ impl Config {
                 ),
             });
         }
-        let c: Config = toml::from_str(text).map_err(parse_error)?;
+        let mut c: Config = toml::from_str(text).map_err(parse_error)?;
         let mut p: Policies = toml::from_str(text).map_err(parse_error)?;
         p.security.base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        c.devices = parse_devices(table.remove("devices"), text).map_err(|e| match e.line {
+            Some(line) => ConfigError::At {
+                path: path.to_owned(),
+                line,
+                message: e.message,
+            },
+            None => ConfigError::Parse {
+                path: path.to_owned(),
+                message: e.message,
+            },
+        })?;
         Ok((c, p))
     }
 
@@ -1195,73 +455,28 @@ impl Config {
             } else if !seen.insert(d.id().to_owned()) {
                 out.push(format!("devices[{i}].id: duplicate id \"{}\"", d.id()));
             }
-            match d {
-                DeviceConfig::Eurotherm(e) => {
-                    match (e.endpoint.is_empty(), &e.bus) {
-                        (true, None) => out.push(format!(
-                            "devices[{i}].endpoint: give endpoint (or bus) for the controller's link"
-                        )),
-                        (false, Some(_)) => out.push(format!(
-                            "devices[{i}].bus: give endpoint or bus, not both (a bus owns its link)"
-                        )),
-                        (false, None) => {
-                            if let Err(m) = e.endpoint.parse::<ModbusEndpoint>() {
-                                out.push(format!("devices[{i}].endpoint: {m}"));
-                            }
-                        }
-                        (true, Some(_)) => {}
-                    }
-                    if e.decimal_places > 3 {
-                        out.push(format!(
-                            "devices[{i}].decimal_places: {} is more than 3",
-                            e.decimal_places
-                        ));
-                    }
-                    if !(e.tolerance_c.is_finite() && e.tolerance_c > 0.0) {
-                        out.push(format!(
-                            "devices[{i}].tolerance_c: must be a positive number"
-                        ));
-                    }
-                    if let Some(Err(m)) = e.expected_ident.as_ref().map(ExpectedIdent::check) {
-                        out.push(format!("devices[{i}].{m}"));
-                    }
-                }
-                DeviceConfig::SorptionMqtt(e) => {
-                    out.extend(
-                        e.problems()
-                            .into_iter()
-                            .map(|m| format!("devices[{i}].{m}")),
-                    );
-                }
-                DeviceConfig::Ne1000(e) => {
-                    let balances: Vec<&str> = self
-                        .devices
-                        .iter()
-                        .filter_map(|d| match d {
-                            DeviceConfig::MtSics(b) => Some(b.id.as_str()),
-                            _ => None,
-                        })
-                        .collect();
-                    out.extend(
-                        e.problems(&balances)
-                            .into_iter()
-                            .map(|m| format!("devices[{i}].{m}")),
-                    );
-                }
-                DeviceConfig::MtSics(e) => {
-                    out.extend(
-                        e.problems()
-                            .into_iter()
-                            .map(|m| format!("devices[{i}].{m}")),
-                    );
+            out.extend(
+                d.problems()
+                    .into_iter()
+                    .map(|m| format!("devices[{i}].{m}")),
+            );
+            for used in d.uses() {
+                if !self
+                    .devices
+                    .iter()
+                    .any(|o| o.id() == used.id && o.driver() == used.driver)
+                {
+                    out.push(format!(
+                        "devices[{i}].{}: no {} device \"{}\" is configured",
+                        used.key, used.driver, used.id
+                    ));
                 }
             }
             // Serial ports open exclusively: two devices on one port would lock each other out.
-            if let Some(port) = d.serial_port() {
-                let key = d.port_key();
+            if let Some(PortUse { key, port }) = d.serial_port() {
                 if let Some(j) = self.devices[..i]
                     .iter()
-                    .position(|o| o.serial_port() == Some(port))
+                    .position(|o| o.serial_port().map(|u| u.port) == Some(port))
                 {
                     out.push(format!(
                         "devices[{i}].{key}: \"{port}\" is already used by devices[{j}] (a serial port opens exclusively; put both on a [[buses]] entry)"
@@ -1277,7 +492,7 @@ impl Config {
                     ));
                 }
             }
-            out.extend(self.bus_problems_of(i, d));
+            out.extend(self.bus_problems_of(i, d.as_ref()));
         }
         out.extend(self.buses_problems());
         out
@@ -1307,10 +522,16 @@ impl Config {
         out
     }
 
-    /// Problems of device `i`'s place on a bus: the bus exists, is of the right kind, and no
-    /// earlier device holds the same address on it.
-    fn bus_problems_of(&self, i: usize, d: &DeviceConfig) -> Vec<String> {
-        let Some((name, address)) = d.bus_address() else {
+    /// Problems of device `i`'s place on a bus: the bus exists, is of a kind the driver can be
+    /// on, and no earlier device holds the same address on it.
+    fn bus_problems_of(&self, i: usize, d: &dyn DeviceSpec) -> Vec<String> {
+        let Some(BusUse {
+            bus: name,
+            address_key: key,
+            address,
+            kinds,
+        }) = d.bus()
+        else {
             return Vec::new();
         };
         let Some(bus) = self.buses.iter().find(|b| b.id() == name) else {
@@ -1324,29 +545,25 @@ impl Config {
                 }
             )];
         };
-        let (wanted, key): (&[&str], &str) = match d {
-            DeviceConfig::Eurotherm(_) => (&["modbus_rtu", "modbus_tcp"], "unit_id"),
-            _ => (&["serial"], "address"),
-        };
         let mut out = Vec::new();
-        if !wanted.contains(&bus.kind()) {
+        if !kinds.contains(&bus.kind()) {
             out.push(format!(
                 "devices[{i}].bus: \"{name}\" is a {} bus; a {} device needs a {} bus",
                 bus.kind(),
-                d.driver_name(),
-                wanted.join(" or ")
+                d.driver(),
+                kinds.join(" or ")
             ));
         }
         if let BusConfig::ModbusRtu(_) = bus
             && !(1..=247).contains(&address)
         {
             out.push(format!(
-                "devices[{i}].unit_id: {address} is not a Modbus RTU slave address (1–247)"
+                "devices[{i}].{key}: {address} is not a Modbus RTU slave address (1–247)"
             ));
         }
         if let Some(j) = self.devices[..i]
             .iter()
-            .position(|o| o.bus_address() == Some((name, address)))
+            .position(|o| o.bus().map(|b| (b.bus, b.address)) == Some((name, address)))
         {
             out.push(format!(
                 "devices[{i}].{key}: {address} on bus \"{name}\" is already used by devices[{j}] ({})",
@@ -1356,82 +573,243 @@ impl Config {
         out
     }
 
-    /// Instantiates the configured drivers, each bus opened once and shared by its devices.
+    /// Instantiates the configured drivers, each bus opened once and shared by its devices,
+    /// each device after the devices it uses (a pump after its balance). In config order.
     pub fn drivers(&self) -> Result<Vec<Arc<dyn Device>>, String> {
-        let buses = self
-            .buses
-            .iter()
-            .map(|b| Bus::open(b).map(|bus| (b.id(), bus)))
-            .collect::<Result<BTreeMap<&str, Bus>, String>>()?;
-        // A balance is one driver object: its own device, and the gravimetric check of the
-        // pumps whose `balance` names it.
-        let balances: std::collections::HashMap<
-            &str,
-            Arc<ppu_drivers::balance::sics::SicsBalance>,
-        > = self
+        let mut ctx = BuildContext::new();
+        for b in &self.buses {
+            match (b, b.modbus_endpoint()) {
+                (BusConfig::Serial(s), _) => {
+                    ctx.add_serial_bus(&s.id, &s.port, s.baud_rate, Duration::from_millis(s.gap_ms))
+                }
+                (_, Some(Ok(endpoint))) => ctx.add_modbus_bus(b.id(), ModbusBus::new(endpoint)),
+                (_, Some(Err(m))) => return Err(format!("bus {}: address: {m}", b.id())),
+                (_, None) => return Err(format!("bus {}: not a Modbus bus", b.id())),
+            }
+        }
+        let mut built: Vec<Option<Arc<dyn Device>>> = vec![None; self.devices.len()];
+        loop {
+            let mut progress = false;
+            for (i, d) in self.devices.iter().enumerate() {
+                let waits = |used: &DeviceUse<'_>| {
+                    self.devices
+                        .iter()
+                        .zip(&built)
+                        .any(|(o, b)| o.id() == used.id && b.is_none())
+                };
+                if built[i].is_none() && !d.uses().iter().any(waits) {
+                    built[i] = Some(d.build(&mut ctx)?);
+                    progress = true;
+                }
+            }
+            if !progress {
+                break;
+            }
+        }
+        let waiting: Vec<&str> = self
             .devices
             .iter()
-            .filter_map(|d| match d {
-                DeviceConfig::MtSics(b) => Some((b.id.as_str(), Arc::new(b.driver()))),
-                _ => None,
-            })
+            .zip(&built)
+            .filter(|(_, b)| b.is_none())
+            .map(|(d, _)| d.id())
             .collect();
-        self.devices
-            .iter()
-            .map(|d| match d {
-                DeviceConfig::Eurotherm(e) => {
-                    e.driver(&buses).map(|x| Arc::new(x) as Arc<dyn Device>)
-                }
-                DeviceConfig::SorptionMqtt(e) => e.driver().map(|x| Arc::new(x) as Arc<dyn Device>),
-                DeviceConfig::MtSics(b) => balances
-                    .get(b.id.as_str())
-                    .map(|x| Arc::clone(x) as Arc<dyn Device>)
-                    .ok_or_else(|| format!("balance {} missing", b.id)),
-                DeviceConfig::Ne1000(p) => {
-                    let balance = match &p.balance {
-                        Some(id) => {
-                            Some(Arc::clone(balances.get(id.as_str()).ok_or_else(|| {
-                                format!(
-                                    "device {}: balance: no mt_sics device \"{id}\" is configured",
-                                    p.id
-                                )
-                            })?))
-                        }
-                        None => None,
-                    };
-                    let pump = match &p.bus {
-                        Some(name) => {
-                            let Some(Bus::Serial(bus)) = buses.get(name.as_str()) else {
-                                return Err(format!(
-                                    "device {}: bus: no serial bus \"{name}\" is configured",
-                                    p.id
-                                ));
-                            };
-                            let mut c = p.driver_config();
-                            c.serial = ppu_drivers::transport::serial::SerialConfig {
-                                timeout: c.serial.timeout,
-                                retries: c.serial.retries,
-                                ..bus.config().clone()
-                            };
-                            let transport = bus.device(c.serial.timeout, c.serial.retries);
-                            ppu_drivers::dispenser::ne1000::Ne1000Pump::with_transport(
-                                c, transport, balance,
-                            )
-                        }
-                        None => ppu_drivers::dispenser::ne1000::Ne1000Pump::new(
-                            p.driver_config(),
-                            balance,
-                        ),
-                    };
-                    Ok(Arc::new(pump) as Arc<dyn Device>)
-                }
-            })
-            .collect()
+        if !waiting.is_empty() {
+            return Err(format!(
+                "devices {} use each other in a cycle",
+                waiting.join(", ")
+            ));
+        }
+        Ok(built.into_iter().flatten().collect())
     }
+}
+
+/// An error in one `[[devices]]` table: the message names the key's full path, and `line` is
+/// where the key (or else its table) is in the file.
+struct DeviceError {
+    line: Option<usize>,
+    message: String,
+}
+
+/// Reads `[[devices]]`: each table through the registered driver its `driver` key names, its
+/// limit names checked against the family's schema.
+fn parse_devices(value: Option<toml::Value>, text: &str) -> Result<Vec<DeviceConfig>, DeviceError> {
+    let Some(value) = value else {
+        return Ok(Vec::new());
+    };
+    let spans = toml::de::DeTable::parse(text).ok();
+    let line_of = |segments: &[Segment<'_>]| {
+        let root = spans.as_ref()?;
+        let at = locate(root.get_ref(), segments)?;
+        Some(text.get(..at.start)?.matches('\n').count() + 1)
+    };
+    let toml::Value::Array(items) = value else {
+        return Err(DeviceError {
+            line: line_of(&[Segment::Key("devices")]),
+            message: "devices: must be an array of tables ([[devices]])".to_owned(),
+        });
+    };
+    let schema = crate::schema::schema();
+    let mut out = Vec::with_capacity(items.len());
+    for (i, item) in items.into_iter().enumerate() {
+        let id = item
+            .get("id")
+            .and_then(toml::Value::as_str)
+            .map(str::to_owned);
+        let error = |key: &str, message: String| {
+            let mut segments = vec![Segment::Key("devices"), Segment::Index(i)];
+            segments.extend(Segment::parse(key));
+            let device = id
+                .as_ref()
+                .map(|id| format!(" (device \"{id}\")"))
+                .unwrap_or_default();
+            let dot = if key.is_empty() || key.starts_with('[') {
+                ""
+            } else {
+                "."
+            };
+            DeviceError {
+                line: line_of(&segments),
+                message: format!("devices[{i}]{dot}{key}: {message}{device}"),
+            }
+        };
+        let toml::Value::Table(mut table) = item else {
+            return Err(error("", "must be a table ([[devices]])".to_owned()));
+        };
+        let registered = || registry::driver_names().join(", ");
+        let driver = match table.remove("driver") {
+            Some(toml::Value::String(d)) => d,
+            Some(_) => {
+                return Err(error(
+                    "driver",
+                    format!("must be a driver's name, one of {}", registered()),
+                ));
+            }
+            None => {
+                return Err(error(
+                    "driver",
+                    format!("missing; name a driver, one of {}", registered()),
+                ));
+            }
+        };
+        let Some(factory) = registry::driver(&driver) else {
+            return Err(error(
+                "driver",
+                format!("unknown driver \"{driver}\" (registered: {})", registered()),
+            ));
+        };
+        let spec = factory
+            .parse(table)
+            .map_err(|e| error(&e.path, e.message))?;
+        if let Some((key, message)) = unknown_limit(spec.as_ref(), schema) {
+            return Err(error(&key, message));
+        }
+        out.push(spec);
+    }
+    Ok(out)
+}
+
+/// A limit name the device's family never refers to would bound nothing: it is refused, so a
+/// typo in a limit is not silently no limit. Returns the key and the reason.
+fn unknown_limit(spec: &dyn DeviceSpec, schema: &Schema) -> Option<(String, String)> {
+    let limits = spec.limits()?;
+    let family = spec.family();
+    let known = |names: &[String]| {
+        if names.is_empty() {
+            "it has none".to_owned()
+        } else {
+            format!("it has {}", names.join(", "))
+        }
+    };
+    let names = validate::limit_names(schema, family);
+    if let Some(name) = limits.values.keys().find(|n| !names.contains(n)) {
+        return Some((
+            format!("limits.{name}"),
+            format!(
+                "the {family} family refers to no limit \"{name}\" ({})",
+                known(&names)
+            ),
+        ));
+    }
+    let parameters = validate::accepted_names(schema, family);
+    limits
+        .accepted
+        .keys()
+        .find(|n| !parameters.contains(n))
+        .map(|name| {
+            (
+                format!("limits.accepted.{name}"),
+                format!(
+                    "the {family} family has no parameter \"{name}\" with accepted values ({})",
+                    known(&parameters)
+                ),
+            )
+        })
+}
+
+/// One step of a key's path: a table key or an array index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Segment<'a> {
+    Key(&'a str),
+    Index(usize),
+}
+
+impl<'a> Segment<'a> {
+    /// The steps of a path such as `limits.accepted.adsorptive[0]`.
+    fn parse(path: &'a str) -> Vec<Segment<'a>> {
+        let mut out = Vec::new();
+        for part in path.split('.').filter(|p| !p.is_empty()) {
+            let (key, indices) = part.split_once('[').unwrap_or((part, ""));
+            if !key.is_empty() {
+                out.push(Segment::Key(key));
+            }
+            out.extend(
+                indices
+                    .split('[')
+                    .filter_map(|i| i.trim_end_matches(']').parse().ok())
+                    .map(Segment::Index),
+            );
+        }
+        out
+    }
+}
+
+/// The span of the deepest key (or array item) of `path` found in the document.
+fn locate(root: &toml::de::DeTable<'_>, path: &[Segment<'_>]) -> Option<std::ops::Range<usize>> {
+    use toml::de::DeValue;
+    enum Node<'d, 'i> {
+        Table(&'d toml::de::DeTable<'i>),
+        Array(&'d toml::de::DeArray<'i>),
+        Leaf,
+    }
+    let mut best = None;
+    let mut node = Node::Table(root);
+    for segment in path {
+        let found = match (segment, &node) {
+            (Segment::Key(k), Node::Table(t)) => t
+                .iter()
+                .find(|(key, _)| key.get_ref().as_ref() == *k)
+                .map(|(key, v)| (key.span(), v)),
+            (Segment::Index(i), Node::Array(a)) => a.get(*i).map(|v| (v.span(), v)),
+            _ => None,
+        };
+        let Some((span, value)) = found else {
+            break;
+        };
+        best = Some(span);
+        node = match value.get_ref() {
+            DeValue::Table(t) => Node::Table(t),
+            DeValue::Array(a) => Node::Array(a),
+            _ => Node::Leaf,
+        };
+    }
+    best
 }
 
 #[cfg(test)]
 mod tests {
+    use ppu_drivers::analyser::sorption::config::SorptionMqttEntry;
+    use ppu_drivers::furnace::eurotherm::config::{EurothermEntry, ExpectedIdent};
+
     use super::*;
 
     /// The example's real path: its tokens_file is relative to it.
@@ -1672,9 +1050,9 @@ mod tests {
             ),
         ] {
             let c = Config::parse(&format!("{furnace}{key}"), Path::new("x.toml")).unwrap();
-            let DeviceConfig::Eurotherm(entry) = &c.devices[0] else {
-                panic!("not a eurotherm entry");
-            };
+            let entry = c.devices[0]
+                .downcast_ref::<EurothermEntry>()
+                .expect("a eurotherm entry");
             assert_eq!(entry.expected_ident, expected, "{key}");
             assert!(c.drivers().is_ok());
         }
@@ -1695,9 +1073,9 @@ mod tests {
             Path::new("x.toml"),
         )
         .unwrap();
-        let DeviceConfig::SorptionMqtt(entry) = &c.devices[0] else {
-            panic!("not an analyser entry");
-        };
+        let entry = c.devices[0]
+            .downcast_ref::<SorptionMqttEntry>()
+            .expect("an analyser entry");
         assert_eq!(
             (entry.tolerance_bar, entry.tolerance_relative),
             (0.002, 0.02)
@@ -1709,5 +1087,140 @@ mod tests {
             let e = Config::parse(&format!("{analyser}{bad}"), Path::new("x.toml")).unwrap_err();
             assert!(e.to_string().contains(key), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn a_typo_in_a_device_names_its_full_path_and_line() {
+        let text = "[auth]\nopen = true\n\n\
+            [[devices]]\ndriver = \"mt_sics\"\nid = \"balance-1\"\nport = \"/dev/ttyUSB9\"\n\n\
+            [[devices]]\ndriver = \"eurotherm\"\nid = \"furnace-1\"\n\
+            endpoint = \"modbus-tcp://127.0.0.1:502\"\ntimeout_mss = 5\n";
+        let e = Config::parse(text, Path::new("x.toml")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "x.toml:13: devices[1].timeout_mss: unknown field `timeout_mss`, expected one of \
+             `id`, `endpoint`, `bus`, `unit_id`, `timeout_ms`, `retries`, `decimal_places`, \
+             `safe_setpoint_c`, `tolerance_c`, `sample_interval_s`, `settle_timeout_s`, \
+             `expected_ident`, `limits` (device \"furnace-1\")"
+        );
+        // In a nested table, and a value of the wrong type.
+        let limits = text.replace(
+            "timeout_mss = 5\n",
+            "[devices.limits]\nmax_hold_s = \"long\"\n",
+        );
+        let e = Config::parse(&limits, Path::new("x.toml")).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("x.toml:14: devices[1].limits.max_hold_s"),
+            "{e}"
+        );
+        let ident = text.replace("timeout_mss = 5", "expected_ident = [1, -2]");
+        let e = Config::parse(&ident, Path::new("x.toml")).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("x.toml:13: devices[1].expected_ident"),
+            "{e}"
+        );
+        // A missing key: the device's table.
+        let e = Config::parse(
+            &text.replace("port = \"/dev/ttyUSB9\"\n", ""),
+            Path::new("x.toml"),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("devices[0]: missing field `port`"),
+            "{e}"
+        );
+        // An unknown driver lists the registered ones.
+        let e = Config::parse(
+            &text.replace("\"mt_sics\"", "\"mt_sisc\""),
+            Path::new("x.toml"),
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "x.toml:5: devices[0].driver: unknown driver \"mt_sisc\" (registered: {}) \
+                 (device \"balance-1\")",
+                registry::driver_names().join(", ")
+            )
+        );
+    }
+
+    #[test]
+    fn a_limit_the_family_never_refers_to_is_refused_by_name() {
+        let furnace = "[auth]\nopen = true\n[[devices]]\ndriver = \"eurotherm\"\nid = \"f\"\n\
+            endpoint = \"modbus-tcp://127.0.0.1:502\"\n[devices.limits]\nmax_temperature_c = 900.0\n";
+        let c = Config::parse(furnace, Path::new("x.toml")).unwrap();
+        assert_eq!(
+            c.devices[0]
+                .limits()
+                .and_then(|l| l.get("max_temperature_c")),
+            Some(900.0)
+        );
+        let e = Config::parse(
+            &format!("{furnace}max_temprature_c = 1000.0\n"),
+            Path::new("x.toml"),
+        )
+        .unwrap_err();
+        let e = e.to_string();
+        assert!(
+            e.starts_with(
+                "x.toml:9: devices[0].limits.max_temprature_c: the furnace family refers to no \
+                 limit \"max_temprature_c\" (it has "
+            ),
+            "{e}"
+        );
+        assert!(e.contains("max_temperature_c"), "{e}");
+        // A limit of another family.
+        let e = Config::parse(
+            &format!("{furnace}max_volume_ml = 10.0\n"),
+            Path::new("x.toml"),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("limits.max_volume_ml"), "{e}");
+        // Accepted values of a parameter the family does not have.
+        let analyser = "[auth]\nopen = true\n[[devices]]\ndriver = \"sorption_mqtt\"\nid = \"a\"\n\
+            broker = \"mqtt://127.0.0.1:1883\"\n[devices.limits.accepted]\n";
+        Config::parse(
+            &format!("{analyser}adsorptive = [\"CO2\"]\n"),
+            Path::new("x.toml"),
+        )
+        .unwrap();
+        let e = Config::parse(&format!("{analyser}gas = [\"CO2\"]\n"), Path::new("x.toml"))
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("devices[0].limits.accepted.gas: the analyser family has no parameter"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn devices_are_built_after_the_devices_they_use_in_config_order() {
+        let text = "[auth]\nopen = true\n\
+            [[devices]]\ndriver = \"ne1000\"\nid = \"p\"\nport = \"/dev/ttyUSB3\"\nreagent = \"A\"\n\
+            density_g_per_ml = 1.0\nsyringe_inner_diameter_mm = 14.43\nsyringe_volume_ml = 10.0\n\
+            fill_ml = 5.0\nbalance = \"b\"\n\
+            [[devices]]\ndriver = \"mt_sics\"\nid = \"b\"\nport = \"/dev/ttyUSB4\"\n";
+        let c = Config::parse(text, Path::new("x.toml")).unwrap();
+        let drivers = c.drivers().unwrap();
+        let ids: Vec<&str> = drivers.iter().map(|d| d.info().id.as_str()).collect();
+        assert_eq!(ids, ["p", "b"]);
+        assert!(drivers[0].info().transport.contains("weighed by b"));
+        // The balance must be an mt_sics device.
+        let e = Config::parse(
+            &text.replace(
+                "driver = \"mt_sics\"\nid = \"b\"\nport = \"/dev/ttyUSB4\"",
+                "driver = \"eurotherm\"\nid = \"b\"\nendpoint = \"modbus-tcp://127.0.0.1:502\"",
+            ),
+            Path::new("x.toml"),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("devices[0].balance: no mt_sics device \"b\" is configured"),
+            "{e}"
+        );
     }
 }

@@ -28,10 +28,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::app::{Daemon, Options, Security, StartError};
-use crate::config::{
-    BusConfig, Config, DeviceConfig, EurothermEntry, ModbusRtuBus, MtSicsEntry, Ne1000Entry,
-    Policies, SerialBusEntry, SorptionMqttEntry,
-};
+use ppu_drivers::analyser::sorption::config::SorptionMqttEntry;
+use ppu_drivers::balance::sics::config::MtSicsEntry;
+use ppu_drivers::dispenser::ne1000::config::Ne1000Entry;
+use ppu_drivers::furnace::eurotherm::config::EurothermEntry;
+
+use crate::config::{BusConfig, Config, DeviceConfig, ModbusRtuBus, Policies, SerialBusEntry};
 use crate::devices::PollSettings;
 use crate::scheduler::Scheduler;
 
@@ -245,12 +247,9 @@ impl DevLab {
         let Some(station) = &self.dispensing else {
             return Vec::new();
         };
-        let mut out = Vec::new();
+        let mut out: Vec<DeviceConfig> = Vec::new();
         if let Some(b) = &station.balance {
-            out.push(DeviceConfig::MtSics(MtSicsEntry::new(
-                b.id.clone(),
-                b.port.path(),
-            )));
+            out.push(Box::new(MtSicsEntry::new(b.id.clone(), b.port.path())));
         }
         for p in &station.pumps {
             let sim = p.sim.config();
@@ -262,7 +261,7 @@ impl DevLab {
             e.fill_ml = sim.contents_ml;
             e.balance = station.balance.as_ref().map(|b| b.id.clone());
             e.limits = pump_limits();
-            out.push(DeviceConfig::Ne1000(e));
+            out.push(Box::new(e));
         }
         out
     }
@@ -425,7 +424,7 @@ impl DevLab {
                     e.unit_id = f.sim.unit_id();
                     e
                 };
-                DeviceConfig::Eurotherm(e)
+                Box::new(e) as DeviceConfig
             })
             .chain(self.analyser_configs())
             .chain(self.dispensing_configs())
@@ -443,7 +442,7 @@ impl DevLab {
                 let mut e = SorptionMqttEntry::new(a.id.clone(), broker.url());
                 // Loopback: a lost link is noticed and retried quickly.
                 e.reconnect_max_ms = 1000;
-                DeviceConfig::SorptionMqtt(e)
+                Box::new(e) as DeviceConfig
             })
             .collect()
     }

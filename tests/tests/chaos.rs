@@ -6,6 +6,7 @@
 //! is listed, the event log is gapless from 1). The link cut mid-hold is in `safety.rs`.
 
 use ppu_daemon::config::DeviceConfig;
+use ppu_drivers::analyser::sorption::config::SorptionMqttEntry;
 use ppu_proto::v1 as pb;
 use ppu_tests::*;
 
@@ -283,7 +284,7 @@ async fn a_pump_unplugged_mid_dispense_fails_the_step_and_is_stopped_when_plugge
 const ANALYSER_GRACE_S: u64 = 2;
 
 fn short_analyser_grace(d: &mut DeviceConfig) {
-    if let DeviceConfig::SorptionMqtt(e) = d {
+    if let Some(e) = d.downcast_mut::<SorptionMqttEntry>() {
         e.outage_grace_s = ANALYSER_GRACE_S;
     }
 }

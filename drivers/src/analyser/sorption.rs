@@ -13,6 +13,9 @@
 //! Physical waits (a point's equilibration, a degas) are judged on the step's
 //! [`Clock`](crate::Clock); acknowledgements, outages and reconnects on real time.
 
+/// Its `[[devices]]` entry (`driver = "sorption_mqtt"`).
+pub mod config;
+
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};

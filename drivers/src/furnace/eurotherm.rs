@@ -36,6 +36,9 @@ use crate::device::{
 use crate::transport::modbus::{ModbusConfig, ModbusTransport};
 
 /// Register addresses (2000-series numbering).
+/// Its `[[devices]]` entry (`driver = "eurotherm"`).
+pub mod config;
+
 pub mod registers {
     /// Process value (measured temperature).
     pub const PV: u16 = 1;

@@ -11,6 +11,8 @@
 //! its own real-time stability timeout. Overload (`S +`) and underload (`S -`) are faults of a
 //! weighing, not of the link.
 
+/// Its `[[devices]]` entry (`driver = "mt_sics"`).
+pub mod config;
 pub mod protocol;
 
 use std::time::Duration;

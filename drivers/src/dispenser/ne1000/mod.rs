@@ -36,6 +36,8 @@
 //! `A?T`. If the daemon dies the pump stops by itself within the watchdog. The watchdog and
 //! keep-alive run in real time, like every protocol timeout.
 
+/// Its `[[devices]]` entry (`driver = "ne1000"`).
+pub mod config;
 pub mod protocol;
 
 use std::future::Future;
