@@ -105,6 +105,9 @@ pub enum Framing {
     Ne1000,
     /// ASCII lines terminated by `\r\n` (MT-SICS).
     CrLf,
+    /// ASCII lines terminated by a lone `\r` (Alicat flow controllers); a `\n` after the `\r`
+    /// is tolerated and dropped.
+    Cr,
 }
 
 /// One reply, as the decoder delimited it.
@@ -176,6 +179,7 @@ impl FrameDecoder {
         match self.framing {
             Framing::Ne1000 => self.next_ne1000(),
             Framing::CrLf => self.next_line(),
+            Framing::Cr => self.next_cr_line(),
         }
     }
 
@@ -253,6 +257,46 @@ impl FrameDecoder {
             let i = crlf?;
             let payload = self.buf[..i].to_vec();
             self.buf.drain(..i + 2);
+            if payload.iter().all(|b| *b == b' ') {
+                continue;
+            }
+            return Some(Frame {
+                payload,
+                safe: false,
+            });
+        }
+    }
+}
+
+impl FrameDecoder {
+    fn next_cr_line(&mut self) -> Option<Frame> {
+        loop {
+            // A `\n` (the tail of a CRLF) between lines is dropped, not counted as noise.
+            while self.buf.first() == Some(&b'\n') {
+                self.buf.remove(0);
+            }
+            let mut end = None;
+            let mut bad = None;
+            for (i, &b) in self.buf.iter().enumerate() {
+                match b {
+                    b'\r' => {
+                        end = Some(i);
+                        break;
+                    }
+                    0x20..=0x7E if i < MAX_LINE => {}
+                    _ => {
+                        bad = Some(i);
+                        break;
+                    }
+                }
+            }
+            if let Some(i) = bad {
+                self.drop_front(i + 1);
+                continue;
+            }
+            let i = end?;
+            let payload = self.buf[..i].to_vec();
+            self.buf.drain(..=i);
             if payload.iter().all(|b| *b == b' ') {
                 continue;
             }
@@ -909,6 +953,29 @@ mod tests {
     }
 
     #[test]
+    fn cr_lines_skip_noise() {
+        assert_eq!(
+            payloads(Framing::Cr, b"A +014.70 +025.00 CO2\r"),
+            ["A +014.70 +025.00 CO2"]
+        );
+        // Noise up to a stray CR is a line of its own (the caller's parser rejects it); a
+        // non-printable byte ends whatever line was building; CRLF is tolerated.
+        assert_eq!(
+            payloads(Framing::Cr, b"\xff\x00ga\rA ?\r\n\r\nA +1 N2\r"),
+            ["ga", "A ?", "A +1 N2"]
+        );
+        let mut d = FrameDecoder::new(Framing::Cr);
+        d.push(b"A +014.70");
+        assert_eq!(d.next_frame(), None);
+        d.push(b" N2\r");
+        assert_eq!(d.next_frame().unwrap().payload, b"A +014.70 N2");
+        let mut d = FrameDecoder::new(Framing::Cr);
+        d.push(&[b'x'; 1000]);
+        assert_eq!(d.next_frame(), None);
+        assert!(d.pending() <= MAX_LINE + 1);
+    }
+
+    #[test]
     fn ne1000_buffer_stays_bounded_on_noise() {
         let mut d = FrameDecoder::new(Framing::Ne1000);
         d.push(&[b'7'; 5000]);
@@ -942,7 +1009,7 @@ mod tests {
             bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512),
             cut in 1usize..64,
         ) {
-            for framing in [Framing::Ne1000, Framing::CrLf] {
+            for framing in [Framing::Ne1000, Framing::CrLf, Framing::Cr] {
                 let mut d = FrameDecoder::new(framing);
                 for chunk in bytes.chunks(cut) {
                     d.push(chunk);
