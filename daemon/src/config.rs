@@ -637,14 +637,14 @@ fn parse_devices(value: Option<toml::Value>, text: &str) -> Result<Vec<DeviceCon
         return Ok(Vec::new());
     };
     let spans = toml::de::DeTable::parse(text).ok();
-    let line_of = |segments: &[Segment<'_>]| {
+    let line_of = |parts: &[PathPart<'_>]| {
         let root = spans.as_ref()?;
-        let at = locate(root.get_ref(), segments)?;
+        let at = locate(root.get_ref(), parts)?;
         Some(text.get(..at.start)?.matches('\n').count() + 1)
     };
     let toml::Value::Array(items) = value else {
         return Err(DeviceError {
-            line: line_of(&[Segment::Key("devices")]),
+            line: line_of(&[PathPart::Key("devices")]),
             message: "devices: must be an array of tables ([[devices]])".to_owned(),
         });
     };
@@ -656,8 +656,8 @@ fn parse_devices(value: Option<toml::Value>, text: &str) -> Result<Vec<DeviceCon
             .and_then(toml::Value::as_str)
             .map(str::to_owned);
         let error = |key: &str, message: String| {
-            let mut segments = vec![Segment::Key("devices"), Segment::Index(i)];
-            segments.extend(Segment::parse(key));
+            let mut parts = vec![PathPart::Key("devices"), PathPart::Index(i)];
+            parts.extend(PathPart::parse(key));
             let device = id
                 .as_ref()
                 .map(|id| format!(" (device \"{id}\")"))
@@ -668,7 +668,7 @@ fn parse_devices(value: Option<toml::Value>, text: &str) -> Result<Vec<DeviceCon
                 "."
             };
             DeviceError {
-                line: line_of(&segments),
+                line: line_of(&parts),
                 message: format!("devices[{i}]{dot}{key}: {message}{device}"),
             }
         };
@@ -748,25 +748,25 @@ fn unknown_limit(spec: &dyn DeviceSpec, schema: &Schema) -> Option<(String, Stri
 
 /// One step of a key's path: a table key or an array index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Segment<'a> {
+enum PathPart<'a> {
     Key(&'a str),
     Index(usize),
 }
 
-impl<'a> Segment<'a> {
+impl<'a> PathPart<'a> {
     /// The steps of a path such as `limits.accepted.adsorptive[0]`.
-    fn parse(path: &'a str) -> Vec<Segment<'a>> {
+    fn parse(path: &'a str) -> Vec<PathPart<'a>> {
         let mut out = Vec::new();
         for part in path.split('.').filter(|p| !p.is_empty()) {
             let (key, indices) = part.split_once('[').unwrap_or((part, ""));
             if !key.is_empty() {
-                out.push(Segment::Key(key));
+                out.push(PathPart::Key(key));
             }
             out.extend(
                 indices
                     .split('[')
                     .filter_map(|i| i.trim_end_matches(']').parse().ok())
-                    .map(Segment::Index),
+                    .map(PathPart::Index),
             );
         }
         out
@@ -774,7 +774,7 @@ impl<'a> Segment<'a> {
 }
 
 /// The span of the deepest key (or array item) of `path` found in the document.
-fn locate(root: &toml::de::DeTable<'_>, path: &[Segment<'_>]) -> Option<std::ops::Range<usize>> {
+fn locate(root: &toml::de::DeTable<'_>, path: &[PathPart<'_>]) -> Option<std::ops::Range<usize>> {
     use toml::de::DeValue;
     enum Node<'d, 'i> {
         Table(&'d toml::de::DeTable<'i>),
@@ -783,13 +783,13 @@ fn locate(root: &toml::de::DeTable<'_>, path: &[Segment<'_>]) -> Option<std::ops
     }
     let mut best = None;
     let mut node = Node::Table(root);
-    for segment in path {
-        let found = match (segment, &node) {
-            (Segment::Key(k), Node::Table(t)) => t
+    for part in path {
+        let found = match (part, &node) {
+            (PathPart::Key(k), Node::Table(t)) => t
                 .iter()
                 .find(|(key, _)| key.get_ref().as_ref() == *k)
                 .map(|(key, v)| (key.span(), v)),
-            (Segment::Index(i), Node::Array(a)) => a.get(*i).map(|v| (v.span(), v)),
+            (PathPart::Index(i), Node::Array(a)) => a.get(*i).map(|v| (v.span(), v)),
             _ => None,
         };
         let Some((span, value)) = found else {

@@ -1,18 +1,33 @@
 //! ppu-drivers owns everything between the daemon and a device's wire: the [`Device`] trait that
-//! every driver implements, the physical-time [`Clock`], the transports (Modbus TCP/RTU now;
-//! serial and MQTT later) and the drivers for each device family.
+//! every driver implements, the physical-time [`Clock`], the transports (Modbus TCP/RTU,
+//! serial, MQTT) and the device families, each a folder with its schema (`<family>.proto`),
+//! its drivers and their configuration.
 //!
-//! Drivers speak the real protocol and know nothing of gRPC, the store or the simulator: the
-//! daemon converts its API types to the plain domain types in [`device`].
+//! Drivers speak the real protocol and know nothing of gRPC, the store or the simulator: a
+//! step reaches them as their family's own command message ([`StepCommand`]).
 
-pub mod analyser;
-pub mod balance;
 pub mod clock;
 pub mod device;
-pub mod dispenser;
-pub mod furnace;
 pub mod registry;
 pub mod transport;
+
+/// Declares the device families, one line each: `pub mod <family>;` and the family's drivers
+/// (its `DRIVERS`) in [`registry::drivers`]. A family's `.proto` is found by `build.rs`.
+macro_rules! families {
+    ($($family:ident),* $(,)?) => {
+        $(pub mod $family;)*
+
+        /// Every registered family's driver factories, in registration order.
+        pub(crate) static FAMILY_DRIVERS: &[&[&dyn registry::DriverFactory]] = &[$($family::DRIVERS),*];
+    };
+}
+
+families! {
+    furnace,
+    analyser,
+    dispenser,
+    balance,
+}
 
 pub use clock::Clock;
 pub use device::{

@@ -5,7 +5,7 @@
 //! edit) and one `pub mod` line in `lib.rs`. The daemon builds its [`Schema`] from
 //! [`FILE_DESCRIPTOR_SET`] and never names a family.
 //!
-//! A driver registers with one line in [`DRIVERS`]. Its [`DriverFactory`] reads its
+//! A driver registers in its family's `DRIVERS`; a family with one line in `lib.rs`. Its [`DriverFactory`] reads its
 //! `[[devices]]` table (`driver = "…"`) into its own config type, a [`DeviceSpec`], which tells
 //! the daemon what its cross-device checks need (the port it opens, the bus and address it
 //! names, the devices it uses) and builds the driver. The daemon's config names no driver
@@ -33,22 +33,20 @@ pub fn schema() -> Result<Schema, SchemaError> {
     Schema::new(&[FILE_DESCRIPTOR_SET])
 }
 
-/// Every driver, one line each.
-pub static DRIVERS: &[&dyn DriverFactory] = &[
-    &crate::furnace::eurotherm::config::Factory,
-    &crate::analyser::sorption::config::Factory,
-    &crate::dispenser::ne1000::config::Factory,
-    &crate::balance::sics::config::Factory,
-];
+/// Every registered driver: each family's `DRIVERS`, in the order of the family list in
+/// `lib.rs` (one line per family).
+pub fn drivers() -> impl Iterator<Item = &'static dyn DriverFactory> {
+    crate::FAMILY_DRIVERS.iter().flat_map(|d| d.iter().copied())
+}
 
 /// The driver registered as `name` (the `driver` key's value).
 pub fn driver(name: &str) -> Option<&'static dyn DriverFactory> {
-    DRIVERS.iter().copied().find(|d| d.name() == name)
+    drivers().find(|d| d.name() == name)
 }
 
 /// The registered drivers' names, in registration order.
 pub fn driver_names() -> Vec<&'static str> {
-    DRIVERS.iter().map(|d| d.name()).collect()
+    drivers().map(|d| d.name()).collect()
 }
 
 /// A driver, as the config sees it: reads its devices' tables.
@@ -275,7 +273,7 @@ mod tests {
     fn every_driver_is_registered_once_with_a_family_of_the_schema() {
         let schema = schema().expect("the families' schema loads");
         let names = driver_names();
-        for (i, d) in DRIVERS.iter().enumerate() {
+        for (i, d) in drivers().enumerate() {
             assert!(!names[..i].contains(&d.name()), "{} twice", d.name());
             assert!(schema.family(d.family()).is_some(), "{}", d.family());
         }

@@ -17,6 +17,9 @@ pub mod sorption;
 
 pub use sorption::{SorptionAnalyser, SorptionConfig};
 
+/// This family's drivers, as the registry builds them from `[[devices]]` tables.
+pub static DRIVERS: &[&dyn crate::registry::DriverFactory] = &[&sorption::config::Factory];
+
 use crate::device::{DeviceError, StepCommand};
 
 /// A command of this family, as the driver runs it (0 = "device default" made `None`).

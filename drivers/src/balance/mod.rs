@@ -9,6 +9,9 @@ pub mod schema {
 
 pub mod sics;
 
+/// This family's drivers, as the registry builds them from `[[devices]]` tables.
+pub static DRIVERS: &[&dyn crate::registry::DriverFactory] = &[&sics::config::Factory];
+
 use crate::device::{DeviceError, StepCommand};
 
 /// The stability timeout of a `Weigh` command (`None` = the device default); `Unsupported`

@@ -27,6 +27,9 @@ pub mod schema {
 
 pub mod ne1000;
 
+/// This family's drivers, as the registry builds them from `[[devices]]` tables.
+pub static DRIVERS: &[&dyn crate::registry::DriverFactory] = &[&ne1000::config::Factory];
+
 use crate::device::{DeviceError, StepCommand};
 
 /// A command of this family, as the driver runs it (0 = "pump default" made `None`).

@@ -8,6 +8,9 @@ pub mod schema {
 
 pub mod eurotherm;
 
+/// This family's drivers, as the registry builds them from `[[devices]]` tables.
+pub static DRIVERS: &[&dyn crate::registry::DriverFactory] = &[&eurotherm::config::Factory];
+
 use crate::device::{DeviceError, StepCommand};
 
 /// One segment of a furnace program, as the driver runs it.
