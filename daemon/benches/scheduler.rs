@@ -19,11 +19,12 @@ use ppu_daemon::devices::{Devices, RetryPolicy};
 use ppu_daemon::recovery::RecoveryPolicy;
 use ppu_daemon::scheduler::Scheduler;
 use ppu_daemon::store::Store;
-use ppu_drivers::device::{
-    DeviceInfo, DeviceStatus, DispenseResult, Family, FurnaceResult, IsothermResult, Limits,
-    Segment,
-};
-use ppu_drivers::{Capability, Clock, Device, DeviceError, StepCommand, StepContext, StepOutput};
+use ppu_drivers::analyser::schema::IsothermResult;
+use ppu_drivers::device::{DeviceInfo, DeviceStatus, Limits};
+use ppu_drivers::dispenser::schema::DispenseResult;
+use ppu_drivers::furnace::Segment;
+use ppu_drivers::furnace::schema::FurnaceResult;
+use ppu_drivers::{Clock, Device, DeviceError, StepCommand, StepContext, StepOutput};
 use ppu_proto::v1 as pb;
 
 const EXPERIMENTS: usize = 100;
@@ -38,7 +39,7 @@ struct Synthetic {
 }
 
 impl Synthetic {
-    fn device(id: String, family: Family, cap: Capability, clock: Clock) -> Arc<dyn Device> {
+    fn device(id: String, family: String, cap: String, clock: Clock) -> Arc<dyn Device> {
         Arc::new(Self {
             info: DeviceInfo {
                 id,
@@ -55,26 +56,37 @@ impl Synthetic {
 }
 
 fn seconds(cmd: &StepCommand) -> f64 {
-    match cmd {
-        StepCommand::FurnaceProgram { segments } => segments
+    use ppu_drivers::{analyser, dispenser, furnace};
+    if let Ok(segments) = furnace::program(cmd, "bench") {
+        return segments
             .iter()
             .map(|s| match s {
                 Segment::Hold { duration_s } => *duration_s,
                 _ => 0.0,
             })
-            .sum(),
-        StepCommand::Dispense {
-            volume_ml,
-            rate_ml_per_min,
-            ..
-        } => volume_ml / rate_ml_per_min * 60.0,
-        StepCommand::Isotherm {
+            .sum();
+    }
+    if let Ok(dispenser::StepKind::Dispense {
+        volume_ml,
+        rate_ml_per_min,
+        ..
+    }) = dispenser::StepKind::of(cmd, "bench")
+    {
+        return volume_ml / rate_ml_per_min * 60.0;
+    }
+    match analyser::StepKind::of(cmd, "bench") {
+        Ok(analyser::StepKind::Isotherm {
             pressures_bar,
             equilibration_interval_s,
             ..
-        } => pressures_bar.len() as f64 * equilibration_interval_s.unwrap_or(10.0),
+        }) => pressures_bar.len() as f64 * equilibration_interval_s.unwrap_or(10.0),
         _ => 0.0,
     }
+}
+
+/// The capability that runs `cmd`, as the schema says.
+fn capability(cmd: &StepCommand) -> &'static str {
+    ppu_daemon::schema::capability_of(cmd).unwrap_or_default()
 }
 
 #[async_trait]
@@ -84,10 +96,10 @@ impl Device for Synthetic {
     }
 
     fn check(&self, step: &StepCommand) -> Result<(), DeviceError> {
-        if self.info.capabilities.contains(&step.capability()) {
+        if self.info.has(capability(step)) {
             Ok(())
         } else {
-            Err(DeviceError::Unsupported(step.capability().to_string()))
+            Err(DeviceError::Unsupported(capability(step).to_owned()))
         }
     }
 
@@ -102,10 +114,10 @@ impl Device for Synthetic {
             _ = self.clock.sleep(seconds(step)) => {}
         }
         self.active.store(false, Ordering::SeqCst);
-        Ok(match step {
-            StepCommand::Dispense { .. } => StepOutput::Dispense(DispenseResult::default()),
-            StepCommand::Isotherm { .. } => StepOutput::Isotherm(IsothermResult::default()),
-            _ => StepOutput::Furnace(FurnaceResult::default()),
+        Ok(match capability(step) {
+            "dispense" => StepOutput::pack(&DispenseResult::default()),
+            "isotherm" => StepOutput::pack(&IsothermResult::default()),
+            _ => StepOutput::pack(&FurnaceResult::default()),
         })
     }
 
@@ -258,24 +270,24 @@ async fn run(work: &[Work], pumps: usize, furnaces: usize, analysers: usize) -> 
     for i in 1..=pumps {
         drivers.push(Synthetic::device(
             format!("pump-{i}"),
-            Family::Dispenser,
-            Capability::Dispense,
+            "dispenser".to_owned(),
+            "dispense".to_owned(),
             clock,
         ));
     }
     for i in 1..=furnaces {
         drivers.push(Synthetic::device(
             format!("furnace-{i}"),
-            Family::Furnace,
-            Capability::FurnaceProgram,
+            "furnace".to_owned(),
+            "furnace_program".to_owned(),
             clock,
         ));
     }
     for i in 1..=analysers {
         drivers.push(Synthetic::device(
             format!("analyser-{i}"),
-            Family::Analyser,
-            Capability::Isotherm,
+            "analyser".to_owned(),
+            "isotherm".to_owned(),
             clock,
         ));
     }

@@ -80,7 +80,19 @@ pub struct DevLab {
     pub analysers: Vec<SimulatedAnalyser>,
     /// The dispensing station, once added: pumps and a balance, each on a pty.
     pub dispensing: Option<SimStation>,
+    /// The devices of the simulated families registered as plugins
+    /// ([`ppu_sim::registry`]), once added ([`DevLab::add_plugin_families`]).
+    pub plugins: Vec<PluginDevice>,
     clock: Clock,
+}
+
+/// A simulated device of a plugin family, with the configuration its real driver gets.
+pub struct PluginDevice {
+    pub id: String,
+    /// One line for `ppud dev`'s listing.
+    pub description: String,
+    pub config: DeviceConfig,
+    running: Box<dyn ppu_sim::registry::Running>,
 }
 
 /// Reagents of the simulated dispensing station: (pump id, reagent, density g/mL, delivery
@@ -212,6 +224,7 @@ impl DevLab {
             broker: None,
             analysers: Vec::new(),
             dispensing: None,
+            plugins: Vec::new(),
             clock,
         })
     }
@@ -291,6 +304,37 @@ impl DevLab {
 
     /// A transfer was confirmed: `sample_id` is now at `device_id`. The simulated world files
     /// what happens there (furnace temperatures, dispenses) under that sample.
+    /// Starts the devices of every simulated family registered as a plugin
+    /// ([`ppu_sim::registry::families`]), each configured through its driver's registered
+    /// factory exactly as a `[[devices]]` table of ppud.toml would be.
+    pub async fn add_plugin_families(&mut self) -> std::io::Result<()> {
+        for family in ppu_sim::registry::families() {
+            for d in family.start_dev(self.clock).await? {
+                let mut table = d.config;
+                let bad = |why: String| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("simulated {}: {why}", family.name()),
+                    )
+                };
+                let driver = match table.remove("driver") {
+                    Some(toml::Value::String(name)) => name,
+                    _ => return Err(bad("its [[devices]] table has no driver".into())),
+                };
+                let factory = ppu_drivers::registry::driver(&driver)
+                    .ok_or_else(|| bad(format!("no driver \"{driver}\" is registered")))?;
+                let config = factory.parse(table).map_err(|e| bad(e.to_string()))?;
+                self.plugins.push(PluginDevice {
+                    id: config.id().to_owned(),
+                    description: d.description,
+                    config,
+                    running: d.running,
+                });
+            }
+        }
+        Ok(())
+    }
+
     pub fn on_sample_placed(&self, sample_id: &str, device_id: &str) {
         self.world.place(sample_id, device_id);
     }
@@ -428,6 +472,7 @@ impl DevLab {
             })
             .chain(self.analyser_configs())
             .chain(self.dispensing_configs())
+            .chain(self.plugins.iter().map(|p| p.config.clone()))
             .collect()
     }
 
@@ -463,6 +508,9 @@ impl DevLab {
         }
         if let Some(station) = self.dispensing {
             station.shutdown().await;
+        }
+        for p in self.plugins {
+            p.running.shutdown().await;
         }
     }
 }

@@ -746,6 +746,35 @@ pub async fn router(
         ))
 }
 
+/// Every family's schema, for `GetSchema`: the whole descriptor pool and a listing.
+fn device_schema() -> pb::DeviceSchema {
+    let schema = crate::schema::schema();
+    let families = schema
+        .families()
+        .iter()
+        .map(|f| pb::FamilySchema {
+            name: f.name().to_owned(),
+            description: f.options.description.clone(),
+            commands: f
+                .commands
+                .iter()
+                .filter_map(|name| schema.command(name))
+                .map(|c| pb::CommandSchema {
+                    name: c.name().to_owned(),
+                    capability: c.capability().to_owned(),
+                    message: c.full_name().to_owned(),
+                    result: c.options.result.clone(),
+                    intermediate: c.options.intermediate.clone(),
+                })
+                .collect(),
+        })
+        .collect();
+    pb::DeviceSchema {
+        file_descriptor_set: schema.file_descriptor_set(),
+        families,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -809,34 +838,5 @@ mod tests {
             assert_eq!(status.code(), code, "{message}");
             assert_eq!(status.message(), message);
         }
-    }
-}
-
-/// Every family's schema, for `GetSchema`: the whole descriptor pool and a listing.
-fn device_schema() -> pb::DeviceSchema {
-    let schema = crate::schema::schema();
-    let families = schema
-        .families()
-        .iter()
-        .map(|f| pb::FamilySchema {
-            name: f.name().to_owned(),
-            description: f.options.description.clone(),
-            commands: f
-                .commands
-                .iter()
-                .filter_map(|name| schema.command(name))
-                .map(|c| pb::CommandSchema {
-                    name: c.name().to_owned(),
-                    capability: c.capability().to_owned(),
-                    message: c.full_name().to_owned(),
-                    result: c.options.result.clone(),
-                    intermediate: c.options.intermediate.clone(),
-                })
-                .collect(),
-        })
-        .collect();
-    pb::DeviceSchema {
-        file_descriptor_set: schema.file_descriptor_set(),
-        families,
     }
 }

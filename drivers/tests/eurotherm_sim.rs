@@ -232,7 +232,7 @@ async fn reconnects_after_the_server_comes_back() {
 async fn program_runs_to_every_target_and_ends_safe() {
     let rig = rig(FAST).await;
     let dev = Eurotherm::new(config(rig.addr));
-    let step = ppu_drivers::furnace::program_command(&vec![
+    let step = ppu_drivers::furnace::program_command(&[
         Segment::Ramp {
             temperature_c: 200.0,
             rate_c_per_min: 10.0,
@@ -302,7 +302,7 @@ async fn program_runs_to_every_target_and_ends_safe() {
 async fn cancelling_during_a_hold_aborts_and_leaves_the_furnace_safe() {
     let rig = rig(FAST).await;
     let dev = Arc::new(Eurotherm::new(config(rig.addr)));
-    let step = ppu_drivers::furnace::program_command(&vec![
+    let step = ppu_drivers::furnace::program_command(&[
         Segment::Ramp {
             temperature_c: 100.0,
             rate_c_per_min: 20.0,
@@ -342,7 +342,7 @@ async fn cancelling_during_a_hold_aborts_and_leaves_the_furnace_safe() {
 async fn heater_failure_fails_the_program() {
     let rig = rig(FAST).await;
     let dev = Arc::new(Eurotherm::new(config(rig.addr)));
-    let step = ppu_drivers::furnace::program_command(&vec![Segment::Ramp {
+    let step = ppu_drivers::furnace::program_command(&[Segment::Ramp {
         temperature_c: 800.0,
         rate_c_per_min: 10.0,
     }]);
@@ -375,7 +375,7 @@ async fn heater_failure_fails_the_program() {
 async fn a_short_outage_during_a_hold_is_ridden_out() {
     let rig = rig(FAST).await;
     let dev = Arc::new(Eurotherm::new(config(rig.addr)));
-    let step = ppu_drivers::furnace::program_command(&vec![
+    let step = ppu_drivers::furnace::program_command(&[
         Segment::StepTo {
             temperature_c: 60.0,
         },
@@ -415,7 +415,7 @@ async fn a_short_outage_during_a_hold_is_ridden_out() {
 async fn a_program_over_the_limits_is_rejected_before_anything_is_sent() {
     let rig = rig(FAST).await;
     let dev = Eurotherm::new(config(rig.addr));
-    let step = ppu_drivers::furnace::program_command(&vec![
+    let step = ppu_drivers::furnace::program_command(&[
         Segment::Ramp {
             temperature_c: 500.0,
             rate_c_per_min: 10.0,
@@ -446,7 +446,7 @@ async fn a_step_is_held_to_the_declared_ramp_limit_by_the_controller() {
         .limits
         .get("max_rate_c_per_min")
         .expect("rig declares a ramp limit");
-    let step = ppu_drivers::furnace::program_command(&vec![Segment::StepTo {
+    let step = ppu_drivers::furnace::program_command(&[Segment::StepTo {
         temperature_c: 300.0,
     }]);
     let (ctx, mut rx) = context(rig.clock);
@@ -511,7 +511,7 @@ async fn another_instrument_at_the_address_is_refused_before_anything_is_written
     assert!(text.contains("0x2480 (2408)"), "{text}");
 
     // A program never reaches the setpoint register of an unverified instrument.
-    let step = ppu_drivers::furnace::program_command(&vec![Segment::StepTo {
+    let step = ppu_drivers::furnace::program_command(&[Segment::StepTo {
         temperature_c: 300.0,
     }]);
     let (ctx, _rx) = context(rig.clock);

@@ -117,7 +117,7 @@ async fn furnace_line(baud: u32) -> FurnaceLine {
 }
 
 fn program(temperature_c: f64, hold_s: f64) -> StepCommand {
-    ppu_drivers::furnace::program_command(&vec![
+    ppu_drivers::furnace::program_command(&[
         Segment::StepTo { temperature_c },
         Segment::Hold { duration_s: hold_s },
     ])

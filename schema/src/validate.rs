@@ -7,7 +7,7 @@
 //! values. Every refusal names the field path below the step (`furnace.segments[0].ramp.
 //! temperature_c`) and a reason a planner can act on.
 
-use prost_reflect::{DynamicMessage, FieldDescriptor, Kind, ReflectMessage, Value};
+use prost_reflect::{DynamicMessage, Kind, ReflectMessage, Value};
 
 use crate::{Limits, Schema};
 
@@ -63,12 +63,7 @@ fn walk<E>(
     schema: &Schema,
     msg: &DynamicMessage,
     prefix: &str,
-    f: &mut dyn FnMut(
-        &FieldDescriptor,
-        &crate::options::FieldOptions,
-        &str,
-        &Value,
-    ) -> Result<(), E>,
+    f: &mut dyn FnMut(&crate::options::FieldOptions, &str, &Value) -> Result<(), E>,
 ) -> Result<(), E> {
     for (field, value) in msg.fields() {
         let path = join(prefix, field.name());
@@ -79,12 +74,12 @@ fn walk<E>(
                     let p = format!("{path}[{i}]");
                     match item {
                         Value::Message(m) => walk(schema, m, &p, f)?,
-                        v => f(&field, &opts, &p, v)?,
+                        v => f(&opts, &p, v)?,
                     }
                 }
             }
             Value::Message(m) => walk(schema, m, &path, f)?,
-            v => f(&field, &opts, &path, v)?,
+            v => f(&opts, &path, v)?,
         }
     }
     Ok(())
@@ -134,7 +129,7 @@ pub fn bounds(
         schema,
         msg,
         prefix,
-        &mut |_, _, path, value| match (value.as_str(), max_text) {
+        &mut |_, path, value| match (value.as_str(), max_text) {
             (Some(text), Some(max)) if text.len() > max => Err(FieldError {
                 path: path.to_owned(),
                 reason: format!(
@@ -217,7 +212,7 @@ pub fn structure(schema: &Schema, msg: &DynamicMessage, prefix: &str) -> Result<
         }
     }
     // Values: finite, static bounds.
-    walk(schema, msg, prefix, &mut |_, opts, path, value| {
+    walk(schema, msg, prefix, &mut |opts, path, value| {
         let Some(v) = number(value) else {
             return Ok(());
         };
@@ -292,7 +287,7 @@ pub fn device(
     prefix: &str,
     limits: &Limits,
 ) -> Result<(), DeviceRefusal> {
-    walk(schema, msg, prefix, &mut |_, opts, path, value| {
+    walk(schema, msg, prefix, &mut |opts, path, value| {
         if !opts.accepted.is_empty()
             && let Some(text) = value.as_str()
             && !limits.accepts(&opts.accepted, text)

@@ -27,5 +27,18 @@ pub mod dispenser;
 pub mod furnace;
 pub mod modbus;
 pub mod pty;
+pub mod registry;
 pub mod rtu;
 pub mod world;
+
+/// Declares the simulated families that are plugins, one line each: `pub mod <family>;` and
+/// its [`registry::SimFamily`] (`<family>::SIM`), so `ppu-sim` and `ppud dev` pick it up.
+macro_rules! sim_families {
+    ($($family:ident),* $(,)?) => {
+        $(pub mod $family;)*
+
+        pub(crate) static SIM_FAMILIES: &[&dyn registry::SimFamily] = &[$(&$family::SIM),*];
+    };
+}
+
+sim_families! {}

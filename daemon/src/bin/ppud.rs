@@ -192,6 +192,9 @@ async fn main() -> Result<()> {
             lab.add_dispensing_station()
                 .await
                 .context("starting the simulated dispensing station")?;
+            lab.add_plugin_families()
+                .await
+                .context("starting the simulated devices of the plugin families")?;
             let config = Config {
                 listen,
                 data_dir,
@@ -233,6 +236,9 @@ async fn main() -> Result<()> {
                         a.sim.base_topic()
                     );
                 }
+            }
+            for p in &lab.plugins {
+                println!("  device {}: {}", p.id, p.description);
             }
             if let Some(station) = &lab.dispensing {
                 for p in &station.pumps {

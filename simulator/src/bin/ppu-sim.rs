@@ -4,7 +4,7 @@ use std::io::IsTerminal;
 use std::net::SocketAddr;
 
 use anyhow::{Context, Result, bail};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Subcommand};
 use ppu_drivers::Clock;
 use ppu_sim::furnace::{FurnaceConfig, SimFurnace};
 use ppu_sim::modbus::{ServerHandle, serve_tcp};
@@ -15,7 +15,7 @@ use tracing_subscriber::EnvFilter;
 /// Each simulated instrument speaks its real protocol on a real socket, so drivers (and ppud)
 /// talk to it exactly as they would to the hardware. Logs go to stderr; set RUST_LOG (e.g.
 /// RUST_LOG=ppu_sim=debug) for more detail.
-#[derive(Parser, Debug)]
+#[derive(clap::Parser, Debug)]
 #[command(name = "ppu-sim", version, about, long_about)]
 struct Cli {
     #[command(subcommand)]
@@ -192,7 +192,19 @@ async fn main() -> Result<()> {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
 
-    let cli = Cli::parse();
+    // Plugin families add their own subcommands.
+    let command =
+        ppu_sim::registry::families().fold(Cli::command(), |c, f| c.subcommand(f.command()));
+    let matches = command.get_matches();
+    if let Some((name, args)) = matches.subcommand()
+        && let Some(family) = ppu_sim::registry::family(name)
+    {
+        return family.run(args.clone()).await;
+    }
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     match cli.command {
         Command::Furnace(args) => run_furnaces(args).await,
         Command::Dispenser(args) => run_dispenser(args).await,
