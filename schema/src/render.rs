@@ -1095,3 +1095,182 @@ fn collect(schema: &Schema, msg: &DynamicMessage, prefix: &str, out: &mut Vec<(S
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost_reflect::DeserializeOptions;
+
+    const TEST_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/display_test.bin"));
+
+    fn schema() -> Schema {
+        Schema::new(&[TEST_SET]).expect("the test family loads")
+    }
+
+    fn msg(schema: &Schema, name: &str, json: &str) -> DynamicMessage {
+        let desc = schema
+            .pool()
+            .get_message_by_name(&format!("ppu.schema.test.v1.{name}"))
+            .expect("test message");
+        let mut de = serde_json::Deserializer::from_str(json);
+        DynamicMessage::deserialize_with_options(desc, &mut de, &DeserializeOptions::new())
+            .expect("test JSON")
+    }
+
+    #[test]
+    fn number_formats_follow_the_rules_ppuctl_printed_with() {
+        assert_eq!(num(2.5), "2.5");
+        assert_eq!(num(150.0), "150");
+        assert_eq!(measured(149.96, 1), "150");
+        assert_eq!(measured(-0.01, 1), "0");
+        assert_eq!(measured(62.4, 0), "62");
+        assert_eq!(measured_sci(0.00002, 4), "2.0e-5");
+        assert_eq!(measured_sci(0.0, 4), "0");
+        assert_eq!(measured_sci(0.05, 4), "0.05");
+        assert_eq!(duration(45.0), "45 s");
+        assert_eq!(duration(90.0), "1 min 30 s");
+        assert_eq!(duration(7200.0), "2 h");
+        assert_eq!(duration(7500.0), "2 h 05 min");
+        assert_eq!(signed_pct(-0.0005), "−0.05 %");
+        assert_eq!(signed_pct(0.0123), "+1.23 %");
+        assert_eq!(signed_pct(-0.00001), "0.00 %");
+        assert_eq!(
+            table(&["A", "BB"], &[vec!["xyz".into(), "1".into()]]),
+            "A    BB\nxyz  1\n"
+        );
+    }
+
+    #[test]
+    fn specs_parse_and_ignore_what_they_do_not_know() {
+        assert_eq!(Spec::parse(".3").number, Number::Fixed(3));
+        assert_eq!(Spec::parse("~4e").number, Number::AtMostSci(4));
+        let s = Spec::parse("~2, nounit");
+        assert_eq!((s.number, s.nounit), (Number::AtMost(2), true));
+        assert_eq!(Spec::parse("sparkle").number, Number::Shortest);
+    }
+
+    #[test]
+    fn a_summary_fills_units_lists_items_oneofs_and_conditions() {
+        let s = schema();
+        let run = msg(
+            &s,
+            "Run",
+            r#"{"moves":[{"go":{"x_mm":12.5,"speed_mm_s":3.04}},{"pause":{"duration_s":90}},{}],
+                "levels":[0.1,1]}"#,
+        );
+        assert_eq!(
+            summary(&s, &run),
+            "run 3 moves: go to 12.5 mm at 3 mm/s → pause 1 min 30 s → (nothing) at 0.1, 1 bar"
+        );
+        let run = msg(&s, "Run", r#"{"note":"dry","levels":[]}"#);
+        assert_eq!(summary(&s, &run), "run 0 moves: , note dry at ");
+        assert!(has_summary(&s, &run));
+    }
+
+    #[test]
+    fn a_detail_numbers_items_and_a_table_computes_its_columns() {
+        let s = schema();
+        let run = msg(
+            &s,
+            "Run",
+            r#"{"moves":[{"go":{"x_mm":1}},{"pause":{"duration_s":5}}]}"#,
+        );
+        assert_eq!(
+            detail(&s, &run).unwrap(),
+            ["1. go to 1 mm at 0 mm/s", "2. pause 5 s"]
+        );
+        let r = msg(
+            &s,
+            "RunResult",
+            r#"{"points":[{"x":0.00002,"y":1},{"x":0,"y":2},{"x":2,"y":1}],"note":"n"}"#,
+        );
+        assert_eq!(
+            detail(&s, &r).unwrap(),
+            [
+                "result of 3",
+                "note: n",
+                "#  X (bar)  Y/X",
+                "1  2.0e-5   50000.000",
+                "2  0        -",
+                "3  2        0.500",
+            ]
+        );
+        let empty = msg(&s, "RunResult", "{}");
+        assert_eq!(detail(&s, &empty).unwrap(), ["result of 0", "(no points)"]);
+        // A message that declares neither reads as its summary.
+        assert!(detail(&s, &msg(&s, "Go", "{}")).is_none());
+    }
+
+    #[test]
+    fn conditions_tell_set_from_unset_and_plurals_from_one() {
+        let s = schema();
+        let one = msg(&s, "RunResult", r#"{"points":[{"x":1,"y":0.5}],"ok":true}"#);
+        assert_eq!(summary(&s, &one), "1 point, last y 0.50");
+        // An optional field set to 0 is set; a plain bool false is not.
+        let r = msg(&s, "RunResult", r#"{"deviation":0}"#);
+        assert_eq!(summary(&s, &r), "0 points, 0.00 % (NOT ok)");
+        let r = msg(&s, "RunResult", r#"{"deviation":-0.0005,"points":[{},{}]}"#);
+        assert_eq!(summary(&s, &r), "2 points, last y 0.00, −0.05 % (NOT ok)");
+    }
+
+    #[test]
+    fn a_message_without_a_template_reads_as_its_fields() {
+        let s = schema();
+        let m = msg(&s, "Plain", r#"{"a_ml":2.5,"b":"x"}"#);
+        assert!(!has_summary(&s, &m));
+        assert_eq!(summary(&s, &m), "a_ml=2.5 mL b=x");
+    }
+
+    #[test]
+    fn expressions_guard_division_and_unset_operands() {
+        let s = schema();
+        let p = msg(&s, "Point", r#"{"x":4,"y":1}"#);
+        assert_eq!(
+            fill(&s, &p, "{y / x:.2} {x / 0} {abs(y - x)} {x * 2 + 1}"),
+            "0.25 ? 3 9"
+        );
+        assert_eq!(
+            fill(&s, &p, "{?x >= 4}a{/}{?x < 4}b{:}c{/}{?missing > 1}d{/}"),
+            "ac"
+        );
+        assert_eq!(fill(&s, &p, "{{literal}} {x:nounit}"), "{literal} 4");
+        // An unclosed section ends with the template.
+        assert_eq!(fill(&s, &p, "{?x}open"), "open");
+    }
+
+    #[test]
+    fn key_readings_and_trend_come_from_the_family() {
+        let s = schema();
+        let family = s.family("probe").unwrap();
+        let values = |on: Option<f64>| {
+            move |name: &str| match name {
+                "t_c" => Some(150.04),
+                "on" => on,
+                _ => None,
+            }
+        };
+        let line = |on| {
+            let value = values(on);
+            key_reading(
+                &s,
+                &Readings {
+                    family,
+                    value: &value,
+                    activity: "busy",
+                },
+            )
+            .unwrap()
+        };
+        assert_eq!(line(Some(1.0)), "T 150 °C, busy on");
+        assert_eq!(line(Some(0.0)), "T 150 °C, busy off");
+        assert_eq!(line(None), "T 150 °C, busy");
+        let none = |_: &str| None;
+        let r = Readings {
+            family,
+            value: &none,
+            activity: "offline",
+        };
+        assert_eq!(key_reading(&s, &r).unwrap(), "T ? °C, offline");
+        assert_eq!(trend(family), Some(("t_c", "T °C".to_owned())));
+    }
+}
