@@ -18,5 +18,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .file_descriptor_set_path(out.join("ppu_schema_v1.bin"))
         .compile_protos(&[format!("../proto/{OPTIONS}")], &["../proto".to_owned()])?;
     println!("cargo:rerun-if-changed=../proto/{OPTIONS}");
+    // A made-up family for the rendering tests (its generated Rust is not used).
+    let test_out = out.join("test");
+    std::fs::create_dir_all(&test_out)?;
+    tonic_prost_build::configure()
+        .build_client(false)
+        .build_server(false)
+        .out_dir(&test_out)
+        .file_descriptor_set_path(out.join("display_test.bin"))
+        .compile_protos(&["tests/display.proto"], &["../proto", "tests"])?;
+    println!("cargo:rerun-if-changed=tests/display.proto");
     Ok(())
 }

@@ -118,6 +118,7 @@ struct Inner {
     by_v1_step: HashMap<u32, usize>,
     by_result: HashMap<String, usize>,
     field_ext: Option<ExtensionDescriptor>,
+    display_ext: Option<ExtensionDescriptor>,
 }
 
 impl Schema {
@@ -138,6 +139,7 @@ impl Schema {
         let family_ext = ext("ppu.schema.v1.family");
         let command_ext = ext("ppu.schema.v1.command");
         let field_ext = ext("ppu.schema.v1.field");
+        let display_ext = ext("ppu.schema.v1.display");
         let mut families = Vec::new();
         let mut commands = Vec::new();
         let (Some(family_ext), Some(command_ext)) = (family_ext, command_ext) else {
@@ -228,6 +230,7 @@ impl Schema {
                 by_v1_step,
                 by_result,
                 field_ext,
+                display_ext,
             }),
         })
     }
@@ -306,6 +309,32 @@ impl Schema {
             return Default::default();
         }
         transcode(&opts.get_extension(ext)).unwrap_or_default()
+    }
+
+    /// A message's `(ppu.schema.v1.display)` annotation; the default (nothing declared) if none.
+    pub fn display(&self, message: &MessageDescriptor) -> options::DisplayOptions {
+        let Some(ext) = &self.inner.display_ext else {
+            return Default::default();
+        };
+        let opts = message.options();
+        if !opts.has_extension(ext) {
+            return Default::default();
+        }
+        transcode(&opts.get_extension(ext)).unwrap_or_default()
+    }
+
+    /// The family a device belongs to: by its family name, else by its `ppu.v1.DeviceFamily`.
+    pub fn device_family(&self, name: &str, v1_family: u32) -> Option<&Family> {
+        if !name.is_empty() {
+            return self.family(name);
+        }
+        if v1_family == 0 {
+            return None;
+        }
+        self.inner
+            .families
+            .iter()
+            .find(|f| f.options.v1_family == v1_family)
     }
 
     /// Decodes `bytes` as the message `full_name` (or type URL).

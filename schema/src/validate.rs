@@ -57,13 +57,17 @@ fn number(v: &Value) -> Option<f64> {
     }
 }
 
+/// What [`walk`] calls on each scalar: its field, the field's options, its path and value.
+/// What [`walk`] calls on each scalar: its field's options, its path and its value.
+type Visit<'a, E> = dyn FnMut(&crate::options::FieldOptions, &str, &Value) -> Result<(), E> + 'a;
+
 /// Calls `f` on every set scalar of `msg` (list items one by one) with its path, recursing
 /// into nested messages.
 fn walk<E>(
     schema: &Schema,
     msg: &DynamicMessage,
     prefix: &str,
-    f: &mut dyn FnMut(&crate::options::FieldOptions, &str, &Value) -> Result<(), E>,
+    f: &mut Visit<'_, E>,
 ) -> Result<(), E> {
     for (field, value) in msg.fields() {
         let path = join(prefix, field.name());

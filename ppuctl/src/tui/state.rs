@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use ppu_proto::v1 as pb;
 use ppu_proto::v1::event::Kind;
+use ppu_schema::render as generic;
 
 /// Events kept for the live tail.
 pub const EVENT_TAIL: usize = 500;
@@ -184,7 +185,7 @@ impl DeviceRow {
         if let Some(r) = &device.latest
             && self.last_reading.as_ref() != r.time.as_ref()
         {
-            if let Some(v) = key_value(device.family, r) {
+            if let Some(v) = key_value(&device, r) {
                 self.history.push_back(v);
                 while self.history.len() > HISTORY {
                     self.history.pop_front();
@@ -193,10 +194,6 @@ impl DeviceRow {
             self.last_reading = r.time;
         }
         self.device = device;
-    }
-
-    pub fn family(&self) -> pb::DeviceFamily {
-        pb::DeviceFamily::try_from(self.device.family).unwrap_or(pb::DeviceFamily::Unspecified)
     }
 
     pub fn connected(&self) -> bool {
@@ -228,73 +225,38 @@ impl DeviceRow {
         r.values.iter().find(|v| v.name == name).map(|v| v.value)
     }
 
-    /// The reading a technician looks at first: a furnace's PV, SP and output; a pump's status
-    /// and volume dispensed; an analyser's state and pressure; a balance's mass.
+    /// The reading a technician looks at first, as the device's family declares it
+    /// (`FamilyOptions.key_reading`); a device of a family that declares none shows its first
+    /// readings.
     pub fn key_reading(&self) -> String {
-        if self.device.latest.is_none() {
+        let Some(latest) = self.device.latest.as_ref() else {
             return "no reading yet".to_owned();
-        }
-        let m = |v: Option<f64>, d: usize| v.map_or_else(|| "?".to_owned(), |v| measured(v, d));
-        match self.family() {
-            pb::DeviceFamily::Furnace => {
-                let working = self.value("working_sp_c");
-                let target = self.value("target_sp_c");
-                let sp = match (working, target) {
-                    (Some(w), Some(t)) if (w - t).abs() > 0.05 => {
-                        format!("{}→{}", measured(w, 1), measured(t, 1))
-                    }
-                    (w, t) => m(w.or(t), 1),
-                };
-                format!(
-                    "PV {} °C  SP {sp} °C  out {} %",
-                    m(self.value("pv_c"), 1),
-                    m(self.value("output_pct"), 0)
-                )
-            }
-            pb::DeviceFamily::Dispenser => {
-                let status = match self.value("pumping") {
-                    Some(p) if p > 0.5 => "pumping",
-                    Some(_) => "idle",
-                    None => "?",
-                };
-                format!(
-                    "{status}, {} mL dispensed, fill {} mL",
-                    m(self.value("infused_ml"), 3),
-                    m(self.value("fill_ml"), 3)
-                )
-            }
-            pb::DeviceFamily::Analyser => {
-                format!(
-                    "{}, {} bar",
-                    self.activity(),
-                    m(self.value("pressure_bar"), 4)
-                )
-            }
-            pb::DeviceFamily::Balance => {
-                let stable = match self.value("stable") {
-                    Some(s) if s > 0.5 => " stable",
-                    Some(_) => " unstable",
-                    None => "",
-                };
-                format!("{} g{stable}", m(self.value("mass_g"), 4))
-            }
-            pb::DeviceFamily::Unspecified => self
-                .device
-                .latest
-                .as_ref()
-                .map_or_else(String::new, |r| crate::render::reading_values(r, 3)),
-        }
+        };
+        let schema = crate::families::get();
+        let value = |name: &str| self.value(name);
+        let line = family_of(&self.device).and_then(|family| {
+            let readings = generic::Readings {
+                family,
+                value: &value,
+                activity: self.activity(),
+            };
+            generic::key_reading(schema, &readings)
+        });
+        line.unwrap_or_else(|| crate::render::reading_values(latest, 3))
     }
 }
 
-/// The value a device's sparkline follows: furnace PV, syringe fill, analyser pressure, mass.
-pub fn key_value(family: i32, r: &pb::DeviceReading) -> Option<f64> {
-    let name = match pb::DeviceFamily::try_from(family).ok()? {
-        pb::DeviceFamily::Furnace => "pv_c",
-        pb::DeviceFamily::Dispenser => "fill_ml",
-        pb::DeviceFamily::Analyser => "pressure_bar",
-        pb::DeviceFamily::Balance => "mass_g",
-        pb::DeviceFamily::Unspecified => return r.values.first().map(|v| v.value),
+/// The schema's family of a device (by its family name, else its v1 family).
+fn family_of(device: &pb::Device) -> Option<&'static ppu_schema::Family> {
+    let family = u32::try_from(device.family).unwrap_or_default();
+    crate::families::get().device_family(&device.family_name, family)
+}
+
+/// The value a device's sparkline follows: the reading its family names as its `trend`, else
+/// its first reading.
+pub fn key_value(device: &pb::Device, r: &pb::DeviceReading) -> Option<f64> {
+    let Some((name, _)) = family_of(device).and_then(generic::trend) else {
+        return r.values.first().map(|v| v.value);
     };
     r.values
         .iter()
@@ -304,18 +266,10 @@ pub fn key_value(family: i32, r: &pb::DeviceReading) -> Option<f64> {
 }
 
 /// Name and unit of [`key_value`], for the sparkline's caption.
-pub fn key_value_label(family: i32) -> &'static str {
-    match pb::DeviceFamily::try_from(family) {
-        Ok(pb::DeviceFamily::Furnace) => "PV °C",
-        Ok(pb::DeviceFamily::Dispenser) => "fill mL",
-        Ok(pb::DeviceFamily::Analyser) => "pressure bar",
-        Ok(pb::DeviceFamily::Balance) => "mass g",
-        _ => "first value",
-    }
-}
-
-fn measured(v: f64, decimals: usize) -> String {
-    crate::render::measured(v, decimals)
+pub fn key_value_label(device: &pb::Device) -> String {
+    family_of(device)
+        .and_then(generic::trend)
+        .map_or_else(|| "first value".to_owned(), |(_, caption)| caption)
 }
 
 /// Everything the TUI knows about the lab.
@@ -654,9 +608,9 @@ impl Model {
                     self.transfers.retain(|x| x.id != t.id);
                 }
             }
-            Kind::IsothermPointMeasured(_)
-            | Kind::StepIntermediate(_)
-            | Kind::RecoveryDecision(_) => {}
+            // Intermediate responses (typed v1 aliases or not) and recovery decisions change
+            // no state here; they are shown in the experiment's recent events below.
+            _ => {}
         }
         if let Some(row) = self.experiments.get_mut(&e.experiment_id) {
             row.recent.push_back(e.clone());

@@ -707,7 +707,7 @@ fn draw_device_detail(frame: &mut Frame, app: &App, d: &DeviceRow, area: Rect) {
         lines.push(Line::styled(
             format!(
                 "{}, last {} readings: now {}  min {}  max {}",
-                key_value_label(dev.family),
+                key_value_label(dev),
                 history.len(),
                 render::measured(*last, 2),
                 render::measured(lo, 2),
