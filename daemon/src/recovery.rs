@@ -180,8 +180,7 @@ pub fn not_rerunnable(step: &pb::Step) -> Option<String> {
     };
     let why = c.not_rerunnable?;
     Some(format!(
-        "a {} ({}) was cut short: {why}",
-        c.name,
+        "{} was cut short: {why}",
         ppu_schema::render::summary(schema, &c.message)
     ))
 }
