@@ -202,7 +202,7 @@ enum Command {
         action: AlarmAction,
     },
 
-    /// Export an experiment's measured isotherm as AIF (readable by pyGAPS), CSV or JSON.
+    /// Export a step's result as CSV (one row per item of its table, e.g. isotherm points or a trace) or JSON, or an adsorption isotherm as AIF (readable by pyGAPS).
     #[command(after_help = "Examples:\n  \
         ppuctl export 01JQ3Z9A1B2C3D4E5F6G7H8J9K > sample.aif\n  \
         ppuctl export 01JQ3Z9A1B2C3D4E5F6G7H8J9K --format csv -o sample.csv\n  \
