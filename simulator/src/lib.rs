@@ -41,4 +41,6 @@ macro_rules! sim_families {
     };
 }
 
-sim_families! {}
+sim_families! {
+    // One line per simulated family that is a plugin.
+}
