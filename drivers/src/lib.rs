@@ -27,6 +27,7 @@ families! {
     analyser,
     dispenser,
     balance,
+    mfc,
 }
 
 pub use clock::Clock;

@@ -758,3 +758,48 @@ fn the_selection_follows_its_experiment_when_rows_move() {
     assert_eq!(app.selected[0], 0);
     assert_eq!(app.selected_experiment_id().as_deref(), Some(WAITING));
 }
+
+/// A family added as a plugin (mass-flow controllers) shows in the devices view with the key
+/// reading and trend its schema declares, with no TUI code naming it.
+#[test]
+fn a_plugin_family_shows_its_declared_key_reading() {
+    let now = Instant::now();
+    let mut app = App::new("http://127.0.0.1:50051", MONO);
+    let at = now - Duration::from_millis(400);
+    app.on_incoming(
+        Incoming::Update(Update::StreamUp { resumed_after: 0 }),
+        at,
+        T0,
+    );
+    for i in 0..10 {
+        let mut mfc = device(
+            "mfc-1",
+            pb::DeviceFamily::Unspecified,
+            "alicat",
+            T0 - 10 + i,
+            &[
+                ("mass_flow_sccm", 40.0 + i as f64),
+                ("setpoint_sccm", 50.0),
+                ("pressure_psia", 14.7),
+            ],
+        );
+        mfc.family_name = "mfc".into();
+        app.on_incoming(
+            Incoming::Update(Update::Polled(Box::new(Polled {
+                queue: pb::Queue {
+                    state: pb::QueueState::Running as i32,
+                    ..Default::default()
+                },
+                devices: Ok(vec![mfc]),
+                alarms: Ok(vec![]),
+                transfers: Ok(vec![]),
+            }))),
+            at,
+            T0,
+        );
+    }
+    app.on_key(ch('2'));
+    let text = screen(&app, now);
+    assert!(text.contains("mfc-1"), "{text}");
+    assert!(text.contains("49 sccm → 50 sccm"), "{text}");
+}
