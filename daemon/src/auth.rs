@@ -136,7 +136,9 @@ pub fn access_of(path: &str) -> Access {
         },
         ("ppu.v1.EventService", "StreamEvents") => Access::Read,
         ("ppu.v1.DeviceService", m) => match m {
-            "ListDevices" | "GetDevice" | "WatchDevice" | "ListAlarms" => Access::Read,
+            "ListDevices" | "GetDevice" | "WatchDevice" | "ListAlarms" | "GetSchema" => {
+                Access::Read
+            }
             "SetMaintenance" | "AcknowledgeAlarm" => Access::Operate,
             _ => Access::Unlisted,
         },

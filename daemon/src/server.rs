@@ -714,6 +714,9 @@ pub async fn router(
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        // Every device family's schema, so grpcurl and SDKs can decode `Step.command` and
+        // `StepResult.output` of any family.
+        .register_encoded_file_descriptor_set(ppu_drivers::registry::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let max = api.limits.max_message_bytes;
     let mut builder = tonic::transport::Server::builder();

@@ -128,6 +128,7 @@ const RPCS: &[&str] = &[
     "SetMaintenance",
     "ListAlarms",
     "AcknowledgeAlarm",
+    "GetSchema",
     "Health.Check",
     "Health.Watch",
     "Reflection",
@@ -283,6 +284,10 @@ async fn call(ch: &Channel, rpc: &str, auth: Option<&str>) -> Result<(), Status>
                 },
                 auth,
             ))
+            .await
+            .map(drop),
+        "GetSchema" => dev
+            .get_schema(req(pb::GetSchemaRequest {}, auth))
             .await
             .map(drop),
         "Health.Check" => HealthClient::new(ch.clone())
