@@ -15,7 +15,7 @@ pub mod wire;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use prost_reflect::{DescriptorPool, DynamicMessage, ExtensionDescriptor, MessageDescriptor};
+use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor};
 
 pub use limits::Limits;
 pub use prost_reflect;
@@ -117,8 +117,13 @@ struct Inner {
     by_name: HashMap<String, usize>,
     by_v1_step: HashMap<u32, usize>,
     by_result: HashMap<String, usize>,
-    field_ext: Option<ExtensionDescriptor>,
-    display_ext: Option<ExtensionDescriptor>,
+    /// Every field's `(ppu.schema.v1.field)`, by the field's full name, read once: the
+    /// validators ask for it on every field of every step submitted.
+    field_options: HashMap<String, options::FieldOptions>,
+    /// Every message's `(ppu.schema.v1.display)`, by the message's full name.
+    display: HashMap<String, options::DisplayOptions>,
+    no_field_options: options::FieldOptions,
+    no_display: options::DisplayOptions,
 }
 
 impl Schema {
@@ -220,6 +225,29 @@ impl Schema {
                 by_result.insert(r.full_name().to_owned(), i);
             }
         }
+        let mut field_options = HashMap::new();
+        let mut display = HashMap::new();
+        for message in pool.all_messages() {
+            if let Some(ext) = &display_ext {
+                let opts = message.options();
+                if opts.has_extension(ext)
+                    && let Ok(d) = transcode(&opts.get_extension(ext))
+                {
+                    display.insert(message.full_name().to_owned(), d);
+                }
+            }
+            let Some(ext) = &field_ext else {
+                continue;
+            };
+            for field in message.fields() {
+                let opts = field.options();
+                if opts.has_extension(ext)
+                    && let Ok(f) = transcode(&opts.get_extension(ext))
+                {
+                    field_options.insert(field.full_name().to_owned(), f);
+                }
+            }
+        }
         Ok(Self {
             inner: Arc::new(Inner {
                 pool,
@@ -229,8 +257,10 @@ impl Schema {
                 by_name,
                 by_v1_step,
                 by_result,
-                field_ext,
-                display_ext,
+                field_options,
+                display,
+                no_field_options: Default::default(),
+                no_display: Default::default(),
             }),
         })
     }
@@ -300,27 +330,20 @@ impl Schema {
     }
 
     /// A field's `(ppu.schema.v1.field)` annotation; the default (no constraint) if it has none.
-    pub fn field_options(&self, field: &prost_reflect::FieldDescriptor) -> options::FieldOptions {
-        let Some(ext) = &self.inner.field_ext else {
-            return Default::default();
-        };
-        let opts = field.options();
-        if !opts.has_extension(ext) {
-            return Default::default();
-        }
-        transcode(&opts.get_extension(ext)).unwrap_or_default()
+    pub fn field_options(&self, field: &prost_reflect::FieldDescriptor) -> &options::FieldOptions {
+        self.inner
+            .field_options
+            .get(field.full_name())
+            .unwrap_or(&self.inner.no_field_options)
     }
 
     /// A message's `(ppu.schema.v1.display)` annotation; the default (nothing declared) if none.
     pub fn display(&self, message: &MessageDescriptor) -> options::DisplayOptions {
-        let Some(ext) = &self.inner.display_ext else {
-            return Default::default();
-        };
-        let opts = message.options();
-        if !opts.has_extension(ext) {
-            return Default::default();
-        }
-        transcode(&opts.get_extension(ext)).unwrap_or_default()
+        self.inner
+            .display
+            .get(message.full_name())
+            .unwrap_or(&self.inner.no_display)
+            .clone()
     }
 
     /// The family a device belongs to: by its family name, else by its `ppu.v1.DeviceFamily`.

@@ -327,15 +327,19 @@ fn field_val(schema: &Schema, msg: &DynamicMessage, field: &FieldDescriptor) -> 
             .collect();
         return Val::List {
             items,
-            unit: opts.unit,
-            format: opts.format,
+            unit: opts.unit.clone(),
+            format: opts.format.clone(),
         };
     }
     if matches!(field.kind(), Kind::Message(_)) && !msg.has_field(field) {
-        return Val::Unset { unit: opts.unit };
+        return Val::Unset {
+            unit: opts.unit.clone(),
+        };
     }
     if field.supports_presence() && !msg.has_field(field) {
-        return Val::Unset { unit: opts.unit };
+        return Val::Unset {
+            unit: opts.unit.clone(),
+        };
     }
     let set = msg.has_field(field);
     scalar(schema, field, &value, set, &opts.unit, &opts.format)
@@ -1081,7 +1085,7 @@ fn collect(schema: &Schema, msg: &DynamicMessage, prefix: &str, out: &mut Vec<(S
         } else {
             format!("{prefix}.{}", field.name())
         };
-        let unit = schema.field_options(&field).unit;
+        let unit = schema.field_options(&field).unit.clone();
         match v {
             Value::Message(m) => collect(schema, m, &path, out),
             Value::List(items) if items.iter().all(|i| matches!(i, Value::Message(_))) => {

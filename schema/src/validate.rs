@@ -356,9 +356,9 @@ fn collect_limits(
     }
     for field in desc.fields() {
         let o = schema.field_options(&field);
-        for name in [o.max_limit, o.min_limit] {
-            if !name.is_empty() && !out.contains(&name) {
-                out.push(name);
+        for name in [&o.max_limit, &o.min_limit] {
+            if !name.is_empty() && !out.contains(name) {
+                out.push(name.clone());
             }
         }
         if let Kind::Message(m) = field.kind() {
@@ -374,7 +374,7 @@ pub fn accepted_names(schema: &Schema, family: &str) -> Vec<String> {
         for field in c.message.fields() {
             let o = schema.field_options(&field);
             if !o.accepted.is_empty() && !out.contains(&o.accepted) {
-                out.push(o.accepted);
+                out.push(o.accepted.clone());
             }
         }
     }
