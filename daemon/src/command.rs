@@ -123,6 +123,19 @@ pub fn check_bounds(
     path: &str,
     limit: &dyn Fn(&str) -> Option<usize>,
 ) -> Result<(), Rejection> {
+    // A list item or a text byte takes at least one byte on the wire: a step whose whole
+    // encoding is no longer than the smallest of these bounds cannot exceed any of them, and
+    // needs no decoding here (the common case, checked on every submission).
+    let smallest = schema
+        .items_limits()
+        .iter()
+        .map(String::as_str)
+        .chain(["max_text_bytes"])
+        .filter_map(limit)
+        .min();
+    if smallest.is_some_and(|m| step.encoded_len() <= m) {
+        return Ok(());
+    }
     if let Resolved::Command(c) = resolve(schema, step, path)? {
         validate::bounds(schema, &c.message, &format!("{path}.{}", c.name), limit)
             .map_err(|e| Rejection::invalid(e.path, e.reason))?;

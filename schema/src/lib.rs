@@ -124,6 +124,8 @@ struct Inner {
     display: HashMap<String, options::DisplayOptions>,
     no_field_options: options::FieldOptions,
     no_display: options::DisplayOptions,
+    /// Every `max_items_limit` name the fields use, once each.
+    items_limits: Vec<String>,
 }
 
 impl Schema {
@@ -248,6 +250,13 @@ impl Schema {
                 }
             }
         }
+        let mut items_limits: Vec<String> = field_options
+            .values()
+            .map(|o: &options::FieldOptions| o.max_items_limit.clone())
+            .filter(|n| !n.is_empty())
+            .collect();
+        items_limits.sort();
+        items_limits.dedup();
         Ok(Self {
             inner: Arc::new(Inner {
                 pool,
@@ -261,6 +270,7 @@ impl Schema {
                 display,
                 no_field_options: Default::default(),
                 no_display: Default::default(),
+                items_limits,
             }),
         })
     }
@@ -335,6 +345,11 @@ impl Schema {
             .field_options
             .get(field.full_name())
             .unwrap_or(&self.inner.no_field_options)
+    }
+
+    /// The `[limits]` keys the fields' `max_items_limit`s name, once each.
+    pub fn items_limits(&self) -> &[String] {
+        &self.inner.items_limits
     }
 
     /// A message's `(ppu.schema.v1.display)` annotation; the default (nothing declared) if none.

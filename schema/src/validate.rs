@@ -37,11 +37,55 @@ pub enum DeviceRefusal {
     },
 }
 
-fn join(prefix: &str, name: &str) -> String {
-    if prefix.is_empty() {
-        name.to_owned()
-    } else {
-        format!("{prefix}.{name}")
+/// Where the walk is, below the caller's prefix: kept as parts and formatted only when a value
+/// is refused (a submission checks every field of every step; most are fine).
+struct Path<'p> {
+    prefix: &'p str,
+    parts: Vec<Part>,
+}
+
+enum Part {
+    Field(prost_reflect::FieldDescriptor),
+    Index(usize),
+}
+
+impl<'p> Path<'p> {
+    fn new(prefix: &'p str) -> Self {
+        Self {
+            prefix,
+            parts: Vec::with_capacity(8),
+        }
+    }
+
+    /// `prefix.field[i].field`.
+    fn render(&self) -> String {
+        let mut out = self.prefix.to_owned();
+        for part in &self.parts {
+            match part {
+                Part::Field(f) => {
+                    if !out.is_empty() {
+                        out.push('.');
+                    }
+                    out.push_str(f.name());
+                }
+                Part::Index(i) => {
+                    out.push('[');
+                    out.push_str(&i.to_string());
+                    out.push(']');
+                }
+            }
+        }
+        out
+    }
+
+    /// The path of `field` below this one.
+    fn with(&self, field: &prost_reflect::FieldDescriptor) -> String {
+        let mut out = self.render();
+        if !out.is_empty() {
+            out.push('.');
+        }
+        out.push_str(field.name());
+        out
     }
 }
 
@@ -57,34 +101,36 @@ fn number(v: &Value) -> Option<f64> {
     }
 }
 
-/// What [`walk`] calls on each scalar: its field, the field's options, its path and value.
 /// What [`walk`] calls on each scalar: its field's options, its path and its value.
-type Visit<'a, E> = dyn FnMut(&crate::options::FieldOptions, &str, &Value) -> Result<(), E> + 'a;
+type Visit<'a, E> =
+    dyn FnMut(&crate::options::FieldOptions, &Path<'_>, &Value) -> Result<(), E> + 'a;
 
 /// Calls `f` on every set scalar of `msg` (list items one by one) with its path, recursing
 /// into nested messages.
 fn walk<E>(
     schema: &Schema,
     msg: &DynamicMessage,
-    prefix: &str,
+    path: &mut Path<'_>,
     f: &mut Visit<'_, E>,
 ) -> Result<(), E> {
     for (field, value) in msg.fields() {
-        let path = join(prefix, field.name());
         let opts = schema.field_options(&field);
-        match value {
-            Value::List(items) => {
-                for (i, item) in items.iter().enumerate() {
-                    let p = format!("{path}[{i}]");
-                    match item {
-                        Value::Message(m) => walk(schema, m, &p, f)?,
-                        v => f(&opts, &p, v)?,
-                    }
-                }
-            }
-            Value::Message(m) => walk(schema, m, &path, f)?,
-            v => f(&opts, &path, v)?,
-        }
+        path.parts.push(Part::Field(field.clone()));
+        let r = match value {
+            Value::List(items) => items.iter().enumerate().try_for_each(|(i, item)| {
+                path.parts.push(Part::Index(i));
+                let r = match item {
+                    Value::Message(m) => walk(schema, m, path, f),
+                    v => f(opts, path, v),
+                };
+                path.parts.pop();
+                r
+            }),
+            Value::Message(m) => walk(schema, m, path, f),
+            v => f(opts, path, v),
+        };
+        path.parts.pop();
+        r?;
     }
     Ok(())
 }
@@ -98,44 +144,16 @@ pub fn bounds(
     prefix: &str,
     limit: &dyn Fn(&str) -> Option<usize>,
 ) -> Result<(), FieldError> {
-    for (field, value) in msg.fields() {
-        let path = join(prefix, field.name());
-        let opts = schema.field_options(&field);
-        if let Value::List(items) = value
-            && !opts.max_items_limit.is_empty()
-            && let Some(max) = limit(&opts.max_items_limit)
-            && items.len() > max
-        {
-            return Err(FieldError {
-                path,
-                reason: format!(
-                    "{} {}, at most {max} (limits.{})",
-                    items.len(),
-                    field.name(),
-                    opts.max_items_limit
-                ),
-            });
-        }
-        match value {
-            Value::Message(m) => bounds(schema, m, &path, limit)?,
-            Value::List(items) => {
-                for (i, item) in items.iter().enumerate() {
-                    if let Value::Message(m) = item {
-                        bounds(schema, m, &format!("{path}[{i}]"), limit)?;
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
+    let mut path = Path::new(prefix);
+    lists_within(schema, msg, &mut path, limit)?;
     let max_text = limit("max_text_bytes");
     walk(
         schema,
         msg,
-        prefix,
+        &mut path,
         &mut |_, path, value| match (value.as_str(), max_text) {
             (Some(text), Some(max)) if text.len() > max => Err(FieldError {
-                path: path.to_owned(),
+                path: path.render(),
                 reason: format!(
                     "{} bytes, at most {max} (limits.max_text_bytes)",
                     text.len()
@@ -146,83 +164,63 @@ pub fn bounds(
     )
 }
 
+fn lists_within(
+    schema: &Schema,
+    msg: &DynamicMessage,
+    path: &mut Path<'_>,
+    limit: &dyn Fn(&str) -> Option<usize>,
+) -> Result<(), FieldError> {
+    for (field, value) in msg.fields() {
+        let opts = schema.field_options(&field);
+        if let Value::List(items) = value
+            && !opts.max_items_limit.is_empty()
+            && let Some(max) = limit(&opts.max_items_limit)
+            && items.len() > max
+        {
+            return Err(FieldError {
+                path: path.with(&field),
+                reason: format!(
+                    "{} {}, at most {max} (limits.{})",
+                    items.len(),
+                    field.name(),
+                    opts.max_items_limit
+                ),
+            });
+        }
+        path.parts.push(Part::Field(field.clone()));
+        let r = match value {
+            Value::Message(m) => lists_within(schema, m, path, limit),
+            Value::List(items) => items.iter().enumerate().try_for_each(|(i, item)| {
+                let Value::Message(m) = item else {
+                    return Ok(());
+                };
+                path.parts.push(Part::Index(i));
+                let r = lists_within(schema, m, path, limit);
+                path.parts.pop();
+                r
+            }),
+            _ => Ok(()),
+        };
+        path.parts.pop();
+        r?;
+    }
+    Ok(())
+}
+
 /// Checks what needs no device: numbers finite and within static bounds, required text
 /// present, lists with their least number of items (and increasing where declared), a oneof
 /// member set.
 pub fn structure(schema: &Schema, msg: &DynamicMessage, prefix: &str) -> Result<(), FieldError> {
-    let desc = msg.descriptor();
-    // Presence: required text, list lengths, oneofs; these look at unset fields too.
-    for oneof in desc.oneofs() {
-        if oneof.is_synthetic() {
-            continue;
-        }
-        if !oneof.fields().any(|f| msg.has_field(&f)) {
-            let names: Vec<String> = oneof.fields().map(|f| f.name().to_owned()).collect();
-            return Err(FieldError {
-                path: prefix.to_owned(),
-                reason: format!("no {} set (one of {})", oneof.name(), names.join(", ")),
-            });
-        }
-    }
-    for field in desc.fields() {
-        let opts = schema.field_options(&field);
-        let path = join(prefix, field.name());
-        if field.is_list() {
-            let n = match &*msg.get_field(&field) {
-                Value::List(items) => items.len(),
-                _ => 0,
-            };
-            if n < opts.min_items as usize {
-                return Err(FieldError {
-                    path,
-                    reason: if opts.min_items == 1 {
-                        format!("at least one {} is required", singular(field.name()))
-                    } else {
-                        format!("at least {} items are required", opts.min_items)
-                    },
-                });
-            }
-        } else if opts.required
-            && matches!(field.kind(), Kind::String)
-            && msg
-                .get_field(&field)
-                .as_str()
-                .is_none_or(|s| s.trim().is_empty())
-        {
-            let example = if opts.example.is_empty() {
-                String::new()
-            } else {
-                format!(", e.g. {:?}", opts.example)
-            };
-            return Err(FieldError {
-                path,
-                reason: format!("{} is required{example}", field.name()),
-            });
-        }
-    }
-    // Nested messages (and list items) get the same presence checks.
-    for (field, value) in msg.fields() {
-        let path = join(prefix, field.name());
-        match value {
-            Value::Message(m) => structure(schema, m, &path)?,
-            Value::List(items) => {
-                for (i, item) in items.iter().enumerate() {
-                    if let Value::Message(m) = item {
-                        structure(schema, m, &format!("{path}[{i}]"))?;
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
+    let mut path = Path::new(prefix);
+    presence(schema, msg, &mut path)?;
     // Values: finite, static bounds.
-    walk(schema, msg, prefix, &mut |opts, path, value| {
+    walk(schema, msg, &mut path, &mut |opts, path, value| {
         let Some(v) = number(value) else {
             return Ok(());
         };
         let err = |reason: String| {
             Err(FieldError {
-                path: path.to_owned(),
+                path: path.render(),
                 reason,
             })
         };
@@ -255,10 +253,87 @@ pub fn structure(schema: &Schema, msg: &DynamicMessage, prefix: &str) -> Result<
         }
         Ok(())
     })?;
-    // Order, once every value is known to be valid on its own.
+    order(schema, msg, &mut path)
+}
+
+/// Presence, in `msg` and every message below it: required text, least list lengths, oneofs;
+/// these look at unset fields too.
+fn presence(schema: &Schema, msg: &DynamicMessage, path: &mut Path<'_>) -> Result<(), FieldError> {
+    let desc = msg.descriptor();
+    // Presence: required text, list lengths, oneofs; these look at unset fields too.
+    for oneof in desc.oneofs() {
+        if oneof.is_synthetic() {
+            continue;
+        }
+        if !oneof.fields().any(|f| msg.has_field(&f)) {
+            let names: Vec<String> = oneof.fields().map(|f| f.name().to_owned()).collect();
+            return Err(FieldError {
+                path: path.render(),
+                reason: format!("no {} set (one of {})", oneof.name(), names.join(", ")),
+            });
+        }
+    }
     for field in desc.fields() {
         let opts = schema.field_options(&field);
-        let path = join(prefix, field.name());
+        if field.is_list() {
+            let n = match &*msg.get_field(&field) {
+                Value::List(items) => items.len(),
+                _ => 0,
+            };
+            if n < opts.min_items as usize {
+                return Err(FieldError {
+                    path: path.with(&field),
+                    reason: if opts.min_items == 1 {
+                        format!("at least one {} is required", singular(field.name()))
+                    } else {
+                        format!("at least {} items are required", opts.min_items)
+                    },
+                });
+            }
+        } else if opts.required
+            && matches!(field.kind(), Kind::String)
+            && msg
+                .get_field(&field)
+                .as_str()
+                .is_none_or(|s| s.trim().is_empty())
+        {
+            let example = if opts.example.is_empty() {
+                String::new()
+            } else {
+                format!(", e.g. {:?}", opts.example)
+            };
+            return Err(FieldError {
+                path: path.with(&field),
+                reason: format!("{} is required{example}", field.name()),
+            });
+        }
+    }
+    // Nested messages (and list items) get the same checks.
+    for (field, value) in msg.fields() {
+        path.parts.push(Part::Field(field.clone()));
+        let r = match value {
+            Value::Message(m) => presence(schema, m, path),
+            Value::List(items) => items.iter().enumerate().try_for_each(|(i, item)| {
+                let Value::Message(m) = item else {
+                    return Ok(());
+                };
+                path.parts.push(Part::Index(i));
+                let r = presence(schema, m, path);
+                path.parts.pop();
+                r
+            }),
+            _ => Ok(()),
+        };
+        path.parts.pop();
+        r?;
+    }
+    Ok(())
+}
+
+/// Order, once every value is known to be valid on its own: lists declared `increasing`.
+fn order(schema: &Schema, msg: &DynamicMessage, path: &mut Path<'_>) -> Result<(), FieldError> {
+    for field in msg.descriptor().fields() {
+        let opts = schema.field_options(&field);
         if opts.increasing
             && let Value::List(items) = &*msg.get_field(&field)
         {
@@ -266,7 +341,7 @@ pub fn structure(schema: &Schema, msg: &DynamicMessage, prefix: &str) -> Result<
             for (k, pair) in values.windows(2).enumerate() {
                 if pair[1] <= pair[0] {
                     return Err(FieldError {
-                        path: format!("{path}[{}]", k + 1),
+                        path: format!("{}[{}]", path.with(&field), k + 1),
                         reason: format!(
                             "{} is not above the previous value {}: the values must increase",
                             pair[1], pair[0]
@@ -291,48 +366,53 @@ pub fn device(
     prefix: &str,
     limits: &Limits,
 ) -> Result<(), DeviceRefusal> {
-    walk(schema, msg, prefix, &mut |opts, path, value| {
-        if !opts.accepted.is_empty()
-            && let Some(text) = value.as_str()
-            && !limits.accepts(&opts.accepted, text)
-        {
-            return Err(DeviceRefusal::Value {
-                path: path.to_owned(),
-                value: text.to_owned(),
-                accepted: limits
-                    .accepted
-                    .get(&opts.accepted)
-                    .cloned()
-                    .unwrap_or_default(),
-            });
-        }
-        let Some(v) = number(value) else {
-            return Ok(());
-        };
-        if opts.zero_is_default && v == 0.0 {
-            return Ok(());
-        }
-        let limit = |name: &str| (!name.is_empty()).then(|| limits.get(name)).flatten();
-        if let Some(max) = limit(&opts.max_limit)
-            && v > max
-        {
-            return Err(DeviceRefusal::Limit {
-                path: path.to_owned(),
-                value: v,
-                limit: format!("{} {max}", opts.max_limit),
-            });
-        }
-        if let Some(min) = limit(&opts.min_limit)
-            && v < min
-        {
-            return Err(DeviceRefusal::Limit {
-                path: path.to_owned(),
-                value: v,
-                limit: format!("{} {min}", opts.min_limit),
-            });
-        }
-        Ok(())
-    })
+    walk(
+        schema,
+        msg,
+        &mut Path::new(prefix),
+        &mut |opts, path, value| {
+            if !opts.accepted.is_empty()
+                && let Some(text) = value.as_str()
+                && !limits.accepts(&opts.accepted, text)
+            {
+                return Err(DeviceRefusal::Value {
+                    path: path.render(),
+                    value: text.to_owned(),
+                    accepted: limits
+                        .accepted
+                        .get(&opts.accepted)
+                        .cloned()
+                        .unwrap_or_default(),
+                });
+            }
+            let Some(v) = number(value) else {
+                return Ok(());
+            };
+            if opts.zero_is_default && v == 0.0 {
+                return Ok(());
+            }
+            let limit = |name: &str| (!name.is_empty()).then(|| limits.get(name)).flatten();
+            if let Some(max) = limit(&opts.max_limit)
+                && v > max
+            {
+                return Err(DeviceRefusal::Limit {
+                    path: path.render(),
+                    value: v,
+                    limit: format!("{} {max}", opts.max_limit),
+                });
+            }
+            if let Some(min) = limit(&opts.min_limit)
+                && v < min
+            {
+                return Err(DeviceRefusal::Limit {
+                    path: path.render(),
+                    value: v,
+                    limit: format!("{} {min}", opts.min_limit),
+                });
+            }
+            Ok(())
+        },
+    )
 }
 
 /// The limit names a family's commands refer to, for checking a device's configuration.
