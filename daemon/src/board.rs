@@ -22,6 +22,8 @@ use ppu_proto::v1 as pb;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
+use ppu_drivers::StepCommand;
+
 use crate::command::{self, Command, Resolved};
 use crate::devices::{DeviceHandle, Devices};
 use crate::queue::{OrderKey, QueueIndex};
@@ -32,11 +34,22 @@ use crate::state::{IllegalPhase, StepPhase};
 pub enum Need {
     /// This device and no other (a pinned step, or a transfer's destination).
     Device(String),
-    /// Any device with the command's capability whose driver accepts it.
-    Any(Box<Command>),
+    /// Any device with the capability whose driver accepts the command.
+    Any {
+        capability: &'static str,
+        step: StepCommand,
+    },
 }
 
 impl Need {
+    /// Any device that runs `command` (only its capability and packed form are kept).
+    pub fn any(command: Command) -> Need {
+        Need::Any {
+            capability: command.capability,
+            step: command.step,
+        }
+    }
+
     /// The need of `step`; `Err` names the problem if the step is not runnable at all.
     pub fn of(step: &pb::Step, path: &str) -> Result<Need, String> {
         if let Some(pb::step::Kind::Transfer(t)) = &step.kind {
@@ -47,7 +60,7 @@ impl Need {
         }
         // Checked at submission; resolving only decodes it.
         match command::resolve(crate::schema::schema(), step, path) {
-            Ok(Resolved::Command(c)) => Ok(Need::Any(Box::new(c))),
+            Ok(Resolved::Command(c)) => Ok(Need::any(c)),
             Ok(Resolved::Transfer(t)) => Ok(Need::Device(t.to_device_id)),
             Err(r) => Err(format!("{}: {}", r.field, r.reason)),
         }
@@ -57,7 +70,7 @@ impl Need {
     pub fn fits(&self, d: &DeviceHandle) -> bool {
         match self {
             Need::Device(id) => d.id() == id,
-            Need::Any(cmd) => d.has(&cmd.capability) && d.driver.check(&cmd.step).is_ok(),
+            Need::Any { capability, step } => d.has(capability) && d.driver.check(step).is_ok(),
         }
     }
 }
@@ -139,7 +152,7 @@ impl Board {
     pub fn enqueue_with(&mut self, e: &pb::Experiment, rank: i64, command: Option<Command>) {
         let spec = e.spec.clone().unwrap_or_default();
         let need = match (spec.steps.get(e.current_step as usize), command) {
-            (Some(step), Some(c)) if step.device_id.is_empty() => Ok(Need::Any(Box::new(c))),
+            (Some(step), Some(c)) if step.device_id.is_empty() => Ok(Need::any(c)),
             (Some(step), _) => Need::of(step, &format!("steps[{}]", e.current_step)),
             (None, _) => Err("the experiment has no step to run".to_owned()),
         };

@@ -22,15 +22,15 @@ const STEP_DEVICE_ID: u32 = 1;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Command {
     /// The step key (`furnace`, `gas_flow`): the path element of its fields in refusals.
-    pub name: String,
+    pub name: &'static str,
     /// The capability a device needs to run it.
-    pub capability: String,
+    pub capability: &'static str,
     /// What the driver gets.
     pub step: StepCommand,
     /// The same, decoded, for the schema's generic checks.
     pub message: DynamicMessage,
     /// Why it must not run twice (a dispense), if so.
-    pub not_rerunnable: Option<String>,
+    pub not_rerunnable: Option<&'static str>,
     /// Whether recovery may re-attach to it.
     pub adoptable: bool,
 }
@@ -44,7 +44,11 @@ pub enum Resolved {
 }
 
 /// Resolves `step` (at `path`) against `schema`, without checking its values.
-pub fn resolve(schema: &Schema, step: &pb::Step, path: &str) -> Result<Resolved, Rejection> {
+pub fn resolve(
+    schema: &'static Schema,
+    step: &pb::Step,
+    path: &str,
+) -> Result<Resolved, Rejection> {
     let (command, bytes) = match &step.kind {
         None => {
             let names: Vec<&str> = schema.commands().iter().map(|c| c.name()).collect();
@@ -89,14 +93,14 @@ pub fn resolve(schema: &Schema, step: &pb::Step, path: &str) -> Result<Resolved,
             )
         })?;
     Ok(Resolved::Command(Command {
-        name: command.name().to_owned(),
-        capability: command.capability().to_owned(),
+        name: command.name(),
+        capability: command.capability(),
         step: StepCommand(prost_types::Any {
             type_url: ppu_schema::type_url(command.full_name()),
             value: bytes,
         }),
         message,
-        not_rerunnable: command.not_rerunnable().map(str::to_owned),
+        not_rerunnable: command.not_rerunnable(),
         adoptable: command.options.adoptable,
     }))
 }
@@ -104,7 +108,7 @@ pub fn resolve(schema: &Schema, step: &pb::Step, path: &str) -> Result<Resolved,
 /// Resolves `step` and checks what needs no device (finite numbers, static bounds, required
 /// text, least list lengths).
 pub fn resolve_checked(
-    schema: &Schema,
+    schema: &'static Schema,
     step: &pb::Step,
     path: &str,
 ) -> Result<Resolved, Rejection> {
@@ -118,7 +122,7 @@ pub fn resolve_checked(
 
 /// Resolves `step` and checks its sizes against the daemon's `[limits]` (`limit` by key).
 pub fn check_bounds(
-    schema: &Schema,
+    schema: &'static Schema,
     step: &pb::Step,
     path: &str,
     limit: &dyn Fn(&str) -> Option<usize>,

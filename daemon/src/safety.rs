@@ -117,7 +117,7 @@ pub fn check_command(
     path: &str,
     devices: &Devices,
 ) -> Result<(), Rejection> {
-    let cap = cmd.capability.as_str();
+    let cap = cmd.capability;
     if !device_id.is_empty() {
         let dev_path = format!("{path}.device_id");
         let Some(d) = devices.get(device_id) else {
@@ -318,12 +318,12 @@ pub fn check_bounds(req: &pb::SubmitBatchRequest, l: &Limits) -> Result<(), Reje
 /// Validates a whole submission. Structural and numeric errors (INVALID_ARGUMENT) are
 /// reported before missing capabilities (FAILED_PRECONDITION), so a planner fixes its own
 /// mistakes first.
-/// On success, every step's resolved command, by experiment and step: checked once here, then
-/// carried to the queue (parse once).
+/// On success, each experiment's first command, checked once here, to be carried to the
+/// queue (parse once).
 pub fn check_batch(
     req: &pb::SubmitBatchRequest,
     devices: &Devices,
-) -> Result<Vec<Vec<Command>>, Rejection> {
+) -> Result<Vec<Command>, Rejection> {
     if req.idempotency_key.is_empty() {
         return Err(Rejection::invalid(
             "idempotency_key",
@@ -379,7 +379,13 @@ pub fn check_batch(
             }
         }
     }
-    precondition.map_or(Ok(commands), Err)
+    match precondition {
+        Some(r) => Err(r),
+        None => Ok(commands
+            .into_iter()
+            .filter_map(|steps| steps.into_iter().next())
+            .collect()),
+    }
 }
 
 #[cfg(test)]

@@ -90,8 +90,8 @@ impl Scheduler {
             Ok((batch, experiments, ranks)) => {
                 {
                     let mut b = self.lock();
-                    for ((e, rank), steps) in experiments.iter().zip(ranks).zip(commands) {
-                        b.enqueue_with(e, rank, steps.into_iter().next());
+                    for ((e, rank), first) in experiments.iter().zip(ranks).zip(commands) {
+                        b.enqueue_with(e, rank, Some(first));
                     }
                 }
                 info!(batch = %batch.id, experiments = experiments.len(), "batch accepted");
