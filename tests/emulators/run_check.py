@@ -3,12 +3,15 @@
 
 Starts, in this process, a Eurotherm 2404 on Modbus TCP (eurotherm2404.py), an MT-SICS
 balance on a pty (mtsics.py) and two NE-1000 pumps on ptys (ne1000.py; one in basic mode, one
-in safe mode) that dispense into the vessel on that balance. Writes a `ppud serve` config naming them, runs `ppud check-config` and
-`ppud serve`, and with `ppuctl`:
-1. `ppuctl devices` must show the three devices connected and the balance's mass;
+in safe mode) that dispense into the vessel on that balance, and an Alicat MC mass-flow
+controller on a pty (alicat.py). Writes a `ppud serve` config naming them, runs `ppud
+check-config` and `ppud serve`, and with `ppuctl`:
+1. `ppuctl devices` must show the devices connected and the balance's mass;
 2. a furnace program (ramp + hold), then a weigh, then a dispense per pump must all succeed: the furnace
    reached its target (the emulator's PV), the weigh returned the emulator's mass, the dispense
-   was weighed within the pump's tolerance;
+   was weighed within the pump's tolerance; a `gas_flow` step must settle near its setpoint
+   on the controller's gas, leave the controller's setpoint at 0 (the driver's safe end), and
+   a flow above full scale must be refused naming `gas_flow.flow_sccm`;
 3. chaos: the Modbus link is cut mid-hold for longer than the driver's grace (the server stops;
    the emulated 2404 keeps its setpoint and regulates on its own), so the step must fail naming
    the outage, the furnace must show unsafe with `link_lost` and `safe_state_pending` raised;
@@ -29,6 +32,7 @@ import tempfile
 import threading
 import time
 
+import alicat
 import eurotherm2404
 import mtsics
 import ne1000
@@ -37,6 +41,8 @@ TIME_SCALE = 30.0
 VESSEL_G = 12.3456
 FURNACE_TARGET_C = 80.0
 DISPENSE_ML = 2.0
+MFC_FULL_SCALE_SCCM = 500.0
+MFC_FLOW_SCCM = 50.0
 ETHANOL_G_PER_ML = 0.789
 # Real seconds each batch may take: the furnace program needs about 12, the dispense about 3.
 DEADLINE_S = 40
@@ -51,7 +57,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-def config_text(data_dir, modbus_port, balance_path, pump_path, safe_pump_path):
+def config_text(data_dir, modbus_port, balance_path, pump_path, safe_pump_path, mfc_path):
     return f"""\
 listen = "127.0.0.1:0"
 data_dir = "{data_dir}"
@@ -124,6 +130,16 @@ safe_mode_watchdog_s = 5
 [devices.limits]
 max_rate_ml_per_min = 8.0
 max_volume_ml = 10.0
+
+[[devices]]
+driver = "alicat"
+id = "mfc-1"
+port = "{mfc_path}"
+baud_rate = 19200
+unit_id = "A"
+flow_unit = "SCCM"
+full_scale_sccm = {MFC_FULL_SCALE_SCCM}
+gases = ["CO2", "N2", "Ar"]
 """
 
 
@@ -295,7 +311,7 @@ def run_link_cut_mid_hold(check, tmp, furnace, link):
                  "furnace-1 safe, both alarms cleared")
 
 
-def run_checks(check, tmp, furnace, pan, link):
+def run_checks(check, tmp, furnace, pan, link, mfc):
     # 1. The balance is connected and shows the vessel's mass.
     deadline = time.monotonic() + 20
     devices = {}
@@ -306,7 +322,7 @@ def run_checks(check, tmp, furnace, pan, link):
                 and values.get("mass_g") is not None and values.get("stable") == 1.0):
             break
         time.sleep(0.25)
-    for dev_id in ("furnace-1", "balance-1", "pump-a", "pump-b"):
+    for dev_id in ("furnace-1", "balance-1", "pump-a", "pump-b", "mfc-1"):
         d = devices.get(dev_id)
         if d is None:
             check.fail(f"ppuctl devices does not list {dev_id}")
@@ -375,8 +391,59 @@ def run_checks(check, tmp, furnace, pan, link):
                 check.ok(f"{what}: weighed {dr['measured_mass_g']} g for {DISPENSE_ML} mL "
                          f"(deviation {dev:+.4f})")
 
+    run_gas_flow(check, tmp, mfc)
+
     # 3. Chaos: the link cut mid-hold.
     run_link_cut_mid_hold(check, tmp, furnace, link)
+
+
+def setpoint_sent(command):
+    """The setpoint of an `AS <value>` command line, or None."""
+    if not command.upper().startswith("AS"):
+        return None
+    try:
+        return float(command[2:])
+    except ValueError:
+        return None
+
+
+def run_gas_flow(check, tmp, mfc):
+    """A gas flow on the Alicat emulator: settled near the setpoint on the right gas, the
+    controller left at setpoint 0; a flow above full scale refused before the wire."""
+    (flow_id,) = check.submit(tmp, "gas-flow", batch("emulators-gas-flow", [
+        {"name": "CO2 flow", "steps": [{"device_id": "mfc-1", "gas_flow": {
+            "gas": "CO2", "flow_sccm": MFC_FLOW_SCCM, "duration_s": 60.0}}]}]))
+    shown = check.wait([flow_id], DEADLINE_S)[flow_id]
+    gr = expect_succeeded(check, "gas flow", shown, "gas_flow")
+    if gr is not None:
+        settled = gr.get("settled_flow_sccm")
+        if settled is None or abs(settled - MFC_FLOW_SCCM) > 0.02 * MFC_FULL_SCALE_SCCM:
+            check.fail(f"gas flow: settled flow {settled} sccm, not near {MFC_FLOW_SCCM}: {gr}")
+        else:
+            check.ok(f"gas flow: settled at {settled} sccm for {MFC_FLOW_SCCM} sccm")
+    with mfc.lock:
+        gas, setpoint = mfc.gas, mfc.setpoint
+        sent = list(mfc.commands)
+    if MFC_FLOW_SCCM not in [setpoint_sent(c) for c in sent]:
+        check.fail(f"gas flow: the controller never received setpoint {MFC_FLOW_SCCM}: {sent}")
+    if gas != "CO2":
+        check.fail(f"gas flow: the controller flows {gas}, not CO2")
+    if setpoint != 0.0:
+        check.fail(f"gas flow: after the step the controller's setpoint is {setpoint}, not 0")
+    else:
+        writes = sorted({c for c in sent if c.upper() != "A"})
+        check.ok(f"gas flow: after the step the controller's setpoint is 0 (safe), gas CO2; "
+                 f"ppud sent {writes} besides polls")
+    try:
+        check.submit(tmp, "gas-flow-too-much", batch("emulators-gas-flow-too-much", [
+            {"name": "too much", "steps": [{"device_id": "mfc-1", "gas_flow": {
+                "gas": "CO2", "flow_sccm": 2 * MFC_FULL_SCALE_SCCM, "duration_s": 10.0}}]}]))
+        check.fail("gas flow: a flow of twice full scale was accepted")
+    except RuntimeError as e:
+        if "gas_flow.flow_sccm" in str(e):
+            check.ok(f"gas flow above full scale refused: {str(e).splitlines()[-1]}")
+        else:
+            check.fail(f"gas flow above full scale refused without naming the field: {e}")
 
 
 def main():
@@ -397,6 +464,10 @@ def main():
     # The furnace runs on its own, polled or not (its PV peak is checked).
     stop = threading.Event()
 
+    mfc = alicat.Controller(full_scale=MFC_FULL_SCALE_SCCM, gas="N2", time_scale=TIME_SCALE,
+                            tau_s=0.5, noise_fs=0.0005)
+    mfc_line, _ = alicat.start(mfc)
+
     def run_furnace():
         while not stop.wait(0.05):
             with furnace.lock:
@@ -409,7 +480,7 @@ def main():
         cfg = os.path.join(tmp, "ppud.toml")
         with open(cfg, "w") as f:
             f.write(config_text(os.path.join(tmp, "data"), modbus_port, balance_line.path,
-                                pump_line.path, safe_pump_line.path))
+                                pump_line.path, safe_pump_line.path, mfc_line.path))
         out = subprocess.run([ppud, "check-config", cfg], capture_output=True, text=True)
         if out.returncode != 0:
             print(out.stdout + out.stderr, file=sys.stderr)
@@ -431,7 +502,7 @@ def main():
                 threading.Thread(target=daemon.stdout.read, daemon=True).start()
                 check.base = [ppuctl, "--addr", addr]
                 try:
-                    run_checks(check, tmp, furnace, pan, link)
+                    run_checks(check, tmp, furnace, pan, link, mfc)
                 except (RuntimeError, subprocess.TimeoutExpired, KeyError, ValueError) as e:
                     check.fail(f"check aborted: {e}")
         finally:
@@ -450,6 +521,7 @@ def main():
     balance_line.close()
     pump_line.close()
     safe_pump_line.close()
+    mfc_line.close()
     if check.failures:
         print(f"{len(check.failures)} check(s) failed against the manual-based emulators:",
               file=sys.stderr)

@@ -13,6 +13,7 @@ import unittest
 
 from pymodbus.client import ModbusTcpClient
 
+import alicat
 import eurotherm2404
 import mtsics
 import ne1000
@@ -217,6 +218,101 @@ class Ne1000SafeModeTest(unittest.TestCase):
             self.assertEqual(exchange(line.path, back, b"\x03"), safe(b"00A?T"))
             self.assertEqual(exchange(line.path, back, b"\x03"), safe(b"00S"))
             self.assertEqual(exchange(line.path, b"VER\r", b"\x03"), frame("00SNE1000V3.928"))
+        finally:
+            line.close()
+
+
+class AlicatTest(unittest.TestCase):
+    """Alicat MC-Series operating manual, "RS-232 / RS-485 Output and Input", and the Serial
+    Communications Primer (command format, data frame, status codes)."""
+
+    def mfc(self, **kw):
+        kw.setdefault("time_scale", 1.0)
+        return alicat.Controller(**kw)
+
+    def test_the_manuals_data_frame_example(self):
+        # [MC] Data Format: `A +014.70 +025.00 +02.004 +02.004 2.004 Air` (the setpoint column
+        # is printed there without its sign; here every column carries one).
+        mfc = self.mfc(full_scale=10.0, gas="Air", pressure_psia=14.70)
+        mfc.setpoint = mfc.mass_flow = 2.004
+        mfc.temperature_c = 25.0
+        mfc.last = time.monotonic()
+        reply = mfc.handle("A")
+        self.assertRegex(reply, r"^A \+014\.70 \+025\.00 \+02\.00\d \+02\.004 \+02\.004 Air$")
+
+    def test_poll_fields_at_power_up(self):
+        mfc = self.mfc()
+        self.assertEqual(mfc.handle("A"), "A +014.70 +025.00 +000.00 +000.00 +000.00 CO2")
+        self.assertEqual(mfc.handle("a"), mfc.handle("A"))  # case-insensitive
+
+    def test_setpoint_methods_and_range(self):
+        mfc = self.mfc()
+        self.assertTrue(mfc.handle("AS 50.0").endswith(" +050.00 CO2"))
+        self.assertTrue(mfc.handle("AS4.54").endswith(" +004.54 CO2"))  # [MC] method 1
+        self.assertTrue(mfc.handle("A32000").endswith(" +250.00 CO2"))  # method 2: half scale
+        self.assertEqual(mfc.handle("A64001"), "A ?")
+        self.assertEqual(mfc.handle("AS 600"), "A ?")  # beyond full scale
+        self.assertEqual(mfc.handle("AS -1"), "A ?")
+        self.assertEqual(mfc.handle("AS fifty"), "A ?")
+        self.assertEqual(mfc.setpoint, 250.0)  # refused setpoints change nothing
+        self.assertTrue(mfc.handle("AS 0").endswith(" +000.00 CO2"))  # the safe state
+
+    def test_gas_select(self):
+        mfc = self.mfc()
+        self.assertTrue(mfc.handle("AG7").endswith(" He"))  # [MC]: AG7 selects helium
+        self.assertTrue(mfc.handle("ag8").endswith(" N2"))  # [MC]: ag8 nitrogen
+        self.assertTrue(mfc.handle("AG 4").endswith(" CO2"))
+        self.assertTrue(mfc.handle("AG200").endswith(" CO2"))  # not in the table: unchanged
+        self.assertEqual(mfc.handle("AG"), "A ?")
+
+    def test_unknown_commands_and_other_units(self):
+        mfc = self.mfc()
+        self.assertEqual(mfc.handle("AX"), "A ?")
+        self.assertEqual(mfc.handle("A??Q"), "A ?")
+        self.assertIsNone(mfc.handle("B"))  # another unit on the line: silence
+        self.assertIsNone(mfc.handle(""))
+
+    def test_first_order_flow_volumetric_flow_and_hold(self):
+        mfc = self.mfc(time_scale=100.0, tau_s=0.5)
+        mfc.handle("AS 50")
+        deadline = time.monotonic() + 5
+        while abs(mfc.mass_flow - 50.0) > 0.005 and time.monotonic() < deadline:
+            time.sleep(0.02)
+            mfc.handle("A")
+        fields = mfc.handle("A").split()
+        self.assertEqual(fields[4], "+050.00")
+        self.assertEqual(fields[3], "+049.99")  # 50 SCCM at 14.70 PSIA, 25 °C
+        held = mfc.handle("AHC").split()
+        self.assertEqual(held[-1], "HLD")
+        while mfc.mass_flow > 0.005 and time.monotonic() < deadline:
+            time.sleep(0.02)
+            mfc.handle("A")
+        self.assertEqual(mfc.handle("A").split()[4], "+000.00")
+        self.assertEqual(mfc.handle("AC").split()[-1], "CO2")  # hold cancelled
+
+    def test_status_words(self):
+        mfc = self.mfc()
+        mfc.faults.add("ADC")
+        self.assertTrue(mfc.handle("A").endswith(" CO2 ADC"))
+        mfc.faults.clear()
+        mfc.pressure_psia = 160.0
+        self.assertTrue(mfc.handle("A").endswith(" CO2 OPL"))
+        mfc.pressure_psia = 14.70
+        mfc.mass_flow = 560.0
+        mfc.last = time.monotonic()
+        mfc.tau_s = 1e9
+        self.assertTrue(mfc.handle("A").endswith(" CO2 MOV VOV"))
+
+    def test_cr_line_ends_on_the_pty(self):
+        mfc = self.mfc()
+        line, _ = alicat.start(mfc)
+        try:
+            self.assertEqual(exchange(line.path, b"A\r", b"\r"),
+                             b"A +014.70 +025.00 +000.00 +000.00 +000.00 CO2\r")
+            self.assertEqual(exchange(line.path, b"AS 50.0\r", b"\r"),
+                             b"A +014.70 +025.00 +000.00 +000.00 +050.00 CO2\r")
+            self.assertEqual(exchange(line.path, b"AX\r", b"\r"), b"A ?\r")
+            self.assertEqual(exchange(line.path, b"B\r", b"\r", timeout=0.5), b"")
         finally:
             line.close()
 
