@@ -375,3 +375,133 @@ mod tests {
         assert_eq!(schema.field_options(&temp).min_items, 1);
     }
 }
+
+/// The generic validators of `ppu_schema::validate` against the real families' schemas: the
+/// same walk checks every family, so these pin what it reads from the options.
+#[cfg(test)]
+mod validate_tests {
+    use ppu_schema::prost_reflect::DynamicMessage;
+    use ppu_schema::validate::{self, DeviceRefusal};
+    use prost::Message;
+
+    use super::schema;
+    use crate::device::Limits;
+    use crate::furnace::schema as furnace;
+    use crate::mfc::schema as mfc;
+
+    fn dynamic<M: prost::Name>(s: &ppu_schema::Schema, m: &M) -> DynamicMessage {
+        s.decode(&M::full_name(), &m.encode_to_vec())
+            .expect("a family message decodes")
+    }
+
+    fn program(segments: Vec<furnace::furnace_segment::Kind>) -> furnace::FurnaceProgram {
+        furnace::FurnaceProgram {
+            segments: segments
+                .into_iter()
+                .map(|k| furnace::FurnaceSegment { kind: Some(k) })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn structure_names_the_field_and_the_reason() {
+        let s = schema().expect("schema");
+        use furnace::furnace_segment::Kind::{Hold, Ramp};
+        let ok = program(vec![
+            Ramp(furnace::Ramp {
+                temperature_c: 150.0,
+                rate_c_per_min: 5.0,
+            }),
+            Hold(furnace::Hold { duration_s: 60.0 }),
+        ]);
+        assert_eq!(
+            validate::structure(&s, &dynamic(&s, &ok), "furnace"),
+            Ok(())
+        );
+        let cases = [
+            (
+                program(vec![]),
+                "furnace.segments",
+                "at least one segment is required",
+            ),
+            (
+                program(vec![Ramp(furnace::Ramp {
+                    temperature_c: 150.0,
+                    rate_c_per_min: 0.0,
+                })]),
+                "furnace.segments[0].ramp.rate_c_per_min",
+                "0 must be greater than 0",
+            ),
+            (
+                program(vec![
+                    Hold(furnace::Hold { duration_s: 1.0 }),
+                    Hold(furnace::Hold { duration_s: -1.0 }),
+                ]),
+                "furnace.segments[1].hold.duration_s",
+                "-1 must not be negative",
+            ),
+            (
+                furnace::FurnaceProgram {
+                    segments: vec![furnace::FurnaceSegment { kind: None }],
+                },
+                "furnace.segments[0]",
+                "no kind set (one of ramp, hold, step)",
+            ),
+        ];
+        for (m, path, reason) in cases {
+            let e = validate::structure(&s, &dynamic(&s, &m), "furnace").expect_err(path);
+            assert_eq!((e.path.as_str(), e.reason.as_str()), (path, reason));
+        }
+    }
+
+    #[test]
+    fn device_checks_declared_limits_and_accepted_values_by_name() {
+        let s = schema().expect("schema");
+        let limits = Limits::default()
+            .with("max_flow_sccm", 500.0)
+            .accepting("gas", ["CO2", "N2"]);
+        let flow = |gas: &str, flow_sccm: f64| mfc::GasFlow {
+            gas: gas.into(),
+            flow_sccm,
+            duration_s: 60.0,
+        };
+        let check = |m: &mfc::GasFlow| validate::device(&s, &dynamic(&s, m), "gas_flow", &limits);
+        assert_eq!(check(&flow("co2", 500.0)), Ok(()));
+        assert_eq!(
+            check(&flow("CO2", 900.0)),
+            Err(DeviceRefusal::Limit {
+                path: "gas_flow.flow_sccm".into(),
+                value: 900.0,
+                limit: "max_flow_sccm 500".into(),
+            })
+        );
+        assert!(matches!(
+            check(&flow("He", 10.0)),
+            Err(DeviceRefusal::Value { path, .. }) if path == "gas_flow.gas"
+        ));
+        // A device that declares no such limit does not bound the field.
+        let open = Limits::default();
+        assert_eq!(
+            validate::device(&s, &dynamic(&s, &flow("He", 9000.0)), "gas_flow", &open),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn bounds_follow_the_limit_keys_the_schema_names() {
+        let s = schema().expect("schema");
+        use furnace::furnace_segment::Kind::Hold;
+        let m = program(vec![Hold(furnace::Hold { duration_s: 1.0 }); 3]);
+        let limit = |max: usize| move |k: &str| (k == "max_program_segments").then_some(max);
+        assert_eq!(
+            validate::bounds(&s, &dynamic(&s, &m), "furnace", &limit(3)),
+            Ok(())
+        );
+        let e = validate::bounds(&s, &dynamic(&s, &m), "furnace", &limit(2)).expect_err("over");
+        assert_eq!(e.path, "furnace.segments");
+        assert_eq!(
+            e.reason,
+            "3 segments, at most 2 (limits.max_program_segments)"
+        );
+    }
+}

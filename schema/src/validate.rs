@@ -89,6 +89,24 @@ impl<'p> Path<'p> {
     }
 }
 
+fn is_number(kind: &Kind) -> bool {
+    matches!(
+        kind,
+        Kind::Double
+            | Kind::Float
+            | Kind::Int32
+            | Kind::Int64
+            | Kind::Uint32
+            | Kind::Uint64
+            | Kind::Sint32
+            | Kind::Sint64
+            | Kind::Fixed32
+            | Kind::Fixed64
+            | Kind::Sfixed32
+            | Kind::Sfixed64
+    )
+}
+
 fn number(v: &Value) -> Option<f64> {
     match v {
         Value::F64(x) => Some(*x),
@@ -290,6 +308,22 @@ fn presence(schema: &Schema, msg: &DynamicMessage, path: &mut Path<'_>) -> Resul
                     },
                 });
             }
+        } else if let Some(min) = opts.min
+            && !opts.zero_is_default
+            && !msg.has_field(&field)
+            && field.containing_oneof().is_none()
+            && is_number(&field.kind())
+            && (min > 0.0 || (opts.exclusive_min && min >= 0.0))
+        {
+            // Unset on the wire is 0 in proto3: a bound that refuses 0 refuses it.
+            return Err(FieldError {
+                path: path.with(&field),
+                reason: if opts.exclusive_min && min == 0.0 {
+                    "0 must be greater than 0".to_owned()
+                } else {
+                    format!("0 is below the minimum {min}")
+                },
+            });
         } else if opts.required
             && matches!(field.kind(), Kind::String)
             && msg
