@@ -227,7 +227,7 @@ impl Schema {
                 by_result.insert(r.full_name().to_owned(), i);
             }
         }
-        let mut field_options = HashMap::with_hasher(Fnv::default());
+        let mut field_options = HashMap::with_hasher(Fnv);
         let mut display = HashMap::new();
         for message in pool.all_messages() {
             if let Some(ext) = &display_ext {
