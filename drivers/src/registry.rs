@@ -382,7 +382,6 @@ mod tests {
 mod validate_tests {
     use ppu_schema::prost_reflect::DynamicMessage;
     use ppu_schema::validate::{self, DeviceRefusal};
-    use prost::Message;
 
     use super::schema;
     use crate::device::Limits;
