@@ -27,6 +27,7 @@ use ppu_drivers::StepCommand;
 use crate::command::{self, Command, Resolved};
 use crate::devices::{DeviceHandle, Devices};
 use crate::queue::{OrderKey, QueueIndex};
+use crate::safety::FirstStep;
 use crate::state::{IllegalPhase, StepPhase};
 
 /// What device a step needs.
@@ -47,6 +48,14 @@ impl Need {
         Need::Any {
             capability: command.capability,
             step: command.step,
+        }
+    }
+
+    /// Any device that runs a step checked at submission.
+    pub fn checked(first: FirstStep) -> Need {
+        Need::Any {
+            capability: first.capability,
+            step: first.step,
         }
     }
 
@@ -149,10 +158,10 @@ impl Board {
 
     /// [`Board::enqueue`] with the current step's command already resolved and checked (at
     /// submission), so it is not resolved again.
-    pub fn enqueue_with(&mut self, e: &pb::Experiment, rank: i64, command: Option<Command>) {
+    pub fn enqueue_with(&mut self, e: &pb::Experiment, rank: i64, command: Option<FirstStep>) {
         let spec = e.spec.clone().unwrap_or_default();
         let need = match (spec.steps.get(e.current_step as usize), command) {
-            (Some(step), Some(c)) if step.device_id.is_empty() => Ok(Need::any(c)),
+            (Some(step), Some(c)) if step.device_id.is_empty() => Ok(Need::checked(c)),
             (Some(step), _) => Need::of(step, &format!("steps[{}]", e.current_step)),
             (None, _) => Err("the experiment has no step to run".to_owned()),
         };

@@ -10,6 +10,8 @@
 //!
 //! [`Device::check`]: ppu_drivers::Device::check
 
+use std::collections::HashMap;
+
 use ppu_drivers::DeviceError;
 use ppu_proto::v1 as pb;
 use ppu_schema::validate::{self, DeviceRefusal};
@@ -323,7 +325,7 @@ pub fn check_bounds(req: &pb::SubmitBatchRequest, l: &Limits) -> Result<(), Reje
 pub fn check_batch(
     req: &pb::SubmitBatchRequest,
     devices: &Devices,
-) -> Result<Vec<Command>, Rejection> {
+) -> Result<Vec<FirstStep>, Rejection> {
     if req.idempotency_key.is_empty() {
         return Err(Rejection::invalid(
             "idempotency_key",
@@ -351,7 +353,13 @@ pub fn check_batch(
             ),
         ));
     }
-    let mut commands = Vec::with_capacity(req.experiments.len());
+    // A batch repeats its recipes (a campaign runs the same program on many samples): a step
+    // identical on the wire to one already checked, device pin included, has the same
+    // verdict, so each distinct step is resolved and checked once. Only passing steps are
+    // ever looked up again: the first refusal ends the check.
+    let mut distinct: HashMap<Vec<u8>, usize> = HashMap::new();
+    let mut commands: Vec<Command> = Vec::new();
+    let mut steps: Vec<Vec<usize>> = Vec::with_capacity(req.experiments.len());
     for (i, e) in req.experiments.iter().enumerate() {
         let path = format!("experiments[{i}]");
         if e.steps.is_empty() {
@@ -360,17 +368,32 @@ pub fn check_batch(
                 "an experiment needs at least one step",
             ));
         }
-        let mut steps = Vec::with_capacity(e.steps.len());
+        let mut of_experiment = Vec::with_capacity(e.steps.len());
         for (j, s) in e.steps.iter().enumerate() {
-            steps.push(step_command(s, &format!("{path}.steps[{j}]"))?);
+            let key = prost::Message::encode_to_vec(s);
+            let k = match distinct.get(&key) {
+                Some(k) => *k,
+                None => {
+                    commands.push(step_command(s, &format!("{path}.steps[{j}]"))?);
+                    distinct.insert(key, commands.len() - 1);
+                    commands.len() - 1
+                }
+            };
+            of_experiment.push(k);
         }
-        commands.push(steps);
+        steps.push(of_experiment);
     }
     let mut precondition = None;
+    let mut checked = vec![false; commands.len()];
     for (i, e) in req.experiments.iter().enumerate() {
         for (j, s) in e.steps.iter().enumerate() {
+            let k = steps[i][j];
+            if checked[k] {
+                continue;
+            }
+            checked[k] = true;
             let path = format!("experiments[{i}].steps[{j}]");
-            match check_command(&commands[i][j], &s.device_id, &path, devices) {
+            match check_command(&commands[k], &s.device_id, &path, devices) {
                 Ok(()) => {}
                 Err(r) if r.kind == RejectionKind::Precondition => {
                     precondition.get_or_insert(r);
@@ -381,11 +404,23 @@ pub fn check_batch(
     }
     match precondition {
         Some(r) => Err(r),
-        None => Ok(commands
-            .into_iter()
-            .filter_map(|steps| steps.into_iter().next())
+        None => Ok(steps
+            .iter()
+            .filter_map(|of| of.first())
+            .map(|k| FirstStep {
+                capability: commands[*k].capability,
+                step: commands[*k].step.clone(),
+            })
             .collect()),
     }
+}
+
+/// What the queue keeps of an experiment's checked first step: the capability that runs it
+/// and the command its driver gets.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FirstStep {
+    pub capability: &'static str,
+    pub step: ppu_drivers::StepCommand,
 }
 
 #[cfg(test)]
@@ -670,6 +705,37 @@ mod tests {
         assert_eq!(
             r.reason,
             "1000 segments, at most 999 (limits.max_program_segments)"
+        );
+    }
+
+    /// Identical steps are checked once per batch, but a step differing only in its device pin
+    /// is another step: its refusal names its own path.
+    #[test]
+    fn repeated_steps_are_checked_once_and_a_different_pin_is_checked_on_its_own() {
+        let lab = devices(vec![analyser("analyser-1", &["CO2"])]);
+        let same = |n: usize| pb::SubmitBatchRequest {
+            idempotency_key: "k".into(),
+            experiments: (0..n)
+                .map(|_| pb::ExperimentSpec {
+                    name: "x".into(),
+                    steps: vec![isotherm("CO2", 3)],
+                    ..Default::default()
+                })
+                .collect(),
+        };
+        let firsts = check_batch(&same(3), &lab).expect("three identical isotherms pass");
+        assert_eq!(firsts.len(), 3);
+        assert!(firsts.iter().all(|f| f.capability == "isotherm"));
+        let mut req = same(3);
+        req.experiments[2].steps[0].device_id = "analyser-9".into();
+        let r = check_batch(&req, &lab).expect_err("unknown device");
+        assert_eq!(r.field, "experiments[2].steps[0].device_id", "{r:?}");
+        let mut req = same(2);
+        req.experiments[1].steps[0] = isotherm("XENON", 3);
+        let r = check_batch(&req, &lab).expect_err("unknown gas");
+        assert_eq!(
+            r.field, "experiments[1].steps[0].isotherm.adsorptive",
+            "{r:?}"
         );
     }
 }
