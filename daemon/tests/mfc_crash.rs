@@ -153,6 +153,43 @@ async fn sigkill_mid_gas_flow_leaves_the_controller_at_setpoint_0_after_restart(
         .expect("batch")
         .experiment_ids[0]
         .clone();
+    // Server reflection serves the family's descriptors, so grpcurl and SDKs built without
+    // the family can decode its messages.
+    let channel = tonic::transport::Channel::from_shared(endpoint.clone())
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect reflection");
+    let mut reflection =
+        tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(channel);
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let ask = tonic_reflection::pb::v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::FileContainingSymbol(
+            "ppu.devices.mfc.v1.GasFlowResult".into(),
+        )),
+    };
+    let reply = reflection
+        .server_reflection_info(tokio_stream::iter(vec![ask]))
+        .await
+        .expect("reflection")
+        .into_inner()
+        .message()
+        .await
+        .expect("a reply")
+        .expect("a reply");
+    let Some(MessageResponse::FileDescriptorResponse(files)) = reply.message_response else {
+        panic!("no descriptor for the family's result: {reply:?}");
+    };
+    let names: Vec<String> = files
+        .file_descriptor_proto
+        .iter()
+        .filter_map(|b| prost_types::FileDescriptorProto::decode(b.as_slice()).ok())
+        .map(|f| f.name().to_owned())
+        .collect();
+    assert!(names.iter().any(|n| n == "mfc/mfc.proto"), "{names:?}");
+
     wait_for("the controller to flow CO2 at 120 sccm", || {
         mfc.sim.setpoint() > 100.0 && mfc.sim.gas() == "CO2"
     })
