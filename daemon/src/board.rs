@@ -22,9 +22,7 @@ use ppu_proto::v1 as pb;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use ppu_drivers::StepCommand;
-
-use crate::command::{self, Command, Resolved};
+use crate::command::{self, Resolved};
 use crate::devices::{DeviceHandle, Devices};
 use crate::queue::{OrderKey, QueueIndex};
 use crate::safety::FirstStep;
@@ -36,29 +34,10 @@ pub enum Need {
     /// This device and no other (a pinned step, or a transfer's destination).
     Device(String),
     /// Any device with the capability whose driver accepts the command.
-    Any {
-        capability: &'static str,
-        step: StepCommand,
-    },
+    Any(FirstStep),
 }
 
 impl Need {
-    /// Any device that runs `command` (only its capability and packed form are kept).
-    pub fn any(command: Command) -> Need {
-        Need::Any {
-            capability: command.capability,
-            step: command.step,
-        }
-    }
-
-    /// Any device that runs a step checked at submission.
-    pub fn checked(first: FirstStep) -> Need {
-        Need::Any {
-            capability: first.capability,
-            step: first.step,
-        }
-    }
-
     /// The need of `step`; `Err` names the problem if the step is not runnable at all.
     pub fn of(step: &pb::Step, path: &str) -> Result<Need, String> {
         if let Some(pb::step::Kind::Transfer(t)) = &step.kind {
@@ -69,7 +48,7 @@ impl Need {
         }
         // Checked at submission; resolving only decodes it.
         match command::resolve(crate::schema::schema(), step, path) {
-            Ok(Resolved::Command(c)) => Ok(Need::any(c)),
+            Ok(Resolved::Command(c)) => Ok(Need::Any((&c).into())),
             Ok(Resolved::Transfer(t)) => Ok(Need::Device(t.to_device_id)),
             Err(r) => Err(format!("{}: {}", r.field, r.reason)),
         }
@@ -79,7 +58,7 @@ impl Need {
     pub fn fits(&self, d: &DeviceHandle) -> bool {
         match self {
             Need::Device(id) => d.id() == id,
-            Need::Any { capability, step } => d.has(capability) && d.driver.check(step).is_ok(),
+            Need::Any(c) => d.has(c.capability) && d.driver.check(&c.step).is_ok(),
         }
     }
 }
@@ -161,7 +140,7 @@ impl Board {
     pub fn enqueue_with(&mut self, e: &pb::Experiment, rank: i64, command: Option<FirstStep>) {
         let spec = e.spec.clone().unwrap_or_default();
         let need = match (spec.steps.get(e.current_step as usize), command) {
-            (Some(step), Some(c)) if step.device_id.is_empty() => Ok(Need::checked(c)),
+            (Some(step), Some(c)) if step.device_id.is_empty() => Ok(Need::Any(c)),
             (Some(step), _) => Need::of(step, &format!("steps[{}]", e.current_step)),
             (None, _) => Err("the experiment has no step to run".to_owned()),
         };

@@ -407,20 +407,26 @@ pub fn check_batch(
         None => Ok(steps
             .iter()
             .filter_map(|of| of.first())
-            .map(|k| FirstStep {
-                capability: commands[*k].capability,
-                step: commands[*k].step.clone(),
-            })
+            .map(|k| FirstStep::from(&commands[*k]))
             .collect()),
     }
 }
 
-/// What the queue keeps of an experiment's checked first step: the capability that runs it
-/// and the command its driver gets.
+/// What the queue keeps of a checked step: the capability that runs it and the command its
+/// driver gets (not its decoded form, which only the checks need).
 #[derive(Debug, Clone, PartialEq)]
 pub struct FirstStep {
     pub capability: &'static str,
     pub step: ppu_drivers::StepCommand,
+}
+
+impl From<&Command> for FirstStep {
+    fn from(c: &Command) -> Self {
+        Self {
+            capability: c.capability,
+            step: c.step.clone(),
+        }
+    }
 }
 
 #[cfg(test)]

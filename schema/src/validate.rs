@@ -449,48 +449,51 @@ pub fn device(
     )
 }
 
-/// The limit names a family's commands refer to, for checking a device's configuration.
+/// The limit names a family's commands refer to (`max_limit`, `min_limit`), for checking a
+/// device's configuration.
 pub fn limit_names(schema: &Schema, family: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut seen = std::collections::HashSet::new();
-    for c in schema.commands().iter().filter(|c| c.family == family) {
-        collect_limits(schema, &c.message, &mut out, &mut seen);
-    }
-    out
-}
-
-fn collect_limits(
-    schema: &Schema,
-    desc: &prost_reflect::MessageDescriptor,
-    out: &mut Vec<String>,
-    seen: &mut std::collections::HashSet<String>,
-) {
-    if !seen.insert(desc.full_name().to_owned()) {
-        return;
-    }
-    for field in desc.fields() {
-        let o = schema.field_options(&field);
-        for name in [&o.max_limit, &o.min_limit] {
-            if !name.is_empty() && !out.contains(name) {
-                out.push(name.clone());
-            }
-        }
-        if let Kind::Message(m) = field.kind() {
-            collect_limits(schema, &m, out, seen);
-        }
-    }
+    family_names(schema, family, |o| {
+        [o.max_limit.as_str(), o.min_limit.as_str()]
+    })
 }
 
 /// The accepted-value parameter names a family's commands refer to (`reagent`, `gas`).
 pub fn accepted_names(schema: &Schema, family: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    for c in schema.commands().iter().filter(|c| c.family == family) {
-        for field in c.message.fields() {
-            let o = schema.field_options(&field);
-            if !o.accepted.is_empty() && !out.contains(&o.accepted) {
-                out.push(o.accepted.clone());
+    family_names(schema, family, |o| [o.accepted.as_str(), ""])
+}
+
+/// The non-empty names `pick` reads from the field options of a family's commands and every
+/// message below them, once each, in order.
+fn family_names(
+    schema: &Schema,
+    family: &str,
+    pick: impl Fn(&crate::options::FieldOptions) -> [&str; 2],
+) -> Vec<String> {
+    fn visit(
+        schema: &Schema,
+        desc: &prost_reflect::MessageDescriptor,
+        pick: &dyn Fn(&crate::options::FieldOptions) -> [&str; 2],
+        out: &mut Vec<String>,
+        seen: &mut std::collections::HashSet<String>,
+    ) {
+        if !seen.insert(desc.full_name().to_owned()) {
+            return;
+        }
+        for field in desc.fields() {
+            for name in pick(schema.field_options(&field)) {
+                if !name.is_empty() && !out.iter().any(|n| n == name) {
+                    out.push(name.to_owned());
+                }
+            }
+            if let Kind::Message(m) = field.kind() {
+                visit(schema, &m, pick, out, seen);
             }
         }
+    }
+    let mut out = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for c in schema.commands().iter().filter(|c| c.family == family) {
+        visit(schema, &c.message, &pick, &mut out, &mut seen);
     }
     out
 }
