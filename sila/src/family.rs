@@ -984,26 +984,34 @@ fn from_proto(message: &DynamicMessage) -> Result<Vec<(String, Value)>, value::V
             let items = match &*message.get_field(&field) {
                 ReflectValue::List(items) => items
                     .iter()
-                    .map(|item| scalar_from_proto(item, &id))
+                    .map(|item| scalar_from_proto(item, &field.kind(), &id))
                     .collect::<Result<Vec<_>, _>>()?,
                 _ => Vec::new(),
             };
             Value::List(items)
         } else if is_optional(&field) {
             if message.has_field(&field) {
-                Value::List(vec![scalar_from_proto(&message.get_field(&field), &id)?])
+                Value::List(vec![scalar_from_proto(
+                    &message.get_field(&field),
+                    &field.kind(),
+                    &id,
+                )?])
             } else {
                 Value::List(Vec::new())
             }
         } else {
-            scalar_from_proto(&message.get_field(&field), &id)?
+            scalar_from_proto(&message.get_field(&field), &field.kind(), &id)?
         };
         out.push((id, v));
     }
     Ok(out)
 }
 
-fn scalar_from_proto(v: &ReflectValue, path: &str) -> Result<Value, value::ValueError> {
+fn scalar_from_proto(
+    v: &ReflectValue,
+    kind: &Kind,
+    path: &str,
+) -> Result<Value, value::ValueError> {
     let fail = |reason: &str| value::ValueError {
         path: path.to_owned(),
         reason: reason.to_owned(),
@@ -1020,7 +1028,14 @@ fn scalar_from_proto(v: &ReflectValue, path: &str) -> Result<Value, value::Value
         ReflectValue::Bool(b) => Value::Boolean(*b),
         ReflectValue::String(s) => Value::String(s.clone()),
         ReflectValue::Bytes(b) => Value::Binary(b.to_vec()),
-        ReflectValue::EnumNumber(n) => Value::String(n.to_string()),
+        // By name, as the feature's `Set` lists them; a number the enum does not know (a newer
+        // peer) as its digits.
+        ReflectValue::EnumNumber(n) => Value::String(match kind {
+            Kind::Enum(e) => e
+                .get_value(*n)
+                .map_or_else(|| n.to_string(), |v| v.name().to_owned()),
+            _ => n.to_string(),
+        }),
         ReflectValue::Message(m) => {
             if m.descriptor().fields().len() == 0 {
                 Value::String(String::new())
