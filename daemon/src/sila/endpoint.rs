@@ -101,8 +101,9 @@ impl Ctx {
         caller: &Caller,
         at: &super::errors::Submitted<'_>,
     ) -> Result<String, Status> {
+        // A SiLA call has no idempotency key of its own: each call is a new batch.
         let req = pb::SubmitBatchRequest {
-            idempotency_key: String::new(),
+            idempotency_key: format!("sila-{}", ulid::Ulid::new()),
             experiments: vec![spec],
         };
         crate::safety::check_bounds(&req, &self.limits).map_err(|r| at.rejection(&r))?;
