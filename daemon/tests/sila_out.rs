@@ -848,3 +848,67 @@ async fn tokens_and_roles_are_ppu_v1s_and_a_command_is_audited_with_its_principa
     }
     lab.stop().await;
 }
+
+#[tokio::test]
+async fn sila_is_served_with_the_daemons_tls_and_plain_text_fails() {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    use tonic::transport::{Certificate, ClientTlsConfig};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "sila test CA");
+    let ca =
+        CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("key")).expect("CA");
+    let server_key = KeyPair::generate().expect("key");
+    let server = CertificateParams::new(vec!["localhost".to_owned()])
+        .expect("params")
+        .signed_by(&server_key, &ca)
+        .expect("server cert");
+    let security = Security {
+        tls: Some(ppu_daemon::app::TlsPem {
+            cert: server.pem().into_bytes(),
+            key: server_key.serialize_pem().into_bytes(),
+            client_ca: None,
+        }),
+        ..secured()
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lab = Lab::start(dir.path(), security)
+        .await
+        .expect("daemon starts");
+    let addr = lab.daemon.sila_addr().expect("SiLA is served");
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca.pem()))
+        .domain_name("localhost");
+    let channel = Endpoint::from_shared(format!("https://{addr}"))
+        .expect("url")
+        .tls_config(tls)
+        .expect("tls")
+        .connect()
+        .await
+        .expect("TLS handshake");
+    let client = Client::connect(channel, Token::Bearer(VIEWER)).await;
+    assert!(
+        client
+            .features
+            .iter()
+            .any(|f| f.fully_qualified_identifier() == "ppu/devices/Furnace/v1")
+    );
+    // The same endpoint in plain text does not answer.
+    let plain = Client {
+        channel: lab.sila(),
+        pool: client.pool.clone(),
+        features: Vec::new(),
+    };
+    plain
+        .unary(
+            Token::Bearer(VIEWER),
+            SILA_SERVICE,
+            "Get_ServerName",
+            Vec::new(),
+        )
+        .await
+        .expect_err("plain text to a TLS endpoint");
+    lab.stop().await;
+}
