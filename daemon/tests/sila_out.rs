@@ -912,3 +912,76 @@ async fn sila_is_served_with_the_daemons_tls_and_plain_text_fails() {
         .expect_err("plain text to a TLS endpoint");
     lab.stop().await;
 }
+
+#[tokio::test]
+async fn the_server_is_discoverable_over_mdns_by_its_uuid() {
+    use mdns_sd::{IfKind, ServiceDaemon, ServiceEvent};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let devlab = DevLab::start(Clock::new(2000.0), 1)
+        .await
+        .expect("simulated furnace");
+    let security = Security {
+        sila: Some(SilaSettings {
+            mdns: true,
+            server_name: "bench ppud".into(),
+            ..SilaSettings::at("127.0.0.1:0".parse().expect("addr"))
+        }),
+        ..Security::default()
+    };
+    let daemon = devlab
+        .start_secured_daemon(
+            "127.0.0.1:0".parse().expect("addr"),
+            dir.path(),
+            PollSettings {
+                poll_interval: Duration::from_millis(100),
+                reading_log_interval: Duration::from_secs(1),
+            },
+            &Policies::default(),
+            security,
+        )
+        .await
+        .expect("daemon starts");
+    let lab = Lab { daemon, devlab };
+    let port = lab.daemon.sila_addr().expect("served").port();
+    let client = Client::connect(lab.sila(), Token::None).await;
+    let uuid = match field(
+        &client
+            .unary(Token::None, SILA_SERVICE, "Get_ServerUUID", Vec::new())
+            .await
+            .expect("uuid"),
+        "ServerUUID",
+    ) {
+        Value::String(s) => s,
+        other => panic!("{other:?}"),
+    };
+    let found = tokio::task::spawn_blocking(move || {
+        let browser = ServiceDaemon::new().expect("mDNS");
+        browser.disable_interface(IfKind::All).expect("interfaces");
+        browser
+            .enable_interface(IfKind::LoopbackV4)
+            .expect("loopback");
+        let events = browser.browse("_sila._tcp.local.").expect("browse");
+        let deadline = std::time::Instant::now() + DEADLINE;
+        let found = loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match events.recv_timeout(left) {
+                Ok(ServiceEvent::ServiceResolved(info))
+                    if info.get_fullname().starts_with(&uuid) =>
+                {
+                    break Some((
+                        info.get_port(),
+                        info.get_property_val_str("server_name").map(str::to_owned),
+                    ));
+                }
+                Ok(_) => continue,
+                Err(_) => break None,
+            }
+        };
+        let _ = browser.shutdown();
+        found
+    })
+    .await
+    .expect("browser");
+    assert_eq!(found, Some((port, Some("bench ppud".to_owned()))));
+    lab.stop().await;
+}
