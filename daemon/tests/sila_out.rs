@@ -719,22 +719,11 @@ async fn tokens_and_roles_are_ppu_v1s_and_a_command_is_audited_with_its_principa
         .expect("daemon starts");
     let channel = lab.sila();
 
-    // No token: refused before any handler.
-    let bootstrap = Client {
-        channel: channel.clone(),
-        pool: ppu_sila::descriptor::pool(&[Feature::from_xml(include_str!(
-            "../src/sila/SiLAService.sila.xml"
-        ))
-        .expect("FDL")])
-        .expect("pool"),
-        features: Vec::new(),
-    };
-    let e = bootstrap
-        .unary(Token::None, SILA_SERVICE, "Get_ServerName", Vec::new())
-        .await
-        .expect_err("no token");
-    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
-    let e = bootstrap
+    // A standard client reads SiLAService without metadata (the standard forbids it there),
+    // so the server's identity and feature definitions need no token; an unknown one is
+    // still refused.
+    let client = Client::connect(channel, Token::None).await;
+    let e = client
         .unary(
             Token::Metadata("ppu_unknown"),
             SILA_SERVICE,
@@ -744,9 +733,62 @@ async fn tokens_and_roles_are_ppu_v1s_and_a_command_is_audited_with_its_principa
         .await
         .expect_err("unknown token");
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    // No token: anything beyond discovery is refused before any handler.
+    let e = client
+        .unary(Token::None, FURNACE, "FurnaceProgram", program(200.0, 60.0))
+        .await
+        .expect_err("no token");
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    let pv = client.method(FURNACE, "Subscribe_PvC").input();
+    let e = client
+        .stream(
+            Token::None,
+            FURNACE,
+            "Subscribe_PvC",
+            DynamicMessage::new(pv.clone()),
+        )
+        .await
+        .expect_err("no token");
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    let e = client
+        .unary(
+            Token::None,
+            SILA_SERVICE,
+            "SetServerName",
+            vec![("ServerName".into(), Value::String("mine".into()))],
+        )
+        .await
+        .expect_err("no token");
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
 
-    // A viewer reads (AccessToken metadata) but cannot start a command.
-    let client = Client::connect(channel, Token::Metadata(VIEWER)).await;
+    // A viewer reads a device property (AccessToken metadata) but cannot start a command.
+    let mut readings = client
+        .stream(
+            Token::Metadata(VIEWER),
+            FURNACE,
+            "Subscribe_PvC",
+            DynamicMessage::new(pv),
+        )
+        .await
+        .expect("a viewer subscribes");
+    // The first value is sent at once (empty until the furnace has been read), then on change.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let value = tokio::time::timeout_at(deadline, readings.message())
+            .await
+            .expect("a reading within the deadline")
+            .expect("stream")
+            .expect("a value");
+        match field(&value, "PvC") {
+            Value::List(devices) if devices.is_empty() => continue,
+            Value::List(devices) => {
+                assert_eq!(devices.len(), 1, "{devices:?}");
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    drop(readings);
     let e = client
         .unary(
             Token::Metadata(VIEWER),
@@ -780,6 +822,15 @@ async fn tokens_and_roles_are_ppu_v1s_and_a_command_is_audited_with_its_principa
         .expect("planner submits");
     let uuid = confirmation_uuid(&confirmation);
     let experiment_id = experiment_of(&uuid);
+    client
+        .unary(
+            Token::Bearer(PLANNER),
+            FURNACE,
+            "FurnaceProgram",
+            program(5000.0, 60.0),
+        )
+        .await
+        .expect_err("beyond the limit");
     let seen = follow_info(&client, Token::Bearer(PLANNER), &uuid).await;
     assert_eq!(seen.last().map(|s| s.0), Some(2), "{seen:?}");
 
@@ -826,8 +877,8 @@ async fn tokens_and_roles_are_ppu_v1s_and_a_command_is_audited_with_its_principa
         .expect("events")
         .into_inner();
     let deadline = tokio::time::Instant::now() + DEADLINE;
-    let (mut granted, mut denied) = (false, false);
-    while !(granted && denied) {
+    let (mut granted, mut denied, mut invalid) = (false, false, false);
+    while !(granted && denied && invalid) {
         let ev = match tokio::time::timeout_at(deadline, events.message()).await {
             Ok(Ok(Some(ev))) => ev,
             other => panic!("audit records missing: {other:?}"),
@@ -835,7 +886,12 @@ async fn tokens_and_roles_are_ppu_v1s_and_a_command_is_audited_with_its_principa
         if let Some(pb::event::Kind::Audit(a)) = &ev.kind
             && a.method == format!("{FURNACE}/FurnaceProgram")
         {
-            if a.principal == "gp-planner" {
+            if a.principal == "gp-planner" && a.code == "ABORTED" {
+                // The SiLA error, readable in the record.
+                assert!(a.message.starts_with("validation error for "), "{a:?}");
+                assert!(a.message.contains("temperature_c"), "{a:?}");
+                invalid = true;
+            } else if a.principal == "gp-planner" {
                 assert_eq!(a.code, "OK");
                 assert_eq!(a.target, experiment_id);
                 assert_eq!(ev.experiment_id, experiment_id);

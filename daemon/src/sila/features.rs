@@ -11,7 +11,7 @@ use ppu_sila::descriptor::{self, rpc};
 use ppu_sila::family::FamilyFeature;
 use ppu_sila::fdl::Feature;
 
-use crate::auth::{Access, AuditTarget, MethodTable};
+use crate::auth::{Access, AuditTarget, MethodTable, Surface};
 
 /// The standard's mandatory feature.
 pub(crate) const SILA_SERVICE_FDL: &str = include_str!("SiLAService.sila.xml");
@@ -208,6 +208,9 @@ pub(crate) const ACCESS_TOKEN_HEADER: &str =
 pub(crate) struct SilaMethods {
     /// (path, access, audit filing) of every method.
     by_path: HashMap<String, (Access, AuditTarget)>,
+    /// Methods a client calls before it can send a token: SiLAService's reads and
+    /// `Get_FCPAffectedByMetadata_AccessToken` (SiLA 2 forbids metadata on SiLAService).
+    discovery: std::collections::HashSet<String>,
 }
 
 impl SilaMethods {
@@ -223,7 +226,19 @@ impl SilaMethods {
                 (path.clone(), (m.access, filed))
             })
             .collect();
-        SilaMethods { by_path }
+        let discovery = features
+            .methods
+            .iter()
+            .filter(|(_, m)| {
+                m.access == Access::Read
+                    && matches!(
+                        features.served[m.feature].kind,
+                        Kind::SilaService | Kind::Authorization
+                    )
+            })
+            .map(|(path, _)| path.clone())
+            .collect();
+        SilaMethods { by_path, discovery }
     }
 }
 
@@ -232,10 +247,26 @@ impl MethodTable for SilaMethods {
         self.by_path.get(path).map_or(Access::Unlisted, |(a, _)| *a)
     }
 
+    fn surface(&self, path: &str) -> Surface {
+        if self.discovery.contains(path) {
+            Surface::Discovery
+        } else {
+            Surface::Api
+        }
+    }
+
     fn audit_target(&self, path: &str) -> AuditTarget {
         self.by_path
             .get(path)
             .map_or(AuditTarget::Neither, |(_, t)| *t)
+    }
+
+    /// A SiLA error is a base64 `SiLAError`; the audit record keeps its text.
+    fn audit_message(&self, message: &str) -> String {
+        match ppu_sila::error::SilaError::from_details(message.as_bytes()) {
+            Ok(e) => e.to_string(),
+            Err(_) => message.to_owned(),
+        }
     }
 
     fn credential_headers(&self) -> &[&'static str] {
