@@ -113,11 +113,13 @@ pub enum Surface {
     Api,
     Health,
     Reflection,
-    /// What a SiLA 2 client must read before it can send a token at all (SiLAService's
-    /// properties and feature definitions, which the standard keeps free of metadata, and
-    /// which calls the AccessToken affects): a caller without credentials is an anonymous
-    /// viewer; one with credentials is identified as anywhere else.
-    Discovery,
+    /// Reads a SiLA 2 client makes without metadata, as the standard has it: SiLAService's
+    /// properties and feature definitions (before it can send a token at all), which calls
+    /// the AccessToken affects, and the follow-up calls of a command execution (`_Info`,
+    /// `_Intermediate`, `_Result`, named by the execution's UUID; the token went with the
+    /// command). A caller without credentials is an anonymous viewer; one with credentials is
+    /// identified as anywhere else.
+    TokenOptional,
 }
 
 /// Where an audit record of a mutating call is filed besides the log: the experiment or the
@@ -621,7 +623,7 @@ impl Authenticator {
             Surface::Api => true,
             Surface::Health => self.protect_health,
             Surface::Reflection => self.protect_reflection,
-            Surface::Discovery => true,
+            Surface::TokenOptional => true,
         }
     }
 }
@@ -722,7 +724,7 @@ where
             })
         };
         let identity = match surface {
-            Surface::Discovery if matches!(token, Ok(None)) => anonymous(),
+            Surface::TokenOptional if matches!(token, Ok(None)) => anonymous(),
             s if layer.auth.needs_auth(s) => layer.auth.identify(token, &peer),
             _ => anonymous(),
         };

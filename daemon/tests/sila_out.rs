@@ -833,6 +833,21 @@ async fn tokens_and_roles_are_ppu_v1s_and_a_command_is_audited_with_its_principa
         .expect_err("beyond the limit");
     let seen = follow_info(&client, Token::Bearer(PLANNER), &uuid).await;
     assert_eq!(seen.last().map(|s| s.0), Some(2), "{seen:?}");
+    // As a standard client does, the result is fetched without metadata: the token went with
+    // the command, the execution UUID names the rest.
+    let result = client
+        .unary_message(
+            Token::None,
+            FURNACE,
+            "FurnaceProgram_Result",
+            client.execution_uuid(&uuid),
+        )
+        .await
+        .expect("result without metadata");
+    assert_eq!(
+        field(&result, "ExperimentId"),
+        Value::String(experiment_id.clone())
+    );
 
     // Over ppu.v1: the batch names the planner; the log holds the audit record of the call,
     // filed on the experiment, and the refused viewer's attempt.

@@ -208,9 +208,10 @@ pub(crate) const ACCESS_TOKEN_HEADER: &str =
 pub(crate) struct SilaMethods {
     /// (path, access, audit filing) of every method.
     by_path: HashMap<String, (Access, AuditTarget)>,
-    /// Methods a client calls before it can send a token: SiLAService's reads and
-    /// `Get_FCPAffectedByMetadata_AccessToken` (SiLA 2 forbids metadata on SiLAService).
-    discovery: std::collections::HashSet<String>,
+    /// Reads standard clients make without metadata (see [`Surface::TokenOptional`]):
+    /// SiLAService's reads and `Get_FCPAffectedByMetadata_AccessToken`, and the follow-up
+    /// calls of command executions.
+    token_optional: std::collections::HashSet<String>,
 }
 
 impl SilaMethods {
@@ -226,19 +227,25 @@ impl SilaMethods {
                 (path.clone(), (m.access, filed))
             })
             .collect();
-        let discovery = features
+        let token_optional = features
             .methods
             .iter()
             .filter(|(_, m)| {
                 m.access == Access::Read
-                    && matches!(
+                    && (matches!(
                         features.served[m.feature].kind,
                         Kind::SilaService | Kind::Authorization
-                    )
+                    ) || matches!(
+                        m.member,
+                        Member::Info(_) | Member::Intermediate(_) | Member::Result(_)
+                    ))
             })
             .map(|(path, _)| path.clone())
             .collect();
-        SilaMethods { by_path, discovery }
+        SilaMethods {
+            by_path,
+            token_optional,
+        }
     }
 }
 
@@ -248,8 +255,8 @@ impl MethodTable for SilaMethods {
     }
 
     fn surface(&self, path: &str) -> Surface {
-        if self.discovery.contains(path) {
-            Surface::Discovery
+        if self.token_optional.contains(path) {
+            Surface::TokenOptional
         } else {
             Surface::Api
         }
