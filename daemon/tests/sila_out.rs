@@ -1056,3 +1056,150 @@ async fn the_server_is_discoverable_over_mdns_by_its_uuid() {
     assert_eq!(found, Some((port, Some("bench ppud".to_owned()))));
     lab.stop().await;
 }
+
+const QUEUE: &str = "/sila2.ppu.queue.experimentqueue.v1.ExperimentQueue";
+
+#[tokio::test]
+async fn the_experiment_queue_submits_reads_follows_and_its_executions_survive_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lab = Lab::start(dir.path(), Security::default())
+        .await
+        .expect("daemon starts");
+    let client = Client::connect(lab.sila(), Token::None).await;
+    let text = |r: &DynamicMessage, name: &str| match field(r, name) {
+        Value::String(s) => s,
+        other => panic!("{other:?}"),
+    };
+
+    // QueueLength answers at once.
+    let input = client.method(QUEUE, "Subscribe_QueueLength").input();
+    let mut length = client
+        .stream(
+            Token::None,
+            QUEUE,
+            "Subscribe_QueueLength",
+            DynamicMessage::new(input),
+        )
+        .await
+        .expect("QueueLength");
+    let first = tokio::time::timeout(DEADLINE, length.message())
+        .await
+        .expect("within the deadline")
+        .expect("stream")
+        .expect("a value");
+    assert_eq!(field(&first, "QueueLength"), Value::Integer(0));
+    drop(length);
+
+    // ppu.v1's ExperimentSpec in protobuf JSON, typed furnace alias and all.
+    let spec = r#"{"name": "sila queue", "steps": [{"furnace": {"segments": [
+        {"ramp": {"temperatureC": 150, "rateCPerMin": 10}}, {"hold": {"durationS": 60}}]}}]}"#;
+    let r = client
+        .unary(
+            Token::None,
+            QUEUE,
+            "SubmitExperiment",
+            vec![("Experiment".into(), Value::String(spec.into()))],
+        )
+        .await
+        .expect("submitted");
+    let id = text(&r, "ExperimentId");
+    let got = client
+        .unary(
+            Token::None,
+            QUEUE,
+            "GetExperiment",
+            vec![("ExperimentId".into(), Value::String(id.clone()))],
+        )
+        .await
+        .expect("read");
+    assert_eq!(field(&got, "StepCount"), Value::Integer(1));
+    assert!(
+        ["QUEUED", "RUNNING", "SUCCEEDED"].contains(&text(&got, "State").as_str()),
+        "{got:?}"
+    );
+
+    let confirmation = client
+        .unary(
+            Token::None,
+            QUEUE,
+            "FollowExperiment",
+            vec![("ExperimentId".into(), Value::String(id.clone()))],
+        )
+        .await
+        .expect("follow");
+    let uuid = confirmation_uuid(&confirmation);
+    assert_eq!(experiment_of(&uuid), id);
+    let mut info = client
+        .stream(
+            Token::None,
+            QUEUE,
+            "FollowExperiment_Info",
+            client.execution_uuid(&uuid),
+        )
+        .await
+        .expect("Info");
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let i = match tokio::time::timeout_at(deadline, info.message()).await {
+            Ok(Ok(Some(i))) => i,
+            other => panic!("Info ended early: {other:?}"),
+        };
+        if i.get_field_by_name("commandStatus")
+            .and_then(|v| v.as_enum_number())
+            == Some(2)
+        {
+            break;
+        }
+    }
+
+    // Refusals: bad JSON names the parameter; an unknown id is the defined error.
+    let bad = client
+        .unary(
+            Token::None,
+            QUEUE,
+            "SubmitExperiment",
+            vec![("Experiment".into(), Value::String("{\"steps\": 3}".into()))],
+        )
+        .await
+        .expect_err("not a spec");
+    assert!(
+        matches!(sila_error(&bad), SilaError::Validation { parameter, .. }
+        if parameter == "ppu/queue/ExperimentQueue/v1/Command/SubmitExperiment/Parameter/Experiment")
+    );
+    let unknown = client
+        .unary(
+            Token::None,
+            QUEUE,
+            "GetExperiment",
+            vec![("ExperimentId".into(), Value::String("nope".into()))],
+        )
+        .await
+        .expect_err("unknown");
+    assert!(
+        matches!(sila_error(&unknown), SilaError::DefinedExecution { identifier, .. }
+        if identifier == "ppu/queue/ExperimentQueue/v1/DefinedExecutionError/UnknownExperiment")
+    );
+
+    // The execution UUID is the experiment's id: after a restart it still names it.
+    let Lab { daemon, devlab } = lab;
+    tokio::time::timeout(DEADLINE, daemon.shutdown())
+        .await
+        .expect("shutdown");
+    let daemon = Lab::daemon(&devlab, dir.path(), Security::default())
+        .await
+        .expect("restart");
+    let lab = Lab { daemon, devlab };
+    let client = Client::connect(lab.sila(), Token::None).await;
+    let result = client
+        .unary_message(
+            Token::None,
+            QUEUE,
+            "FollowExperiment_Result",
+            client.execution_uuid(&uuid),
+        )
+        .await
+        .expect("result after a restart");
+    assert_eq!(text(&result, "State"), "SUCCEEDED");
+    assert_eq!(text(&result, "Error"), "");
+    lab.stop().await;
+}
