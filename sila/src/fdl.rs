@@ -109,7 +109,8 @@ pub enum DataType {
     Basic(Basic),
     List(Box<DataType>),
     Structure(Vec<Element>),
-    Constrained(Box<DataType>, Constraints),
+    /// Boxed constraints keep every `DataType` (and so every `Element`) small.
+    Constrained(Box<DataType>, Box<Constraints>),
     /// A [`DataTypeDefinition`] of the same feature, by identifier.
     Identifier(String),
 }

@@ -39,7 +39,10 @@ pub enum Value {
         tz_minutes: i32,
     },
     /// `Any`: the type as FDL XML and the payload bytes.
-    Any { type_xml: String, payload: Vec<u8> },
+    Any {
+        type_xml: String,
+        payload: Vec<u8>,
+    },
     List(Vec<Value>),
     /// A structure's elements in FDL order.
     Structure(Vec<(String, Value)>),
@@ -56,7 +59,12 @@ pub struct ValueError {
 
 /// Checks `value` against `data_type` and its constraints (data type identifiers resolve in
 /// `feature`).
-pub fn check(feature: &Feature, data_type: &DataType, value: &Value, path: &str) -> Result<(), ValueError> {
+pub fn check(
+    feature: &Feature,
+    data_type: &DataType,
+    value: &Value,
+    path: &str,
+) -> Result<(), ValueError> {
     let _ = (feature, data_type, value, path);
     todo!("ppu-sila: constraint check")
 }
