@@ -107,3 +107,128 @@ pub fn package_features(python: &PathBuf) -> Vec<(String, String)> {
     out.sort();
     out
 }
+
+/// Compiles the `.proto` the sila2 package's XSLT makes of `xml` with protoc and compares its
+/// messages (names, fields: name, number, label, type) and service (methods: name,
+/// input/output types, streaming) with `ours`. Every difference is listed.
+pub fn compare_with_xslt(
+    python: &PathBuf,
+    xml: &str,
+    ours: &prost_types::FileDescriptorProto,
+) -> Result<(), String> {
+    use prost::Message;
+
+    let proto = proto_of(python, xml)?;
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    // The XSLT imports "SiLAFramework.proto": give it ours (same package and names).
+    std::fs::write(
+        dir.path().join("SiLAFramework.proto"),
+        include_str!("../../proto/sila2/org/silastandard/SiLAFramework.proto"),
+    )
+    .map_err(|e| e.to_string())?;
+    std::fs::write(dir.path().join("Feature.proto"), &proto).map_err(|e| e.to_string())?;
+    let set_path = dir.path().join("set.bin");
+    let protoc = protoc_bin_vendored::protoc_bin_path().map_err(|e| e.to_string())?;
+    let out = Command::new(protoc)
+        .arg(format!("--proto_path={}", dir.path().display()))
+        .arg(format!("--descriptor_set_out={}", set_path.display()))
+        .arg("Feature.proto")
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(format!(
+            "protoc refused the XSLT's proto: {}\n{proto}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let set = prost_types::FileDescriptorSet::decode(
+        std::fs::read(&set_path)
+            .map_err(|e| e.to_string())?
+            .as_slice(),
+    )
+    .map_err(|e| e.to_string())?;
+    let theirs = set
+        .file
+        .iter()
+        .find(|f| f.name() == "Feature.proto")
+        .ok_or("no Feature.proto in the set")?;
+    let mut differences = Vec::new();
+    if theirs.package() != ours.package() {
+        differences.push(format!(
+            "package {} vs {}",
+            theirs.package(),
+            ours.package()
+        ));
+    }
+    let mut a = Vec::new();
+    let mut b = Vec::new();
+    for m in &theirs.message_type {
+        flatten(m, "", &mut a);
+    }
+    for m in &ours.message_type {
+        flatten(m, "", &mut b);
+    }
+    a.sort();
+    b.sort();
+    diff("message", &a, &b, &mut differences);
+    let services = |f: &prost_types::FileDescriptorProto| {
+        let mut out = Vec::new();
+        for s in &f.service {
+            for m in &s.method {
+                out.push(format!(
+                    "{}.{}({}{}) returns ({}{})",
+                    s.name(),
+                    m.name(),
+                    if m.client_streaming() { "stream " } else { "" },
+                    m.input_type(),
+                    if m.server_streaming() { "stream " } else { "" },
+                    m.output_type()
+                ));
+            }
+        }
+        out.sort();
+        out
+    };
+    diff("rpc", &services(theirs), &services(ours), &mut differences);
+    if differences.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "XSLT (left) and ours (right) differ:\n{}",
+            differences.join("\n")
+        ))
+    }
+}
+
+fn flatten(m: &prost_types::DescriptorProto, prefix: &str, out: &mut Vec<String>) {
+    let name = format!("{prefix}{}", m.name());
+    let mut line = format!("{name} {{");
+    for f in &m.field {
+        line.push_str(&format!(
+            " {:?} {:?} {} {} = {};",
+            f.label(),
+            f.r#type(),
+            f.type_name(),
+            f.name(),
+            f.number()
+        ));
+    }
+    line.push_str(" }");
+    out.push(line);
+    for n in &m.nested_type {
+        flatten(n, &format!("{name}."), out);
+    }
+}
+
+fn diff(kind: &str, theirs: &[String], ours: &[String], out: &mut Vec<String>) {
+    for t in theirs {
+        if !ours.contains(t) {
+            out.push(format!("< {kind} {t}"));
+        }
+    }
+    for o in ours {
+        if !theirs.contains(o) {
+            out.push(format!("> {kind} {o}"));
+        }
+    }
+}
