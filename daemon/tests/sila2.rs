@@ -360,8 +360,7 @@ async fn a_call_runs_as_a_step_with_progress_and_a_bad_parameter_is_refused_nami
     assert_eq!(responses["ShakenFor"], serde_json::json!(120.0), "{r:?}");
     let state = events
         .iter()
-        .filter(mine)
-        .last()
+        .rfind(|e| e.experiment_id == id)
         .and_then(|e| match &e.kind {
             Some(Kind::ExperimentStateChanged(c)) => Some(c.to),
             _ => None,
