@@ -223,7 +223,7 @@ impl Model {
                     Some(v) => DeviceError::Limit {
                         field,
                         value: v,
-                        limit: format!("{at}: {}", e.reason),
+                        limit: format!("the FDL constraint of {at} ({})", e.reason),
                     },
                     None => DeviceError::Refused {
                         what: field,
