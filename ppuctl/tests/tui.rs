@@ -680,5 +680,45 @@ async fn the_tui_shows_the_step_list_after_a_transfer_the_scheduler_inserted() {
     tui.wait("the ETA marked as simulated time", |s| s.contains("(sim ×"))
         .await;
 
+    // Hold and release from the TUI (keys the CLI's `queue hold`/`release` have), on a queued
+    // experiment: the queue is paused so that it stays queued.
+    QueueServiceClient::new(lab.channel().await)
+        .pause_queue(pb::PauseQueueRequest::default())
+        .await
+        .expect("pause");
+    let queued = submit(lab.channel().await, "tui-q", "tui-queued", "S-Q", 60.0).await;
+    tui.wait("the queued experiment", |s| {
+        row_with(s, "tui-queued").is_some_and(|r| r.contains("QUEUED"))
+    })
+    .await;
+    tui.keys(&["j"]).await;
+    tui.wait("it selected", |s| s.contains(&queued)).await;
+    tui.keys(&["h"]).await;
+    tui.wait("the hold confirmation", |s| {
+        s.contains("Hold \"tui-queued\"?")
+    })
+    .await;
+    tui.keys(&["y"]).await;
+    tui.wait("it held", |s| {
+        row_with(s, "tui-queued").is_some_and(|r| r.contains("QUEUED/HELD"))
+    })
+    .await;
+    let e = experiments
+        .get_experiment(pb::GetExperimentRequest { id: queued.clone() })
+        .await
+        .expect("experiment")
+        .into_inner();
+    assert!(e.held, "the daemon holds it");
+    tui.keys(&["h"]).await;
+    tui.wait("the release confirmation", |s| {
+        s.contains("Release \"tui-queued\"?")
+    })
+    .await;
+    tui.keys(&["y"]).await;
+    tui.wait("it released", |s| {
+        row_with(s, "tui-queued").is_some_and(|r| r.contains("QUEUED") && !r.contains("HELD"))
+    })
+    .await;
+
     lab.stop().await;
 }

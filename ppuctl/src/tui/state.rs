@@ -936,6 +936,11 @@ fn keep_event_fields(e: &mut pb::Experiment, shown: &pb::Experiment) {
     e.results.clone_from(&shown.results);
     if let (Some(spec), Some(known)) = (e.spec.as_mut(), shown.spec.as_ref()) {
         spec.priority = known.priority;
+        // Steps are only ever inserted (transfers): a longer list was learnt from a later
+        // event.
+        if known.steps.len() > spec.steps.len() {
+            spec.steps.clone_from(&known.steps);
+        }
     }
 }
 
@@ -1166,7 +1171,30 @@ mod tests {
         assert_eq!(steps.len(), 3);
         assert_eq!(steps[1], transfer_step());
         assert_eq!(steps[2], furnace_step("furnace-2"));
-        // The daemon's list arrives (read after event 3): it stands.
+        // A read sent before the insert, answered after it: the inserted step stays shown.
+        let before_insert = pb::Experiment {
+            id: "E1".into(),
+            state: pb::ExperimentState::Running as i32,
+            spec: Some(pb::ExperimentSpec {
+                steps: vec![furnace_step("furnace-1"), furnace_step("furnace-2")],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let f = m.apply(
+            Update::Experiments {
+                experiments: vec![before_insert],
+                as_of: 2,
+            },
+            now,
+            NOW_S,
+        );
+        assert_eq!(f, ["E1"], "and it is read again");
+        let row = &m.experiments["E1"];
+        assert_eq!(row.exp.spec.as_ref().unwrap().steps.len(), 3);
+        assert_eq!(row.exp.current_step, 1);
+        // The transfer is confirmed and the furnace-2 step starts: step 3 of 3, as the daemon
+        // says, with no result on it.
         m.apply(finished(4, "E1", 1), now, NOW_S);
         m.apply(started(5, "E1", 2, furnace_step("furnace-2")), now, NOW_S);
         let row = &m.experiments["E1"];
