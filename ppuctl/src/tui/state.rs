@@ -497,6 +497,16 @@ impl Model {
     /// readings, which only the poll brings, are always taken.
     fn apply_poll(&mut self, p: Polled) -> Vec<String> {
         let as_of = p.as_of;
+        // The daemon's active experiments not read yet (from the reply, not from lists events
+        // may be rebuilding while a long log replays).
+        let fetch: Vec<String> = p
+            .queue
+            .running_ids
+            .iter()
+            .chain(&p.queue.queued_ids)
+            .filter(|id| !self.experiments.get(*id).is_some_and(|r| r.fetched))
+            .cloned()
+            .collect();
         if self.queue_changed_at <= as_of {
             self.queue_status = match pb::QueueState::try_from(p.queue.state) {
                 Ok(pb::QueueState::Paused) => QueueStatus::Paused,
@@ -507,13 +517,6 @@ impl Model {
             self.queued_ids = p.queue.queued_ids;
             self.held_ids = p.queue.held_ids;
         }
-        let fetch: Vec<String> = self
-            .running_ids
-            .iter()
-            .chain(&self.queued_ids)
-            .filter(|id| !self.experiments.get(*id).is_some_and(|r| r.fetched))
-            .cloned()
-            .collect();
         match p.devices {
             Ok(devices) => {
                 let mut old: HashMap<String, DeviceRow> = self
@@ -1312,6 +1315,38 @@ mod tests {
         m.apply(poll(9, false, vec![]), now, NOW_S);
         assert_eq!(m.queue_status, QueueStatus::Running);
         assert!(m.devices[0].connected());
+    }
+
+    /// While a long log replays, the lists events rebuild hold experiments long finished: the
+    /// poll asks only for those the daemon says are active.
+    #[test]
+    fn a_poll_during_a_replay_fetches_only_what_the_daemon_runs() {
+        let mut m = Model::default();
+        let now = Instant::now();
+        let mut u = state_change(1, "OLD", pb::ExperimentState::Running);
+        if let Update::Event(e) = &mut u {
+            e.time = ts(NOW_S - 86_400);
+        }
+        assert!(m.apply(u, now, NOW_S).is_empty());
+        assert_eq!(m.running_ids, ["OLD"]);
+        let f = m.apply(
+            Update::Polled(Box::new(Polled {
+                as_of: 0,
+                queue: pb::Queue {
+                    running_ids: vec!["NOW".into()],
+                    ..Default::default()
+                },
+                ..Default::default()
+            })),
+            now,
+            NOW_S,
+        );
+        assert_eq!(f, ["NOW"]);
+        assert_eq!(
+            m.running_ids,
+            ["OLD"],
+            "older than the replayed event: not taken"
+        );
     }
 
     #[test]

@@ -256,7 +256,7 @@ fn draw_keys(frame: &mut Frame, app: &App, area: Rect) {
 // ---------------------------------------------------------------------------------------------
 
 /// `~42 s`, `~12 min`, `~1 h 05 min`: the physical time a step says it still needs.
-pub fn eta(remaining_s: f64) -> String {
+fn eta(remaining_s: f64) -> String {
     if !(remaining_s.is_finite() && remaining_s >= 0.0) {
         return "?".to_owned();
     }
