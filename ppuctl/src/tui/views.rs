@@ -399,7 +399,7 @@ fn draw_queue(frame: &mut Frame, app: &App, area: Rect) {
 
     let ids = id_labels(m.experiments.keys().map(String::as_str));
     // Cells of every row, so the columns keep their widths as the list scrolls.
-    let mut cells: Vec<(&ExperimentRow, [String; 8])> = rows
+    let cells: Vec<(&ExperimentRow, [String; 8])> = rows
         .iter()
         .map(|&r| {
             let spec_steps = r.exp.spec.as_ref().map_or(0, |s| s.steps.len());
@@ -464,16 +464,12 @@ fn draw_queue(frame: &mut Frame, app: &App, area: Rect) {
         Constraint::Min(12),
         Constraint::Length(width(7).min(12)),
     ];
-    let mut keep = shown.iter().copied().peekable();
-    let mut i = 0;
-    cells.retain(|_| {
-        let shown = keep.next_if_eq(&i).is_some();
-        i += 1;
-        shown
-    });
     let table_rows: Vec<Row> = cells
         .into_iter()
-        .map(|(r, c)| {
+        .enumerate()
+        // `shown` is in row order.
+        .filter(|(i, _)| shown.binary_search(i).is_ok())
+        .map(|(_, (r, c))| {
             let [state, rest @ ..] = c;
             let mut row = vec![Cell::from(state).style(t.state(r.exp.state))];
             row.extend(rest.into_iter().map(Cell::from));
