@@ -43,8 +43,12 @@ struct Lab {
 
 impl Lab {
     async fn start(data_dir: &Path, listen: SocketAddr) -> Lab {
+        Lab::with_furnaces(data_dir, listen, 1).await
+    }
+
+    async fn with_furnaces(data_dir: &Path, listen: SocketAddr, furnaces: usize) -> Lab {
         let clock = Clock::new(TIME_SCALE);
-        let devlab = DevLab::start(clock, 1).await.expect("simulated lab");
+        let devlab = DevLab::start(clock, furnaces).await.expect("simulated lab");
         let poll = PollSettings {
             poll_interval: Duration::from_millis(100),
             reading_log_interval: Duration::from_secs(1),
@@ -99,6 +103,52 @@ async fn submit(ch: Channel, key: &str, name: &str, sample: &str, hold_s: f64) -
                     .collect(),
             })),
         }],
+        ..Default::default()
+    };
+    let reply = ExperimentServiceClient::new(ch)
+        .submit_batch(pb::SubmitBatchRequest {
+            idempotency_key: key.into(),
+            experiments: vec![spec],
+        })
+        .await
+        .expect("submit")
+        .into_inner();
+    reply.batch.expect("batch").experiment_ids[0].clone()
+}
+
+/// Submits one experiment whose sample must move between its two steps: a short program on
+/// furnace-1, then a long hold on furnace-2. The scheduler inserts a TRANSFER step between
+/// them when the second starts (no robot in this lab: it waits for a confirmation).
+async fn submit_moving(ch: Channel, key: &str, name: &str, sample: &str) -> String {
+    use pb::furnace_segment::Kind as S;
+    let program = |hold_s: f64| {
+        pb::step::Kind::Furnace(pb::FurnaceProgram {
+            segments: [
+                S::Ramp(pb::Ramp {
+                    temperature_c: 60.0,
+                    rate_c_per_min: 20.0,
+                }),
+                S::Hold(pb::Hold { duration_s: hold_s }),
+            ]
+            .into_iter()
+            .map(|k| pb::FurnaceSegment { kind: Some(k) })
+            .collect(),
+        })
+    };
+    let spec = pb::ExperimentSpec {
+        name: name.into(),
+        sample_id: sample.into(),
+        steps: vec![
+            pb::Step {
+                device_id: "furnace-1".into(),
+                kind: Some(program(60.0)),
+            },
+            // Long enough (about 80 s real at TIME_SCALE) to be seen running.
+            pb::Step {
+                device_id: "furnace-2".into(),
+                kind: Some(program(160_000.0)),
+            },
+        ],
         ..Default::default()
     };
     let reply = ExperimentServiceClient::new(ch)
@@ -551,6 +601,124 @@ async fn the_tui_shows_the_lab_acts_on_it_and_survives_a_daemon_restart() {
     })
     .await;
     assert_eq!(tui.pane_dead().await.1, "0", "exit status");
+
+    lab.stop().await;
+}
+
+/// Issue 17: after a transfer the scheduler inserted is confirmed, the TUI shows the daemon's
+/// step list (`3/3`, the transfer done, the furnace-2 step running), not the list it read at
+/// submission (where the transfer's result landed on the furnace-2 step, `2/2`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tui_shows_the_step_list_after_a_transfer_the_scheduler_inserted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lab = Lab::with_furnaces(dir.path(), "127.0.0.1:0".parse().expect("addr"), 2).await;
+    let tui = Tui::start(&lab.url()).await;
+    tui.wait("the live link", |s| s.contains("● LIVE")).await;
+
+    let id = submit_moving(lab.channel().await, "tui-move", "tui-move", "S-MOVE").await;
+    // The first step runs on furnace-1; then the sample must go to furnace-2.
+    let screen = tui
+        .wait("the transfer waiting for confirmation", |s| {
+            s.contains("⇄ TRANSFER")
+                && row_with(s, "tui-move").is_some_and(|r| r.contains("wait transfer"))
+        })
+        .await;
+    assert!(screen.contains(&id), "its id in the detail pane:\n{screen}");
+    let screen = tui
+        .wait("the inserted transfer step in the detail pane", |s| {
+            row_with(s, "2. transfer sample S-MOVE from furnace-1 to furnace-2")
+                .is_some_and(|r| r.contains('▶'))
+        })
+        .await;
+    assert!(
+        row_with(&screen, "3. furnace").is_some(),
+        "the furnace-2 step comes third:\n{screen}"
+    );
+
+    tui.keys(&["t"]).await;
+    tui.wait("the transfer confirmation", |s| {
+        s.contains("Confirm transfer: move sample S-MOVE to furnace-2?")
+    })
+    .await;
+    tui.keys(&["y"]).await;
+
+    // The daemon runs step 3 of 3 ...
+    let mut experiments = ExperimentServiceClient::new(lab.channel().await);
+    eventually(&tui, "the daemon to run step 3/3", || {
+        let mut c = experiments.clone();
+        let id = id.clone();
+        async move {
+            c.get_experiment(pb::GetExperimentRequest { id })
+                .await
+                .is_ok_and(|r| {
+                    let e = r.into_inner();
+                    e.state == pb::ExperimentState::Running as i32
+                        && e.current_step == 2
+                        && e.spec.is_some_and(|s| s.steps.len() == 3)
+                })
+        }
+    })
+    .await;
+    // ... and so does the TUI: the transfer done, the furnace-2 step running, no stale row.
+    let screen = tui
+        .wait("step 3/3 running, as the daemon says", |s| {
+            row_with(s, "tui-move").is_some_and(|r| r.contains("RUNNING") && r.contains("3/3"))
+                && row_with(s, "2. transfer sample S-MOVE").is_some_and(|r| r.contains('✓'))
+                && row_with(s, "3. furnace").is_some_and(|r| r.contains('▶'))
+        })
+        .await;
+    assert!(!screen.contains("⇄ TRANSFER"), "{screen}");
+    // The daemon's own account agrees.
+    let e = experiments
+        .get_experiment(pb::GetExperimentRequest { id: id.clone() })
+        .await
+        .expect("experiment")
+        .into_inner();
+    let results: Vec<u32> = e.results.iter().map(|r| r.step_index).collect();
+    assert_eq!(results, [0, 1], "{e:?}");
+    // The hold runs faster than real time: its ETA says so.
+    tui.wait("the ETA marked as simulated time", |s| s.contains("(sim ×"))
+        .await;
+
+    // Hold and release from the TUI (keys the CLI's `queue hold`/`release` have), on a queued
+    // experiment: the queue is paused so that it stays queued.
+    QueueServiceClient::new(lab.channel().await)
+        .pause_queue(pb::PauseQueueRequest::default())
+        .await
+        .expect("pause");
+    let queued = submit(lab.channel().await, "tui-q", "tui-queued", "S-Q", 60.0).await;
+    tui.wait("the queued experiment", |s| {
+        row_with(s, "tui-queued").is_some_and(|r| r.contains("QUEUED"))
+    })
+    .await;
+    tui.keys(&["j"]).await;
+    tui.wait("it selected", |s| s.contains(&queued)).await;
+    tui.keys(&["h"]).await;
+    tui.wait("the hold confirmation", |s| {
+        s.contains("Hold \"tui-queued\"?")
+    })
+    .await;
+    tui.keys(&["y"]).await;
+    tui.wait("it held", |s| {
+        row_with(s, "tui-queued").is_some_and(|r| r.contains("QUEUED/HELD"))
+    })
+    .await;
+    let e = experiments
+        .get_experiment(pb::GetExperimentRequest { id: queued.clone() })
+        .await
+        .expect("experiment")
+        .into_inner();
+    assert!(e.held, "the daemon holds it");
+    tui.keys(&["h"]).await;
+    tui.wait("the release confirmation", |s| {
+        s.contains("Release \"tui-queued\"?")
+    })
+    .await;
+    tui.keys(&["y"]).await;
+    tui.wait("it released", |s| {
+        row_with(s, "tui-queued").is_some_and(|r| r.contains("QUEUED") && !r.contains("HELD"))
+    })
+    .await;
 
     lab.stop().await;
 }

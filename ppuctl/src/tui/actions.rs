@@ -26,6 +26,23 @@ pub enum Action {
         id: String,
         name: String,
     },
+    /// Hold a queued experiment in its place (`ppuctl queue hold`).
+    Hold {
+        id: String,
+        name: String,
+    },
+    /// Release a held one (`ppuctl queue release`).
+    Release {
+        id: String,
+        name: String,
+    },
+    /// Move a queued experiment in the start order, positions 0 = next (`ppuctl queue move`).
+    Move {
+        id: String,
+        name: String,
+        from: u32,
+        to: u32,
+    },
     SetMaintenance {
         device: String,
         on: bool,
@@ -51,6 +68,14 @@ impl Action {
             Action::AbortQueue => "ABORT the queue?".to_owned(),
             Action::Cancel { id, name } if name.is_empty() => format!("Cancel experiment {id}?"),
             Action::Cancel { name, .. } => format!("Cancel experiment \"{name}\"?"),
+            Action::Hold { id, name } => format!("Hold {}?", experiment(id, name)),
+            Action::Release { id, name } => format!("Release {}?", experiment(id, name)),
+            Action::Move { id, name, from, to } => format!(
+                "Move {} from position {} to {} in the start order?",
+                experiment(id, name),
+                from + 1,
+                to + 1
+            ),
             Action::SetMaintenance { device, on: true } => {
                 format!("Take {device} out of service (maintenance)?")
             }
@@ -84,6 +109,15 @@ impl Action {
             Action::Cancel { id, .. } => format!(
                 "{id}: if running, its step is aborted and its device sent to its safe state."
             ),
+            Action::Hold { id, .. } => {
+                format!("{id} keeps its place in the queue but does not start until released.")
+            }
+            Action::Release { id, .. } => {
+                format!("{id} starts in its turn again as devices free up.")
+            }
+            Action::Move { id, .. } => {
+                format!("{id}: its priority becomes that of its new neighbours.")
+            }
             Action::SetMaintenance { on: true, .. } => {
                 "It takes no new work; a step already running on it finishes.".to_owned()
             }
@@ -114,6 +148,9 @@ impl Action {
             Action::ResumeQueue => "resuming the queue…".to_owned(),
             Action::AbortQueue => "aborting the queue…".to_owned(),
             Action::Cancel { id, .. } => format!("cancelling {id}…"),
+            Action::Hold { id, .. } => format!("holding {id}…"),
+            Action::Release { id, .. } => format!("releasing {id}…"),
+            Action::Move { id, to, .. } => format!("moving {id} to position {}…", to + 1),
             Action::SetMaintenance { device, on } => {
                 let what = if *on { "into" } else { "out of" };
                 format!("taking {device} {what} maintenance…")
@@ -170,6 +207,38 @@ impl Action {
                     crate::render::experiment_state(e.state)
                 ))
             }
+            Action::Hold { id, .. } => {
+                let e = call(QueueServiceClient::new(ch).hold_experiment(
+                    pb::HoldExperimentRequest {
+                        id: id.clone(),
+                        reason: format!("held from {by_text}"),
+                    },
+                ))
+                .await?;
+                Ok(format!("experiment {} is held", e.id))
+            }
+            Action::Release { id, .. } => {
+                let e = call(
+                    QueueServiceClient::new(ch)
+                        .release_experiment(pb::ReleaseExperimentRequest { id: id.clone() }),
+                )
+                .await?;
+                Ok(format!("experiment {} is released", e.id))
+            }
+            Action::Move { id, to, .. } => {
+                let q = call(QueueServiceClient::new(ch).move_experiment(
+                    pb::MoveExperimentRequest {
+                        id: id.clone(),
+                        position: *to,
+                    },
+                ))
+                .await?;
+                let at = q.queued_ids.iter().position(|x| x == id).map_or_else(
+                    || "its new place".to_owned(),
+                    |i| format!("position {}", i + 1),
+                );
+                Ok(format!("experiment {id} moved to {at}"))
+            }
             Action::SetMaintenance { device, on } => {
                 let d = call(DeviceServiceClient::new(ch).set_maintenance(
                     pb::SetMaintenanceRequest {
@@ -212,6 +281,15 @@ impl Action {
                 ))
             }
         }
+    }
+}
+
+/// `"name"` in a question, or the id when it has none.
+fn experiment(id: &str, name: &str) -> String {
+    if name.is_empty() {
+        format!("experiment {id}")
+    } else {
+        format!("\"{name}\"")
     }
 }
 

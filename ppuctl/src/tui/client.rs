@@ -9,9 +9,9 @@
 //!   task, so a slow abort never holds up the feeds.
 //!
 //! Replies and events reach the app through one queue, in the order they were sent, but a reply
-//! can be overtaken by events committed after the daemon read it. So every experiment read is
-//! tagged with the last event sequence already queued when it was sent ([`Handed`]), and the
-//! app does not let it undo a later event.
+//! can be overtaken by events committed after the daemon read it. So every experiment read and
+//! every poll round is tagged with the last event sequence already queued when it was sent
+//! ([`Handed`]), and the app does not let it undo a later event.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -173,9 +173,10 @@ async fn poll(ch: Channel, tx: mpsc::Sender<Incoming>, handed: Handed) {
     let mut up = false;
     loop {
         ticker.tick().await;
-        let update = match poll_once(&ch).await {
+        // Taken before the reads go out: every event up to it is reflected in their replies.
+        let as_of = handed.get();
+        let update = match poll_once(&ch, as_of).await {
             Ok(polled) => {
-                let as_of = handed.get();
                 if !up && let Ok(experiments) = active_experiments(&ch).await {
                     let u = Update::Experiments { experiments, as_of };
                     if tx.send(Incoming::Update(u)).await.is_err() {
@@ -228,7 +229,7 @@ fn part<T>(r: Result<T, Status>) -> Result<Result<T, String>, Status> {
     }
 }
 
-async fn poll_once(ch: &Channel) -> Result<Polled, Status> {
+async fn poll_once(ch: &Channel, as_of: u64) -> Result<Polled, Status> {
     let queue =
         quick(QueueServiceClient::new(ch.clone()).get_queue(pb::GetQueueRequest {})).await?;
     let mut devices_client = DeviceServiceClient::new(ch.clone());
@@ -248,6 +249,7 @@ async fn poll_once(ch: &Channel) -> Result<Polled, Status> {
             .map(|r| r.transfers),
     )?;
     Ok(Polled {
+        as_of,
         queue,
         devices,
         alarms,

@@ -277,6 +277,8 @@ impl App {
             KeyCode::Char('3') => self.view = View::Alarms,
             KeyCode::Tab | KeyCode::Right => self.view = View::from_index(self.view.index() + 1),
             KeyCode::BackTab | KeyCode::Left => self.view = View::from_index(self.view.index() + 2),
+            KeyCode::Up if key.modifiers.contains(KeyModifiers::SHIFT) => self.ask_move(-1),
+            KeyCode::Down if key.modifiers.contains(KeyModifiers::SHIFT) => self.ask_move(1),
             KeyCode::Up | KeyCode::Char('k') => self.move_selection(-1),
             KeyCode::Down | KeyCode::Char('j') => self.move_selection(1),
             KeyCode::PageUp => self.move_selection(-page),
@@ -301,6 +303,9 @@ impl App {
             }
             KeyCode::Char('A') => self.mode = Mode::Confirm(Action::AbortQueue),
             KeyCode::Char('c') => self.ask_cancel(),
+            KeyCode::Char('h') => self.ask_hold(),
+            KeyCode::Char('K') => self.ask_move(-1),
+            KeyCode::Char('J') => self.ask_move(1),
             KeyCode::Char('t') => self.ask_transfer(),
             KeyCode::Char('m') => self.ask_maintenance(),
             KeyCode::Char('a') => self.ask_acknowledge(),
@@ -331,6 +336,72 @@ impl App {
             name: row.name().to_owned(),
         };
         self.mode = Mode::Confirm(action);
+    }
+
+    /// The selected experiment if it is QUEUED (hold, release and move act on the start
+    /// order), else says why not.
+    fn selected_queued(&mut self, what: &str) -> Option<(String, String)> {
+        if self.view != View::Queue {
+            self.say(
+                format!("{what} the selected experiment in the Queue view (1)"),
+                true,
+            );
+            return None;
+        }
+        let Some(row) = self.selected_experiment() else {
+            self.say("no experiment selected", true);
+            return None;
+        };
+        let (id, name) = (row.exp.id.clone(), row.name().to_owned());
+        if row.state() != ppu_proto::v1::ExperimentState::Queued {
+            let state = crate::render::experiment_state(row.exp.state);
+            self.say(
+                format!("{id} is {state}: only a QUEUED experiment can be held or moved"),
+                true,
+            );
+            return None;
+        }
+        Some((id, name))
+    }
+
+    fn ask_hold(&mut self) {
+        let Some((id, name)) = self.selected_queued("h holds or releases") else {
+            return;
+        };
+        let held = self
+            .model
+            .experiments
+            .get(&id)
+            .is_some_and(|r| self.model.is_held(r));
+        self.mode = Mode::Confirm(if held {
+            Action::Release { id, name }
+        } else {
+            Action::Hold { id, name }
+        });
+    }
+
+    /// Asks to move the selected queued experiment `delta` places in the start order.
+    fn ask_move(&mut self, delta: i64) {
+        let Some((id, name)) = self.selected_queued("J/K moves") else {
+            return;
+        };
+        let Some(from) = self.model.queued_ids.iter().position(|x| *x == id) else {
+            self.say(format!("{id} is not in the daemon's start order yet"), true);
+            return;
+        };
+        let last = self.model.queued_ids.len() - 1;
+        let to = from as i64 + delta;
+        if to < 0 || to > last as i64 {
+            let end = if delta < 0 { "first" } else { "last" };
+            self.say(format!("{id} is already {end} in the start order"), true);
+            return;
+        }
+        self.mode = Mode::Confirm(Action::Move {
+            id,
+            name,
+            from: from as u32,
+            to: to as u32,
+        });
     }
 
     fn ask_transfer(&mut self) {

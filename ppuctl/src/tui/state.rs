@@ -57,6 +57,10 @@ pub enum Update {
 /// older daemon answering UNIMPLEMENTED) and is then reported as a notice.
 #[derive(Debug, Clone)]
 pub struct Polled {
+    /// The last event sequence handed to the app before the poll was sent (as for
+    /// [`Update::Experiments`]): a part of the lab an event after it has changed since is
+    /// newer in the model than in this reply, and is not overwritten by it.
+    pub as_of: u64,
     pub queue: pb::Queue,
     pub devices: Result<Vec<pb::Device>, String>,
     pub alarms: Result<Vec<pb::ActiveAlarm>, String>,
@@ -66,6 +70,7 @@ pub struct Polled {
 impl Default for Polled {
     fn default() -> Self {
         Polled {
+            as_of: 0,
             queue: pb::Queue::default(),
             devices: Ok(Vec::new()),
             alarms: Ok(Vec::new()),
@@ -169,6 +174,8 @@ pub struct DeviceRow {
     last_reading: Option<prost_types::Timestamp>,
     /// The experiment and step it is reserved for, from the event log.
     pub reserved: Option<(String, u32)>,
+    /// Sequence of the last event that changed its connection or maintenance.
+    changed_at: u64,
 }
 
 impl DeviceRow {
@@ -265,6 +272,22 @@ pub fn key_value(device: &pb::Device, r: &pb::DeviceReading) -> Option<f64> {
         .filter(|v| v.is_finite())
 }
 
+/// The smallest change of [`key_value`] its family's display format shows (`~4` → 0.0001):
+/// a trend moving less than that is drawn flat, as its number would read.
+pub fn key_value_resolution(device: &pb::Device) -> Option<f64> {
+    let family = family_of(device)?;
+    let (name, _) = generic::trend(family)?;
+    let format = &family
+        .options
+        .readings
+        .iter()
+        .find(|r| r.name == name)?
+        .format;
+    let digits = format.strip_prefix('~').or(format.strip_prefix('.'))?;
+    let decimals: i32 = digits.parse().ok()?;
+    Some(10f64.powi(-decimals))
+}
+
 /// Name and unit of [`key_value`], for the sparkline's caption.
 pub fn key_value_label(device: &pb::Device) -> String {
     family_of(device)
@@ -307,6 +330,69 @@ pub struct Model {
     pub tail: VecDeque<pb::Event>,
     /// Per-feature problems (e.g. `alarms` → "UNIMPLEMENTED: …"), shown in the status line.
     pub notices: Vec<(&'static str, String)>,
+    /// Sequence of the last event that changed the queue (its state, running/queued/held ids),
+    /// the alarms and the transfers: a poll sent before it must not undo it.
+    queue_changed_at: u64,
+    alarms_changed_at: u64,
+    transfers_changed_at: u64,
+    /// The daemon's time scale as seen in step progress (see [`Model::sim_scale`]).
+    pace: Pace,
+}
+
+/// How fast step ETAs (physical time, on the daemon's scaled clock) fall against the wall
+/// clock of the events reporting them: under `ppud dev --time-scale 600` an hour of ETA passes
+/// in six seconds, and an ETA shown without saying so misleads. The daemon does not report its
+/// scale, so it is measured: each pair of progress events of one step segment gives
+/// (fall in remaining s) / (wall s between them); the median of the last few is the scale.
+#[derive(Debug, Clone, Default)]
+struct Pace {
+    /// Per experiment: the last progress (step, message, remaining s, wall time s).
+    last: HashMap<String, (u32, String, f64, f64)>,
+    /// The latest ratios, oldest first.
+    ratios: VecDeque<f64>,
+}
+
+/// Ratios kept for [`Pace`]'s median.
+const PACE_SAMPLES: usize = 9;
+/// Wall seconds two progress events must be apart to give a ratio (timestamps are exact, but
+/// events logged in one burst say nothing about pace).
+const PACE_MIN_WALL_S: f64 = 0.05;
+
+impl Pace {
+    fn observe(&mut self, e: &pb::Event, p: &pb::StepProgress) {
+        let Some(t) = e.time.as_ref() else { return };
+        let wall = t.seconds as f64 + f64::from(t.nanos) * 1e-9;
+        let now = (p.step_index, p.message.clone(), p.remaining_s, wall);
+        if let Some((step, message, remaining, at)) = self.last.insert(e.experiment_id.clone(), now)
+        {
+            let (fell, took) = (remaining - p.remaining_s, wall - at);
+            if step == p.step_index
+                && message == p.message
+                && remaining >= 0.0
+                && p.remaining_s >= 0.0
+                && fell > 0.0
+                && took >= PACE_MIN_WALL_S
+            {
+                self.ratios.push_back(fell / took);
+                while self.ratios.len() > PACE_SAMPLES {
+                    self.ratios.pop_front();
+                }
+            }
+        }
+    }
+
+    fn forget(&mut self, experiment_id: &str) {
+        self.last.remove(experiment_id);
+    }
+
+    fn median(&self) -> Option<f64> {
+        let mut r: Vec<f64> = self.ratios.iter().copied().collect();
+        if r.is_empty() {
+            return None;
+        }
+        r.sort_by(f64::total_cmp);
+        Some(r[r.len() / 2])
+    }
 }
 
 impl Model {
@@ -406,22 +492,31 @@ impl Model {
         }
     }
 
+    /// Applies one poll round. Each part an event newer than the poll has changed since is
+    /// left as the events made it (the next round, sent after that event, brings it); device
+    /// readings, which only the poll brings, are always taken.
     fn apply_poll(&mut self, p: Polled) -> Vec<String> {
-        self.queue_status = match pb::QueueState::try_from(p.queue.state) {
-            Ok(pb::QueueState::Paused) => QueueStatus::Paused,
-            Ok(pb::QueueState::Running) => QueueStatus::Running,
-            _ => QueueStatus::Unknown,
-        };
-        self.running_ids = p.queue.running_ids;
-        self.queued_ids = p.queue.queued_ids;
-        self.held_ids = p.queue.held_ids;
-        let fetch: Vec<String> = self
+        let as_of = p.as_of;
+        // The daemon's active experiments not read yet (from the reply, not from lists events
+        // may be rebuilding while a long log replays).
+        let fetch: Vec<String> = p
+            .queue
             .running_ids
             .iter()
-            .chain(&self.queued_ids)
+            .chain(&p.queue.queued_ids)
             .filter(|id| !self.experiments.get(*id).is_some_and(|r| r.fetched))
             .cloned()
             .collect();
+        if self.queue_changed_at <= as_of {
+            self.queue_status = match pb::QueueState::try_from(p.queue.state) {
+                Ok(pb::QueueState::Paused) => QueueStatus::Paused,
+                Ok(pb::QueueState::Running) => QueueStatus::Running,
+                _ => QueueStatus::Unknown,
+            };
+            self.running_ids = p.queue.running_ids;
+            self.queued_ids = p.queue.queued_ids;
+            self.held_ids = p.queue.held_ids;
+        }
         match p.devices {
             Ok(devices) => {
                 let mut old: HashMap<String, DeviceRow> = self
@@ -431,8 +526,15 @@ impl Model {
                     .collect();
                 self.devices = devices
                     .into_iter()
-                    .map(|d| match old.remove(&d.id) {
+                    .map(|mut d| match old.remove(&d.id) {
                         Some(mut row) => {
+                            if row.changed_at > as_of {
+                                let shown = &row.device;
+                                d.connection = shown.connection;
+                                d.connection_error.clone_from(&shown.connection_error);
+                                d.maintenance = shown.maintenance;
+                                d.maintenance_reason.clone_from(&shown.maintenance_reason);
+                            }
                             row.update(d);
                             row
                         }
@@ -445,14 +547,18 @@ impl Model {
         }
         match p.alarms {
             Ok(alarms) => {
-                self.alarms = alarms;
+                if self.alarms_changed_at <= as_of {
+                    self.alarms = alarms;
+                }
                 self.set_notice("alarms", None);
             }
             Err(e) => self.set_notice("alarms", Some(format!("alarms: {e}"))),
         }
         match p.transfers {
             Ok(transfers) => {
-                self.transfers = transfers;
+                if self.transfers_changed_at <= as_of {
+                    self.transfers = transfers;
+                }
                 self.set_notice("transfers", None);
             }
             Err(e) => self.set_notice("transfers", Some(format!("transfers: {e}"))),
@@ -495,15 +601,30 @@ impl Model {
                         row.progress = None;
                     }
                 }
-                if let Ok(to) = pb::ExperimentState::try_from(c.to)
-                    && !matches!(
-                        to,
-                        pb::ExperimentState::Queued | pb::ExperimentState::Running
-                    )
-                {
-                    self.running_ids.retain(|id| *id != e.experiment_id);
-                    self.queued_ids.retain(|id| *id != e.experiment_id);
+                // The queue's lists follow at once (the order of queued ones comes with the
+                // next poll), and a poll read before this event must not put it back.
+                let id = &e.experiment_id;
+                match pb::ExperimentState::try_from(c.to) {
+                    Ok(pb::ExperimentState::Running) => {
+                        self.queued_ids.retain(|x| x != id);
+                        if !self.running_ids.contains(id) {
+                            self.running_ids.push(id.clone());
+                        }
+                    }
+                    Ok(pb::ExperimentState::Queued) => {
+                        self.running_ids.retain(|x| x != id);
+                        if !self.queued_ids.contains(id) {
+                            self.queued_ids.push(id.clone());
+                        }
+                    }
+                    _ => {
+                        self.running_ids.retain(|x| x != id);
+                        self.queued_ids.retain(|x| x != id);
+                        self.held_ids.retain(|x| x != id);
+                        self.pace.forget(id);
+                    }
                 }
+                self.queue_changed_at = e.sequence;
                 self.prune_finished();
             }
             Kind::StepStarted(s) => {
@@ -511,9 +632,16 @@ impl Model {
                     row.exp.current_step = s.step_index;
                     row.changed_at = e.sequence;
                     row.progress = None;
+                    if row.fetched
+                        && let Some(step) = &s.step
+                        && insert_started_step(&mut row.exp, s.step_index, step)
+                    {
+                        fetch.push(e.experiment_id.clone());
+                    }
                 }
             }
             Kind::StepProgress(p) => {
+                self.pace.observe(&e, p);
                 if let Some(row) = self.experiments.get_mut(&e.experiment_id) {
                     row.exp.current_step = p.step_index;
                     row.progress = Some(p.clone());
@@ -530,6 +658,11 @@ impl Model {
                     row.exp.results.sort_by_key(|x| x.step_index);
                     row.changed_at = e.sequence;
                     row.progress = None;
+                    // A result past the steps shown: the list shown is not the daemon's.
+                    let steps = row.exp.spec.as_ref().map_or(0, |s| s.steps.len());
+                    if row.fetched && r.step_index as usize >= steps {
+                        fetch.push(e.experiment_id.clone());
+                    }
                 }
             }
             Kind::ExperimentHeld(h) => {
@@ -537,6 +670,12 @@ impl Model {
                     row.exp.held = h.held;
                     row.changed_at = e.sequence;
                 }
+                let id = &e.experiment_id;
+                self.held_ids.retain(|x| x != id);
+                if h.held {
+                    self.held_ids.push(id.clone());
+                }
+                self.queue_changed_at = e.sequence;
             }
             // The audit trail is for the log, not the live view.
             Kind::Audit(_) => {}
@@ -547,6 +686,8 @@ impl Model {
                     }
                     row.changed_at = e.sequence;
                 }
+                // The new order comes with the next poll; an older one must not stand.
+                self.queue_changed_at = e.sequence;
             }
             Kind::QueueStateChanged(q) => {
                 self.queue_status = if q.paused {
@@ -554,6 +695,7 @@ impl Model {
                 } else {
                     QueueStatus::Running
                 };
+                self.queue_changed_at = e.sequence;
             }
             Kind::DeviceReading(_) => {
                 // Readings come from the poll; the log's copies would flood the tail.
@@ -563,12 +705,14 @@ impl Model {
                 if let Some(d) = self.device_mut(&e.device_id) {
                     d.device.connection = c.state;
                     d.device.connection_error = c.reason.clone();
+                    d.changed_at = e.sequence;
                 }
             }
             Kind::MaintenanceChanged(m) => {
                 if let Some(d) = self.device_mut(&e.device_id) {
                     d.device.maintenance = m.maintenance;
                     d.device.maintenance_reason = m.reason.clone();
+                    d.changed_at = e.sequence;
                 }
             }
             Kind::DeviceReserved(r) => {
@@ -582,8 +726,12 @@ impl Model {
                     d.reserved = None;
                 }
             }
-            Kind::Alarm(a) => self.apply_alarm(&e, a),
+            Kind::Alarm(a) => {
+                self.apply_alarm(&e, a);
+                self.alarms_changed_at = e.sequence;
+            }
             Kind::AlarmAcknowledged(a) => {
+                self.alarms_changed_at = e.sequence;
                 if let Some(x) = self
                     .alarms
                     .iter_mut()
@@ -597,6 +745,7 @@ impl Model {
                 self.alarms.retain(|x| !(x.acknowledged && x.cleared));
             }
             Kind::TransferRequested(t) => {
+                self.transfers_changed_at = e.sequence;
                 if let Some(t) = &t.transfer
                     && !self.transfers.iter().any(|x| x.id == t.id)
                 {
@@ -604,6 +753,7 @@ impl Model {
                 }
             }
             Kind::TransferConfirmed(c) => {
+                self.transfers_changed_at = e.sequence;
                 if let Some(t) = &c.transfer {
                     self.transfers.retain(|x| x.id != t.id);
                 }
@@ -746,6 +896,12 @@ impl Model {
             .or_else(|| self.transfers.first())
     }
 
+    /// The daemon's time scale (physical seconds per real second) as measured from step
+    /// progress, when it runs faster than real time (ETAs are then simulated time).
+    pub fn sim_scale(&self) -> Option<f64> {
+        self.pace.median().filter(|x| *x >= 1.5).map(round_scale)
+    }
+
     /// A short name for an experiment in one-line views: its name if known, else its id's tail.
     pub fn experiment_label(&self, id: &str) -> String {
         match self.experiments.get(id).map(ExperimentRow::name) {
@@ -753,6 +909,23 @@ impl Model {
             _ => short_id(id),
         }
     }
+}
+
+/// Makes the step list of `e` agree with a step the daemon started at `index`. The scheduler
+/// inserts a TRANSFER step when the sample must move first: the list read before it lacks that
+/// step, and would show the steps after it shifted (a transfer's result on the step behind it,
+/// `2/2` while the daemon runs `3/3`). The transfer is inserted here at once; any disagreement
+/// returns true, to read the daemon's list.
+fn insert_started_step(e: &mut pb::Experiment, index: u32, step: &pb::Step) -> bool {
+    let steps = &mut e.spec.get_or_insert_default().steps;
+    let at = index as usize;
+    if steps.get(at).is_some_and(|s| s.kind == step.kind) {
+        return false;
+    }
+    if matches!(step.kind, Some(pb::step::Kind::Transfer(_))) && at <= steps.len() {
+        steps.insert(at, step.clone());
+    }
+    true
 }
 
 /// Puts back into a snapshot `e` what events told about `shown` (the fields the event handlers
@@ -766,6 +939,22 @@ fn keep_event_fields(e: &mut pb::Experiment, shown: &pb::Experiment) {
     e.results.clone_from(&shown.results);
     if let (Some(spec), Some(known)) = (e.spec.as_mut(), shown.spec.as_ref()) {
         spec.priority = known.priority;
+        // Steps are only ever inserted (transfers): a longer list was learnt from a later
+        // event.
+        if known.steps.len() > spec.steps.len() {
+            spec.steps.clone_from(&known.steps);
+        }
+    }
+}
+
+/// A measured scale, rounded to what a person would have set: the nearest integer below 20,
+/// else two significant digits (`600`, `2000`, `47`).
+fn round_scale(x: f64) -> f64 {
+    if x < 20.0 {
+        x.round()
+    } else {
+        let unit = 10f64.powf(x.log10().floor() - 1.0);
+        (x / unit).round() * unit
     }
 }
 
@@ -907,6 +1096,297 @@ mod tests {
         let f = m.apply(read(pb::ExperimentState::Succeeded, 5), now, NOW_S);
         assert!(f.is_empty());
         assert_eq!(m.experiments["E1"].state(), pb::ExperimentState::Succeeded);
+    }
+
+    fn furnace_step(device: &str) -> pb::Step {
+        pb::Step {
+            device_id: device.into(),
+            kind: Some(pb::step::Kind::Furnace(pb::FurnaceProgram::default())),
+        }
+    }
+
+    fn transfer_step() -> pb::Step {
+        pb::Step {
+            device_id: "furnace-2".into(),
+            kind: Some(pb::step::Kind::Transfer(pb::Transfer {
+                sample_id: "S-1".into(),
+                from_device_id: "furnace-1".into(),
+                to_device_id: "furnace-2".into(),
+            })),
+        }
+    }
+
+    fn finished(seq: u64, exp: &str, step_index: u32) -> Update {
+        event(
+            seq,
+            exp,
+            "",
+            Kind::StepFinished(pb::StepFinished {
+                result: Some(pb::StepResult {
+                    step_index,
+                    outcome: pb::StepOutcome::Succeeded as i32,
+                    ..Default::default()
+                }),
+            }),
+        )
+    }
+
+    fn started(seq: u64, exp: &str, step_index: u32, step: pb::Step) -> Update {
+        event(
+            seq,
+            exp,
+            "",
+            Kind::StepStarted(pb::StepStarted {
+                step_index,
+                step: Some(step),
+            }),
+        )
+    }
+
+    /// Issue 17: the step list read at submission lacks the transfer the scheduler inserts
+    /// later; the transfer's result must not land on the step behind it.
+    #[test]
+    fn a_transfer_the_scheduler_inserts_shows_in_the_step_list_and_it_is_read_again() {
+        let mut m = Model::default();
+        let now = Instant::now();
+        m.apply(
+            Update::Experiments {
+                experiments: vec![pb::Experiment {
+                    id: "E1".into(),
+                    state: pb::ExperimentState::Running as i32,
+                    spec: Some(pb::ExperimentSpec {
+                        steps: vec![furnace_step("furnace-1"), furnace_step("furnace-2")],
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }],
+                as_of: 0,
+            },
+            now,
+            NOW_S,
+        );
+        let f = m.apply(started(1, "E1", 0, furnace_step("furnace-1")), now, NOW_S);
+        assert!(f.is_empty(), "the step it knows: nothing to read");
+        m.apply(finished(2, "E1", 0), now, NOW_S);
+        let f = m.apply(started(3, "E1", 1, transfer_step()), now, NOW_S);
+        assert_eq!(f, ["E1"], "read the daemon's list");
+        let steps = &m.experiments["E1"].exp.spec.as_ref().unwrap().steps;
+        assert_eq!(steps.len(), 3);
+        assert_eq!(steps[1], transfer_step());
+        assert_eq!(steps[2], furnace_step("furnace-2"));
+        // A read sent before the insert, answered after it: the inserted step stays shown.
+        let before_insert = pb::Experiment {
+            id: "E1".into(),
+            state: pb::ExperimentState::Running as i32,
+            spec: Some(pb::ExperimentSpec {
+                steps: vec![furnace_step("furnace-1"), furnace_step("furnace-2")],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let f = m.apply(
+            Update::Experiments {
+                experiments: vec![before_insert],
+                as_of: 2,
+            },
+            now,
+            NOW_S,
+        );
+        assert_eq!(f, ["E1"], "and it is read again");
+        let row = &m.experiments["E1"];
+        assert_eq!(row.exp.spec.as_ref().unwrap().steps.len(), 3);
+        assert_eq!(row.exp.current_step, 1);
+        // The transfer is confirmed and the furnace-2 step starts: step 3 of 3, as the daemon
+        // says, with no result on it.
+        m.apply(finished(4, "E1", 1), now, NOW_S);
+        m.apply(started(5, "E1", 2, furnace_step("furnace-2")), now, NOW_S);
+        let row = &m.experiments["E1"];
+        assert_eq!(crate::render::step_progress(&row.exp), "3/3");
+        assert_eq!(row.exp.results.len(), 2);
+        assert!(
+            row.exp.results.iter().all(|r| r.step_index < 2),
+            "the furnace-2 step has no result yet"
+        );
+    }
+
+    #[test]
+    fn a_result_past_the_steps_shown_reads_the_experiment_again() {
+        let mut m = Model::default();
+        let now = Instant::now();
+        m.apply(
+            Update::Experiments {
+                experiments: vec![pb::Experiment {
+                    id: "E1".into(),
+                    state: pb::ExperimentState::Running as i32,
+                    spec: Some(pb::ExperimentSpec {
+                        steps: vec![furnace_step("furnace-1")],
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }],
+                as_of: 0,
+            },
+            now,
+            NOW_S,
+        );
+        assert!(m.apply(finished(1, "E1", 0), now, NOW_S).is_empty());
+        assert_eq!(m.apply(finished(2, "E1", 1), now, NOW_S), ["E1"]);
+    }
+
+    /// Issue 17: a poll read before an event and answered after it must not undo it.
+    #[test]
+    fn a_poll_older_than_the_stream_does_not_overwrite_it() {
+        let mut m = Model::default();
+        let now = Instant::now();
+        let transfer = pb::PendingTransfer {
+            id: "T1".into(),
+            experiment_id: "E1".into(),
+            ..Default::default()
+        };
+        let poll = |as_of: u64, paused: bool, transfers: Vec<pb::PendingTransfer>| {
+            Update::Polled(Box::new(Polled {
+                as_of,
+                queue: pb::Queue {
+                    state: if paused {
+                        pb::QueueState::Paused
+                    } else {
+                        pb::QueueState::Running
+                    } as i32,
+                    running_ids: vec!["E1".into()],
+                    ..Default::default()
+                },
+                devices: Ok(vec![pb::Device {
+                    id: "furnace-1".into(),
+                    connection: pb::ConnectionState::Connected as i32,
+                    ..Default::default()
+                }]),
+                alarms: Ok(vec![]),
+                transfers: Ok(transfers),
+            }))
+        };
+        m.apply(poll(0, false, vec![transfer.clone()]), now, NOW_S);
+        assert_eq!(m.transfers.len(), 1);
+        // The stream: the transfer confirmed, the queue paused, the furnace lost, at 7..9.
+        m.apply(
+            event(
+                7,
+                "E1",
+                "",
+                Kind::TransferConfirmed(pb::TransferConfirmed {
+                    transfer: Some(transfer.clone()),
+                    confirmed_by: String::new(),
+                }),
+            ),
+            now,
+            NOW_S,
+        );
+        m.apply(
+            event(
+                8,
+                "",
+                "",
+                Kind::QueueStateChanged(pb::QueueStateChanged {
+                    paused: true,
+                    reason: String::new(),
+                }),
+            ),
+            now,
+            NOW_S,
+        );
+        m.apply(
+            event(
+                9,
+                "",
+                "furnace-1",
+                Kind::DeviceConnectionChanged(pb::DeviceConnectionChanged {
+                    state: pb::ConnectionState::Disconnected as i32,
+                    reason: "timeout".into(),
+                }),
+            ),
+            now,
+            NOW_S,
+        );
+        // A poll sent after event 6 answers with the old state: ignored where events are newer.
+        m.apply(poll(6, false, vec![transfer.clone()]), now, NOW_S);
+        assert!(m.transfers.is_empty(), "the confirmed transfer stays gone");
+        assert_eq!(m.queue_status, QueueStatus::Paused);
+        assert!(!m.devices[0].connected());
+        // A poll sent after them all is taken whole.
+        m.apply(poll(9, false, vec![]), now, NOW_S);
+        assert_eq!(m.queue_status, QueueStatus::Running);
+        assert!(m.devices[0].connected());
+    }
+
+    /// While a long log replays, the lists events rebuild hold experiments long finished: the
+    /// poll asks only for those the daemon says are active.
+    #[test]
+    fn a_poll_during_a_replay_fetches_only_what_the_daemon_runs() {
+        let mut m = Model::default();
+        let now = Instant::now();
+        let mut u = state_change(1, "OLD", pb::ExperimentState::Running);
+        if let Update::Event(e) = &mut u {
+            e.time = ts(NOW_S - 86_400);
+        }
+        assert!(m.apply(u, now, NOW_S).is_empty());
+        assert_eq!(m.running_ids, ["OLD"]);
+        let f = m.apply(
+            Update::Polled(Box::new(Polled {
+                as_of: 0,
+                queue: pb::Queue {
+                    running_ids: vec!["NOW".into()],
+                    ..Default::default()
+                },
+                ..Default::default()
+            })),
+            now,
+            NOW_S,
+        );
+        assert_eq!(f, ["NOW"]);
+        assert_eq!(
+            m.running_ids,
+            ["OLD"],
+            "older than the replayed event: not taken"
+        );
+    }
+
+    #[test]
+    fn step_progress_measures_the_time_scale() {
+        let mut m = Model::default();
+        let now = Instant::now();
+        let progress = |seq: u64, wall_ms: i64, remaining_s: f64| {
+            Update::Event(Box::new(pb::Event {
+                sequence: seq,
+                time: Some(Timestamp {
+                    seconds: NOW_S + wall_ms / 1000,
+                    nanos: ((wall_ms % 1000) * 1_000_000) as i32,
+                }),
+                experiment_id: "E1".into(),
+                kind: Some(Kind::StepProgress(pb::StepProgress {
+                    step_index: 0,
+                    fraction: 0.5,
+                    message: "segment 2/2: hold".into(),
+                    remaining_s,
+                })),
+                ..Default::default()
+            }))
+        };
+        assert_eq!(m.sim_scale(), None);
+        // Real time: 1 s of ETA per second: no note.
+        m.apply(progress(1, 0, 100.0), now, NOW_S);
+        m.apply(progress(2, 500, 99.5), now, NOW_S);
+        assert_eq!(m.sim_scale(), None);
+        // 600×: 300 s of ETA every half second, with some jitter.
+        let mut m = Model::default();
+        let mut remaining = 36_000.0;
+        for (i, jitter) in [0.0, 3.0, -2.0, 1.0, 0.0].into_iter().enumerate() {
+            m.apply(
+                progress(i as u64 + 1, 500 * i as i64, remaining),
+                now,
+                NOW_S,
+            );
+            remaining -= 300.0 + jitter;
+        }
+        assert_eq!(m.sim_scale(), Some(600.0));
     }
 
     #[test]
@@ -1059,6 +1539,7 @@ mod tests {
         );
         let f = m.apply(
             Update::Polled(Box::new(Polled {
+                as_of: 0,
                 queue: pb::Queue {
                     state: pb::QueueState::Running as i32,
                     running_ids: vec!["D".into()],

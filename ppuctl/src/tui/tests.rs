@@ -337,6 +337,7 @@ fn fixture(theme: Theme) -> (App, Instant) {
         apply(
             &mut app,
             Update::Polled(Box::new(Polled {
+                as_of: 0,
                 queue: pb::Queue {
                     state: pb::QueueState::Running as i32,
                     running_ids: vec![RUNNING.into(), WAITING.into()],
@@ -786,6 +787,7 @@ fn a_plugin_family_shows_its_declared_key_reading() {
         mfc.family_name = "mfc".into();
         app.on_incoming(
             Incoming::Update(Update::Polled(Box::new(Polled {
+                as_of: 0,
                 queue: pb::Queue {
                     state: pb::QueueState::Running as i32,
                     ..Default::default()
@@ -802,4 +804,205 @@ fn a_plugin_family_shows_its_declared_key_reading() {
     let text = screen(&app, now);
     assert!(text.contains("mfc-1"), "{text}");
     assert!(text.contains("49 sccm → 50 sccm"), "{text}");
+}
+
+/// Issue 17: hold, release and move (which `ppuctl queue` has) have keys, each asked first.
+#[test]
+fn hold_release_and_move_have_keys_and_ask_first() {
+    let (mut app, _) = fixture(COLOR);
+    // A running experiment can be neither held nor moved: said, not asked.
+    assert!(app.on_key(ch('h')).is_none());
+    assert_eq!(app.mode, Mode::Normal);
+    assert!(
+        app.status
+            .as_ref()
+            .is_some_and(|s| s.error && s.text.contains("only a QUEUED experiment"))
+    );
+    // The first queued experiment (third row): hold it.
+    app.on_key(ch('j'));
+    app.on_key(ch('j'));
+    assert_eq!(app.selected_experiment_id().as_deref(), Some(QUEUED));
+    assert!(app.on_key(ch('h')).is_none(), "asks first");
+    match &app.mode {
+        Mode::Confirm(a) => assert_eq!(a.prompt(), "Hold \"Mg-Al LDH calcination 450 C\"?"),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        app.on_key(ch('y')),
+        Some(Cmd::Act(Action::Hold { ref id, .. })) if id == QUEUED
+    ));
+    // It is next to start: it cannot go earlier, it can go later.
+    app.on_key(ch('K'));
+    assert_eq!(app.mode, Mode::Normal);
+    assert!(
+        app.status
+            .as_ref()
+            .is_some_and(|s| s.text.contains("already first"))
+    );
+    app.on_key(ch('J'));
+    match &app.mode {
+        Mode::Confirm(a) => assert_eq!(
+            a.prompt(),
+            "Move \"Mg-Al LDH calcination 450 C\" from position 1 to 2 in the start order?"
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert!(app.on_key(ch('n')).is_none(), "no does nothing");
+    app.on_key(KeyEvent::new(KeyCode::Down, KeyModifiers::SHIFT));
+    assert!(matches!(
+        app.on_key(ch('y')),
+        Some(Cmd::Act(Action::Move { ref id, from: 0, to: 1, .. })) if id == QUEUED
+    ));
+    // The held one: h releases it; Shift-Up moves it earlier.
+    app.on_key(ch('j'));
+    assert_eq!(app.selected_experiment_id().as_deref(), Some(HELD));
+    app.on_key(ch('h'));
+    assert!(matches!(
+        app.on_key(ch('y')),
+        Some(Cmd::Act(Action::Release { ref id, .. })) if id == HELD
+    ));
+    app.on_key(KeyEvent::new(KeyCode::Up, KeyModifiers::SHIFT));
+    assert!(matches!(
+        app.on_key(ch('y')),
+        Some(Cmd::Act(Action::Move { from: 1, to: 0, .. }))
+    ));
+    assert_eq!(
+        app.selected_experiment_id().as_deref(),
+        Some(HELD),
+        "not moved by it"
+    );
+}
+
+/// Issue 17: with more rows than fit at 80×24, the running rows stay in view while the
+/// selection scrolls the rest.
+#[test]
+fn the_running_rows_stay_in_view_when_the_list_scrolls() {
+    let (mut app, now) = fixture(MONO);
+    let finished: Vec<pb::Experiment> = (0..20)
+        .map(|i| {
+            let mut e = experiment(
+                &format!("01JX00000000000000000OLD{i:02}"),
+                pb::ExperimentState::Succeeded,
+                0,
+                spec(
+                    &format!("old run {i:02}"),
+                    "S-100",
+                    0,
+                    vec![furnace(150.0, 60.0)],
+                ),
+            );
+            e.results = vec![succeeded_furnace(0, "furnace-1")];
+            e
+        })
+        .collect();
+    app.on_incoming(
+        Incoming::Update(Update::Experiments {
+            experiments: finished,
+            as_of: 1234,
+        }),
+        now,
+        T0,
+    );
+    app.on_key(key(KeyCode::End));
+    let text = screen(&app, now);
+    assert!(text.contains("MOF-74 calcination"), "{text}");
+    assert!(text.contains("HKUST-1 CO2 isotherm"), "{text}");
+    // The last row is selected and shown.
+    let selected = text
+        .lines()
+        .find(|l| l.contains('▶'))
+        .unwrap_or_else(|| panic!("a selected row:\n{text}"));
+    assert!(selected.contains("UiO-66 activation"), "{text}");
+    assert!(text.contains("more ↕"), "{text}");
+    assert_snapshot!("queue_scrolled_80x24", text);
+}
+
+#[test]
+fn visible_rows_pin_the_first_and_scroll_the_rest() {
+    use super::views::visible_rows;
+    assert_eq!(visible_rows(3, 1, 5, 2), (vec![0, 1, 2], Some(2)));
+    assert_eq!(visible_rows(0, 0, 5, 0), (vec![], None));
+    // 10 rows, 2 pinned, 5 lines: the selection at the top of the rest, then at the bottom.
+    assert_eq!(visible_rows(10, 2, 5, 0), (vec![0, 1, 2, 3, 4], Some(0)));
+    assert_eq!(visible_rows(10, 2, 5, 4), (vec![0, 1, 2, 3, 4], Some(4)));
+    assert_eq!(visible_rows(10, 2, 5, 5), (vec![0, 1, 3, 4, 5], Some(4)));
+    assert_eq!(visible_rows(10, 2, 5, 9), (vec![0, 1, 7, 8, 9], Some(4)));
+    // More running rows than lines: one line still scrolls.
+    assert_eq!(visible_rows(10, 8, 3, 9), (vec![0, 1, 9], Some(2)));
+}
+
+#[test]
+fn ids_show_their_shortest_unique_prefix() {
+    let labels = super::views::id_labels([
+        "01JX4A0000000000000000000A",
+        "01JX4B0000000000000000000A",
+        "01JX4B1000000000000000000A",
+        "01JX4B1000000000000000000B",
+    ]);
+    assert_eq!(labels["01JX4A0000000000000000000A"], "01JX4A");
+    assert_eq!(labels["01JX4B0000000000000000000A"], "01JX4B0");
+    // Made in the same millisecond: only their ends differ, so the end is shown.
+    assert_eq!(labels["01JX4B1000000000000000000A"], "…0000000A");
+    assert_eq!(labels["01JX4B1000000000000000000B"], "…0000000B");
+}
+
+/// Issue 17: a 0-bar pressure (transducer noise around zero) draws flat, not full-scale noise.
+#[test]
+fn a_trend_near_zero_draws_flat() {
+    let analyser = device(
+        "analyser-1",
+        pb::DeviceFamily::Analyser,
+        "sorption-mqtt",
+        T0,
+        &[("pressure_bar", 0.0)],
+    );
+    let resolution = super::state::key_value_resolution(&analyser);
+    assert_eq!(resolution, Some(1e-4), "the reading's format is ~4");
+    let noise = [1e-7, -2e-7, 3e-7, 0.0, -1e-7, 2e-7];
+    assert_eq!(super::views::sparkline_text(noise, 6, resolution), "▁▁▁▁▁▁");
+    // A real change still shows.
+    assert_eq!(
+        super::views::sparkline_text([0.0, 0.5, 1.0], 3, resolution),
+        "▁▅█"
+    );
+}
+
+/// Issue 17: under a time speed-up, ETAs say they are simulated time.
+#[test]
+fn etas_under_a_speed_up_say_they_are_simulated() {
+    let (mut app, now) = fixture(MONO);
+    let mut remaining = 7_920.0;
+    for i in 0..5 {
+        app.on_incoming(
+            Incoming::Update(Update::Event(Box::new(pb::Event {
+                sequence: 1235 + i,
+                time: Some(Timestamp {
+                    seconds: T0 + i as i64,
+                    nanos: 0,
+                }),
+                experiment_id: RUNNING.into(),
+                kind: Some(Kind::StepProgress(pb::StepProgress {
+                    step_index: 0,
+                    fraction: 0.5,
+                    message: "segment 2/2: hold 1 h at 450 °C".into(),
+                    remaining_s: remaining,
+                })),
+                ..Default::default()
+            }))),
+            now,
+            T0,
+        );
+        remaining -= 50.0;
+    }
+    let text = screen(&app, now);
+    assert!(text.contains("~2 h 08 min left (sim ×50)"), "{text}");
+    assert!(text.contains("ETA (sim ×50)"), "{text}");
+    let row = text
+        .lines()
+        .find(|l| l.contains("MOF-74"))
+        .unwrap_or_default();
+    assert!(
+        row.contains("~2 h 08 min"),
+        "the LEFT column fits it:\n{text}"
+    );
 }

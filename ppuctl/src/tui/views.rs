@@ -16,7 +16,9 @@ use ratatui::widgets::{
     Block, Cell, Clear, Paragraph, Row, Sparkline, Table, TableState, Tabs, Wrap,
 };
 
-use super::state::{DeviceRow, ExperimentRow, LinkView, Model, QueueStatus, key_value_label};
+use super::state::{
+    DeviceRow, ExperimentRow, LinkView, Model, QueueStatus, key_value_label, key_value_resolution,
+};
 use super::{App, Mode, View};
 use crate::render;
 
@@ -229,11 +231,18 @@ fn draw_keys(frame: &mut Frame, app: &App, area: Rect) {
     };
     let mut keys: Vec<(&str, &str)> = vec![("?", "help")];
     match app.view {
-        View::Queue => keys.extend([("/", "filter"), pause, ("c", "cancel"), ("A", "abort")]),
-        View::Devices => keys.extend([("m", "maintenance"), pause]),
-        View::Alarms => keys.extend([("a", "acknowledge"), pause]),
+        // The full list is under `?`; abort and the views' keys do not fit in 80 columns.
+        View::Queue => keys.extend([
+            ("/", "filter"),
+            pause,
+            ("c", "cancel"),
+            ("h", "hold"),
+            ("J/K", "move"),
+        ]),
+        View::Devices => keys.extend([("m", "maintenance"), pause, ("Tab", "view")]),
+        View::Alarms => keys.extend([("a", "acknowledge"), pause, ("Tab", "view")]),
     }
-    keys.extend([("t", "transfer"), ("Tab", "view"), ("q", "quit")]);
+    keys.extend([("t", "transfer"), ("q", "quit")]);
     let mut spans = Vec::new();
     for (k, what) in keys {
         spans.push(Span::styled(format!(" {k}"), t.title().patch(t.accent())));
@@ -246,7 +255,7 @@ fn draw_keys(frame: &mut Frame, app: &App, area: Rect) {
 // Queue view.
 // ---------------------------------------------------------------------------------------------
 
-/// `~42 s`, `~12 min`, `~1 h 05`: the physical time a step says it still needs.
+/// `~42 s`, `~12 min`, `~1 h 05 min`: the physical time a step says it still needs.
 fn eta(remaining_s: f64) -> String {
     if !(remaining_s.is_finite() && remaining_s >= 0.0) {
         return "?".to_owned();
@@ -257,8 +266,13 @@ fn eta(remaining_s: f64) -> String {
     } else if s < 3600 {
         format!("~{} min", s.div_ceil(60))
     } else {
-        format!("~{} h {:02}", s / 3600, (s % 3600) / 60)
+        format!("~{} h {:02} min", s / 3600, (s % 3600) / 60)
     }
+}
+
+/// `(sim ×600)`: ETAs are physical time on the daemon's scaled clock, not the wall clock.
+fn sim_note(model: &Model) -> Option<String> {
+    model.sim_scale().map(|x| format!("(sim ×{x})"))
 }
 
 fn state_label(model: &Model, row: &ExperimentRow) -> String {
@@ -268,6 +282,68 @@ fn state_label(model: &Model, row: &ExperimentRow) -> String {
     } else {
         s
     }
+}
+
+/// The rows of a list with `capacity` lines that are shown: the first `pinned` rows (the
+/// running ones) always, and of the rest a window that holds `selected`. Returns the shown
+/// indices and where `selected` is among them.
+pub fn visible_rows(
+    total: usize,
+    pinned: usize,
+    capacity: usize,
+    selected: usize,
+) -> (Vec<usize>, Option<usize>) {
+    if total <= capacity {
+        let all: Vec<usize> = (0..total).collect();
+        return (all, (total > 0).then(|| selected.min(total - 1)));
+    }
+    // At least one line scrolls, so every row can be reached.
+    let pinned = pinned.min(capacity.saturating_sub(1));
+    let room = capacity - pinned;
+    let rest = total - pinned;
+    let start = if selected < pinned {
+        0
+    } else {
+        (selected - pinned + 1)
+            .saturating_sub(room)
+            .min(rest - room)
+    };
+    let shown: Vec<usize> = (0..pinned)
+        .chain(pinned + start..pinned + start + room)
+        .collect();
+    let at = shown.iter().position(|i| *i == selected);
+    (shown, at)
+}
+
+/// The shortest prefix of each id telling it from every other known id (at least 6
+/// characters, as git and docker abbreviate), or `…` and its last 8 characters when that
+/// prefix would be longer than 10: the ids of one batch, made in the same millisecond, differ
+/// only at their end.
+pub fn id_labels<'a>(
+    ids: impl IntoIterator<Item = &'a str>,
+) -> std::collections::HashMap<String, String> {
+    let mut ids: Vec<&str> = ids.into_iter().collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let common = |a: &str, b: &str| {
+        a.chars()
+            .zip(b.chars())
+            .take_while(|(x, y)| x.eq_ignore_ascii_case(y))
+            .count()
+    };
+    let mut out = std::collections::HashMap::new();
+    for (i, id) in ids.iter().enumerate() {
+        let before = i.checked_sub(1).map_or(0, |j| common(ids[j], id));
+        let after = ids.get(i + 1).map_or(0, |n| common(n, id));
+        let len = (before.max(after) + 1).max(6);
+        let label = if len <= 10 {
+            id.chars().take(len).collect()
+        } else {
+            super::state::short_id(id)
+        };
+        out.insert((*id).to_owned(), label);
+    }
+    out
 }
 
 fn draw_queue(frame: &mut Frame, app: &App, area: Rect) {
@@ -284,6 +360,14 @@ fn draw_queue(frame: &mut Frame, app: &App, area: Rect) {
         Constraint::Min(0),
     ])
     .areas(area);
+
+    // Running rows come first and stay in view; the rest scroll under them.
+    let capacity = usize::from(list_height.saturating_sub(3)).max(1);
+    let pinned = rows
+        .iter()
+        .take_while(|r| r.state() == pb::ExperimentState::Running)
+        .count();
+    let (shown, shown_selected) = visible_rows(rows.len(), pinned, capacity, selected);
 
     let mut title = vec![
         Span::styled(" Queue ", t.title()),
@@ -302,11 +386,22 @@ fn draw_queue(frame: &mut Frame, app: &App, area: Rect) {
             t.warn(),
         ));
     }
+    if shown.len() < rows.len() {
+        title.push(Span::styled(
+            format!(" · {} more ↕", rows.len() - shown.len()),
+            t.dim(),
+        ));
+    }
+    if let Some(note) = sim_note(m) {
+        title.push(Span::styled(format!(" · ETA {note}"), t.warn()));
+    }
     title.push(Span::raw(" "));
 
-    let table_rows: Vec<Row> = rows
+    let ids = id_labels(m.experiments.keys().map(String::as_str));
+    // Cells of every row, so the columns keep their widths as the list scrolls.
+    let cells: Vec<(&ExperimentRow, [String; 8])> = rows
         .iter()
-        .map(|r| {
+        .map(|&r| {
             let spec_steps = r.exp.spec.as_ref().map_or(0, |s| s.steps.len());
             let waiting = m.transfers.iter().any(|tr| tr.experiment_id == r.exp.id);
             let (done, left) = match &r.progress {
@@ -327,43 +422,66 @@ fn draw_queue(frame: &mut Frame, app: &App, area: Rect) {
                 "?".to_owned()
             };
             let name = if r.name().is_empty() {
-                super::state::short_id(&r.exp.id)
+                "…".to_owned()
             } else {
                 r.name().to_owned()
             };
-            Row::new(vec![
-                Cell::from(state_label(m, r)).style(t.state(r.exp.state)),
-                Cell::from(format!("{:>3}", r.priority())),
-                Cell::from(step),
-                Cell::from(format!("{done:>4}")),
-                Cell::from(left),
-                Cell::from(name),
-                Cell::from(r.sample().to_owned()),
-            ])
+            let id = ids
+                .get(&r.exp.id)
+                .cloned()
+                .unwrap_or_else(|| r.exp.id.clone());
+            (
+                r,
+                [
+                    state_label(m, r),
+                    id,
+                    format!("{:>3}", r.priority()),
+                    step,
+                    format!("{done:>4}"),
+                    left,
+                    name,
+                    r.sample().to_owned(),
+                ],
+            )
         })
         .collect();
-    let table = Table::new(
-        table_rows,
-        [
-            Constraint::Length(11),
-            Constraint::Length(3),
-            Constraint::Length(5),
-            Constraint::Length(4),
-            Constraint::Length(9),
-            Constraint::Min(12),
-            Constraint::Length(10),
-        ],
-    )
-    .header(
-        Row::new(vec![
-            "STATE", "PRI", "STEP", "DONE", "LEFT", "NAME", "SAMPLE",
-        ])
-        .style(t.title()),
-    )
-    .block(Block::bordered().title(Line::from(title)))
-    .row_highlight_style(t.selected())
-    .highlight_symbol("▶");
-    let mut state = TableState::default().with_selected((!rows.is_empty()).then_some(selected));
+    const HEADER: [&str; 8] = [
+        "STATE", "ID", "PRI", "STEP", "DONE", "LEFT", "NAME", "SAMPLE",
+    ];
+    // Each column as wide as its widest cell; the name takes what is left, the sample at most
+    // 12 columns.
+    let width = |col: usize| -> u16 {
+        let cells = cells.iter().map(|(_, c)| c[col].chars().count());
+        cells.chain([HEADER[col].len()]).max().unwrap_or(0) as u16
+    };
+    let widths = [
+        Constraint::Length(width(0)),
+        Constraint::Length(width(1)),
+        Constraint::Length(width(2)),
+        Constraint::Length(width(3)),
+        Constraint::Length(width(4)),
+        Constraint::Length(width(5)),
+        Constraint::Min(12),
+        Constraint::Length(width(7).min(12)),
+    ];
+    let table_rows: Vec<Row> = cells
+        .into_iter()
+        .enumerate()
+        // `shown` is in row order.
+        .filter(|(i, _)| shown.binary_search(i).is_ok())
+        .map(|(_, (r, c))| {
+            let [state, rest @ ..] = c;
+            let mut row = vec![Cell::from(state).style(t.state(r.exp.state))];
+            row.extend(rest.into_iter().map(Cell::from));
+            Row::new(row)
+        })
+        .collect();
+    let table = Table::new(table_rows, widths)
+        .header(Row::new(HEADER).style(t.title()))
+        .block(Block::bordered().title(Line::from(title)))
+        .row_highlight_style(t.selected())
+        .highlight_symbol("▶");
+    let mut state = TableState::default().with_selected(shown_selected);
     frame.render_stateful_widget(table, list_area, &mut state);
     if rows.is_empty() {
         let inner = list_area.inner(ratatui::layout::Margin::new(1, 1));
@@ -512,6 +630,9 @@ fn draw_experiment_detail(frame: &mut Frame, app: &App, row: Option<&ExperimentR
             }
             if p.remaining_s >= 0.0 {
                 s.push_str(&format!(", {} left", eta(p.remaining_s)));
+                if let Some(note) = sim_note(&app.model) {
+                    s.push_str(&format!(" {note}"));
+                }
             }
             lines.push(Line::styled(s, t.accent()));
         }
@@ -531,14 +652,24 @@ fn draw_experiment_detail(frame: &mut Frame, app: &App, row: Option<&ExperimentR
 // Devices view.
 // ---------------------------------------------------------------------------------------------
 
-/// The range a trend is scaled to: the values' own range, but at least 0.1 % of their size,
-/// so the noise of a steady reading does not fill the whole height.
-fn trend_span(lo: f64, hi: f64) -> f64 {
-    (hi - lo).max(1e-3 * lo.abs().max(hi.abs())).max(1e-9)
+/// The range a trend is scaled to: the values' own range, but at least 0.1 % of their size
+/// and at least `resolution` (the smallest change the reading's display format shows), so the
+/// noise of a steady reading, or of one near zero (a 0-bar pressure), does not fill the whole
+/// height: it draws flat.
+fn trend_span(lo: f64, hi: f64, resolution: Option<f64>) -> f64 {
+    (hi - lo)
+        .max(1e-3 * lo.abs().max(hi.abs()))
+        .max(resolution.unwrap_or(0.0))
+        .max(1e-9)
 }
 
-/// The last `width` values as block characters scaled between their min and max.
-pub fn sparkline_text(values: impl IntoIterator<Item = f64>, width: usize) -> String {
+/// The last `width` values as block characters scaled between their min and max (see
+/// [`trend_span`]).
+pub fn sparkline_text(
+    values: impl IntoIterator<Item = f64>,
+    width: usize,
+    resolution: Option<f64>,
+) -> String {
     const BARS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
     let all: Vec<f64> = values.into_iter().filter(|v| v.is_finite()).collect();
     let tail = &all[all.len().saturating_sub(width)..];
@@ -547,7 +678,7 @@ pub fn sparkline_text(values: impl IntoIterator<Item = f64>, width: usize) -> St
         .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
             (lo.min(*v), hi.max(*v))
         });
-    let span = trend_span(lo, hi);
+    let span = trend_span(lo, hi, resolution);
     tail.iter()
         .map(|v| BARS[(((v - lo) / span * 7.0).round() as usize).min(7)])
         .collect()
@@ -589,7 +720,12 @@ fn draw_devices(frame: &mut Frame, app: &App, area: Rect) {
                 link,
                 maint,
                 reading,
-                Cell::from(sparkline_text(d.history.iter().copied(), 14)).style(t.accent()),
+                Cell::from(sparkline_text(
+                    d.history.iter().copied(),
+                    14,
+                    key_value_resolution(&d.device),
+                ))
+                .style(t.accent()),
             ])
         })
         .collect();
@@ -725,7 +861,7 @@ fn draw_device_detail(frame: &mut Frame, app: &App, d: &DeviceRow, area: Rect) {
         let tail = &history[history.len().saturating_sub(width)..];
         let lo = tail.iter().copied().fold(f64::INFINITY, f64::min);
         let hi = tail.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let span = trend_span(lo, hi);
+        let span = trend_span(lo, hi, key_value_resolution(dev));
         // Scaled to the visible range so small changes still show; the floor of 1 keeps a
         // flat line visible.
         let data: Vec<u64> = tail
@@ -929,6 +1065,8 @@ pub const HELP: &[(&str, &str)] = &[
     ("p", "pause the queue, or resume it when paused"),
     ("A", "abort: pause and abort every running step"),
     ("c", "cancel the selected experiment"),
+    ("h", "hold the selected queued experiment, or release it"),
+    ("J K, ⇧↓ ⇧↑", "move it later / earlier in the start order"),
     ("t", "confirm the pending sample transfer"),
     ("m", "take the selected device into/out of maintenance"),
     ("a", "acknowledge the selected alarm"),
