@@ -203,7 +203,10 @@ pub fn access_of(path: &str) -> Access {
     };
     match (service, method) {
         ("grpc.health.v1.Health", "Check" | "Watch") => Access::Read,
-        ("grpc.reflection.v1.ServerReflection", "ServerReflectionInfo") => Access::Read,
+        (
+            "grpc.reflection.v1.ServerReflection" | "grpc.reflection.v1alpha.ServerReflection",
+            "ServerReflectionInfo",
+        ) => Access::Read,
         ("ppu.v1.ExperimentService", m) => match m {
             "SubmitBatch" => Access::Submit,
             "CancelExperiment" => Access::Cancel,

@@ -104,9 +104,9 @@ pub const DEV_REAGENTS: [(&str, &str, f64, f64); 2] =
 pub const DEV_BALANCE: &str = "balance-1";
 
 /// The simulated dispensing station of `ppud dev`: a pump per reagent of [`DEV_REAGENTS`] (full
-/// 10 mL syringes, daisy-chained on one line as [`DEV_PUMP_BUS`]) over the balance
-/// [`DEV_BALANCE`], without faults; what it delivers is filed in `world` when given. Tests that
-/// run the station outside the daemon use the same spec.
+/// 10 mL syringes, daisy-chained on one line as [`DEV_PUMP_BUS`], already powered: no `A?R`)
+/// over the balance [`DEV_BALANCE`], without faults; what it delivers is filed in `world` when
+/// given. Tests that run the station outside the daemon use the same spec.
 pub fn dev_station_spec(world: Option<World>) -> StationSpec {
     let pumps = DEV_REAGENTS
         .iter()
@@ -118,6 +118,10 @@ pub fn dev_station_spec(world: Option<World>) -> StationSpec {
                 reagent: (*reagent).to_owned(),
                 density_g_per_ml: *density,
                 delivery_error: *error,
+                // Powered up long before: a bench whose pumps were switched on this morning,
+                // not a power cut. A fresh `ppud dev` must not page anyone with "pump reset
+                // (power-up)" (A?R); the drivers' and simulator's tests cover that alarm.
+                power_up_alarm: false,
                 ..PumpConfig::default()
             },
         })
@@ -500,11 +504,13 @@ impl DevLab {
         for f in self.furnaces {
             f.server.shutdown().await;
         }
-        for a in &self.analysers {
-            a.sim.shutdown().await;
-        }
+        // The broker goes before the bridges it serves, as at a power-off: rumqttd logs a
+        // bridge's clean MQTT DISCONNECT as an ERROR ("router-drop"), a closed socket as INFO.
         if let Some(b) = &self.broker {
             b.shutdown().await;
+        }
+        for a in &self.analysers {
+            a.sim.shutdown().await;
         }
         if let Some(station) = self.dispensing {
             station.shutdown().await;

@@ -684,13 +684,23 @@ pub async fn router(
         api.scheduler.store().health(),
         health.clone(),
     ));
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        // Every device family's schema, so grpcurl and SDKs can decode `Step.command` and
-        // `StepResult.output` of any family.
-        .register_encoded_file_descriptor_set(ppu_drivers::registry::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // Reflection as v1 and as v1alpha: older grpcurl, grpcui, Postman and grpc-python's
+    // reflection client only ask v1alpha. Both list both and serve the same descriptors.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .include_reflection_service(false)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            )
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            // Every device family's schema, so grpcurl and SDKs can decode `Step.command` and
+            // `StepResult.output` of any family.
+            .register_encoded_file_descriptor_set(ppu_drivers::registry::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
     let max = api.limits.max_message_bytes;
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = tls {
@@ -699,7 +709,8 @@ pub async fn router(
     Ok(builder
         .layer(auth)
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(
             ExperimentServiceServer::new(api.clone())
                 .max_decoding_message_size(max)

@@ -132,6 +132,7 @@ const RPCS: &[&str] = &[
     "Health.Check",
     "Health.Watch",
     "Reflection",
+    "Reflection.v1alpha",
 ];
 
 /// The specification: which roles (v, p, t, a) may call each RPC.
@@ -311,6 +312,21 @@ async fn call(ch: &Channel, rpc: &str, auth: Option<&str>) -> Result<(), Status>
                 .into_inner();
             replies.message().await.map(drop)
         }
+        // Older grpcurl, grpcui, Postman and grpc-python's reflection client ask v1alpha.
+        "Reflection.v1alpha" => {
+            use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+            use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+            use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+            let first = ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::ListServices(String::new())),
+            };
+            let mut replies = ServerReflectionClient::new(ch.clone())
+                .server_reflection_info(req(tokio_stream::iter(vec![first]), auth))
+                .await?
+                .into_inner();
+            replies.message().await.map(drop)
+        }
         other => panic!("unknown rpc {other}"),
     }
 }
@@ -406,6 +422,9 @@ async fn health_and_reflection_can_be_left_open_by_config() {
     call(&ch, "Reflection", None)
         .await
         .expect("reflection open");
+    call(&ch, "Reflection.v1alpha", None)
+        .await
+        .expect("reflection v1alpha open");
     let err = call(&ch, "GetQueue", None)
         .await
         .expect_err("api protected");

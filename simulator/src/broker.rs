@@ -60,7 +60,7 @@ impl EmbeddedBroker {
                     tracing::error!(error = %e, "embedded MQTT broker stopped");
                 }
             })?;
-        wait_until_accepting(internal).await?;
+        wait_until_answering(internal).await?;
         let listener = TcpListener::bind(listen).await?;
         let public = listener.local_addr()?;
         let broker = EmbeddedBroker {
@@ -184,19 +184,34 @@ pub fn free_loopback_port() -> io::Result<SocketAddr> {
     listener.local_addr()
 }
 
-async fn wait_until_accepting(addr: SocketAddr) -> io::Result<()> {
+/// Waits until an MQTT broker at `addr` answers a CONNECT with a CONNACK. The probe then
+/// closes its socket: a bare TCP connect, or an MQTT DISCONNECT, makes rumqttd log an ERROR
+/// (a connect packet that never came; "router-drop"), a closed socket only an INFO.
+async fn wait_until_answering(addr: SocketAddr) -> io::Result<()> {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet};
     let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
     loop {
-        match TcpStream::connect(addr).await {
-            Ok(_) => return Ok(()),
-            Err(e) if tokio::time::Instant::now() >= deadline => {
-                return Err(io::Error::new(
-                    e.kind(),
-                    format!("MQTT broker at {addr} not accepting connections: {e}"),
-                ));
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        let mut options = MqttOptions::new(
+            format!("ppu-sim-ready-probe-{}", std::process::id()),
+            addr.ip().to_string(),
+            addr.port(),
+        );
+        options.set_clean_session(true);
+        let (_client, mut eventloop) = AsyncClient::new(options, 1);
+        let outcome = tokio::time::timeout_at(deadline, eventloop.poll()).await;
+        let error = match outcome {
+            Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => return Ok(()),
+            Ok(Ok(other)) => format!("unexpected first packet {other:?}"),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "no CONNACK".to_owned(),
+        };
+        if tokio::time::Instant::now() >= deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("MQTT broker at {addr} not answering within {READY_TIMEOUT:?}: {error}"),
+            ));
         }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -274,7 +289,7 @@ impl Mosquitto {
         if let Ok(mut slot) = self.child.lock() {
             *slot = Some(child);
         }
-        wait_until_accepting(self.addr).await
+        wait_until_answering(self.addr).await
     }
 
     /// Kills the broker (SIGKILL: no clean goodbye to clients).

@@ -28,6 +28,10 @@ use {
 #[cfg(feature = "dev-lab")]
 const DEV_RTU_BAUD: u32 = 19_200;
 
+/// The log filter without `--log` or RUST_LOG: ppu's crates at INFO, third-party ones at WARN.
+const DEFAULT_LOG: &str = "warn,ppud=info,ppu_daemon=info,ppu_drivers=info,ppu_sim=info,\
+                           ppu_sila=info,ppu_schema=info,ppu_proto=info";
+
 /// The ppu lab daemon: a durable experiment queue that runs recipes on lab devices
 /// (furnaces, pumps, balances, sorption analysers) and streams results to planners over gRPC.
 #[derive(Parser)]
@@ -36,7 +40,15 @@ struct Cli {
     #[command(subcommand)]
     command: Command,
     /// Log filter, e.g. `info`, `debug`, `ppu_daemon=debug,info` (also read from RUST_LOG).
-    #[arg(long, global = true, env = "RUST_LOG", default_value = "info")]
+    /// Default: INFO for ppu's own crates, WARN for the libraries under them (the MQTT broker,
+    /// HTTP/2, ...), so a start shows what ppu does and no library chatter.
+    #[arg(
+        long,
+        global = true,
+        env = "RUST_LOG",
+        default_value = DEFAULT_LOG,
+        hide_default_value = true
+    )]
     log: String,
     /// Log line format: `text` for people, `json` (one object per line) for log shippers.
     /// Every line of an RPC carries its request id. Default: the config's [log] format, else
@@ -450,7 +462,10 @@ async fn shutdown_signal() {
 }
 
 fn init_logging(filter: &str, format: LogFormat) {
-    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_new(filter).unwrap_or_else(|e| {
+        eprintln!("ppud: ignoring the log filter {filter:?} ({e}); using the default");
+        EnvFilter::new(DEFAULT_LOG)
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

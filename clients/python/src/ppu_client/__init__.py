@@ -19,8 +19,9 @@ Any device family's step is built by its command name with `step("gas_flow", flo
 """
 
 from . import pb
+from ._connect import DEFAULT_TARGET
 from .aio import AsyncClient
-from .client import DEFAULT_TARGET, Client
+from .client import Client
 from .errors import (
     FIELD_PATH_METADATA,
     AlreadyExistsError,

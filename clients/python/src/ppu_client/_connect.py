@@ -7,6 +7,10 @@ unchanged (so gRPC names like ``dns:///host:port`` work too). Giving TLS materia
 (`root_certificates`, `certificate_chain` + `private_key`, `tls_domain`) with a bare
 ``host:port`` also means TLS.
 
+The target defaults to the ``PPU_ADDR`` environment variable (as for ppuctl), else
+``127.0.0.1:50051``. A call waits at most `connect_timeout` for a connection to the daemon and
+then fails with an `UnavailableError` that names the address (`unreachable`).
+
 The token (argument, else the ``PPU_TOKEN`` environment variable) travels as
 ``authorization: Bearer <token>`` metadata on every call, streams included. It is attached per
 call rather than as gRPC call credentials, because those are only sent over TLS and ppud also
@@ -24,8 +28,27 @@ from typing import Any, Sequence, Union
 
 import grpc
 
+from .errors import UnavailableError
+
 #: Environment variable the token is read from when none is passed.
 TOKEN_ENV = "PPU_TOKEN"
+
+#: Environment variable the target is read from when none is passed (ppuctl reads it too).
+ADDR_ENV = "PPU_ADDR"
+
+#: The target without argument or ``$PPU_ADDR``: ``ppud dev``'s and ppud's default listen address.
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+#: Seconds a call waits for a connection to the daemon by default. Reaching a daemon on the lab
+#: network takes milliseconds; a wrong or dead address should say so at once, not after the
+#: call's own timeout (which also covers long calls).
+DEFAULT_CONNECT_TIMEOUT_S = 3.0
+
+#: Status codes of a `probe` that mean the daemon did not answer it.
+UNREACHABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+#: How long the diagnostic call (`probe` without waiting) may take to bring back gRPC's reason.
+DIAGNOSIS_TIMEOUT_S = 0.5
 
 #: A PEM input: the bytes themselves, or the path of a file holding them.
 PemSource = Union[bytes, str, "os.PathLike[str]"]
@@ -56,6 +79,53 @@ class Connection:
         if self.credentials is None:
             return api.insecure_channel(self.grpc_target, options=opts)
         return api.secure_channel(self.grpc_target, self.credentials, options=opts)
+
+
+def target_or_default(target: str | None) -> str:
+    """`target`, else ``$PPU_ADDR`` (surrounding whitespace removed), else `DEFAULT_TARGET`."""
+    if target is not None:
+        return target
+    return os.environ.get(ADDR_ENV, "").strip() or DEFAULT_TARGET
+
+
+def probe(
+    channel: Any, metadata: Sequence[tuple[str, str]], timeout: float | None, *, wait: bool
+) -> Any:
+    """A call that asks nothing of the daemon (``grpc.health.v1.Health/Check`` of the server
+    as a whole), made to learn whether it is there: any reply, even a refusal, says it is.
+    `wait` (gRPC's wait-for-ready) waits for a connection up to `timeout`; without it a channel
+    in transient failure fails at once with gRPC's reason (``Connection refused``, a failed
+    name lookup, a peer that is no gRPC server). Sync: returns the (empty) reply or raises
+    `grpc.RpcError`; asyncio: returns the call to await."""
+    method = channel.unary_unary("/grpc.health.v1.Health/Check")  # bytes in, bytes out
+    return method(b"", timeout=timeout, metadata=metadata, wait_for_ready=wait)
+
+
+def unreachable(
+    target: str, waited: float | None, why: grpc.RpcError | None, reason: str | None = None
+) -> UnavailableError:
+    """The error for a daemon not reached in time: names the address and gRPC's reason when
+    `why` carries one, else `reason`, else that nothing answered."""
+    detail = None
+    if why is not None and why.code() == grpc.StatusCode.UNAVAILABLE:
+        detail = why.details()
+    within = "" if waited is None else f" within {waited:g} s"
+    msg = (
+        f"cannot reach ppud at {target}{within}: "
+        f"{detail or reason or 'no answer (the connection was not established)'}. Check the "
+        f"address (the target argument, else ${ADDR_ENV}) and that ppud is running there; "
+        "connect_timeout= waits longer for a daemon that is starting"
+    )
+    return UnavailableError(grpc.StatusCode.UNAVAILABLE, msg)
+
+
+def state_reason(state: grpc.ChannelConnectivity | None) -> str | None:
+    """What a channel that never became ready was doing, in words (None: nothing to add)."""
+    if state == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+        return "the connection failed"
+    if state == grpc.ChannelConnectivity.SHUTDOWN:
+        return "the client was closed"
+    return None
 
 
 def resolve(

@@ -18,7 +18,17 @@ import grpc
 import grpc.aio
 
 from . import pb
-from ._connect import PemSource, resolve
+from ._connect import (
+    DEFAULT_CONNECT_TIMEOUT_S,
+    DIAGNOSIS_TIMEOUT_S,
+    UNREACHABLE_CODES,
+    PemSource,
+    probe,
+    resolve,
+    state_reason,
+    target_or_default,
+    unreachable,
+)
 from ._generated import devices_pb2_grpc, events_pb2_grpc, experiment_pb2_grpc
 from ._requests import (
     CHANNEL_OPTIONS,
@@ -30,7 +40,7 @@ from ._requests import (
     list_request,
     submit_request,
 )
-from .client import DEFAULT_TARGET, _budget, _deadline, _unavailable
+from .client import _budget, _deadline, _unavailable
 from .errors import UnavailableError, error_from_rpc
 from .models import Batch, Capability, ExperimentResult, State
 from .recipes import ExperimentLike
@@ -40,11 +50,12 @@ from .schema import use as use_schema
 
 class AsyncClient:
     """A grpc.aio connection to one ppud. Arguments as for `ppu_client.Client` (target forms,
-    ``token`` / ``$PPU_TOKEN``, TLS); create it inside a running event loop."""
+    ``$PPU_ADDR``, ``token`` / ``$PPU_TOKEN``, TLS, `connect_timeout`); create it inside a
+    running event loop."""
 
     def __init__(
         self,
-        target: str = DEFAULT_TARGET,
+        target: str | None = None,
         *,
         token: str | None = None,
         root_certificates: PemSource | None = None,
@@ -52,9 +63,11 @@ class AsyncClient:
         private_key: PemSource | None = None,
         tls_domain: str | None = None,
         timeout: float | None = 30.0,
+        connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT_S,
         channel: grpc.aio.Channel | None = None,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
+        target = target_or_default(target)
         conn = resolve(
             target,
             token=token,
@@ -66,6 +79,7 @@ class AsyncClient:
         )
         self.target = target
         self.timeout = timeout
+        self.connect_timeout = connect_timeout
         self._own_channel = channel is None
         self._closed = False
         self._metadata = conn.metadata
@@ -88,11 +102,29 @@ class AsyncClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    async def _connect(self) -> None:
+        """Returns once the channel is connected; UnavailableError naming the address when it
+        is not within `connect_timeout` (else the call's `timeout`); see `Client`."""
+        if self._channel.get_state() == grpc.ChannelConnectivity.READY:
+            return
+        limit = self.connect_timeout if self.connect_timeout is not None else self.timeout
+        try:
+            await asyncio.wait_for(self._channel.channel_ready(), timeout=limit)
+        except asyncio.TimeoutError:
+            state = self._channel.get_state()
+            try:
+                await probe(self._channel, self._metadata, DIAGNOSIS_TIMEOUT_S, wait=False)
+            except grpc.aio.AioRpcError as e:
+                if e.code() in UNREACHABLE_CODES:
+                    raise unreachable(self.target, limit, e, state_reason(state)) from None
+            # Any reply at all means the daemon answered after all: make the call.
+
     async def _unary(self, method: Any, request: Any, **kw: Any) -> Any:
+        await self._connect()
         try:
             return await method(request, timeout=self.timeout, metadata=self._metadata, **kw)
         except grpc.aio.AioRpcError as e:
-            raise error_from_rpc(e) from None
+            raise error_from_rpc(e, self.target) from None
 
     # -- experiments ----------------------------------------------------------------------------
 
@@ -106,6 +138,7 @@ class AsyncClient:
         """Submits a batch; see `Client.submit_batch`."""
         req = submit_request(experiments, key)
         for attempt in range(max(attempts, 1)):
+            await self._connect()
             try:
                 resp = await self._experiments.SubmitBatch(
                     req, timeout=self.timeout, metadata=self._metadata, wait_for_ready=True
@@ -113,7 +146,7 @@ class AsyncClient:
                 return Batch.from_proto(resp.batch, resp.duplicate)
             except grpc.aio.AioRpcError as e:
                 if e.code() not in SUBMIT_RETRY_CODES or attempt + 1 >= max(attempts, 1):
-                    raise error_from_rpc(e) from None
+                    raise error_from_rpc(e, self.target) from None
                 await asyncio.sleep(backoff_s(attempt))
         raise AssertionError("unreachable")
 
@@ -206,6 +239,7 @@ class AsyncClient:
         end = None if timeout is None else time.monotonic() + timeout
         down_since: float | None = None
         failures = 0
+        await self._connect()
         while True:
             remaining = None if end is None else end - time.monotonic()
             if remaining is not None and remaining <= 0:
@@ -232,7 +266,7 @@ class AsyncClient:
                 if code == grpc.StatusCode.DEADLINE_EXCEEDED and end is not None:
                     raise _deadline(timeout, last) from None
                 if code not in STREAM_RECONNECT_CODES or self._closed:
-                    raise error_from_rpc(e) from None
+                    raise error_from_rpc(e, self.target) from None
             finally:
                 call.cancel()
             if self._closed:

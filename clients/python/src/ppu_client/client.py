@@ -14,7 +14,16 @@ from typing import Any, Callable, TypeVar
 import grpc
 
 from . import pb
-from ._connect import PemSource, resolve
+from ._connect import (
+    DEFAULT_CONNECT_TIMEOUT_S,
+    DIAGNOSIS_TIMEOUT_S,
+    UNREACHABLE_CODES,
+    PemSource,
+    probe,
+    resolve,
+    target_or_default,
+    unreachable,
+)
 from ._generated import devices_pb2_grpc, events_pb2_grpc, experiment_pb2_grpc
 from ._requests import (
     CHANNEL_OPTIONS,
@@ -26,13 +35,11 @@ from ._requests import (
     list_request,
     submit_request,
 )
-from .errors import DeadlineExceededError, UnavailableError, error_from_rpc
+from .errors import DeadlineExceededError, PpuError, UnavailableError, error_from_rpc
 from .models import Batch, Capability, ExperimentResult, State
 from .recipes import ExperimentLike
 from .schema import Schema
 from .schema import use as use_schema
-
-DEFAULT_TARGET = "127.0.0.1:50051"
 
 _R = TypeVar("_R")
 
@@ -43,6 +50,7 @@ class Client:
     Args:
         target: the daemon's address: ``host:port`` or ``http://host:port`` (plain text),
             ``https://host:port`` (TLS), or ``unix:/path/to/ppud.sock`` (its local socket).
+            None reads ``$PPU_ADDR`` (as ppuctl does), else ``127.0.0.1:50051``.
         token: the bearer token, sent as ``authorization: Bearer <token>`` metadata on every
             call (streams included). None reads ``$PPU_TOKEN``; with neither, no token is sent
             (ppud running open, or its local socket granting a role to the caller's uid).
@@ -52,6 +60,10 @@ class Client:
             paths), for a daemon that requires client certificates (mTLS).
         tls_domain: the name to verify in ppud's certificate instead of the target's host.
         timeout: deadline in seconds for each unary call (None: no deadline).
+        connect_timeout: seconds a call waits for a connection to the daemon before it fails
+            with `UnavailableError` naming the address (default 3 s, so a wrong or dead
+            address says so at once). None waits as long as the call's `timeout` allows
+            (gRPC's wait-for-ready), e.g. for a planner started before the daemon.
         channel: an existing `grpc.Channel` to use instead of opening one (not closed by
             `close()`); the token is still sent on every call.
         options: extra gRPC channel options.
@@ -69,7 +81,7 @@ class Client:
 
     def __init__(
         self,
-        target: str = DEFAULT_TARGET,
+        target: str | None = None,
         *,
         token: str | None = None,
         root_certificates: PemSource | None = None,
@@ -77,9 +89,11 @@ class Client:
         private_key: PemSource | None = None,
         tls_domain: str | None = None,
         timeout: float | None = 30.0,
+        connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT_S,
         channel: grpc.Channel | None = None,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
+        target = target_or_default(target)
         conn = resolve(
             target,
             token=token,
@@ -91,12 +105,17 @@ class Client:
         )
         self.target = target
         self.timeout = timeout
+        self.connect_timeout = connect_timeout
         self._own_channel = channel is None
         self._closed = False
         self._metadata = conn.metadata
         if channel is None:
             channel = conn.open_channel(grpc, CHANNEL_OPTIONS, options)
         self._channel = channel
+        # Whether the daemon answered since the last UNAVAILABLE: until it has, a call first
+        # checks that it is there (`_connect`). (Not a gRPC connectivity subscription: its
+        # polling thread fails noisily when the channel closes under it.)
+        self._reached = False
         self._experiments = experiment_pb2_grpc.ExperimentServiceStub(self._channel)
         self._events = events_pb2_grpc.EventServiceStub(self._channel)
         self._devices = devices_pb2_grpc.DeviceServiceStub(self._channel)
@@ -115,11 +134,42 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _connect(self) -> None:
+        """Returns once the daemon has answered; UnavailableError naming the address when it
+        does not within `connect_timeout` (else the call's `timeout`). Free once it has."""
+        if self._reached:
+            return
+        limit = self.connect_timeout if self.connect_timeout is not None else self.timeout
+        try:
+            probe(self._channel, self._metadata, limit, wait=True)
+        except grpc.RpcError as e:
+            if e.code() in UNREACHABLE_CODES:
+                raise unreachable(self.target, limit, self._why()) from None
+        # Any status but those is the daemon's (e.g. UNAUTHENTICATED): it is there.
+        self._reached = True
+
+    def _why(self) -> grpc.RpcError | None:
+        """gRPC's reason for not reaching the daemon (a call that does not wait fails at once
+        with it), or None if it has none (the connection attempt is still pending)."""
+        try:
+            probe(self._channel, self._metadata, DIAGNOSIS_TIMEOUT_S, wait=False)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.UNAVAILABLE:
+                return e
+        return None
+
+    def _failed(self, e: grpc.RpcError) -> PpuError:
+        """The error for a failed call; after UNAVAILABLE the next call checks the link."""
+        if e.code() == grpc.StatusCode.UNAVAILABLE:
+            self._reached = False
+        return error_from_rpc(e, self.target)
+
     def _unary(self, method: Callable[..., _R], request: Any, **kw: Any) -> _R:
+        self._connect()
         try:
             return method(request, timeout=self.timeout, metadata=self._metadata, **kw)
         except grpc.RpcError as e:
-            raise error_from_rpc(e) from None
+            raise self._failed(e) from None
 
     # -- experiments ----------------------------------------------------------------------------
 
@@ -138,8 +188,9 @@ class Client:
                 again with the same experiments returns the stored batch (``duplicate=True``)
                 instead of enqueueing twice. Pass an explicit key to submit identical content
                 as a new batch.
-            attempts: tries when the daemon is unreachable or the reply is lost; the retries
-                reuse the key, so they cannot enqueue twice.
+            attempts: tries when the link drops or the reply is lost; the retries reuse the
+                key, so they cannot enqueue twice. Each waits at most `connect_timeout` for a
+                connection.
 
         Raises:
             InvalidArgumentError: a recipe is malformed or breaks a device limit;
@@ -150,6 +201,7 @@ class Client:
         """
         req = submit_request(experiments, key)
         for attempt in range(max(attempts, 1)):
+            self._connect()
             try:
                 resp = self._experiments.SubmitBatch(
                     req, timeout=self.timeout, metadata=self._metadata, wait_for_ready=True
@@ -157,7 +209,8 @@ class Client:
                 return Batch.from_proto(resp.batch, resp.duplicate)
             except grpc.RpcError as e:
                 if e.code() not in SUBMIT_RETRY_CODES or attempt + 1 >= max(attempts, 1):
-                    raise error_from_rpc(e) from None
+                    raise self._failed(e) from None
+                self._failed(e)
                 time.sleep(backoff_s(attempt))
         raise AssertionError("unreachable")
 
@@ -249,6 +302,9 @@ class Client:
         resumes after the last sequence it yielded: no gap, no duplicate. Close the generator
         (or stop iterating) to end it.
 
+        The first connection waits at most `connect_timeout` (UnavailableError naming the
+        address); once the stream has been up, an outage is bounded by `reconnect_timeout`.
+
         Args:
             from_seq: sequence of the last event already seen; 0 for the whole log.
             batch_id, experiment_id: only events of this batch / experiment.
@@ -260,6 +316,7 @@ class Client:
         end = None if timeout is None else time.monotonic() + timeout
         down_since: float | None = None
         failures = 0
+        self._connect()
         while True:
             remaining = None if end is None else end - time.monotonic()
             if remaining is not None and remaining <= 0:
@@ -286,7 +343,7 @@ class Client:
                 if code == grpc.StatusCode.DEADLINE_EXCEEDED and end is not None:
                     raise _deadline(timeout, last) from None
                 if code not in STREAM_RECONNECT_CODES or self._closed:
-                    raise error_from_rpc(e) from None
+                    raise self._failed(e) from None
             finally:
                 call.cancel()
             if self._closed:

@@ -119,9 +119,16 @@ def error_from_status(
     return cls(code, details, field_path=path or None, reason=reason)
 
 
-def error_from_rpc(e: grpc.RpcError) -> PpuError:
-    """Converts a `grpc.RpcError` (sync) or `grpc.aio.AioRpcError` to a `PpuError`."""
+#: Codes whose message gets the daemon's address appended: the call may never have reached it.
+_NAMES_ADDRESS = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+
+def error_from_rpc(e: grpc.RpcError, target: str | None = None) -> PpuError:
+    """Converts a `grpc.RpcError` (sync) or `grpc.aio.AioRpcError` to a `PpuError`. With
+    `target`, an UNAVAILABLE or DEADLINE_EXCEEDED message ends naming the daemon's address."""
     code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
     details = e.details() if hasattr(e, "details") else str(e)
     trailing = e.trailing_metadata() if hasattr(e, "trailing_metadata") else None
+    if target and code in _NAMES_ADDRESS and target not in (details or ""):
+        details = f"{details or code.name} (ppud at {target})"
     return error_from_status(code, details, trailing)
