@@ -1,0 +1,154 @@
+"""SiLA calls pass through ppu.v1's tokens and roles: with a tokens file, a call without a
+token is refused, a viewer reads but cannot start a command, a planner's token (as SiLA
+AccessToken metadata or as a bearer header) runs one, and the audit record names the
+principal."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+import pytest
+from conftest import (
+    PLANNER,
+    PLANNER_PRINCIPAL,
+    TIMEOUT_S,
+    VIEWER,
+    VIEWER_PRINCIPAL,
+    Daemon,
+    sila_client,
+)
+from sila2.client import SilaClient
+from sila2.client.utils import pack_metadata_for_grpc
+from sila_follow import uuid_to_ulid
+from test_commands import experiment_ids, hold, ramp
+
+STATUS_FINISHED = {2: "finishedSuccessfully", 3: "finishedWithError"}
+
+
+def raw_furnace_call(
+    viewer: SilaClient, d: Daemon, metadata: tuple[tuple[str, Any], ...]
+) -> Any:
+    """Calls Furnace.FurnaceProgram on a channel of its own that carries only `metadata`: the
+    parameters and the AccessToken metadata are serialized by the sila2 package (the same code
+    its client uses), the channel adds no bearer header."""
+    f = viewer.Furnace
+    params = f.FurnaceProgram._wrapped_command.parameters.to_message(
+        Device="", Segments=[ramp(80.0, 20.0), hold(60.0)]
+    )
+    channel = grpc.insecure_channel(f"{d.sila_host}:{d.sila_port}")
+    stub = f._grpc_module.FurnaceStub(channel)
+    try:
+        return stub.FurnaceProgram(params, metadata=metadata, timeout=TIMEOUT_S), stub, channel
+    except BaseException:
+        channel.close()
+        raise
+
+
+def access_token(client: SilaClient, token: str) -> tuple[tuple[str, Any], ...]:
+    return pack_metadata_for_grpc([client.AuthorizationService.AccessToken(token)])
+
+
+@pytest.fixture(scope="module")
+def viewer(secured: Daemon) -> SilaClient:
+    c = sila_client(secured, bearer=VIEWER)
+    yield c
+    c.close()
+
+
+def test_the_metadata_header_is_the_agreed_one(viewer: SilaClient) -> None:
+    ((key, _),) = access_token(viewer, "x")
+    assert key == "sila-org.silastandard-core-authorizationservice-v1-metadata-accesstoken-bin"
+
+
+def test_a_call_without_a_token_is_refused(secured: Daemon, viewer: SilaClient) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        raw_furnace_call(viewer, secured, ())
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, err.value
+    # A wrong token is no better.
+    with pytest.raises(grpc.RpcError) as err:
+        raw_furnace_call(viewer, secured, access_token(viewer, "ppu_not-a-token"))
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, err.value
+    # Reading the server's features needs a token too.
+    channel = grpc.insecure_channel(f"{secured.sila_host}:{secured.sila_port}")
+    try:
+        stub = viewer.SiLAService._grpc_module.SiLAServiceStub(channel)
+        pb = viewer.SiLAService._grpc_module.SiLAService__pb2
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Get_ImplementedFeatures(pb.Get_ImplementedFeatures_Parameters(), timeout=TIMEOUT_S)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, err.value
+    finally:
+        channel.close()
+
+
+def test_a_viewer_reads_but_cannot_start_a_command(secured: Daemon, viewer: SilaClient) -> None:
+    features = viewer.SiLAService.ImplementedFeatures.get()
+    assert "ppu/devices/Furnace/v1" in features
+    assert viewer.SiLAService.GetFeatureDefinition("ppu/devices/Furnace/v1").FeatureDefinition
+    before = experiment_ids(secured, VIEWER)
+    # As AccessToken metadata…
+    with pytest.raises(grpc.RpcError) as err:
+        raw_furnace_call(viewer, secured, access_token(viewer, VIEWER))
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED, err.value
+    # …and as the bearer header, through the sila2 client.
+    with pytest.raises(Exception) as err:
+        viewer.Furnace.FurnaceProgram(Device="", Segments=[ramp(80.0, 20.0)])
+    cause = getattr(err.value, "exception", err.value)
+    assert isinstance(cause, grpc.RpcError), err.value
+    assert cause.code() == grpc.StatusCode.PERMISSION_DENIED, err.value
+    # Nothing was queued: the refusal came before the queue.
+    assert experiment_ids(secured, VIEWER) == before
+
+
+def test_a_planner_token_runs_a_command_and_is_audited(secured: Daemon, viewer: SilaClient) -> None:
+    token = access_token(viewer, PLANNER)
+    confirmation, stub, channel = raw_furnace_call(viewer, secured, token)
+    try:
+        uuid = confirmation.commandExecutionUUID.value
+        exp_id = uuid_to_ulid(uuid)
+        pb = viewer.Furnace._pb2_module.SiLAFramework__pb2
+        status = None
+        for info in stub.FurnaceProgram_Info(
+            pb.CommandExecutionUUID(value=uuid), metadata=token, timeout=TIMEOUT_S
+        ):
+            status = STATUS_FINISHED.get(info.commandStatus)
+            if status:
+                break
+        assert status == "finishedSuccessfully", status
+        result = stub.FurnaceProgram_Result(
+            pb.CommandExecutionUUID(value=uuid), metadata=token, timeout=TIMEOUT_S
+        )
+        assert result.ExperimentId.value == exp_id
+    finally:
+        channel.close()
+
+    shown = secured.ppuctl_json("show", exp_id, token=VIEWER)
+    assert shown["state"] == "EXPERIMENT_STATE_SUCCEEDED", shown
+    # The audit record of the SiLA call names the planner's principal and role.
+    event, _ = secured.watch_until(
+        lambda e: e.get("audit", {}).get("principal") == PLANNER_PRINCIPAL
+        and "FurnaceProgram" in e["audit"].get("method", ""),
+        token=VIEWER,
+    )
+    audit = event["audit"]
+    assert audit["role"] in ("planner", "ROLE_PLANNER"), audit
+    assert audit["code"] in ("OK", "Ok", "ok"), audit
+    # The viewer's refused attempt is audited too, under its own principal.
+    secured.watch_until(
+        lambda e: e.get("audit", {}).get("principal") == VIEWER_PRINCIPAL
+        and "FurnaceProgram" in e["audit"].get("method", ""),
+        token=VIEWER,
+    )
+
+
+def test_a_bearer_header_works_for_every_call(secured: Daemon) -> None:
+    planner = sila_client(secured, bearer=PLANNER)
+    try:
+        run = planner.Furnace.FurnaceProgram(Device="", Segments=[ramp(70.0, 20.0)])
+        from sila_follow import follow
+
+        infos = follow(planner, "Furnace", "FurnaceProgram", run.execution_uuid, TIMEOUT_S)
+        assert infos[-1].status == "finishedSuccessfully", infos
+        assert run.get_responses().ExperimentId == uuid_to_ulid(run.execution_uuid)
+    finally:
+        planner.close()

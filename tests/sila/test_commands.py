@@ -1,0 +1,166 @@
+"""Device commands through the generated family features: a furnace program and an isotherm
+run as observable commands, their ExecutionInfo is followed to the end, their typed responses
+(and the isotherm's intermediate responses) read; the same work is an experiment in ppu's
+queue, visible in `ppuctl list/show` and the event log. A bad value is a SiLA
+ValidationError naming the parameter."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from conftest import TIMEOUT_S, Daemon
+from sila2.client import SilaClient
+from sila2.framework import ValidationError
+from sila_follow import follow, uuid_to_ulid
+
+FURNACE = "ppu/devices/Furnace/v1"
+ANALYSER = "ppu/devices/Analyser/v1"
+
+
+def ramp(temperature_c: float, rate_c_per_min: float) -> dict[str, Any]:
+    return segment("Ramp", {"TemperatureC": temperature_c, "RateCPerMin": rate_c_per_min})
+
+
+def hold(duration_s: float) -> dict[str, Any]:
+    return segment("Hold", {"DurationS": duration_s})
+
+
+def segment(kind: str, value: dict[str, Any]) -> dict[str, Any]:
+    return SEGMENT(kind, value)
+
+
+def _segment_as_structure_of_lists(kind: str, value: dict[str, Any]) -> dict[str, Any]:
+    # A oneof becomes a Structure whose variants are Lists of at most one element: exactly one
+    # of them holds the chosen variant.
+    return {k: ([value] if k == kind else []) for k in ("Ramp", "Hold", "Step")}
+
+
+SEGMENT = _segment_as_structure_of_lists
+
+
+def experiment_ids(d: Daemon, token: str | None = None) -> list[str]:
+    return [e["id"] for e in d.ppuctl_json("list", "--all", token=token).get("experiments", [])]
+
+
+def experiment_state(d: Daemon, exp_id: str) -> dict[str, Any]:
+    return d.ppuctl_json("show", exp_id)
+
+
+def test_furnace_program_is_an_observable_command_and_an_experiment(
+    daemon: Daemon, client: SilaClient
+) -> None:
+    segments = [ramp(120.0, 20.0), hold(600.0), ramp(60.0, 20.0)]
+    run = client.Furnace.FurnaceProgram(Device="", Segments=segments)
+    infos = follow(client, "Furnace", "FurnaceProgram", run.execution_uuid, TIMEOUT_S)
+    assert infos[-1].status == "finishedSuccessfully", infos
+    progress = [i.progress for i in infos if i.progress is not None]
+    assert progress, f"no progress in {infos}"
+    assert all(0.0 <= p <= 1.0 for p in progress), progress
+    assert progress == sorted(progress), f"progress went backwards: {progress}"
+    assert progress[-1] == pytest.approx(1.0), progress
+    assert any(i.remaining_s is not None for i in infos), infos
+
+    responses = run.get_responses()
+    exp_id = responses.ExperimentId
+    # The CommandExecutionUUID is the experiment's ULID written as a UUID.
+    assert uuid_to_ulid(run.execution_uuid) == exp_id
+    # Typed responses: the family's FurnaceResult, field by field.
+    assert len(responses.Targets) == 2, responses.Targets
+    assert responses.Targets[0].TemperatureC == pytest.approx(120.0)
+    assert responses.Trace, "an empty trace"
+    assert responses.MaxOvershootC >= 0.0
+
+    # The same work in ppuctl: listed, shown as a succeeded furnace step on a furnace.
+    assert exp_id in experiment_ids(daemon)
+    shown = experiment_state(daemon, exp_id)
+    assert shown["state"] == "EXPERIMENT_STATE_SUCCEEDED", shown
+    text = daemon.ppuctl("show", exp_id)
+    assert "furnace" in text and "120" in text, text
+
+    # And in the durable event log: the experiment's succeeded transition.
+    event, seen = daemon.watch_until(
+        lambda e: e.get("experiment_id") == exp_id
+        and e.get("experiment_state_changed", {}).get("to") == "EXPERIMENT_STATE_SUCCEEDED",
+        "--experiment",
+        exp_id,
+    )
+    kinds = {k for e in seen for k in e if k.startswith("step_")}
+    assert {"step_started", "step_finished"} <= kinds, kinds
+
+
+def test_isotherm_streams_its_points_as_intermediate_responses(
+    daemon: Daemon, client: SilaClient
+) -> None:
+    pressures = [0.05, 0.1, 0.5, 1.0]
+    run = client.Analyser.Isotherm(
+        Device="analyser-1",
+        Adsorptive="CO2",
+        TemperatureC=25.0,
+        PressureBar=pressures,
+        EquilibrationIntervalS=0.0,
+        MaxEquilibrationS=0.0,
+        SampleMassG=0.1,
+    )
+    points = []
+    with run.subscribe_to_intermediate_responses() as sub:
+        infos = follow(client, "Analyser", "Isotherm", run.execution_uuid, TIMEOUT_S)
+        assert infos[-1].status == "finishedSuccessfully", infos
+        for point in sub:
+            points.append(point)
+            if len(points) == len(pressures):
+                break
+    assert len(points) == len(pressures), points
+    for p, target in zip(points, pressures):
+        assert p.PressureBar == pytest.approx(target, rel=0.2), p
+        assert p.AmountMmolPerG > 0.0, p
+
+    responses = run.get_responses()
+    assert responses.Adsorptive == "CO2"
+    assert len(responses.Points) == len(pressures)
+    assert [p.AmountMmolPerG for p in responses.Points] == pytest.approx(
+        [p.AmountMmolPerG for p in points]
+    )
+    uptake = [p.AmountMmolPerG for p in responses.Points]
+    assert uptake == sorted(uptake), f"an adsorption isotherm rises: {uptake}"
+
+    shown = experiment_state(daemon, responses.ExperimentId)
+    assert shown["state"] == "EXPERIMENT_STATE_SUCCEEDED", shown
+
+
+def test_out_of_range_parameter_is_a_validation_error_naming_it(
+    daemon: Daemon, client: SilaClient, no_client_checks: None
+) -> None:
+    before = experiment_ids(daemon)
+    # 5000 °C is above every furnace's max_temperature_c: refused before anything runs.
+    with pytest.raises(ValidationError) as err:
+        client.Furnace.FurnaceProgram(Device="", Segments=[ramp(5000.0, 20.0)])
+    assert str(err.value.parameter_fully_qualified_identifier) == (
+        f"{FURNACE}/Command/FurnaceProgram/Parameter/Segments"
+    ), err.value
+    assert "temperature_c" in err.value.message, err.value.message
+    # A static bound (rate > 0) and a check FDL cannot express (increasing pressures) are
+    # the server's too.
+    with pytest.raises(ValidationError) as err:
+        client.Analyser.Isotherm(
+            Device="",
+            Adsorptive="CO2",
+            TemperatureC=25.0,
+            PressureBar=[0.5, 0.1],
+            EquilibrationIntervalS=0.0,
+            MaxEquilibrationS=0.0,
+            SampleMassG=0.1,
+        )
+    assert str(err.value.parameter_fully_qualified_identifier) == (
+        f"{ANALYSER}/Command/Isotherm/Parameter/PressureBar"
+    ), err.value
+    assert "pressure_bar" in err.value.message, err.value.message
+    # Nothing was queued.
+    assert experiment_ids(daemon) == before
+
+
+def test_client_side_constraints_come_from_the_schema(client: SilaClient) -> None:
+    # The sila2 client checks the FDL constraints itself: a negative ramp rate breaks the
+    # schema's static bound (min 0, exclusive) before anything is sent.
+    with pytest.raises(ValidationError):
+        client.Furnace.FurnaceProgram(Device="", Segments=[ramp(100.0, -5.0)])
