@@ -28,6 +28,7 @@ families! {
     dispenser,
     balance,
     mfc,
+    sila2,
 }
 
 pub use clock::Clock;

@@ -63,7 +63,10 @@ pub struct FamilyError {
 
 impl FamilyFeature {
     /// Generates the feature of `family` from `schema`.
-    pub fn generate(schema: &ppu_schema::Schema, family: &str) -> Result<FamilyFeature, FamilyError> {
+    pub fn generate(
+        schema: &ppu_schema::Schema,
+        family: &str,
+    ) -> Result<FamilyFeature, FamilyError> {
         let _ = (schema, family);
         todo!("ppu-sila: family feature")
     }

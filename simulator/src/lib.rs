@@ -44,4 +44,5 @@ macro_rules! sim_families {
 sim_families! {
     // One line per simulated family that is a plugin.
     mfc,
+    sila2,
 }
