@@ -17,6 +17,7 @@ import queue
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -94,6 +95,9 @@ class Daemon:
         log = open(self.log_path, "a")
         env = dict(os.environ)
         env.setdefault("RUST_LOG", "info")
+        # The Python that runs these tests has `sila2`: ppud dev starts its simulated SiLA
+        # instrument (shaker-1) with it unless PPU_SILA_PYTHON names another.
+        env.setdefault("PPU_SILA_PYTHON", sys.executable)
         self.proc = subprocess.Popen(
             [
                 str(binary("PPUD_BIN", "ppud")),
