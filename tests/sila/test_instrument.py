@@ -7,7 +7,11 @@ refused at submission, naming it."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from conftest import TIMEOUT_S, Daemon, binary, wait_until
@@ -86,3 +90,92 @@ def test_a_parameter_the_fdl_forbids_is_refused_naming_it(lab: Daemon) -> None:
     done = submit(lab, "sila-shake-too-fast", [shake(5000.0, 60.0)])
     assert done.returncode != 0, done.stdout
     assert "Speed" in done.stderr, done.stderr
+
+
+def shaker_pid(d: Daemon) -> int:
+    """The pid of the shaker process `ppud dev` started (a child of ppud)."""
+    assert d.proc is not None
+    children: list[int] = []
+    for task in Path(f"/proc/{d.proc.pid}/task").iterdir():
+        children += [int(p) for p in (task / "children").read_text().split()]
+    for pid in children:
+        try:
+            if b"shaker.py" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return pid
+        except OSError:
+            continue
+    raise AssertionError(f"no shaker.py among ppud's children {children}")
+
+
+@pytest.fixture
+def own_lab(tmp_path: Path) -> Iterator[Daemon]:
+    d = Daemon(tmp_path, ("--on-restart", "interrupt"))
+    d.start()
+    yield d
+    d.stop()
+
+
+def connected(d: Daemon) -> None:
+    def check() -> bool:
+        devices = d.ppuctl_json("devices")
+        devices = devices.get("devices", []) if isinstance(devices, dict) else devices
+        return any(
+            x.get("id") == SHAKER and x.get("connection") == "CONNECTION_STATE_CONNECTED"
+            for x in devices
+        )
+
+    wait_until(f"{SHAKER} to connect", check)
+
+
+def test_an_instrument_outage_raises_an_alarm(own_lab: Daemon) -> None:
+    connected(own_lab)
+    done = submit(own_lab, "sila-shake-outage", [shake(700.0, 86400.0)])
+    assert done.returncode == 0, done.stderr
+    exp_id = json.loads(done.stdout)["batch"]["experiment_ids"][0]
+    own_lab.watch_until(
+        lambda e: e.get("device_id") == SHAKER and "step_progress" in e, "--experiment", exp_id
+    )
+    # The instrument dies mid-command: the link is lost while it runs a step.
+    os.kill(shaker_pid(own_lab), signal.SIGKILL)
+    alarm, _ = own_lab.watch_until(
+        lambda e: e.get("device_id") == SHAKER and "alarm" in e and not e["alarm"].get("cleared")
+    )
+    assert alarm["alarm"]["code"] == "link_lost", alarm
+    assert SHAKER in own_lab.ppuctl("alarms")
+    # It does not come back: the step fails once the outage outlasts the driver's grace.
+    ended, _ = own_lab.watch_until(
+        lambda e: e.get("experiment_state_changed", {}).get("to")
+        in ("EXPERIMENT_STATE_FAILED", "EXPERIMENT_STATE_SUCCEEDED"),
+        "--experiment",
+        exp_id,
+    )
+    assert ended["experiment_state_changed"]["to"] == "EXPERIMENT_STATE_FAILED", ended
+
+
+def test_kill_9_of_ppud_mid_command_is_recovered_by_policy(own_lab: Daemon) -> None:
+    connected(own_lab)
+    # A day of shaking: about 43 s real at the tests' time scale, still running at the kill.
+    done = submit(own_lab, "sila-shake-crash", [shake(800.0, 86400.0)])
+    assert done.returncode == 0, done.stderr
+    exp_id = json.loads(done.stdout)["batch"]["experiment_ids"][0]
+    own_lab.watch_until(
+        lambda e: e.get("device_id") == SHAKER and "step_progress" in e, "--experiment", exp_id
+    )
+    own_lab.restart(signal.SIGKILL)
+    # Policy `interrupt`: the step is not run again (a SiLA command is not rerunnable), the
+    # experiment is INTERRUPTED and the instrument driven to its safe state.
+    event, _ = own_lab.watch_until(
+        lambda e: e.get("experiment_state_changed", {}).get("to") == "EXPERIMENT_STATE_INTERRUPTED",
+        "--experiment",
+        exp_id,
+    )
+    shown = own_lab.ppuctl_json("show", exp_id)
+    assert shown["state"] == "EXPERIMENT_STATE_INTERRUPTED", shown
+    connected(own_lab)
+
+    def safe() -> bool:
+        devices = own_lab.ppuctl_json("devices")
+        devices = devices.get("devices", []) if isinstance(devices, dict) else devices
+        return any(x.get("id") == SHAKER and not x.get("unsafe") for x in devices)
+
+    wait_until(f"{SHAKER} to be safe after recovery", safe)
