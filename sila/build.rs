@@ -21,5 +21,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .file_descriptor_set_path(out.join("sila_framework.bin"))
         .compile_protos(&[format!("proto/{FRAMEWORK}")], &["proto".to_owned()])?;
     println!("cargo:rerun-if-changed=proto/{FRAMEWORK}");
+    // A made-up family for the family tests (descriptor set only; no Rust is generated for use).
+    let test_out = out.join("test");
+    std::fs::create_dir_all(&test_out)?;
+    tonic_prost_build::configure()
+        .build_client(false)
+        .build_server(false)
+        .out_dir(&test_out)
+        .file_descriptor_set_path(out.join("probe_test.bin"))
+        .compile_protos(&["tests/data/probe.proto"], &["../proto", "tests/data"])?;
+    println!("cargo:rerun-if-changed=tests/data/probe.proto");
     Ok(())
 }

@@ -4,7 +4,8 @@
 //!
 //! Listening follows [`Security`]: gRPC on TCP (TLS, optionally mutual, when configured;
 //! plain text only on loopback unless explicitly allowed), optionally a Unix socket for local
-//! tools, optionally a Prometheus endpoint. The listening rules are checked before the store is
+//! tools, optionally a Prometheus endpoint, optionally the SiLA 2 endpoint (`crate::sila`, its
+//! own listener under the same rules and TLS). The listening rules are checked before the store is
 //! opened, so a refused configuration changes nothing.
 
 use std::net::SocketAddr;
@@ -65,6 +66,8 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("SiLA 2 endpoint: {0}")]
+    Sila(String),
 }
 
 /// How to run the daemon.
@@ -86,6 +89,7 @@ pub struct Daemon {
     server_task: JoinHandle<Result<(), tonic::transport::Error>>,
     local_task: Option<(PathBuf, JoinHandle<Result<(), tonic::transport::Error>>)>,
     metrics_addr: Option<SocketAddr>,
+    sila: Option<crate::sila::Serving>,
 }
 
 impl Daemon {
@@ -104,6 +108,11 @@ impl Daemon {
         opts.security
             .check_listen(opts.listen)
             .map_err(StartError::Refused)?;
+        if let Some(sila) = &opts.security.sila {
+            opts.security
+                .check_listen(sila.listen)
+                .map_err(|why| StartError::Refused(format!("[sila] listen: {why}")))?;
+        }
         if matches!(opts.security.auth.mode, Mode::Open) {
             warn!(
                 "AUTHENTICATION IS OFF: every caller is an admin. Fine for `ppud dev` on \
@@ -171,7 +180,13 @@ impl Daemon {
             server_task: serving.server_task,
             local_task: serving.local_task,
             metrics_addr: serving.metrics_addr,
+            sila: serving.sila,
         })
+    }
+
+    /// Where SiLA 2 is served, when configured (useful with port 0).
+    pub fn sila_addr(&self) -> Option<SocketAddr> {
+        self.sila.as_ref().map(|s| s.addr)
     }
 
     /// Where Prometheus metrics are served, when configured.
@@ -204,6 +219,14 @@ impl Daemon {
             Ok(Err(e)) => error!(error = %e, "gRPC server error"),
             Err(e) => error!(error = %e, "gRPC server task failed"),
         }
+        if let Some(sila) = self.sila {
+            drop(sila.mdns);
+            match sila.task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => error!(error = %e, "SiLA server error"),
+                Err(e) => error!(error = %e, "SiLA server task failed"),
+            }
+        }
         if let Some((path, task)) = self.local_task {
             match task.await {
                 Ok(Ok(())) => {}
@@ -235,6 +258,7 @@ struct Serving {
     server_task: JoinHandle<Result<(), tonic::transport::Error>>,
     local_task: Option<(PathBuf, JoinHandle<Result<(), tonic::transport::Error>>)>,
     metrics_addr: Option<SocketAddr>,
+    sila: Option<crate::sila::Serving>,
 }
 
 /// Binds and serves gRPC on TCP (and the local socket, and metrics, when configured) until
@@ -255,6 +279,17 @@ async fn serve(
         addr: opts.listen,
         source,
     })?;
+    let sila_listener = match &opts.security.sila {
+        Some(s) => Some(
+            TcpListener::bind(s.listen)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: s.listen,
+                    source,
+                })?,
+        ),
+        None => None,
+    };
     let metrics_addr = match opts.security.metrics_listen {
         Some(addr) => {
             let endpoint = crate::metrics::MetricsEndpoint::bind(addr)
@@ -289,9 +324,28 @@ async fn serve(
     // Both routers are built before either serves, so a bad certificate fails the start
     // with nothing listening.
     let secure = tls.is_some();
+    let sila_tls = tls.clone();
     let router = server::router(api.clone(), auth.clone(), tls)
         .await
         .map_err(|e| StartError::Tls(e.to_string()))?;
+    let sila = match (sila_listener, &opts.security.sila) {
+        (Some(listener), Some(settings)) => Some(
+            crate::sila::serve(
+                listener,
+                crate::sila::Setup {
+                    settings: settings.clone(),
+                    scheduler: scheduler.clone(),
+                    stop: stop.clone(),
+                    auth: auth.clone(),
+                    tls: sila_tls,
+                    limits: opts.security.limits.clone(),
+                },
+            )
+            .await
+            .map_err(StartError::Sila)?,
+        ),
+        _ => None,
+    };
     let local_task = match local {
         Some((path, listener)) => {
             let router = server::router(api.clone(), auth.clone(), None)
@@ -330,6 +384,7 @@ async fn serve(
         server_task,
         local_task,
         metrics_addr,
+        sila,
     })
 }
 

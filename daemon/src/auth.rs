@@ -94,6 +94,8 @@ pub enum Access {
     Cancel,
     /// Runs the lab: queue control, maintenance, alarms, transfers.
     Operate,
+    /// Changes the daemon's own identity (SiLA's SetServerName): admin only.
+    Administer,
     /// Not in the table: admin only (and then usually UNIMPLEMENTED).
     Unlisted,
 }
@@ -107,10 +109,78 @@ impl Access {
 
 /// Which part of the API a method belongs to, for the health/reflection switches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Surface {
+pub enum Surface {
     Api,
     Health,
     Reflection,
+}
+
+/// Where an audit record of a mutating call is filed besides the log: the experiment or the
+/// batch its target names, so a filtered event stream shows who acted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuditTarget {
+    Experiment,
+    Batch,
+    Neither,
+}
+
+/// The methods one gRPC surface serves: what kind of call each is, and where a caller's token
+/// travels besides `authorization: Bearer`. ppu.v1 (with health and reflection) is
+/// [`V1Methods`]; the SiLA 2 endpoint has its own table, built from the features it serves.
+/// The layer, the principal resolution and the audit trail are the same for both.
+pub trait MethodTable: Send + Sync + 'static {
+    /// The kind of call `path` (`/package.Service/Method`) is; [`Access::Unlisted`] if unknown.
+    fn access(&self, path: &str) -> Access;
+    /// Which part of the API `path` belongs to (health and reflection may be left open).
+    fn surface(&self, path: &str) -> Surface {
+        let _ = path;
+        Surface::Api
+    }
+    /// Where the audit record of a mutating call of `path` is filed.
+    fn audit_target(&self, path: &str) -> AuditTarget {
+        let _ = path;
+        AuditTarget::Neither
+    }
+    /// Request headers other than `authorization` that carry a credential (SiLA's AccessToken
+    /// metadata): the layer removes them before the handler runs, like `authorization`.
+    fn credential_headers(&self) -> &[&'static str] {
+        &[]
+    }
+    /// The caller's token from those headers: `Ok(None)` when there is none, `Err(())` when
+    /// one is there but malformed. Asked only when there is no `authorization` header.
+    #[allow(clippy::result_unit_err)]
+    fn token(&self, headers: &http::HeaderMap) -> Result<Option<String>, ()> {
+        let _ = headers;
+        Ok(None)
+    }
+}
+
+/// The ppu.v1 API with grpc.health.v1 and server reflection: [`access_of`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct V1Methods;
+
+impl MethodTable for V1Methods {
+    fn access(&self, path: &str) -> Access {
+        access_of(path)
+    }
+
+    fn surface(&self, path: &str) -> Surface {
+        surface_of(path)
+    }
+
+    fn audit_target(&self, method: &str) -> AuditTarget {
+        if method.ends_with("/SubmitBatch") {
+            AuditTarget::Batch
+        } else if method.starts_with("/ppu.v1.ExperimentService/")
+            || method.ends_with("/MoveExperiment")
+            || method.ends_with("/HoldExperiment")
+            || method.ends_with("/ReleaseExperiment")
+        {
+            AuditTarget::Experiment
+        } else {
+            AuditTarget::Neither
+        }
+    }
 }
 
 /// The method table. Every RPC of ppu.v1, health and reflection is named here; anything else
@@ -489,9 +559,23 @@ fn bearer(req: &http::Request<Body>) -> Result<Option<&str>, Refusal> {
     Ok(Some(token))
 }
 
+/// The caller's token: `authorization: Bearer`, else what the surface's table finds in its own
+/// credential headers.
+fn token_of(req: &http::Request<Body>, table: &dyn MethodTable) -> Result<Option<String>, Refusal> {
+    match bearer(req)? {
+        Some(t) => Ok(Some(t.to_owned())),
+        None => table.token(req.headers()).map_err(|()| Refusal::Malformed),
+    }
+}
+
 impl Authenticator {
-    /// Identifies the caller of `req`, or says why not. Never looks at the method.
-    fn identify(&self, req: &http::Request<Body>, peer: &Peer) -> Result<Identity, Refusal> {
+    /// Identifies the caller presenting `token` (see [`token_of`]) over `peer`, or says why
+    /// not. Never looks at the method.
+    fn identify(
+        &self,
+        token: Result<Option<String>, Refusal>,
+        peer: &Peer,
+    ) -> Result<Identity, Refusal> {
         if let Mode::Open = self.mode {
             return Ok(Identity {
                 principal: "anonymous".into(),
@@ -501,8 +585,8 @@ impl Authenticator {
         let Mode::Tokens(tokens) = &self.mode else {
             return Err(Refusal::Unknown);
         };
-        match bearer(req)? {
-            Some(token) => tokens.lookup(token).cloned().ok_or(Refusal::Unknown),
+        match token? {
+            Some(token) => tokens.lookup(&token).cloned().ok_or(Refusal::Unknown),
             None => match (&self.local, peer.transport, peer.uid) {
                 (Some(local), Transport::Unix, Some(uid)) => {
                     let role = if uid == 0 || uid == local.own_uid {
@@ -543,11 +627,28 @@ pub const REQUEST_ID: &str = "x-request-id";
 pub struct AuthLayer {
     auth: Arc<Authenticator>,
     store: Arc<Store>,
+    table: Arc<dyn MethodTable>,
 }
 
 impl AuthLayer {
+    /// The layer of the ppu.v1 router ([`V1Methods`]).
     pub fn new(auth: Arc<Authenticator>, store: Arc<Store>) -> Self {
-        AuthLayer { auth, store }
+        Self::with_table(auth, store, Arc::new(V1Methods))
+    }
+
+    /// The same layer for another surface (the SiLA 2 endpoint): same tokens, roles and
+    /// audit trail, that surface's method table.
+    pub fn with_table(
+        auth: Arc<Authenticator>,
+        store: Arc<Store>,
+        table: Arc<dyn MethodTable>,
+    ) -> Self {
+        AuthLayer { auth, store, table }
+    }
+
+    /// The same authenticator and store with another method table.
+    pub fn for_table(&self, table: Arc<dyn MethodTable>) -> Self {
+        Self::with_table(self.auth.clone(), self.store.clone(), table)
     }
 }
 
@@ -599,11 +700,13 @@ where
             .filter(|v| valid_request_id(v))
             .map(str::to_owned)
             .unwrap_or_else(|| ulid::Ulid::new().to_string());
-        let access = access_of(&path);
-        let surface = surface_of(&path);
+        let access = layer.table.access(&path);
+        let surface = layer.table.surface(&path);
         let peer = peer_of(&req);
         let identity = if layer.auth.needs_auth(surface) {
-            layer.auth.identify(&req, &peer)
+            layer
+                .auth
+                .identify(token_of(&req, layer.table.as_ref()), &peer)
         } else {
             Ok(Identity {
                 principal: "anonymous".into(),
@@ -612,6 +715,9 @@ where
         };
         // Nothing downstream needs the credential; drop it so no later layer can log it.
         req.headers_mut().remove(http::header::AUTHORIZATION);
+        for h in layer.table.credential_headers() {
+            req.headers_mut().remove(*h);
+        }
         let span = tracing::info_span!(
             "rpc",
             request_id = %request_id,
@@ -652,6 +758,7 @@ where
                         &layer.store,
                         &caller,
                         &path,
+                        layer.table.audit_target(&path),
                         Code::PermissionDenied,
                         status.message(),
                     )
@@ -671,7 +778,15 @@ where
                     Some(s) => (s.code(), s.message().to_owned()),
                     None => (Code::Ok, String::new()),
                 };
-                audit(&layer.store, &caller, &path, code, &message).await;
+                audit(
+                    &layer.store,
+                    &caller,
+                    &path,
+                    layer.table.audit_target(&path),
+                    code,
+                    &message,
+                )
+                .await;
                 info!(code = code_label(code), role = %identity.role, "mutating call");
             }
             Ok(finish(resp, &path, &request_id))
@@ -745,7 +860,14 @@ fn finish(mut resp: http::Response<Body>, path: &str, request_id: &str) -> http:
 
 /// Writes the audit record. A store failure is logged, not turned into the call's outcome:
 /// the call's own effects are already committed.
-async fn audit(store: &Arc<Store>, caller: &Caller, method: &str, code: Code, message: &str) {
+async fn audit(
+    store: &Arc<Store>,
+    caller: &Caller,
+    method: &str,
+    filed: AuditTarget,
+    code: Code,
+    message: &str,
+) {
     let target = caller.target();
     let record = pb::AuditRecord {
         principal: caller.principal.clone(),
@@ -758,16 +880,10 @@ async fn audit(store: &Arc<Store>, caller: &Caller, method: &str, code: Code, me
         transport: caller.transport.as_str().to_owned(),
     };
     // Put the experiment/batch id on the envelope too, so a filtered stream shows who acted.
-    let (experiment_id, batch_id) = if method.ends_with("/SubmitBatch") {
-        (String::new(), target)
-    } else if method.starts_with("/ppu.v1.ExperimentService/")
-        || method.ends_with("/MoveExperiment")
-        || method.ends_with("/HoldExperiment")
-        || method.ends_with("/ReleaseExperiment")
-    {
-        (target, String::new())
-    } else {
-        (String::new(), String::new())
+    let (experiment_id, batch_id) = match filed {
+        AuditTarget::Batch => (String::new(), target),
+        AuditTarget::Experiment => (target, String::new()),
+        AuditTarget::Neither => (String::new(), String::new()),
     };
     let result = store
         .write_async(move |w| {
@@ -818,13 +934,13 @@ mod tests {
     fn role_table() {
         use Access::*;
         let expect = [
-            (Role::Viewer, [true, false, false, false, false]),
-            (Role::Planner, [true, true, true, false, false]),
-            (Role::Technician, [true, false, true, true, false]),
-            (Role::Admin, [true, true, true, true, true]),
+            (Role::Viewer, [true, false, false, false, false, false]),
+            (Role::Planner, [true, true, true, false, false, false]),
+            (Role::Technician, [true, false, true, true, false, false]),
+            (Role::Admin, [true, true, true, true, true, true]),
         ];
         for (role, row) in expect {
-            for (access, allowed) in [Read, Submit, Cancel, Operate, Unlisted]
+            for (access, allowed) in [Read, Submit, Cancel, Operate, Administer, Unlisted]
                 .into_iter()
                 .zip(row)
             {

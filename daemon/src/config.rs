@@ -16,7 +16,8 @@ use serde::Deserialize;
 mod security;
 
 pub use security::{
-    AuthConfig, LocalConfig, LogConfig, LogFormat, MetricsConfig, SecurityConfig, TlsConfig,
+    AuthConfig, LocalConfig, LogConfig, LogFormat, MetricsConfig, SecurityConfig, SilaConfig,
+    TlsConfig,
 };
 
 use crate::devices::{PollSettings, RetryPolicy};
@@ -242,7 +243,7 @@ impl PollConfig {
 }
 
 /// Every top-level key of the config file: [`Config`]'s and [`Policies`]'.
-const TOP_LEVEL_KEYS: [&str; 15] = [
+const TOP_LEVEL_KEYS: [&str; 16] = [
     "listen",
     "data_dir",
     "time_scale",
@@ -258,6 +259,7 @@ const TOP_LEVEL_KEYS: [&str; 15] = [
     "metrics",
     "log",
     "limits",
+    "sila",
 ];
 
 /// Daemon-wide policies: the `[recovery]` and `[retry]` tables. Parsed from the same file as

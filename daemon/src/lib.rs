@@ -25,5 +25,6 @@ pub mod scheduler;
 pub mod schema;
 pub mod security;
 pub mod server;
+pub mod sila;
 pub mod state;
 pub mod store;

@@ -67,6 +67,37 @@ pub struct Security {
     pub limits: Limits,
     /// Where to serve Prometheus metrics, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// The SiLA 2 endpoint (`[sila]`), if served.
+    pub sila: Option<SilaSettings>,
+}
+
+/// Default address of the SiLA 2 endpoint: loopback only.
+pub const DEFAULT_SILA_LISTEN: &str = "127.0.0.1:50052";
+
+/// Default SiLAService.ServerName until a client sets one (SetServerName, persisted).
+pub const DEFAULT_SILA_SERVER_NAME: &str = "ppud";
+
+/// The SiLA 2 endpoint: its own listener, under the same listening rules, tokens, roles and
+/// TLS as ppu.v1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SilaSettings {
+    pub listen: SocketAddr,
+    /// SiLAService.ServerName until a client sets another with SetServerName (persisted in
+    /// the store, which then wins).
+    pub server_name: String,
+    /// Advertise the server as `_sila._tcp.local.` over mDNS (SiLA 2 discovery).
+    pub mdns: bool,
+}
+
+impl SilaSettings {
+    /// The endpoint at `listen` with the default server name.
+    pub fn at(listen: SocketAddr) -> SilaSettings {
+        SilaSettings {
+            listen,
+            server_name: DEFAULT_SILA_SERVER_NAME.to_owned(),
+            mdns: false,
+        }
+    }
 }
 
 impl Security {

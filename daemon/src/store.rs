@@ -62,6 +62,8 @@ const CANCEL_AFTER: TableDefinition<&str, &str> = TableDefinition::new("cancel_a
 const ALARMS: TableDefinition<&str, &[u8]> = TableDefinition::new("alarms");
 
 const META_QUEUE_PAUSED: &str = "queue_paused";
+/// Prefix of the keys of [`WriteTx::put_setting`] in the meta table.
+const SETTING_PREFIX: &str = "setting.";
 /// Bytes of the event log's keys and values (u64, little-endian), updated with every commit
 /// that appends events, so opening a long log need not measure it. Events are never removed;
 /// anything that ever removes some must lower this in the same transaction.
@@ -314,6 +316,14 @@ impl WriteTx<'_> {
             }
         }
         Ok(out)
+    }
+
+    /// Sets a daemon-wide value by key (e.g. the SiLA server's UUID and name); the keys are the
+    /// callers' own and never collide with the store's.
+    pub fn put_setting(&mut self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        let mut t = self.tx.open_table(META)?;
+        t.insert(format!("{SETTING_PREFIX}{key}").as_str(), value)?;
+        Ok(())
     }
 
     pub fn set_queue_paused(&mut self, paused: bool) -> Result<(), StoreError> {
@@ -1029,6 +1039,16 @@ impl Store {
                 out.push(decode("transfers", v.value())?);
             }
             Ok(out)
+        })
+    }
+
+    /// A value set with [`WriteTx::put_setting`].
+    pub fn setting(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.read(|db| {
+            let r = db.begin_read()?;
+            let t = r.open_table(META)?;
+            let key = format!("{SETTING_PREFIX}{key}");
+            Ok(t.get(key.as_str())?.map(|v| v.value().to_vec()))
         })
     }
 

@@ -108,3 +108,24 @@ fn the_comparison_can_fail() {
     ours.message_type[0].field[0].number = Some(7);
     assert!(support::compare_with_xslt(&python, EVERYTHING, &ours).is_err());
 }
+
+#[test]
+fn the_access_token_header_is_the_standard_one() {
+    let Some(python) = support::python() else {
+        return;
+    };
+    let (_, xml) = support::package_features(&python)
+        .into_iter()
+        .find(|(n, _)| n == "AuthorizationService.sila.xml")
+        .unwrap();
+    let f = Feature::from_xml(&xml).unwrap();
+    assert_eq!(
+        descriptor::metadata_header(&f, "AccessToken"),
+        "sila-org.silastandard-core-authorizationservice-v1-metadata-accesstoken-bin"
+    );
+    let pool = descriptor::pool(std::slice::from_ref(&f)).unwrap();
+    let m = pool
+        .get_message_by_name(&descriptor::message_name(&f, "Metadata_AccessToken"))
+        .unwrap();
+    assert_eq!(m.get_field_by_name("AccessToken").unwrap().number(), 1);
+}

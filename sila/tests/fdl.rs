@@ -159,3 +159,19 @@ fn reads_and_rewrites_the_sila2_package_features() {
         Some("FeatureIdentifier")
     );
 }
+
+#[test]
+fn an_any_type_validates_against_the_official_schema() {
+    let Some(python) = support::python() else {
+        return;
+    };
+    let f = Feature::from_xml(EVERYTHING).unwrap();
+    for t in [
+        DataType::Basic(Basic::Real),
+        f.properties[0].data_type.clone(),
+        f.commands[0].parameters[1].data_type.clone(),
+    ] {
+        support::validate_any_type(&python, &t.to_xml())
+            .unwrap_or_else(|e| panic!("{e}\n{}", t.to_xml()));
+    }
+}

@@ -18,6 +18,7 @@ use {
     ppu_daemon::config::DEFAULT_LISTEN,
     ppu_daemon::dev::{DevLab, TransferRobot},
     ppu_daemon::recovery::{AdoptPolicy, OnRestart, RecoveryPolicy},
+    ppu_daemon::security::{DEFAULT_SILA_LISTEN, SilaSettings},
     std::net::SocketAddr,
     std::sync::Arc,
     std::time::Duration,
@@ -44,6 +45,8 @@ struct Cli {
     log_format: Option<LogFormat>,
 }
 
+// Parsed once per run: the size of the `dev` variant's options costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run the daemon together with a simulated lab in one process: simulated Eurotherm furnaces
@@ -99,6 +102,13 @@ enum Command {
         /// Serve Prometheus metrics at http://ADDR/metrics.
         #[arg(long)]
         metrics_listen: Option<SocketAddr>,
+        /// Serve SiLA 2 here (every device family a feature, plus ExperimentQueue), advertised
+        /// over mDNS as `_sila._tcp` (config: [sila]).
+        #[arg(long, default_value = DEFAULT_SILA_LISTEN)]
+        sila_listen: SocketAddr,
+        /// Do not serve SiLA 2.
+        #[arg(long)]
+        no_sila: bool,
     },
     /// A build without the `dev-lab` feature (the deployed ppud) has no simulated lab; `ppud
     /// dev` then says how to get one instead of "unrecognized subcommand".
@@ -174,6 +184,8 @@ async fn main() -> Result<()> {
             tokens_file,
             socket,
             metrics_listen,
+            sila_listen,
+            no_sila,
         } => {
             anyhow::ensure!(
                 time_scale.is_finite() && time_scale > 0.0,
@@ -284,6 +296,10 @@ async fn main() -> Result<()> {
                     allowed_uids: Vec::new(),
                 }),
                 metrics_listen,
+                sila: (!no_sila).then(|| SilaSettings {
+                    mdns: true,
+                    ..SilaSettings::at(sila_listen)
+                }),
                 ..Security::default()
             };
             let lab = Arc::new(lab);
@@ -391,6 +407,9 @@ async fn run(
     }
     if let Some(addr) = daemon.metrics_addr() {
         println!("  metrics: http://{addr}/metrics");
+    }
+    if let Some(addr) = daemon.sila_addr() {
+        println!("  sila: {scheme}://{addr}");
     }
     if open {
         println!(

@@ -1,5 +1,6 @@
 //! The security tables of the config file: `[auth]`, `[tls]`, `[local]`, `[metrics]`, `[log]`,
-//! `[limits]` and the top-level `insecure_plaintext`. [`SecurityConfig::resolve`] reads the
+//! `[limits]`, `[sila]` (the SiLA 2 endpoint: a listener under the same rules) and the
+//! top-level `insecure_plaintext`. [`SecurityConfig::resolve`] reads the
 //! files they name (token file, certificates) and returns the daemon's [`Security`], or every
 //! problem found, so `ppud check-config` can report them all at once.
 
@@ -10,7 +11,10 @@ use serde::Deserialize;
 
 use crate::auth::{Authenticator, Mode, Role, Tokens};
 use crate::limits::Limits;
-use crate::security::{LocalSocket, Security, TlsPem, check_listen};
+use crate::security::{
+    DEFAULT_SILA_LISTEN, DEFAULT_SILA_SERVER_NAME, LocalSocket, Security, SilaSettings, TlsPem,
+    check_listen,
+};
 
 /// The security tables. Relative file paths resolve against the config file's directory.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -26,6 +30,7 @@ pub struct SecurityConfig {
     pub log: LogConfig,
     #[serde(default)]
     pub limits: Limits,
+    pub sila: Option<SilaConfig>,
     /// Directory of the config file, for relative paths.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -87,6 +92,33 @@ fn technician() -> Role {
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
     pub listen: SocketAddr,
+}
+
+/// `[sila]`: ppud as a SiLA 2 server, on its own listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SilaConfig {
+    /// Serve it; a present table is on unless it says `enabled = false`.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    #[serde(default = "default_sila_listen")]
+    pub listen: SocketAddr,
+    /// SiLAService.ServerName until a client sets another (SetServerName, persisted).
+    #[serde(default = "default_sila_server_name")]
+    pub server_name: String,
+    /// Advertise `_sila._tcp.local.` over mDNS.
+    #[serde(default)]
+    pub mdns: bool,
+}
+
+fn default_sila_listen() -> SocketAddr {
+    DEFAULT_SILA_LISTEN
+        .parse()
+        .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 50052)))
+}
+
+fn default_sila_server_name() -> String {
+    DEFAULT_SILA_SERVER_NAME.to_owned()
 }
 
 /// `[log]`.
@@ -213,6 +245,24 @@ impl SecurityConfig {
             );
         }
         problems.extend(self.limits.problems());
+        let sila = self
+            .sila
+            .as_ref()
+            .filter(|s| s.enabled)
+            .map(|s| SilaSettings {
+                listen: s.listen,
+                server_name: s.server_name.clone(),
+                mdns: s.mdns,
+            });
+        if let Some(s) = &sila {
+            // SiLAService.ServerName is at most 255 characters (the standard's constraint).
+            if s.server_name.trim().is_empty() || s.server_name.chars().count() > 255 {
+                problems.push(
+                    "sila.server_name: must be 1 to 255 characters (SiLAService.ServerName)"
+                        .to_owned(),
+                );
+            }
+        }
         let security = Security {
             auth,
             tls,
@@ -220,10 +270,17 @@ impl SecurityConfig {
             local,
             limits: self.limits.clone(),
             metrics_listen: self.metrics.as_ref().map(|m| m.listen),
+            sila,
         };
         let open = self.auth.as_ref().is_some_and(|a| a.open);
         if let Err(why) = check_listen(listen, open, self.tls.is_some(), self.insecure_plaintext) {
             problems.push(format!("listen: {why}"));
+        }
+        if let Some(s) = &security.sila
+            && let Err(why) =
+                check_listen(s.listen, open, self.tls.is_some(), self.insecure_plaintext)
+        {
+            problems.push(format!("sila.listen: {why}"));
         }
         if problems.is_empty() {
             Ok(security)

@@ -360,6 +360,11 @@ impl Scheduler {
         &self.inner.devices
     }
 
+    /// The physical-time clock steps run on (its scale turns physical seconds into real ones).
+    pub fn clock(&self) -> Clock {
+        self.inner.clock
+    }
+
     pub fn policy(&self) -> RecoveryPolicy {
         self.inner.policy.clone()
     }

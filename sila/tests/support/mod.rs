@@ -232,3 +232,18 @@ fn diff(kind: &str, theirs: &[String], ours: &[String], out: &mut Vec<String>) {
         }
     }
 }
+
+/// Validates a stand-alone `<DataType>` (an `Any`'s type) against `AnyTypeDataType.xsd`.
+pub fn validate_any_type(python: &PathBuf, xml: &str) -> Result<(), String> {
+    let script = r#"
+import os, sys, sila2
+from lxml import etree
+xsd = os.path.join(os.path.dirname(sila2.__file__), "resources", "xsd", "AnyTypeDataType.xsd")
+schema = etree.XMLSchema(etree.parse(xsd))
+doc = etree.fromstring(sys.stdin.buffer.read())
+if not schema.validate(doc):
+    print("\n".join(str(e) for e in schema.error_log), file=sys.stderr)
+    sys.exit(1)
+"#;
+    run(python, script, xml).map(|_| ())
+}
