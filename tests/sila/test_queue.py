@@ -10,12 +10,13 @@ import pytest
 from conftest import TIMEOUT_S, Daemon, wait_until
 from sila2.client import SilaClient
 from sila_follow import follow
+from test_commands import parameter_of
 
 QUEUE = "ExperimentQueue"
 
 
 def experiment(name: str, segments: list[dict]) -> str:
-    """A ppu.v1.Experiment in protobuf JSON (the Experiment parameter)."""
+    """A ppu.v1.ExperimentSpec in protobuf JSON (the Experiment parameter)."""
     return json.dumps(
         {
             "name": name,
@@ -39,7 +40,7 @@ def test_submit_get_follow(daemon: Daemon, client: SilaClient) -> None:
         )
     ).ExperimentId
     got = state(client, exp_id)
-    assert got.StepCount == 2, got
+    assert got.StepCount == 1, got  # one furnace step of two segments
     follow_run = q.FollowExperiment(ExperimentId=exp_id)
     infos = follow(client, QUEUE, "FollowExperiment", follow_run.execution_uuid, TIMEOUT_S)
     assert infos[-1].status == "finishedSuccessfully", infos
@@ -50,17 +51,18 @@ def test_submit_get_follow(daemon: Daemon, client: SilaClient) -> None:
     # The same experiment in ppuctl, with its labels.
     shown = daemon.ppuctl_json("show", exp_id)
     assert shown["state"] == "EXPERIMENT_STATE_SUCCEEDED", shown
-    assert shown.get("labels", {}).get("via") == "sila", shown
+    assert shown["spec"]["labels"] == {"via": "sila"}, shown
+    assert shown["spec"]["sample_id"] == "S-sila-queue-ok", shown
     assert isinstance(q.QueueLength.get(), int)
 
 
 def test_cancel_ends_the_follow(daemon: Daemon, client: SilaClient) -> None:
     q = client.ExperimentQueue
-    # A day-long hold: it is still running when it is cancelled.
+    # A 40-hour hold (max_hold_s is 48 h): still running when it is cancelled.
     exp_id = q.SubmitExperiment(
         Experiment=experiment(
             "sila-queue-cancel",
-            [{"step": {"temperatureC": 60.0}}, {"hold": {"durationS": 86400.0 * 300}}],
+            [{"step": {"temperatureC": 60.0}}, {"hold": {"durationS": 144000.0}}],
         )
     ).ExperimentId
     follow_run = q.FollowExperiment(ExperimentId=exp_id)
@@ -93,7 +95,7 @@ def test_a_bad_experiment_is_a_validation_error(client: SilaClient) -> None:
         client.ExperimentQueue.SubmitExperiment(
             Experiment=experiment("sila-queue-bad", [{"ramp": {"temperatureC": 5000.0, "rateCPerMin": 20.0}}])
         )
-    assert str(err.value.parameter_fully_qualified_identifier).endswith(
-        "ExperimentQueue/v1/Command/SubmitExperiment/Parameter/Experiment"
+    assert parameter_of(err.value) == (
+        "ppu/queue/ExperimentQueue/v1/Command/SubmitExperiment/Parameter/Experiment"
     ), err.value
     assert "temperature_c" in err.value.message, err.value.message

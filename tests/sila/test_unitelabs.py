@@ -8,7 +8,6 @@ import asyncio
 
 from conftest import TIMEOUT_S, Daemon
 from sila.client import Client, ClientConfig
-from test_commands import ramp
 
 
 def test_unitelabs_client_runs_commands(daemon: Daemon) -> None:
@@ -27,8 +26,16 @@ def test_unitelabs_client_runs_commands(daemon: Daemon) -> None:
             loaded = {str(f.fully_qualified_identifier) for f in client.features.values()}
             assert {"ppu/devices/Furnace/v1", "ppu/queue/ExperimentQueue/v1"} <= loaded, loaded
 
+            # ppud's AuthorizationService says its AccessToken affects every command, and this
+            # library insists on it (open ppud: any token is an admin).
+            auth = client.feature("AuthorizationService")
+            token = await auth.AccessToken.from_native(client, "ppu_open")
             furnace = client.feature("Furnace", originator="ppu")
-            execution = await furnace.FurnaceProgram(Device="furnace-2", Segments=[ramp(75.0, 20.0)])
+            execution = await furnace.FurnaceProgram(
+                Device="furnace-2",
+                Segments=[segment("Ramp", {"TemperatureC": 75.0, "RateCPerMin": 20.0})],
+                metadata=[token],
+            )
             statuses = []
             async for status in await execution.subscribe_status():
                 statuses.append(status)
@@ -37,10 +44,16 @@ def test_unitelabs_client_runs_commands(daemon: Daemon) -> None:
             assert responses.Targets[0].TemperatureC == 75.0, responses
 
             queue = client.feature("ExperimentQueue")
-            got = await queue.GetExperiment(ExperimentId=responses.ExperimentId)
+            got = await queue.GetExperiment(ExperimentId=responses.ExperimentId, metadata=[token])
             assert "SUCCEEDED" in got.State.upper(), got
             assert got.StepCount == 1, got
         finally:
             await client.close()
 
     asyncio.run(asyncio.wait_for(main(), TIMEOUT_S * 2))
+
+
+def segment(kind: str, value: dict) -> dict:
+    """A FurnaceSegment for unitelabs-sila: Structures are dicts, the oneof's variants Lists
+    of at most one item."""
+    return {k: ([value] if k == kind else []) for k in ("Ramp", "Hold", "Step")}
