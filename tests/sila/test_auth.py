@@ -152,3 +152,28 @@ def test_a_bearer_header_works_for_every_call(secured: Daemon) -> None:
         assert run.get_responses().ExperimentId == uuid_to_ulid(run.execution_uuid)
     finally:
         planner.close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=grpc.RpcError,
+    reason="ppud asks for a token on <Command>_Info/_Intermediate/_Result too, which SiLA "
+    "clients send without metadata (the standard sends metadata with the initiating call "
+    "only): with tokens configured, a stock client cannot follow its own command",
+)
+def test_a_stock_client_with_access_token_metadata_follows_its_command(
+    secured: Daemon, viewer: SilaClient
+) -> None:
+    # The stock sila2 flow on a channel of its own: AccessToken metadata on the call,
+    # nothing on the follow-up calls (as ClientObservableCommandInstance sends them).
+    planner = viewer  # only for its loaded features and message types
+    confirmation, stub, channel = raw_furnace_call(planner, secured, access_token(planner, PLANNER))
+    try:
+        pb = planner.Furnace._pb2_module.SiLAFramework__pb2
+        uuid = pb.CommandExecutionUUID(value=confirmation.commandExecutionUUID.value)
+        for info in stub.FurnaceProgram_Info(uuid, timeout=TIMEOUT_S):
+            if info.commandStatus in STATUS_FINISHED:
+                break
+        stub.FurnaceProgram_Result(uuid, timeout=TIMEOUT_S)
+    finally:
+        channel.close()
