@@ -339,6 +339,8 @@ async fn serve(
                     auth: auth.clone(),
                     tls: sila_tls,
                     limits: opts.security.limits.clone(),
+                    rate: api.shared_limits().0,
+                    streams: api.shared_limits().1,
                 },
             )
             .await

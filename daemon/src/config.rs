@@ -828,6 +828,42 @@ mod tests {
     }
 
     #[test]
+    fn the_sila_table_resolves_under_the_listening_rules() {
+        use crate::security::SilaSettings;
+        let open = "[auth]\nopen = true\n";
+        let resolve = |text: &str| {
+            let (c, p) = Config::parse_unchecked(text, Path::new("x.toml")).unwrap();
+            p.security.resolve(c.listen)
+        };
+        assert_eq!(resolve(open).unwrap().sila, None);
+        let on = resolve(&format!("{open}[sila]\n")).unwrap();
+        assert_eq!(
+            on.sila,
+            Some(SilaSettings::at("127.0.0.1:50052".parse().unwrap()))
+        );
+        let set = resolve(&format!(
+            "{open}[sila]\nlisten = \"127.0.0.1:6000\"\nserver_name = \"bench\"\nmdns = true\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            set.sila,
+            Some(SilaSettings {
+                listen: "127.0.0.1:6000".parse().unwrap(),
+                server_name: "bench".into(),
+                mdns: true,
+            })
+        );
+        let off = resolve(&format!("{open}[sila]\nenabled = false\n")).unwrap();
+        assert_eq!(off.sila, None);
+        // Off loopback, an open daemon's SiLA endpoint is refused like its gRPC one.
+        let e = resolve(&format!("{open}[sila]\nlisten = \"0.0.0.0:50052\"\n")).unwrap_err();
+        assert!(e.iter().any(|p| p.starts_with("sila.listen: ")), "{e:?}");
+        let e = resolve(&format!("{open}[sila]\nserver_name = \"\"\n")).unwrap_err();
+        assert!(e.iter().any(|p| p.starts_with("sila.server_name")), "{e:?}");
+        assert!(Config::parse("[sila]\nport = 1\n", Path::new("x.toml")).is_err());
+    }
+
+    #[test]
     fn policies_parse_with_defaults_overrides_and_named_errors() {
         use crate::recovery::{AdoptPolicy, OnRestart};
         let dev = "[auth]\nopen = true\n[[devices]]\ndriver = \"eurotherm\"\nid = \"f\"\nendpoint = \"modbus-tcp://127.0.0.1:502\"\n";

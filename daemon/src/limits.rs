@@ -1,6 +1,10 @@
 //! Limits against abuse and mistakes (config `[limits]`): read by submission-time safety
 //! (recipe bounds) and by the server edge (batch size, message size, rate, streams).
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Instant;
+
 use serde::Deserialize;
 
 /// Limits against abuse and mistakes (config `[limits]`).
@@ -93,5 +97,38 @@ impl Limits {
             }
         }
         out
+    }
+}
+
+/// Per-principal token buckets for submissions (`submit_per_minute`), shared by every edge
+/// that submits: ppu.v1's SubmitBatch and the SiLA endpoint's commands.
+#[derive(Default)]
+pub struct SubmitRate {
+    buckets: Mutex<HashMap<String, (f64, Instant)>>,
+}
+
+impl SubmitRate {
+    /// Takes one submission from `principal`'s bucket, or says how long until one is free.
+    pub fn take(&self, principal: &str, per_minute: u32) -> Result<(), std::time::Duration> {
+        if per_minute == 0 {
+            return Ok(());
+        }
+        let capacity = f64::from(per_minute);
+        let per_s = capacity / 60.0;
+        let now = Instant::now();
+        let Ok(mut buckets) = self.buckets.lock() else {
+            return Ok(());
+        };
+        let (tokens, last) = buckets
+            .entry(principal.to_owned())
+            .or_insert((capacity, now));
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * per_s).min(capacity);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(std::time::Duration::from_secs_f64((1.0 - *tokens) / per_s))
+        }
     }
 }

@@ -9,10 +9,8 @@
 //! the two rules the method table cannot express (a planner cancels only its own batches) and
 //! the [`Limits`] against abuse: batch size, submission rate per principal, open streams.
 
-use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::Arc;
 
 use futures_util::Stream;
 use pb::device_service_server::{DeviceService, DeviceServiceServer};
@@ -31,6 +29,7 @@ use crate::devices::AckError;
 use crate::error::{Error, Rejection, RejectionKind};
 use crate::events::{self, Filter};
 pub use crate::limits::Limits;
+use crate::limits::SubmitRate;
 use crate::metrics::{ActiveStream, StreamKind};
 use crate::scheduler::Scheduler;
 use crate::state::State;
@@ -44,38 +43,6 @@ const STREAM_BUFFER: usize = 256;
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
-/// Per-principal token buckets for SubmitBatch.
-#[derive(Default)]
-struct RateLimiter {
-    buckets: Mutex<HashMap<String, (f64, Instant)>>,
-}
-
-impl RateLimiter {
-    /// Takes one submission from `principal`'s bucket, or says how long until one is free.
-    fn take(&self, principal: &str, per_minute: u32) -> Result<(), std::time::Duration> {
-        if per_minute == 0 {
-            return Ok(());
-        }
-        let capacity = f64::from(per_minute);
-        let per_s = capacity / 60.0;
-        let now = Instant::now();
-        let Ok(mut buckets) = self.buckets.lock() else {
-            return Ok(());
-        };
-        let (tokens, last) = buckets
-            .entry(principal.to_owned())
-            .or_insert((capacity, now));
-        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * per_s).min(capacity);
-        *last = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            Ok(())
-        } else {
-            Err(std::time::Duration::from_secs_f64((1.0 - *tokens) / per_s))
-        }
-    }
-}
-
 /// Everything the handlers need; cheap to clone.
 #[derive(Clone)]
 pub struct Api {
@@ -84,7 +51,7 @@ pub struct Api {
     pub stop: CancellationToken,
     limits: Arc<Limits>,
     streams: Arc<Semaphore>,
-    rate: Arc<RateLimiter>,
+    rate: Arc<SubmitRate>,
 }
 
 impl Api {
@@ -96,6 +63,12 @@ impl Api {
             limits: Arc::new(limits),
             rate: Arc::default(),
         }
+    }
+
+    /// The submission buckets and the open-stream slots, for another edge (the SiLA endpoint)
+    /// to count against the same `[limits]`.
+    pub fn shared_limits(&self) -> (Arc<SubmitRate>, Arc<Semaphore>) {
+        (self.rate.clone(), self.streams.clone())
     }
 
     /// A slot for one more open stream, counted in `ppu_active_streams{kind}`.

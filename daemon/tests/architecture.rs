@@ -371,9 +371,14 @@ const FAMILY_WORDS: &[&str] = &[
 
 /// Where a family may be named in `daemon/src`: `dev.rs` composes the simulated lab of
 /// `ppud dev` (the dev lab's own wiring), and `[limits]` keys that predate the schema keep their
-/// names for existing configuration files (a family's schema refers to them by name).
+/// names for existing configuration files (a family's schema refers to them by name). The SiLA
+/// server type `PhysicsProcessingUnit` names no family (it only contains `sics`).
 const FAMILY_ALLOWED: &[&str] = &["dev.rs", "bin/"];
-const FAMILY_ALLOWED_WORDS: &[&str] = &["max_program_segments", "max_isotherm_points"];
+const FAMILY_ALLOWED_WORDS: &[&str] = &[
+    "max_program_segments",
+    "max_isotherm_points",
+    "physicsprocessingunit",
+];
 
 /// The text before the file's `#[cfg(test)]` module: tests may name whatever they exercise.
 fn without_tests(code: &str) -> &str {

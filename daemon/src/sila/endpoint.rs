@@ -14,7 +14,7 @@ use futures_util::Stream;
 use ppu_proto::v1 as pb;
 use ppu_schema::Schema;
 use ppu_schema::prost_reflect::DynamicMessage;
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
@@ -25,7 +25,7 @@ use super::codec::DynCodec;
 use super::features::{Features, Kind, Method};
 use super::server_info::Identity;
 use crate::auth::Caller;
-use crate::limits::Limits;
+use crate::limits::{Limits, SubmitRate};
 use crate::scheduler::Scheduler;
 
 /// Replies buffered per stream before it waits on its client.
@@ -42,6 +42,8 @@ pub(crate) struct Ctx {
     pub features: Features,
     pub identity: Identity,
     pub limits: Limits,
+    pub rate: Arc<SubmitRate>,
+    pub streams: Arc<Semaphore>,
     pub schema: &'static Schema,
 }
 
@@ -70,26 +72,34 @@ impl Ctx {
         }
     }
 
-    /// Runs `produce` until it finishes, the client hangs up, or shutdown.
+    /// Runs `produce` until it finishes, the client hangs up, or shutdown; it holds one of
+    /// the open-stream slots ppu.v1's streams count against (`limits.max_streams`).
     pub(crate) fn spawn_stream<F>(
         &self,
         produce: impl FnOnce(mpsc::Sender<Result<Vec<u8>, Status>>) -> F,
-    ) -> Replies
+    ) -> Result<Replies, Status>
     where
         F: Future<Output = ()> + Send + 'static,
     {
+        let slot = self.streams.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "too many open streams (limits.max_streams = {}); close one and retry",
+                self.limits.max_streams
+            ))
+        })?;
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let gone = tx.clone();
         let stop = self.stop.clone();
         let fut = produce(tx);
         tokio::spawn(async move {
+            let _slot = slot;
             tokio::select! {
                 _ = fut => {}
                 _ = gone.closed() => {}
                 _ = stop.cancelled() => {}
             }
         });
-        Box::pin(ReceiverStream::new(rx))
+        Ok(Box::pin(ReceiverStream::new(rx)))
     }
 
     /// A batch of one experiment, through the same path as ppu.v1's SubmitBatch: size bounds,
@@ -107,6 +117,17 @@ impl Ctx {
             experiments: vec![spec],
         };
         crate::safety::check_bounds(&req, &self.limits).map_err(|r| at.rejection(&r))?;
+        if let Err(wait) = self
+            .rate
+            .take(&caller.principal, self.limits.submit_per_minute)
+        {
+            return Err(Status::resource_exhausted(format!(
+                "submission rate limit: {} submissions per minute for {}; retry in {} ms",
+                self.limits.submit_per_minute,
+                caller.principal,
+                wait.as_millis().max(1)
+            )));
+        }
         let (batch, _) = self
             .scheduler
             .submit_as(req, &caller.principal)

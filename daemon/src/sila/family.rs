@@ -233,12 +233,12 @@ impl Ctx {
             Member::Info(id) => {
                 let fc = self.family_command(ff, id)?;
                 let e = self.execution(fc, msg)?;
-                Ok(self.info_stream(e.id, |s| s == State::Succeeded))
+                self.info_stream(e.id, |s| s == State::Succeeded)
             }
             Member::Intermediate(id) => {
                 let fc = self.family_command(ff, id)?.clone();
                 let e = self.execution(&fc, msg)?;
-                Ok(self.intermediate_stream(i, fc, e.id))
+                self.intermediate_stream(i, fc, e.id)
             }
             Member::Subscribe(property) => self.readings_stream(i, method, property),
             other => Err(Status::unimplemented(format!("{other:?}"))),
@@ -250,7 +250,7 @@ impl Ctx {
         self: &Arc<Self>,
         id: String,
         ended_ok: fn(State) -> bool,
-    ) -> Replies {
+    ) -> Result<Replies, Status> {
         let store = self.scheduler.store().clone();
         let scale = self.scheduler.clock().scale();
         self.spawn_stream(move |tx| async move {
@@ -283,7 +283,12 @@ impl Ctx {
     }
 
     /// The command's intermediate responses from now on, until the experiment has ended.
-    fn intermediate_stream(self: &Arc<Self>, i: usize, fc: FamilyCommand, id: String) -> Replies {
+    fn intermediate_stream(
+        self: &Arc<Self>,
+        i: usize,
+        fc: FamilyCommand,
+        id: String,
+    ) -> Result<Replies, Status> {
         let ctx = self.clone();
         self.spawn_stream(move |tx| async move {
             let Some(ff) = ctx.features.families.get(i) else {
@@ -355,7 +360,7 @@ impl Ctx {
             .collect();
         let output = method.output.clone();
         let property = property.to_owned();
-        Ok(self.spawn_stream(move |tx| async move {
+        self.spawn_stream(move |tx| async move {
             let (merged_tx, mut merged) = tokio::sync::mpsc::channel::<pb::DeviceReading>(64);
             let mut values: BTreeMap<String, f64> = BTreeMap::new();
             for d in &devices {
@@ -409,7 +414,7 @@ impl Ctx {
                     return;
                 }
             }
-        }))
+        })
     }
 }
 

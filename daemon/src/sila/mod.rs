@@ -27,6 +27,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::ServerTlsConfig;
@@ -36,7 +37,7 @@ pub use family::SILA_COMMAND_LABEL;
 pub use server_info::SERVER_TYPE;
 
 use crate::auth::AuthLayer;
-use crate::limits::Limits;
+use crate::limits::{Limits, SubmitRate};
 use crate::scheduler::Scheduler;
 use crate::security::SilaSettings;
 use endpoint::{Ctx, Endpoint};
@@ -61,6 +62,9 @@ pub struct Setup {
     pub auth: AuthLayer,
     pub tls: Option<ServerTlsConfig>,
     pub limits: Limits,
+    /// ppu.v1's submission buckets and open-stream slots: one `[limits]` over both edges.
+    pub rate: Arc<SubmitRate>,
+    pub streams: Arc<Semaphore>,
 }
 
 /// Serves SiLA 2 on `listener` until `setup.stop`.
@@ -80,6 +84,8 @@ pub async fn serve(listener: TcpListener, setup: Setup) -> Result<Serving, Strin
         features,
         identity,
         limits: setup.limits,
+        rate: setup.rate,
+        streams: setup.streams,
         schema: crate::schema::schema(),
     });
     let name = ctx.identity.name();

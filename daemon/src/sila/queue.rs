@@ -135,9 +135,9 @@ impl Ctx {
             Member::Info(c) if c == "FollowExperiment" => {
                 let e = self.followed(msg)?;
                 // The following succeeds whatever the experiment came to; its responses say.
-                Ok(self.info_stream(e.id, |_| true))
+                self.info_stream(e.id, |_| true)
             }
-            Member::Subscribe(p) if p == "QueueLength" => Ok(self.queue_length(method)),
+            Member::Subscribe(p) if p == "QueueLength" => self.queue_length(method),
             other => Err(Status::unimplemented(format!("ExperimentQueue {other:?}"))),
         }
     }
@@ -209,7 +209,7 @@ impl Ctx {
     }
 
     /// The number of queued experiments, first and on every change.
-    fn queue_length(self: &Arc<Self>, method: &Method) -> Replies {
+    fn queue_length(self: &Arc<Self>, method: &Method) -> Result<Replies, Status> {
         let ctx = self.clone();
         let output = method.output.clone();
         self.spawn_stream(move |tx| async move {
