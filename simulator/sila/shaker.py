@@ -126,9 +126,8 @@ class ShakerController(FeatureImplementationBase):
                     break
                 if not self.physics.sleep_physical(min(step, remaining), self.stop_event):
                     self.physics.set(0.0)
-                    raise self._stopped(
-                        f"stopped after {elapsed:.1f} s of {Duration:g} s"
-                    )
+                    elapsed = self.physics.now_s() - t0
+                    raise self._stopped(f"stopped after {elapsed:.1f} s of {Duration:g} s")
             self.physics.set(0.0)
             mean = sum(speeds) / len(speeds)
             return (min(self.physics.now_s() - t0, Duration), round(mean, 3))

@@ -136,49 +136,81 @@ fn is_link(status: &tonic::Status) -> bool {
 }
 
 /// A SiLA 2 server's gRPC endpoint.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Client {
-    channel: Channel,
+    endpoint: Endpoint,
+    tls: Tls,
+    /// Made at the first call (reading the CA file then, so a missing file is the device's
+    /// connection error, not a start-up failure), then reused: it reconnects by itself.
+    channel: std::sync::Mutex<Option<Channel>>,
     timeout: Duration,
     /// `address`, for messages.
     describe: String,
 }
 
 impl Client {
-    /// The client; nothing is sent until the first call.
+    /// The client; nothing is sent (or read) until the first call.
     pub fn new(address: &str, tls: &Tls, timeout: Duration) -> Result<Self, String> {
         let scheme = match tls {
             Tls::Plaintext => "http",
             Tls::Ca { .. } => "https",
         };
-        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{address}"))
+        let endpoint = Endpoint::from_shared(format!("{scheme}://{address}"))
             .map_err(|e| format!("address: {address:?}: {e}"))?
             .connect_timeout(timeout)
             .http2_keep_alive_interval(Duration::from_secs(2).min(timeout))
             .keep_alive_timeout(timeout)
             .keep_alive_while_idle(true);
-        if let Tls::Ca { ca_file, domain } = tls {
-            let pem = std::fs::read(ca_file).map_err(|e| format!("ca_file: {ca_file}: {e}"))?;
-            endpoint = endpoint
-                .tls_config(
-                    ClientTlsConfig::new()
-                        .ca_certificate(Certificate::from_pem(pem))
-                        .domain_name(domain.clone()),
-                )
-                .map_err(|e| format!("ca_file: {ca_file}: {e}"))?;
-        }
         Ok(Self {
-            channel: endpoint.connect_lazy(),
+            endpoint,
+            tls: tls.clone(),
+            channel: std::sync::Mutex::new(None),
             timeout,
-            describe: format!("sila2://{address}{}", match tls {
-                Tls::Plaintext => " (plaintext)",
-                Tls::Ca { .. } => "",
-            }),
+            describe: format!(
+                "sila2://{address}{}",
+                match tls {
+                    Tls::Plaintext => " (plaintext)",
+                    Tls::Ca { .. } => "",
+                }
+            ),
         })
     }
 
     pub fn describe(&self) -> &str {
         &self.describe
+    }
+
+    /// The channel, made on first use.
+    fn channel(&self) -> Result<Channel, CallError> {
+        let mut slot = self
+            .channel
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        let endpoint = match &self.tls {
+            Tls::Plaintext => self.endpoint.clone(),
+            Tls::Ca { ca_file, domain } => {
+                let bad = |e: String| {
+                    CallError::Device(DeviceError::Disconnected(format!(
+                        "ca_file {ca_file}: {e}"
+                    )))
+                };
+                let pem = std::fs::read(ca_file).map_err(|e| bad(e.to_string()))?;
+                self.endpoint
+                    .clone()
+                    .tls_config(
+                        ClientTlsConfig::new()
+                            .ca_certificate(Certificate::from_pem(pem))
+                            .domain_name(domain.clone()),
+                    )
+                    .map_err(|e| bad(e.to_string()))?
+            }
+        };
+        let channel = endpoint.connect_lazy();
+        *slot = Some(channel.clone());
+        Ok(channel)
     }
 
     fn path(service: &str, method: &str) -> Result<PathAndQuery, CallError> {
@@ -190,7 +222,7 @@ impl Client {
     }
 
     async fn ready(&self, what: &str) -> Result<tonic::client::Grpc<Channel>, CallError> {
-        let mut grpc = tonic::client::Grpc::new(self.channel.clone());
+        let mut grpc = tonic::client::Grpc::new(self.channel()?);
         match tokio::time::timeout(self.timeout, grpc.ready()).await {
             Ok(Ok(())) => Ok(grpc),
             Ok(Err(e)) => Err(CallError::Device(DeviceError::Disconnected(format!(

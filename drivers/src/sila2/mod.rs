@@ -206,7 +206,11 @@ impl Model {
         };
         let values = json::elements_from_json(feature, &command.parameters, &json, "")
             .map_err(|e| DeviceError::Refused {
-                what: format!("parameters.{}", e.path),
+                what: if e.path.is_empty() {
+                    "parameters".to_owned()
+                } else {
+                    format!("parameters.{}", e.path)
+                },
                 reason: format!("{} ({}/{})", e.reason, feature.identifier, command.identifier),
             })?;
         for (element, (_, value)) in command.parameters.iter().zip(&values) {
@@ -219,7 +223,7 @@ impl Model {
                     Some(v) => DeviceError::Limit {
                         field,
                         value: v,
-                        limit: format!("{at}: {}", e.reason),
+                        limit: format!("the FDL constraint of {at} ({})", e.reason),
                     },
                     None => DeviceError::Refused {
                         what: field,
