@@ -10,7 +10,7 @@ from collections import namedtuple
 from typing import Any
 
 import pytest
-from conftest import TIMEOUT_S, Daemon
+from conftest import TIMEOUT_S, Daemon, wait_until
 from sila2.client import SilaClient
 from sila2.framework import ValidationError
 from sila_follow import follow, uuid_to_ulid
@@ -105,23 +105,14 @@ def test_isotherm_streams_its_points_as_intermediate_responses(
     daemon: Daemon, client: SilaClient
 ) -> None:
     pressures = [0.05, 0.1, 0.5, 1.0]
-    run = client.Analyser.Isotherm(
-        Device="analyser-1",
-        Adsorptive="CO2",
-        TemperatureC=25.0,
-        PressureBar=pressures,
-        EquilibrationIntervalS=0.0,
-        MaxEquilibrationS=0.0,
-        SampleMassG=0.1,
-    )
-    points = []
-    with run.subscribe_to_intermediate_responses() as sub:
-        infos = follow(client, "Analyser", "Isotherm", run.execution_uuid, TIMEOUT_S)
-        assert infos[-1].status == "finishedSuccessfully", infos
-        for point in sub:
-            points.append(point)
-            if len(points) == len(pressures):
-                break
+    # Queued behind a paused queue, so the subscription below is open before the first point
+    # (intermediate responses are "from now on", as SiLA has them).
+    daemon.ppuctl("queue", "pause", "--reason", "subscribe before the isotherm starts")
+    try:
+        run, points, infos = _isotherm_with_points(daemon, client, pressures)
+    finally:
+        daemon.ppuctl("queue", "resume")
+    assert infos[-1].status == "finishedSuccessfully", infos
     assert len(points) == len(pressures), points
     for p, target in zip(points, pressures):
         assert p.PressureBar == pytest.approx(target, rel=0.2), p
@@ -138,6 +129,31 @@ def test_isotherm_streams_its_points_as_intermediate_responses(
 
     shown = experiment_state(daemon, responses.ExperimentId)
     assert shown["state"] == "EXPERIMENT_STATE_SUCCEEDED", shown
+
+
+def _isotherm_with_points(daemon: Daemon, client: SilaClient, pressures: list[float]) -> Any:
+    run = client.Analyser.Isotherm(
+        Device="analyser-1",
+        Adsorptive="CO2",
+        TemperatureC=25.0,
+        PressureBar=pressures,
+        EquilibrationIntervalS=0.0,
+        MaxEquilibrationS=0.0,
+        SampleMassG=0.1,
+    )
+    # Held by the paused queue: its ExecutionInfo says waiting.
+    status = wait_until("the isotherm's first ExecutionInfo", lambda: run.status)
+    assert status.name == "waiting", status
+    points = []
+    with run.subscribe_to_intermediate_responses() as sub:
+        # The subscription's call is made: let the queue go and follow the run to its end.
+        daemon.ppuctl("queue", "resume")
+        infos = follow(client, "Analyser", "Isotherm", run.execution_uuid, TIMEOUT_S)
+        for point in sub:
+            points.append(point)
+            if len(points) == len(pressures):
+                break
+    return run, points, infos
 
 
 def test_out_of_range_parameter_is_a_validation_error_naming_it(
