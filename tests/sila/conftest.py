@@ -209,6 +209,43 @@ class Daemon:
     def ppuctl_json(self, *args: str, token: str | None = None) -> Any:
         return json.loads(self.ppuctl("--json", *args, token=token))
 
+    def watch_text_until(
+        self, match: Callable[[str], bool], *args: str, timeout: float = TIMEOUT_S
+    ) -> list[str]:
+        """Runs `ppuctl watch ARGS` (the human view) until a line matches; returns the lines
+        up to and including it."""
+        proc = subprocess.Popen(
+            [str(binary("PPUCTL_BIN", "ppuctl")), "--addr", f"http://{self.addr}", "watch", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env={k: v for k, v in os.environ.items() if not k.startswith("PPU_TOKEN")},
+        )
+        lines: list[str] = []
+        found: list[bool] = []
+        stdout = proc.stdout
+        assert stdout is not None
+
+        def read() -> None:
+            for line in stdout:
+                lines.append(line.rstrip("\n"))
+                if match(line):
+                    found.append(True)
+                    return
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(timeout)
+        proc.kill()
+        proc.wait()
+        if not found:
+            raise AssertionError(
+                f"no matching line in `ppuctl watch {' '.join(args)}` within {timeout} s:\n"
+                + "\n".join(lines[-20:])
+            )
+        return lines
+
     def watch_until(
         self,
         match: Callable[[dict[str, Any]], bool],

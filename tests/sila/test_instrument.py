@@ -80,6 +80,10 @@ def test_a_shake_step_runs_with_progress_in_ppuctl_watch(lab: Daemon) -> None:
     assert len(fractions) >= 2, f"no progress from the instrument: {progress}"
     assert fractions == sorted(fractions), fractions
     assert 0.0 < fractions[-1] <= 1.0, fractions
+    # The human view of the same log: the shaker's progress lines, then the end.
+    lines = lab.watch_text_until(lambda line: "SUCCEEDED" in line.upper(), "--experiment", exp_id)
+    progress_lines = [x for x in lines if SHAKER in x and "step 1 " in x and "%" in x]
+    assert progress_lines, "\n".join(lines)
     shown = lab.ppuctl_json("show", exp_id)
     assert shown["state"] == "EXPERIMENT_STATE_SUCCEEDED", shown
     out = json.dumps(shown)
