@@ -113,6 +113,13 @@ pub enum Surface {
     Api,
     Health,
     Reflection,
+    /// Reads a SiLA 2 client makes without metadata, as the standard has it: SiLAService's
+    /// properties and feature definitions (before it can send a token at all), which calls
+    /// the AccessToken affects, and the follow-up calls of a command execution (`_Info`,
+    /// `_Intermediate`, `_Result`, named by the execution's UUID; the token went with the
+    /// command). A caller without credentials is an anonymous viewer; one with credentials is
+    /// identified as anywhere else.
+    TokenOptional,
 }
 
 /// Where an audit record of a mutating call is filed besides the log: the experiment or the
@@ -140,6 +147,11 @@ pub trait MethodTable: Send + Sync + 'static {
     fn audit_target(&self, path: &str) -> AuditTarget {
         let _ = path;
         AuditTarget::Neither
+    }
+    /// The audit record's message for a call's status message (the SiLA endpoint's errors
+    /// travel encoded; the record keeps them readable).
+    fn audit_message(&self, message: &str) -> String {
+        message.to_owned()
     }
     /// Request headers other than `authorization` that carry a credential (SiLA's AccessToken
     /// metadata): the layer removes them before the handler runs, like `authorization`.
@@ -611,6 +623,7 @@ impl Authenticator {
             Surface::Api => true,
             Surface::Health => self.protect_health,
             Surface::Reflection => self.protect_reflection,
+            Surface::TokenOptional => true,
         }
     }
 }
@@ -703,15 +716,17 @@ where
         let access = layer.table.access(&path);
         let surface = layer.table.surface(&path);
         let peer = peer_of(&req);
-        let identity = if layer.auth.needs_auth(surface) {
-            layer
-                .auth
-                .identify(token_of(&req, layer.table.as_ref()), &peer)
-        } else {
+        let token = token_of(&req, layer.table.as_ref());
+        let anonymous = || {
             Ok(Identity {
                 principal: "anonymous".into(),
                 role: Role::Viewer,
             })
+        };
+        let identity = match surface {
+            Surface::TokenOptional if matches!(token, Ok(None)) => anonymous(),
+            s if layer.auth.needs_auth(s) => layer.auth.identify(token, &peer),
+            _ => anonymous(),
         };
         // Nothing downstream needs the credential; drop it so no later layer can log it.
         req.headers_mut().remove(http::header::AUTHORIZATION);
@@ -784,7 +799,7 @@ where
                     &path,
                     layer.table.audit_target(&path),
                     code,
-                    &message,
+                    &layer.table.audit_message(&message),
                 )
                 .await;
                 info!(code = code_label(code), role = %identity.role, "mutating call");

@@ -719,22 +719,11 @@ async fn tokens_and_roles_are_ppu_v1s_and_a_command_is_audited_with_its_principa
         .expect("daemon starts");
     let channel = lab.sila();
 
-    // No token: refused before any handler.
-    let bootstrap = Client {
-        channel: channel.clone(),
-        pool: ppu_sila::descriptor::pool(&[Feature::from_xml(include_str!(
-            "../src/sila/SiLAService.sila.xml"
-        ))
-        .expect("FDL")])
-        .expect("pool"),
-        features: Vec::new(),
-    };
-    let e = bootstrap
-        .unary(Token::None, SILA_SERVICE, "Get_ServerName", Vec::new())
-        .await
-        .expect_err("no token");
-    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
-    let e = bootstrap
+    // A standard client reads SiLAService without metadata (the standard forbids it there),
+    // so the server's identity and feature definitions need no token; an unknown one is
+    // still refused.
+    let client = Client::connect(channel, Token::None).await;
+    let e = client
         .unary(
             Token::Metadata("ppu_unknown"),
             SILA_SERVICE,
@@ -744,9 +733,62 @@ async fn tokens_and_roles_are_ppu_v1s_and_a_command_is_audited_with_its_principa
         .await
         .expect_err("unknown token");
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    // No token: anything beyond discovery is refused before any handler.
+    let e = client
+        .unary(Token::None, FURNACE, "FurnaceProgram", program(200.0, 60.0))
+        .await
+        .expect_err("no token");
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    let pv = client.method(FURNACE, "Subscribe_PvC").input();
+    let e = client
+        .stream(
+            Token::None,
+            FURNACE,
+            "Subscribe_PvC",
+            DynamicMessage::new(pv.clone()),
+        )
+        .await
+        .expect_err("no token");
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    let e = client
+        .unary(
+            Token::None,
+            SILA_SERVICE,
+            "SetServerName",
+            vec![("ServerName".into(), Value::String("mine".into()))],
+        )
+        .await
+        .expect_err("no token");
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
 
-    // A viewer reads (AccessToken metadata) but cannot start a command.
-    let client = Client::connect(channel, Token::Metadata(VIEWER)).await;
+    // A viewer reads a device property (AccessToken metadata) but cannot start a command.
+    let mut readings = client
+        .stream(
+            Token::Metadata(VIEWER),
+            FURNACE,
+            "Subscribe_PvC",
+            DynamicMessage::new(pv),
+        )
+        .await
+        .expect("a viewer subscribes");
+    // The first value is sent at once (empty until the furnace has been read), then on change.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let value = tokio::time::timeout_at(deadline, readings.message())
+            .await
+            .expect("a reading within the deadline")
+            .expect("stream")
+            .expect("a value");
+        match field(&value, "PvC") {
+            Value::List(devices) if devices.is_empty() => continue,
+            Value::List(devices) => {
+                assert_eq!(devices.len(), 1, "{devices:?}");
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    drop(readings);
     let e = client
         .unary(
             Token::Metadata(VIEWER),
@@ -780,8 +822,32 @@ async fn tokens_and_roles_are_ppu_v1s_and_a_command_is_audited_with_its_principa
         .expect("planner submits");
     let uuid = confirmation_uuid(&confirmation);
     let experiment_id = experiment_of(&uuid);
+    client
+        .unary(
+            Token::Bearer(PLANNER),
+            FURNACE,
+            "FurnaceProgram",
+            program(5000.0, 60.0),
+        )
+        .await
+        .expect_err("beyond the limit");
     let seen = follow_info(&client, Token::Bearer(PLANNER), &uuid).await;
     assert_eq!(seen.last().map(|s| s.0), Some(2), "{seen:?}");
+    // As a standard client does, the result is fetched without metadata: the token went with
+    // the command, the execution UUID names the rest.
+    let result = client
+        .unary_message(
+            Token::None,
+            FURNACE,
+            "FurnaceProgram_Result",
+            client.execution_uuid(&uuid),
+        )
+        .await
+        .expect("result without metadata");
+    assert_eq!(
+        field(&result, "ExperimentId"),
+        Value::String(experiment_id.clone())
+    );
 
     // Over ppu.v1: the batch names the planner; the log holds the audit record of the call,
     // filed on the experiment, and the refused viewer's attempt.
@@ -826,8 +892,8 @@ async fn tokens_and_roles_are_ppu_v1s_and_a_command_is_audited_with_its_principa
         .expect("events")
         .into_inner();
     let deadline = tokio::time::Instant::now() + DEADLINE;
-    let (mut granted, mut denied) = (false, false);
-    while !(granted && denied) {
+    let (mut granted, mut denied, mut invalid) = (false, false, false);
+    while !(granted && denied && invalid) {
         let ev = match tokio::time::timeout_at(deadline, events.message()).await {
             Ok(Ok(Some(ev))) => ev,
             other => panic!("audit records missing: {other:?}"),
@@ -835,7 +901,12 @@ async fn tokens_and_roles_are_ppu_v1s_and_a_command_is_audited_with_its_principa
         if let Some(pb::event::Kind::Audit(a)) = &ev.kind
             && a.method == format!("{FURNACE}/FurnaceProgram")
         {
-            if a.principal == "gp-planner" {
+            if a.principal == "gp-planner" && a.code == "ABORTED" {
+                // The SiLA error, readable in the record.
+                assert!(a.message.starts_with("validation error for "), "{a:?}");
+                assert!(a.message.contains("temperature_c"), "{a:?}");
+                invalid = true;
+            } else if a.principal == "gp-planner" {
                 assert_eq!(a.code, "OK");
                 assert_eq!(a.target, experiment_id);
                 assert_eq!(ev.experiment_id, experiment_id);
@@ -910,5 +981,225 @@ async fn sila_is_served_with_the_daemons_tls_and_plain_text_fails() {
         )
         .await
         .expect_err("plain text to a TLS endpoint");
+    lab.stop().await;
+}
+
+#[tokio::test]
+async fn the_server_is_discoverable_over_mdns_by_its_uuid() {
+    use mdns_sd::{IfKind, ServiceDaemon, ServiceEvent};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let devlab = DevLab::start(Clock::new(2000.0), 1)
+        .await
+        .expect("simulated furnace");
+    let security = Security {
+        sila: Some(SilaSettings {
+            mdns: true,
+            server_name: "bench ppud".into(),
+            ..SilaSettings::at("127.0.0.1:0".parse().expect("addr"))
+        }),
+        ..Security::default()
+    };
+    let daemon = devlab
+        .start_secured_daemon(
+            "127.0.0.1:0".parse().expect("addr"),
+            dir.path(),
+            PollSettings {
+                poll_interval: Duration::from_millis(100),
+                reading_log_interval: Duration::from_secs(1),
+            },
+            &Policies::default(),
+            security,
+        )
+        .await
+        .expect("daemon starts");
+    let lab = Lab { daemon, devlab };
+    let port = lab.daemon.sila_addr().expect("served").port();
+    let client = Client::connect(lab.sila(), Token::None).await;
+    let uuid = match field(
+        &client
+            .unary(Token::None, SILA_SERVICE, "Get_ServerUUID", Vec::new())
+            .await
+            .expect("uuid"),
+        "ServerUUID",
+    ) {
+        Value::String(s) => s,
+        other => panic!("{other:?}"),
+    };
+    let found = tokio::task::spawn_blocking(move || {
+        let browser = ServiceDaemon::new().expect("mDNS");
+        browser.disable_interface(IfKind::All).expect("interfaces");
+        browser
+            .enable_interface(IfKind::LoopbackV4)
+            .expect("loopback");
+        let events = browser.browse("_sila._tcp.local.").expect("browse");
+        let deadline = std::time::Instant::now() + DEADLINE;
+        let found = loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match events.recv_timeout(left) {
+                Ok(ServiceEvent::ServiceResolved(info))
+                    if info.get_fullname().starts_with(&uuid) =>
+                {
+                    break Some((
+                        info.get_port(),
+                        info.get_property_val_str("server_name").map(str::to_owned),
+                    ));
+                }
+                Ok(_) => continue,
+                Err(_) => break None,
+            }
+        };
+        let _ = browser.shutdown();
+        found
+    })
+    .await
+    .expect("browser");
+    assert_eq!(found, Some((port, Some("bench ppud".to_owned()))));
+    lab.stop().await;
+}
+
+const QUEUE: &str = "/sila2.ppu.queue.experimentqueue.v1.ExperimentQueue";
+
+#[tokio::test]
+async fn the_experiment_queue_submits_reads_follows_and_its_executions_survive_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lab = Lab::start(dir.path(), Security::default())
+        .await
+        .expect("daemon starts");
+    let client = Client::connect(lab.sila(), Token::None).await;
+    let text = |r: &DynamicMessage, name: &str| match field(r, name) {
+        Value::String(s) => s,
+        other => panic!("{other:?}"),
+    };
+
+    // QueueLength answers at once.
+    let input = client.method(QUEUE, "Subscribe_QueueLength").input();
+    let mut length = client
+        .stream(
+            Token::None,
+            QUEUE,
+            "Subscribe_QueueLength",
+            DynamicMessage::new(input),
+        )
+        .await
+        .expect("QueueLength");
+    let first = tokio::time::timeout(DEADLINE, length.message())
+        .await
+        .expect("within the deadline")
+        .expect("stream")
+        .expect("a value");
+    assert_eq!(field(&first, "QueueLength"), Value::Integer(0));
+    drop(length);
+
+    // ppu.v1's ExperimentSpec in protobuf JSON, typed furnace alias and all.
+    let spec = r#"{"name": "sila queue", "steps": [{"furnace": {"segments": [
+        {"ramp": {"temperatureC": 150, "rateCPerMin": 10}}, {"hold": {"durationS": 60}}]}}]}"#;
+    let r = client
+        .unary(
+            Token::None,
+            QUEUE,
+            "SubmitExperiment",
+            vec![("Experiment".into(), Value::String(spec.into()))],
+        )
+        .await
+        .expect("submitted");
+    let id = text(&r, "ExperimentId");
+    let got = client
+        .unary(
+            Token::None,
+            QUEUE,
+            "GetExperiment",
+            vec![("ExperimentId".into(), Value::String(id.clone()))],
+        )
+        .await
+        .expect("read");
+    assert_eq!(field(&got, "StepCount"), Value::Integer(1));
+    assert!(
+        ["QUEUED", "RUNNING", "SUCCEEDED"].contains(&text(&got, "State").as_str()),
+        "{got:?}"
+    );
+
+    let confirmation = client
+        .unary(
+            Token::None,
+            QUEUE,
+            "FollowExperiment",
+            vec![("ExperimentId".into(), Value::String(id.clone()))],
+        )
+        .await
+        .expect("follow");
+    let uuid = confirmation_uuid(&confirmation);
+    assert_eq!(experiment_of(&uuid), id);
+    let mut info = client
+        .stream(
+            Token::None,
+            QUEUE,
+            "FollowExperiment_Info",
+            client.execution_uuid(&uuid),
+        )
+        .await
+        .expect("Info");
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let i = match tokio::time::timeout_at(deadline, info.message()).await {
+            Ok(Ok(Some(i))) => i,
+            other => panic!("Info ended early: {other:?}"),
+        };
+        if i.get_field_by_name("commandStatus")
+            .and_then(|v| v.as_enum_number())
+            == Some(2)
+        {
+            break;
+        }
+    }
+
+    // Refusals: bad JSON names the parameter; an unknown id is the defined error.
+    let bad = client
+        .unary(
+            Token::None,
+            QUEUE,
+            "SubmitExperiment",
+            vec![("Experiment".into(), Value::String("{\"steps\": 3}".into()))],
+        )
+        .await
+        .expect_err("not a spec");
+    assert!(
+        matches!(sila_error(&bad), SilaError::Validation { parameter, .. }
+        if parameter == "ppu/queue/ExperimentQueue/v1/Command/SubmitExperiment/Parameter/Experiment")
+    );
+    let unknown = client
+        .unary(
+            Token::None,
+            QUEUE,
+            "GetExperiment",
+            vec![("ExperimentId".into(), Value::String("nope".into()))],
+        )
+        .await
+        .expect_err("unknown");
+    assert!(
+        matches!(sila_error(&unknown), SilaError::DefinedExecution { identifier, .. }
+        if identifier == "ppu/queue/ExperimentQueue/v1/DefinedExecutionError/UnknownExperiment")
+    );
+
+    // The execution UUID is the experiment's id: after a restart it still names it.
+    let Lab { daemon, devlab } = lab;
+    tokio::time::timeout(DEADLINE, daemon.shutdown())
+        .await
+        .expect("shutdown");
+    let daemon = Lab::daemon(&devlab, dir.path(), Security::default())
+        .await
+        .expect("restart");
+    let lab = Lab { daemon, devlab };
+    let client = Client::connect(lab.sila(), Token::None).await;
+    let result = client
+        .unary_message(
+            Token::None,
+            QUEUE,
+            "FollowExperiment_Result",
+            client.execution_uuid(&uuid),
+        )
+        .await
+        .expect("result after a restart");
+    assert_eq!(text(&result, "State"), "SUCCEEDED");
+    assert_eq!(text(&result, "Error"), "");
     lab.stop().await;
 }

@@ -11,7 +11,7 @@ use ppu_sila::descriptor::{self, rpc};
 use ppu_sila::family::FamilyFeature;
 use ppu_sila::fdl::Feature;
 
-use crate::auth::{Access, AuditTarget, MethodTable};
+use crate::auth::{Access, AuditTarget, MethodTable, Surface};
 
 /// The standard's mandatory feature.
 pub(crate) const SILA_SERVICE_FDL: &str = include_str!("SiLAService.sila.xml");
@@ -208,6 +208,10 @@ pub(crate) const ACCESS_TOKEN_HEADER: &str =
 pub(crate) struct SilaMethods {
     /// (path, access, audit filing) of every method.
     by_path: HashMap<String, (Access, AuditTarget)>,
+    /// Reads standard clients make without metadata (see [`Surface::TokenOptional`]):
+    /// SiLAService's reads and `Get_FCPAffectedByMetadata_AccessToken`, and the follow-up
+    /// calls of command executions.
+    token_optional: std::collections::HashSet<String>,
 }
 
 impl SilaMethods {
@@ -223,7 +227,25 @@ impl SilaMethods {
                 (path.clone(), (m.access, filed))
             })
             .collect();
-        SilaMethods { by_path }
+        let token_optional = features
+            .methods
+            .iter()
+            .filter(|(_, m)| {
+                m.access == Access::Read
+                    && (matches!(
+                        features.served[m.feature].kind,
+                        Kind::SilaService | Kind::Authorization
+                    ) || matches!(
+                        m.member,
+                        Member::Info(_) | Member::Intermediate(_) | Member::Result(_)
+                    ))
+            })
+            .map(|(path, _)| path.clone())
+            .collect();
+        SilaMethods {
+            by_path,
+            token_optional,
+        }
     }
 }
 
@@ -232,10 +254,26 @@ impl MethodTable for SilaMethods {
         self.by_path.get(path).map_or(Access::Unlisted, |(a, _)| *a)
     }
 
+    fn surface(&self, path: &str) -> Surface {
+        if self.token_optional.contains(path) {
+            Surface::TokenOptional
+        } else {
+            Surface::Api
+        }
+    }
+
     fn audit_target(&self, path: &str) -> AuditTarget {
         self.by_path
             .get(path)
             .map_or(AuditTarget::Neither, |(_, t)| *t)
+    }
+
+    /// A SiLA error is a base64 `SiLAError`; the audit record keeps its text.
+    fn audit_message(&self, message: &str) -> String {
+        match ppu_sila::error::SilaError::from_details(message.as_bytes()) {
+            Ok(e) => e.to_string(),
+            Err(_) => message.to_owned(),
+        }
     }
 
     fn credential_headers(&self) -> &[&'static str] {
