@@ -18,6 +18,11 @@ const DEADLINE: Duration = Duration::from_secs(30);
 const TIME_SCALE: f64 = 100.0;
 
 async fn shaker() -> Option<(RunningShaker, Arc<dyn Device>)> {
+    shaker_with(&[]).await
+}
+
+/// The shaker, and a device on it configured by the dev table without `without` keys.
+async fn shaker_with(without: &[&str]) -> Option<(RunningShaker, Arc<dyn Device>)> {
     let python = match python() {
         Ok(p) => p,
         Err(why) => {
@@ -31,6 +36,9 @@ async fn shaker() -> Option<(RunningShaker, Arc<dyn Device>)> {
         .expect("the shaker starts");
     let mut table = shaker.device_table("shaker-1");
     table.remove("driver");
+    for key in without {
+        table.remove(*key);
+    }
     let spec = ppu_drivers::registry::driver("sila2")
         .expect("registered")
         .parse(table)
@@ -318,4 +326,48 @@ async fn a_vanished_server_is_a_link_failure_and_a_running_step_fails_after_the_
         matches!(&outcome, Err(e) if e.is_transient()),
         "{outcome:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_safe_command_the_running_command_is_cancelled_through_cancel_controller() {
+    let Some((_shaker, device)) = shaker_with(&["safe_command", "safe_property"]).await else {
+        return;
+    };
+    connected(&device).await;
+    // Nothing of ppu's runs: safe, and nothing to cancel.
+    device.safe_state().await.expect("nothing to do");
+    assert!(device.confirm_safe().await.expect("read back").is_safe());
+
+    let (ctx, mut updates) = context();
+    let cancel = ctx.cancel.clone();
+    let d = Arc::clone(&device);
+    let run = tokio::spawn(async move {
+        d.execute(
+            &call(
+                "ShakerController",
+                "Shake",
+                r#"{"Speed": 700, "Duration": 36000}"#,
+            ),
+            ctx,
+        )
+        .await
+    });
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !matches!(
+        tokio::time::timeout_at(deadline, updates.recv()).await,
+        Ok(Some(StepUpdate::Progress { .. }))
+    ) {
+        assert!(tokio::time::Instant::now() < deadline, "never ran");
+    }
+    cancel.cancel();
+    assert_eq!(run.await.expect("joins"), Err(DeviceError::Aborted));
+    // The command still runs on the instrument until it is cancelled.
+    assert!(!device.confirm_safe().await.expect("read back").is_safe());
+    device.safe_state().await.expect("CancelCommand");
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !device.confirm_safe().await.expect("read back").is_safe() {
+        assert!(tokio::time::Instant::now() < deadline, "never ended");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!device.status().await.expect("status").active);
 }

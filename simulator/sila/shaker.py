@@ -31,10 +31,20 @@ from sila2.framework.errors.defined_execution_error import DefinedExecutionError
 from sila2.server import FeatureImplementationBase, SilaServer
 
 FDL = Path(__file__).with_name("ShakerController.sila.xml")
+CANCEL_FDL = Path(__file__).with_name("CancelController.sila.xml")
 TAU_S = 2.0
 AMBIENT_C = 25.0
 MAX_RPM = 1500.0
 PROPERTY_PERIOD_S = 0.05  # real seconds between property updates
+
+
+class _QuietDefinedErrors(logging.Filter):
+    """A defined execution error (Stopped) is the feature working, not a server fault: the
+    package logs it with a traceback; leave it out."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, DefinedExecutionError)
 
 
 class Physics:
@@ -89,6 +99,7 @@ class ShakerController(FeatureImplementationBase):
         self.Shake_default_lifetime_of_execution = None
         self.stop_event = threading.Event()
         self.run_lock = threading.Lock()
+        self.running_uuid = None  # the execution of the Shake that runs now
         self.run_periodically(self._publish, PROPERTY_PERIOD_S)
 
     def _publish(self) -> None:
@@ -109,6 +120,7 @@ class ShakerController(FeatureImplementationBase):
         # One run at a time: a second Shake waits (status "waiting") until the first ends.
         with self.run_lock:
             self.stop_event.clear()
+            self.running_uuid = str(instance.execution_uuid)
             instance.begin_execution()
             self.physics.set(Speed)
             t0 = self.physics.now_s()
@@ -126,15 +138,39 @@ class ShakerController(FeatureImplementationBase):
                     break
                 if not self.physics.sleep_physical(min(step, remaining), self.stop_event):
                     self.physics.set(0.0)
+                    self.running_uuid = None
                     elapsed = self.physics.now_s() - t0
                     raise self._stopped(f"stopped after {elapsed:.1f} s of {Duration:g} s")
             self.physics.set(0.0)
+            self.running_uuid = None
             mean = sum(speeds) / len(speeds)
             return (min(self.physics.now_s() - t0, Duration), round(mean, 3))
 
     def Stop(self, *, metadata):
         self.stop_event.set()
         self.physics.set(0.0)
+        return ()
+
+
+class CancelController(FeatureImplementationBase):
+    """The standard's CancelController over the shaker's one running Shake."""
+
+    def __init__(self, server: SilaServer, feature: Feature, shaker: ShakerController) -> None:
+        super().__init__(parent_server=server)
+        self.feature = feature
+        self.shaker = shaker
+
+    def CancelCommand(self, CommandExecutionUUID: str, *, metadata):
+        if CommandExecutionUUID != self.shaker.running_uuid:
+            raise DefinedExecutionError(
+                self.feature.defined_execution_errors["InvalidCommandExecutionUUID"],
+                f"no running execution {CommandExecutionUUID}",
+            )
+        self.shaker.Stop(metadata=metadata)
+        return ()
+
+    def CancelAll(self, *, metadata):
+        self.shaker.Stop(metadata=metadata)
         return ()
 
 
@@ -154,6 +190,8 @@ def main() -> int:
     if args.address not in ("127.0.0.1", "localhost", "::1"):
         parser.error("plaintext is for loopback only: --address must be a loopback address")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_QuietDefinedErrors())
 
     feature = Feature(FDL.read_text(encoding="utf-8"))
     server = SilaServer(
@@ -165,7 +203,10 @@ def main() -> int:
         server_uuid=args.uuid,
     )
     physics = Physics(args.time_scale)
-    server.set_feature_implementation(feature, ShakerController(server, feature, physics))
+    shaker = ShakerController(server, feature, physics)
+    server.set_feature_implementation(feature, shaker)
+    cancel = Feature(CANCEL_FDL.read_text(encoding="utf-8"))
+    server.set_feature_implementation(cancel, CancelController(server, cancel, shaker))
     server.start_insecure(args.address, args.port, enable_discovery=False)
     # One line the parent can wait for.
     print(f"sila2 shaker listening on {args.address}:{args.port}", flush=True)

@@ -16,7 +16,7 @@ impl DriverFactory for Factory {
         "sila2"
     }
     fn family(&self) -> &'static str {
-        "sila2"
+        super::FAMILY
     }
     fn parse(&self, mut table: toml::Table) -> Result<Box<dyn DeviceSpec>, KeyError> {
         let id = match table.remove("id") {

@@ -84,7 +84,7 @@ impl Sila2Device {
         let client = Client::new(&config.address, &config.tls, config.timeout)?;
         let info = DeviceInfo {
             id: config.id.clone(),
-            family: "sila2".to_owned(),
+            family: super::FAMILY.to_owned(),
             driver: "sila2".to_owned(),
             transport: client.describe().to_owned(),
             capabilities: vec!["sila_call".to_owned()],

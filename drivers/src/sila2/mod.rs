@@ -1,4 +1,5 @@
-//! SiLA 2 instruments as ppu devices: the `sila2` family and its driver.
+//! SiLA 2 instruments as ppu devices: the `sila_instrument` family (folder `sila2`) and its
+//! `sila2` driver.
 //!
 //! Any SiLA 2 server (a shaker, an incubator, a plate reader) is a device. On connect the
 //! driver asks the server's `SiLAService` for its `ImplementedFeatures` and each feature's
@@ -72,6 +73,12 @@ pub mod schema {
     #![allow(clippy::all, clippy::pedantic, missing_docs)]
     include!(concat!(env!("OUT_DIR"), "/ppu.devices.sila2.v1.rs"));
 }
+
+/// The family's name in its schema (`sila2.proto`): `sila_instrument`, not `sila2`, whose SiLA
+/// feature package `sila2.ppu.devices.sila2.v1` would shadow the root package `sila2` in
+/// protoc's relative name resolution (clients that compile the feature, the `sila2` Python
+/// package among them, could not). The driver is `sila2`.
+pub const FAMILY: &str = "sila_instrument";
 
 /// This family's drivers, as the registry builds them from `[[devices]]` tables.
 pub static DRIVERS: &[&dyn crate::registry::DriverFactory] = &[&config::Factory];
