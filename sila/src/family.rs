@@ -113,23 +113,6 @@ pub fn upper_camel(name: &str) -> String {
         .collect()
 }
 
-/// The feature identifier of `family`: its name in UpperCamelCase (`furnace` → `Furnace`),
-/// except where that would break clients. The rpc package of a feature is
-/// `sila2.<originator>.<category>.<identifier, lower case>.v<major>`, and the proto of the
-/// standard's XSLT names the framework types as `sila2.org.silastandard.String` without a
-/// leading dot: protoc resolves such a name innermost scope first, so a package segment
-/// `sila2` below the root (family `sila2` → `sila2.ppu.devices.sila2.v1`) captures
-/// `sila2.org…` and the feature does not compile in the sila2 Python client (it cannot
-/// connect at all). Such a family's feature is `<Name>Device` (`Sila2Device`).
-pub fn feature_identifier(family: &str) -> String {
-    let identifier = upper_camel(family);
-    if identifier.eq_ignore_ascii_case("sila2") {
-        identifier + "Device"
-    } else {
-        identifier
-    }
-}
-
 /// `RateCPerMin` → `Rate C Per Min`, `FurnaceProgram` → `Furnace Program`: a space before
 /// each capital that starts a word (after a lower-case letter or digit, or before a
 /// lower-case letter after a capital).
@@ -245,7 +228,7 @@ impl FamilyFeature {
         let f = schema
             .family(family)
             .ok_or_else(|| fail("no such family in the schema".into()))?;
-        let identifier = feature_identifier(family);
+        let identifier = upper_camel(family);
         let mut g = Generator {
             schema,
             family,

@@ -400,15 +400,3 @@ fn dump() {
         println!("{}", feature(&family).0.feature.to_xml());
     }
 }
-
-/// A feature whose rpc package has a `sila2` segment below the root captures the framework's
-/// `sila2.org.silastandard` names in protoc's scoping, so the sila2 Python client cannot load
-/// it: the `sila2` family's feature is `Sila2Device`, the others keep their name.
-#[test]
-fn no_feature_identifier_shadows_the_sila2_package() {
-    use ppu_sila::family::feature_identifier;
-    assert_eq!(feature_identifier("furnace"), "Furnace");
-    assert_eq!(feature_identifier("mfc"), "Mfc");
-    assert_eq!(feature_identifier("sila2"), "Sila2Device");
-    assert_ne!(feature_identifier("sila2").to_lowercase(), "sila2");
-}
