@@ -1,10 +1,12 @@
 """SiLA calls pass through ppu.v1's tokens and roles: with a tokens file, a call without a
-token is refused, a viewer reads but cannot start a command, a planner's token (as SiLA
+token is refused (discovery and an execution's follow-up calls excepted, as standard clients
+send no metadata there), a viewer reads but cannot start a command, a planner's token (as SiLA
 AccessToken metadata or as a bearer header) runs one, and the audit record names the
 principal."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import grpc
@@ -17,6 +19,7 @@ from conftest import (
     VIEWER_PRINCIPAL,
     Daemon,
     sila_client,
+    wait_until,
 )
 from sila2.client import SilaClient
 from sila2.client.utils import pack_metadata_for_grpc
@@ -69,16 +72,38 @@ def test_a_call_without_a_token_is_refused(secured: Daemon, viewer: SilaClient) 
     with pytest.raises(grpc.RpcError) as err:
         raw_furnace_call(viewer, secured, access_token(viewer, "ppu_not-a-token"))
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, err.value
-    # Reading the server's features needs a token too.
+    # Other reads need a token as well: the queue's state of an experiment.
     channel = grpc.insecure_channel(f"{secured.sila_host}:{secured.sila_port}")
     try:
-        stub = viewer.SiLAService._grpc_module.SiLAServiceStub(channel)
-        pb = viewer.SiLAService._grpc_module.SiLAService__pb2
+        q = viewer.ExperimentQueue
+        stub = q._grpc_module.ExperimentQueueStub(channel)
+        params = q.GetExperiment._wrapped_command.parameters.to_message(
+            ExperimentId="01M96K0GJA45G8MSHYWN5CBD81"
+        )
         with pytest.raises(grpc.RpcError) as err:
-            stub.Get_ImplementedFeatures(pb.Get_ImplementedFeatures_Parameters(), timeout=TIMEOUT_S)
+            stub.GetExperiment(params, timeout=TIMEOUT_S)
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, err.value
     finally:
         channel.close()
+
+
+def test_discovery_needs_no_token(secured: Daemon) -> None:
+    # A standard client reads SiLAService (where the standard forbids metadata) and the
+    # AccessToken's affected calls before it can send a token: a plain sila2 client connects.
+    plain = sila_client(secured)
+    try:
+        features = plain.SiLAService.ImplementedFeatures.get()
+        assert "ppu/devices/Furnace/v1" in features, features
+        affected = {str(x) for x in plain.AuthorizationService.AccessToken.get_affected_calls()}
+        assert any("Furnace" in x for x in affected), affected
+        # …but it cannot run anything without one.
+        with pytest.raises(Exception) as err:
+            plain.Furnace.FurnaceProgram(Device="", Segments=[ramp(80.0, 20.0)])
+        cause = getattr(err.value, "exception", err.value)
+        assert isinstance(cause, grpc.RpcError), err.value
+        assert cause.code() == grpc.StatusCode.UNAUTHENTICATED, err.value
+    finally:
+        plain.close()
 
 
 def test_a_viewer_reads_but_cannot_start_a_command(secured: Daemon, viewer: SilaClient) -> None:
@@ -154,26 +179,26 @@ def test_a_bearer_header_works_for_every_call(secured: Daemon) -> None:
         planner.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=grpc.RpcError,
-    reason="ppud asks for a token on <Command>_Info/_Intermediate/_Result too, which SiLA "
-    "clients send without metadata (the standard sends metadata with the initiating call "
-    "only): with tokens configured, a stock client cannot follow its own command",
-)
-def test_a_stock_client_with_access_token_metadata_follows_its_command(
-    secured: Daemon, viewer: SilaClient
+def test_a_stock_client_with_access_token_metadata_runs_and_follows_its_command(
+    secured: Daemon,
 ) -> None:
-    # The stock sila2 flow on a channel of its own: AccessToken metadata on the call,
-    # nothing on the follow-up calls (as ClientObservableCommandInstance sends them).
-    planner = viewer  # only for its loaded features and message types
-    confirmation, stub, channel = raw_furnace_call(planner, secured, access_token(planner, PLANNER))
+    # The plain sila2 flow: the token as AccessToken metadata on the command only; the
+    # client's ExecutionInfo thread and get_responses() send no metadata (the execution UUID
+    # names the experiment).
+    client = sila_client(secured)
     try:
-        pb = planner.Furnace._pb2_module.SiLAFramework__pb2
-        uuid = pb.CommandExecutionUUID(value=confirmation.commandExecutionUUID.value)
-        for info in stub.FurnaceProgram_Info(uuid, timeout=TIMEOUT_S):
-            if info.commandStatus in STATUS_FINISHED:
-                break
-        stub.FurnaceProgram_Result(uuid, timeout=TIMEOUT_S)
+        token = client.AuthorizationService.AccessToken(PLANNER)
+        run = client.Furnace.FurnaceProgram(
+            Device="", Segments=[ramp(75.0, 20.0), hold(30.0)], metadata=[token]
+        )
+        wait_until("the program to finish", lambda: run.done)
+        assert run.status.name == "finishedSuccessfully", run.status
+        exp_id = run.get_responses().ExperimentId
+        assert exp_id == uuid_to_ulid(run.execution_uuid)
     finally:
-        channel.close()
+        client.close()
+    secured.watch_until(
+        lambda e: e.get("audit", {}).get("principal") == PLANNER_PRINCIPAL
+        and exp_id in json.dumps(e),
+        token=VIEWER,
+    )
