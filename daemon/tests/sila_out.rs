@@ -1203,3 +1203,48 @@ async fn the_experiment_queue_submits_reads_follows_and_its_executions_survive_a
     assert_eq!(text(&result, "Error"), "");
     lab.stop().await;
 }
+
+#[tokio::test]
+async fn an_unobservable_command_answers_when_its_experiment_has_finished() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut devlab = DevLab::start(Clock::new(2000.0), 0).await.expect("lab");
+    devlab
+        .add_dispensing_station()
+        .await
+        .expect("simulated pumps and balance");
+    let daemon = Lab::daemon(&devlab, dir.path(), Security::default())
+        .await
+        .expect("daemon starts");
+    let lab = Lab { daemon, devlab };
+    let client = Client::connect(lab.sila(), Token::None).await;
+    let balance = client
+        .features
+        .iter()
+        .find(|f| f.identifier == "Balance")
+        .expect("balance feature");
+    assert!(!balance.command("Weigh").expect("Weigh").observable);
+    let r = client
+        .unary(
+            Token::None,
+            "/sila2.ppu.devices.balance.v1.Balance",
+            "Weigh",
+            vec![
+                ("Device".into(), Value::String(String::new())),
+                ("StabilityTimeoutS".into(), Value::Real(0.0)),
+            ],
+        )
+        .await
+        .expect("weighed");
+    let Value::String(id) = field(&r, "ExperimentId") else {
+        panic!("ExperimentId")
+    };
+    assert!(matches!(field(&r, "MassG"), Value::Real(m) if m > 0.0));
+    // The call returned once the experiment had finished.
+    let e = ExperimentServiceClient::new(lab.v1())
+        .get_experiment(pb::GetExperimentRequest { id })
+        .await
+        .expect("experiment")
+        .into_inner();
+    assert_eq!(e.state, pb::ExperimentState::Succeeded as i32);
+    lab.stop().await;
+}

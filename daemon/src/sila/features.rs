@@ -88,7 +88,14 @@ impl Features {
         ];
         let mut families = Vec::new();
         for f in schema.families() {
-            let ff = FamilyFeature::generate(schema, f.name()).map_err(|e| e.to_string())?;
+            // A family without a feature is served over ppu.v1 only; the others still are.
+            let ff = match FamilyFeature::generate(schema, f.name()) {
+                Ok(ff) => ff,
+                Err(e) => {
+                    tracing::warn!(family = f.name(), error = %e, "no SiLA feature for this family");
+                    continue;
+                }
+            };
             all.push(served(Kind::Family(families.len()), ff.feature.clone()));
             families.push(ff);
         }
