@@ -18,11 +18,11 @@ const DEADLINE: Duration = Duration::from_secs(30);
 const TIME_SCALE: f64 = 100.0;
 
 async fn shaker() -> Option<(RunningShaker, Arc<dyn Device>)> {
-    shaker_with(&[]).await
+    shaker_with(&[], &[]).await
 }
 
 /// The shaker, and a device on it configured by the dev table without `without` keys.
-async fn shaker_with(without: &[&str]) -> Option<(RunningShaker, Arc<dyn Device>)> {
+async fn shaker_with(without: &[&str], args: &[&str]) -> Option<(RunningShaker, Arc<dyn Device>)> {
     let python = match python() {
         Ok(p) => p,
         Err(why) => {
@@ -31,7 +31,7 @@ async fn shaker_with(without: &[&str]) -> Option<(RunningShaker, Arc<dyn Device>
         }
     };
     let port = free_port(None).expect("a free port");
-    let shaker = RunningShaker::start(&python, port, TIME_SCALE)
+    let shaker = RunningShaker::start_with(&python, port, TIME_SCALE, args)
         .await
         .expect("the shaker starts");
     let mut table = shaker.device_table("shaker-1");
@@ -330,7 +330,7 @@ async fn a_vanished_server_is_a_link_failure_and_a_running_step_fails_after_the_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_safe_command_the_running_command_is_cancelled_through_cancel_controller() {
-    let Some((_shaker, device)) = shaker_with(&["safe_command", "safe_property"]).await else {
+    let Some((_shaker, device)) = shaker_with(&["safe_command", "safe_property"], &[]).await else {
         return;
     };
     connected(&device).await;
@@ -370,4 +370,55 @@ async fn without_a_safe_command_the_running_command_is_cancelled_through_cancel_
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(!device.status().await.expect("status").active);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_neither_a_safe_command_nor_cancel_controller_the_safe_state_is_refused_not_faked() {
+    let Some((_shaker, device)) = shaker_with(
+        &["safe_command", "safe_property"],
+        &["--no-cancel-controller"],
+    )
+    .await
+    else {
+        return;
+    };
+    connected(&device).await;
+    let (ctx, mut updates) = context();
+    let cancel = ctx.cancel.clone();
+    let d = Arc::clone(&device);
+    let run = tokio::spawn(async move {
+        d.execute(
+            &call(
+                "ShakerController",
+                "Shake",
+                r#"{"Speed": 400, "Duration": 36000}"#,
+            ),
+            ctx,
+        )
+        .await
+    });
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !matches!(
+        tokio::time::timeout_at(deadline, updates.recv()).await,
+        Ok(Some(StepUpdate::Progress { .. }))
+    ) {
+        assert!(tokio::time::Instant::now() < deadline, "never ran");
+    }
+    cancel.cancel();
+    assert_eq!(run.await.expect("joins"), Err(DeviceError::Aborted));
+    match device.safe_state().await {
+        Err(DeviceError::Unsupported(why)) => {
+            assert!(
+                why.contains("CancelController") && why.contains("Shake"),
+                "{why}"
+            )
+        }
+        other => panic!("the safe state cannot be reached: {other:?}"),
+    }
+    match device.confirm_safe().await.expect("read back") {
+        ppu_drivers::SafeCheck::NotSafe(d) => {
+            assert!(d.iter().any(|x| x.contains("still running")), "{d:?}")
+        }
+        ppu_drivers::SafeCheck::Safe => panic!("the shaker still runs"),
+    }
 }

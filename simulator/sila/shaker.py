@@ -10,7 +10,8 @@ Physics: the speed follows its setpoint with a first-order lag (time constant `T
 physical time); the platform warms slightly with speed. Physical time runs `--time-scale`
 times faster than real time.
 
-Run: python shaker.py [--port 50053] [--time-scale 1] [--name Shaker] [--exit-with-stdin]
+Run: python shaker.py [--port 50053] [--time-scale 1] [--name Shaker] [--no-cancel-controller]
+     [--exit-with-stdin]
 """
 
 from __future__ import annotations
@@ -182,6 +183,11 @@ def main() -> int:
     parser.add_argument("--name", default="Shaker")
     parser.add_argument("--uuid", default=None, help="server UUID (default: random)")
     parser.add_argument(
+        "--no-cancel-controller",
+        action="store_true",
+        help="serve only ShakerController (an instrument whose commands cannot be cancelled)",
+    )
+    parser.add_argument(
         "--exit-with-stdin", action="store_true", help="exit when stdin closes (the parent died)"
     )
     args = parser.parse_args()
@@ -205,8 +211,9 @@ def main() -> int:
     physics = Physics(args.time_scale)
     shaker = ShakerController(server, feature, physics)
     server.set_feature_implementation(feature, shaker)
-    cancel = Feature(CANCEL_FDL.read_text(encoding="utf-8"))
-    server.set_feature_implementation(cancel, CancelController(server, cancel, shaker))
+    if not args.no_cancel_controller:
+        cancel = Feature(CANCEL_FDL.read_text(encoding="utf-8"))
+        server.set_feature_implementation(cancel, CancelController(server, cancel, shaker))
     server.start_insecure(args.address, args.port, enable_discovery=False)
     # One line the parent can wait for.
     print(f"sila2 shaker listening on {args.address}:{args.port}", flush=True)

@@ -82,8 +82,19 @@ impl RunningShaker {
     /// Starts the shaker on `port` with `python`, physical time `time_scale` times real time,
     /// and waits until it listens. It exits with this process (its stdin is a pipe from us).
     pub async fn start(python: &std::path::Path, port: u16, time_scale: f64) -> std::io::Result<Self> {
+        Self::start_with(python, port, time_scale, &[]).await
+    }
+
+    /// [`RunningShaker::start`] with more arguments of `shaker.py` (`--no-cancel-controller`).
+    pub async fn start_with(
+        python: &std::path::Path,
+        port: u16,
+        time_scale: f64,
+        args: &[&str],
+    ) -> std::io::Result<Self> {
         let mut child = Command::new(python)
             .arg(script())
+            .args(args)
             .args(["--port", &port.to_string()])
             .args(["--time-scale", &time_scale.to_string()])
             .arg("--exit-with-stdin")
