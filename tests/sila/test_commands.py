@@ -156,6 +156,19 @@ def _isotherm_with_points(daemon: Daemon, client: SilaClient, pressures: list[fl
     return run, points, infos
 
 
+def test_an_unobservable_command_answers_when_its_experiment_has_run(
+    daemon: Daemon, client: SilaClient
+) -> None:
+    # Balance.Weigh is not observable in the schema: one call, answered with the typed
+    # responses once the experiment it became has succeeded.
+    got = client.Balance.Weigh(Device="balance-1", StabilityTimeoutS=0.0)
+    assert got.MassG > 0.0, got
+    assert got.Stable is True, got
+    shown = experiment_state(daemon, got.ExperimentId)
+    assert shown["state"] == "EXPERIMENT_STATE_SUCCEEDED", shown
+    assert shown["results"][0]["device_id"] == "balance-1", shown
+
+
 def test_out_of_range_parameter_is_a_validation_error_naming_it(
     daemon: Daemon, client: SilaClient, no_client_checks: None
 ) -> None:
