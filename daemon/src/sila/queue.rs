@@ -77,7 +77,7 @@ impl Ctx {
                 let e = self.experiment(&fqi, msg)?;
                 caller.set_target(e.id.clone());
                 if caller.role == Role::Planner {
-                    self.check_own(&fqi, caller, &e)?;
+                    self.check_own(caller, &e)?;
                 }
                 let reason = string(msg, "Reason").unwrap_or_default();
                 let done = self
@@ -182,7 +182,7 @@ impl Ctx {
     }
 
     /// ppu.v1's rule: a planner cancels only experiments of batches it submitted.
-    fn check_own(&self, fqi: &str, caller: &Caller, e: &pb::Experiment) -> Result<(), Status> {
+    fn check_own(&self, caller: &Caller, e: &pb::Experiment) -> Result<(), Status> {
         let owner = self
             .scheduler
             .store()
@@ -193,19 +193,16 @@ impl Ctx {
         if owner == caller.principal {
             return Ok(());
         }
-        Err(defined(
-            fqi,
-            "Refused",
-            format!(
-                "a planner may cancel only experiments of its own batches; {} was submitted by {}",
-                e.id,
-                if owner.is_empty() {
-                    "another principal"
-                } else {
-                    owner.as_str()
-                }
-            ),
-        ))
+        // An authorisation failure, as on ppu.v1 (and as the auth layer's own refusals).
+        Err(Status::permission_denied(format!(
+            "a planner may cancel only experiments of its own batches; {} was submitted by {}",
+            e.id,
+            if owner.is_empty() {
+                "another principal"
+            } else {
+                owner.as_str()
+            }
+        )))
     }
 
     /// The number of queued experiments, first and on every change.
