@@ -167,6 +167,24 @@ pub struct Checked<'a> {
 }
 
 impl Model {
+    /// The model of a server implementing the features `fdl` (FDL documents), as if read from
+    /// it (tests, fuzzing).
+    pub fn from_fdl(fdl: &[&str]) -> Result<Model, DeviceError> {
+        let features = fdl
+            .iter()
+            .map(|xml| Feature::from_xml(xml))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| DeviceError::Corrupt {
+                what: "feature definition".to_owned(),
+                reason: e.to_string(),
+            })?;
+        let pool = ppu_sila::descriptor::pool(&features).map_err(|e| DeviceError::Corrupt {
+            what: "feature definitions".to_owned(),
+            reason: e.to_string(),
+        })?;
+        Ok(Model { features, pool })
+    }
+
     /// The feature named by identifier or by fully qualified identifier.
     pub fn feature(&self, name: &str) -> Option<&Feature> {
         let name = name.trim();
