@@ -331,3 +331,71 @@ async fn load_model(client: &client::Client) -> Result<Model, DeviceError> {
 
 /// A shared model, swapped whole on reconnect.
 type SharedModel = std::sync::RwLock<Option<Arc<Model>>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The simulated shaker's FDL (its "manual"), so the checks run without its server.
+    fn shaker() -> Model {
+        Model::from_fdl(&[include_str!(
+            "../../../simulator/sila/ShakerController.sila.xml"
+        )])
+        .expect("the shaker's FDL reads")
+    }
+
+    fn call(feature: &str, command: &str, parameters: &str) -> schema::Call {
+        schema::Call {
+            feature: feature.into(),
+            command: command.into(),
+            parameters: parameters.into(),
+        }
+    }
+
+    #[test]
+    fn calls_are_checked_against_the_fdl_naming_the_parameter() {
+        let m = shaker();
+        let ok = m
+            .check(
+                &call("ShakerController", "Shake", r#"{"Speed": 1500, "Duration": 1}"#),
+                "s",
+            )
+            .expect("at the bound");
+        assert_eq!(ok.command.identifier, "Shake");
+        assert_eq!(ok.values.len(), 2);
+        m.check(&call("org.ppu/simulation/ShakerController/v1", "Stop", ""), "s")
+            .expect("by fully qualified identifier, no parameters");
+        match m.check(
+            &call("ShakerController", "Shake", r#"{"Speed": -1, "Duration": 1}"#),
+            "s",
+        ) {
+            Err(DeviceError::Limit {
+                field,
+                value,
+                limit,
+            }) => {
+                assert_eq!((field.as_str(), value), ("parameters.Speed", -1.0));
+                assert!(limit.starts_with("the FDL constraint of ShakerController/Shake"), "{limit}");
+            }
+            other => panic!("below the minimum: {other:?}"),
+        }
+        let refused = |c: schema::Call| match m.check(&c, "s") {
+            Err(DeviceError::Refused { what, .. }) => what,
+            other => panic!("{c:?}: {other:?}"),
+        };
+        assert_eq!(
+            refused(call("ShakerController", "Shake", r#"{"Speed": 1}"#)),
+            "parameters.Duration"
+        );
+        assert_eq!(
+            refused(call("ShakerController", "Stop", r#"{"Now": true}"#)),
+            "parameters.Now"
+        );
+        assert_eq!(refused(call("ShakerController", "Spin", "")), "command \"Spin\"");
+        assert!(matches!(
+            m.check(&call("Incubator", "Open", ""), "s"),
+            Err(DeviceError::Unsupported(_))
+        ));
+        assert!(m.cancel_controller().is_none());
+    }
+}

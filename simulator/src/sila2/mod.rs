@@ -180,12 +180,14 @@ impl SimFamily for Sila2Family {
             .arg(
                 Arg::new("port")
                     .long("port")
+                    .help("Loopback port to serve on (0: a free one, printed)")
                     .default_value("50053")
                     .value_parser(clap::value_parser!(u16)),
             )
             .arg(
                 Arg::new("time_scale")
                     .long("time-scale")
+                    .help("Physical seconds per real second")
                     .default_value("1")
                     .value_parser(clap::value_parser!(f64))
                     .action(ArgAction::Set),
@@ -194,7 +196,10 @@ impl SimFamily for Sila2Family {
 
     fn run(&self, args: clap::ArgMatches) -> BoxFuture<'static, anyhow::Result<()>> {
         Box::pin(async move {
-            let port = args.get_one::<u16>("port").copied().unwrap_or(DEV_PORT);
+            let port = match args.get_one::<u16>("port").copied().unwrap_or(DEV_PORT) {
+                0 => free_port(None)?,
+                p => p,
+            };
             let scale = args.get_one::<f64>("time_scale").copied().unwrap_or(1.0);
             let python = python().map_err(anyhow::Error::msg)?;
             let shaker = RunningShaker::start(&python, port, scale).await?;
