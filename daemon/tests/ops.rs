@@ -98,10 +98,47 @@ endpoint = "carrier-pigeon://loft"
             "{problem:?} not reported in:\n{stdout}"
         );
     }
-    // Every line names the file.
+    // Every line names the file, and the line of the key it is about.
     for line in stdout.lines() {
         assert!(line.starts_with(&broken.display().to_string()), "{line}");
     }
+    for at in [
+        ":2: time_scale",
+        ":5: auth.tokens_file",
+        ":8: tls.cert_file",
+        ":13: local.mode",
+        ":16: limits.max_streams",
+        ":21: devices[0].endpoint",
+    ] {
+        let expected = format!("{}{at}", broken.display());
+        assert!(
+            stdout.lines().any(|l| l.starts_with(&expected)),
+            "{expected:?} not in:\n{stdout}"
+        );
+    }
+    // A typo'd key: its path and line, on stdout like any problem.
+    let typo = dir.path().join("typo.toml");
+    std::fs::write(
+        &typo,
+        "[auth]\nopen = true\n\n[[devices]]\ndriver = \"eurotherm\"\nid = \"f\"\n\
+         endpoint = \"modbus-tcp://127.0.0.1:502\"\n[devices.limits]\nmax_temprature_c = 900.0\n",
+    )
+    .expect("write");
+    let out = ppud()
+        .arg("check-config")
+        .arg(&typo)
+        .output()
+        .await
+        .expect("runs");
+    assert!(!out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.starts_with(&format!(
+            "{}:9: devices[0].limits.max_temprature_c: ",
+            typo.display()
+        )),
+        "{stdout}"
+    );
 
     // A config without [auth] is refused by `serve` and reported by `check-config`.
     let no_auth = dir.path().join("no-auth.toml");

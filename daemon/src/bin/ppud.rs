@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use ppu_daemon::app::{Daemon, Options, Security};
 use ppu_daemon::auth::{self, Mode, Role};
-use ppu_daemon::config::{Config, LogFormat, Policies};
+use ppu_daemon::config::{Config, KeyLines, LogFormat, Policies};
 use ppu_daemon::devices::PollSettings;
 use ppu_drivers::Clock;
 use tracing_subscriber::EnvFilter;
@@ -329,14 +329,26 @@ async fn main() -> Result<()> {
         Command::CheckConfig { file } => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
-            let (config, policies) = Config::parse_unchecked(&text, &file)?;
+            let (config, policies) = match Config::parse_unchecked(&text, &file) {
+                Ok(parsed) => parsed,
+                Err(e) => {
+                    // Already `FILE:LINE: key.path: reason`.
+                    println!("{e}");
+                    anyhow::bail!("1 problem in {}", file.display())
+                }
+            };
             let problems = config.problems_with(&policies);
             if problems.is_empty() {
                 println!("{}: ok ({} devices)", file.display(), config.devices.len());
                 Ok(())
             } else {
+                // `FILE:LINE: key.path: reason`, the line of the key the problem names.
+                let lines = KeyLines::new(&text);
                 for p in &problems {
-                    println!("{}: {p}", file.display());
+                    match lines.line_of_problem(p) {
+                        Some(line) => println!("{}:{line}: {p}", file.display()),
+                        None => println!("{}: {p}", file.display()),
+                    }
                 }
                 anyhow::bail!("{} problem(s) in {}", problems.len(), file.display())
             }
