@@ -591,6 +591,7 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let layer = self.layer.clone();
+        let started = std::time::Instant::now();
         let path = req.uri().path().to_owned();
         let request_id = req
             .headers()
@@ -630,7 +631,7 @@ where
                     let status = Status::unauthenticated(
                         "missing or invalid credentials: send `authorization: Bearer <token>`",
                     );
-                    return Ok(finish(status.into_http(), &path, &request_id));
+                    return Ok(finish(status.into_http(), &path, &request_id, started));
                 }
             };
             tracing::Span::current().record("principal", identity.principal.as_str());
@@ -657,7 +658,7 @@ where
                     )
                     .await;
                 }
-                return Ok(finish(status.into_http(), &path, &request_id));
+                return Ok(finish(status.into_http(), &path, &request_id, started));
             }
             req.extensions_mut().insert(caller.clone());
             let resp = undecodable_is_invalid_argument(
@@ -674,7 +675,7 @@ where
                 audit(&layer.store, &caller, &path, code, &message).await;
                 info!(code = code_label(code), role = %identity.role, "mutating call");
             }
-            Ok(finish(resp, &path, &request_id))
+            Ok(finish(resp, &path, &request_id, started))
         };
         Box::pin(fut.instrument(span))
     }
@@ -732,11 +733,22 @@ fn valid_request_id(v: &str) -> bool {
     !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_graphic())
 }
 
-fn finish(mut resp: http::Response<Body>, path: &str, request_id: &str) -> http::Response<Body> {
+fn finish(
+    mut resp: http::Response<Body>,
+    path: &str,
+    request_id: &str,
+    started: std::time::Instant,
+) -> http::Response<Body> {
     let code = Status::from_header_map(resp.headers())
         .map(|s| s.code())
         .unwrap_or(Code::Ok);
     crate::metrics::grpc_request(path, code_label(code));
+    // Unlisted paths are anyone's choice: one series for all of them, not one each.
+    let method = match access_of(path) {
+        Access::Unlisted => "unlisted",
+        _ => path,
+    };
+    crate::metrics::grpc_latency(method, started.elapsed());
     if let Ok(v) = http::HeaderValue::from_str(request_id) {
         resp.headers_mut().insert(REQUEST_ID, v);
     }

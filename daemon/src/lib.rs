@@ -17,6 +17,7 @@ pub mod journal;
 pub mod lifecycle;
 pub mod limits;
 pub mod metrics;
+pub mod process;
 pub mod queue;
 pub mod recovery;
 pub mod results;
