@@ -86,6 +86,48 @@ pub struct Daemon {
     server_task: JoinHandle<Result<(), tonic::transport::Error>>,
     local_task: Option<(PathBuf, JoinHandle<Result<(), tonic::transport::Error>>)>,
     metrics_addr: Option<SocketAddr>,
+    liveness: Liveness,
+    /// The token set the auth layer checks, shared with it: [`Daemon::reload`] swaps it.
+    tokens: Option<crate::auth::Tokens>,
+}
+
+/// Longest a liveness check waits for a store read.
+const LIVENESS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// What the service watchdog checks before each ping (`ppud`'s `WATCHDOG=1`): the gRPC server
+/// still serves and the store answers a read in time. That the check runs at all shows the
+/// async runtime is not wedged. Holds no strong reference, so it never keeps the store open.
+#[derive(Debug, Clone)]
+pub struct Liveness {
+    store: std::sync::Weak<Store>,
+    server_ended: CancellationToken,
+    stop: CancellationToken,
+}
+
+impl Liveness {
+    /// `Ok` when the daemon is alive; else why not. While shutting down it is alive as long as
+    /// the check runs: the stop may take minutes to leave every device safe.
+    pub async fn check(&self) -> Result<(), String> {
+        if self.stop.is_cancelled() {
+            return Ok(());
+        }
+        if self.server_ended.is_cancelled() {
+            return Err("the gRPC server has stopped".to_owned());
+        }
+        let Some(store) = self.store.upgrade() else {
+            return Err("the store is closed".to_owned());
+        };
+        let read = tokio::task::spawn_blocking(move || store.event_count().map(|_| ()));
+        match tokio::time::timeout(LIVENESS_TIMEOUT, read).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(e))) => Err(format!("the store cannot be read: {e}")),
+            Ok(Err(e)) => Err(format!("the store read failed: {e}")),
+            Err(_) => Err(format!(
+                "a store read did not finish within {} s",
+                LIVENESS_TIMEOUT.as_secs()
+            )),
+        }
+    }
 }
 
 impl Daemon {
@@ -151,7 +193,8 @@ impl Daemon {
         devices.spawn_pollers(store, opts.poll, stop.clone());
         crate::allocator::spawn_trimmer(stop.clone());
 
-        let serving = match serve(&opts, &scheduler, &stop, tls).await {
+        let server_ended = CancellationToken::new();
+        let serving = match serve(&opts, &scheduler, &stop, tls, server_ended.clone()).await {
             Ok(serving) => serving,
             Err(e) => {
                 // A failed start leaves nothing running: no task may keep the store open or
@@ -163,6 +206,15 @@ impl Daemon {
                 return Err(e);
             }
         };
+        let tokens = match &opts.security.auth.mode {
+            Mode::Tokens(t) => Some(t.clone()),
+            Mode::Open => None,
+        };
+        let liveness = Liveness {
+            store: Arc::downgrade(scheduler.store()),
+            server_ended,
+            stop: stop.clone(),
+        };
         Ok(Daemon {
             addr: serving.addr,
             stop,
@@ -171,7 +223,28 @@ impl Daemon {
             server_task: serving.server_task,
             local_task: serving.local_task,
             metrics_addr: serving.metrics_addr,
+            liveness,
+            tokens,
         })
+    }
+
+    /// Re-reads what may change without a restart (ppud's SIGHUP): the token file. Calls from
+    /// then on are checked against it; running steps, open streams and calls already admitted
+    /// are not touched. A file with problems changes nothing. Returns what was reloaded.
+    pub fn reload(&self) -> Result<Vec<String>, String> {
+        let mut done = Vec::new();
+        if let Some(tokens) = &self.tokens {
+            let n = tokens.reload().map_err(|e| format!("tokens: {e}"))?;
+            if let Some(path) = tokens.source() {
+                done.push(format!("{n} tokens from {}", path.display()));
+            }
+        }
+        Ok(done)
+    }
+
+    /// The check the service watchdog runs before each ping.
+    pub fn liveness(&self) -> Liveness {
+        self.liveness.clone()
     }
 
     /// Where Prometheus metrics are served, when configured.
@@ -244,6 +317,7 @@ async fn serve(
     scheduler: &Scheduler,
     stop: &CancellationToken,
     tls: Option<ServerTlsConfig>,
+    ended: CancellationToken,
 ) -> Result<Serving, StartError> {
     let listener = TcpListener::bind(opts.listen)
         .await
@@ -315,14 +389,16 @@ async fn serve(
     };
     let shutdown = stop.clone();
     let server_task = tokio::spawn(async move {
-        router
+        let served = router
             .serve_with_incoming_shutdown(
                 // tonic ignores its own tcp_nodelay for an incoming stream; without it a
                 // reply written in two pieces waits ~40 ms for the client's delayed ACK.
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
                 shutdown.cancelled_owned(),
             )
-            .await
+            .await;
+        ended.cancel();
+        served
     });
     info!(%addr, tls = secure, "serving gRPC");
     Ok(Serving {

@@ -28,3 +28,4 @@ pub mod security;
 pub mod server;
 pub mod state;
 pub mod store;
+pub mod systemd;

@@ -8,7 +8,10 @@ use ppu_daemon::app::{Daemon, Options, Security};
 use ppu_daemon::auth::{self, Mode, Role};
 use ppu_daemon::config::{Config, KeyLines, LogFormat, Policies};
 use ppu_daemon::devices::PollSettings;
+use ppu_daemon::systemd::Notifier;
 use ppu_drivers::Clock;
+use std::time::Duration;
+use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 // What only `ppud dev` (the `dev-lab` feature) uses.
 #[cfg(feature = "dev-lab")]
@@ -20,7 +23,6 @@ use {
     ppu_daemon::recovery::{AdoptPolicy, OnRestart, RecoveryPolicy},
     std::net::SocketAddr,
     std::sync::Arc,
-    std::time::Duration,
 };
 
 /// Baud rate of `ppud dev`'s simulated RS-485 line of furnaces.
@@ -372,6 +374,7 @@ async fn run(
     clock: Clock,
     robot: Option<Robot>,
 ) -> Result<()> {
+    let mut signals = Signals::new();
     let drivers = config.drivers().map_err(anyhow::Error::msg)?;
     let scheme = if security.tls.is_some() {
         "https"
@@ -410,7 +413,50 @@ async fn run(
              --tokens-file or [auth] tokens_file)"
         );
     }
-    shutdown_signal().await;
+    // systemd (Type=notify): ready now that the store is open, the devices are configured and
+    // the listener is bound.
+    let notifier = match Notifier::from_env() {
+        Ok(n) => n,
+        Err(e) => {
+            warn!(error = %e, "NOTIFY_SOCKET is unusable; not notifying systemd");
+            None
+        }
+    };
+    let notify = |state: &str| {
+        if let Some(n) = &notifier
+            && let Err(e) = n.notify(state)
+        {
+            warn!(error = %e, state, "could not notify systemd");
+        }
+    };
+    notify(&format!(
+        "READY=1\nSTATUS=serving gRPC on {}",
+        daemon.addr()
+    ));
+    let watchdog_stop = tokio_util::sync::CancellationToken::new();
+    let watchdog = match (&notifier, ppu_daemon::systemd::watchdog_interval()) {
+        (Some(n), Some(interval)) => Some(tokio::spawn(watchdog(
+            n.clone(),
+            interval,
+            daemon.liveness(),
+            watchdog_stop.clone(),
+        ))),
+        _ => None,
+    };
+    loop {
+        match signals.next().await {
+            Signal::Stop => break,
+            Signal::Reload => {
+                notify("RELOADING=1");
+                match daemon.reload() {
+                    Ok(done) => info!(reloaded = %done.join("; "), "reloaded on SIGHUP"),
+                    Err(e) => error!(error = %e, "reload on SIGHUP failed; nothing changed"),
+                }
+                notify("READY=1");
+            }
+        }
+    }
+    notify("STOPPING=1\nSTATUS=stopping: devices to their safe state");
     if let Some(r) = robot {
         #[cfg(feature = "dev-lab")]
         r.stop().await;
@@ -418,28 +464,79 @@ async fn run(
         match r {}
     }
     daemon.shutdown().await;
+    watchdog_stop.cancel();
+    if let Some(w) = watchdog {
+        let _ = w.await;
+    }
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
+/// Pings the service watchdog every half interval while the daemon is alive; a failed check
+/// withholds the ping, so systemd restarts a wedged daemon after `WatchdogSec`. Runs through
+/// the shutdown too (which may take minutes to leave every device safe).
+async fn watchdog(
+    notifier: Notifier,
+    interval: Duration,
+    liveness: ppu_daemon::app::Liveness,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(interval / 2);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
         tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match liveness.check().await {
+            Ok(()) => {
+                if let Err(e) = notifier.notify("WATCHDOG=1") {
+                    warn!(error = %e, "could not ping the systemd watchdog");
+                }
+            }
+            Err(why) => error!(reason = %why, "not alive: withholding the watchdog ping"),
         }
     }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+}
+
+/// What a signal asks of the daemon.
+enum Signal {
+    /// SIGINT or SIGTERM.
+    Stop,
+    /// SIGHUP: re-read the token file.
+    Reload,
+}
+
+/// The signals ppud acts on, registered once at start-up: from then on a SIGHUP reloads
+/// instead of killing the process, even between two waits.
+struct Signals {
+    term: Option<tokio::signal::unix::Signal>,
+    hup: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn new() -> Signals {
+        use tokio::signal::unix::{SignalKind, signal};
+        Signals {
+            term: signal(SignalKind::terminate()).ok(),
+            hup: signal(SignalKind::hangup()).ok(),
+        }
+    }
+
+    async fn next(&mut self) -> Signal {
+        async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
+            match s {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        }
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => Signal::Stop,
+            _ = recv(&mut self.term) => Signal::Stop,
+            _ = recv(&mut self.hup) => Signal::Reload,
+        }
+    }
 }
 
 fn init_logging(filter: &str, format: LogFormat) {
