@@ -11,8 +11,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use tonic::transport::{Certificate, Identity, ServerTlsConfig};
-
 use ppu_drivers::{Clock, Device};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -23,9 +21,10 @@ use crate::auth::{AuthLayer, LocalPolicy, Mode};
 use crate::config::Policies;
 use crate::devices::{Devices, PollSettings};
 use crate::scheduler::Scheduler;
-pub use crate::security::{LocalSocket, Security, TlsPem, check_listen};
+pub use crate::security::{LocalSocket, Security, TlsFiles, TlsPem, check_listen};
 use crate::server::{self, Api};
 use crate::store::{Store, StoreError};
+use crate::tls::ReloadableTls;
 
 /// Longest wait at shutdown for background tasks to release the store.
 const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -89,6 +88,8 @@ pub struct Daemon {
     liveness: Liveness,
     /// The token set the auth layer checks, shared with it: [`Daemon::reload`] swaps it.
     tokens: Option<crate::auth::Tokens>,
+    /// The TLS configuration new connections get, shared with the acceptor: likewise.
+    tls: Option<ReloadableTls>,
 }
 
 /// Longest a liveness check waits for a store read.
@@ -152,7 +153,13 @@ impl Daemon {
                  loopback; never on a lab network (configure [auth] tokens_file)"
             );
         }
-        let tls = server_tls(&opts.security)?;
+        let tls = match &opts.security.tls {
+            Some(pem) => Some(
+                ReloadableTls::new(pem, opts.security.tls_files.clone())
+                    .map_err(StartError::Tls)?,
+            ),
+            None => None,
+        };
         std::fs::create_dir_all(&opts.data_dir).map_err(|source| StartError::DataDir {
             path: opts.data_dir.clone(),
             source,
@@ -194,7 +201,8 @@ impl Daemon {
         crate::allocator::spawn_trimmer(stop.clone());
 
         let server_ended = CancellationToken::new();
-        let serving = match serve(&opts, &scheduler, &stop, tls, server_ended.clone()).await {
+        let serving = match serve(&opts, &scheduler, &stop, tls.clone(), server_ended.clone()).await
+        {
             Ok(serving) => serving,
             Err(e) => {
                 // A failed start leaves nothing running: no task may keep the store open or
@@ -225,21 +233,40 @@ impl Daemon {
             metrics_addr: serving.metrics_addr,
             liveness,
             tokens,
+            tls,
         })
     }
 
-    /// Re-reads what may change without a restart (ppud's SIGHUP): the token file. Calls from
-    /// then on are checked against it; running steps, open streams and calls already admitted
-    /// are not touched. A file with problems changes nothing. Returns what was reloaded.
+    /// Re-reads what may change without a restart (ppud's SIGHUP): the token file, and the
+    /// TLS certificate, key and client CA. Calls from then on are checked against the new
+    /// tokens and new connections get the new certificate; running steps, open streams,
+    /// established connections and calls already admitted are not touched. Each is replaced
+    /// only if its files are valid; returns what was reloaded, or every problem.
     pub fn reload(&self) -> Result<Vec<String>, String> {
         let mut done = Vec::new();
+        let mut problems = Vec::new();
         if let Some(tokens) = &self.tokens {
-            let n = tokens.reload().map_err(|e| format!("tokens: {e}"))?;
-            if let Some(path) = tokens.source() {
-                done.push(format!("{n} tokens from {}", path.display()));
+            match tokens.reload() {
+                Ok(n) => {
+                    if let Some(path) = tokens.source() {
+                        done.push(format!("{n} tokens from {}", path.display()));
+                    }
+                }
+                Err(e) => problems.push(format!("tokens: {e}")),
             }
         }
-        Ok(done)
+        if let Some(tls) = &self.tls {
+            match tls.reload() {
+                Ok(Some(what)) => done.push(what),
+                Ok(None) => {}
+                Err(e) => problems.push(format!("TLS: {e}")),
+            }
+        }
+        if problems.is_empty() {
+            Ok(done)
+        } else {
+            Err(problems.join("; "))
+        }
     }
 
     /// The check the service watchdog runs before each ping.
@@ -316,7 +343,7 @@ async fn serve(
     opts: &Options,
     scheduler: &Scheduler,
     stop: &CancellationToken,
-    tls: Option<ServerTlsConfig>,
+    tls: Option<ReloadableTls>,
     ended: CancellationToken,
 ) -> Result<Serving, StartError> {
     let listener = TcpListener::bind(opts.listen)
@@ -363,9 +390,10 @@ async fn serve(
     // Both routers are built before either serves, so a bad certificate fails the start
     // with nothing listening.
     let secure = tls.is_some();
-    let router = server::router(api.clone(), auth.clone(), tls)
+    // TLS, when configured, is ours (`crate::tls`, reloadable): tonic serves its streams.
+    let router = server::router(api.clone(), auth.clone(), None)
         .await
-        .map_err(|e| StartError::Tls(e.to_string()))?;
+        .map_err(|e| StartError::Server(e.to_string()))?;
     let local_task = match local {
         Some((path, listener)) => {
             let router = server::router(api.clone(), auth.clone(), None)
@@ -388,18 +416,31 @@ async fn serve(
         None => None,
     };
     let shutdown = stop.clone();
-    let server_task = tokio::spawn(async move {
-        let served = router
-            .serve_with_incoming_shutdown(
-                // tonic ignores its own tcp_nodelay for an incoming stream; without it a
-                // reply written in two pieces waits ~40 ms for the client's delayed ACK.
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                shutdown.cancelled_owned(),
-            )
-            .await;
-        ended.cancel();
-        served
-    });
+    let shutdown = shutdown.cancelled_owned();
+    let server_task = match tls {
+        Some(tls) => {
+            let incoming = tls.incoming(listener, stop.clone());
+            tokio::spawn(async move {
+                let served = router
+                    .serve_with_incoming_shutdown(incoming, shutdown)
+                    .await;
+                ended.cancel();
+                served
+            })
+        }
+        None => tokio::spawn(async move {
+            let served = router
+                .serve_with_incoming_shutdown(
+                    // tonic ignores its own tcp_nodelay for an incoming stream; without it a
+                    // reply written in two pieces waits ~40 ms for the client's delayed ACK.
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    shutdown,
+                )
+                .await;
+            ended.cancel();
+            served
+        }),
+    };
     info!(%addr, tls = secure, "serving gRPC");
     Ok(Serving {
         addr,
@@ -434,16 +475,4 @@ fn bind_local(local: &LocalSocket) -> Result<(tokio::net::UnixListener, u32), St
         .map_err(err)?;
     let uid = std::fs::metadata(&local.path).map_err(err)?.uid();
     Ok((listener, uid))
-}
-
-/// tonic's TLS settings for `security`, if it configures TLS.
-fn server_tls(security: &Security) -> Result<Option<ServerTlsConfig>, StartError> {
-    let Some(tls) = &security.tls else {
-        return Ok(None);
-    };
-    let mut config = ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert, &tls.key));
-    if let Some(ca) = &tls.client_ca {
-        config = config.client_ca_root(Certificate::from_pem(ca));
-    }
-    Ok(Some(config))
 }

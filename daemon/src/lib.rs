@@ -29,3 +29,4 @@ pub mod server;
 pub mod state;
 pub mod store;
 pub mod systemd;
+pub mod tls;

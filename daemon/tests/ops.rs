@@ -681,3 +681,99 @@ async fn sighup_reloads_tokens_without_interrupting_a_running_step() {
     assert!(stderr.contains("reloaded on SIGHUP"), "{stderr}");
     furnace.shutdown().await;
 }
+
+/// A CA's PEM and a server certificate and key for localhost/127.0.0.1 signed by it.
+fn server_pki(name: &str) -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, format!("{name} CA"));
+    let ca =
+        CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("key")).expect("CA");
+    let key = KeyPair::generate().expect("key");
+    let cert = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+        .expect("params")
+        .signed_by(&key, &ca)
+        .expect("server cert");
+    (ca.pem(), cert.pem(), key.serialize_pem())
+}
+
+/// A new TLS connection to `addr` trusting only `ca`, and one call on it.
+async fn tls_call(
+    addr: &str,
+    ca: &str,
+) -> Result<QueueServiceClient<tonic::transport::Channel>, String> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .domain_name("localhost");
+    let channel = Endpoint::from_shared(format!("https://{addr}"))
+        .map_err(|e| e.to_string())?
+        .tls_config(tls)
+        .map_err(|e| e.to_string())?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    let mut q = QueueServiceClient::new(channel);
+    q.get_queue(pb::GetQueueRequest::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(q)
+}
+
+/// SIGHUP re-reads the certificate: new connections get the new one, a connection made
+/// before keeps working, and a broken certificate file changes nothing.
+#[tokio::test]
+async fn sighup_gives_new_connections_the_renewed_certificate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (old_ca, old_cert, old_key) = server_pki("old");
+    let (new_ca, new_cert, new_key) = server_pki("new");
+    let (cert, key) = (dir.path().join("server.crt"), dir.path().join("server.key"));
+    std::fs::write(&cert, &old_cert).expect("write cert");
+    std::fs::write(&key, &old_key).expect("write key");
+    let config = dir.path().join("ppud.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = {:?}\n\n[auth]\nopen = true\n\n\
+             [tls]\ncert_file = \"server.crt\"\nkey_file = \"server.key\"\n",
+            dir.path().join("data")
+        ),
+    )
+    .expect("write config");
+    let served = serve(&config, "info", "text").await;
+    let mut before = tls_call(&served.addr, &old_ca)
+        .await
+        .expect("the old certificate");
+    assert!(
+        tls_call(&served.addr, &new_ca).await.is_err(),
+        "not renewed yet"
+    );
+
+    std::fs::write(&cert, &new_cert).expect("renew cert");
+    std::fs::write(&key, &new_key).expect("renew key");
+    signal(&served, "-HUP").await;
+    // Poll (with a deadline) until a new connection gets the renewed certificate.
+    tokio::time::timeout(DEADLINE, async {
+        while tls_call(&served.addr, &new_ca).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("new connections get the new certificate after SIGHUP");
+    assert!(
+        tls_call(&served.addr, &old_ca).await.is_err(),
+        "the old certificate is no longer served"
+    );
+    before
+        .get_queue(pb::GetQueueRequest::default())
+        .await
+        .expect("a connection made before the reload keeps working");
+
+    let stderr = stop(served).await;
+    assert!(stderr.contains("reloaded on SIGHUP"), "{stderr}");
+    assert!(stderr.contains("TLS certificate from"), "{stderr}");
+}

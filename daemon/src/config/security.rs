@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use crate::auth::{Authenticator, Mode, Role, Tokens};
 use crate::limits::Limits;
-use crate::security::{LocalSocket, Security, TlsPem, check_listen};
+use crate::security::{LocalSocket, Security, TlsFiles, TlsPem, check_listen};
 
 /// The security tables. Relative file paths resolve against the config file's directory.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -213,9 +213,15 @@ impl SecurityConfig {
             );
         }
         problems.extend(self.limits.problems());
+        let tls_files = self.tls.as_ref().map(|t| TlsFiles {
+            cert: self.path(&t.cert_file),
+            key: self.path(&t.key_file),
+            client_ca: t.client_ca_file.as_deref().map(|p| self.path(p)),
+        });
         let security = Security {
             auth,
             tls,
+            tls_files,
             insecure_plaintext: self.insecure_plaintext,
             local,
             limits: self.limits.clone(),
