@@ -1,9 +1,10 @@
 //! TLS on the gRPC port with a certificate that can be replaced while serving (ppud's SIGHUP):
 //! each new connection is accepted with the configuration current at its arrival, so a renewed
 //! certificate (or client CA) applies to new connections at once while established ones run on
-//! with the one they were accepted under. tonic's own TLS fixes its configuration when the
-//! server starts, so the handshake happens here (rustls, as tonic uses) and tonic serves the
-//! resulting streams; their connection info is tonic's `TlsConnectInfo`, as before.
+//! with the one they were accepted under. The gRPC server's own TLS fixes its configuration
+//! when it starts, so the handshake happens here (with the same rustls) and the server (`app`)
+//! serves the resulting streams, whose connection info names the peer's certificates as
+//! before.
 
 use std::io;
 use std::sync::{Arc, RwLock};

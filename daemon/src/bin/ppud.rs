@@ -124,7 +124,8 @@ enum Command {
     },
     /// Make a new bearer token for a principal. Prints the token (give it to the client; it is
     /// shown only now) and the `[[token]]` entry to append to the daemon's tokens_file, which
-    /// stores only its SHA-256. Restart ppud to load the changed file.
+    /// stores only its SHA-256. Reload ppud (`systemctl reload ppud`, or SIGHUP) to load the
+    /// changed file.
     ///
     /// Roles: viewer (read only), planner (submit, cancel its own batches, read), technician
     /// (queue control, maintenance, alarms, transfers, cancel any), admin (everything).
@@ -321,7 +322,10 @@ async fn main() -> Result<()> {
             println!("token (give it to {principal}; it is not stored and not shown again):");
             println!("{token}");
             println!();
-            println!("append to the daemon's tokens_file, then restart ppud:");
+            println!(
+                "append to the daemon's tokens_file, then reload ppud (systemctl reload ppud, \
+                 or SIGHUP):"
+            );
             println!("[[token]]");
             println!("principal = {principal:?}");
             println!("role = \"{role}\"");
