@@ -198,18 +198,21 @@ pub struct Identity {
     pub role: Role,
 }
 
+/// Identities by the SHA-256 of their token.
+type ByHash = HashMap<[u8; 32], Identity>;
+
 /// The known tokens, by the SHA-256 of the token. Clones share one set: [`Tokens::reload`]
 /// (ppud's SIGHUP) swaps it for every clone at once, so the serving layer sees a changed token
 /// file from its next call on, without a restart and without touching running work.
 #[derive(Debug, Clone, Default)]
 pub struct Tokens {
-    by_hash: Arc<std::sync::RwLock<Arc<HashMap<[u8; 32], Identity>>>>,
+    by_hash: Arc<std::sync::RwLock<Arc<ByHash>>>,
     /// The file they were loaded from, for [`Tokens::reload`].
     source: Option<std::path::PathBuf>,
 }
 
 impl Tokens {
-    fn with(by_hash: HashMap<[u8; 32], Identity>) -> Tokens {
+    fn with(by_hash: ByHash) -> Tokens {
         Tokens {
             by_hash: Arc::new(std::sync::RwLock::new(Arc::new(by_hash))),
             source: None,
@@ -265,7 +268,7 @@ impl Tokens {
         self.source.as_deref()
     }
 
-    fn snapshot(&self) -> Arc<HashMap<[u8; 32], Identity>> {
+    fn snapshot(&self) -> Arc<ByHash> {
         match self.by_hash.read() {
             Ok(g) => g.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
