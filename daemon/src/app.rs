@@ -241,8 +241,9 @@ impl Daemon {
     /// TLS certificate, key and client CA. Calls from then on are checked against the new
     /// tokens and new connections get the new certificate; running steps, open streams,
     /// established connections and calls already admitted are not touched. Each is replaced
-    /// only if its files are valid; returns what was reloaded, or every problem.
-    pub fn reload(&self) -> Result<Vec<String>, String> {
+    /// only if its files are valid (the other may still be): returns what was reloaded, or
+    /// with `Err` what was reloaded and every problem.
+    pub fn reload(&self) -> Result<Vec<String>, (Vec<String>, String)> {
         let mut done = Vec::new();
         let mut problems = Vec::new();
         if let Some(tokens) = &self.tokens {
@@ -265,7 +266,7 @@ impl Daemon {
         if problems.is_empty() {
             Ok(done)
         } else {
-            Err(problems.join("; "))
+            Err((done, problems.join("; ")))
         }
     }
 

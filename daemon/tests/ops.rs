@@ -744,7 +744,20 @@ async fn sighup_gives_new_connections_the_renewed_certificate() {
         ),
     )
     .expect("write config");
-    let served = serve(&config, "info", "text").await;
+    // The notify socket says when a reload is done (READY=1 after RELOADING=1).
+    let socket_path = dir.path().join("notify.sock");
+    let socket = tokio::net::UnixDatagram::bind(&socket_path).expect("bind the notify socket");
+    let served = serve_env(
+        &config,
+        "info",
+        "text",
+        &[("NOTIFY_SOCKET", socket_path.to_str().expect("utf-8"))],
+    )
+    .await;
+    let reloaded = || async {
+        while notification(&socket).await != "RELOADING=1" {}
+        assert_eq!(notification(&socket).await, "READY=1");
+    };
     let mut before = tls_call(&served.addr, &old_ca)
         .await
         .expect("the old certificate");
@@ -756,14 +769,10 @@ async fn sighup_gives_new_connections_the_renewed_certificate() {
     std::fs::write(&cert, &new_cert).expect("renew cert");
     std::fs::write(&key, &new_key).expect("renew key");
     signal(&served, "-HUP").await;
-    // Poll (with a deadline) until a new connection gets the renewed certificate.
-    tokio::time::timeout(DEADLINE, async {
-        while tls_call(&served.addr, &new_ca).await.is_err() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("new connections get the new certificate after SIGHUP");
+    reloaded().await;
+    tls_call(&served.addr, &new_ca)
+        .await
+        .expect("new connections get the new certificate after SIGHUP");
     assert!(
         tls_call(&served.addr, &old_ca).await.is_err(),
         "the old certificate is no longer served"
@@ -773,7 +782,20 @@ async fn sighup_gives_new_connections_the_renewed_certificate() {
         .await
         .expect("a connection made before the reload keeps working");
 
+    // A key that does not load: the renewed certificate stays.
+    std::fs::write(
+        &key,
+        "-----BEGIN PRIVATE KEY-----\nnope\n-----END PRIVATE KEY-----\n",
+    )
+    .expect("break key");
+    signal(&served, "-HUP").await;
+    reloaded().await;
+    tls_call(&served.addr, &new_ca)
+        .await
+        .expect("a broken key file changes nothing");
+
     let stderr = stop(served).await;
     assert!(stderr.contains("reloaded on SIGHUP"), "{stderr}");
     assert!(stderr.contains("TLS certificate from"), "{stderr}");
+    assert!(stderr.contains("reload on SIGHUP failed"), "{stderr}");
 }

@@ -454,7 +454,11 @@ async fn run(
                 notify("RELOADING=1");
                 match daemon.reload() {
                     Ok(done) => info!(reloaded = %done.join("; "), "reloaded on SIGHUP"),
-                    Err(e) => error!(error = %e, "reload on SIGHUP failed; nothing changed"),
+                    Err((done, e)) => error!(
+                        reloaded = %done.join("; "),
+                        error = %e,
+                        "reload on SIGHUP failed; what failed keeps its previous files"
+                    ),
                 }
                 notify("READY=1");
             }
