@@ -477,3 +477,33 @@ fn bind_local(local: &LocalSocket) -> Result<(tokio::net::UnixListener, u32), St
     let uid = std::fs::metadata(&local.path).map_err(err)?.uid();
     Ok((listener, uid))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn liveness_fails_when_the_server_ends_or_the_store_is_gone_but_not_while_stopping() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join(STORE_FILE)).expect("store");
+        let live = Liveness {
+            store: Arc::downgrade(&store),
+            server_ended: CancellationToken::new(),
+            stop: CancellationToken::new(),
+        };
+        assert_eq!(live.check().await, Ok(()));
+        live.server_ended.cancel();
+        let why = live.check().await.expect_err("the server ended");
+        assert!(why.contains("gRPC server"), "{why}");
+        let live = Liveness {
+            server_ended: CancellationToken::new(),
+            ..live
+        };
+        drop(store);
+        let why = live.check().await.expect_err("the store is gone");
+        assert!(why.contains("store"), "{why}");
+        // A stop in progress is alive for as long as the check runs.
+        live.stop.cancel();
+        assert_eq!(live.check().await, Ok(()));
+    }
+}
