@@ -72,6 +72,23 @@ fn abstract_addr(_name: &[u8]) -> io::Result<SocketAddr> {
     ))
 }
 
+/// `RELOADING=1` with the `MONOTONIC_USEC` systemd wants beside it (sd_notify(3); required
+/// under `Type=notify-reload`, harmless under `Type=notify`). Follow it with `READY=1` once
+/// the reload is done.
+pub fn reloading() -> String {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec.
+    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) } == 0 {
+        let usec = ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000;
+        format!("RELOADING=1\nMONOTONIC_USEC={usec}")
+    } else {
+        "RELOADING=1".to_owned()
+    }
+}
+
 /// The watchdog interval the service manager expects pings within (`WATCHDOG_USEC`), if it
 /// is set for this process (`WATCHDOG_PID`, when present, names it).
 pub fn watchdog_interval() -> Option<Duration> {

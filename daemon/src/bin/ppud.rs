@@ -451,7 +451,7 @@ async fn run(
         match signals.next().await {
             Signal::Stop => break,
             Signal::Reload => {
-                notify("RELOADING=1");
+                notify(&ppu_daemon::systemd::reloading());
                 match daemon.reload() {
                     Ok(done) => info!(reloaded = %done.join("; "), "reloaded on SIGHUP"),
                     Err((done, e)) => error!(
