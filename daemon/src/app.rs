@@ -12,8 +12,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use tonic::transport::{Certificate, Identity, ServerTlsConfig};
-
 use ppu_drivers::{Clock, Device};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -24,9 +22,10 @@ use crate::auth::{AuthLayer, LocalPolicy, Mode};
 use crate::config::Policies;
 use crate::devices::{Devices, PollSettings};
 use crate::scheduler::Scheduler;
-pub use crate::security::{LocalSocket, Security, TlsPem, check_listen};
+pub use crate::security::{LocalSocket, Security, TlsFiles, TlsPem, check_listen};
 use crate::server::{self, Api};
 use crate::store::{Store, StoreError};
+use crate::tls::ReloadableTls;
 
 /// Longest wait at shutdown for background tasks to release the store.
 const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -90,6 +89,50 @@ pub struct Daemon {
     local_task: Option<(PathBuf, JoinHandle<Result<(), tonic::transport::Error>>)>,
     metrics_addr: Option<SocketAddr>,
     sila: Option<crate::sila::Serving>,
+    liveness: Liveness,
+    /// The token set the auth layer checks, shared with it: [`Daemon::reload`] swaps it.
+    tokens: Option<crate::auth::Tokens>,
+    /// The TLS configuration new connections get, shared with the acceptor: likewise.
+    tls: Option<ReloadableTls>,
+}
+
+/// Longest a liveness check waits for a store read.
+const LIVENESS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// What the service watchdog checks before each ping (`ppud`'s `WATCHDOG=1`): the gRPC server
+/// still serves and the store answers a read in time. That the check runs at all shows the
+/// async runtime is not wedged. Holds no strong reference, so it never keeps the store open.
+#[derive(Debug, Clone)]
+pub struct Liveness {
+    store: std::sync::Weak<Store>,
+    server_ended: CancellationToken,
+    stop: CancellationToken,
+}
+
+impl Liveness {
+    /// `Ok` when the daemon is alive; else why not. While shutting down it is alive as long as
+    /// the check runs: the stop may take minutes to leave every device safe.
+    pub async fn check(&self) -> Result<(), String> {
+        if self.stop.is_cancelled() {
+            return Ok(());
+        }
+        if self.server_ended.is_cancelled() {
+            return Err("the gRPC server has stopped".to_owned());
+        }
+        let Some(store) = self.store.upgrade() else {
+            return Err("the store is closed".to_owned());
+        };
+        let read = tokio::task::spawn_blocking(move || store.event_count().map(|_| ()));
+        match tokio::time::timeout(LIVENESS_TIMEOUT, read).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(e))) => Err(format!("the store cannot be read: {e}")),
+            Ok(Err(e)) => Err(format!("the store read failed: {e}")),
+            Err(_) => Err(format!(
+                "a store read did not finish within {} s",
+                LIVENESS_TIMEOUT.as_secs()
+            )),
+        }
+    }
 }
 
 impl Daemon {
@@ -119,7 +162,13 @@ impl Daemon {
                  loopback; never on a lab network (configure [auth] tokens_file)"
             );
         }
-        let tls = server_tls(&opts.security)?;
+        let tls = match &opts.security.tls {
+            Some(pem) => Some(
+                ReloadableTls::new(pem, opts.security.tls_files.clone())
+                    .map_err(StartError::Tls)?,
+            ),
+            None => None,
+        };
         std::fs::create_dir_all(&opts.data_dir).map_err(|source| StartError::DataDir {
             path: opts.data_dir.clone(),
             source,
@@ -160,7 +209,9 @@ impl Daemon {
         devices.spawn_pollers(store, opts.poll, stop.clone());
         crate::allocator::spawn_trimmer(stop.clone());
 
-        let serving = match serve(&opts, &scheduler, &stop, tls).await {
+        let server_ended = CancellationToken::new();
+        let serving = match serve(&opts, &scheduler, &stop, tls.clone(), server_ended.clone()).await
+        {
             Ok(serving) => serving,
             Err(e) => {
                 // A failed start leaves nothing running: no task may keep the store open or
@@ -172,6 +223,15 @@ impl Daemon {
                 return Err(e);
             }
         };
+        let tokens = match &opts.security.auth.mode {
+            Mode::Tokens(t) => Some(t.clone()),
+            Mode::Open => None,
+        };
+        let liveness = Liveness {
+            store: Arc::downgrade(scheduler.store()),
+            server_ended,
+            stop: stop.clone(),
+        };
         Ok(Daemon {
             addr: serving.addr,
             stop,
@@ -181,7 +241,48 @@ impl Daemon {
             local_task: serving.local_task,
             metrics_addr: serving.metrics_addr,
             sila: serving.sila,
+            liveness,
+            tokens,
+            tls,
         })
+    }
+
+    /// Re-reads what may change without a restart (ppud's SIGHUP): the token file, and the
+    /// TLS certificate, key and client CA. Calls from then on are checked against the new
+    /// tokens and new connections get the new certificate; running steps, open streams,
+    /// established connections and calls already admitted are not touched. Each is replaced
+    /// only if its files are valid (the other may still be): returns what was reloaded, or
+    /// with `Err` what was reloaded and every problem.
+    pub fn reload(&self) -> Result<Vec<String>, (Vec<String>, String)> {
+        let mut done = Vec::new();
+        let mut problems = Vec::new();
+        if let Some(tokens) = &self.tokens {
+            match tokens.reload() {
+                Ok(n) => {
+                    if let Some(path) = tokens.source() {
+                        done.push(format!("{n} tokens from {}", path.display()));
+                    }
+                }
+                Err(e) => problems.push(format!("tokens: {e}")),
+            }
+        }
+        if let Some(tls) = &self.tls {
+            match tls.reload() {
+                Ok(Some(what)) => done.push(what),
+                Ok(None) => {}
+                Err(e) => problems.push(format!("TLS: {e}")),
+            }
+        }
+        if problems.is_empty() {
+            Ok(done)
+        } else {
+            Err((done, problems.join("; ")))
+        }
+    }
+
+    /// The check the service watchdog runs before each ping.
+    pub fn liveness(&self) -> Liveness {
+        self.liveness.clone()
     }
 
     /// Where SiLA 2 is served, when configured (useful with port 0).
@@ -267,7 +368,8 @@ async fn serve(
     opts: &Options,
     scheduler: &Scheduler,
     stop: &CancellationToken,
-    tls: Option<ServerTlsConfig>,
+    tls: Option<ReloadableTls>,
+    ended: CancellationToken,
 ) -> Result<Serving, StartError> {
     let listener = TcpListener::bind(opts.listen)
         .await
@@ -325,9 +427,10 @@ async fn serve(
     // with nothing listening.
     let secure = tls.is_some();
     let sila_tls = tls.clone();
-    let router = server::router(api.clone(), auth.clone(), tls)
+    // TLS, when configured, is ours (`crate::tls`, reloadable): tonic serves its streams.
+    let router = server::router(api.clone(), auth.clone(), None)
         .await
-        .map_err(|e| StartError::Tls(e.to_string()))?;
+        .map_err(|e| StartError::Server(e.to_string()))?;
     let sila = match (sila_listener, &opts.security.sila) {
         (Some(listener), Some(settings)) => Some(
             crate::sila::serve(
@@ -370,16 +473,31 @@ async fn serve(
         None => None,
     };
     let shutdown = stop.clone();
-    let server_task = tokio::spawn(async move {
-        router
-            .serve_with_incoming_shutdown(
-                // tonic ignores its own tcp_nodelay for an incoming stream; without it a
-                // reply written in two pieces waits ~40 ms for the client's delayed ACK.
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                shutdown.cancelled_owned(),
-            )
-            .await
-    });
+    let shutdown = shutdown.cancelled_owned();
+    let server_task = match tls {
+        Some(tls) => {
+            let incoming = tls.incoming(listener, stop.clone());
+            tokio::spawn(async move {
+                let served = router
+                    .serve_with_incoming_shutdown(incoming, shutdown)
+                    .await;
+                ended.cancel();
+                served
+            })
+        }
+        None => tokio::spawn(async move {
+            let served = router
+                .serve_with_incoming_shutdown(
+                    // tonic ignores its own tcp_nodelay for an incoming stream; without it a
+                    // reply written in two pieces waits ~40 ms for the client's delayed ACK.
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    shutdown,
+                )
+                .await;
+            ended.cancel();
+            served
+        }),
+    };
     info!(%addr, tls = secure, "serving gRPC");
     Ok(Serving {
         addr,
@@ -417,14 +535,32 @@ fn bind_local(local: &LocalSocket) -> Result<(tokio::net::UnixListener, u32), St
     Ok((listener, uid))
 }
 
-/// tonic's TLS settings for `security`, if it configures TLS.
-fn server_tls(security: &Security) -> Result<Option<ServerTlsConfig>, StartError> {
-    let Some(tls) = &security.tls else {
-        return Ok(None);
-    };
-    let mut config = ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert, &tls.key));
-    if let Some(ca) = &tls.client_ca {
-        config = config.client_ca_root(Certificate::from_pem(ca));
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn liveness_fails_when_the_server_ends_or_the_store_is_gone_but_not_while_stopping() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join(STORE_FILE)).expect("store");
+        let live = Liveness {
+            store: Arc::downgrade(&store),
+            server_ended: CancellationToken::new(),
+            stop: CancellationToken::new(),
+        };
+        assert_eq!(live.check().await, Ok(()));
+        live.server_ended.cancel();
+        let why = live.check().await.expect_err("the server ended");
+        assert!(why.contains("gRPC server"), "{why}");
+        let live = Liveness {
+            server_ended: CancellationToken::new(),
+            ..live
+        };
+        drop(store);
+        let why = live.check().await.expect_err("the store is gone");
+        assert!(why.contains("store"), "{why}");
+        // A stop in progress is alive for as long as the check runs.
+        live.stop.cancel();
+        assert_eq!(live.check().await, Ok(()));
     }
-    Ok(Some(config))
 }

@@ -283,15 +283,35 @@ pub struct Identity {
     pub role: Role,
 }
 
-/// The known tokens, by the SHA-256 of the token.
+/// Identities by the SHA-256 of their token.
+type ByHash = HashMap<[u8; 32], Identity>;
+
+/// The known tokens, by the SHA-256 of the token. Clones share one set: [`Tokens::reload`]
+/// (ppud's SIGHUP) swaps it for every clone at once, so the serving layer sees a changed token
+/// file from its next call on, without a restart and without touching running work.
 #[derive(Debug, Clone, Default)]
 pub struct Tokens {
-    by_hash: HashMap<[u8; 32], Identity>,
+    by_hash: Arc<std::sync::RwLock<Arc<ByHash>>>,
+    /// The file they were loaded from, for [`Tokens::reload`].
+    source: Option<std::path::PathBuf>,
 }
 
 impl Tokens {
+    fn with(by_hash: ByHash) -> Tokens {
+        Tokens {
+            by_hash: Arc::new(std::sync::RwLock::new(Arc::new(by_hash))),
+            source: None,
+        }
+    }
+
     /// Reads a token file (`[[token]]` entries with principal, role and sha256).
     pub fn load(path: &Path) -> Result<Tokens, TokenFileError> {
+        let mut tokens = Tokens::read(path)?;
+        tokens.source = Some(path.to_owned());
+        Ok(tokens)
+    }
+
+    fn read(path: &Path) -> Result<Tokens, TokenFileError> {
         let text = std::fs::read_to_string(path).map_err(|source| TokenFileError::Read {
             path: path.display().to_string(),
             source,
@@ -300,6 +320,44 @@ impl Tokens {
             path: path.display().to_string(),
             message: problems.join("; "),
         })
+    }
+
+    /// Re-reads the file these tokens were loaded from and, if it is valid and not empty,
+    /// replaces the set for every clone: calls from then on are checked against the new file
+    /// (a removed token is refused, an added one admitted); calls already admitted run on.
+    /// On any problem the old set stays. Returns the number of tokens now known.
+    pub fn reload(&self) -> Result<usize, TokenFileError> {
+        let Some(path) = &self.source else {
+            return Ok(self.len());
+        };
+        let fresh = Tokens::read(path)?;
+        let map = fresh.snapshot();
+        if map.is_empty() {
+            return Err(TokenFileError::Invalid {
+                path: path.display().to_string(),
+                message: "no [[token]] entries: nobody could call the daemon; keeping the \
+                          tokens loaded before"
+                    .to_owned(),
+            });
+        }
+        let n = map.len();
+        match self.by_hash.write() {
+            Ok(mut g) => *g = map,
+            Err(poisoned) => *poisoned.into_inner() = map,
+        }
+        Ok(n)
+    }
+
+    /// The file the tokens were loaded from, if any.
+    pub fn source(&self) -> Option<&Path> {
+        self.source.as_deref()
+    }
+
+    fn snapshot(&self) -> Arc<ByHash> {
+        match self.by_hash.read() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
     }
 
     /// Parses a token file; on failure returns every problem found.
@@ -329,7 +387,7 @@ impl Tokens {
             }
         }
         if problems.is_empty() {
-            Ok(Tokens { by_hash })
+            Ok(Tokens::with(by_hash))
         } else {
             Err(problems)
         }
@@ -337,8 +395,8 @@ impl Tokens {
 
     /// A token set from `(token, principal, role)` triples, for tests and `ppud dev --token`.
     pub fn from_plain<'a>(entries: impl IntoIterator<Item = (&'a str, &'a str, Role)>) -> Tokens {
-        Tokens {
-            by_hash: entries
+        Tokens::with(
+            entries
                 .into_iter()
                 .map(|(t, p, role)| {
                     (
@@ -350,19 +408,19 @@ impl Tokens {
                     )
                 })
                 .collect(),
-        }
+        )
     }
 
     pub fn len(&self) -> usize {
-        self.by_hash.len()
+        self.snapshot().len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_hash.is_empty()
+        self.len() == 0
     }
 
-    fn lookup(&self, token: &str) -> Option<&Identity> {
-        self.by_hash.get(&hash_token(token))
+    fn lookup(&self, token: &str) -> Option<Identity> {
+        self.snapshot().get(&hash_token(token)).cloned()
     }
 }
 
@@ -601,7 +659,7 @@ impl Authenticator {
             return Err(Refusal::Unknown);
         };
         match token? {
-            Some(token) => tokens.lookup(&token).cloned().ok_or(Refusal::Unknown),
+            Some(token) => tokens.lookup(&token).ok_or(Refusal::Unknown),
             None => match (&self.local, peer.transport, peer.uid) {
                 (Some(local), Transport::Unix, Some(uid)) => {
                     let role = if uid == 0 || uid == local.own_uid {
@@ -708,6 +766,7 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let layer = self.layer.clone();
+        let started = std::time::Instant::now();
         let path = req.uri().path().to_owned();
         let request_id = req
             .headers()
@@ -754,7 +813,7 @@ where
                     let status = Status::unauthenticated(
                         "missing or invalid credentials: send `authorization: Bearer <token>`",
                     );
-                    return Ok(finish(status.into_http(), &path, &request_id));
+                    return Ok(finish(status.into_http(), &path, &request_id, started));
                 }
             };
             tracing::Span::current().record("principal", identity.principal.as_str());
@@ -782,7 +841,7 @@ where
                     )
                     .await;
                 }
-                return Ok(finish(status.into_http(), &path, &request_id));
+                return Ok(finish(status.into_http(), &path, &request_id, started));
             }
             req.extensions_mut().insert(caller.clone());
             let resp = undecodable_is_invalid_argument(
@@ -807,7 +866,7 @@ where
                 .await;
                 info!(code = code_label(code), role = %identity.role, "mutating call");
             }
-            Ok(finish(resp, &path, &request_id))
+            Ok(finish(resp, &path, &request_id, started))
         };
         Box::pin(fut.instrument(span))
     }
@@ -865,11 +924,22 @@ fn valid_request_id(v: &str) -> bool {
     !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_graphic())
 }
 
-fn finish(mut resp: http::Response<Body>, path: &str, request_id: &str) -> http::Response<Body> {
+fn finish(
+    mut resp: http::Response<Body>,
+    path: &str,
+    request_id: &str,
+    started: std::time::Instant,
+) -> http::Response<Body> {
     let code = Status::from_header_map(resp.headers())
         .map(|s| s.code())
         .unwrap_or(Code::Ok);
     crate::metrics::grpc_request(path, code_label(code));
+    // Unlisted paths are anyone's choice: one series for all of them, not one each.
+    let method = match access_of(path) {
+        Access::Unlisted => "unlisted",
+        _ => path,
+    };
+    crate::metrics::grpc_latency(method, started.elapsed());
     if let Ok(v) = http::HeaderValue::from_str(request_id) {
         resp.headers_mut().insert(REQUEST_ID, v);
     }
@@ -995,7 +1065,7 @@ mod tests {
         let tokens = Tokens::parse(&text).expect("valid file");
         assert_eq!(
             tokens.lookup(token),
-            Some(&Identity {
+            Some(Identity {
                 principal: "gp".into(),
                 role: Role::Planner
             })
@@ -1007,6 +1077,37 @@ mod tests {
         assert!(
             Tokens::parse("[[token]]\nprincipal = \"x\"\nrole = \"root\"\nsha256 = \"\"").is_err()
         );
+    }
+
+    #[test]
+    fn a_reload_swaps_the_set_for_every_clone_and_a_bad_file_changes_nothing() {
+        let entry = |t: &str, p: &str| {
+            format!(
+                "[[token]]\nprincipal = \"{p}\"\nrole = \"admin\"\nsha256 = \"{}\"\n",
+                hex(&hash_token(t))
+            )
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("tokens.toml");
+        std::fs::write(&file, entry("ppu_a", "a")).expect("write");
+        let tokens = Tokens::load(&file).expect("load");
+        let serving = tokens.clone();
+        assert!(serving.lookup("ppu_a").is_some() && serving.lookup("ppu_b").is_none());
+        std::fs::write(&file, entry("ppu_b", "b")).expect("write");
+        assert_eq!(tokens.reload().expect("reload"), 1);
+        assert!(serving.lookup("ppu_a").is_none(), "removed: refused");
+        assert_eq!(
+            serving.lookup("ppu_b").map(|i| i.principal),
+            Some("b".into())
+        );
+        for bad in ["", "[[token]]\nprincipal = \"x\"\n"] {
+            std::fs::write(&file, bad).expect("write");
+            assert!(tokens.reload().is_err(), "{bad:?}");
+            assert!(serving.lookup("ppu_b").is_some(), "kept after {bad:?}");
+        }
+        std::fs::remove_file(&file).expect("remove");
+        assert!(tokens.reload().is_err());
+        assert!(serving.lookup("ppu_b").is_some());
     }
 
     #[test]

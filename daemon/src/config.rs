@@ -384,49 +384,62 @@ impl Config {
     /// Parses and validates config text with its policy tables.
     pub fn parse_with_policies(text: &str, path: &Path) -> Result<(Config, Policies), ConfigError> {
         let (c, p) = Self::parse_unchecked(text, path)?;
+        let lines = KeyLines::new(text);
         c.problems_with(&p)
             .into_iter()
             .next()
             .map_or(Ok((c, p)), |message| {
-                Err(ConfigError::Invalid {
-                    path: path.to_owned(),
-                    message,
-                })
+                match lines.line_of_problem(&message) {
+                    Some(line) => Err(ConfigError::At {
+                        path: path.to_owned(),
+                        line,
+                        message,
+                    }),
+                    None => Err(ConfigError::Invalid {
+                        path: path.to_owned(),
+                        message,
+                    }),
+                }
             })
     }
 
     /// Parses config text (refusing unknown keys) without checking values; see
     /// [`Config::problems_with`]. Each `[[devices]]` table goes to the registered driver its
-    /// `driver` key names; an error in one names the key's full path and its line.
+    /// `driver` key names. Every error names the key's full path and its line
+    /// (`FILE:LINE: retry.devices.f.retires: unknown field …`).
     pub fn parse_unchecked(text: &str, path: &Path) -> Result<(Config, Policies), ConfigError> {
-        let parse_error = |e: toml::de::Error| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.to_string(),
-        };
-        let mut table: toml::Table = toml::from_str(text).map_err(parse_error)?;
-        if let Some(key) = table.keys().find(|k| !TOP_LEVEL_KEYS.contains(&k.as_str())) {
-            return Err(ConfigError::Parse {
-                path: path.to_owned(),
-                message: format!(
-                    "unknown key `{key}`, expected one of {}",
-                    TOP_LEVEL_KEYS.join(", ")
-                ),
-            });
-        }
-        let mut c: Config = toml::from_str(text).map_err(parse_error)?;
-        let mut p: Policies = toml::from_str(text).map_err(parse_error)?;
-        p.security.base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        c.devices = parse_devices(table.remove("devices"), text).map_err(|e| match e.line {
-            Some(line) => ConfigError::At {
-                path: path.to_owned(),
+        let lines = KeyLines::new(text);
+        let at = |e: KeyError| lines.error(path, e);
+        let syntax = |e: toml::de::Error| {
+            let line = e
+                .span()
+                .and_then(|s| text.get(..s.start))
+                .map(|before| before.matches('\n').count() + 1);
+            at(KeyError {
+                path: String::new(),
+                message: e.message().trim_end().to_owned(),
                 line,
-                message: e.message,
-            },
-            None => ConfigError::Parse {
-                path: path.to_owned(),
-                message: e.message,
-            },
-        })?;
+            })
+        };
+        let mut table: toml::Table = toml::from_str(text).map_err(syntax)?;
+        if let Some(key) = table.keys().find(|k| !TOP_LEVEL_KEYS.contains(&k.as_str())) {
+            return Err(at(KeyError::new(
+                key,
+                format!("unknown key, expected one of {}", TOP_LEVEL_KEYS.join(", ")),
+            )));
+        }
+        let whole = toml::Value::Table(table.clone());
+        let mut c: Config = deserialize_at(whole.clone(), "").map_err(at)?;
+        // The policy tables one by one: `Policies` flattens the security tables, and serde
+        // loses the key's path inside a flattened struct.
+        check_recovery(table.get("recovery")).map_err(at)?;
+        if let Some(retry) = table.get("retry") {
+            deserialize_at::<RetryConfig>(retry.clone(), "retry").map_err(at)?;
+        }
+        deserialize_at::<SecurityConfig>(whole, "").map_err(at)?;
+        let mut p: Policies = toml::from_str(text).map_err(syntax)?;
+        p.security.base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        c.devices = parse_devices(table.remove("devices")).map_err(at)?;
         Ok((c, p))
     }
 
@@ -625,30 +638,158 @@ impl Config {
     }
 }
 
-/// An error in one `[[devices]]` table: the message names the key's full path, and `line` is
-/// where the key (or else its table) is in the file.
-struct DeviceError {
-    line: Option<usize>,
+/// A bad key: its full path (`devices[1].limits.max_hold_s`, empty for the file itself), what
+/// is wrong, and its line when known better than by the path (a syntax error).
+#[derive(Debug)]
+struct KeyError {
+    path: String,
     message: String,
+    line: Option<usize>,
+}
+
+impl KeyError {
+    fn new(path: impl Into<String>, message: impl Into<String>) -> KeyError {
+        KeyError {
+            path: path.into(),
+            message: message.into(),
+            line: None,
+        }
+    }
+}
+
+/// Finds the line of a key path (`devices[1].limits.max_hold_s`) in the config text: the
+/// key's own line, or else the line of its deepest table that is in the file.
+pub struct KeyLines<'t> {
+    text: &'t str,
+    root: Option<toml::Spanned<toml::de::DeTable<'t>>>,
+}
+
+impl<'t> KeyLines<'t> {
+    pub fn new(text: &'t str) -> KeyLines<'t> {
+        KeyLines {
+            text,
+            root: toml::de::DeTable::parse(text).ok(),
+        }
+    }
+
+    /// The line of `path`, if any part of it is in the file.
+    pub fn line(&self, path: &str) -> Option<usize> {
+        self.line_of(&PathPart::parse(path))
+    }
+
+    /// The line of the key a problem names by its leading path (`devices[0].endpoint: …`).
+    pub fn line_of_problem(&self, problem: &str) -> Option<usize> {
+        let (path, _) = problem.split_once(": ")?;
+        if path.contains(' ') {
+            return None;
+        }
+        self.line(path)
+    }
+
+    fn line_of(&self, parts: &[PathPart<'_>]) -> Option<usize> {
+        let at = locate(self.root.as_ref()?.get_ref(), parts)?;
+        Some(self.text.get(..at.start)?.matches('\n').count() + 1)
+    }
+
+    /// `FILE:LINE: path: message` (without the line when no part of the path is in the file).
+    fn error(&self, file: &Path, e: KeyError) -> ConfigError {
+        let message = if e.path.is_empty() {
+            e.message
+        } else {
+            format!("{}: {}", e.path, e.message)
+        };
+        match e.line.or_else(|| self.line(&e.path)) {
+            Some(line) => ConfigError::At {
+                path: file.to_owned(),
+                line,
+                message,
+            },
+            None => ConfigError::Parse {
+                path: file.to_owned(),
+                message,
+            },
+        }
+    }
+}
+
+/// Deserializes `value` (the table at `prefix`), naming the key path of an error. Where serde
+/// loses the path (inside an internally tagged enum such as a `[[buses]]` entry), an unknown
+/// field's name is taken from the message.
+fn deserialize_at<T: serde::de::DeserializeOwned>(
+    value: toml::Value,
+    prefix: &str,
+) -> Result<T, KeyError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let inner = e.path().to_string();
+        let mut path = match (prefix, inner.as_str()) {
+            (p, ".") => p.to_owned(),
+            ("", i) => i.to_owned(),
+            (p, i) if i.starts_with('[') => format!("{p}{i}"),
+            (p, i) => format!("{p}.{i}"),
+        };
+        let message = e.inner().message().trim_end().to_owned();
+        if let Some(field) = message
+            .strip_prefix("unknown field `")
+            .and_then(|m| m.split_once('`'))
+            .map(|(f, _)| f)
+            && !path.ends_with(field)
+        {
+            if !path.is_empty() {
+                path.push('.');
+            }
+            path.push_str(field);
+        }
+        KeyError::new(path, message)
+    })
+}
+
+/// Checks the `[recovery]` table key by key: `on_restart`, or a device family's name (whose
+/// value is `adopt` or `safe`). `RecoveryPolicy` takes the families as a flattened map, so
+/// serde alone would read a typo'd `on_restart` as a family and name neither the key nor
+/// its line.
+fn check_recovery(value: Option<&toml::Value>) -> Result<(), KeyError> {
+    use crate::recovery::{AdoptPolicy, OnRestart};
+    let Some(value) = value else {
+        return Ok(());
+    };
+    let Some(table) = value.as_table() else {
+        return Err(KeyError::new("recovery", "must be a table ([recovery])"));
+    };
+    let families = crate::schema::schema()
+        .families()
+        .iter()
+        .map(|f| f.name().to_owned())
+        .collect::<Vec<_>>();
+    for (key, v) in table {
+        let at = format!("recovery.{key}");
+        if key == "on_restart" {
+            deserialize_at::<OnRestart>(v.clone(), &at)?;
+        } else if families.contains(key) {
+            deserialize_at::<AdoptPolicy>(v.clone(), &at)?;
+        } else {
+            return Err(KeyError::new(
+                at,
+                format!(
+                    "unknown key, expected on_restart or a device family ({})",
+                    families.join(", ")
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Reads `[[devices]]`: each table through the registered driver its `driver` key names, its
 /// limit names checked against the family's schema.
-fn parse_devices(value: Option<toml::Value>, text: &str) -> Result<Vec<DeviceConfig>, DeviceError> {
+fn parse_devices(value: Option<toml::Value>) -> Result<Vec<DeviceConfig>, KeyError> {
     let Some(value) = value else {
         return Ok(Vec::new());
     };
-    let spans = toml::de::DeTable::parse(text).ok();
-    let line_of = |parts: &[PathPart<'_>]| {
-        let root = spans.as_ref()?;
-        let at = locate(root.get_ref(), parts)?;
-        Some(text.get(..at.start)?.matches('\n').count() + 1)
-    };
     let toml::Value::Array(items) = value else {
-        return Err(DeviceError {
-            line: line_of(&[PathPart::Key("devices")]),
-            message: "devices: must be an array of tables ([[devices]])".to_owned(),
-        });
+        return Err(KeyError::new(
+            "devices",
+            "must be an array of tables ([[devices]])",
+        ));
     };
     let schema = crate::schema::schema();
     let mut out = Vec::with_capacity(items.len());
@@ -658,8 +799,6 @@ fn parse_devices(value: Option<toml::Value>, text: &str) -> Result<Vec<DeviceCon
             .and_then(toml::Value::as_str)
             .map(str::to_owned);
         let error = |key: &str, message: String| {
-            let mut parts = vec![PathPart::Key("devices"), PathPart::Index(i)];
-            parts.extend(PathPart::parse(key));
             let device = id
                 .as_ref()
                 .map(|id| format!(" (device \"{id}\")"))
@@ -669,10 +808,10 @@ fn parse_devices(value: Option<toml::Value>, text: &str) -> Result<Vec<DeviceCon
             } else {
                 "."
             };
-            DeviceError {
-                line: line_of(&parts),
-                message: format!("devices[{i}]{dot}{key}: {message}{device}"),
-            }
+            KeyError::new(
+                format!("devices[{i}]{dot}{key}"),
+                format!("{message}{device}"),
+            )
         };
         let toml::Value::Table(mut table) = item else {
             return Err(error("", "must be a table ([[devices]])".to_owned()));
@@ -1182,6 +1321,100 @@ mod tests {
                  (device \"balance-1\")",
                 registry::driver_names().join(", ")
             )
+        );
+    }
+
+    /// A typo'd key in every table is reported as `FILE:LINE: key.path: reason`, the line
+    /// being the key's own.
+    #[test]
+    fn a_typo_in_any_table_names_its_key_path_and_line() {
+        let open = "[auth]\nopen = true\n";
+        let furnace = "[[devices]]\ndriver = \"eurotherm\"\nid = \"f\"\n\
+            endpoint = \"modbus-tcp://127.0.0.1:502\"\n";
+        let cases: Vec<(String, &str)> = vec![
+            ("listne = 1\n".to_owned(), "x.toml:1: listne: unknown key"),
+            (
+                "[auth]\nopen = true\ntokens_fle = \"t\"\n".to_owned(),
+                "x.toml:3: auth.tokens_fle: unknown field `tokens_fle`",
+            ),
+            (
+                format!("{open}[tls]\ncert_file = \"a\"\nkey_fle = \"b\"\n"),
+                "x.toml:5: tls.key_fle: unknown field",
+            ),
+            (
+                format!("{open}[local]\nsockt = \"/run/x\"\n"),
+                "x.toml:4: local.sockt: unknown field",
+            ),
+            (
+                format!("{open}[metrics]\nlistne = \"127.0.0.1:9\"\n"),
+                "x.toml:4: metrics.listne: unknown field",
+            ),
+            (
+                format!("{open}[log]\nfromat = \"json\"\n"),
+                "x.toml:4: log.fromat: unknown field",
+            ),
+            (
+                format!("{open}[limits]\nmax_streams = 3\nmax_stream = 2\n"),
+                "x.toml:5: limits.max_stream: unknown field",
+            ),
+            (
+                format!("{open}[poll]\ninterval = 3\n"),
+                "x.toml:4: poll.interval: unknown field",
+            ),
+            (
+                format!("{open}[recovery]\non_restrat = \"resume\"\n"),
+                "x.toml:4: recovery.on_restrat: unknown key, expected on_restart or a device \
+                 family (",
+            ),
+            (
+                format!("{open}[recovery]\nfurnace = \"adopt\"\non_restart = \"resme\"\n"),
+                "x.toml:5: recovery.on_restart: unknown variant `resme`",
+            ),
+            (
+                format!("{open}[retry]\nretires = 2\n"),
+                "x.toml:4: retry.retires: unknown field",
+            ),
+            (
+                format!("{open}[retry.devices.f]\nretries = 1\nbackoff = 2\n{furnace}"),
+                "x.toml:5: retry.devices.f.backoff: unknown field",
+            ),
+            (
+                format!(
+                    "{open}[[buses]]\nid = \"a\"\nkind = \"serial\"\nport = \"/dev/x\"\n\
+                     [[buses]]\nid = \"b\"\nkind = \"serial\"\nport = \"/dev/y\"\nbaud = 3\n"
+                ),
+                "x.toml:11: buses[1].baud: unknown field `baud`",
+            ),
+            (
+                format!("{open}{furnace}[devices.limit]\nmax_temperature_c = 1.0\n"),
+                "x.toml:7: devices[0].limit: unknown field `limit`",
+            ),
+            (
+                format!("{open}{furnace}{furnace}[devices.limits]\nmax_temperature = 1.0\n"),
+                "x.toml:12: devices[1].limits.max_temperature: the furnace family refers to no",
+            ),
+        ];
+        for (text, expected) in cases {
+            let e = Config::parse(&text, Path::new("x.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with(expected), "{text}\n{e}\nexpected {expected}");
+        }
+        // A syntax error: its line.
+        let e = Config::parse("[auth]\nopen = true\nlisten =\n", Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("x.toml:3: "), "{e}");
+        // A bad value found after parsing names its key's line too.
+        let e = Config::parse(
+            "time_scale = -1.0\n[auth]\nopen = true\n",
+            Path::new("x.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("x.toml:1: time_scale: -1 must be a positive number"),
+            "{e}"
         );
     }
 

@@ -67,6 +67,23 @@ pub const GRPC_REQUESTS: &str = "ppu_grpc_requests_total";
 /// Requests whose body did not decode (answered INVALID_ARGUMENT); label `method`.
 pub const GRPC_DECODE_ERRORS: &str = "ppu_grpc_decode_errors_total";
 
+/// Always 1; labels `version` (the crate's) and `git_commit` (at build time, empty if unknown).
+pub const BUILD_INFO: &str = "ppu_build_info";
+/// 1 while the last exchange with a device succeeded, else 0; label `device`.
+pub const DEVICE_UP: &str = "ppu_device_up";
+/// Alarms not yet cleared (the daemon's own included); label `severity` (`warning`,
+/// `critical`).
+pub const ALARMS_ACTIVE: &str = "ppu_alarms_active";
+/// Real time from a gRPC call's arrival to its reply's headers (for a stream: until it opens),
+/// refusals included; label `method`.
+pub const GRPC_REQUEST_DURATION: &str = "ppu_grpc_request_duration_seconds";
+
+/// The git commit ppud was built from (`daemon/build.rs`), empty when unknown.
+pub const GIT_COMMIT: &str = match option_env!("PPU_GIT_COMMIT") {
+    Some(c) => c,
+    None => "",
+};
+
 /// Largest request head the endpoint reads (hyper's smallest buffer limit); a longer one is
 /// answered 431.
 pub const MAX_HEAD: usize = 8 * 1024;
@@ -91,6 +108,16 @@ const STEP_BUCKETS: &[f64] = &[
 const REQUEST_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
+
+/// Upper bounds (seconds) of the gRPC latency buckets: a read answers in well under a
+/// millisecond, a submission commits to disk (a few ms), a slow disk or a large batch seconds.
+const RPC_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// Every value of the `severity` label of [`ALARMS_ACTIVE`].
+pub const ALARM_SEVERITIES: [&str; 2] = ["warning", "critical"];
 
 /// Every value of the `kind` label of [`DEVICE_ERRORS`].
 pub const DEVICE_ERROR_KINDS: [&str; 8] = [
@@ -170,6 +197,11 @@ pub fn grpc_request(method: &str, code: &'static str) {
     counter!(GRPC_REQUESTS, "method" => method.to_owned(), "code" => code).increment(1);
 }
 
+/// A gRPC call to `method` (full path) got its reply's headers `elapsed` after it arrived.
+pub fn grpc_latency(method: &str, elapsed: Duration) {
+    histogram!(GRPC_REQUEST_DURATION, "method" => method.to_owned()).record(elapsed.as_secs_f64());
+}
+
 /// A request to `method` (full path) did not decode.
 pub fn grpc_decode_error(method: &str) {
     counter!(GRPC_DECODE_ERRORS, "method" => method.to_owned()).increment(1);
@@ -246,6 +278,12 @@ pub fn install() -> Result<&'static PrometheusHandle, String> {
                         REQUEST_BUCKETS,
                     )
                 })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(GRPC_REQUEST_DURATION.to_owned()),
+                        RPC_BUCKETS,
+                    )
+                })
                 .and_then(|b| b.install_recorder())
                 .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
             describe_all();
@@ -312,6 +350,26 @@ fn describe_all() {
         Unit::Count,
         "Finished gRPC calls, by full method and status code."
     );
+    describe_gauge!(
+        BUILD_INFO,
+        Unit::Count,
+        "Always 1: the version of ppud and the git commit it was built from."
+    );
+    describe_gauge!(
+        DEVICE_UP,
+        Unit::Count,
+        "1 while the last exchange with the device succeeded, else 0, by device."
+    );
+    describe_gauge!(
+        ALARMS_ACTIVE,
+        Unit::Count,
+        "Alarms not yet cleared, the daemon's own included, by severity."
+    );
+    describe_histogram!(
+        GRPC_REQUEST_DURATION,
+        Unit::Seconds,
+        "Real time from a gRPC call's arrival to its reply's headers (a stream: until it opens), refusals included, by full method."
+    );
     describe_counter!(
         GRPC_DECODE_ERRORS,
         Unit::Count,
@@ -328,6 +386,10 @@ fn register_process_series() {
     }
     gauge!(EVENT_LOG_EVENTS).set(0.0);
     gauge!(EVENT_LOG_BYTES).set(0.0);
+    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"), "git_commit" => GIT_COMMIT).set(1.0);
+    for severity in ALARM_SEVERITIES {
+        gauge!(ALARMS_ACTIVE, "severity" => severity).set(0.0);
+    }
     // Every family the daemon was built with, from the schema.
     for f in crate::schema::schema().families() {
         let _ = histogram!(STEP_DURATION, "family" => f.name().to_owned());
@@ -337,6 +399,7 @@ fn register_process_series() {
     }
     for method in api_methods() {
         counter!(GRPC_DECODE_ERRORS, "method" => method.clone()).increment(0);
+        let _ = histogram!(GRPC_REQUEST_DURATION, "method" => method.clone());
         counter!(GRPC_REQUESTS, "method" => method, "code" => "OK").increment(0);
     }
 }
@@ -370,6 +433,7 @@ fn register_device_series(lab: &dyn Scraped) {
         let transport = transport_label(&d.transport);
         counter!(TRANSPORT_RECONNECTS, "transport" => transport, "device" => id.clone())
             .increment(0);
+        gauge!(DEVICE_UP, "device" => id.clone()).set(0.0);
         gauge!(DEVICE_UNSAFE, "device" => id).set(0.0);
     }
 }
@@ -382,6 +446,8 @@ pub struct DeviceGauge {
     pub transport: String,
     /// Not confirmed in its safe state.
     pub unsafe_now: bool,
+    /// The last exchange with it succeeded.
+    pub up: bool,
 }
 
 /// What a scrape reads from the daemon. The scheduler implements it, so this module (which the
@@ -391,6 +457,8 @@ pub trait Scraped: Send + Sync + 'static {
     fn queue_depth(&self) -> usize;
     fn store(&self) -> &Store;
     fn device_gauges(&self) -> Vec<DeviceGauge>;
+    /// Alarms not yet cleared, the daemon's own included.
+    fn active_alarms(&self) -> Vec<ppu_proto::v1::ActiveAlarm>;
 }
 
 /// Sets the state gauges from `lab` and renders every series. Blocking (a store read); holds
@@ -409,9 +477,20 @@ fn scrape(handle: &PrometheusHandle, lab: &dyn Scraped) -> String {
     gauge!(EVENT_LOG_BYTES).set(store.event_log_bytes() as f64);
     for d in lab.device_gauges() {
         let unsafe_now = if d.unsafe_now { 1.0 } else { 0.0 };
+        gauge!(DEVICE_UP, "device" => d.id.clone()).set(if d.up { 1.0 } else { 0.0 });
         gauge!(DEVICE_UNSAFE, "device" => d.id).set(unsafe_now);
     }
-    handle.render()
+    let mut by_severity = [0usize; ALARM_SEVERITIES.len()];
+    for a in lab.active_alarms().iter().filter(|a| !a.cleared) {
+        let critical = a.severity == ppu_proto::v1::AlarmSeverity::Critical as i32;
+        by_severity[usize::from(critical)] += 1;
+    }
+    for (severity, n) in ALARM_SEVERITIES.iter().zip(by_severity) {
+        gauge!(ALARMS_ACTIVE, "severity" => *severity).set(n as f64);
+    }
+    let mut out = handle.render();
+    crate::process::render(&mut out);
+    out
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -43,6 +43,31 @@ pub struct TlsPem {
     pub client_ca: Option<Vec<u8>>,
 }
 
+/// Where the TLS PEM files are, so a reload (SIGHUP) can read them again.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+}
+
+impl TlsFiles {
+    /// Reads the three files; an error names the one that failed.
+    pub fn read(&self) -> Result<TlsPem, String> {
+        let read = |key: &str, p: &PathBuf| {
+            std::fs::read(p).map_err(|e| format!("{key}: cannot read {}: {e}", p.display()))
+        };
+        Ok(TlsPem {
+            cert: read("tls.cert_file", &self.cert)?,
+            key: read("tls.key_file", &self.key)?,
+            client_ca: match &self.client_ca {
+                Some(p) => Some(read("tls.client_ca_file", p)?),
+                None => None,
+            },
+        })
+    }
+}
+
 /// The Unix socket for tools on this host.
 #[derive(Debug, Clone)]
 pub struct LocalSocket {
@@ -61,6 +86,8 @@ pub struct LocalSocket {
 pub struct Security {
     pub auth: Authenticator,
     pub tls: Option<TlsPem>,
+    /// Where `tls` was read from, for a reload; none when it was given as bytes.
+    pub tls_files: Option<TlsFiles>,
     /// Allow plain-text gRPC on a non-loopback address.
     pub insecure_plaintext: bool,
     pub local: Option<LocalSocket>,

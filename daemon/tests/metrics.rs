@@ -28,7 +28,7 @@ const TIME_SCALE: f64 = 2000.0;
 const DEADLINE: Duration = Duration::from_secs(60);
 
 /// Every series the design names.
-const SERIES: [&str; 12] = [
+const SERIES: [&str; 22] = [
     "ppu_queue_depth",
     "ppu_experiments",
     "ppu_step_duration_seconds",
@@ -41,6 +41,17 @@ const SERIES: [&str; 12] = [
     "ppu_active_streams",
     "ppu_grpc_requests_total",
     "ppu_grpc_decode_errors_total",
+    "ppu_build_info",
+    "ppu_device_up",
+    "ppu_alarms_active",
+    "ppu_grpc_request_duration_seconds",
+    // The process collector.
+    "process_cpu_seconds_total",
+    "process_resident_memory_bytes",
+    "process_virtual_memory_bytes",
+    "process_open_fds",
+    "process_max_fds",
+    "process_start_time_seconds",
 ];
 
 /// A sample's labels.
@@ -145,23 +156,23 @@ async fn scrape(addr: SocketAddr) -> Scrape {
     Scrape::parse(body.to_owned())
 }
 
-/// Waits for the first logged event that satisfies `pred`.
+/// Waits for the first logged event that satisfies `pred` and returns it.
 async fn wait_event(
     events: &mut broadcast::Receiver<Arc<pb::Event>>,
     what: &str,
     pred: impl Fn(&pb::Event) -> bool,
-) {
+) -> Arc<pb::Event> {
     let found = tokio::time::timeout(DEADLINE, async {
         loop {
             match events.recv().await {
-                Ok(e) if pred(&e) => return,
+                Ok(e) if pred(&e) => return e,
                 Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
                 Err(broadcast::error::RecvError::Closed) => panic!("event log closed"),
             }
         }
     })
     .await;
-    assert!(found.is_ok(), "timed out waiting for {what}");
+    found.unwrap_or_else(|_| panic!("timed out waiting for {what}"))
 }
 
 fn link_changed(device: &str, state: pb::ConnectionState) -> impl Fn(&pb::Event) -> bool {
@@ -278,6 +289,44 @@ async fn a_scrape_shows_every_series_and_follows_the_lab() {
         fresh.value("ppu_device_unsafe", &[("device", "furnace-1")]),
         0.0
     );
+    assert_eq!(
+        fresh.value("ppu_device_up", &[("device", "furnace-1")]),
+        1.0
+    );
+    assert_eq!(
+        fresh.value("ppu_build_info", &[("version", env!("CARGO_PKG_VERSION"))]),
+        1.0
+    );
+    assert!(
+        fresh.samples["ppu_build_info"][0]
+            .0
+            .contains_key("git_commit"),
+        "{}",
+        fresh.text
+    );
+    for severity in ["warning", "critical"] {
+        assert_eq!(
+            fresh.value("ppu_alarms_active", &[("severity", severity)]),
+            0.0
+        );
+    }
+    // This process: it holds memory and descriptors, and started before now.
+    assert!(fresh.value("process_resident_memory_bytes", &[]) > 1e6);
+    let fds = fresh.value("process_open_fds", &[]);
+    assert!(
+        fds >= 3.0 && fds <= fresh.value("process_max_fds", &[]),
+        "{fds}"
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
+    let started = fresh.value("process_start_time_seconds", &[]);
+    assert!(
+        started <= now + 1.0 && started > now - 86_400.0,
+        "{started} vs {now}"
+    );
+    assert!(fresh.value("process_cpu_seconds_total", &[]) > 0.0);
 
     // One experiment through the lab.
     let channel = tonic::transport::Channel::from_shared(format!("http://{}", daemon.addr()))
@@ -294,6 +343,20 @@ async fn a_scrape_shows_every_series_and_follows_the_lab() {
         .expect("submit")
         .into_inner();
     let id = reply.batch.expect("batch").experiment_ids[0].clone();
+    let submitted = scrape(addr).await;
+    let submit = [("method", "/ppu.v1.ExperimentService/SubmitBatch")];
+    assert_eq!(
+        submitted.value("ppu_grpc_request_duration_seconds_count", &submit),
+        1.0
+    );
+    assert!(submitted.value("ppu_grpc_request_duration_seconds_sum", &submit) > 0.0);
+    assert_eq!(
+        submitted.value(
+            "ppu_grpc_request_duration_seconds_bucket",
+            &[submit[0], ("le", "+Inf")]
+        ),
+        1.0
+    );
     wait_event(&mut events, "the experiment to succeed", |e| {
         e.experiment_id == id
             && matches!(&e.kind, Some(pb::event::Kind::ExperimentStateChanged(c)) if c.to == pb::ExperimentState::Succeeded as i32)
@@ -340,9 +403,41 @@ async fn a_scrape_shows_every_series_and_follows_the_lab() {
         "log bytes {bytes} for {logged} events"
     );
 
+    // A sensor break: an active alarm, counted by its severity, until it clears.
+    let furnace = &lab.furnaces[0];
+    let alarm = |cleared: bool| {
+        move |e: &pb::Event| {
+            e.device_id == "furnace-1"
+                && matches!(&e.kind, Some(pb::event::Kind::Alarm(a)) if a.cleared == cleared)
+        }
+    };
+    furnace.sim.set_sensor_break(true);
+    let raised = wait_event(&mut events, "a furnace-1 alarm", alarm(false)).await;
+    let severity = match &raised.kind {
+        Some(pb::event::Kind::Alarm(a)) if a.severity == pb::AlarmSeverity::Critical as i32 => {
+            "critical"
+        }
+        _ => "warning",
+    };
+    let alarmed = scrape(addr).await;
+    assert!(
+        alarmed.value("ppu_alarms_active", &[("severity", severity)]) >= 1.0,
+        "{}",
+        alarmed.text
+    );
+    furnace.sim.set_sensor_break(false);
+    wait_event(&mut events, "the furnace-1 alarm to clear", alarm(true)).await;
+    let cleared = scrape(addr).await;
+    assert_eq!(
+        cleared.value("ppu_alarms_active", &[("severity", "warning")])
+            + cleared.value("ppu_alarms_active", &[("severity", "critical")]),
+        0.0,
+        "{}",
+        cleared.text
+    );
+
     // A silent furnace: status reads time out, the link goes down; once it answers again the
     // transport has reconnected.
-    let furnace = &lab.furnaces[0];
     furnace.sim.set_silent(true);
     wait_event(
         &mut events,
@@ -351,6 +446,10 @@ async fn a_scrape_shows_every_series_and_follows_the_lab() {
     )
     .await;
     let outage = scrape(addr).await;
+    assert_eq!(
+        outage.value("ppu_device_up", &[("device", "furnace-1")]),
+        0.0
+    );
     let timeouts = outage.value(
         "ppu_device_errors_total",
         &[("device", "furnace-1"), ("kind", "timeout")],
@@ -364,6 +463,7 @@ async fn a_scrape_shows_every_series_and_follows_the_lab() {
     )
     .await;
     let back = scrape(addr).await;
+    assert_eq!(back.value("ppu_device_up", &[("device", "furnace-1")]), 1.0);
     // Until the drivers name their device to the transport, the label is the transport's peer.
     let reconnects = back.value("ppu_transport_reconnects_total", &[("transport", "modbus")]);
     assert!(reconnects >= 1.0, "reconnects counted: {reconnects}");

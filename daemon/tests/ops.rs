@@ -19,7 +19,11 @@ const DEADLINE: Duration = Duration::from_secs(60);
 
 fn ppud() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_ppud"));
-    c.env_remove("RUST_LOG").env_remove("PPU_LOG_FORMAT");
+    c.env_remove("RUST_LOG")
+        .env_remove("PPU_LOG_FORMAT")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID");
     c.kill_on_drop(true);
     c
 }
@@ -98,10 +102,47 @@ endpoint = "carrier-pigeon://loft"
             "{problem:?} not reported in:\n{stdout}"
         );
     }
-    // Every line names the file.
+    // Every line names the file, and the line of the key it is about.
     for line in stdout.lines() {
         assert!(line.starts_with(&broken.display().to_string()), "{line}");
     }
+    for at in [
+        ":2: time_scale",
+        ":5: auth.tokens_file",
+        ":8: tls.cert_file",
+        ":13: local.mode",
+        ":16: limits.max_streams",
+        ":21: devices[0].endpoint",
+    ] {
+        let expected = format!("{}{at}", broken.display());
+        assert!(
+            stdout.lines().any(|l| l.starts_with(&expected)),
+            "{expected:?} not in:\n{stdout}"
+        );
+    }
+    // A typo'd key: its path and line, on stdout like any problem.
+    let typo = dir.path().join("typo.toml");
+    std::fs::write(
+        &typo,
+        "[auth]\nopen = true\n\n[[devices]]\ndriver = \"eurotherm\"\nid = \"f\"\n\
+         endpoint = \"modbus-tcp://127.0.0.1:502\"\n[devices.limits]\nmax_temprature_c = 900.0\n",
+    )
+    .expect("write");
+    let out = ppud()
+        .arg("check-config")
+        .arg(&typo)
+        .output()
+        .await
+        .expect("runs");
+    assert!(!out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.starts_with(&format!(
+            "{}:9: devices[0].limits.max_temprature_c: ",
+            typo.display()
+        )),
+        "{stdout}"
+    );
 
     // A config without [auth] is refused by `serve` and reported by `check-config`.
     let no_auth = dir.path().join("no-auth.toml");
@@ -147,7 +188,13 @@ struct Served {
 
 /// Starts `ppud serve` and returns it once it listens.
 async fn serve(config: &Path, log: &str, format: &str) -> Served {
+    serve_env(config, log, format, &[]).await
+}
+
+/// [`serve`] with extra environment variables.
+async fn serve_env(config: &Path, log: &str, format: &str, env: &[(&str, &str)]) -> Served {
     let mut child = ppud()
+        .envs(env.iter().copied())
         .args(["serve", "--config"])
         .arg(config)
         .args(["--log", log, "--log-format", format])
@@ -375,6 +422,15 @@ async fn the_configured_metrics_endpoint_serves_every_named_series() {
         "ppu_event_log_bytes",
         "ppu_active_streams{",
         "ppu_grpc_requests_total{",
+        "ppu_grpc_request_duration_seconds_bucket{",
+        "ppu_build_info{",
+        "ppu_device_up{device=\"furnace-1\"}",
+        "ppu_device_unsafe{device=\"furnace-1\"}",
+        "ppu_alarms_active{severity=\"critical\"}",
+        "process_cpu_seconds_total ",
+        "process_resident_memory_bytes ",
+        "process_open_fds ",
+        "process_start_time_seconds ",
     ] {
         assert!(
             body.contains(series),
@@ -394,4 +450,352 @@ async fn the_configured_metrics_endpoint_serves_every_named_series() {
     drop(q);
     stop(served).await;
     furnace.shutdown().await;
+}
+
+/// Sends `signal` (e.g. `-HUP`) to the daemon.
+async fn signal(served: &Served, signal: &str) {
+    let pid = served.child.id().expect("running");
+    let status = Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .await
+        .expect("kill");
+    assert!(status.success());
+}
+
+/// The next notification on `socket`, within the deadline.
+async fn notification(socket: &tokio::net::UnixDatagram) -> String {
+    let mut buf = [0u8; 1024];
+    let n = tokio::time::timeout(DEADLINE, socket.recv(&mut buf))
+        .await
+        .expect("a notification within the deadline")
+        .expect("recv");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+/// `Type=notify` as systemd runs it: a real datagram socket as NOTIFY_SOCKET, a watchdog
+/// interval in WATCHDOG_USEC. READY=1 comes once gRPC answers, WATCHDOG=1 keeps coming,
+/// SIGHUP is RELOADING=1 then READY=1, SIGTERM STOPPING=1, and the exit is clean.
+#[tokio::test]
+async fn systemd_hears_ready_watchdog_reload_and_stopping() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket_path = dir.path().join("notify.sock");
+    let socket = tokio::net::UnixDatagram::bind(&socket_path).expect("bind the notify socket");
+    let config = dir.path().join("ppud.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = {:?}\n\n[auth]\nopen = true\n",
+            dir.path().join("data")
+        ),
+    )
+    .expect("write config");
+    let served = serve_env(
+        &config,
+        "info",
+        "text",
+        &[
+            ("NOTIFY_SOCKET", socket_path.to_str().expect("utf-8")),
+            // Pings every 100 ms.
+            ("WATCHDOG_USEC", "200000"),
+        ],
+    )
+    .await;
+    let ready = notification(&socket).await;
+    assert!(ready.starts_with("READY=1\n"), "{ready:?}");
+    assert!(ready.contains(&format!("STATUS=serving gRPC on {}", served.addr)));
+    // Ready means serving.
+    let mut q = QueueServiceClient::connect(format!("http://{}", served.addr))
+        .await
+        .expect("connects");
+    q.get_queue(pb::GetQueueRequest::default())
+        .await
+        .expect("answers once ready");
+    for _ in 0..3 {
+        assert_eq!(notification(&socket).await, "WATCHDOG=1");
+    }
+    signal(&served, "-HUP").await;
+    let mut next = notification(&socket).await;
+    while next == "WATCHDOG=1" {
+        next = notification(&socket).await;
+    }
+    assert!(next.starts_with("RELOADING=1\nMONOTONIC_USEC="), "{next:?}");
+    let mut next = notification(&socket).await;
+    while next == "WATCHDOG=1" {
+        next = notification(&socket).await;
+    }
+    assert_eq!(next, "READY=1");
+    // Still serving after the reload.
+    q.get_queue(pb::GetQueueRequest::default())
+        .await
+        .expect("answers after the reload");
+    drop(q);
+    let Served {
+        mut child, stderr, ..
+    } = served;
+    let pid = child.id().expect("running").to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .await
+            .expect("kill")
+            .success()
+    );
+    let mut next = notification(&socket).await;
+    while next == "WATCHDOG=1" {
+        next = notification(&socket).await;
+    }
+    assert!(next.starts_with("STOPPING=1"), "{next:?}");
+    let status = tokio::time::timeout(DEADLINE, child.wait())
+        .await
+        .expect("exits within the deadline")
+        .expect("wait");
+    let stderr = stderr.await.expect("stderr");
+    assert!(status.success(), "{stderr}");
+    assert!(stderr.contains("reloaded on SIGHUP"), "{stderr}");
+}
+
+/// A long furnace program (an hour's hold at time scale 1).
+fn long_furnace_spec() -> pb::ExperimentSpec {
+    use pb::furnace_segment::Kind as S;
+    pb::ExperimentSpec {
+        name: "long".into(),
+        sample_id: "s-long".into(),
+        steps: vec![pb::Step {
+            device_id: String::new(),
+            kind: Some(pb::step::Kind::Furnace(pb::FurnaceProgram {
+                segments: [S::Hold(pb::Hold { duration_s: 3600.0 })]
+                    .into_iter()
+                    .map(|k| pb::FurnaceSegment { kind: Some(k) })
+                    .collect(),
+            })),
+        }],
+        ..Default::default()
+    }
+}
+
+fn authed<T>(msg: T, token: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("ascii"),
+    );
+    r
+}
+
+/// SIGHUP re-reads the token file: a token added to it is admitted, one removed from it is
+/// refused, and the step running meanwhile runs on untouched.
+#[tokio::test]
+async fn sighup_reloads_tokens_without_interrupting_a_running_step() {
+    use pb::experiment_service_client::ExperimentServiceClient;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sim = SimFurnace::new(FurnaceConfig::default(), Clock::new(1.0));
+    let furnace = serve_tcp(SocketAddr::from(([127, 0, 0, 1], 0)), sim)
+        .await
+        .expect("simulated furnace");
+    let (old, old_entry) = make_token("old-admin", "admin").await;
+    let (new, new_entry) = make_token("new-admin", "admin").await;
+    let tokens = dir.path().join("tokens.toml");
+    std::fs::write(&tokens, &old_entry).expect("write tokens");
+    let config = dir.path().join("ppud.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = {:?}\n\n[auth]\ntokens_file = \"tokens.toml\"\n\n\
+             [[devices]]\ndriver = \"eurotherm\"\nid = \"furnace-1\"\nendpoint = \"modbus-tcp://{}\"\n",
+            dir.path().join("data"),
+            furnace.local_addr()
+        ),
+    )
+    .expect("write config");
+    let served = serve(&config, "info", "text").await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", served.addr))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connects");
+    let mut experiments = ExperimentServiceClient::new(channel);
+    let batch = experiments
+        .submit_batch(authed(
+            pb::SubmitBatchRequest {
+                idempotency_key: "reload-1".into(),
+                experiments: vec![long_furnace_spec()],
+            },
+            &old,
+        ))
+        .await
+        .expect("the old token submits")
+        .into_inner();
+    let id = batch.batch.expect("batch").experiment_ids[0].clone();
+    let state = |token: String, id: String| {
+        let mut experiments = experiments.clone();
+        async move {
+            experiments
+                .get_experiment(authed(pb::GetExperimentRequest { id }, &token))
+                .await
+                .map(|r| r.into_inner().state)
+        }
+    };
+    // Poll (with a deadline) until the step runs.
+    tokio::time::timeout(DEADLINE, async {
+        while state(old.clone(), id.clone()).await.expect("get")
+            != pb::ExperimentState::Running as i32
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the experiment starts");
+    assert_eq!(
+        state(new.clone(), id.clone())
+            .await
+            .expect_err("not yet known")
+            .code(),
+        tonic::Code::Unauthenticated
+    );
+
+    // The new token replaces the old one in the file; SIGHUP.
+    std::fs::write(&tokens, &new_entry).expect("rewrite tokens");
+    signal(&served, "-HUP").await;
+    tokio::time::timeout(DEADLINE, async {
+        while state(new.clone(), id.clone()).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the new token is admitted after SIGHUP");
+    assert_eq!(
+        state(old.clone(), id.clone())
+            .await
+            .expect_err("removed")
+            .code(),
+        tonic::Code::Unauthenticated
+    );
+    assert_eq!(
+        state(new.clone(), id.clone()).await.expect("admitted"),
+        pb::ExperimentState::Running as i32,
+        "the running step is not interrupted by the reload"
+    );
+    let stderr = stop(served).await;
+    assert!(stderr.contains("reloaded on SIGHUP"), "{stderr}");
+    furnace.shutdown().await;
+}
+
+/// A CA's PEM and a server certificate and key for localhost/127.0.0.1 signed by it.
+fn server_pki(name: &str) -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, format!("{name} CA"));
+    let ca =
+        CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("key")).expect("CA");
+    let key = KeyPair::generate().expect("key");
+    let cert = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+        .expect("params")
+        .signed_by(&key, &ca)
+        .expect("server cert");
+    (ca.pem(), cert.pem(), key.serialize_pem())
+}
+
+/// A new TLS connection to `addr` trusting only `ca`, and one call on it.
+async fn tls_call(
+    addr: &str,
+    ca: &str,
+) -> Result<QueueServiceClient<tonic::transport::Channel>, String> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .domain_name("localhost");
+    let channel = Endpoint::from_shared(format!("https://{addr}"))
+        .map_err(|e| e.to_string())?
+        .tls_config(tls)
+        .map_err(|e| e.to_string())?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    let mut q = QueueServiceClient::new(channel);
+    q.get_queue(pb::GetQueueRequest::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(q)
+}
+
+/// SIGHUP re-reads the certificate: new connections get the new one, a connection made
+/// before keeps working, and a broken certificate file changes nothing.
+#[tokio::test]
+async fn sighup_gives_new_connections_the_renewed_certificate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (old_ca, old_cert, old_key) = server_pki("old");
+    let (new_ca, new_cert, new_key) = server_pki("new");
+    let (cert, key) = (dir.path().join("server.crt"), dir.path().join("server.key"));
+    std::fs::write(&cert, &old_cert).expect("write cert");
+    std::fs::write(&key, &old_key).expect("write key");
+    let config = dir.path().join("ppud.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = {:?}\n\n[auth]\nopen = true\n\n\
+             [tls]\ncert_file = \"server.crt\"\nkey_file = \"server.key\"\n",
+            dir.path().join("data")
+        ),
+    )
+    .expect("write config");
+    // The notify socket says when a reload is done (READY=1 after RELOADING=1).
+    let socket_path = dir.path().join("notify.sock");
+    let socket = tokio::net::UnixDatagram::bind(&socket_path).expect("bind the notify socket");
+    let served = serve_env(
+        &config,
+        "info",
+        "text",
+        &[("NOTIFY_SOCKET", socket_path.to_str().expect("utf-8"))],
+    )
+    .await;
+    let reloaded = || async {
+        while !notification(&socket).await.starts_with("RELOADING=1\n") {}
+        assert_eq!(notification(&socket).await, "READY=1");
+    };
+    let mut before = tls_call(&served.addr, &old_ca)
+        .await
+        .expect("the old certificate");
+    assert!(
+        tls_call(&served.addr, &new_ca).await.is_err(),
+        "not renewed yet"
+    );
+
+    std::fs::write(&cert, &new_cert).expect("renew cert");
+    std::fs::write(&key, &new_key).expect("renew key");
+    signal(&served, "-HUP").await;
+    reloaded().await;
+    tls_call(&served.addr, &new_ca)
+        .await
+        .expect("new connections get the new certificate after SIGHUP");
+    assert!(
+        tls_call(&served.addr, &old_ca).await.is_err(),
+        "the old certificate is no longer served"
+    );
+    before
+        .get_queue(pb::GetQueueRequest::default())
+        .await
+        .expect("a connection made before the reload keeps working");
+
+    // A key that does not load: the renewed certificate stays.
+    std::fs::write(
+        &key,
+        "-----BEGIN PRIVATE KEY-----\nnope\n-----END PRIVATE KEY-----\n",
+    )
+    .expect("break key");
+    signal(&served, "-HUP").await;
+    reloaded().await;
+    tls_call(&served.addr, &new_ca)
+        .await
+        .expect("a broken key file changes nothing");
+
+    let stderr = stop(served).await;
+    assert!(stderr.contains("reloaded on SIGHUP"), "{stderr}");
+    assert!(stderr.contains("TLS certificate from"), "{stderr}");
+    assert!(stderr.contains("reload on SIGHUP failed"), "{stderr}");
 }

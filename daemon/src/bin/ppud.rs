@@ -6,9 +6,12 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use ppu_daemon::app::{Daemon, Options, Security};
 use ppu_daemon::auth::{self, Mode, Role};
-use ppu_daemon::config::{Config, LogFormat, Policies};
+use ppu_daemon::config::{Config, KeyLines, LogFormat, Policies};
 use ppu_daemon::devices::PollSettings;
+use ppu_daemon::systemd::Notifier;
 use ppu_drivers::Clock;
+use std::time::Duration;
+use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 // What only `ppud dev` (the `dev-lab` feature) uses.
 #[cfg(feature = "dev-lab")]
@@ -21,7 +24,6 @@ use {
     ppu_daemon::security::{DEFAULT_SILA_LISTEN, SilaSettings},
     std::net::SocketAddr,
     std::sync::Arc,
-    std::time::Duration,
 };
 
 /// Baud rate of `ppud dev`'s simulated RS-485 line of furnaces.
@@ -144,7 +146,8 @@ enum Command {
     },
     /// Make a new bearer token for a principal. Prints the token (give it to the client; it is
     /// shown only now) and the `[[token]]` entry to append to the daemon's tokens_file, which
-    /// stores only its SHA-256. Restart ppud to load the changed file.
+    /// stores only its SHA-256. Reload ppud (`systemctl reload ppud`, or SIGHUP) to load the
+    /// changed file.
     ///
     /// Roles: viewer (read only), planner (submit, cancel its own batches, read), technician
     /// (queue control, maintenance, alarms, transfers, cancel any), admin (everything).
@@ -347,7 +350,10 @@ async fn main() -> Result<()> {
             println!("token (give it to {principal}; it is not stored and not shown again):");
             println!("{token}");
             println!();
-            println!("append to the daemon's tokens_file, then restart ppud:");
+            println!(
+                "append to the daemon's tokens_file, then reload ppud (systemctl reload ppud, \
+                 or SIGHUP):"
+            );
             println!("[[token]]");
             println!("principal = {principal:?}");
             println!("role = \"{role}\"");
@@ -357,14 +363,26 @@ async fn main() -> Result<()> {
         Command::CheckConfig { file } => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
-            let (config, policies) = Config::parse_unchecked(&text, &file)?;
+            let (config, policies) = match Config::parse_unchecked(&text, &file) {
+                Ok(parsed) => parsed,
+                Err(e) => {
+                    // Already `FILE:LINE: key.path: reason`.
+                    println!("{e}");
+                    anyhow::bail!("1 problem in {}", file.display())
+                }
+            };
             let problems = config.problems_with(&policies);
             if problems.is_empty() {
                 println!("{}: ok ({} devices)", file.display(), config.devices.len());
                 Ok(())
             } else {
+                // `FILE:LINE: key.path: reason`, the line of the key the problem names.
+                let lines = KeyLines::new(&text);
                 for p in &problems {
-                    println!("{}: {p}", file.display());
+                    match lines.line_of_problem(p) {
+                        Some(line) => println!("{}:{line}: {p}", file.display()),
+                        None => println!("{}: {p}", file.display()),
+                    }
                 }
                 anyhow::bail!("{} problem(s) in {}", problems.len(), file.display())
             }
@@ -388,6 +406,7 @@ async fn run(
     clock: Clock,
     robot: Option<Robot>,
 ) -> Result<()> {
+    let mut signals = Signals::new();
     let drivers = config.drivers().map_err(anyhow::Error::msg)?;
     let scheme = if security.tls.is_some() {
         "https"
@@ -429,7 +448,54 @@ async fn run(
              --tokens-file or [auth] tokens_file)"
         );
     }
-    shutdown_signal().await;
+    // systemd (Type=notify): ready now that the store is open, the devices are configured and
+    // the listener is bound.
+    let notifier = match Notifier::from_env() {
+        Ok(n) => n,
+        Err(e) => {
+            warn!(error = %e, "NOTIFY_SOCKET is unusable; not notifying systemd");
+            None
+        }
+    };
+    let notify = |state: &str| {
+        if let Some(n) = &notifier
+            && let Err(e) = n.notify(state)
+        {
+            warn!(error = %e, state, "could not notify systemd");
+        }
+    };
+    notify(&format!(
+        "READY=1\nSTATUS=serving gRPC on {}",
+        daemon.addr()
+    ));
+    let watchdog_stop = tokio_util::sync::CancellationToken::new();
+    let watchdog = match (&notifier, ppu_daemon::systemd::watchdog_interval()) {
+        (Some(n), Some(interval)) => Some(tokio::spawn(watchdog(
+            n.clone(),
+            interval,
+            daemon.liveness(),
+            watchdog_stop.clone(),
+        ))),
+        _ => None,
+    };
+    loop {
+        match signals.next().await {
+            Signal::Stop => break,
+            Signal::Reload => {
+                notify(&ppu_daemon::systemd::reloading());
+                match daemon.reload() {
+                    Ok(done) => info!(reloaded = %done.join("; "), "reloaded on SIGHUP"),
+                    Err((done, e)) => error!(
+                        reloaded = %done.join("; "),
+                        error = %e,
+                        "reload on SIGHUP failed; what failed keeps its previous files"
+                    ),
+                }
+                notify("READY=1");
+            }
+        }
+    }
+    notify("STOPPING=1\nSTATUS=stopping: devices to their safe state");
     if let Some(r) = robot {
         #[cfg(feature = "dev-lab")]
         r.stop().await;
@@ -437,28 +503,79 @@ async fn run(
         match r {}
     }
     daemon.shutdown().await;
+    watchdog_stop.cancel();
+    if let Some(w) = watchdog {
+        let _ = w.await;
+    }
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
+/// Pings the service watchdog every half interval while the daemon is alive; a failed check
+/// withholds the ping, so systemd restarts a wedged daemon after `WatchdogSec`. Runs through
+/// the shutdown too (which may take minutes to leave every device safe).
+async fn watchdog(
+    notifier: Notifier,
+    interval: Duration,
+    liveness: ppu_daemon::app::Liveness,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(interval / 2);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
         tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match liveness.check().await {
+            Ok(()) => {
+                if let Err(e) = notifier.notify("WATCHDOG=1") {
+                    warn!(error = %e, "could not ping the systemd watchdog");
+                }
+            }
+            Err(why) => error!(reason = %why, "not alive: withholding the watchdog ping"),
         }
     }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+}
+
+/// What a signal asks of the daemon.
+enum Signal {
+    /// SIGINT or SIGTERM.
+    Stop,
+    /// SIGHUP: re-read the token file.
+    Reload,
+}
+
+/// The signals ppud acts on, registered once at start-up: from then on a SIGHUP reloads
+/// instead of killing the process, even between two waits.
+struct Signals {
+    term: Option<tokio::signal::unix::Signal>,
+    hup: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn new() -> Signals {
+        use tokio::signal::unix::{SignalKind, signal};
+        Signals {
+            term: signal(SignalKind::terminate()).ok(),
+            hup: signal(SignalKind::hangup()).ok(),
+        }
+    }
+
+    async fn next(&mut self) -> Signal {
+        async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
+            match s {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        }
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => Signal::Stop,
+            _ = recv(&mut self.term) => Signal::Stop,
+            _ = recv(&mut self.hup) => Signal::Reload,
+        }
+    }
 }
 
 fn init_logging(filter: &str, format: LogFormat) {

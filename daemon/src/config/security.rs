@@ -12,8 +12,8 @@ use serde::Deserialize;
 use crate::auth::{Authenticator, Mode, Role, Tokens};
 use crate::limits::Limits;
 use crate::security::{
-    DEFAULT_SILA_LISTEN, DEFAULT_SILA_SERVER_NAME, LocalSocket, Security, SilaSettings, TlsPem,
-    check_listen,
+    DEFAULT_SILA_LISTEN, DEFAULT_SILA_SERVER_NAME, LocalSocket, Security, SilaSettings, TlsFiles,
+    TlsPem, check_listen,
 };
 
 /// The security tables. Relative file paths resolve against the config file's directory.
@@ -263,9 +263,15 @@ impl SecurityConfig {
                 );
             }
         }
+        let tls_files = self.tls.as_ref().map(|t| TlsFiles {
+            cert: self.path(&t.cert_file),
+            key: self.path(&t.key_file),
+            client_ca: t.client_ca_file.as_deref().map(|p| self.path(p)),
+        });
         let security = Security {
             auth,
             tls,
+            tls_files,
             insecure_plaintext: self.insecure_plaintext,
             local,
             limits: self.limits.clone(),

@@ -484,7 +484,17 @@ impl metrics::Scraped for Scheduler {
                 id: d.id().to_owned(),
                 transport: d.driver.info().transport.clone(),
                 unsafe_now: d.unsafe_reason().is_some(),
+                up: d.is_connected(),
             })
+            .collect()
+    }
+
+    fn active_alarms(&self) -> Vec<ppu_proto::v1::ActiveAlarm> {
+        self.devices()
+            .all()
+            .flat_map(|d| d.alarms())
+            .chain(self.store().alarms_now())
+            .filter(|a| !a.cleared)
             .collect()
     }
 }

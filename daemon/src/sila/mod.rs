@@ -30,7 +30,6 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::ServerTlsConfig;
 use tracing::{info, warn};
 
 pub use family::SILA_COMMAND_LABEL;
@@ -60,7 +59,7 @@ pub struct Setup {
     pub stop: CancellationToken,
     /// ppu.v1's layer: its authenticator and store, with the endpoint's own method table.
     pub auth: AuthLayer,
-    pub tls: Option<ServerTlsConfig>,
+    pub tls: Option<crate::tls::ReloadableTls>,
     pub limits: Limits,
     /// ppu.v1's submission buckets and open-stream slots: one `[limits]` over both edges.
     pub rate: Arc<SubmitRate>,
@@ -96,24 +95,31 @@ pub async fn serve(listener: TcpListener, setup: Setup) -> Result<Serving, Strin
             .fallback_service(Endpoint { ctx }),
     );
     let secure = setup.tls.is_some();
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = setup.tls {
-        builder = builder
-            .tls_config(tls)
-            .map_err(|e| format!("SiLA TLS: {e}"))?;
-    }
-    let router = builder
+    let router = tonic::transport::Server::builder()
         .layer(setup.auth.for_table(table))
         .add_routes(routes);
     let shutdown = setup.stop.clone();
-    let task = tokio::spawn(async move {
-        router
-            .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                shutdown.cancelled_owned(),
-            )
-            .await
-    });
+    // TLS, when configured, is the daemon's reloadable acceptor (`crate::tls`): a SIGHUP
+    // renews the SiLA endpoint's certificate along with ppu.v1's.
+    let task = match setup.tls {
+        Some(tls) => {
+            let incoming = tls.incoming(listener, setup.stop.clone());
+            tokio::spawn(async move {
+                router
+                    .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+                    .await
+            })
+        }
+        None => tokio::spawn(async move {
+            router
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(listener)
+                        .with_nodelay(Some(true)),
+                    shutdown.cancelled_owned(),
+                )
+                .await
+        }),
+    };
     info!(%addr, tls = secure, features = feature_count, server_uuid = %uuid, "serving SiLA 2");
     let mdns = if setup.settings.mdns {
         match mdns::Advert::start(&uuid, &name, addr) {
