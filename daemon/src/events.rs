@@ -9,6 +9,7 @@
 use std::sync::Arc;
 
 use ppu_proto::v1::Event;
+use ppu_proto::v1::event::Kind;
 use tokio::sync::{broadcast, mpsc};
 
 use crate::store::{Store, StoreError};
@@ -27,6 +28,9 @@ static REPLAY_READS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(
 pub struct Filter {
     pub batch_id: Option<String>,
     pub experiment_id: Option<String>,
+    pub device_id: Option<String>,
+    /// Kind names ([`kind_name`]); empty for every kind.
+    pub kinds: Vec<&'static str>,
 }
 
 impl Filter {
@@ -36,7 +40,67 @@ impl Filter {
                 .experiment_id
                 .as_ref()
                 .is_none_or(|x| &e.experiment_id == x)
+            && self.device_id.as_ref().is_none_or(|d| &e.device_id == d)
+            && (self.kinds.is_empty()
+                || e.kind
+                    .as_ref()
+                    .is_some_and(|k| self.kinds.contains(&kind_name(k))))
     }
+}
+
+/// Every event kind's name: the `Event.kind` oneof field names of ppu.v1, in field order.
+pub const KIND_NAMES: &[&str] = &[
+    "experiment_state_changed",
+    "step_started",
+    "step_progress",
+    "step_finished",
+    "device_reading",
+    "device_connection_changed",
+    "alarm",
+    "queue_state_changed",
+    "isotherm_point_measured",
+    "device_reserved",
+    "device_released",
+    "transfer_requested",
+    "transfer_confirmed",
+    "recovery_decision",
+    "maintenance_changed",
+    "alarm_acknowledged",
+    "experiment_held",
+    "experiment_moved",
+    "audit",
+    "step_intermediate",
+];
+
+/// The name of an event's kind, as its oneof field is named in `events.proto`.
+pub fn kind_name(kind: &Kind) -> &'static str {
+    match kind {
+        Kind::ExperimentStateChanged(_) => "experiment_state_changed",
+        Kind::StepStarted(_) => "step_started",
+        Kind::StepProgress(_) => "step_progress",
+        Kind::StepFinished(_) => "step_finished",
+        Kind::DeviceReading(_) => "device_reading",
+        Kind::DeviceConnectionChanged(_) => "device_connection_changed",
+        Kind::Alarm(_) => "alarm",
+        Kind::QueueStateChanged(_) => "queue_state_changed",
+        Kind::IsothermPointMeasured(_) => "isotherm_point_measured",
+        Kind::DeviceReserved(_) => "device_reserved",
+        Kind::DeviceReleased(_) => "device_released",
+        Kind::TransferRequested(_) => "transfer_requested",
+        Kind::TransferConfirmed(_) => "transfer_confirmed",
+        Kind::RecoveryDecision(_) => "recovery_decision",
+        Kind::MaintenanceChanged(_) => "maintenance_changed",
+        Kind::AlarmAcknowledged(_) => "alarm_acknowledged",
+        Kind::ExperimentHeld(_) => "experiment_held",
+        Kind::ExperimentMoved(_) => "experiment_moved",
+        Kind::Audit(_) => "audit",
+        Kind::StepIntermediate(_) => "step_intermediate",
+    }
+}
+
+/// The known kind name equal to `name`, or `None`.
+pub fn known_kind(name: &str) -> Option<&'static str> {
+    KIND_NAMES.iter().copied().find(|k| *k == name)
 }
 
 /// Why a stream ended.
@@ -114,7 +178,7 @@ async fn replay(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ppu_proto::v1::{ExperimentStateChanged, event::Kind};
+    use ppu_proto::v1::ExperimentStateChanged;
 
     fn emit(store: &Store, n: usize, exp: &str) {
         store
@@ -186,9 +250,69 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(16);
         let filter = Filter {
             experiment_id: Some("a".into()),
-            batch_id: None,
+            ..Default::default()
         };
         tokio::spawn(follow(store.clone(), 0, filter, tx));
         assert_eq!(take(&mut rx, 3).await, vec![1, 2, 5]);
+    }
+
+    #[test]
+    fn kind_names_are_the_oneof_fields_of_event() {
+        use prost::Message;
+        let set = prost_types::FileDescriptorSet::decode(ppu_proto::v1::FILE_DESCRIPTOR_SET)
+            .expect("ppu.v1 descriptors");
+        let event = set
+            .file
+            .iter()
+            .filter(|f| f.package() == "ppu.v1")
+            .flat_map(|f| &f.message_type)
+            .find(|m| m.name() == "Event")
+            .expect("ppu.v1.Event");
+        let kind = event
+            .oneof_decl
+            .iter()
+            .position(|o| o.name() == "kind")
+            .expect("oneof kind") as i32;
+        let names: Vec<&str> = event
+            .field
+            .iter()
+            .filter(|f| f.oneof_index == Some(kind))
+            .map(|f| f.name())
+            .collect();
+        assert_eq!(names, KIND_NAMES);
+    }
+
+    #[tokio::test]
+    async fn filter_keeps_only_the_device_and_kinds_asked_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb")).unwrap();
+        store
+            .write(|w| {
+                w.emit("", "", "furnace-1", Kind::Alarm(Default::default()));
+                w.emit("", "", "furnace-2", Kind::Alarm(Default::default()));
+                w.emit("", "", "furnace-1", Kind::StepProgress(Default::default()));
+                w.emit(
+                    "x",
+                    "",
+                    "",
+                    Kind::ExperimentStateChanged(Default::default()),
+                );
+                Ok(())
+            })
+            .unwrap();
+        let (tx, mut rx) = mpsc::channel(16);
+        let filter = Filter {
+            device_id: Some("furnace-1".into()),
+            ..Default::default()
+        };
+        tokio::spawn(follow(store.clone(), 0, filter, tx));
+        assert_eq!(take(&mut rx, 2).await, vec![1, 3]);
+        let (tx, mut rx) = mpsc::channel(16);
+        let filter = Filter {
+            kinds: vec!["alarm", "experiment_state_changed"],
+            ..Default::default()
+        };
+        tokio::spawn(follow(store.clone(), 0, filter, tx));
+        assert_eq!(take(&mut rx, 3).await, vec![1, 2, 4]);
     }
 }
