@@ -1030,7 +1030,7 @@ async fn list_filters_by_state_label_and_since() {
     let since = ppuctl(&url, &["--json", "list", "--since", &created])
         .await
         .json();
-    assert_eq!(listed_ids(&since), [later_id.clone()], "--since {created}");
+    assert_eq!(listed_ids(&since), [later_id], "--since {created}");
     assert_eq!(list(&["--since", "1h"]).await, newest_first);
     assert!(list(&["--since", "2999-01-01"]).await.is_empty());
     let human = ppuctl(&url, &["list", "--since", "2999-01-01"]).await;
