@@ -6,10 +6,11 @@
 //! gap, goes back to the log. So a client that reconnects with the last sequence it saw gets
 //! exactly the events after it: no gap, no duplicate.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use ppu_proto::v1::Event;
 use ppu_proto::v1::event::Kind;
+use prost::Message;
 use tokio::sync::{broadcast, mpsc};
 
 use crate::store::{Store, StoreError};
@@ -48,59 +49,53 @@ impl Filter {
     }
 }
 
-/// Every event kind's name: the `Event.kind` oneof field names of ppu.v1, in field order.
-pub const KIND_NAMES: &[&str] = &[
-    "experiment_state_changed",
-    "step_started",
-    "step_progress",
-    "step_finished",
-    "device_reading",
-    "device_connection_changed",
-    "alarm",
-    "queue_state_changed",
-    "isotherm_point_measured",
-    "device_reserved",
-    "device_released",
-    "transfer_requested",
-    "transfer_confirmed",
-    "recovery_decision",
-    "maintenance_changed",
-    "alarm_acknowledged",
-    "experiment_held",
-    "experiment_moved",
-    "audit",
-    "step_intermediate",
-];
+/// The `Event.kind` oneof fields of ppu.v1 as (field number, name), read from the compiled
+/// descriptors: the names clients filter by, and no kind (nor a family's typed alias among
+/// them) is spelt out in the core.
+static KINDS: LazyLock<Vec<(u32, String)>> = LazyLock::new(|| {
+    let Ok(set) = prost_types::FileDescriptorSet::decode(ppu_proto::v1::FILE_DESCRIPTOR_SET) else {
+        return Vec::new();
+    };
+    let Some(event) = set
+        .file
+        .iter()
+        .filter(|f| f.package() == "ppu.v1")
+        .flat_map(|f| &f.message_type)
+        .find(|m| m.name() == "Event")
+    else {
+        return Vec::new();
+    };
+    let Some(kind) = event.oneof_decl.iter().position(|o| o.name() == "kind") else {
+        return Vec::new();
+    };
+    event
+        .field
+        .iter()
+        .filter(|f| f.oneof_index == i32::try_from(kind).ok())
+        .filter_map(|f| Some((u32::try_from(f.number()).ok()?, f.name().to_owned())))
+        .collect()
+});
 
-/// The name of an event's kind, as its oneof field is named in `events.proto`.
+/// Every event kind's name, in field order.
+pub fn kind_names() -> impl Iterator<Item = &'static str> {
+    KINDS.iter().map(|(_, name)| name.as_str())
+}
+
+/// The name of an event's kind: its oneof field's name in `events.proto`.
 pub fn kind_name(kind: &Kind) -> &'static str {
-    match kind {
-        Kind::ExperimentStateChanged(_) => "experiment_state_changed",
-        Kind::StepStarted(_) => "step_started",
-        Kind::StepProgress(_) => "step_progress",
-        Kind::StepFinished(_) => "step_finished",
-        Kind::DeviceReading(_) => "device_reading",
-        Kind::DeviceConnectionChanged(_) => "device_connection_changed",
-        Kind::Alarm(_) => "alarm",
-        Kind::QueueStateChanged(_) => "queue_state_changed",
-        Kind::IsothermPointMeasured(_) => "isotherm_point_measured",
-        Kind::DeviceReserved(_) => "device_reserved",
-        Kind::DeviceReleased(_) => "device_released",
-        Kind::TransferRequested(_) => "transfer_requested",
-        Kind::TransferConfirmed(_) => "transfer_confirmed",
-        Kind::RecoveryDecision(_) => "recovery_decision",
-        Kind::MaintenanceChanged(_) => "maintenance_changed",
-        Kind::AlarmAcknowledged(_) => "alarm_acknowledged",
-        Kind::ExperimentHeld(_) => "experiment_held",
-        Kind::ExperimentMoved(_) => "experiment_moved",
-        Kind::Audit(_) => "audit",
-        Kind::StepIntermediate(_) => "step_intermediate",
-    }
+    // The oneof's encoding starts with its field's tag.
+    let mut bytes = Vec::with_capacity(kind.encoded_len());
+    kind.encode(&mut bytes);
+    let number = prost::encoding::decode_varint(&mut bytes.as_slice()).map_or(0, |tag| tag >> 3);
+    KINDS
+        .iter()
+        .find(|(n, _)| u64::from(*n) == number)
+        .map_or("", |(_, name)| name.as_str())
 }
 
 /// The known kind name equal to `name`, or `None`.
 pub fn known_kind(name: &str) -> Option<&'static str> {
-    KIND_NAMES.iter().copied().find(|k| *k == name)
+    kind_names().find(|k| *k == name)
 }
 
 /// Why a stream ended.
@@ -257,29 +252,22 @@ mod tests {
     }
 
     #[test]
-    fn kind_names_are_the_oneof_fields_of_event() {
-        use prost::Message;
-        let set = prost_types::FileDescriptorSet::decode(ppu_proto::v1::FILE_DESCRIPTOR_SET)
-            .expect("ppu.v1 descriptors");
-        let event = set
-            .file
-            .iter()
-            .filter(|f| f.package() == "ppu.v1")
-            .flat_map(|f| &f.message_type)
-            .find(|m| m.name() == "Event")
-            .expect("ppu.v1.Event");
-        let kind = event
-            .oneof_decl
-            .iter()
-            .position(|o| o.name() == "kind")
-            .expect("oneof kind") as i32;
-        let names: Vec<&str> = event
-            .field
-            .iter()
-            .filter(|f| f.oneof_index == Some(kind))
-            .map(|f| f.name())
-            .collect();
-        assert_eq!(names, KIND_NAMES);
+    fn every_kind_has_its_oneof_field_name() {
+        let names: Vec<&str> = kind_names().collect();
+        assert!(names.len() >= 20, "{names:?}");
+        assert_eq!(names[0], "experiment_state_changed");
+        assert!(names.contains(&"audit") && names.contains(&"step_intermediate"));
+        assert_eq!(
+            kind_name(&Kind::ExperimentStateChanged(Default::default())),
+            "experiment_state_changed"
+        );
+        assert_eq!(
+            kind_name(&Kind::StepProgress(Default::default())),
+            "step_progress"
+        );
+        assert_eq!(kind_name(&Kind::Audit(Default::default())), "audit");
+        assert_eq!(known_kind("alarm"), Some("alarm"));
+        assert_eq!(known_kind("alarms"), None);
     }
 
     #[tokio::test]

@@ -541,7 +541,7 @@ impl EventService for Api {
                 events::known_kind(k).ok_or_else(|| {
                     Status::invalid_argument(format!(
                         "kinds[{i}]: unknown event kind \"{k}\"; known kinds: {}",
-                        events::KIND_NAMES.join(", ")
+                        events::kind_names().collect::<Vec<_>>().join(", ")
                     ))
                 })
             })
