@@ -1,6 +1,6 @@
 //! What `ppuctl watch` writes for each event. On a terminal, step progress is collapsed into
-//! one status line at the bottom that is rewritten in place (the latest progress of the most
-//! recently active step, and how many other steps are running); every other event is printed
+//! one status line at the bottom that is rewritten in place (how many other steps are running,
+//! then the latest progress of the most recently active step); every other event is printed
 //! above it as a line of its own. Anywhere else (a pipe, a file, `--json`) every event is one
 //! plain line, so scripts and logs see them all.
 
@@ -83,11 +83,13 @@ impl Printer {
 
     fn status(&self) -> Option<String> {
         let (_, latest) = self.active.last()?;
-        let mut status = latest.clone();
+        // The count goes first: cutting the line to the terminal's width must not hide it.
         let others = self.active.len() - 1;
-        if others > 0 {
-            status.push_str(&format!(" (+{others} more running)"));
-        }
+        let mut status = if others > 0 {
+            format!("[+{others} more running] {latest}")
+        } else {
+            latest.clone()
+        };
         if let Some(width) = self.width {
             // One column spare: writing the last column makes some terminals wrap.
             let fit = width.saturating_sub(1).max(1);
@@ -148,7 +150,7 @@ mod tests {
         // A second running step: the newest progress shows, with a count of the others.
         assert_eq!(
             p.event(&progress("B", 1), "B 5%"),
-            "\r\x1b[2KB 5% (+1 more running)"
+            "\r\x1b[2K[+1 more running] B 5%"
         );
         // A finished step leaves the status line; the other one shows again.
         let finished = event(
