@@ -6,9 +6,11 @@
 //! gap, goes back to the log. So a client that reconnects with the last sequence it saw gets
 //! exactly the events after it: no gap, no duplicate.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use ppu_proto::v1::Event;
+use ppu_proto::v1::event::Kind;
+use prost::Message;
 use tokio::sync::{broadcast, mpsc};
 
 use crate::store::{Store, StoreError};
@@ -27,6 +29,9 @@ static REPLAY_READS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(
 pub struct Filter {
     pub batch_id: Option<String>,
     pub experiment_id: Option<String>,
+    pub device_id: Option<String>,
+    /// Kind names ([`kind_name`]); empty for every kind.
+    pub kinds: Vec<&'static str>,
 }
 
 impl Filter {
@@ -36,7 +41,61 @@ impl Filter {
                 .experiment_id
                 .as_ref()
                 .is_none_or(|x| &e.experiment_id == x)
+            && self.device_id.as_ref().is_none_or(|d| &e.device_id == d)
+            && (self.kinds.is_empty()
+                || e.kind
+                    .as_ref()
+                    .is_some_and(|k| self.kinds.contains(&kind_name(k))))
     }
+}
+
+/// The `Event.kind` oneof fields of ppu.v1 as (field number, name), read from the compiled
+/// descriptors: the names clients filter by, and no kind (nor a family's typed alias among
+/// them) is spelt out in the core.
+static KINDS: LazyLock<Vec<(u32, String)>> = LazyLock::new(|| {
+    let Ok(set) = prost_types::FileDescriptorSet::decode(ppu_proto::v1::FILE_DESCRIPTOR_SET) else {
+        return Vec::new();
+    };
+    let Some(event) = set
+        .file
+        .iter()
+        .filter(|f| f.package() == "ppu.v1")
+        .flat_map(|f| &f.message_type)
+        .find(|m| m.name() == "Event")
+    else {
+        return Vec::new();
+    };
+    let Some(kind) = event.oneof_decl.iter().position(|o| o.name() == "kind") else {
+        return Vec::new();
+    };
+    event
+        .field
+        .iter()
+        .filter(|f| f.oneof_index == i32::try_from(kind).ok())
+        .filter_map(|f| Some((u32::try_from(f.number()).ok()?, f.name().to_owned())))
+        .collect()
+});
+
+/// Every event kind's name, in field order.
+pub fn kind_names() -> impl Iterator<Item = &'static str> {
+    KINDS.iter().map(|(_, name)| name.as_str())
+}
+
+/// The name of an event's kind: its oneof field's name in `events.proto`.
+pub fn kind_name(kind: &Kind) -> &'static str {
+    // The oneof's encoding starts with its field's tag.
+    let mut bytes = Vec::with_capacity(kind.encoded_len());
+    kind.encode(&mut bytes);
+    let number = prost::encoding::decode_varint(&mut bytes.as_slice()).map_or(0, |tag| tag >> 3);
+    KINDS
+        .iter()
+        .find(|(n, _)| u64::from(*n) == number)
+        .map_or("", |(_, name)| name.as_str())
+}
+
+/// The known kind name equal to `name`, or `None`.
+pub fn known_kind(name: &str) -> Option<&'static str> {
+    kind_names().find(|k| *k == name)
 }
 
 /// Why a stream ended.
@@ -114,7 +173,7 @@ async fn replay(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ppu_proto::v1::{ExperimentStateChanged, event::Kind};
+    use ppu_proto::v1::ExperimentStateChanged;
 
     fn emit(store: &Store, n: usize, exp: &str) {
         store
@@ -186,9 +245,62 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(16);
         let filter = Filter {
             experiment_id: Some("a".into()),
-            batch_id: None,
+            ..Default::default()
         };
         tokio::spawn(follow(store.clone(), 0, filter, tx));
         assert_eq!(take(&mut rx, 3).await, vec![1, 2, 5]);
+    }
+
+    #[test]
+    fn every_kind_has_its_oneof_field_name() {
+        let names: Vec<&str> = kind_names().collect();
+        assert!(names.len() >= 20, "{names:?}");
+        assert_eq!(names[0], "experiment_state_changed");
+        assert!(names.contains(&"audit") && names.contains(&"step_intermediate"));
+        assert_eq!(
+            kind_name(&Kind::ExperimentStateChanged(Default::default())),
+            "experiment_state_changed"
+        );
+        assert_eq!(
+            kind_name(&Kind::StepProgress(Default::default())),
+            "step_progress"
+        );
+        assert_eq!(kind_name(&Kind::Audit(Default::default())), "audit");
+        assert_eq!(known_kind("alarm"), Some("alarm"));
+        assert_eq!(known_kind("alarms"), None);
+    }
+
+    #[tokio::test]
+    async fn filter_keeps_only_the_device_and_kinds_asked_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb")).unwrap();
+        store
+            .write(|w| {
+                w.emit("", "", "furnace-1", Kind::Alarm(Default::default()));
+                w.emit("", "", "furnace-2", Kind::Alarm(Default::default()));
+                w.emit("", "", "furnace-1", Kind::StepProgress(Default::default()));
+                w.emit(
+                    "x",
+                    "",
+                    "",
+                    Kind::ExperimentStateChanged(Default::default()),
+                );
+                Ok(())
+            })
+            .unwrap();
+        let (tx, mut rx) = mpsc::channel(16);
+        let filter = Filter {
+            device_id: Some("furnace-1".into()),
+            ..Default::default()
+        };
+        tokio::spawn(follow(store.clone(), 0, filter, tx));
+        assert_eq!(take(&mut rx, 2).await, vec![1, 3]);
+        let (tx, mut rx) = mpsc::channel(16);
+        let filter = Filter {
+            kinds: vec!["alarm", "experiment_state_changed"],
+            ..Default::default()
+        };
+        tokio::spawn(follow(store.clone(), 0, filter, tx));
+        assert_eq!(take(&mut rx, 3).await, vec![1, 2, 4]);
     }
 }

@@ -28,12 +28,13 @@ use crate::auth::{Caller, Role};
 use crate::devices::AckError;
 use crate::error::{Error, Rejection, RejectionKind};
 use crate::events::{self, Filter};
+use crate::ids;
 pub use crate::limits::Limits;
 use crate::limits::SubmitRate;
 use crate::metrics::{ActiveStream, StreamKind};
 use crate::scheduler::Scheduler;
 use crate::state::State;
-use crate::store::StoreError;
+use crate::store::{IdSpace, StoreError};
 
 /// Largest page of ListExperiments.
 const MAX_PAGE: u32 = 1000;
@@ -108,6 +109,39 @@ fn require_target(caller: &Caller, id: &str) -> Result<(), Status> {
     Ok(())
 }
 
+impl Api {
+    /// The full id a request's `given` id (or unique prefix, either case) names in `space`
+    /// ([`ids::resolve`]); `field` names it in errors.
+    fn resolve(&self, space: IdSpace, field: &str, given: &str) -> Result<String, Status> {
+        Ok(ids::resolve(self.scheduler.store(), space, field, given)?)
+    }
+
+    /// [`Api::resolve`] for a call that acts on the id: the audit record names the full id
+    /// (what was given, if it does not resolve).
+    fn resolve_target(
+        &self,
+        caller: &Caller,
+        space: IdSpace,
+        field: &str,
+        given: &str,
+    ) -> Result<String, Status> {
+        require_target(caller, given)?;
+        let id = self.resolve(space, field, given)?;
+        caller.set_target(id.clone());
+        Ok(id)
+    }
+
+    /// [`Api::resolve`] for an optional filter: empty is no filter.
+    fn resolve_filter(&self, space: IdSpace, field: &str, given: &str) -> Result<String, Status> {
+        Ok(ids::resolve_filter(
+            self.scheduler.store(),
+            space,
+            field,
+            given,
+        )?)
+    }
+}
+
 /// Runs `produce` until it finishes, the client hangs up, or shutdown. The client hanging up
 /// is watched directly (the receiver dropped), not only noticed by the next send: a filtered
 /// stream that never sends must still give its slot back when its client goes away.
@@ -174,8 +208,7 @@ impl ExperimentService for Api {
         &self,
         req: Request<pb::GetBatchRequest>,
     ) -> Result<Response<pb::Batch>, Status> {
-        let id = req.into_inner().id;
-        require_id(&id)?;
+        let id = self.resolve(IdSpace::Batch, "id", &req.into_inner().id)?;
         let b = self.scheduler.store().get_batch(&id)?;
         b.map(Response::new)
             .ok_or_else(|| Status::not_found(format!("id: no batch \"{id}\"")))
@@ -185,8 +218,7 @@ impl ExperimentService for Api {
         &self,
         req: Request<pb::GetExperimentRequest>,
     ) -> Result<Response<pb::Experiment>, Status> {
-        let id = req.into_inner().id;
-        require_id(&id)?;
+        let id = self.resolve(IdSpace::Experiment, "id", &req.into_inner().id)?;
         let e = self.scheduler.store().get_experiment(&id)?;
         e.map(Response::new)
             .ok_or_else(|| Status::not_found(format!("id: no experiment \"{id}\"")))
@@ -209,11 +241,17 @@ impl ExperimentService for Api {
             n => n.min(MAX_PAGE),
         } as usize;
         let after = (!r.page_token.is_empty()).then_some(r.page_token);
+        let batch_id = self.resolve_filter(IdSpace::Batch, "batch_id", &r.batch_id)?;
+        let since = r.created_since;
         let store = self.scheduler.store().clone();
         let page = tokio::task::spawn_blocking(move || {
-            store.list_experiments(after.as_deref(), limit, |e| {
+            store.list_experiments_in_order(after.as_deref(), limit, r.newest_first, |e| {
                 state.is_none_or(|s| e.state == s.to_proto() as i32)
-                    && (r.batch_id.is_empty() || e.batch_id == r.batch_id)
+                    && (batch_id.is_empty() || e.batch_id == batch_id)
+                    && since.is_none_or(|t| {
+                        e.created_at
+                            .is_some_and(|c| (c.seconds, c.nanos) >= (t.seconds, t.nanos))
+                    })
                     && r.labels
                         .iter()
                         .all(|(k, v)| e.spec.as_ref().and_then(|s| s.labels.get(k)) == Some(v))
@@ -233,13 +271,13 @@ impl ExperimentService for Api {
     ) -> Result<Response<pb::Experiment>, Status> {
         let caller = Caller::of(&req);
         let r = req.into_inner();
-        require_target(&caller, &r.id)?;
+        let id = self.resolve_target(&caller, IdSpace::Experiment, "id", &r.id)?;
         if caller.role == Role::Planner {
-            self.check_own(&caller, &r.id)?;
+            self.check_own(&caller, &id)?;
         }
         Ok(Response::new(
             self.scheduler
-                .cancel(&r.id, r.reason, r.after_current_step)
+                .cancel(&id, r.reason, r.after_current_step)
                 .await?,
         ))
     }
@@ -276,6 +314,9 @@ impl Api {
         }
     }
 }
+
+/// Response header of StreamEvents: the sequence the stream starts after.
+pub const STREAM_AFTER_METADATA: &str = "ppu-stream-after";
 
 /// Metadata key carrying the offending field path in an error status.
 pub const FIELD_PATH_METADATA: &str = "ppu-field-path";
@@ -394,9 +435,9 @@ impl QueueService for Api {
     ) -> Result<Response<pb::Queue>, Status> {
         let caller = Caller::of(&req);
         let r = req.into_inner();
-        require_target(&caller, &r.id)?;
+        let id = self.resolve_target(&caller, IdSpace::Experiment, "id", &r.id)?;
         Ok(Response::new(
-            self.scheduler.move_experiment(&r.id, r.position).await?,
+            self.scheduler.move_experiment(&id, r.position).await?,
         ))
     }
 
@@ -406,9 +447,9 @@ impl QueueService for Api {
     ) -> Result<Response<pb::Experiment>, Status> {
         let caller = Caller::of(&req);
         let r = req.into_inner();
-        require_target(&caller, &r.id)?;
+        let id = self.resolve_target(&caller, IdSpace::Experiment, "id", &r.id)?;
         Ok(Response::new(
-            self.scheduler.set_held(&r.id, true, r.reason).await?,
+            self.scheduler.set_held(&id, true, r.reason).await?,
         ))
     }
 
@@ -418,9 +459,9 @@ impl QueueService for Api {
     ) -> Result<Response<pb::Experiment>, Status> {
         let caller = Caller::of(&req);
         let r = req.into_inner();
-        require_target(&caller, &r.id)?;
+        let id = self.resolve_target(&caller, IdSpace::Experiment, "id", &r.id)?;
         Ok(Response::new(
-            self.scheduler.set_held(&r.id, false, String::new()).await?,
+            self.scheduler.set_held(&id, false, String::new()).await?,
         ))
     }
 
@@ -443,9 +484,11 @@ impl QueueService for Api {
             return Err(Status::invalid_argument("transfer_id: required"));
         }
         caller.set_target(r.transfer_id.clone());
+        let id = self.resolve(IdSpace::Transfer, "transfer_id", &r.transfer_id)?;
+        caller.set_target(id.clone());
         Ok(Response::new(
             self.scheduler
-                .confirm_transfer(&r.transfer_id, &r.confirmed_by)
+                .confirm_transfer(&id, &r.confirmed_by)
                 .await?,
         ))
     }
@@ -460,14 +503,48 @@ impl EventService for Api {
         req: Request<pb::StreamEventsRequest>,
     ) -> Result<Response<Self::StreamEventsStream>, Status> {
         let r = req.into_inner();
+        let batch_id = self.resolve_filter(IdSpace::Batch, "batch_id", &r.batch_id)?;
+        let experiment_id =
+            self.resolve_filter(IdSpace::Experiment, "experiment_id", &r.experiment_id)?;
+        let kinds = r
+            .kinds
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                events::known_kind(k).ok_or_else(|| {
+                    Status::invalid_argument(format!(
+                        "kinds[{i}]: unknown event kind \"{k}\"; known kinds: {}",
+                        events::kind_names().collect::<Vec<_>>().join(", ")
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>, Status>>()?;
         let filter = Filter {
-            batch_id: (!r.batch_id.is_empty()).then_some(r.batch_id),
-            experiment_id: (!r.experiment_id.is_empty()).then_some(r.experiment_id),
+            batch_id: (!batch_id.is_empty()).then_some(batch_id),
+            experiment_id: (!experiment_id.is_empty()).then_some(experiment_id),
+            device_id: (!r.device_id.is_empty()).then_some(r.device_id),
+            kinds,
         };
         let store = self.scheduler.store().clone();
-        let from = r.from_sequence;
+        let last = store.last_sequence();
+        let from = if r.tail {
+            if r.from_sequence != 0 {
+                return Err(Status::invalid_argument(
+                    "from_sequence: must be 0 with tail (a tail starts at the end of the log)",
+                ));
+            }
+            last
+        } else if r.from_sequence > last {
+            return Err(Status::out_of_range(format!(
+                "from_sequence: {} is past the end of the event log (the newest event is \
+                 sequence {last})",
+                r.from_sequence
+            )));
+        } else {
+            r.from_sequence
+        };
         let slot = self.stream_slot(StreamKind::Events)?;
-        Ok(Response::new(spawn_stream(
+        let mut response = Response::new(spawn_stream(
             self.stop.clone(),
             slot,
             move |tx| async move {
@@ -489,7 +566,12 @@ impl EventService for Api {
                     _ = forward => {}
                 }
             },
-        )))
+        ));
+        response.metadata_mut().insert(
+            STREAM_AFTER_METADATA,
+            tonic::metadata::MetadataValue::from(from),
+        );
+        Ok(response)
     }
 }
 

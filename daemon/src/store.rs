@@ -533,6 +533,15 @@ impl WriteTx<'_> {
     }
 }
 
+/// The kinds of stored record a client names by id (see `ids::resolve`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdSpace {
+    Experiment,
+    Batch,
+    /// Pending transfers only: a confirmed transfer is no longer stored by id.
+    Transfer,
+}
+
 /// A page of experiments plus the token of the next one.
 pub struct Page {
     pub experiments: Vec<Experiment>,
@@ -923,6 +932,34 @@ impl Store {
         })
     }
 
+    /// Up to `limit` ids of `space` that start with `prefix` (compared byte for byte: ids are
+    /// stored upper case, callers normalise), in id order. See `ids::resolve`.
+    pub fn ids_with_prefix(
+        &self,
+        space: IdSpace,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        self.read(|db| {
+            let r = db.begin_read()?;
+            let t = r.open_table(match space {
+                IdSpace::Experiment => EXPERIMENTS,
+                IdSpace::Batch => BATCHES,
+                IdSpace::Transfer => TRANSFERS,
+            })?;
+            let mut out = Vec::new();
+            for item in t.range::<&str>(prefix..)? {
+                let (k, _) = item?;
+                let id = k.value();
+                if !id.starts_with(prefix) || out.len() == limit {
+                    break;
+                }
+                out.push(id.to_owned());
+            }
+            Ok(out)
+        })
+    }
+
     /// The batch id and content hash stored for an idempotency key.
     pub fn find_idempotency_key(&self, key: &str) -> Result<Option<(String, String)>, StoreError> {
         self.read(|db| {
@@ -1067,16 +1104,33 @@ impl Store {
         &self,
         after: Option<&str>,
         limit: usize,
+        keep: impl FnMut(&Experiment) -> bool,
+    ) -> Result<Page, StoreError> {
+        self.list_experiments_in_order(after, limit, false, keep)
+    }
+
+    /// [`Store::list_experiments`], newest first (descending id) when `newest_first`: then
+    /// `after` is the last id of the previous page and the page holds the ids below it.
+    pub fn list_experiments_in_order(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        newest_first: bool,
         mut keep: impl FnMut(&Experiment) -> bool,
     ) -> Result<Page, StoreError> {
+        use std::ops::Bound::{Excluded, Unbounded};
         self.read(|db| {
             let r = db.begin_read()?;
             let t = r.open_table(EXPERIMENTS)?;
-            let iter = match after {
-                Some(a) => {
-                    t.range::<&str>((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded))?
-                }
-                None => t.range::<&str>(..)?,
+            let range = match (after, newest_first) {
+                (Some(a), false) => t.range::<&str>((Excluded(a), Unbounded))?,
+                (Some(a), true) => t.range::<&str>((Unbounded, Excluded(a)))?,
+                (None, _) => t.range::<&str>(..)?,
+            };
+            let iter: Box<dyn Iterator<Item = _>> = if newest_first {
+                Box::new(range.rev())
+            } else {
+                Box::new(range)
             };
             let mut experiments = Vec::new();
             let mut next = None;

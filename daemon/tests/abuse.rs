@@ -112,10 +112,11 @@ impl Lab {
 }
 
 /// A stream whose filter matches nothing: it never sends, so only watching for the client's
-/// departure can free its slot.
+/// departure can free its slot. A well-formed id no experiment has: a full id is taken as
+/// given (a shorter string would be a prefix, refused NOT_FOUND when nothing starts with it).
 fn filtered() -> pb::StreamEventsRequest {
     pb::StreamEventsRequest {
-        experiment_id: "no-such-experiment".into(),
+        experiment_id: "01ARZ3NDEKTSV4RRFFQ69G5FAV".into(),
         ..Default::default()
     }
 }

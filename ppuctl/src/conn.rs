@@ -393,6 +393,32 @@ impl Conn {
         self.tls.is_some() && !self.identity
     }
 
+    /// Asks a plain-text TCP address in HTTP/1.1 what it is, after a gRPC call failed at the
+    /// transport: an HTTP/1 server (ppud's metrics port, a web server) answers with a status
+    /// line, which is returned; a gRPC server (HTTP/2 only) never does. `None` for TLS and
+    /// Unix-socket addresses, or when nothing answers within a second or two.
+    pub async fn http1_status_line(&self) -> Option<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Target::Tcp { url, tls: false } = &self.target else {
+            return None;
+        };
+        let uri: Uri = url.parse().ok()?;
+        let host = uri.host()?.trim_start_matches('[').trim_end_matches(']');
+        let port = uri.port_u16()?;
+        let limit = Duration::from_secs(2);
+        let probe = async {
+            let mut s = tokio::net::TcpStream::connect((host, port)).await.ok()?;
+            let request = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+            s.write_all(request.as_bytes()).await.ok()?;
+            let mut reply = vec![0u8; 128];
+            let n = s.read(&mut reply).await.ok()?;
+            let text = String::from_utf8_lossy(&reply[..n]).into_owned();
+            text.starts_with("HTTP/1.")
+                .then(|| text.lines().next().unwrap_or_default().trim().to_owned())
+        };
+        tokio::time::timeout(limit, probe).await.ok().flatten()
+    }
+
     /// A warning to print before connecting, if the token would cross the network in clear
     /// text (ppud refuses plain text off loopback unless told otherwise, but a proxy might not).
     pub fn plaintext_warning(&self) -> Option<String> {

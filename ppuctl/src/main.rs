@@ -11,6 +11,7 @@ mod families;
 mod json;
 mod render;
 mod tui;
+mod watch;
 
 use std::fmt;
 use std::future::Future;
@@ -32,6 +33,8 @@ use conn::{Channel, Conn, Tuning};
 
 /// How long a unary RPC may take before ppuctl gives up.
 const RPC_TIMEOUT: Duration = Duration::from_secs(30);
+/// StreamEvents response header: the sequence the stream starts after (ppu.v1 events.proto).
+const STREAM_AFTER: &str = "ppu-stream-after";
 
 // ---------------------------------------------------------------------------------------------
 // Command line.
@@ -47,7 +50,11 @@ const RPC_TIMEOUT: Duration = Duration::from_secs(30);
                   ppuctl talks to ppud over gRPC (API ppu.v1). Errors are printed as \
                   `error: <CODE>: <message>` on stderr; the exit code is 2 when the request \
                   itself was refused (INVALID_ARGUMENT, FAILED_PRECONDITION, ALREADY_EXISTS, \
-                  NOT_FOUND, or an unreadable batch file) and 1 for any other failure.\n\n\
+                  NOT_FOUND, OUT_OF_RANGE, or an unreadable batch file) and 1 for any other \
+                  failure.\n\n\
+                  Ids: experiment, batch and transfer ids may be given as any unique prefix, \
+                  in either case (git style); an ambiguous prefix is refused with the ids it \
+                  matches.\n\n\
                   Connecting: --addr takes host:port or http://host:port (plain text), \
                   https://host:port (TLS: --tls-ca names the CA that signed ppud's certificate; \
                   --tls-cert and --tls-key add a client certificate where ppud requires one) or \
@@ -109,10 +116,12 @@ enum Command {
     )]
     Submit(SubmitArgs),
 
-    /// List experiments, oldest first, with optional filters.
+    /// List experiments, newest first, with optional filters.
     #[command(after_help = "Examples:\n  \
         ppuctl list\n  \
-        ppuctl list --state queued\n  \
+        ppuctl list --state queued --sort oldest\n  \
+        ppuctl list --since 2h\n  \
+        ppuctl list --since 2026-05-01T08:00:00Z --state failed\n  \
         ppuctl list --batch 01JQ3Z8K4W6Y5T2R9P0N1M7XVB --all\n  \
         ppuctl list --label campaign=co2-sorbents --label round=1 --limit 20")]
     List(ListArgs),
@@ -126,18 +135,25 @@ enum Command {
         id: String,
     },
 
-    /// Follow the event log live, one line per event.
+    /// Follow the event log live, one line per event (new events only; --from-start replays).
     #[command(
         long_about = "Follow the daemon's durable event log (StreamEvents), one line per event: \
             sequence, time, kind, the ids it concerns and a readable summary.\n\n\
-            The stream replays every event after --from, then follows the live tail. If the \
-            connection drops (daemon restart, network), ppuctl reconnects with backoff and \
-            resumes right after the last sequence it printed: no gap and no duplicate. Ctrl-C \
-            exits with status 0.",
+            By default only events from now on are shown (the live tail). --from N replays \
+            every event after sequence N first, --from-start the whole log; a sequence past \
+            the end of the log is refused (OUT_OF_RANGE, exit 2) naming the newest one. \
+            Filters (--experiment, --batch, --device, --kind) are applied by the daemon; ids \
+            may be any unique prefix, in either case.\n\n\
+            On a terminal, step progress is collapsed into one status line rewritten in place; \
+            piped or with --json, every event is a line of its own. If the connection drops \
+            (daemon restart, network), ppuctl reconnects with backoff and resumes right after \
+            the last sequence it printed: no gap and no duplicate. Ctrl-C exits with status 0.",
         after_help = "Examples:\n  \
-            ppuctl watch                        # the whole log, then live\n  \
+            ppuctl watch                        # new events, live\n  \
+            ppuctl watch --from-start           # the whole log, then live\n  \
             ppuctl watch --from 1200            # only events after sequence 1200\n  \
-            ppuctl watch --experiment 01JQ3Z9A1B2C3D4E5F6G7H8J9K\n  \
+            ppuctl watch --experiment 01jq3z9a  # one experiment, by id prefix\n  \
+            ppuctl watch --kind experiment_state_changed,alarm --device furnace-1\n  \
             ppuctl --json watch --batch 01JQ3Z8K4W6Y5T2R9P0N1M7XVB | jq -c .step_progress"
     )]
     Watch(WatchArgs),
@@ -242,6 +258,38 @@ enum Command {
         #[arg(long, value_name = "TEXT", requires = "maintenance")]
         reason: Option<String>,
     },
+
+    /// Print a completion script for bash, zsh or fish (needs no daemon).
+    #[command(after_help = "Examples:\n  \
+        ppuctl completions bash > ~/.local/share/bash-completion/completions/ppuctl\n  \
+        ppuctl completions zsh > ~/.zfunc/_ppuctl    # with fpath+=(~/.zfunc) in ~/.zshrc\n  \
+        ppuctl completions fish > ~/.config/fish/completions/ppuctl.fish")]
+    Completions {
+        #[arg(value_enum)]
+        shell: ShellArg,
+    },
+
+    /// Print ppuctl's man page, or a subcommand's (roff, section 1; needs no daemon).
+    #[command(after_help = "Examples:\n  \
+        ppuctl man | man -l -\n  \
+        ppuctl man watch | man -l -\n  \
+        ppuctl man > ~/.local/share/man/man1/ppuctl.1\n  \
+        for c in $(ppuctl man --list); do ppuctl man $c > ppuctl-$c.1; done")]
+    Man {
+        /// The subcommand whose page to print (its page is ppuctl-SUBCOMMAND(1)).
+        #[arg(value_name = "SUBCOMMAND", conflicts_with = "list")]
+        subcommand: Option<String>,
+        /// List the subcommands that have a page, one per line.
+        #[arg(long)]
+        list: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ShellArg {
+    Bash,
+    Zsh,
+    Fish,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -298,6 +346,13 @@ struct ListArgs {
     /// Only experiments carrying this label (repeat to require several).
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
     labels: Vec<(String, String)>,
+    /// Only experiments submitted since then: an RFC 3339 time (2026-05-01T08:00:00Z), a date
+    /// (2026-05-01, UTC midnight) or an age (90s, 30m, 2h, 7d).
+    #[arg(long, value_name = "TIME|AGE", value_parser = parse_since)]
+    since: Option<prost_types::Timestamp>,
+    /// Order by submission time: newest first (the default) or oldest first.
+    #[arg(long, value_enum, default_value_t = SortArg::Newest)]
+    sort: SortArg,
     /// Experiments per page (1..=1000; the daemon's default is 100). Without --all only the
     /// first page is shown.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
@@ -309,15 +364,27 @@ struct ListArgs {
 
 #[derive(Debug, Args)]
 struct WatchArgs {
-    /// Sequence of the last event already seen; events after it are shown (0 = the whole log).
-    #[arg(long = "from", value_name = "SEQ", default_value_t = 0)]
-    from: u64,
-    /// Only events of this batch.
+    /// Replay the events after this sequence (the last one already seen), then follow live.
+    /// Without it (and without --from-start) only new events are shown.
+    #[arg(long = "from", value_name = "SEQ", conflicts_with = "from_start")]
+    from: Option<u64>,
+    /// Replay the whole log from its first event, then follow live (same as --from 0).
+    #[arg(long)]
+    from_start: bool,
+    /// Only events of this batch (id or unique prefix).
     #[arg(long, value_name = "ID")]
     batch: Option<String>,
-    /// Only events of this experiment.
+    /// Only events of this experiment (id or unique prefix).
     #[arg(long, value_name = "ID")]
     experiment: Option<String>,
+    /// Only events of this device, e.g. furnace-1.
+    #[arg(long, value_name = "ID")]
+    device: Option<String>,
+    /// Only events of these kinds (repeat, or separate with commas): experiment_state_changed,
+    /// step_started, step_progress, step_finished, device_reading, alarm, audit, …  (the
+    /// field names of ppu.v1 `Event.kind`; the daemon lists them all for an unknown one).
+    #[arg(long = "kind", value_name = "KIND", value_delimiter = ',')]
+    kinds: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -358,6 +425,50 @@ enum QueueAction {
         /// Experiment id.
         id: String,
     },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum SortArg {
+    /// Newest first.
+    Newest,
+    /// Oldest first (submission order).
+    Oldest,
+}
+
+/// `--since`: an RFC 3339 time, a date (midnight UTC) or an age before now.
+fn parse_since(s: &str) -> Result<prost_types::Timestamp, String> {
+    let s = s.trim();
+    let age = s
+        .char_indices()
+        .last()
+        .and_then(|(i, unit)| Some((s[..i].parse::<u64>().ok()?, unit)))
+        .and_then(|(n, unit)| {
+            let per = match unit {
+                's' => 1,
+                'm' => 60,
+                'h' => 3600,
+                'd' => 86_400,
+                _ => return None,
+            };
+            n.checked_mul(per)
+        });
+    if let Some(secs) = age {
+        let then = std::time::SystemTime::now()
+            .checked_sub(Duration::from_secs(secs))
+            .ok_or_else(|| format!("{s:?} reaches before 1970"))?;
+        return Ok(prost_types::Timestamp::from(then));
+    }
+    let full = if s.len() == 10 {
+        format!("{s}T00:00:00Z")
+    } else {
+        s.to_owned()
+    };
+    full.parse().map_err(|_| {
+        format!(
+            "expected an RFC 3339 time (2026-05-01T08:00:00Z), a date (2026-05-01) or an age \
+             (90s, 30m, 2h, 7d), got {s:?}"
+        )
+    })
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -431,17 +542,83 @@ fn code_name(code: Code) -> &'static str {
 /// Exit status for a gRPC failure: 2 when the request itself was refused, 1 otherwise.
 fn exit_code_for(code: Code) -> u8 {
     match code {
-        Code::InvalidArgument | Code::FailedPrecondition | Code::AlreadyExists | Code::NotFound => {
-            2
-        }
+        Code::InvalidArgument
+        | Code::FailedPrecondition
+        | Code::AlreadyExists
+        | Code::NotFound
+        | Code::OutOfRange => 2,
         _ => 1,
     }
+}
+
+/// The peer at --addr is not a gRPC server; the detail says what it did instead.
+#[derive(Debug)]
+struct NotGrpc(String);
+
+impl fmt::Display for NotGrpc {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NotGrpc {}
+
+/// Whether a failed call's transport error means the peer is no gRPC server: its first bytes
+/// were no HTTP/2 frame ([`not_grpc`]), or it closed the connection and answers a plain
+/// HTTP/1.1 request (an HTTP/1-only server such as ppud's metrics port drops an HTTP/2
+/// preface unanswered).
+async fn not_grpc_endpoint(status: &Status, conn: &Conn) -> Option<NotGrpc> {
+    if let Some(detail) = not_grpc(status) {
+        return Some(NotGrpc(format!("it did not answer in HTTP/2: {detail}")));
+    }
+    let transport = matches!(
+        status.code(),
+        Code::Unknown | Code::Internal | Code::Cancelled
+    ) && std::error::Error::source(status).is_some();
+    if !transport {
+        return None;
+    }
+    let line = conn.http1_status_line().await?;
+    Some(NotGrpc(format!("it answers HTTP/1.1: \"{line}\"")))
+}
+
+/// Whether `status` says the peer did not speak HTTP/2 at all: the first bytes it sent (an
+/// HTTP/1.1 reply from a metrics port, a TLS alert from a TLS port addressed with http://)
+/// do not parse as an HTTP/2 frame. Returns the detail for the message.
+fn not_grpc(status: &Status) -> Option<String> {
+    if !matches!(status.code(), Code::Internal | Code::Unknown) {
+        return None;
+    }
+    let detail = conn::with_causes(
+        status.message().to_owned(),
+        std::error::Error::source(status),
+    );
+    let framing =
+        detail.contains("frame with invalid size") || detail.contains("unspecific protocol error");
+    (detail.contains("h2 protocol error") && framing).then_some(detail)
 }
 
 /// Prints an error to stderr and returns the exit code for it. `conn` (once resolved) feeds
 /// the hints: where the token came from (never the token itself), whether TLS was used.
 fn report(err: &anyhow::Error, addr: &str, conn: Option<&Conn>) -> u8 {
     let token = conn.and_then(|c| c.token_source.as_ref());
+    let detail = err
+        .chain()
+        .find_map(|e| e.downcast_ref::<NotGrpc>().map(|n| n.0.clone()))
+        .or_else(|| {
+            err.chain()
+                .find_map(|e| e.downcast_ref::<Status>())
+                .and_then(not_grpc)
+                .map(|d| format!("it did not answer in HTTP/2: {d}"))
+        });
+    if let Some(detail) = detail {
+        eprintln!(
+            "error: {addr} is not a gRPC endpoint ({detail}); is it ppud's metrics port, \
+             another service, or a TLS port addressed with http://? Point --addr (or PPU_ADDR) \
+             at ppud's gRPC listen address (default 127.0.0.1:50051)"
+        );
+        return 1;
+    }
     if let Some(status) = err.chain().find_map(|e| e.downcast_ref::<Status>()) {
         let message = if status.message().is_empty() {
             status.code().description()
@@ -589,9 +766,69 @@ impl Backoff {
 // Commands.
 // ---------------------------------------------------------------------------------------------
 
+/// Writes what the command line itself defines (completions, man page): no connection.
+fn offline(command: &Command) -> Option<Result<()>> {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command();
+    let mut text = Vec::new();
+    match command {
+        Command::Completions { shell } => {
+            let shell = match shell {
+                ShellArg::Bash => clap_complete::Shell::Bash,
+                ShellArg::Zsh => clap_complete::Shell::Zsh,
+                ShellArg::Fish => clap_complete::Shell::Fish,
+            };
+            clap_complete::generate(shell, &mut cmd, "ppuctl", &mut text);
+        }
+        Command::Man { list: true, .. } => {
+            let names: Vec<&str> = cmd
+                .get_subcommands()
+                .map(clap::Command::get_name)
+                .filter(|n| *n != "help")
+                .collect();
+            return Some(out(&format!("{}\n", names.join("\n"))));
+        }
+        Command::Man { subcommand, .. } => {
+            let page = match subcommand {
+                None => cmd,
+                Some(name) => {
+                    cmd.build();
+                    let Some(sub) = cmd.find_subcommand(name) else {
+                        return Some(Err(InputError(format!(
+                            "no subcommand {name:?}; `ppuctl man --list` lists them"
+                        ))
+                        .into()));
+                    };
+                    sub.clone()
+                        .display_name(format!("ppuctl-{name}"))
+                        .bin_name(format!("ppuctl {name}"))
+                        .version(env!("CARGO_PKG_VERSION"))
+                }
+            };
+            let title = page
+                .get_display_name()
+                .unwrap_or(page.get_name())
+                .to_owned();
+            if let Err(e) = clap_mangen::Man::new(page).title(title).render(&mut text) {
+                return Some(Err(
+                    anyhow::Error::new(e).context("cannot render the man page")
+                ));
+            }
+        }
+        _ => return None,
+    }
+    Some(out(&String::from_utf8_lossy(&text)))
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(result) = offline(&cli.command) {
+        return match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => ExitCode::from(report(&err, &cli.conn.addr, None)),
+        };
+    }
     let conn = match cli.conn.resolve() {
         Ok(conn) => conn,
         Err(err) => return ExitCode::from(report(&err.into(), &cli.conn.addr, None)),
@@ -601,7 +838,17 @@ async fn main() -> ExitCode {
     }
     match run(cli, &conn).await {
         Ok(()) => ExitCode::SUCCESS,
-        Err(err) => ExitCode::from(report(&err, &conn.addr, Some(&conn))),
+        Err(err) => {
+            let status = err.chain().find_map(|e| e.downcast_ref::<Status>());
+            let err = match status {
+                Some(status) => match not_grpc_endpoint(status, &conn).await {
+                    Some(not) => anyhow::Error::new(not),
+                    None => err,
+                },
+                None => err,
+            };
+            ExitCode::from(report(&err, &conn.addr, Some(&conn)))
+        }
     }
 }
 
@@ -628,7 +875,7 @@ async fn run(cli: Cli, conn: &Conn) -> Result<()> {
         Command::Submit(args) => submit(ch, args, json).await,
         Command::List(args) => list(ch, args, json).await,
         Command::Show { id } => show(ch, id, json).await,
-        Command::Watch(args) => watch(ch, args, json).await,
+        Command::Watch(args) => watch(ch, conn, args, json).await,
         Command::Cancel {
             id,
             reason,
@@ -658,6 +905,8 @@ async fn run(cli: Cli, conn: &Conn) -> Result<()> {
         Command::Device {
             id, watch: true, ..
         } => watch_device(ch, id, json).await,
+        // Written by `main` before any connection.
+        Command::Completions { .. } | Command::Man { .. } => Ok(()),
     }
 }
 
@@ -731,6 +980,8 @@ async fn list(ch: Channel, args: ListArgs, json: bool) -> Result<()> {
         labels: args.labels.into_iter().collect(),
         page_size: args.limit.unwrap_or(0),
         page_token: String::new(),
+        newest_first: args.sort == SortArg::Newest,
+        created_since: args.since,
     };
     let mut experiments = Vec::new();
     let next_page_token = loop {
@@ -959,22 +1210,42 @@ async fn device(ch: Channel, id: String, json: bool) -> Result<()> {
 }
 
 /// Follows the event log, reconnecting and resuming after the last sequence printed.
-async fn watch(ch: Channel, args: WatchArgs, json: bool) -> Result<()> {
+async fn watch(ch: Channel, conn: &Conn, args: WatchArgs, json: bool) -> Result<()> {
+    use std::io::IsTerminal;
     let mut client = EventServiceClient::new(ch);
+    let from = if args.from_start { Some(0) } else { args.from };
     let filter = pb::StreamEventsRequest {
-        from_sequence: args.from,
+        from_sequence: from.unwrap_or(0),
+        tail: from.is_none(),
         batch_id: args.batch.unwrap_or_default(),
         experiment_id: args.experiment.unwrap_or_default(),
+        device_id: args.device.unwrap_or_default(),
+        kinds: args.kinds,
     };
+    let collapse = !json && io::stdout().is_terminal();
+    let width = ratatui::crossterm::terminal::size()
+        .ok()
+        .map(|(columns, _)| usize::from(columns));
+    let mut printer = watch::Printer::new(collapse, width);
     let emit = |event: &pb::Event| {
-        let line = if json {
-            json::event(event).to_string()
+        let text = if json {
+            format!("{}\n", json::event(event))
         } else {
-            render::event_line(event)
+            printer.event(event, &render::event_line(event))
         };
-        out_line(&line)
+        out(&text)
     };
-    follow_events(&mut client, filter, Backoff::new(), emit, interrupted()).await
+    let result = follow_events(
+        &mut client,
+        filter,
+        Backoff::new(),
+        emit,
+        interrupted(),
+        Some(conn),
+    )
+    .await;
+    out(printer.finish())?;
+    result
 }
 
 /// The core of `watch`: streams events after `request.from_sequence`, passing each to `emit`
@@ -987,14 +1258,37 @@ async fn follow_events(
     mut backoff: Backoff,
     mut emit: impl FnMut(&pb::Event) -> Result<()>,
     stop: impl Future<Output = ()>,
+    conn: Option<&Conn>,
 ) -> Result<()> {
     tokio::pin!(stop);
     let mut last_seen = request.from_sequence;
+    let mut tail = request.tail;
+    let mut ever_connected = false;
     let mut reconnecting = false;
     loop {
         request.from_sequence = last_seen;
+        request.tail = tail;
         let session = async {
-            let mut stream = client.stream_events(request.clone()).await?.into_inner();
+            let response = client.stream_events(request.clone()).await?;
+            ever_connected = true;
+            if tail {
+                // Where the tail started: a reconnect resumes from there even if nothing
+                // was printed yet, so no event is skipped.
+                if let Some(after) = response
+                    .metadata()
+                    .get(STREAM_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok())
+                {
+                    last_seen = after;
+                }
+                tail = false;
+                eprintln!(
+                    "watch: new events after sequence {last_seen} (--from-start replays the \
+                     whole log; Ctrl-C stops)"
+                );
+            }
+            let mut stream = response.into_inner();
             if reconnecting {
                 eprintln!("watch: reconnected, resuming after sequence {last_seen}");
             }
@@ -1013,8 +1307,27 @@ async fn follow_events(
             () = &mut stop => return Ok(()),
             result = session => match result {
                 Ok(()) => "the daemon closed the stream".to_owned(),
+                // Not a gRPC server at all: retrying will not make it one.
                 Err(StreamEnd::Rpc(status)) if is_transient(status.code()) => {
+                    // A peer that never answered in gRPC is not worth retrying.
+                    if !ever_connected
+                        && let Some(conn) = conn
+                        && let Some(not) = not_grpc_endpoint(&status, conn).await
+                    {
+                        return Err(not.into());
+                    }
                     format!("{}: {}", code_name(status.code()), status.message())
+                }
+                Err(StreamEnd::Rpc(status))
+                    if reconnecting && status.code() == Code::OutOfRange =>
+                {
+                    return Err(Status::out_of_range(format!(
+                        "{}; this watch already printed sequence {last_seen}, so the daemon \
+                         it reconnected to keeps another event log (a new data directory?); \
+                         start a new watch",
+                        status.message()
+                    ))
+                    .into());
                 }
                 Err(StreamEnd::Rpc(status)) => return Err(status.into()),
                 Err(StreamEnd::Output(err)) => return Err(err),
@@ -1059,6 +1372,9 @@ async fn watch_device(ch: Channel, id: String, json: bool) -> Result<()> {
             () = &mut ctrl_c => return Ok(()),
             result = session => match result {
                 Ok(()) => "the daemon closed the stream".to_owned(),
+                Err(StreamEnd::Rpc(status)) if not_grpc(&status).is_some() => {
+                    return Err(status.into());
+                }
                 Err(StreamEnd::Rpc(status)) if is_transient(status.code()) => {
                     format!("{}: {}", code_name(status.code()), status.message())
                 }
@@ -1227,6 +1543,7 @@ mod tests {
         assert_eq!(exit_code_for(Code::FailedPrecondition), 2);
         assert_eq!(exit_code_for(Code::AlreadyExists), 2);
         assert_eq!(exit_code_for(Code::NotFound), 2);
+        assert_eq!(exit_code_for(Code::OutOfRange), 2);
         assert_eq!(exit_code_for(Code::Unavailable), 1);
         assert_eq!(exit_code_for(Code::Internal), 1);
         // A daemon that does not implement a request yet is not the caller's mistake.

@@ -122,7 +122,15 @@ async fn ppuctl(url: &str, args: &[&str], stdin: Option<&str>) -> Run {
 async fn watch_until(url: &str, id: &str, until: &str) -> String {
     use tokio::io::{AsyncBufReadExt, BufReader};
     let mut child = Command::new(env!("CARGO_BIN_EXE_ppuctl"))
-        .args(["--addr", url, "--json", "watch", "--experiment", id])
+        .args([
+            "--addr",
+            url,
+            "--json",
+            "watch",
+            "--from-start",
+            "--experiment",
+            id,
+        ])
         .env_remove("PPU_ADDR")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -15,9 +15,10 @@ use ppu_daemon::app::Daemon;
 use ppu_daemon::config::Policies;
 use ppu_daemon::dev::DevLab;
 use ppu_daemon::devices::PollSettings;
+use ppu_daemon::security::Security;
 use ppu_drivers::Clock;
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
 use tokio::task::JoinHandle;
 
@@ -38,6 +39,11 @@ struct Lab {
 impl Lab {
     /// Starts one simulated furnace and the daemon on `data_dir`, listening on `listen`.
     async fn start(data_dir: &Path, listen: SocketAddr) -> Lab {
+        Lab::start_secured(data_dir, listen, Security::default()).await
+    }
+
+    /// [`Lab::start`] with `security` (e.g. a metrics endpoint).
+    async fn start_secured(data_dir: &Path, listen: SocketAddr, security: Security) -> Lab {
         let clock = Clock::new(TIME_SCALE);
         let devlab = DevLab::start(clock, 1).await.expect("simulated lab");
         let poll = PollSettings {
@@ -45,7 +51,7 @@ impl Lab {
             reading_log_interval: Duration::from_secs(1),
         };
         let daemon = devlab
-            .start_daemon(listen, data_dir, poll, &Policies::default())
+            .start_secured_daemon(listen, data_dir, poll, &Policies::default(), security)
             .await
             .expect("daemon starts");
         Lab { daemon, devlab }
@@ -141,6 +147,8 @@ struct Watch {
     child: Child,
     lines: Lines<BufReader<ChildStdout>>,
     stderr: JoinHandle<String>,
+    /// Each stderr line as it is written.
+    stderr_lines: tokio::sync::mpsc::UnboundedReceiver<String>,
     /// Every event printed so far, in order.
     events: Vec<Value>,
 }
@@ -153,18 +161,42 @@ impl Watch {
             .spawn()
             .expect("spawn ppuctl watch");
         let lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-        let mut err = child.stderr.take().expect("stderr");
+        let mut err = BufReader::new(child.stderr.take().expect("stderr")).lines();
+        let (tx, stderr_lines) = tokio::sync::mpsc::unbounded_channel();
         let stderr = tokio::spawn(async move {
             let mut s = String::new();
-            let _ = err.read_to_string(&mut s).await;
+            while let Ok(Some(line)) = err.next_line().await {
+                s.push_str(&line);
+                s.push('\n');
+                let _ = tx.send(line);
+            }
             s
         });
         Watch {
             child,
             lines,
             stderr,
+            stderr_lines,
             events: Vec::new(),
         }
+    }
+
+    /// The next line ppuctl writes to stderr (within the deadline).
+    async fn stderr_line(&mut self) -> String {
+        tokio::time::timeout(DEADLINE, self.stderr_lines.recv())
+            .await
+            .expect("a stderr line within the deadline")
+            .expect("ppuctl watch exited before writing to stderr")
+    }
+
+    /// Waits until a default (tail) watch has its stream open; returns the sequence it
+    /// follows after.
+    async fn tail_start(&mut self) -> u64 {
+        let line = self.stderr_line().await;
+        line.strip_prefix("watch: new events after sequence ")
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("not the tail's start line: {line}"))
     }
 
     /// Reads events until `done(events)` holds; fails at the deadline or if ppuctl exits.
@@ -364,8 +396,10 @@ async fn submit_is_idempotent_and_a_new_key_makes_a_new_batch() {
         "{refused:#?}"
     );
 
-    // Exactly the six experiments of the two batches exist, oldest first, all still queued.
-    let list = ppuctl(&url, &["--json", "list", "--all"]).await.json();
+    // Exactly the six experiments of the two batches exist, all still queued.
+    let list = ppuctl(&url, &["--json", "list", "--all", "--sort", "oldest"])
+        .await
+        .json();
     let all: Vec<String> = first
         .experiments
         .iter()
@@ -376,9 +410,19 @@ async fn submit_is_idempotent_and_a_new_key_makes_a_new_batch() {
     for e in list["experiments"].as_array().unwrap() {
         assert_eq!(e["state"], "EXPERIMENT_STATE_QUEUED", "{e:#}");
     }
-    let batch_list = ppuctl(&url, &["--json", "list", "--batch", &third.batch])
-        .await
-        .json();
+    let batch_list = ppuctl(
+        &url,
+        &[
+            "--json",
+            "list",
+            "--sort",
+            "oldest",
+            "--batch",
+            &third.batch,
+        ],
+    )
+    .await
+    .json();
     assert_eq!(listed_ids(&batch_list), third.experiments);
 
     // The queue is paused and holds them in start order: priority 10 first, then submission
@@ -419,12 +463,22 @@ async fn list_all_follows_page_tokens() {
     );
     assert_eq!(submitted.experiments.len(), 5);
 
-    // One page only without --all, with a token for the rest.
+    let oldest_first = submitted.experiments.clone();
+    let newest_first: Vec<String> = oldest_first.iter().rev().cloned().collect();
+
+    // One page only without --all, with a token for the rest: newest first by default.
     let page = ppuctl(&url, &["--json", "list", "--limit", "2"])
         .await
         .json();
-    assert_eq!(listed_ids(&page), submitted.experiments[..2]);
+    assert_eq!(listed_ids(&page), newest_first[..2]);
     assert_ne!(page["next_page_token"], "", "{page:#}");
+    let page = ppuctl(
+        &url,
+        &["--json", "list", "--limit", "2", "--sort", "oldest"],
+    )
+    .await
+    .json();
+    assert_eq!(listed_ids(&page), oldest_first[..2]);
     let human = ppuctl(&url, &["list", "--limit", "2"]).await;
     assert!(
         human.stderr.contains("pass --all to list every page"),
@@ -436,17 +490,22 @@ async fn list_all_follows_page_tokens() {
         "header and two rows: {human:#?}"
     );
 
-    // --all follows the tokens to the end: every experiment once, in order.
+    // --all follows the tokens to the end: every experiment once, in order, either order.
     for limit in ["1", "2", "4", "5", "1000"] {
-        let all = ppuctl(&url, &["--json", "list", "--all", "--limit", limit])
+        for (sort, expected) in [("newest", &newest_first), ("oldest", &oldest_first)] {
+            let all = ppuctl(
+                &url,
+                &["--json", "list", "--all", "--limit", limit, "--sort", sort],
+            )
             .await
             .json();
-        assert_eq!(
-            listed_ids(&all),
-            submitted.experiments,
-            "--limit {limit}: {all:#}"
-        );
-        assert_eq!(all["next_page_token"], "", "--limit {limit}: {all:#}");
+            assert_eq!(
+                &listed_ids(&all),
+                expected,
+                "--limit {limit} --sort {sort}: {all:#}"
+            );
+            assert_eq!(all["next_page_token"], "", "--limit {limit}: {all:#}");
+        }
     }
     let human = ppuctl(&url, &["list", "--all", "--limit", "2"]).await;
     let text = human.ok();
@@ -465,7 +524,7 @@ async fn watch_resumes_across_a_daemon_restart_with_no_gap_and_no_duplicate() {
     let addr = lab.daemon.addr();
     let url = lab.url();
 
-    let mut watch = Watch::spawn(&url, &[]).await;
+    let mut watch = Watch::spawn(&url, &["--from-start"]).await;
 
     // A long program: still running when the daemon stops, so it is interrupted by the stop.
     let long = serde_json::json!({
@@ -565,7 +624,7 @@ async fn watch_resumes_across_a_daemon_restart_with_no_gap_and_no_duplicate() {
     );
 
     // What the watch printed is the start of the durable log, event for event.
-    let mut replay = Watch::spawn(&url, &[]).await;
+    let mut replay = Watch::spawn(&url, &["--from-start"]).await;
     let n = events.len();
     replay
         .read_until("the replayed log", |replayed| replayed.len() >= n)
@@ -622,7 +681,7 @@ async fn refusals_exit_2_and_an_unreachable_daemon_exits_1() {
         .ok(),
     );
     let id = done.experiments[0].clone();
-    let mut watch = Watch::spawn(&url, &["--experiment", &id]).await;
+    let mut watch = Watch::spawn(&url, &["--from-start", "--experiment", &id]).await;
     watch
         .read_until("the experiment to finish", |events| {
             events
@@ -697,4 +756,389 @@ async fn devices_lists_the_furnace_and_its_driver() {
     assert!(run.stderr.starts_with("error: NOT_FOUND: "), "{run:#?}");
 
     lab.stop().await;
+}
+
+/// The shortest prefix of `ids[i]` that no other id starts with.
+fn unique_prefix(ids: &[String], i: usize) -> String {
+    let own = &ids[i];
+    let shared = ids
+        .iter()
+        .enumerate()
+        .filter(|(j, _)| *j != i)
+        .map(|(_, other)| common_prefix(own, other).len())
+        .max()
+        .unwrap_or(0);
+    own[..shared + 1].to_owned()
+}
+
+fn common_prefix<'a>(a: &'a str, b: &str) -> &'a str {
+    let n = a.bytes().zip(b.bytes()).take_while(|(x, y)| x == y).count();
+    &a[..n]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_starts_at_the_tail_filters_and_refuses_a_start_past_the_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let lab = Lab::fresh(dir.path()).await;
+    let url = lab.url();
+    ppuctl(&url, &["queue", "pause"]).await.ok();
+    let toml = example("batch.toml");
+    let submitted = parse_submit(ppuctl(&url, &["submit", toml.to_str().unwrap()]).await.ok());
+
+    // By default only what happens from now on: the submission's events are not replayed.
+    let mut tail = Watch::spawn(&url, &[]).await;
+    let start = tail.tail_start().await;
+    assert!(start > 0, "the log already holds the submission");
+    ppuctl(&url, &["queue", "resume"]).await.ok();
+    tail.read_until("the queue to resume", |events| {
+        events.iter().any(|e| e["queue_state_changed"].is_object())
+    })
+    .await;
+    let seqs: Vec<u64> = tail
+        .events
+        .iter()
+        .map(|e| e["sequence"].as_u64().expect("sequence"))
+        .collect();
+    assert_eq!(
+        seqs,
+        (start + 1..=start + seqs.len() as u64).collect::<Vec<_>>(),
+        "the tail starts right after sequence {start}, with no gap"
+    );
+    tail.kill().await;
+
+    // --from N replays from there.
+    let mut from = Watch::spawn(&url, &["--from", &start.to_string()]).await;
+    from.read_until("one event", |events| !events.is_empty())
+        .await;
+    assert_eq!(from.events[0]["sequence"], start + 1);
+    from.kill().await;
+
+    // Past the end of the log: refused by the daemon, naming the newest sequence; exit 2.
+    let run = ppuctl(&url, &["watch", "--from", "999999999"]).await;
+    assert_eq!(run.code, Some(2), "{run:#?}");
+    let newest: u64 = run
+        .stderr
+        .strip_prefix(
+            "error: OUT_OF_RANGE: from_sequence: 999999999 is past the end of the event log \
+             (the newest event is sequence ",
+        )
+        .and_then(|rest| rest.split(')').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{run:#?}"));
+    assert!(newest >= start, "{run:#?}");
+    let run = ppuctl(&url, &["watch", "--from", "3", "--from-start"]).await;
+    assert_eq!(run.code, Some(2), "{run:#?}");
+    assert!(run.stderr.contains("cannot be used with"), "{run:#?}");
+
+    // Filters: one experiment (by a lower-case id prefix) and one kind.
+    let first = &submitted.experiments[1]; // priority 10: starts first
+    let prefix = unique_prefix(&submitted.experiments, 1).to_lowercase();
+    let mut one = Watch::spawn(
+        &url,
+        &[
+            "--from-start",
+            "--experiment",
+            &prefix,
+            "--kind",
+            "experiment_state_changed",
+        ],
+    )
+    .await;
+    one.read_until("the first experiment to start", |events| {
+        events
+            .iter()
+            .any(|e| moved_to(e, first) == Some("EXPERIMENT_STATE_RUNNING"))
+    })
+    .await;
+    for e in &one.events {
+        assert_eq!(e["experiment_id"], first.as_str(), "{e:#}");
+        assert!(e["experiment_state_changed"].is_object(), "{e:#}");
+    }
+    one.kill().await;
+
+    // One device, two kinds given with a comma.
+    let mut device = Watch::spawn(
+        &url,
+        &[
+            "--from-start",
+            "--device",
+            "furnace-1",
+            "--kind",
+            "device_reading,alarm",
+        ],
+    )
+    .await;
+    device
+        .read_until("two readings", |events| events.len() >= 2)
+        .await;
+    for e in &device.events {
+        assert_eq!(e["device_id"], "furnace-1", "{e:#}");
+        assert!(
+            e["device_reading"].is_object() || e["alarm"].is_object(),
+            "{e:#}"
+        );
+    }
+    device.kill().await;
+
+    // An unknown kind is refused with the list of known ones.
+    let run = ppuctl(&url, &["watch", "--kind", "step_progres"]).await;
+    assert_eq!(run.code, Some(2), "{run:#?}");
+    assert!(
+        run.stderr.starts_with(
+            "error: INVALID_ARGUMENT: kinds[0]: unknown event kind \"step_progres\"; known kinds: "
+        ) && run.stderr.contains("step_progress"),
+        "{run:#?}"
+    );
+
+    lab.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_resolve_from_any_unique_prefix_in_either_case() {
+    let dir = tempfile::tempdir().unwrap();
+    let lab = Lab::fresh(dir.path()).await;
+    let url = lab.url();
+    ppuctl(&url, &["queue", "pause"]).await.ok();
+    let toml = example("batch.toml");
+    let submitted = parse_submit(ppuctl(&url, &["submit", toml.to_str().unwrap()]).await.ok());
+    let ids = &submitted.experiments;
+
+    // The full id in lower case, and the shortest unique prefix in lower case.
+    for given in [ids[0].to_lowercase(), unique_prefix(ids, 0).to_lowercase()] {
+        let shown = ppuctl(&url, &["--json", "show", &given]).await.json();
+        assert_eq!(shown["id"], ids[0].as_str(), "{given}: {shown:#}");
+    }
+
+    // A prefix two ids share: refused, naming both.
+    let shared = common_prefix(&ids[0], &ids[1]).to_lowercase();
+    let run = ppuctl(&url, &["show", &shared]).await;
+    assert_eq!(run.code, Some(2), "{run:#?}");
+    assert!(
+        run.stderr.starts_with(&format!(
+            "error: INVALID_ARGUMENT: id: \"{shared}\" is ambiguous: it starts the experiment ids "
+        )),
+        "{run:#?}"
+    );
+    assert!(
+        run.stderr.contains(&ids[0]) && run.stderr.contains(&ids[1]),
+        "{run:#?}"
+    );
+
+    // A prefix nothing starts with: NOT_FOUND naming it.
+    let run = ppuctl(&url, &["show", "01zzz"]).await;
+    assert_eq!(run.code, Some(2), "{run:#?}");
+    assert_eq!(
+        run.stderr.lines().next(),
+        Some("error: NOT_FOUND: id: no experiment id starts with \"01zzz\""),
+        "{run:#?}"
+    );
+
+    // Acting on a prefix acts on the full id, and the audit trail records the full id.
+    let hold = unique_prefix(ids, 2).to_lowercase();
+    let held = ppuctl(&url, &["--json", "queue", "hold", &hold, "--reason", "r"])
+        .await
+        .json();
+    assert_eq!(held["id"], ids[2].as_str(), "{held:#}");
+    assert_eq!(held["held"], true, "{held:#}");
+    let mut audit = Watch::spawn(&url, &["--from-start", "--kind", "audit"]).await;
+    audit
+        .read_until("the hold's audit record", |events| {
+            events.iter().any(|e| {
+                e["audit"]["method"]
+                    .as_str()
+                    .is_some_and(|m| m.ends_with("HoldExperiment"))
+            })
+        })
+        .await;
+    let record = audit
+        .events
+        .iter()
+        .find(|e| {
+            e["audit"]["method"]
+                .as_str()
+                .is_some_and(|m| m.ends_with("HoldExperiment"))
+        })
+        .expect("hold audited");
+    assert_eq!(record["audit"]["target"], ids[2].as_str(), "{record:#}");
+    audit.kill().await;
+    let cancelled = ppuctl(&url, &["--json", "cancel", &hold]).await.json();
+    assert_eq!(cancelled["id"], ids[2].as_str(), "{cancelled:#}");
+    assert_eq!(cancelled["state"], "EXPERIMENT_STATE_CANCELLED");
+
+    // A batch filter takes a prefix too.
+    let batch = submitted.batch[..12].to_lowercase();
+    let listed = ppuctl(
+        &url,
+        &["--json", "list", "--sort", "oldest", "--batch", &batch],
+    )
+    .await
+    .json();
+    assert_eq!(&listed_ids(&listed), ids, "{listed:#}");
+
+    lab.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_filters_by_state_label_and_since() {
+    let dir = tempfile::tempdir().unwrap();
+    let lab = Lab::fresh(dir.path()).await;
+    let url = lab.url();
+    ppuctl(&url, &["queue", "pause"]).await.ok();
+    let toml = example("batch.toml");
+    let first = parse_submit(ppuctl(&url, &["submit", toml.to_str().unwrap()]).await.ok());
+    let later = parse_submit(
+        ppuctl_stdin(
+            &url,
+            &["submit", "-"],
+            Some(&furnace_batch("later", &["later"], 40.0)),
+        )
+        .await
+        .ok(),
+    );
+    let later_id = later.experiments[0].clone();
+    let list = |args: &'static [&'static str]| {
+        let url = url.clone();
+        async move {
+            let mut argv = vec!["--json", "list"];
+            argv.extend_from_slice(args);
+            listed_ids(&ppuctl(&url, &argv).await.json())
+        }
+    };
+
+    let mut newest_first = first.experiments.clone();
+    newest_first.push(later_id.clone());
+    newest_first.reverse();
+    assert_eq!(list(&[]).await, newest_first);
+    assert_eq!(list(&["--state", "queued"]).await, newest_first);
+    assert_eq!(
+        list(&["--label", "material=SBA-15"]).await,
+        [first.experiments[2].clone()]
+    );
+    assert_eq!(
+        list(&["--label", "campaign=co2-sorbents", "--sort", "oldest"]).await,
+        first.experiments
+    );
+    ppuctl(&url, &["cancel", &first.experiments[0]]).await.ok();
+    assert_eq!(
+        list(&["--state", "cancelled"]).await,
+        [first.experiments[0].clone()]
+    );
+
+    // --since: a time (the later experiment's creation), an age, a date in the future.
+    let shown = ppuctl(&url, &["--json", "show", &later_id]).await.json();
+    let created = shown["created_at"].as_str().expect("created_at").to_owned();
+    let since = ppuctl(&url, &["--json", "list", "--since", &created])
+        .await
+        .json();
+    assert_eq!(listed_ids(&since), [later_id], "--since {created}");
+    assert_eq!(list(&["--since", "1h"]).await, newest_first);
+    assert!(list(&["--since", "2999-01-01"]).await.is_empty());
+    let human = ppuctl(&url, &["list", "--since", "2999-01-01"]).await;
+    assert_eq!(human.code, Some(0), "{human:#?}");
+    assert!(human.stderr.contains("no experiments match"), "{human:#?}");
+    let bad = ppuctl(&url, &["list", "--since", "yesterday"]).await;
+    assert_eq!(bad.code, Some(2), "{bad:#?}");
+    assert!(bad.stderr.contains("expected an RFC 3339 time"), "{bad:#?}");
+
+    lab.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_port_is_named_as_not_a_grpc_endpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let security = Security {
+        metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+        ..Default::default()
+    };
+    let lab = Lab::start_secured(dir.path(), "127.0.0.1:0".parse().unwrap(), security).await;
+    let metrics = format!(
+        "http://{}",
+        lab.daemon.metrics_addr().expect("metrics served")
+    );
+    let expected = format!("error: {metrics} is not a gRPC endpoint (");
+    for args in [&["devices"][..], &["watch"][..]] {
+        let run = ppuctl(&metrics, args).await;
+        assert_eq!(run.code, Some(1), "{args:?}: {run:#?}");
+        assert!(run.stderr.starts_with(&expected), "{args:?}: {run:#?}");
+        assert!(run.stderr.contains("metrics port"), "{args:?}: {run:#?}");
+        assert!(!run.stderr.contains("reconnecting"), "{args:?}: {run:#?}");
+    }
+    // The gRPC port itself still answers.
+    ppuctl(&lab.url(), &["devices"]).await.ok();
+    lab.stop().await;
+}
+
+#[tokio::test]
+async fn completions_and_the_man_page_are_generated_without_a_daemon() {
+    // Nothing listens there: these commands must not connect.
+    let nowhere = "http://127.0.0.1:1";
+    for (shell, marker) in [
+        ("bash", "complete -F _ppuctl"),
+        ("zsh", "#compdef ppuctl"),
+        ("fish", "complete -c ppuctl"),
+    ] {
+        let run = ppuctl(nowhere, &["completions", shell]).await;
+        let script = run.ok();
+        assert!(script.contains(marker), "{shell}: {script}");
+        // fish spells long options `-l from-start`.
+        for word in ["watch", "from-start", "completions", "sort"] {
+            assert!(script.contains(word), "{shell} lacks {word}");
+        }
+    }
+    let bad = ppuctl(nowhere, &["completions", "tcsh"]).await;
+    assert_eq!(bad.code, Some(2), "{bad:#?}");
+
+    // The main page and every subcommand's, each rendered by groff (man's formatter) with no
+    // warning, and with the sections man readers expect.
+    let listed = ppuctl(nowhere, &["man", "--list"]).await;
+    let subcommands: Vec<&str> = listed.ok().lines().collect();
+    assert!(subcommands.contains(&"watch"), "{subcommands:?}");
+    assert!(subcommands.contains(&"completions"), "{subcommands:?}");
+    let mut pages = vec![(String::from("ppuctl"), Vec::<&str>::new())];
+    for sub in &subcommands {
+        pages.push((format!("ppuctl-{sub}"), vec![*sub]));
+    }
+    for (name, sub) in pages {
+        let mut args = vec!["man"];
+        args.extend(sub);
+        let roff = ppuctl(nowhere, &args).await.ok().to_owned();
+        assert!(roff.contains(&format!(".TH {name} 1")), "{roff}");
+        let text = groff(&roff).await;
+        for section in ["NAME", "SYNOPSIS", "DESCRIPTION"] {
+            assert!(text.contains(section), "{name}: no {section} in:\n{text}");
+        }
+        if name == "ppuctl" {
+            assert!(text.contains("SUBCOMMANDS"), "{text}");
+            assert!(text.contains("ppuctl-watch(1)"), "{text}");
+        }
+        if name == "ppuctl-watch" {
+            assert!(text.contains("--from-start"), "{text}");
+        }
+    }
+    let run = ppuctl(nowhere, &["man", "nonesuch"]).await;
+    assert_eq!(run.code, Some(2), "{run:#?}");
+    assert!(run.stderr.contains("ppuctl man --list"), "{run:#?}");
+}
+
+/// `roff` formatted by groff as plain text; fails on any groff warning.
+async fn groff(roff: &str) -> String {
+    let mut child = Command::new("groff")
+        // -k: through preconv, as man does, so UTF-8 help text is read as such.
+        .args(["-k", "-man", "-Tutf8", "-P-cbou", "-ww"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("groff (man's formatter) is installed");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(roff.as_bytes()).await.expect("feed groff");
+    drop(stdin);
+    let out = child.wait_with_output().await.expect("groff runs");
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        out.stderr.is_empty(),
+        "groff warnings: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8")
 }

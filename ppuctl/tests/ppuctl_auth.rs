@@ -263,7 +263,7 @@ async fn watch_sends_the_token_on_its_stream() {
     .ok();
 
     let mut child = ppuctl_command(
-        &["--addr", &url, "--json", "watch"],
+        &["--addr", &url, "--json", "watch", "--from-start"],
         &[("PPU_TOKEN", VIEWER)],
     )
     .spawn()
