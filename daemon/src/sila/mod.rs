@@ -113,8 +113,7 @@ pub async fn serve(listener: TcpListener, setup: Setup) -> Result<Serving, Strin
         None => tokio::spawn(async move {
             router
                 .serve_with_incoming_shutdown(
-                    tonic::transport::server::TcpIncoming::from(listener)
-                        .with_nodelay(Some(true)),
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
                     shutdown.cancelled_owned(),
                 )
                 .await

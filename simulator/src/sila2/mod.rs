@@ -101,6 +101,9 @@ impl RunningShaker {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
+            // Its own process group: a Ctrl-C at the terminal reaches ppud alone, which drives
+            // the shaker safe before it closes our stdin; the instrument must outlive that.
+            .process_group(0)
             .kill_on_drop(true)
             .spawn()?;
         let stdout = child
