@@ -212,10 +212,11 @@ class Daemon:
     def watch_text_until(
         self, match: Callable[[str], bool], *args: str, timeout: float = TIMEOUT_S
     ) -> list[str]:
-        """Runs `ppuctl watch ARGS` (the human view) until a line matches; returns the lines
-        up to and including it."""
+        """Runs `ppuctl watch --from-start ARGS` (the human view, the durable event log from its
+        start, then live) until a line matches; returns the lines up to and including it."""
         proc = subprocess.Popen(
-            [str(binary("PPUCTL_BIN", "ppuctl")), "--addr", f"http://{self.addr}", "watch", *args],
+            [str(binary("PPUCTL_BIN", "ppuctl")), "--addr", f"http://{self.addr}", "watch",
+             "--from-start", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
@@ -253,14 +254,15 @@ class Daemon:
         token: str | None = None,
         timeout: float = TIMEOUT_S,
     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """Runs `ppuctl --json watch ARGS` (the durable event log from its start, then live)
+        """Runs `ppuctl --json watch --from-start ARGS` (the durable event log from its start,
+        then live)
         until an event matches; returns it and every event read before it."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("PPU_TOKEN")}
         if token is not None:
             env["PPU_TOKEN"] = token
         proc = subprocess.Popen(
             [str(binary("PPUCTL_BIN", "ppuctl")), "--addr", f"http://{self.addr}", "--json",
-             "watch", *args],
+             "watch", "--from-start", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
