@@ -280,43 +280,9 @@ fn parse_like(like: &Value, text: &str) -> Option<Value> {
     let text = text.trim();
     match like {
         Value::Integer(_) | Value::Real(_) => text.parse::<f64>().ok().map(Value::Real),
-        Value::Date { .. } => {
-            let (date, tz) = split_tz(text);
-            let (year, month, day) = parse_date(date)?;
-            Some(Value::Date {
-                year,
-                month,
-                day,
-                tz_minutes: tz?,
-            })
-        }
-        Value::Time { .. } => {
-            let (time, tz) = split_tz(text);
-            let (hour, minute, second, millisecond) = parse_time(time)?;
-            Some(Value::Time {
-                hour,
-                minute,
-                second,
-                millisecond,
-                tz_minutes: tz?,
-            })
-        }
-        Value::Timestamp { .. } => {
-            let (stamp, tz) = split_tz(text);
-            let (date, time) = stamp.split_once('T')?;
-            let (year, month, day) = parse_date(date)?;
-            let (hour, minute, second, millisecond) = parse_time(time)?;
-            Some(Value::Timestamp {
-                year,
-                month,
-                day,
-                hour,
-                minute,
-                second,
-                millisecond,
-                tz_minutes: tz?,
-            })
-        }
+        Value::Date { .. } => Value::parse_temporal(Basic::Date, text),
+        Value::Time { .. } => Value::parse_temporal(Basic::Time, text),
+        Value::Timestamp { .. } => Value::parse_temporal(Basic::Timestamp, text),
         Value::String(_) => Some(Value::String(text.to_owned())),
         Value::Boolean(_) => match text {
             "true" | "1" => Some(Value::Boolean(true)),
@@ -324,6 +290,100 @@ fn parse_like(like: &Value, text: &str) -> Option<Value> {
             _ => None,
         },
         _ => None,
+    }
+}
+
+impl Value {
+    /// A Date, Time or Timestamp written as ISO 8601 text (`2026-12-06`, `13:05:00[.250]`,
+    /// `2026-12-06T13:05:00[.250]`, each ending `Z`, `±hh:mm` or with no zone, taken as UTC),
+    /// read as `basic`: how FDL constraints and planners' JSON write them. `None` if the text
+    /// is malformed or `basic` is not temporal.
+    pub fn parse_temporal(basic: Basic, text: &str) -> Option<Value> {
+        let (text, tz) = split_tz(text.trim());
+        let tz_minutes = tz?;
+        match basic {
+            Basic::Date => {
+                let (year, month, day) = parse_date(text)?;
+                Some(Value::Date {
+                    year,
+                    month,
+                    day,
+                    tz_minutes,
+                })
+            }
+            Basic::Time => {
+                let (hour, minute, second, millisecond) = parse_time(text)?;
+                Some(Value::Time {
+                    hour,
+                    minute,
+                    second,
+                    millisecond,
+                    tz_minutes,
+                })
+            }
+            Basic::Timestamp => {
+                let (date, time) = text.split_once('T')?;
+                let (year, month, day) = parse_date(date)?;
+                let (hour, minute, second, millisecond) = parse_time(time)?;
+                Some(Value::Timestamp {
+                    year,
+                    month,
+                    day,
+                    hour,
+                    minute,
+                    second,
+                    millisecond,
+                    tz_minutes,
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// The ISO 8601 text of a Date, Time or Timestamp (what [`Value::parse_temporal`] reads);
+    /// `None` for other values.
+    pub fn temporal_text(&self) -> Option<String> {
+        let zone = |minutes: i32| {
+            if minutes == 0 {
+                "Z".to_owned()
+            } else {
+                let sign = if minutes < 0 { '-' } else { '+' };
+                let m = minutes.unsigned_abs();
+                format!("{sign}{:02}:{:02}", m / 60, m % 60)
+            }
+        };
+        match *self {
+            Value::Date {
+                year,
+                month,
+                day,
+                tz_minutes,
+            } => Some(format!("{year:04}-{month:02}-{day:02}{}", zone(tz_minutes))),
+            Value::Time {
+                hour,
+                minute,
+                second,
+                millisecond,
+                tz_minutes,
+            } => Some(format!(
+                "{hour:02}:{minute:02}:{second:02}.{millisecond:03}{}",
+                zone(tz_minutes)
+            )),
+            Value::Timestamp {
+                year,
+                month,
+                day,
+                hour,
+                minute,
+                second,
+                millisecond,
+                tz_minutes,
+            } => Some(format!(
+                "{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}.{millisecond:03}{}",
+                zone(tz_minutes)
+            )),
+            _ => None,
+        }
     }
 }
 

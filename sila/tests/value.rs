@@ -2,7 +2,7 @@
 
 use ppu_sila::descriptor;
 use ppu_sila::error::SilaError;
-use ppu_sila::fdl::{DataType, Feature};
+use ppu_sila::fdl::{Basic, DataType, Feature};
 use ppu_sila::value::{self, Value};
 use prost::Message;
 use prost_reflect::DynamicMessage;
@@ -240,4 +240,23 @@ fn fully_qualified_identifiers_and_timestamps() {
     // 00:30 at +01:00 is 23:30 the day before in UTC.
     assert!(value::check(&bounded, t, &stamp(2026, 0, 60), "StartedAt").is_err());
     assert!(value::check(&bounded, t, &stamp(2025, 23, 0), "StartedAt").is_err());
+}
+
+#[test]
+fn temporal_text_round_trips_and_malformed_text_is_none() {
+    for (basic, text) in [
+        (Basic::Date, "2026-12-06Z"),
+        (Basic::Time, "13:05:00.250+01:30"),
+        (Basic::Timestamp, "2026-12-06T13:05:00.000-05:00"),
+    ] {
+        let v = Value::parse_temporal(basic, text).expect(text);
+        assert_eq!(v.temporal_text().as_deref(), Some(text));
+    }
+    // No zone is UTC, written back with `Z`; a fraction is read to milliseconds.
+    let v = Value::parse_temporal(Basic::Time, "13:05:00.5").unwrap();
+    assert_eq!(v.temporal_text().as_deref(), Some("13:05:00.500Z"));
+    assert_eq!(Value::parse_temporal(Basic::Date, "2026-12"), None);
+    assert_eq!(Value::parse_temporal(Basic::Time, "13:05:00+1:x0"), None);
+    assert_eq!(Value::parse_temporal(Basic::Real, "2026-12-06"), None);
+    assert_eq!(Value::Real(1.0).temporal_text(), None);
 }

@@ -127,7 +127,7 @@ fn basic_from_json(b: Basic, json: &Json, path: &str) -> Result<Value, JsonError
             .ok_or_else(|| err(path, format!("{n} is not a number"))),
         (Basic::Boolean, Json::Bool(v)) => Ok(Value::Boolean(*v)),
         (Basic::Date | Basic::Time | Basic::Timestamp, Json::String(s)) => {
-            temporal(b, s).ok_or_else(|| err(path, format!("{s:?} is not an ISO 8601 {b:?}")))
+            Value::parse_temporal(b, s).ok_or_else(|| err(path, format!("{s:?} is not an ISO 8601 {b:?}")))
         }
         (Basic::Binary | Basic::Any, _) => Err(err(
             path,
@@ -154,91 +154,6 @@ fn basic_name(b: Basic) -> &'static str {
     }
 }
 
-/// `2026-12-06`, `13:05:00[.250]`, `2026-12-06T13:05:00[.250]`, each with `Z` or `±hh:mm`
-/// (none: UTC).
-fn temporal(b: Basic, s: &str) -> Option<Value> {
-    fn split_tz(s: &str) -> Option<(&str, i32)> {
-        if let Some(rest) = s.strip_suffix('Z') {
-            return Some((rest, 0));
-        }
-        let cut = s.len().checked_sub(6)?;
-        let (head, tz) = s.split_at(cut);
-        let sign = match tz.as_bytes().first() {
-            Some(b'+') => 1,
-            Some(b'-') => -1,
-            _ => return Some((s, 0)),
-        };
-        let (h, m) = tz[1..].split_once(':')?;
-        Some((head, sign * (h.parse::<i32>().ok()? * 60 + m.parse::<i32>().ok()?)))
-    }
-    fn date(s: &str) -> Option<(u32, u32, u32)> {
-        let mut it = s.split('-');
-        let y = it.next()?.parse().ok()?;
-        let m = it.next()?.parse().ok()?;
-        let d = it.next()?.parse().ok()?;
-        it.next().is_none().then_some((y, m, d))
-    }
-    fn time(s: &str) -> Option<(u32, u32, u32, u32)> {
-        let (hms, ms) = s.split_once('.').unwrap_or((s, "0"));
-        let mut it = hms.split(':');
-        let h = it.next()?.parse().ok()?;
-        let m = it.next()?.parse().ok()?;
-        let sec = it.next()?.parse().ok()?;
-        let ms = format!("{ms:0<3}").get(..3)?.parse().ok()?;
-        it.next().is_none().then_some((h, m, sec, ms))
-    }
-    match b {
-        Basic::Date => {
-            let (s, tz_minutes) = split_tz(s)?;
-            let (year, month, day) = date(s)?;
-            Some(Value::Date {
-                year,
-                month,
-                day,
-                tz_minutes,
-            })
-        }
-        Basic::Time => {
-            let (s, tz_minutes) = split_tz(s)?;
-            let (hour, minute, second, millisecond) = time(s)?;
-            Some(Value::Time {
-                hour,
-                minute,
-                second,
-                millisecond,
-                tz_minutes,
-            })
-        }
-        Basic::Timestamp => {
-            let (s, tz_minutes) = split_tz(s)?;
-            let (d, t) = s.split_once('T')?;
-            let (year, month, day) = date(d)?;
-            let (hour, minute, second, millisecond) = time(t)?;
-            Some(Value::Timestamp {
-                year,
-                month,
-                day,
-                hour,
-                minute,
-                second,
-                millisecond,
-                tz_minutes,
-            })
-        }
-        _ => None,
-    }
-}
-
-fn tz(minutes: i32) -> String {
-    if minutes == 0 {
-        "Z".to_owned()
-    } else {
-        let sign = if minutes < 0 { '-' } else { '+' };
-        let m = minutes.unsigned_abs();
-        format!("{sign}{:02}:{:02}", m / 60, m % 60)
-    }
-}
-
 /// A value as JSON (the inverse of [`from_json`]; Binary and Any as base64-free summaries).
 pub fn to_json(value: &Value) -> Json {
     match value {
@@ -247,35 +162,9 @@ pub fn to_json(value: &Value) -> Json {
         Value::Real(r) => serde_json::Number::from_f64(*r).map_or(Json::Null, Json::Number),
         Value::Boolean(b) => Json::Bool(*b),
         Value::Binary(b) => Json::String(format!("<{} bytes>", b.len())),
-        Value::Date {
-            year,
-            month,
-            day,
-            tz_minutes,
-        } => Json::String(format!("{year:04}-{month:02}-{day:02}{}", tz(*tz_minutes))),
-        Value::Time {
-            hour,
-            minute,
-            second,
-            millisecond,
-            tz_minutes,
-        } => Json::String(format!(
-            "{hour:02}:{minute:02}:{second:02}.{millisecond:03}{}",
-            tz(*tz_minutes)
-        )),
-        Value::Timestamp {
-            year,
-            month,
-            day,
-            hour,
-            minute,
-            second,
-            millisecond,
-            tz_minutes,
-        } => Json::String(format!(
-            "{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}.{millisecond:03}{}",
-            tz(*tz_minutes)
-        )),
+        Value::Date { .. } | Value::Time { .. } | Value::Timestamp { .. } => {
+            value.temporal_text().map_or(Json::Null, Json::String)
+        }
         Value::Any { payload, .. } => Json::String(format!("<any, {} bytes>", payload.len())),
         Value::List(items) => Json::Array(items.iter().map(to_json).collect()),
         Value::Structure(elements) => elements_to_json(elements),
