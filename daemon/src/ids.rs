@@ -1,5 +1,7 @@
 //! Ids as people type them: any unique prefix of an experiment, batch or transfer id, in either
-//! case (ULIDs are case-insensitive; they are stored upper case), git and docker style.
+//! case (ULIDs are case-insensitive; they are stored upper case), git and docker style; or a
+//! unique suffix after `…` (or `...`), as the TUI shows the ids of one batch: made in the same
+//! millisecond, they differ only in their last characters.
 //!
 //! Resolved once, at the edge of each request that takes an id, so every client (ppuctl, the
 //! TUI, the SDK, grpcurl) gets the same rules, and everything past the edge (scheduler, events,
@@ -30,20 +32,40 @@ impl IdSpace {
 ///   for a filter);
 /// - a prefix matching exactly one id is that id;
 /// - a prefix matching several is refused (INVALID_ARGUMENT) listing them;
-/// - a prefix matching none is NOT_FOUND naming the prefix.
+/// - a prefix matching none is NOT_FOUND naming the prefix;
+/// - `…SUFFIX` (or `...SUFFIX`) follows the same rules for the ids ending with `SUFFIX`.
 pub fn resolve(store: &Store, space: IdSpace, field: &str, given: &str) -> Result<String, Error> {
     if given.is_empty() {
         return Err(Rejection::invalid(field, "required").into());
     }
-    let prefix = given.to_ascii_uppercase();
-    let found = store.ids_with_prefix(space, &prefix, SHOWN + 1)?;
+    let suffix = given
+        .strip_prefix('…')
+        .or_else(|| given.strip_prefix("..."))
+        .map(str::to_ascii_uppercase);
+    let (found, part, verb) = match &suffix {
+        Some(s) if s.is_empty() => return Err(Rejection::invalid(field, "nothing after …").into()),
+        Some(s) => (
+            store.ids_with_suffix(space, s, SHOWN + 1)?,
+            s.clone(),
+            "ends",
+        ),
+        None => {
+            let prefix = given.to_ascii_uppercase();
+            (
+                store.ids_with_prefix(space, &prefix, SHOWN + 1)?,
+                prefix,
+                "starts",
+            )
+        }
+    };
     match found.as_slice() {
-        [first, ..] if *first == prefix => Ok(prefix),
+        [first, ..] if *first == part => Ok(part),
         [one] => Ok(one.clone()),
-        [] if prefix.len() >= ID_LEN => Ok(prefix),
+        [] if suffix.is_none() && part.len() >= ID_LEN => Ok(part),
         [] => Err(Error::NotFound(format!(
-            "{field}: no {} id starts with \"{given}\"",
-            space.noun()
+            "{field}: no {} id {verb} with \"{}\"",
+            space.noun(),
+            suffix.as_deref().unwrap_or(given)
         ))),
         many => {
             let listed = many.iter().take(SHOWN).cloned().collect::<Vec<_>>();
@@ -51,7 +73,8 @@ pub fn resolve(store: &Store, space: IdSpace, field: &str, given: &str) -> Resul
             Err(Rejection::invalid(
                 field,
                 format!(
-                    "\"{given}\" is ambiguous: it starts the {} ids {}{more}; give more characters",
+                    "\"{given}\" is ambiguous: it {} the {} ids {}{more}; give more characters",
+                    if suffix.is_some() { "ends" } else { "starts" },
                     space.noun(),
                     listed.join(", ")
                 ),
@@ -166,6 +189,34 @@ mod tests {
             m,
             "transfer_id: no pending transfer id starts with \"01jq3\""
         );
+    }
+
+    #[test]
+    fn a_unique_suffix_after_an_ellipsis_resolves_as_the_tui_shows_it() {
+        const D: &str = "01JQ50000000000000000000XK";
+        let (_dir, store) = store_with(&[A, B, C, D]);
+        let r = |given: &str| resolve(&store, IdSpace::Experiment, "id", given);
+        assert_eq!(r("…h8j9k").unwrap(), A);
+        assert_eq!(r("...H8J9M").unwrap(), B);
+        assert_eq!(r(&format!("…{C}")).unwrap(), C);
+        let Err(Error::Refused(amb)) = r("…k") else {
+            panic!("ambiguous suffix accepted")
+        };
+        assert!(
+            amb.reason.contains("ends the experiment ids"),
+            "{}",
+            amb.reason
+        );
+        assert!(
+            amb.reason.contains(A) && amb.reason.contains(D),
+            "{}",
+            amb.reason
+        );
+        let Err(Error::NotFound(m)) = r("…ZZZ") else {
+            panic!("unknown suffix resolved")
+        };
+        assert_eq!(m, "id: no experiment id ends with \"ZZZ\"");
+        assert!(matches!(r("…"), Err(Error::Refused(_))));
     }
 
     #[test]

@@ -960,6 +960,37 @@ impl Store {
         })
     }
 
+    /// Up to `limit` ids of `space` that end with `suffix`, newest first. A full scan of the
+    /// table's keys (no index by suffix): only for ids typed by people, the way the TUI shows
+    /// ids of one batch that share all but their last characters. See `ids::resolve`.
+    pub fn ids_with_suffix(
+        &self,
+        space: IdSpace,
+        suffix: &str,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        self.read(|db| {
+            let r = db.begin_read()?;
+            let t = r.open_table(match space {
+                IdSpace::Experiment => EXPERIMENTS,
+                IdSpace::Batch => BATCHES,
+                IdSpace::Transfer => TRANSFERS,
+            })?;
+            let mut out = Vec::new();
+            for item in t.iter()?.rev() {
+                let (k, _) = item?;
+                let id = k.value();
+                if id.ends_with(suffix) {
+                    if out.len() == limit {
+                        break;
+                    }
+                    out.push(id.to_owned());
+                }
+            }
+            Ok(out)
+        })
+    }
+
     /// The batch id and content hash stored for an idempotency key.
     pub fn find_idempotency_key(&self, key: &str) -> Result<Option<(String, String)>, StoreError> {
         self.read(|db| {

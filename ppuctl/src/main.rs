@@ -53,7 +53,8 @@ const STREAM_AFTER: &str = "ppu-stream-after";
                   NOT_FOUND, OUT_OF_RANGE, or an unreadable batch file) and 1 for any other \
                   failure.\n\n\
                   Ids: experiment, batch and transfer ids may be given as any unique prefix, \
-                  in either case (git style); an ambiguous prefix is refused with the ids it \
+                  in either case (git style), or as a unique suffix after `…` or `...` (as the \
+                  TUI shows ids of one batch); an ambiguous one is refused with the ids it \
                   matches.\n\n\
                   Connecting: --addr takes host:port or http://host:port (plain text), \
                   https://host:port (TLS: --tls-ca names the CA that signed ppud's certificate; \

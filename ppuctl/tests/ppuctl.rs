@@ -908,6 +908,11 @@ async fn ids_resolve_from_any_unique_prefix_in_either_case() {
         let shown = ppuctl(&url, &["--json", "show", &given]).await.json();
         assert_eq!(shown["id"], ids[0].as_str(), "{given}: {shown:#}");
     }
+    // The batch's ids share all but their last characters: the TUI shows `…` and the last 8,
+    // which resolve too.
+    let tail = format!("…{}", &ids[1][ids[1].len() - 8..]).to_lowercase();
+    let shown = ppuctl(&url, &["--json", "show", &tail]).await.json();
+    assert_eq!(shown["id"], ids[1].as_str(), "{tail}: {shown:#}");
 
     // A prefix two ids share: refused, naming both.
     let shared = common_prefix(&ids[0], &ids[1]).to_lowercase();
