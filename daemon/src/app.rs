@@ -382,14 +382,14 @@ async fn serve(
         source,
     })?;
     let sila_listener = match &opts.security.sila {
-        Some(s) => Some(
-            TcpListener::bind(s.listen)
-                .await
-                .map_err(|source| StartError::Bind {
-                    addr: s.listen,
-                    source,
-                })?,
-        ),
+        Some(s) => Some(TcpListener::bind(s.listen).await.map_err(|source| {
+            // Say which listener: a second `ppud dev` on one machine meets this first.
+            StartError::Sila(format!(
+                "cannot listen on {}: {source} ([sila] listen; ppud dev: --sila-listen ADDR \
+                     or --no-sila)",
+                s.listen
+            ))
+        })?),
         None => None,
     };
     let metrics_addr = match opts.security.metrics_listen {

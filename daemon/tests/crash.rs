@@ -79,6 +79,8 @@ async fn spawn_ppud(data_dir: &Path) -> (Child, String) {
         "dev",
         "--listen",
         "127.0.0.1:0",
+        "--sila-listen",
+        "127.0.0.1:0",
         "--time-scale",
         "100",
         "--furnaces",

@@ -70,7 +70,14 @@ async fn a_fresh_dev_lab_starts_and_stops_quietly_and_raises_no_alarm() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_ppud"))
         .env_remove("RUST_LOG")
         .env_remove("PPU_LOG_FORMAT")
-        .args(["dev", "--listen", "127.0.0.1:0", "--data-dir"])
+        .args([
+            "dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--sila-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
         .arg(dir.path().join("data"))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

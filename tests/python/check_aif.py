@@ -34,7 +34,7 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         daemon = subprocess.Popen(
-            [ppud, "dev", "--listen", "127.0.0.1:0", "--data-dir", os.path.join(tmp, "data"),
+            [ppud, "dev", "--listen", "127.0.0.1:0", "--sila-listen", "127.0.0.1:0", "--data-dir", os.path.join(tmp, "data"),
              "--time-scale", "5000", "--furnaces", "1", "--analysers", "1"],
             stdout=subprocess.PIPE, stderr=open(os.path.join(tmp, "ppud.log"), "w"), text=True,
         )

@@ -63,6 +63,9 @@ class Daemon:
                 str(self.data_dir),
                 "--time-scale",
                 TIME_SCALE,
+                # SiLA on a free port: several daemons run side by side here.
+                "--sila-listen",
+                "127.0.0.1:0",
                 *self.extra_args,
             ],
             stdout=subprocess.PIPE,

@@ -266,7 +266,7 @@ def test_events_from_sequence_skips_what_was_seen(client: Client) -> None:
 def test_events_timeout_and_unreachable_daemon(daemon: Daemon) -> None:
     with Client(daemon.addr) as c:
         with pytest.raises(DeadlineExceededError):
-            for _ in c.events(0, experiment_id="never-happens", timeout=1.0):
+            for _ in c.events(0, experiment_id="01ARZ3NDEKTSV4RRFFQ69G5FAV", timeout=1.0):
                 pass
     # Nothing listens on this port (it was free a moment ago): the stream gives up after its
     # reconnect budget instead of hanging.
