@@ -16,7 +16,8 @@ pub struct Limits {
     /// Largest gRPC message either way, bytes; larger is RESOURCE_EXHAUSTED.
     pub max_message_bytes: usize,
     /// SubmitBatch calls per principal per minute (a token bucket holding a minute's worth);
-    /// 0 for no limit.
+    /// 0 for no limit. A limit stops abuse (a runaway planner loop), never normal use: the
+    /// default, [`DEFAULT_SUBMIT_PER_MINUTE`], is far above what a real planner sends.
     pub submit_per_minute: u32,
     /// Most StreamEvents and WatchDevice streams open at once.
     pub max_streams: usize,
@@ -40,12 +41,21 @@ pub struct Limits {
     pub max_experiment_bytes: usize,
 }
 
+/// The default `submit_per_minute`: 60,000 calls a minute, i.e. 1,000 SubmitBatch calls a
+/// second sustained, with a whole minute's worth as a burst. A closed-loop planner submits
+/// after each result (seconds to hours apart); even one submitting a single experiment per
+/// call as fast as it can is held by the durable commit to about 1,000 calls a second, and
+/// bluesky-queueserver, the nearest peer, accepts about 500 items a second. So a real planner
+/// never meets this limit, while a runaway loop still gets RESOURCE_EXHAUSTED before it fills
+/// the disk (each call also carries at most `max_batch_experiments`).
+pub const DEFAULT_SUBMIT_PER_MINUTE: u32 = 60_000;
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_batch_experiments: 10_000,
             max_message_bytes: 16 * 1024 * 1024,
-            submit_per_minute: 600,
+            submit_per_minute: DEFAULT_SUBMIT_PER_MINUTE,
             max_streams: 256,
             max_experiment_steps: 1000,
             max_program_segments: 1000,

@@ -123,6 +123,11 @@ enum Command {
         /// Do not serve SiLA 2.
         #[arg(long)]
         no_sila: bool,
+        /// SubmitBatch calls per principal per minute before RESOURCE_EXHAUSTED (0: no
+        /// limit; config: [limits] submit_per_minute). A limit against runaway loops, far
+        /// above what a planner sends; a benchmark may lift it, a test may lower it.
+        #[arg(long, default_value_t = ppu_daemon::limits::DEFAULT_SUBMIT_PER_MINUTE)]
+        submit_per_minute: u32,
     },
     /// A build without the `dev-lab` feature (the deployed ppud) has no simulated lab; `ppud
     /// dev` then says how to get one instead of "unrecognized subcommand".
@@ -201,6 +206,7 @@ async fn main() -> Result<()> {
             metrics_listen,
             sila_listen,
             no_sila,
+            submit_per_minute,
         } => {
             anyhow::ensure!(
                 time_scale.is_finite() && time_scale > 0.0,
@@ -302,7 +308,7 @@ async fn main() -> Result<()> {
             if let Some(file) = &tokens_file {
                 auth.mode = Mode::Tokens(Tokens::load(file)?);
             }
-            let security = Security {
+            let mut security = Security {
                 auth,
                 local: socket.map(|path| LocalSocket {
                     path,
@@ -317,6 +323,7 @@ async fn main() -> Result<()> {
                 }),
                 ..Security::default()
             };
+            security.limits.submit_per_minute = submit_per_minute;
             let lab = Arc::new(lab);
             let robot = (lab.clone(), Duration::from_millis(transfer_delay_ms));
             run(config, &policies, security, poll, clock, Some(robot)).await?;
