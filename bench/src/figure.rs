@@ -67,6 +67,13 @@ impl Figure {
             .param("met", if met { "yes" } else { "NO" })
     }
 
+    /// Records a goal that is not a bound on the value alone (e.g. a rate *and* a share of
+    /// the bare baseline): `target` describes it, `met` says whether this run met it.
+    pub fn goal(self, target: impl fmt::Display, met: bool) -> Self {
+        self.param("target", target)
+            .param("met", if met { "yes" } else { "NO" })
+    }
+
     /// Prints the line at once (a long run shows progress) and flushes.
     pub fn emit(&self) {
         let mut out = std::io::stdout().lock();

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use ppu_daemon::app::Daemon;
+use ppu_daemon::app::{Daemon, Security};
 use ppu_daemon::config::Policies;
 use ppu_daemon::dev::{DevLab, TransferRobot};
 use ppu_daemon::devices::PollSettings;
@@ -27,6 +27,23 @@ pub struct LabConfig {
     /// Real time the robot takes per transfer.
     pub transfer_delay: Duration,
 }
+
+/// The security settings of every daemon the bench starts (in-process or as a child process),
+/// set explicitly rather than left to the defaults: open loopback, no TLS, and the limits
+/// below. The bench measures throughput, not abuse, so there is no per-principal submission
+/// rate limit (`submit_per_minute = 0`); the full run once failed at its first figure when a
+/// default limit came in after the bench. `max_streams`: `None` leaves room for the events
+/// figure's 100 subscribers and more.
+pub fn bench_security(max_streams: Option<usize>) -> Security {
+    let mut security = Security::default();
+    security.limits.submit_per_minute = 0; // 0: no limit
+    security.limits.max_streams = max_streams.unwrap_or(BENCH_MAX_STREAMS);
+    security.limits.max_batch_experiments = 10_000;
+    security
+}
+
+/// `max_streams` of the bench's daemons unless a figure sets its own.
+const BENCH_MAX_STREAMS: usize = 1024;
 
 pub struct Lab {
     daemon: Option<Daemon>,
@@ -55,18 +72,13 @@ impl Lab {
             poll_interval: Duration::from_millis(250),
             reading_log_interval: Duration::from_secs(5),
         };
-        // The bench measures throughput, not abuse: it configures its daemon without the
-        // per-principal submission rate limit (600 calls a minute by default), which the
-        // single-experiment figures would otherwise hit within their first second.
-        let mut security = ppu_daemon::app::Security::default();
-        security.limits.submit_per_minute = 0; // 0: no limit
         let daemon = devlab
             .start_secured_daemon(
                 "127.0.0.1:0".parse()?,
                 data_dir,
                 poll,
                 &Policies::default(),
-                security,
+                bench_security(None),
             )
             .await
             .context("starting the daemon")?;

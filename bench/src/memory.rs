@@ -9,6 +9,10 @@
 //!    whole log and then never sends again), half `WatchDevice`; each waits for its first
 //!    message, then all are dropped.
 //!
+//! Before the bursts, its idle VmRSS (`memory.idle_rss`) is read beside the baseline's: this
+//! binary as `ppu-bench bare-grpc`, a tonic server with nothing but the health service, started
+//! and settled alongside.
+//!
 //! For each burst the child's VmRSS (/proc) is read before, sampled every 20 ms during (peak),
 //! and read again after a settling pause with no client activity (after). A memory leak or a
 //! cache without bound shows as `after` growing from burst to burst. The child inherits this
@@ -30,7 +34,7 @@ use ppu_proto::v1 as pb;
 use tokio::task::JoinSet;
 use tonic::transport::Channel;
 
-use crate::figure::{Figure, note};
+use crate::figure::Figure;
 use crate::scale::{ChildDaemon, ChildOptions, memory_mb};
 use crate::workload;
 
@@ -66,12 +70,26 @@ pub async fn run(sizes: Sizes, work: &Path) -> Result<Vec<Figure>> {
         let data = data.clone();
         tokio::task::spawn_blocking(move || ChildDaemon::spawn_with(&data, opts)).await??
     };
-    let result = measure(&child, sizes, &data).await;
-    tokio::task::spawn_blocking(move || child.stop()).await??;
+    let mut bare = match tokio::task::spawn_blocking(ChildDaemon::spawn_bare_grpc).await? {
+        Ok(b) => b,
+        Err(e) => {
+            tokio::task::spawn_blocking(move || child.stop()).await??;
+            return Err(e);
+        }
+    };
+    let result = measure(&child, &bare, sizes, &data).await;
+    let stopped = tokio::task::spawn_blocking(move || (child.stop(), bare.stop())).await?;
+    stopped.0?;
+    stopped.1?;
     result
 }
 
-async fn measure(child: &ChildDaemon, sizes: Sizes, data: &Path) -> Result<Vec<Figure>> {
+async fn measure(
+    child: &ChildDaemon,
+    bare: &ChildDaemon,
+    sizes: Sizes,
+    data: &Path,
+) -> Result<Vec<Figure>> {
     let pid = child.pid();
     let endpoint = Channel::from_shared(format!("http://{}", child.addr))?;
     let connect = || endpoint.connect();
@@ -85,10 +103,25 @@ async fn measure(child: &ChildDaemon, sizes: Sizes, data: &Path) -> Result<Vec<F
         .map(|v| format!("glibc_arena_max_{v}"))
         .unwrap_or_else(|_| "glibc_default".into());
     let mut figures = Vec::new();
+    // The baseline answers one call too, so its HTTP/2 path is resident like the daemon's.
+    let bare_channel = Channel::from_shared(format!("http://{}", bare.addr))?
+        .connect()
+        .await?;
+    tonic_health::pb::health_client::HealthClient::new(bare_channel.clone())
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await?;
+    drop(bare_channel);
     let start_mb = settle(pid, sizes.settle).await?;
-    note(format!(
-        "memory: daemon RSS after start-up {start_mb:.1} MB"
-    ));
+    let bare_mb = memory_mb(bare.pid())?.0;
+    let f = Figure::new("memory.idle_rss", start_mb, "MB")
+        .param("process", "child_daemon")
+        .param("devices", "1_simulated_furnace_in_process")
+        .param("allocator", &allocator)
+        .num("bare_grpc_process_mb", bare_mb)
+        .num("vs_bare_mb", start_mb - bare_mb)
+        .num("settle_s", sizes.settle.as_secs_f64());
+    f.emit();
+    figures.push(f);
 
     // 1. Submit and cancel.
     let before = start_mb;

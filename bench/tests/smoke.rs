@@ -77,6 +77,8 @@ fn smoke_run_prints_every_figure() {
     for b in ["1", "100", "1000"] {
         expected.push(("submit.throughput", Some(("batch", b))));
     }
+    expected.push(("submit.single_p50", Some(("batch", "1"))));
+    expected.push(("submit.concurrent", Some(("clients", "16"))));
     for s in ["1", "10", "100"] {
         expected.push(("events.latency_p50", Some(("subscribers", s))));
         expected.push(("events.latency_p99", Some(("subscribers", s))));
@@ -85,9 +87,11 @@ fn smoke_run_prints_every_figure() {
         ("driver.read_overhead", None),
         ("driver.status_overhead", None),
         ("scale.rss", None),
+        ("scale.rss_after_log_read", None),
         ("scale.list_first_page", None),
         ("startup.daemon_start", None),
-        ("campaign.wall_time", None),
+        ("campaign.wall_time", Some(("time_scale", "100000"))),
+        ("memory.idle_rss", None),
         ("memory.cancel_burst", None),
         ("memory.stream_burst", Some(("round", "1"))),
     ]);
@@ -100,6 +104,79 @@ fn smoke_run_prints_every_figure() {
         lines.len(),
         expected.len(),
         "unexpected extra lines:\n{stdout}"
+    );
+
+    // Every figure prints its bare baseline (or the run's own reference) from the same run.
+    let baselines: [(&str, &[&str]); 12] = [
+        ("submit.throughput", &["bare_redb_rows_per_s", "vs_bare"]),
+        (
+            "submit.single_p50",
+            &["bare_commit_p50_ms", "bare_grpc_rtt_p50_ms", "bare_p50_ms"],
+        ),
+        ("submit.concurrent", &["bare_redb_rows_per_s", "vs_bare"]),
+        ("events.latency_p50", &["bare_p50_ms", "log_fallbacks"]),
+        (
+            "events.latency_p99",
+            &["bare_p99_ms", "commit_p99_ms", "log_fallbacks"],
+        ),
+        ("driver.read_overhead", &["bare_p50_us"]),
+        ("scale.rss", &["baseline_mb"]),
+        ("scale.rss_after_log_read", &["baseline_mb"]),
+        ("scale.list_first_page", &["baseline_p50_ms"]),
+        ("startup.daemon_start", &["store_open_ms", "baseline_ms"]),
+        ("campaign.wall_time", &["physics_floor_s", "busiest_pct"]),
+        ("memory.idle_rss", &["bare_grpc_process_mb"]),
+    ];
+    for (name, keys) in baselines {
+        for l in lines.iter().filter(|l| l.name == name) {
+            for k in keys {
+                assert!(l.params.contains_key(*k), "{name} lacks {k}: {l:?}");
+            }
+        }
+    }
+    // The goals the issue sets are on their lines, each with a verdict.
+    for (name, key) in [
+        ("submit.throughput", Some(("batch", "1000"))),
+        ("submit.single_p50", None),
+        ("submit.concurrent", None),
+        ("events.latency_p99", Some(("subscribers", "10"))),
+        ("events.latency_p99", Some(("subscribers", "100"))),
+        ("scale.rss", None),
+        ("scale.rss_after_log_read", None),
+        ("startup.daemon_start", None),
+        ("campaign.wall_time", None),
+    ] {
+        let l = lines
+            .iter()
+            .find(|l| {
+                l.name == name
+                    && key.is_none_or(|(k, v)| l.params.get(k).map(String::as_str) == Some(v))
+            })
+            .unwrap_or_else(|| panic!("{name} {key:?} missing"));
+        assert!(
+            l.params.contains_key("target"),
+            "{name} has no target: {l:?}"
+        );
+        assert!(
+            matches!(l.params.get("met").map(String::as_str), Some("yes" | "NO")),
+            "{name} has no verdict: {l:?}"
+        );
+    }
+    // The campaign says how many of its experiments succeeded, out of how many.
+    let campaign = lines
+        .iter()
+        .find(|l| l.name == "campaign.wall_time")
+        .expect("campaign line");
+    let succeeded = campaign.params.get("succeeded").expect("succeeded=");
+    let (ok, all) = succeeded.split_once('/').expect("succeeded=N/M");
+    assert!(
+        ok.parse::<usize>().is_ok()
+            && all.parse::<usize>().ok()
+                == campaign
+                    .params
+                    .get("experiments")
+                    .and_then(|n| n.parse().ok()),
+        "succeeded={succeeded} is not N/experiments"
     );
 }
 
