@@ -6,6 +6,7 @@ pub mod allocator;
 pub mod app;
 pub mod auth;
 pub mod board;
+pub mod bus;
 pub mod command;
 pub mod config;
 #[cfg(feature = "dev-lab")]

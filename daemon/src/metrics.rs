@@ -60,6 +60,8 @@ pub const DEVICE_UNSAFE: &str = "ppu_device_unsafe";
 pub const EVENT_LOG_EVENTS: &str = "ppu_event_log_events";
 /// Bytes of the durable log's keys and values.
 pub const EVENT_LOG_BYTES: &str = "ppu_event_log_bytes";
+/// Event streams that lagged past the ring of recent events and read the log again.
+pub const STREAM_LOG_FALLBACKS: &str = "ppu_stream_log_fallbacks_total";
 /// Open server streams; label `kind`.
 pub const ACTIVE_STREAMS: &str = "ppu_active_streams";
 /// Finished gRPC calls; labels `method`, `code`.
@@ -340,6 +342,11 @@ fn describe_all() {
         Unit::Bytes,
         "Bytes of keys and values in the durable event log (without storage overhead)."
     );
+    describe_counter!(
+        STREAM_LOG_FALLBACKS,
+        Unit::Count,
+        "Event streams that fell behind the in-memory ring of recent events and read the durable log to catch up (0 while subscribers keep up)."
+    );
     describe_gauge!(
         ACTIVE_STREAMS,
         Unit::Count,
@@ -386,6 +393,7 @@ fn register_process_series() {
     }
     gauge!(EVENT_LOG_EVENTS).set(0.0);
     gauge!(EVENT_LOG_BYTES).set(0.0);
+    counter!(STREAM_LOG_FALLBACKS).absolute(0);
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"), "git_commit" => GIT_COMMIT).set(1.0);
     for severity in ALARM_SEVERITIES {
         gauge!(ALARMS_ACTIVE, "severity" => severity).set(0.0);
@@ -475,6 +483,8 @@ fn scrape(handle: &PrometheusHandle, lab: &dyn Scraped) -> String {
         Err(e) => warn!(error = %e, "metrics: cannot count the event log"),
     }
     gauge!(EVENT_LOG_BYTES).set(store.event_log_bytes() as f64);
+    // Counted by the store, so each daemon of a process answers with its own.
+    counter!(STREAM_LOG_FALLBACKS).absolute(store.stream_log_fallbacks());
     for d in lab.device_gauges() {
         let unsafe_now = if d.unsafe_now { 1.0 } else { 0.0 };
         gauge!(DEVICE_UP, "device" => d.id.clone()).set(if d.up { 1.0 } else { 0.0 });

@@ -12,12 +12,12 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
 use pb::device_service_server::{DeviceService, DeviceServiceServer};
-use pb::event_service_server::{EventService, EventServiceServer};
 use pb::experiment_service_server::{ExperimentService, ExperimentServiceServer};
 use pb::queue_service_server::{QueueService, QueueServiceServer};
 use ppu_proto::v1 as pb;
+use prost::bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -494,14 +494,12 @@ impl QueueService for Api {
     }
 }
 
-#[tonic::async_trait]
-impl EventService for Api {
-    type StreamEventsStream = BoxStream<pb::Event>;
-
+impl Api {
+    /// StreamEvents: the encoded events (see [`EventServer`]).
     async fn stream_events(
         &self,
         req: Request<pb::StreamEventsRequest>,
-    ) -> Result<Response<Self::StreamEventsStream>, Status> {
+    ) -> Result<Response<BoxStream<Bytes>>, Status> {
         let r = req.into_inner();
         let batch_id = self.resolve_filter(IdSpace::Batch, "batch_id", &r.batch_id)?;
         let experiment_id =
@@ -544,34 +542,142 @@ impl EventService for Api {
             r.from_sequence
         };
         let slot = self.stream_slot(StreamKind::Events)?;
-        let mut response = Response::new(spawn_stream(
-            self.stop.clone(),
-            slot,
-            move |tx| async move {
-                let (etx, mut erx) = mpsc::channel::<Arc<pb::Event>>(STREAM_BUFFER);
-                let follow = events::follow(store, from, filter, etx);
-                let forward = async {
-                    while let Some(e) = erx.recv().await {
-                        if tx.send(Ok((*e).clone())).await.is_err() {
-                            return;
-                        }
-                    }
-                };
-                tokio::select! {
-                    end = follow => {
-                        if let Err(events::StreamEnd::Store(e)) = end {
-                            let _ = tx.send(Err(e.into())).await;
-                        }
-                    }
-                    _ = forward => {}
-                }
-            },
-        ));
+        let stop = self.stop.clone();
+        // Polled by the response itself: no task or channel between the bus and the socket.
+        // The slot is held as long as the stream is, which ends at shutdown or when the client
+        // goes away (the response is dropped).
+        let stream = events::follow(store, from, filter)
+            .map(move |item| {
+                let _held = &slot;
+                item.map_err(Status::from)
+            })
+            .take_until(Box::pin(async move { stop.cancelled().await }));
+        let mut response = Response::new(Box::pin(stream) as BoxStream<Bytes>);
         response.metadata_mut().insert(
             STREAM_AFTER_METADATA,
             tonic::metadata::MetadataValue::from(from),
         );
         Ok(response)
+    }
+}
+
+/// `ppu.v1.EventService`, served by hand rather than by the generated server so its stream can
+/// carry each event's logged encoding through [`EncodedEventCodec`]: one encoding per event,
+/// not one per subscriber. Clients see exactly the generated service's `ppu.v1.Event` wire.
+#[derive(Clone)]
+pub struct EventServer {
+    api: Api,
+    max_decoding_message_size: Option<usize>,
+    max_encoding_message_size: Option<usize>,
+}
+
+impl EventServer {
+    pub fn new(api: Api) -> Self {
+        let max = api.limits.max_message_bytes;
+        Self {
+            api,
+            max_decoding_message_size: Some(max),
+            max_encoding_message_size: Some(max),
+        }
+    }
+}
+
+impl tonic::server::NamedService for EventServer {
+    const NAME: &'static str = pb::event_service_server::SERVICE_NAME;
+}
+
+/// Path of the one method of `ppu.v1.EventService`.
+const STREAM_EVENTS_PATH: &str = "/ppu.v1.EventService/StreamEvents";
+
+impl<B> tower_service::Service<tonic::codegen::http::Request<B>> for EventServer
+where
+    B: tonic::codegen::Body + Send + 'static,
+    B::Error: Into<tonic::codegen::StdError> + Send + 'static,
+{
+    type Response = tonic::codegen::http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = tonic::codegen::BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: tonic::codegen::http::Request<B>) -> Self::Future {
+        if req.uri().path() != STREAM_EVENTS_PATH {
+            return Box::pin(async { Ok(Status::unimplemented("").into_http()) });
+        }
+        let method = StreamEventsMethod(self.api.clone());
+        let (decoding, encoding) = (
+            self.max_decoding_message_size,
+            self.max_encoding_message_size,
+        );
+        Box::pin(async move {
+            let mut grpc = tonic::server::Grpc::new(EncodedEventCodec)
+                .apply_max_message_size_config(decoding, encoding);
+            Ok(grpc.server_streaming(method, req).await)
+        })
+    }
+}
+
+struct StreamEventsMethod(Api);
+
+impl tonic::server::ServerStreamingService<pb::StreamEventsRequest> for StreamEventsMethod {
+    type Response = Bytes;
+    type ResponseStream = BoxStream<Bytes>;
+    type Future = tonic::codegen::BoxFuture<Response<BoxStream<Bytes>>, Status>;
+
+    fn call(&mut self, request: Request<pb::StreamEventsRequest>) -> Self::Future {
+        let api = self.0.clone();
+        Box::pin(async move { api.stream_events(request).await })
+    }
+}
+
+/// Decodes a `StreamEventsRequest` as prost does; encodes an event by writing its encoding.
+#[derive(Debug, Clone, Copy, Default)]
+struct EncodedEventCodec;
+
+impl tonic::codec::Codec for EncodedEventCodec {
+    type Encode = Bytes;
+    type Decode = pb::StreamEventsRequest;
+    type Encoder = EncodedEventCodec;
+    type Decoder = EncodedEventCodec;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        *self
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        *self
+    }
+}
+
+impl tonic::codec::Encoder for EncodedEventCodec {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn encode(&mut self, item: Bytes, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), Status> {
+        use prost::bytes::BufMut;
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for EncodedEventCodec {
+    type Item = pb::StreamEventsRequest;
+    type Error = Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<pb::StreamEventsRequest>, Status> {
+        use prost::Message;
+        // As tonic-prost's decoder answers a body that does not decode.
+        pb::StreamEventsRequest::decode(src)
+            .map(Some)
+            .map_err(|e| Status::internal(e.to_string()))
     }
 }
 
@@ -733,7 +839,7 @@ async fn follow_storage_health(
             "",
             <ExperimentServiceServer<Api> as NamedService>::NAME,
             <QueueServiceServer<Api> as NamedService>::NAME,
-            <EventServiceServer<Api> as NamedService>::NAME,
+            <EventServer as NamedService>::NAME,
             <DeviceServiceServer<Api> as NamedService>::NAME,
         ] {
             health.set_service_status(name, status).await;
@@ -760,7 +866,7 @@ pub async fn router(
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<ExperimentServiceServer<Api>>().await;
     health.set_serving::<QueueServiceServer<Api>>().await;
-    health.set_serving::<EventServiceServer<Api>>().await;
+    health.set_serving::<EventServer>().await;
     health.set_serving::<DeviceServiceServer<Api>>().await;
     tokio::spawn(follow_storage_health(
         api.scheduler.store().health(),
@@ -803,11 +909,7 @@ pub async fn router(
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
         )
-        .add_service(
-            EventServiceServer::new(api.clone())
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(max),
-        )
+        .add_service(EventServer::new(api.clone()))
         .add_service(
             DeviceServiceServer::new(api)
                 .max_decoding_message_size(max)

@@ -29,6 +29,8 @@ use redb::{
     WriteTransaction,
 };
 use tokio::sync::{broadcast, watch};
+
+use crate::bus::{Bus, Published, Recent};
 use tracing::{info, warn};
 
 use crate::journal::JournalEntry;
@@ -69,9 +71,6 @@ const SETTING_PREFIX: &str = "setting.";
 /// anything that ever removes some must lower this in the same transaction.
 const META_EVENT_LOG_BYTES: &str = "event_log_bytes";
 
-/// Capacity of the live event broadcast. A subscriber that falls further behind than this
-/// re-reads from the store, so the size only trades memory for replay frequency.
-const BROADCAST_CAPACITY: usize = 4096;
 /// redb's page cache. Its default (1 GiB) grows with whatever is read, e.g. every client
 /// replaying the event log, and never shrinks; 64 MiB holds the hot pages (the experiment
 /// table's upper levels, the log's tail) of a store far larger than a lab's queue.
@@ -249,7 +248,8 @@ pub struct Store {
     health: watch::Sender<Option<Fault>>,
     /// Next sequence number to assign; guarded so that commit and publish are one step.
     next_seq: Mutex<u64>,
-    bus: broadcast::Sender<Arc<Event>>,
+    /// Committed events, live and recent ([`crate::bus`]).
+    bus: Bus,
     /// Experiments per state ([`State::ALL`] order), counted once at open and then adjusted at
     /// each commit, so metrics read them in O(states) instead of scanning every experiment.
     state_counts: Mutex<[u64; State::ALL.len()]>,
@@ -590,14 +590,13 @@ impl Store {
         };
         tx.commit()?;
         let c = read_counters(&db)?;
-        let (bus, _) = broadcast::channel(BROADCAST_CAPACITY);
         Ok(Arc::new(Self {
             path: path.to_owned(),
             db: RwLock::new(Some(db)),
             broken: AtomicBool::new(false),
             health: watch::Sender::new(None),
             next_seq: Mutex::new(c.last + 1),
-            bus,
+            bus: Bus::new(c.last),
             state_counts: Mutex::new(c.state_counts),
             event_bytes: AtomicU64::new(event_bytes),
         }))
@@ -778,7 +777,7 @@ impl Store {
     pub fn write<R>(
         &self,
         f: impl FnOnce(&mut WriteTx<'_>) -> Result<R, StoreError>,
-    ) -> Result<(R, Vec<Arc<Event>>), StoreError> {
+    ) -> Result<(R, Vec<Arc<Published>>), StoreError> {
         if self.fault().is_some() {
             return Err(self.refusal());
         }
@@ -791,7 +790,7 @@ impl Store {
         &self,
         next: &mut u64,
         f: impl FnOnce(&mut WriteTx<'_>) -> Result<R, StoreError>,
-    ) -> Result<(R, Vec<Arc<Event>>), StoreError> {
+    ) -> Result<(R, Vec<Arc<Published>>), StoreError> {
         let db = self.db.read().unwrap_or_else(PoisonError::into_inner);
         let Some(db) = db.as_ref() else {
             return Err(self.refusal());
@@ -804,7 +803,7 @@ impl Store {
         db: &Database,
         next: &mut u64,
         f: impl FnOnce(&mut WriteTx<'_>) -> Result<R, StoreError>,
-    ) -> Result<(R, Vec<Arc<Event>>), StoreError> {
+    ) -> Result<(R, Vec<Arc<Published>>), StoreError> {
         let tx = db.begin_write()?;
         let mut w = WriteTx {
             tx: &tx,
@@ -812,26 +811,29 @@ impl Store {
             state_delta: [0; State::ALL.len()],
         };
         let out = f(&mut w)?;
-        let mut events = std::mem::take(&mut w.events);
+        let events = std::mem::take(&mut w.events);
         let state_delta = w.state_delta;
         let time = now_timestamp();
         let mut seq = *next;
         let mut added = 0u64;
+        let mut published = Vec::with_capacity(events.len());
         {
             let mut t = tx.open_table(EVENTS)?;
-            for e in &mut events {
+            for mut e in events {
                 e.sequence = seq;
                 e.time = Some(time);
-                let value = e.encode_to_vec();
+                // Encoded once: these bytes are logged and streamed to every subscriber.
+                let p = Published::new(e);
                 // As redb's `stored_bytes` counts it: the 8-byte key plus the value.
-                added += 8 + value.len() as u64;
-                t.insert(seq, value.as_slice())?;
+                added += 8 + p.encoded().len() as u64;
+                t.insert(seq, p.encoded().as_ref())?;
+                published.push(Arc::new(p));
                 seq += 1;
             }
         }
         // The commit lock serialises writers, so the total read here is the committed one.
         let total = self.event_bytes.load(Ordering::Relaxed) + added;
-        if !events.is_empty() {
+        if !published.is_empty() {
             let mut meta = tx.open_table(META)?;
             meta.insert(META_EVENT_LOG_BYTES, total.to_le_bytes().as_slice())?;
         }
@@ -847,19 +849,15 @@ impl Store {
                 *c = c.saturating_add_signed(d);
             }
         }
-        let events: Vec<Arc<Event>> = events.into_iter().map(Arc::new).collect();
-        for e in &events {
-            // No subscribers is fine: the log is the source of truth.
-            let _ = self.bus.send(e.clone());
-        }
-        Ok((out, events))
+        self.bus.publish(&published);
+        Ok((out, published))
     }
 
     /// [`Store::write`] on the blocking pool.
     pub async fn write_async<R: Send + 'static>(
         self: &Arc<Self>,
         f: impl FnOnce(&mut WriteTx<'_>) -> Result<R, StoreError> + Send + 'static,
-    ) -> Result<(R, Vec<Arc<Event>>), StoreError> {
+    ) -> Result<(R, Vec<Arc<Published>>), StoreError> {
         let this = self.clone();
         tokio::task::spawn_blocking(move || this.write(f))
             .await
@@ -867,8 +865,30 @@ impl Store {
     }
 
     /// Live events committed from now on. Subscribe *before* replaying from the log.
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Published>> {
         self.bus.subscribe()
+    }
+
+    /// Visits up to `limit` recently published events after `after` from the shared ring
+    /// (see [`crate::bus`]), oldest first; says when only the log has the next one.
+    pub fn recent_after(
+        &self,
+        after: u64,
+        limit: usize,
+        visit: impl FnMut(&Arc<Published>),
+    ) -> Recent {
+        self.bus.recent_after(after, limit, visit)
+    }
+
+    /// Counts a stream that lagged past the ring of recent events and read the log again.
+    pub fn count_log_fallback(&self) {
+        self.bus.count_log_fallback();
+    }
+
+    /// Streams that lagged past the ring of recent events and read the log again, since open
+    /// (`ppu_stream_log_fallbacks_total`).
+    pub fn stream_log_fallbacks(&self) -> u64 {
+        self.bus.log_fallbacks()
     }
 
     /// The sequence of the newest committed event (0 if none).
@@ -878,15 +898,33 @@ impl Store {
 
     /// Up to `limit` events with sequence > `after`, oldest first.
     pub fn events_after(&self, after: u64, limit: usize) -> Result<Vec<Event>, StoreError> {
+        let mut out = Vec::new();
+        self.visit_events_after(after, limit, |_, bytes| {
+            out.push(decode("events", bytes)?);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Visits up to `limit` logged events with sequence > `after`, oldest first, as their
+    /// stored encoding (a `ppu.v1.Event`), without decoding or collecting them. Returns how
+    /// many were visited.
+    pub fn visit_events_after(
+        &self,
+        after: u64,
+        limit: usize,
+        mut visit: impl FnMut(u64, &[u8]) -> Result<(), StoreError>,
+    ) -> Result<usize, StoreError> {
         self.read(|db| {
             let r = db.begin_read()?;
             let t = r.open_table(EVENTS)?;
-            let mut out = Vec::new();
+            let mut n = 0;
             for item in t.range(after.saturating_add(1)..)?.take(limit) {
-                let (_, v) = item?;
-                out.push(decode("events", v.value())?);
+                let (k, v) = item?;
+                visit(k.value(), v.value())?;
+                n += 1;
             }
-            Ok(out)
+            Ok(n)
         })
     }
 

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ppu_daemon::app::Daemon;
+use ppu_daemon::bus::Published;
 use ppu_daemon::config::Policies;
 use ppu_daemon::dev::DevLab;
 use ppu_daemon::devices::PollSettings;
@@ -28,7 +29,7 @@ const TIME_SCALE: f64 = 2000.0;
 const DEADLINE: Duration = Duration::from_secs(60);
 
 /// Every series the design names.
-const SERIES: [&str; 22] = [
+const SERIES: [&str; 23] = [
     "ppu_queue_depth",
     "ppu_experiments",
     "ppu_step_duration_seconds",
@@ -39,6 +40,7 @@ const SERIES: [&str; 22] = [
     "ppu_event_log_events",
     "ppu_event_log_bytes",
     "ppu_active_streams",
+    "ppu_stream_log_fallbacks_total",
     "ppu_grpc_requests_total",
     "ppu_grpc_decode_errors_total",
     "ppu_build_info",
@@ -158,10 +160,10 @@ async fn scrape(addr: SocketAddr) -> Scrape {
 
 /// Waits for the first logged event that satisfies `pred` and returns it.
 async fn wait_event(
-    events: &mut broadcast::Receiver<Arc<pb::Event>>,
+    events: &mut broadcast::Receiver<Arc<Published>>,
     what: &str,
     pred: impl Fn(&pb::Event) -> bool,
-) -> Arc<pb::Event> {
+) -> Arc<Published> {
     let found = tokio::time::timeout(DEADLINE, async {
         loop {
             match events.recv().await {

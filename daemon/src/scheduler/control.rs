@@ -220,7 +220,7 @@ impl Scheduler {
     async fn wait_terminal(
         &self,
         ids: &[String],
-        events: &mut tokio::sync::broadcast::Receiver<Arc<pb::Event>>,
+        events: &mut tokio::sync::broadcast::Receiver<Arc<crate::bus::Published>>,
     ) -> Result<(), Error> {
         let deadline = Instant::now() + STOP_WAIT;
         loop {

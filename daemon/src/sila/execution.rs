@@ -122,7 +122,7 @@ pub(crate) enum Seen {
     Record(Box<pb::Experiment>),
     Progress(StepProgress),
     /// Another event of the experiment (intermediate responses, step boundaries).
-    Event(Arc<pb::Event>),
+    Event(Arc<crate::bus::Published>),
 }
 
 /// Follows one experiment: its record first, then everything that happens to it, until it has
@@ -131,7 +131,7 @@ pub(crate) enum Seen {
 pub(crate) struct Follower {
     store: Arc<Store>,
     id: String,
-    live: tokio::sync::broadcast::Receiver<Arc<pb::Event>>,
+    live: tokio::sync::broadcast::Receiver<Arc<crate::bus::Published>>,
     started: bool,
     ended: bool,
 }
