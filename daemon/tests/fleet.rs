@@ -477,6 +477,29 @@ async fn fleet_work_is_taken_once_refused_with_its_reason_and_settled_after_a_re
         labels.get(fleet::BATCH_LABEL).map(String::as_str),
         Some("planner-batch-1")
     );
+    // Its events carry the work message's id and the planner's batch, for correlation.
+    let ok_id = ok.id.clone();
+    wait_for("m-ok's events to be published", || caught_up(&daemon)).await;
+    let events = js
+        .get_stream(fleet::EVENTS_STREAM)
+        .await
+        .expect("events stream");
+    let mut tagged = 0;
+    for seq in 1..=events.cached_info().state.last_sequence.max(1) {
+        let Ok(m) = events.get_raw_message(seq).await else {
+            continue;
+        };
+        let Ok(e) = pb::Event::decode(m.payload.clone()) else {
+            continue;
+        };
+        if e.experiment_id == ok_id {
+            let h = |n: &str| m.headers.get(n).map(|v| v.as_str().to_owned());
+            assert_eq!(h("Ppu-Msg-Id").as_deref(), Some("m-ok"));
+            assert_eq!(h("Ppu-Batch").as_deref(), Some("planner-batch-1"));
+            tagged += 1;
+        }
+    }
+    assert!(tagged > 0, "no event of m-ok was published");
     for id in ["m-ok", "m-dup"] {
         let owner = claims.get(id).await.expect("read claim").expect("claimed");
         assert_eq!(&owner[..], LAB.as_bytes(), "{id}");

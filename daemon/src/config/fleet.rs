@@ -404,6 +404,34 @@ mod tests {
     }
 
     #[test]
+    fn config_errors_name_the_file_line_and_key() {
+        use crate::config::Config;
+        let err = |text: &str| {
+            Config::parse_with_policies(text, Path::new("x.toml"))
+                .map(drop)
+                .expect_err("refused")
+                .to_string()
+        };
+        let open = "[auth]\nopen = true\n";
+        let e = err(&format!(
+            "{open}[fleet]\nservers = [\"nats://h:4222\"]\nsrvers = 1\n"
+        ));
+        assert!(
+            e.starts_with("x.toml:5: fleet.srvers: unknown field"),
+            "{e}"
+        );
+        let e = err(&format!("{open}[fleet]\nservers = [\"http://h\"]\n"));
+        assert!(e.starts_with("x.toml:4: fleet.servers[0]: "), "{e}");
+        let e = err(&format!(
+            "{open}[fleet]\nservers = [\"nats://h:4222\"]\n[fleet.tls]\nca = \"x\"\n"
+        ));
+        assert!(
+            e.starts_with("x.toml:6: fleet.tls.ca: unknown field"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn defaults_apply() {
         let s = parse("servers = [\"nats://127.0.0.1:4222\"]\n")
             .resolve(Path::new("."))

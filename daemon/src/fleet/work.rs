@@ -326,7 +326,6 @@ impl Work {
         let req = pb::SubmitBatchRequest {
             idempotency_key: msg_id.clone(),
             experiments: vec![spec],
-            ..Default::default()
         };
         let submitted = self
             .scheduler
