@@ -226,9 +226,9 @@ async fn published(js: &jetstream::Context) -> Vec<(u64, pb::Event)> {
             m.headers.get("Nats-Msg-Id").map(|v| v.as_str().to_owned()),
             Some(format!("{LAB}:{header}"))
         );
+        let kind = fleet::event_kind(&m.payload);
         let e = pb::Event::decode(m.payload).expect("an Event");
         assert_eq!(e.sequence, header);
-        let kind = fleet::event_kind(e.kind.as_ref());
         assert_eq!(m.subject.as_str(), format!("ppu.{LAB}.events.{kind}"));
         out.push((header, e));
     }
@@ -283,7 +283,6 @@ async fn the_outbox_publishes_every_event_once_in_order_through_an_outage_and_a_
                     furnace_spec(&key, 30.0),
                     furnace_spec(&format!("{key}b"), 30.0),
                 ],
-                ..Default::default()
             })
             .await
             .expect("accepted");
@@ -422,7 +421,6 @@ async fn fleet_work_is_taken_once_refused_with_its_reason_and_settled_after_a_re
                     pb::SubmitBatchRequest {
                         idempotency_key: id.into(),
                         experiments: vec![spec],
-                        ..Default::default()
                     },
                     fleet::PRINCIPAL,
                     fleet::CLAIM_HOLD_REASON,

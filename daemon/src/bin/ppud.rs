@@ -329,7 +329,7 @@ async fn main() -> Result<()> {
                     },
                     |p, family| p.with_family(family, AdoptPolicy::Adopt),
                 ),
-                fleet: (!fleet.is_empty()).then(|| FleetConfig {
+                fleet: (!fleet.is_empty()).then_some(FleetConfig {
                     servers: fleet,
                     lab: lab_id,
                     user: None,

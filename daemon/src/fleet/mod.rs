@@ -182,33 +182,56 @@ impl Backoff {
     }
 }
 
-/// The subject token of an event: the name of its `kind` field in ppu.v1's `Event`.
-pub fn event_kind(kind: Option<&pb::event::Kind>) -> &'static str {
-    use pb::event::Kind as K;
-    match kind {
-        None => "unknown",
-        Some(k) => match k {
-            K::ExperimentStateChanged(_) => "experiment_state_changed",
-            K::StepStarted(_) => "step_started",
-            K::StepProgress(_) => "step_progress",
-            K::StepFinished(_) => "step_finished",
-            K::DeviceReading(_) => "device_reading",
-            K::DeviceConnectionChanged(_) => "device_connection_changed",
-            K::Alarm(_) => "alarm",
-            K::QueueStateChanged(_) => "queue_state_changed",
-            K::IsothermPointMeasured(_) => "isotherm_point_measured",
-            K::DeviceReserved(_) => "device_reserved",
-            K::DeviceReleased(_) => "device_released",
-            K::TransferRequested(_) => "transfer_requested",
-            K::TransferConfirmed(_) => "transfer_confirmed",
-            K::RecoveryDecision(_) => "recovery_decision",
-            K::MaintenanceChanged(_) => "maintenance_changed",
-            K::AlarmAcknowledged(_) => "alarm_acknowledged",
-            K::ExperimentHeld(_) => "experiment_held",
-            K::ExperimentMoved(_) => "experiment_moved",
-            K::Audit(_) => "audit",
-            K::StepIntermediate(_) => "step_intermediate",
-        },
+/// The names of ppu.v1 `Event`'s `kind` fields by field number, read from the descriptors (the
+/// core names no family, and some kinds are a family's v1 alias).
+static KIND_NAMES: std::sync::LazyLock<std::collections::HashMap<u32, &'static str>> =
+    std::sync::LazyLock::new(|| {
+        let mut out = std::collections::HashMap::new();
+        if let Some(event) = crate::schema::schema()
+            .pool()
+            .get_message_by_name("ppu.v1.Event")
+            && let Some(kind) = event.oneofs().find(|o| o.name() == "kind")
+        {
+            for f in kind.fields() {
+                out.insert(f.number(), &*String::leak(f.name().to_owned()));
+            }
+        }
+        out
+    });
+
+/// The subject token of an event: the name of its `kind` field in ppu.v1's `Event`, found in
+/// its encoding (`payload`).
+pub fn event_kind(payload: &[u8]) -> &'static str {
+    let mut buf = payload;
+    while let Ok(key) = prost::encoding::decode_varint(&mut buf) {
+        let number = (key >> 3) as u32;
+        if let Some(name) = KIND_NAMES.get(&number) {
+            return name;
+        }
+        let skipped = match key & 7 {
+            0 => prost::encoding::decode_varint(&mut buf).map(drop).is_ok(),
+            1 => skip(&mut buf, 8),
+            2 => match prost::encoding::decode_varint(&mut buf) {
+                Ok(len) => skip(&mut buf, len as usize),
+                Err(_) => false,
+            },
+            5 => skip(&mut buf, 4),
+            _ => false,
+        };
+        if !skipped {
+            break;
+        }
+    }
+    "unknown"
+}
+
+fn skip(buf: &mut &[u8], n: usize) -> bool {
+    match buf.get(n..) {
+        Some(rest) => {
+            *buf = rest;
+            true
+        }
+        None => false,
     }
 }
 
@@ -241,9 +264,23 @@ mod tests {
 
     #[test]
     fn event_kinds_are_the_oneof_field_names() {
-        let k = pb::event::Kind::ExperimentHeld(pb::ExperimentHeld::default());
-        assert_eq!(event_kind(Some(&k)), "experiment_held");
+        use prost::Message;
+        let event = |kind| pb::Event {
+            sequence: 7,
+            experiment_id: "e".into(),
+            time: Some(crate::store::now_timestamp()),
+            kind: Some(kind),
+            ..Default::default()
+        };
+        let k = pb::event::Kind::ExperimentHeld(pb::ExperimentHeld {
+            held: true,
+            reason: "r".into(),
+        });
+        assert_eq!(event_kind(&event(k).encode_to_vec()), "experiment_held");
         let k = pb::event::Kind::Audit(Default::default());
-        assert_eq!(event_kind(Some(&k)), "audit");
+        assert_eq!(event_kind(&event(k).encode_to_vec()), "audit");
+        let k = pb::event::Kind::StepIntermediate(Default::default());
+        assert_eq!(event_kind(&event(k).encode_to_vec()), "step_intermediate");
+        assert_eq!(event_kind(&pb::Event::default().encode_to_vec()), "unknown");
     }
 }

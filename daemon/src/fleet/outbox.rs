@@ -99,7 +99,8 @@ async fn publish_from_log(
                     // The log never skips a sequence; refuse to publish a gap.
                     break;
                 }
-                let subject = format!("ppu.{lab}.events.{}", event_kind(e.kind.as_ref()));
+                let payload = e.encode_to_vec();
+                let subject = format!("ppu.{lab}.events.{}", event_kind(&payload));
                 let mut headers = HeaderMap::new();
                 headers.insert("Nats-Msg-Id", format!("{lab}:{}", e.sequence).as_str());
                 headers.insert("Ppu-Lab", lab);
@@ -111,7 +112,7 @@ async fn publish_from_log(
                     }
                 }
                 let publish = PublishMessage::build()
-                    .payload(e.encode_to_vec().into())
+                    .payload(payload.into())
                     .headers(headers);
                 match js.send_publish(subject, publish).await {
                     Ok(ack) => inflight.push_back((e.sequence, ack)),
