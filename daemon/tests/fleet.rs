@@ -34,12 +34,18 @@ struct Nats {
     bin: PathBuf,
     port: u16,
     dir: tempfile::TempDir,
+    /// Extra server arguments (authentication).
+    args: Vec<String>,
     child: Option<Child>,
 }
 
 impl Nats {
     /// Starts one, or `None` (with a notice) when nats-server is not installed.
     fn start() -> Option<Nats> {
+        Self::start_with(&[])
+    }
+
+    fn start_with(args: &[&str]) -> Option<Nats> {
         let bin = [
             "/usr/sbin/nats-server",
             "/usr/bin/nats-server",
@@ -68,6 +74,7 @@ impl Nats {
             bin,
             port,
             dir: tempfile::tempdir().expect("temp dir"),
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
             child: None,
         };
         nats.up();
@@ -90,6 +97,7 @@ impl Nats {
                 "-sd",
             ])
             .arg(self.dir.path())
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -547,6 +555,36 @@ async fn fleet_work_is_taken_once_refused_with_its_reason_and_settled_after_a_re
             work.info().await.is_ok_and(|i| i.state.messages == 0)
         }
     })
+    .await;
+    daemon.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lab_authenticates_with_the_credentials_in_its_server_url() {
+    let Some(nats) = Nats::start_with(&["--user", "lab-a", "--pass", "s3cret"]) else {
+        return;
+    };
+    let data = tempfile::tempdir().expect("temp dir");
+    let lab = DevLab::start(Clock::new(TIME_SCALE), 1).await.expect("lab");
+    let mut pol = policies(&nats);
+    if let Some(f) = pol.fleet.as_mut() {
+        f.servers = vec![format!("nats://lab-a:s3cret@127.0.0.1:{}", nats.port)];
+    }
+    let settings = pol.fleet_settings().expect("a [fleet]").expect("valid");
+    assert!(!format!("{settings:?}").contains("s3cret"), "{settings:?}");
+    let daemon = start(&lab, data.path(), &pol).await;
+    daemon
+        .scheduler()
+        .submit(pb::SubmitBatchRequest {
+            idempotency_key: "auth".into(),
+            experiments: vec![furnace_spec("auth", 30.0)],
+        })
+        .await
+        .expect("accepted");
+    wait_for(
+        "the outbox to publish through the authenticated connection",
+        || caught_up(&daemon),
+    )
     .await;
     daemon.shutdown().await;
 }

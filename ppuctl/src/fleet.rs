@@ -144,6 +144,17 @@ async fn read(args: &FleetArgs) -> Result<Vec<Lab>> {
                 .map_err(|e| anyhow::anyhow!("--nats {s:?}: {e}"))
         })
         .collect::<Result<Vec<_>>>()?;
+    // The client does not send credentials written in a server URL: pass the first URL's on.
+    if args.creds.is_none()
+        && args.nkey_seed_file.is_none()
+        && let Some(a) = addrs.iter().find(|a| a.username().is_some())
+    {
+        let user = a.username().unwrap_or_default().to_owned();
+        opts = match a.password() {
+            Some(pass) => opts.user_and_password(user, pass.to_owned()),
+            None => opts.token(user),
+        };
+    }
     let client = opts.connect(addrs).await.context("connecting to NATS")?;
     let js = async_nats::jetstream::new(client);
     let Ok(kv) = js.get_key_value(LABS_BUCKET).await else {

@@ -69,6 +69,17 @@ pub async fn connect(settings: &FleetSettings) -> Result<Client, String> {
                 .map_err(|e| format!("fleet.servers: {s:?}: {e}"))
         })
         .collect::<Result<Vec<_>, _>>()?;
+    // The client does not send credentials written in a server URL (`nats://user:pass@host`):
+    // without other authentication, pass the first URL's on.
+    if settings.auth == FleetAuth::None
+        && let Some(a) = addrs.iter().find(|a| a.username().is_some())
+    {
+        let user = a.username().unwrap_or_default().to_owned();
+        opts = match a.password() {
+            Some(pass) => opts.user_and_password(user, pass.to_owned()),
+            None => opts.token(user),
+        };
+    }
     opts.connect(addrs).await.map_err(|e| e.to_string())
 }
 
