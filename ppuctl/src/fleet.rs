@@ -86,7 +86,7 @@ pub async fn run(args: &FleetArgs, json: bool) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<16} {:>8} {:>7} {:>8} {:>12}  {:<24}  DEVICES / CAPABILITIES",
+        "{:<16} {:>8} {:>7} {:>8} {:>12}  {:<30}  DEVICES / CAPABILITIES",
         "LAB", "CAPACITY", "QUEUED", "RUNNING", "UNPUBLISHED", "HEARTBEAT"
     );
     for l in &labs {
@@ -98,7 +98,7 @@ pub async fn run(args: &FleetArgs, json: bool) -> Result<()> {
             format!("{} devices ({not_ready} not ready)", l.devices.len())
         };
         println!(
-            "{:<16} {:>8} {:>7} {:>8} {:>12}  {:<24}  {devices}: {}",
+            "{:<16} {:>8} {:>7} {:>8} {:>12}  {:<30}  {devices}: {}",
             l.lab,
             l.capacity,
             l.queue_depth,
