@@ -38,7 +38,7 @@ pub const CLAIM_HOLD_REASON: &str = "fleet: waiting for this lab's claim";
 /// Store setting prefix marking an experiment's claim settled.
 const CLAIMED_PREFIX: &str = "fleet.claimed.";
 /// How often the subjects in use are looked up again.
-const REFRESH: Duration = Duration::from_secs(2);
+const REFRESH: Duration = Duration::from_millis(500);
 /// Idle wait between rounds that found no work.
 const IDLE: Duration = Duration::from_millis(250);
 /// How long a consumer waits for an unacknowledged message before redelivering it.
@@ -209,8 +209,11 @@ impl Work {
                 None => {}
             }
         }
-        // Nothing found where messages were seen: look again next round.
-        self.refreshed = None;
+        // Nothing found where messages were seen (another lab took them): look again next
+        // round. With none seen, the next look is after REFRESH.
+        if !self.waiting.is_empty() {
+            self.refreshed = None;
+        }
         Ok(false)
     }
 
