@@ -8,6 +8,7 @@ use ppuctl::batch_file;
 mod conn;
 mod export;
 mod families;
+mod fleet;
 mod json;
 mod render;
 mod tui;
@@ -259,6 +260,14 @@ enum Command {
         #[arg(long, value_name = "TEXT", requires = "maintenance")]
         reason: Option<String>,
     },
+
+    /// List the labs of a fleet and their state, from the NATS registry PPU_LABS (needs no
+    /// daemon: it talks to NATS).
+    #[command(after_help = "Examples:\n  \
+        ppuctl fleet --nats nats://127.0.0.1:4222\n  \
+        ppuctl --json fleet --nats nats://planner:secret@nats-1:4222 | jq '.[].lab'\n  \
+        PPU_NATS=nats://nats-1:4222,nats://nats-2:4222 ppuctl fleet --creds planner.creds")]
+    Fleet(fleet::FleetArgs),
 
     /// Print a completion script for bash, zsh or fish (needs no daemon).
     #[command(after_help = "Examples:\n  \
@@ -824,6 +833,16 @@ fn offline(command: &Command) -> Option<Result<()>> {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The fleet's registry is on NATS: no connection to a ppud.
+    if let Command::Fleet(args) = &cli.command {
+        return match fleet::run(args, cli.json).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("error: {err:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Some(result) = offline(&cli.command) {
         return match result {
             Ok(()) => ExitCode::SUCCESS,
@@ -907,7 +926,7 @@ async fn run(cli: Cli, conn: &Conn) -> Result<()> {
             id, watch: true, ..
         } => watch_device(ch, id, json).await,
         // Written by `main` before any connection.
-        Command::Completions { .. } | Command::Man { .. } => Ok(()),
+        Command::Completions { .. } | Command::Man { .. } | Command::Fleet(_) => Ok(()),
     }
 }
 
