@@ -33,8 +33,9 @@ use crate::state::{IllegalPhase, StepPhase};
 pub enum Need {
     /// This device and no other (a pinned step, or a transfer's destination).
     Device(String),
-    /// Any device with the capability whose driver accepts the command.
-    Any(FirstStep),
+    /// Any device with the capability whose driver accepts the command. Shared: queued
+    /// experiments with the same step (a campaign's recipe) hold one copy.
+    Any(Arc<FirstStep>),
 }
 
 impl Need {
@@ -48,9 +49,24 @@ impl Need {
         }
         // Checked at submission; resolving only decodes it.
         match command::resolve(crate::schema::schema(), step, path) {
-            Ok(Resolved::Command(c)) => Ok(Need::Any((&c).into())),
+            Ok(Resolved::Command(c)) => Ok(Need::Any(Arc::new((&c).into()))),
             Ok(Resolved::Transfer(t)) => Ok(Need::Device(t.to_device_id)),
             Err(r) => Err(format!("{}: {}", r.field, r.reason)),
+        }
+    }
+
+    /// The need of the step at `index` of `steps`, the next one an experiment runs; `command`
+    /// is that step already resolved and checked (at submission or start-up), so it is not
+    /// resolved again.
+    pub fn at(
+        steps: &[pb::Step],
+        index: u32,
+        command: Option<Arc<FirstStep>>,
+    ) -> Result<Need, String> {
+        match (steps.get(index as usize), command) {
+            (Some(step), Some(c)) if step.device_id.is_empty() => Ok(Need::Any(c)),
+            (Some(step), _) => Need::of(step, &format!("steps[{index}]")),
+            (None, _) => Err("the experiment has no step to run".to_owned()),
         }
     }
 
@@ -72,13 +88,14 @@ pub enum StopReason {
     Shutdown,
 }
 
-/// A QUEUED experiment's entry.
+/// A QUEUED experiment's entry: only what the dispatch decision reads (the spec, labels and
+/// the rest stay in the store until the experiment starts).
 #[derive(Debug)]
 pub struct Queued {
-    /// Its first step's need (`Err`: not runnable; left for a person to cancel).
+    /// Its next step's need (`Err`: not runnable; left for a person to cancel).
     pub need: Result<Need, String>,
     /// Sample id; empty if it names none.
-    pub sample: String,
+    pub sample: Box<str>,
     pub held: bool,
 }
 
@@ -118,7 +135,7 @@ pub struct Assignment {
 #[derive(Debug, Default)]
 pub struct Board {
     pub queue: QueueIndex,
-    pub queued: HashMap<String, Queued>,
+    pub queued: HashMap<Arc<str>, Queued>,
     pub running: HashMap<String, Running>,
     /// device id → experiment id holding its reservation.
     pub holders: HashMap<String, String>,
@@ -138,22 +155,23 @@ impl Board {
     /// [`Board::enqueue`] with the current step's command already resolved and checked (at
     /// submission), so it is not resolved again.
     pub fn enqueue_with(&mut self, e: &pb::Experiment, rank: i64, command: Option<FirstStep>) {
-        let spec = e.spec.clone().unwrap_or_default();
-        let need = match (spec.steps.get(e.current_step as usize), command) {
-            (Some(step), Some(c)) if step.device_id.is_empty() => Ok(Need::Any(c)),
-            (Some(step), _) => Need::of(step, &format!("steps[{}]", e.current_step)),
-            (None, _) => Err("the experiment has no step to run".to_owned()),
-        };
-        self.queue
-            .insert(OrderKey::new(spec.priority, rank, e.id.clone()));
-        self.queued.insert(
-            e.id.clone(),
+        let (priority, sample, steps) = e.spec.as_ref().map_or((0, "", &[][..]), |s| {
+            (s.priority, &*s.sample_id, &s.steps[..])
+        });
+        self.enqueue_entry(
+            OrderKey::new(priority, rank, e.id.as_str()),
             Queued {
-                need,
-                sample: spec.sample_id,
+                need: Need::at(steps, e.current_step, command.map(Arc::new)),
+                sample: sample.into(),
                 held: e.held,
             },
         );
+    }
+
+    /// Adds a QUEUED experiment's entry under `key`.
+    pub fn enqueue_entry(&mut self, key: OrderKey, entry: Queued) {
+        self.queued.insert(key.id.clone(), entry);
+        self.queue.insert(key);
     }
 
     /// Drops a QUEUED experiment (cancelled or started).
@@ -255,7 +273,7 @@ impl Board {
             if q.held {
                 return None;
             }
-            q.need.as_ref().ok().map(|n| (k, n, q.sample.as_str()))
+            q.need.as_ref().ok().map(|n| (k, n, &*q.sample))
         });
         let mut waiting = waiting.into_iter().peekable();
         let mut next_queued = queued.next();
@@ -287,7 +305,7 @@ impl Board {
                     samples.insert(sample);
                 }
                 out.push(Assignment {
-                    experiment_id: key.id.clone(),
+                    experiment_id: key.id.to_string(),
                     device_id: d.id().to_owned(),
                     starts,
                 });
@@ -311,7 +329,7 @@ impl Board {
                 a.experiment_id.clone(),
                 Running {
                     key,
-                    sample: q.sample,
+                    sample: q.sample.into(),
                     phase: StepPhase::Reserved,
                     step_index: 0,
                     need: None,

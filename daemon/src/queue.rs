@@ -9,22 +9,23 @@
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BTreeSet, HashMap};
-
-use ppu_proto::v1::Experiment;
+use std::sync::Arc;
 
 /// Gap between consecutive ranks handed out; any value > 0 works, a gap keeps numbers readable.
 pub const RANK_SPACING: i64 = 1024;
 
-/// Where an experiment sorts: priority (higher first), rank, id.
+/// Where an experiment sorts: priority (higher first), rank, id. The id is shared (one
+/// allocation per queued experiment, however many indexes hold its key), and cloning a key
+/// copies no string.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct OrderKey {
     pub priority: i32,
     pub rank: i64,
-    pub id: String,
+    pub id: Arc<str>,
 }
 
 impl OrderKey {
-    pub fn new(priority: i32, rank: i64, id: impl Into<String>) -> Self {
+    pub fn new(priority: i32, rank: i64, id: impl Into<Arc<str>>) -> Self {
         Self {
             priority,
             rank,
@@ -49,11 +50,6 @@ impl PartialOrd for OrderKey {
     }
 }
 
-/// An experiment's priority as submitted (or as changed by a move).
-pub fn priority(e: &Experiment) -> i32 {
-    e.spec.as_ref().map_or(0, |s| s.priority)
-}
-
 /// What a move changes: the moved experiment's new priority and the new rank of every
 /// experiment of that priority (the moved one included).
 #[derive(Debug, Clone, PartialEq)]
@@ -66,7 +62,7 @@ pub struct MovePlan {
 #[derive(Debug, Default)]
 pub struct QueueIndex {
     order: BTreeSet<OrderKey>,
-    keys: HashMap<String, OrderKey>,
+    keys: HashMap<Arc<str>, OrderKey>,
     next_rank: i64,
 }
 
@@ -110,7 +106,7 @@ impl QueueIndex {
 
     /// Ids in start order.
     pub fn ids(&self) -> impl Iterator<Item = &str> {
-        self.order.iter().map(|k| k.id.as_str())
+        self.order.iter().map(|k| &*k.id)
     }
 
     pub fn len(&self) -> usize {
@@ -127,7 +123,7 @@ impl QueueIndex {
     /// queued. Allocates fresh ranks; apply the plan with [`QueueIndex::apply_move`].
     pub fn plan_move(&mut self, id: &str, position: usize) -> Option<MovePlan> {
         let own = self.keys.get(id)?.clone();
-        let others: Vec<&OrderKey> = self.order.iter().filter(|k| k.id != id).collect();
+        let others: Vec<&OrderKey> = self.order.iter().filter(|k| &*k.id != id).collect();
         let p = position.min(others.len());
         let priority = others
             .get(p)
@@ -141,7 +137,7 @@ impl QueueIndex {
                 class.push(id.to_owned());
             }
             if k.priority == priority {
-                class.push(k.id.clone());
+                class.push(k.id.to_string());
             }
         }
         if p == others.len() {

@@ -71,10 +71,14 @@ const SETTING_PREFIX: &str = "setting.";
 /// anything that ever removes some must lower this in the same transaction.
 const META_EVENT_LOG_BYTES: &str = "event_log_bytes";
 
-/// redb's page cache. Its default (1 GiB) grows with whatever is read, e.g. every client
-/// replaying the event log, and never shrinks; 64 MiB holds the hot pages (the experiment
-/// table's upper levels, the log's tail) of a store far larger than a lab's queue.
-pub const CACHE_BYTES: usize = 64 * 1024 * 1024;
+/// redb's page cache (read cache and write buffer together; the write buffer takes at most
+/// half). Its default (1 GiB) grows with whatever is read, e.g. every client replaying the
+/// event log or the start-up scan of the queue, and never shrinks. 16 MiB holds the hot pages
+/// (the tables' upper levels, the log's tail) and a batch's writes; the operating system's page
+/// cache serves the rest. Measured in docs/BENCHMARKS.md ("RSS with 100k queued"): with
+/// 100k queued and 1M events, 64 MiB cost ~30 MB at start-up and ~35 MB more after one log
+/// read, with no gain in submit throughput.
+pub const CACHE_BYTES: usize = 16 * 1024 * 1024;
 
 /// The device id under which the daemon's own alarms (storage faults) are listed and logged.
 pub const DAEMON_ALARM_SOURCE: &str = "ppud";
@@ -124,6 +128,34 @@ from_redb!(
 struct StoredState {
     #[prost(int32, tag = "4")]
     state: i32,
+}
+
+/// What the scheduler's queue needs of a stored experiment (the tags of `Experiment` and
+/// `ExperimentSpec` in `experiment.proto`): decoding it skips the name, labels, results and
+/// timestamps without allocating them. See [`Store::for_each_in`].
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct QueueView {
+    #[prost(string, tag = "1")]
+    pub id: String,
+    #[prost(message, optional, tag = "3")]
+    pub spec: Option<QueueSpecView>,
+    #[prost(int32, tag = "4")]
+    pub state: i32,
+    #[prost(uint32, tag = "5")]
+    pub current_step: u32,
+    #[prost(bool, tag = "10")]
+    pub held: bool,
+}
+
+/// The part of `ExperimentSpec` in a [`QueueView`].
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct QueueSpecView {
+    #[prost(string, tag = "2")]
+    pub sample_id: String,
+    #[prost(int32, tag = "4")]
+    pub priority: i32,
+    #[prost(message, repeated, tag = "5")]
+    pub steps: Vec<pb::Step>,
 }
 
 /// Position of a valid state of a stored experiment in [`State::ALL`].
@@ -741,7 +773,10 @@ impl Store {
         let mut db = self.db.write().unwrap_or_else(PoisonError::into_inner);
         // Close first: redb allows one open handle per file.
         *db = None;
-        let fresh = Database::create(&self.path)?;
+        // With the same bounded cache as at open (redb's default is 1 GiB).
+        let fresh = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(&self.path)?;
         let c = read_counters(&fresh)?;
         *db = Some(fresh);
         self.broken.store(false, Ordering::Release);
@@ -1219,12 +1254,83 @@ impl Store {
         })
     }
 
-    /// Every experiment in one of `states`, in id order.
+    /// Every experiment in one of `states`, in id order. Only those are decoded (the state
+    /// alone is read of the others).
     pub fn experiments_in(&self, states: &[State]) -> Result<Vec<Experiment>, StoreError> {
-        let page = self.list_experiments(None, usize::MAX, |e| {
-            State::from_proto(e.state).is_some_and(|s| states.contains(&s))
+        let mut out = Vec::new();
+        self.for_each_in::<Experiment>(states, |e| {
+            out.push(e);
+            Ok(())
         })?;
-        Ok(page.experiments)
+        Ok(out)
+    }
+
+    /// Calls `f` with every experiment in one of `states`, in id order, decoded as `M` (an
+    /// [`Experiment`], or a view such as [`QueueView`] that prost fills without allocating what
+    /// it skips). Streams the table in one read transaction: nothing but the current record is
+    /// held, so memory does not grow with the table. The state alone is read of experiments in
+    /// other states.
+    pub fn for_each_in<M: Message + Default>(
+        &self,
+        states: &[State],
+        mut f: impl FnMut(M) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        self.scan_in(states, false, |e, _| f(e))
+    }
+
+    /// [`Store::for_each_in`] with each experiment's queue rank (0 if it has none), read from
+    /// the ranks table in the same pass (both are in id order), as start-up rebuilds the queue.
+    pub fn for_each_ranked<M: Message + Default>(
+        &self,
+        states: &[State],
+        f: impl FnMut(M, i64) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        self.scan_in(states, true, f)
+    }
+
+    fn scan_in<M: Message + Default>(
+        &self,
+        states: &[State],
+        with_ranks: bool,
+        mut f: impl FnMut(M, i64) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let slots: Vec<usize> = states
+            .iter()
+            .filter_map(|s| State::ALL.iter().position(|a| a == s))
+            .collect();
+        self.read(|db| {
+            let r = db.begin_read()?;
+            let t = r.open_table(EXPERIMENTS)?;
+            let ranks_table = r.open_table(RANKS)?;
+            let mut ranks = if with_ranks {
+                Some(ranks_table.iter()?.peekable())
+            } else {
+                None
+            };
+            for item in t.iter()? {
+                let (k, v) = item?;
+                let bytes = v.value();
+                if !state_slot(bytes).is_some_and(|slot| slots.contains(&slot)) {
+                    continue;
+                }
+                let id = k.value();
+                let mut rank = 0;
+                if let Some(ranks) = ranks.as_mut() {
+                    // Skip the ranks of ids before this one (experiments in other states).
+                    while ranks
+                        .next_if(|r| r.as_ref().is_ok_and(|(k, _)| k.value() < id))
+                        .is_some()
+                    {}
+                    match ranks.next_if(|r| r.as_ref().map_or(true, |(k, _)| k.value() == id)) {
+                        Some(Ok((_, v))) => rank = v.value(),
+                        Some(Err(e)) => return Err(e.into()),
+                        None => {}
+                    }
+                }
+                f(decode("experiments", bytes)?, rank)?;
+            }
+            Ok(())
+        })
     }
 }
 
@@ -1455,5 +1561,52 @@ mod tests {
         let s = Store::open(&path).unwrap();
         assert_eq!(s.event_log_bytes(), grown);
         assert_eq!(count_of(&s, State::Queued), 3);
+    }
+
+    #[test]
+    fn a_ranked_scan_pairs_each_experiment_with_its_rank_and_skips_other_states() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("s.redb")).unwrap();
+        let exp = |id: &str, state: State| Experiment {
+            id: id.into(),
+            state: state.to_proto() as i32,
+            spec: Some(pb::ExperimentSpec {
+                priority: 3,
+                sample_id: format!("S-{id}"),
+                labels: [("k".to_owned(), "v".to_owned())].into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        s.write(|w| {
+            // Ranks of ids in other states come before, between and after the scanned ones.
+            for (id, state, rank) in [
+                ("a", State::Succeeded, Some(1)),
+                ("b", State::Queued, Some(20)),
+                ("c", State::Queued, None),
+                ("d", State::Cancelled, Some(4)),
+                ("e", State::Running, Some(50)),
+                ("f", State::Failed, Some(6)),
+            ] {
+                w.put_experiment(&exp(id, state))?;
+                if let Some(r) = rank {
+                    w.set_rank(id, r)?;
+                }
+            }
+            w.set_rank("zz", 7)
+        })
+        .unwrap();
+        let mut seen = Vec::new();
+        s.for_each_ranked::<QueueView>(&[State::Queued, State::Running], |e, rank| {
+            let spec = e.spec.unwrap_or_default();
+            seen.push((e.id, rank, spec.priority, spec.sample_id));
+            Ok(())
+        })
+        .unwrap();
+        let want = |id: &str, rank| (id.to_owned(), rank, 3, format!("S-{id}"));
+        assert_eq!(seen, [want("b", 20), want("c", 0), want("e", 50)]);
+        let running = s.experiments_in(&[State::Running]).unwrap();
+        assert_eq!(running.len(), 1);
+        assert_eq!(running[0].spec.as_ref().unwrap().labels["k"], "v");
     }
 }

@@ -44,7 +44,7 @@ impl Scheduler {
         let b = self.lock();
         let mut keys: Vec<&OrderKey> = b.running.values().map(|r| &r.key).collect();
         keys.sort();
-        keys.into_iter().map(|k| k.id.clone()).collect()
+        keys.into_iter().map(|k| k.id.to_string()).collect()
     }
 
     /// The queue as the API shows it.

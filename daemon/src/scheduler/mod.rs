@@ -33,17 +33,17 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::warn;
 
-use crate::board::{Board, Running};
+use crate::board::{Board, Need, Running};
 use crate::devices::Devices;
 use crate::error::{Error, Rejection, RejectionKind};
 use crate::journal::JournalEntry;
 use crate::lifecycle::set_state;
 use crate::metrics;
-use crate::queue::{OrderKey, priority};
+use crate::queue::OrderKey;
 use crate::recovery::{self, RecoveryPolicy};
-use crate::safety;
+use crate::safety::{self, FirstStep};
 use crate::state::{State, StepPhase};
-use crate::store::{Store, StoreError, WriteTx};
+use crate::store::{QueueView, Store, StoreError, WriteTx};
 
 /// Least real time between two logged progress events of one step.
 const PROGRESS_LOG_INTERVAL: Duration = Duration::from_millis(500);
@@ -112,58 +112,146 @@ struct Inner {
     waiting_on_store: std::sync::atomic::AtomicUsize,
 }
 
-/// Separates the QUEUED experiments that the configured devices can no longer run — a device
-/// removed or a limit tightened since they were accepted — from the rest, with the first
-/// problem of each (the same check a submission gets). Left queued they would wait forever.
-fn split_unrunnable(
-    experiments: Vec<pb::Experiment>,
-    devices: &Devices,
-) -> (Vec<pb::Experiment>, Vec<(pb::Experiment, String)>) {
-    let mut keep = Vec::with_capacity(experiments.len());
-    let mut unrunnable = Vec::new();
-    for e in experiments {
-        let problem = (State::from_proto(e.state) == Some(State::Queued))
-            .then(|| {
-                e.spec.as_ref().and_then(|spec| {
-                    // The steps still to run: one requeued by recovery has finished steps
-                    // and inserted transfers behind it.
-                    spec.steps
-                        .iter()
-                        .enumerate()
-                        .skip(e.current_step as usize)
-                        .filter(|(_, step)| !matches!(step.kind, Some(pb::step::Kind::Transfer(_))))
-                        .find_map(|(i, step)| {
-                            safety::check_step(step, &format!("steps[{i}]"), devices)
-                                .err()
-                                .map(|r| format!("{}: {}", r.field, r.reason))
-                        })
-                })
-            })
-            .flatten();
-        match problem {
-            Some(p) => unrunnable.push((e, p)),
-            None => keep.push(e),
+/// Checks the steps a QUEUED experiment still has to run against the configured devices (the
+/// same check a submission gets): a device removed or a limit tightened since it was accepted
+/// makes it unrunnable, and left queued it would wait forever. Returns its next step resolved
+/// (unless that step is a transfer), or the first problem. A requeued experiment has finished
+/// steps and inserted transfers behind it: those are not checked.
+fn check_queued(
+    steps: &[pb::Step],
+    current: u32,
+    checks: &mut StepChecks,
+) -> Result<Option<Arc<FirstStep>>, String> {
+    let mut next = None;
+    for (i, step) in steps.iter().enumerate().skip(current as usize) {
+        if matches!(step.kind, Some(pb::step::Kind::Transfer(_))) {
+            continue;
+        }
+        let cmd = checks.check(i, step)?;
+        if i == current as usize {
+            next = Some(cmd);
         }
     }
-    (keep, unrunnable)
+    Ok(next)
+}
+
+/// Checks of queued steps at start-up, each distinct step (by its position and encoding)
+/// checked once: a queue is mostly a few recipes repeated, and the check (the schema's
+/// validation, then the devices') is most of start-up's work. Equal steps also share one
+/// resolved command in the board. Bounded: forgets everything past [`StepChecks::MAX`].
+struct StepChecks<'a> {
+    devices: &'a Devices,
+    seen: std::collections::HashMap<(usize, Vec<u8>), Result<Arc<FirstStep>, String>>,
+}
+
+impl<'a> StepChecks<'a> {
+    const MAX: usize = 4096;
+
+    fn new(devices: &'a Devices) -> Self {
+        Self {
+            devices,
+            seen: Default::default(),
+        }
+    }
+
+    fn check(&mut self, i: usize, step: &pb::Step) -> Result<Arc<FirstStep>, String> {
+        use prost::Message as _;
+        let key = (i, step.encode_to_vec());
+        if let Some(r) = self.seen.get(&key) {
+            return r.clone();
+        }
+        let r = safety::check_step(step, &format!("steps[{i}]"), self.devices)
+            .map(|cmd| Arc::new(FirstStep::from(&cmd)))
+            .map_err(|r| format!("{}: {}", r.field, r.reason));
+        if self.seen.len() >= Self::MAX {
+            self.seen.clear();
+        }
+        self.seen.insert(key, r.clone());
+        r
+    }
+}
+
+/// The key sample custody is tracked under (see [`sample_key`]), from a [`QueueView`].
+fn view_sample_key(e: &QueueView) -> String {
+    match e.spec.as_ref().map(|s| s.sample_id.as_str()) {
+        Some(s) if !s.is_empty() => s.to_owned(),
+        _ => e.id.clone(),
+    }
+}
+
+/// What start-up read from the store: the board of QUEUED experiments, and the RUNNING and
+/// unrunnable ones still to be dealt with.
+struct Loaded {
+    board: Board,
+    /// RUNNING experiments with their ranks.
+    running: Vec<(QueueView, i64)>,
+    /// QUEUED experiments the devices can no longer run: (id, problem).
+    unrunnable: Vec<(String, String)>,
+    cancel_after: std::collections::HashMap<String, String>,
+}
+
+/// Builds the board by streaming the experiments table once: each QUEUED experiment is decoded
+/// as a [`QueueView`], checked, and kept only as its compact [`Queued`](crate::board::Queued)
+/// entry, so start-up holds no list of every experiment.
+fn load_board(store: &Store, devices: &Devices) -> Result<Loaded, StoreError> {
+    let mut board = Board::default();
+    board.paused = store.queue_paused()?;
+    for (sample, device) in store.custody()? {
+        board.place(&sample, &device);
+    }
+    let mut running = Vec::new();
+    let mut unrunnable = Vec::new();
+    let mut checks = StepChecks::new(devices);
+    store.for_each_ranked(&[State::Queued, State::Running], |e: QueueView, rank| {
+        match State::from_proto(e.state) {
+            Some(State::Queued) => {
+                let spec = e.spec.unwrap_or_default();
+                match check_queued(&spec.steps, e.current_step, &mut checks) {
+                    Ok(next) => board.enqueue_entry(
+                        OrderKey::new(spec.priority, rank, e.id),
+                        crate::board::Queued {
+                            need: Need::at(&spec.steps, e.current_step, next),
+                            sample: spec.sample_id.into(),
+                            held: e.held,
+                        },
+                    ),
+                    Err(problem) => unrunnable.push((e.id, problem)),
+                }
+            }
+            Some(State::Running) => running.push((e, rank)),
+            _ => {}
+        }
+        Ok(())
+    })?;
+    Ok(Loaded {
+        board,
+        running,
+        unrunnable,
+        cancel_after: store.cancel_after()?.into_iter().collect(),
+    })
 }
 
 /// Marks experiments found unrunnable at start-up FAILED, with the reason, in one commit.
 async fn fail_unrunnable(
     store: &Arc<Store>,
-    unrunnable: Vec<(pb::Experiment, String)>,
+    unrunnable: Vec<(String, String)>,
 ) -> Result<(), StoreError> {
-    for (e, problem) in &unrunnable {
-        warn!(experiment = %e.id, %problem, "queued experiment can no longer run: failed");
+    for (id, problem) in &unrunnable {
+        warn!(experiment = %id, %problem, "queued experiment can no longer run: failed");
     }
     store
         .write_async(move |w| {
-            for (mut e, problem) in unrunnable {
+            for (id, problem) in unrunnable {
+                let Some(mut e) = w.get_experiment(&id)? else {
+                    continue;
+                };
                 let reason = format!(
                     "can no longer run with the configured devices: {problem} (the \
                      configuration changed after it was accepted)"
                 );
-                if set_state(&mut e, State::Failed, &reason, w).is_ok() {
+                if State::from_proto(e.state) == Some(State::Queued)
+                    && set_state(&mut e, State::Failed, &reason, w).is_ok()
+                {
                     w.put_experiment(&e)?;
                 }
             }
@@ -248,80 +336,60 @@ impl Scheduler {
             .collect();
         devices.all_safe_except(&store, &adopted).await;
 
-        let s = store.clone();
-        let loaded = blocking(move || {
-            Ok((
-                s.experiments_in(&[State::Queued, State::Running])?,
-                s.ranks()?,
-                s.custody()?,
-                s.cancel_after()?,
-                s.queue_paused()?,
-            ))
-        })
-        .await?;
-        let (experiments, ranks, custody, cancel_after, paused) = loaded;
-        let (experiments, unrunnable) = split_unrunnable(experiments, &devices);
+        let (s, d) = (store.clone(), devices.clone());
+        let Loaded {
+            mut board,
+            running,
+            unrunnable,
+            cancel_after,
+        } = blocking(move || load_board(&s, &d)).await?;
         if !unrunnable.is_empty() {
             fail_unrunnable(&store, unrunnable).await?;
         }
-        let ranks: std::collections::HashMap<String, i64> = ranks.into_iter().collect();
-        let cancel_after: std::collections::HashMap<String, String> =
-            cancel_after.into_iter().collect();
         let stop = CancellationToken::new();
-        let mut board = Board::default();
-        board.paused = paused;
-        for (sample, device) in &custody {
-            board.place(sample, device);
-        }
         let mut starts = Vec::new();
-        for e in &experiments {
-            let rank = ranks.get(&e.id).copied().unwrap_or(0);
-            match State::from_proto(e.state) {
-                Some(State::Queued) => board.enqueue(e, rank),
-                Some(State::Running) => {
-                    let adopt = recovered
-                        .adopt
-                        .iter()
-                        .find(|j| j.experiment_id == e.id)
-                        .cloned();
-                    let resume = recovered.resume.contains(&e.id);
-                    if adopt.is_none() && !resume {
-                        continue;
-                    }
-                    let device = adopt.as_ref().map(|j| j.device_id.clone());
-                    if let Some(d) = &device {
-                        board.holders.insert(d.clone(), e.id.clone());
-                    }
-                    board.running.insert(
-                        e.id.clone(),
-                        Running {
-                            key: OrderKey::new(priority(e), rank, e.id.clone()),
-                            sample: sample_key(e),
-                            phase: if adopt.is_some() {
-                                StepPhase::Executing
-                            } else {
-                                StepPhase::Released
-                            },
-                            step_index: e.current_step,
-                            need: None,
-                            grant: None,
-                            device,
-                            token: stop.child_token(),
-                            stop: None,
-                            cancel_after: cancel_after.get(&e.id).cloned(),
-                            transfer: None,
-                        },
-                    );
-                    starts.push((
-                        e.id.clone(),
-                        match adopt {
-                            Some(j) => Start::Adopt(j),
-                            None => Start::Resume,
-                        },
-                    ));
-                }
-                _ => {}
+        for (e, rank) in running {
+            let adopt = recovered
+                .adopt
+                .iter()
+                .find(|j| j.experiment_id == e.id)
+                .cloned();
+            let resume = recovered.resume.contains(&e.id);
+            if adopt.is_none() && !resume {
+                continue;
             }
+            let device = adopt.as_ref().map(|j| j.device_id.clone());
+            if let Some(d) = &device {
+                board.holders.insert(d.clone(), e.id.clone());
+            }
+            let priority = e.spec.as_ref().map_or(0, |s| s.priority);
+            board.running.insert(
+                e.id.clone(),
+                Running {
+                    key: OrderKey::new(priority, rank, e.id.as_str()),
+                    sample: view_sample_key(&e),
+                    phase: if adopt.is_some() {
+                        StepPhase::Executing
+                    } else {
+                        StepPhase::Released
+                    },
+                    step_index: e.current_step,
+                    need: None,
+                    grant: None,
+                    device,
+                    token: stop.child_token(),
+                    stop: None,
+                    cancel_after: cancel_after.get(&e.id).cloned(),
+                    transfer: None,
+                },
+            );
+            starts.push((
+                e.id,
+                match adopt {
+                    Some(j) => Start::Adopt(j),
+                    None => Start::Resume,
+                },
+            ));
         }
         let this = Scheduler {
             inner: Arc::new(Inner {
