@@ -27,11 +27,24 @@ impl Scheduler {
         req: pb::SubmitBatchRequest,
         principal: &str,
     ) -> Result<(pb::Batch, bool), Error> {
+        let (batch, duplicate, _) = self.submit_audited(req, principal, None).await?;
+        Ok((batch, duplicate))
+    }
+
+    /// [`Scheduler::submit_as`], committing `audit` (its target set to the new batch) in the
+    /// same transaction as the batch. The third value is true when it did so: a duplicate
+    /// stores nothing, so its caller audits it separately.
+    pub async fn submit_audited(
+        &self,
+        req: pb::SubmitBatchRequest,
+        principal: &str,
+        audit: Option<pb::AuditRecord>,
+    ) -> Result<(pb::Batch, bool, bool), Error> {
         // Checked once here; each experiment's first command is carried to the queue.
         let commands = safety::check_batch(&req, &self.inner.devices)?;
         let hash = content_hash(&req.experiments);
         if let Some(found) = self.existing_batch(&req.idempotency_key, &hash)? {
-            return Ok((found, true));
+            return Ok((found, true, false));
         }
         self.check_maintenance(&req)?;
         let batch_id = self.next_id()?;
@@ -83,6 +96,10 @@ impl Scheduler {
                     );
                 }
                 w.put_batch(&batch, &hash)?;
+                if let Some(mut record) = audit {
+                    record.target = batch.id.clone();
+                    w.emit("", &batch.id, "", Kind::Audit(record));
+                }
                 Ok(Ok((batch, experiments, ranks)))
             })
             .await?;
@@ -96,7 +113,7 @@ impl Scheduler {
                 }
                 info!(batch = %batch.id, experiments = experiments.len(), "batch accepted");
                 self.wake();
-                Ok((batch, false))
+                Ok((batch, false, true))
             }
             Err(id) => {
                 let b = self
@@ -104,7 +121,7 @@ impl Scheduler {
                     .store
                     .get_batch(&id)?
                     .ok_or_else(|| Error::Internal("batch vanished".into()))?;
-                Ok((b, true))
+                Ok((b, true, false))
             }
         }
     }
