@@ -443,6 +443,41 @@ impl<'a> WriteTx<'a> {
         Ok(())
     }
 
+    /// [`WriteTx::put_experiment`] and [`WriteTx::set_rank`] for many experiments (a submitted
+    /// batch), each table opened once and one encoding buffer reused.
+    pub fn put_experiments_ranked<'e>(
+        &mut self,
+        items: impl IntoIterator<Item = (&'e Experiment, i64)>,
+    ) -> Result<(), StoreError> {
+        let mut experiments = self.tx.open_table(EXPERIMENTS)?;
+        let mut ranks = self.tx.open_table(RANKS)?;
+        let mut buf = Vec::new();
+        for (e, rank) in items {
+            buf.clear();
+            e.encode(&mut buf)
+                .map_err(|err| StoreError::Task(err.to_string()))?;
+            let old = experiments.insert(e.id.as_str(), buf.as_slice())?;
+            if let Some(slot) = old.as_ref().and_then(|v| state_slot(v.value())) {
+                self.state_delta[slot] -= 1;
+            }
+            if let Some(slot) =
+                State::from_proto(e.state).and_then(|s| State::ALL.iter().position(|a| *a == s))
+            {
+                self.state_delta[slot] += 1;
+            }
+            let old_rank = ranks.insert(e.id.as_str(), rank)?.map(|v| v.value());
+            if let Some(log) = &mut self.undo {
+                log.push(Undo::Bytes(
+                    EXPERIMENTS,
+                    e.id.clone(),
+                    old.map(|v| v.value().to_vec()),
+                ));
+                log.push(Undo::Rank(e.id.clone(), old_rank));
+            }
+        }
+        Ok(())
+    }
+
     pub fn get_experiment(&self, id: &str) -> Result<Option<Experiment>, StoreError> {
         let t = self.tx.open_table(EXPERIMENTS)?;
         let v = t.get(id)?;

@@ -81,9 +81,8 @@ impl Scheduler {
                 if let Some((id, _)) = w.find_idempotency_key(&key)? {
                     return Ok(Err(id));
                 }
-                for (e, rank) in experiments.iter().zip(&ranks) {
-                    w.put_experiment(e)?;
-                    w.set_rank(&e.id, *rank)?;
+                w.put_experiments_ranked(experiments.iter().zip(ranks.iter().copied()))?;
+                for e in &experiments {
                     w.emit(
                         &e.id,
                         &e.batch_id,
