@@ -8,7 +8,8 @@
 //! assigns the next global sequence numbers to the events appended in it, commits with
 //! `Durability::Immediate` (fsync) and only then publishes those events to live subscribers.
 //! A commit lock spans commit *and* publish, so subscribers see events in sequence order and
-//! never an event that is not on disk.
+//! never an event that is not on disk. Concurrent writers are grouped: they share one
+//! transaction and one fsync, each still getting its own outcome (see [`Store::write`]).
 //!
 //! A write that fails with an I/O error (a full disk, a failing device) puts the store into a
 //! *fault*: redb refuses every later operation on that handle ("Previous I/O error occurred"),
