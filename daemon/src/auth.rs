@@ -552,6 +552,11 @@ pub struct Caller {
     pub transport: Transport,
     /// What the call acted on, set by the handler for the audit record.
     target: Arc<Mutex<String>>,
+    /// The method called, as the audit record names it; empty outside the layer.
+    method: Arc<str>,
+    /// Set by a handler that committed the call's success audit record together with its
+    /// effects ([`Caller::success_audit`]): the layer then writes none of its own.
+    audited: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Caller {
@@ -563,7 +568,39 @@ impl Caller {
             request_id: String::new(),
             transport: Transport::Unix,
             target: Arc::default(),
+            method: Arc::from(""),
+            audited: Arc::default(),
         }
+    }
+
+    /// The audit record of this call succeeding on `target`, for a handler that commits it in
+    /// the same transaction as the call's effects (one durable commit instead of two; the
+    /// record is still on disk before the reply). `None` outside the layer. A handler that
+    /// commits it calls [`Caller::mark_audited`].
+    pub fn success_audit(&self, target: &str) -> Option<pb::AuditRecord> {
+        if self.method.is_empty() {
+            return None;
+        }
+        Some(pb::AuditRecord {
+            principal: self.principal.clone(),
+            role: self.role.as_str().to_owned(),
+            method: self.method.to_string(),
+            request_id: self.request_id.clone(),
+            code: code_label(Code::Ok).to_owned(),
+            message: String::new(),
+            target: target.to_owned(),
+            transport: self.transport.as_str().to_owned(),
+        })
+    }
+
+    /// Says the success audit record was committed with the call's effects.
+    pub fn mark_audited(&self) {
+        self.audited
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    fn audited(&self) -> bool {
+        self.audited.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The caller of `req`; [`Caller::internal`] when the layer did not run.
@@ -823,6 +860,8 @@ where
                 request_id: request_id.clone(),
                 transport: peer.transport,
                 target: Arc::default(),
+                method: Arc::from(path.as_str()),
+                audited: Arc::default(),
             };
             if !identity.role.allows(access) {
                 let status = Status::permission_denied(format!(
@@ -855,6 +894,10 @@ where
                     Some(s) => (s.code(), s.message().to_owned()),
                     None => (Code::Ok, String::new()),
                 };
+                if code == Code::Ok && caller.audited() {
+                    info!(code = code_label(code), role = %identity.role, "mutating call");
+                    return Ok(finish(resp, &path, &request_id, started));
+                }
                 audit(
                     &layer.store,
                     &caller,

@@ -196,8 +196,16 @@ impl ExperimentService for Api {
                 wait.as_millis().max(1)
             )));
         }
-        let (batch, duplicate) = self.scheduler.submit_as(r, &caller.principal).await?;
+        // Its audit record commits with the batch: one durable commit per submission.
+        let audit = caller.success_audit("");
+        let (batch, duplicate, audited) = self
+            .scheduler
+            .submit_audited(r, &caller.principal, audit)
+            .await?;
         caller.set_target(batch.id.clone());
+        if audited {
+            caller.mark_audited();
+        }
         Ok(Response::new(pb::SubmitBatchResponse {
             batch: Some(batch),
             duplicate,

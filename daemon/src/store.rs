@@ -8,7 +8,8 @@
 //! assigns the next global sequence numbers to the events appended in it, commits with
 //! `Durability::Immediate` (fsync) and only then publishes those events to live subscribers.
 //! A commit lock spans commit *and* publish, so subscribers see events in sequence order and
-//! never an event that is not on disk.
+//! never an event that is not on disk. Concurrent writers are grouped: they share one
+//! transaction and one fsync, each still getting its own outcome (see [`Store::write`]).
 //!
 //! A write that fails with an I/O error (a full disk, a failing device) puts the store into a
 //! *fault*: redb refuses every later operation on that handle ("Previous I/O error occurred"),
@@ -17,9 +18,10 @@
 //! [`Store::supervise`] retries with backoff until a write commits again. A failed transaction
 //! changes nothing, in memory either: no sequence number, no count.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock, Weak};
 use std::time::{Duration, SystemTime};
 
 use ppu_proto::v1::{self as pb, Batch, Event, Experiment, PendingTransfer, event};
@@ -201,6 +203,21 @@ impl Fault {
     }
 }
 
+impl StoreError {
+    /// The same failure for another writer of a group that shared the failed commit.
+    fn replica(&self) -> StoreError {
+        match self {
+            StoreError::Unavailable(r) => StoreError::Unavailable(r.clone()),
+            StoreError::Corrupt { table, reason } => StoreError::Corrupt {
+                table,
+                reason: reason.clone(),
+            },
+            StoreError::Task(r) => StoreError::Task(r.clone()),
+            StoreError::Db(e) => StoreError::Task(format!("the shared commit failed: {e}")),
+        }
+    }
+}
+
 /// The I/O failure behind `e`, if it is one that needs the database reopened: (reason, code).
 fn io_failure(e: &StoreError) -> Option<(String, &'static str)> {
     match e {
@@ -280,6 +297,10 @@ pub struct Store {
     health: watch::Sender<Option<Fault>>,
     /// Next sequence number to assign; guarded so that commit and publish are one step.
     next_seq: Mutex<u64>,
+    /// Group commit: who leads, the open shared transaction, who waits (see [`Store::write`]).
+    group: Mutex<Group>,
+    /// Signalled whenever [`Group`] changes.
+    group_changed: Condvar,
     /// Committed events, live and recent ([`crate::bus`]).
     bus: Bus,
     /// Experiments per state ([`State::ALL`] order), counted once at open and then adjusted at
@@ -289,25 +310,203 @@ pub struct Store {
     event_bytes: AtomicU64,
 }
 
-/// One write transaction. Events appended here get their sequence numbers at commit.
+/// Most writers one shared transaction takes: a bound on the work (and the latency) of one
+/// commit under a flood of concurrent writers; the rest wait for the next one.
+const GROUP_MAX_MEMBERS: usize = 256;
+
+/// Group commit state (see [`Store::write`]), guarded by `Store::group`.
+#[derive(Default)]
+struct Group {
+    /// A leader is gathering, committing or publishing a group (or the supervisor heals).
+    leading: bool,
+    /// The gathering group's shared transaction, while it takes members.
+    open: Option<Open>,
+    /// Writers that asked to write and have neither joined a group nor left.
+    waiting: usize,
+    next_ticket: u64,
+    /// Outcomes for members that have not collected theirs, by ticket.
+    done: HashMap<u64, Result<Vec<Arc<Published>>, StoreError>>,
+}
+
+/// A shared transaction being filled by the writers of one group, in order.
+struct Open {
+    tx: WriteTransaction,
+    /// Each successful member's ticket and events, in the order they wrote.
+    members: Vec<(u64, Vec<Event>)>,
+    state_delta: [i64; State::ALL.len()],
+    /// Set when a member failed in a way its undo cannot repair (a storage error): the
+    /// transaction must not commit.
+    poisoned: Option<String>,
+}
+
+type BytesTable = TableDefinition<'static, &'static str, &'static [u8]>;
+type TextTable = TableDefinition<'static, &'static str, &'static str>;
+
+/// What one change of a group member replaced, to put back if that member fails (see
+/// [`Store::write`]): the key and its previous value (`None`: the key was absent).
+enum Undo {
+    Bytes(BytesTable, String, Option<Vec<u8>>),
+    Text(TextTable, String, Option<String>),
+    Idempotency(String, Option<(String, String)>),
+    Reservation(String, Option<(String, u32)>),
+    Rank(String, Option<i64>),
+}
+
+impl Undo {
+    fn apply(self, tx: &WriteTransaction) -> Result<(), StoreError> {
+        match self {
+            Undo::Bytes(def, k, old) => {
+                let mut t = tx.open_table(def)?;
+                match old {
+                    Some(v) => drop(t.insert(k.as_str(), v.as_slice())?),
+                    None => drop(t.remove(k.as_str())?),
+                }
+            }
+            Undo::Text(def, k, old) => {
+                let mut t = tx.open_table(def)?;
+                match old {
+                    Some(v) => drop(t.insert(k.as_str(), v.as_str())?),
+                    None => drop(t.remove(k.as_str())?),
+                }
+            }
+            Undo::Idempotency(k, old) => {
+                let mut t = tx.open_table(IDEMPOTENCY)?;
+                match old {
+                    Some((b, h)) => drop(t.insert(k.as_str(), (b.as_str(), h.as_str()))?),
+                    None => drop(t.remove(k.as_str())?),
+                }
+            }
+            Undo::Reservation(k, old) => {
+                let mut t = tx.open_table(RESERVATIONS)?;
+                match old {
+                    Some((e, s)) => drop(t.insert(k.as_str(), (e.as_str(), s))?),
+                    None => drop(t.remove(k.as_str())?),
+                }
+            }
+            Undo::Rank(k, old) => {
+                let mut t = tx.open_table(RANKS)?;
+                match old {
+                    Some(v) => drop(t.insert(k.as_str(), v)?),
+                    None => drop(t.remove(k.as_str())?),
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One write transaction, or one writer's part of a shared one (group commit). Events
+/// appended here get their sequence numbers at commit.
 pub struct WriteTx<'a> {
     tx: &'a WriteTransaction,
     events: Vec<Event>,
     /// Change in experiments per state ([`State::ALL`] order), applied once committed.
     state_delta: [i64; State::ALL.len()],
+    /// For a writer that joined a transaction others have written in: what its changes
+    /// replaced, newest last, so that its failure can take them back out. `None` for the
+    /// first writer of a transaction, whose failure aborts the whole transaction instead.
+    undo: Option<Vec<Undo>>,
 }
 
-impl WriteTx<'_> {
+impl<'a> WriteTx<'a> {
+    fn new(tx: &'a WriteTransaction, undoable: bool) -> Self {
+        Self {
+            tx,
+            events: Vec::new(),
+            state_delta: [0; State::ALL.len()],
+            undo: undoable.then(Vec::new),
+        }
+    }
+
+    fn remember(&mut self, undo: impl FnOnce() -> Undo) {
+        if let Some(log) = &mut self.undo {
+            log.push(undo());
+        }
+    }
+
+    /// Takes this writer's changes back out of the shared transaction, newest first.
+    fn roll_back(self) -> Result<(), StoreError> {
+        let tx = self.tx;
+        for u in self.undo.into_iter().flatten().rev() {
+            u.apply(tx)?;
+        }
+        Ok(())
+    }
+
+    fn put_bytes(&mut self, def: BytesTable, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        let mut t = self.tx.open_table(def)?;
+        let old = t.insert(key, value)?;
+        let old = self.undo.is_some().then(|| old.map(|v| v.value().to_vec()));
+        drop(t);
+        self.remember(|| Undo::Bytes(def, key.to_owned(), old.flatten()));
+        Ok(())
+    }
+
+    fn set_text(
+        &mut self,
+        def: TextTable,
+        key: &str,
+        value: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let mut t = self.tx.open_table(def)?;
+        let old = match value {
+            Some(v) => t.insert(key, v)?,
+            None => t.remove(key)?,
+        };
+        let old = old.map(|v| v.value().to_owned());
+        drop(t);
+        self.remember(|| Undo::Text(def, key.to_owned(), old));
+        Ok(())
+    }
+
     pub fn put_experiment(&mut self, e: &Experiment) -> Result<(), StoreError> {
         let mut t = self.tx.open_table(EXPERIMENTS)?;
         let old = t.insert(e.id.as_str(), e.encode_to_vec().as_slice())?;
-        if let Some(slot) = old.and_then(|v| state_slot(v.value())) {
+        if let Some(slot) = old.as_ref().and_then(|v| state_slot(v.value())) {
             self.state_delta[slot] -= 1;
         }
+        let old = self.undo.is_some().then(|| old.map(|v| v.value().to_vec()));
+        drop(t);
+        self.remember(|| Undo::Bytes(EXPERIMENTS, e.id.clone(), old.flatten()));
         if let Some(slot) =
             State::from_proto(e.state).and_then(|s| State::ALL.iter().position(|a| *a == s))
         {
             self.state_delta[slot] += 1;
+        }
+        Ok(())
+    }
+
+    /// [`WriteTx::put_experiment`] and [`WriteTx::set_rank`] for many experiments (a submitted
+    /// batch), each table opened once and one encoding buffer reused.
+    pub fn put_experiments_ranked<'e>(
+        &mut self,
+        items: impl IntoIterator<Item = (&'e Experiment, i64)>,
+    ) -> Result<(), StoreError> {
+        let mut experiments = self.tx.open_table(EXPERIMENTS)?;
+        let mut ranks = self.tx.open_table(RANKS)?;
+        let mut buf = Vec::new();
+        for (e, rank) in items {
+            buf.clear();
+            e.encode(&mut buf)
+                .map_err(|err| StoreError::Task(err.to_string()))?;
+            let old = experiments.insert(e.id.as_str(), buf.as_slice())?;
+            if let Some(slot) = old.as_ref().and_then(|v| state_slot(v.value())) {
+                self.state_delta[slot] -= 1;
+            }
+            if let Some(slot) =
+                State::from_proto(e.state).and_then(|s| State::ALL.iter().position(|a| *a == s))
+            {
+                self.state_delta[slot] += 1;
+            }
+            let old_rank = ranks.insert(e.id.as_str(), rank)?.map(|v| v.value());
+            if let Some(log) = &mut self.undo {
+                log.push(Undo::Bytes(
+                    EXPERIMENTS,
+                    e.id.clone(),
+                    old.map(|v| v.value().to_vec()),
+                ));
+                log.push(Undo::Rank(e.id.clone(), old_rank));
+            }
         }
         Ok(())
     }
@@ -319,10 +518,15 @@ impl WriteTx<'_> {
     }
 
     pub fn put_batch(&mut self, b: &Batch, content_hash: &str) -> Result<(), StoreError> {
-        let mut t = self.tx.open_table(BATCHES)?;
-        t.insert(b.id.as_str(), b.encode_to_vec().as_slice())?;
+        self.put_bytes(BATCHES, &b.id, &b.encode_to_vec())?;
         let mut k = self.tx.open_table(IDEMPOTENCY)?;
-        k.insert(b.idempotency_key.as_str(), (b.id.as_str(), content_hash))?;
+        let old = k.insert(b.idempotency_key.as_str(), (b.id.as_str(), content_hash))?;
+        let old = old.map(|v| {
+            let (b, h) = v.value();
+            (b.to_owned(), h.to_owned())
+        });
+        drop(k);
+        self.remember(|| Undo::Idempotency(b.idempotency_key.clone(), old));
         Ok(())
     }
 
@@ -353,36 +557,38 @@ impl WriteTx<'_> {
     /// Sets a daemon-wide value by key (e.g. the SiLA server's UUID and name); the keys are the
     /// callers' own and never collide with the store's.
     pub fn put_setting(&mut self, key: &str, value: &[u8]) -> Result<(), StoreError> {
-        let mut t = self.tx.open_table(META)?;
-        t.insert(format!("{SETTING_PREFIX}{key}").as_str(), value)?;
-        Ok(())
+        self.put_bytes(META, &format!("{SETTING_PREFIX}{key}"), value)
     }
 
     pub fn set_queue_paused(&mut self, paused: bool) -> Result<(), StoreError> {
-        let mut t = self.tx.open_table(META)?;
-        t.insert(META_QUEUE_PAUSED, [u8::from(paused)].as_slice())?;
-        Ok(())
+        self.put_bytes(META, META_QUEUE_PAUSED, &[u8::from(paused)])
     }
 
     /// Saves a driver's opaque state (see `Device::saved_state`).
     pub fn put_device_state(&mut self, device_id: &str, state: &[u8]) -> Result<(), StoreError> {
-        let mut t = self.tx.open_table(DEVICE_STATE)?;
-        t.insert(device_id, state)?;
-        Ok(())
+        self.put_bytes(DEVICE_STATE, device_id, state)
     }
 
     /// Records a step about to actuate its device (the intent journal).
     pub fn put_journal(&mut self, e: &JournalEntry) -> Result<(), StoreError> {
-        let mut t = self.tx.open_table(JOURNAL)?;
-        t.insert(e.device_id.as_str(), e.encode_to_vec().as_slice())?;
-        Ok(())
+        self.put_bytes(JOURNAL, &e.device_id, &e.encode_to_vec())
     }
 
     /// Removes the journal entry of `device_id`, returning it if there was one.
     pub fn take_journal(&mut self, device_id: &str) -> Result<Option<JournalEntry>, StoreError> {
-        let mut t = self.tx.open_table(JOURNAL)?;
-        let v = t.remove(device_id)?;
-        v.map(|v| decode("journal", v.value())).transpose()
+        self.take_bytes(JOURNAL, device_id)?
+            .map(|v| decode("journal", &v))
+            .transpose()
+    }
+
+    fn take_bytes(&mut self, def: BytesTable, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let mut t = self.tx.open_table(def)?;
+        let old = t.remove(key)?.map(|v| v.value().to_vec());
+        drop(t);
+        if old.is_some() {
+            self.remember(|| Undo::Bytes(def, key.to_owned(), old.clone()));
+        }
+        Ok(old)
     }
 
     /// Every journaled step, by device id.
@@ -404,7 +610,12 @@ impl WriteTx<'_> {
         step_index: u32,
     ) -> Result<(), StoreError> {
         let mut t = self.tx.open_table(RESERVATIONS)?;
-        t.insert(device_id, (experiment_id, step_index))?;
+        let old = t.insert(device_id, (experiment_id, step_index))?.map(|v| {
+            let (e, s) = v.value();
+            (e.to_owned(), s)
+        });
+        drop(t);
+        self.remember(|| Undo::Reservation(device_id.to_owned(), old));
         Ok(())
     }
 
@@ -414,11 +625,15 @@ impl WriteTx<'_> {
         device_id: &str,
     ) -> Result<Option<(String, u32)>, StoreError> {
         let mut t = self.tx.open_table(RESERVATIONS)?;
-        let v = t.remove(device_id)?;
-        Ok(v.map(|v| {
+        let old = t.remove(device_id)?.map(|v| {
             let (e, s) = v.value();
             (e.to_owned(), s)
-        }))
+        });
+        drop(t);
+        if old.is_some() {
+            self.remember(|| Undo::Reservation(device_id.to_owned(), old.clone()));
+        }
+        Ok(old)
     }
 
     /// Every reservation: (device id, experiment id, step index).
@@ -439,16 +654,7 @@ impl WriteTx<'_> {
         sample_id: &str,
         device_id: Option<&str>,
     ) -> Result<(), StoreError> {
-        let mut t = self.tx.open_table(CUSTODY)?;
-        match device_id {
-            Some(d) => {
-                t.insert(sample_id, d)?;
-            }
-            None => {
-                t.remove(sample_id)?;
-            }
-        }
-        Ok(())
+        self.set_text(CUSTODY, sample_id, device_id)
     }
 
     /// The device that holds `sample_id`, if known.
@@ -459,16 +665,14 @@ impl WriteTx<'_> {
     }
 
     pub fn put_transfer(&mut self, p: &PendingTransfer) -> Result<(), StoreError> {
-        let mut t = self.tx.open_table(TRANSFERS)?;
-        t.insert(p.id.as_str(), p.encode_to_vec().as_slice())?;
-        Ok(())
+        self.put_bytes(TRANSFERS, &p.id, &p.encode_to_vec())
     }
 
     /// Removes a pending transfer, returning it if it was pending.
     pub fn take_transfer(&mut self, id: &str) -> Result<Option<PendingTransfer>, StoreError> {
-        let mut t = self.tx.open_table(TRANSFERS)?;
-        let v = t.remove(id)?;
-        v.map(|v| decode("transfers", v.value())).transpose()
+        self.take_bytes(TRANSFERS, id)?
+            .map(|v| decode("transfers", &v))
+            .transpose()
     }
 
     /// Every pending transfer, by id.
@@ -488,22 +692,15 @@ impl WriteTx<'_> {
         device_id: &str,
         reason: Option<&str>,
     ) -> Result<(), StoreError> {
-        let mut t = self.tx.open_table(MAINTENANCE)?;
-        match reason {
-            Some(r) => {
-                t.insert(device_id, r)?;
-            }
-            None => {
-                t.remove(device_id)?;
-            }
-        }
-        Ok(())
+        self.set_text(MAINTENANCE, device_id, reason)
     }
 
     /// Sets an experiment's rank within its priority.
     pub fn set_rank(&mut self, experiment_id: &str, rank: i64) -> Result<(), StoreError> {
         let mut t = self.tx.open_table(RANKS)?;
-        t.insert(experiment_id, rank)?;
+        let old = t.insert(experiment_id, rank)?.map(|v| v.value());
+        drop(t);
+        self.remember(|| Undo::Rank(experiment_id.to_owned(), old));
         Ok(())
     }
 
@@ -513,14 +710,13 @@ impl WriteTx<'_> {
         device_id: &str,
         alarms: Vec<pb::ActiveAlarm>,
     ) -> Result<(), StoreError> {
-        let mut t = self.tx.open_table(ALARMS)?;
         if alarms.is_empty() {
-            t.remove(device_id)?;
+            self.take_bytes(ALARMS, device_id)?;
+            Ok(())
         } else {
             let bytes = pb::ListAlarmsResponse { alarms }.encode_to_vec();
-            t.insert(device_id, bytes.as_slice())?;
+            self.put_bytes(ALARMS, device_id, &bytes)
         }
-        Ok(())
     }
 
     /// Marks a RUNNING experiment to be cancelled after its current step (`Some(reason)`), or
@@ -530,16 +726,7 @@ impl WriteTx<'_> {
         experiment_id: &str,
         reason: Option<&str>,
     ) -> Result<(), StoreError> {
-        let mut t = self.tx.open_table(CANCEL_AFTER)?;
-        match reason {
-            Some(r) => {
-                t.insert(experiment_id, r)?;
-            }
-            None => {
-                t.remove(experiment_id)?;
-            }
-        }
-        Ok(())
+        self.set_text(CANCEL_AFTER, experiment_id, reason)
     }
 
     /// Appends an event; its sequence and time are set at commit.
@@ -628,6 +815,8 @@ impl Store {
             broken: AtomicBool::new(false),
             health: watch::Sender::new(None),
             next_seq: Mutex::new(c.last + 1),
+            group: Mutex::new(Group::default()),
+            group_changed: Condvar::new(),
             bus: Bus::new(c.last),
             state_counts: Mutex::new(c.state_counts),
             event_bytes: AtomicU64::new(event_bytes),
@@ -726,6 +915,20 @@ impl Store {
         let Some(fault) = self.fault() else {
             return true;
         };
+        // Lead, so that no group transaction is open while the handle is swapped.
+        {
+            let mut g = self.lock_group();
+            while g.leading {
+                g = self.wait_group(g);
+            }
+            g.leading = true;
+        }
+        let healed = self.heal(&fault);
+        self.step_down();
+        healed
+    }
+
+    fn heal(&self, fault: &Fault) -> bool {
         let mut next = self.lock_seq();
         if self.broken.load(Ordering::Acquire)
             && let Err(e) = self.reopen(&mut next)
@@ -803,8 +1006,30 @@ impl Store {
         self.next_seq.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    fn lock_group(&self) -> MutexGuard<'_, Group> {
+        // Closures run under this lock only inside `catch_unwind`: a poisoned lock holds
+        // nothing torn.
+        self.group.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn wait_group<'g>(&self, g: MutexGuard<'g, Group>) -> MutexGuard<'g, Group> {
+        self.group_changed
+            .wait(g)
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Runs `f` in a write transaction, commits durably, then publishes the appended events.
-    /// Returns `f`'s value and the committed events. If `f` fails nothing is written.
+    /// Returns `f`'s value and the committed events. If `f` fails nothing of it is written.
+    ///
+    /// Group commit: concurrent writers share one transaction and one durable commit. The
+    /// first writer to find no group in progress leads: it runs its `f` in a new transaction,
+    /// then lets every writer waiting meanwhile run its own `f` in the same transaction, one
+    /// after another on its own thread (the order of their sequence numbers), commits once,
+    /// publishes all their events in sequence order and hands each writer its outcome. A
+    /// member whose `f` fails takes its changes back out (an undo log kept by [`WriteTx`]:
+    /// redb's savepoints cannot be taken in a transaction already written to) and the others
+    /// still commit; a storage error fails the whole group. So a lone writer pays one
+    /// commit, as before, and sixteen concurrent ones pay about one between them.
     ///
     /// Blocking (fsync): call from `spawn_blocking` or use [`Store::write_async`].
     /// During a fault it is refused at once with [`StoreError::Unavailable`]; an I/O error in
@@ -813,62 +1038,283 @@ impl Store {
         &self,
         f: impl FnOnce(&mut WriteTx<'_>) -> Result<R, StoreError>,
     ) -> Result<(R, Vec<Arc<Published>>), StoreError> {
-        if self.fault().is_some() {
-            return Err(self.refusal());
+        let mut g = self.lock_group();
+        let ticket = g.next_ticket;
+        g.next_ticket += 1;
+        g.waiting += 1;
+        loop {
+            if self.fault().is_some() {
+                g.waiting -= 1;
+                self.group_changed.notify_all();
+                return Err(self.refusal());
+            }
+            if !g.leading {
+                g.waiting -= 1;
+                g.leading = true;
+                drop(g);
+                return self.lead(ticket, f);
+            }
+            if g.open
+                .as_ref()
+                .is_some_and(|o| o.members.len() < GROUP_MAX_MEMBERS)
+            {
+                g.waiting -= 1;
+                return self.join(g, ticket, f);
+            }
+            g = self.wait_group(g);
         }
-        let mut next = self.lock_seq();
-        self.write_locked(&mut next, f)
     }
 
-    /// [`Store::write`] with the commit lock held (`next`: the next sequence to assign).
+    /// Writers waiting to join a group (tests observe group commit with it).
+    #[cfg(test)]
+    fn waiting_writers(&self) -> usize {
+        self.lock_group().waiting
+    }
+
+    /// Ends a leadership: the next waiting writer may lead.
+    fn step_down(&self) {
+        self.lock_group().leading = false;
+        self.group_changed.notify_all();
+    }
+
+    /// Leads a group (see [`Store::write`]); `self.group.leading` is set for us.
+    fn lead<R>(
+        &self,
+        ticket: u64,
+        f: impl FnOnce(&mut WriteTx<'_>) -> Result<R, StoreError>,
+    ) -> Result<(R, Vec<Arc<Published>>), StoreError> {
+        let began = self.read_db(|db| Ok(db.begin_write()?));
+        let tx = match began {
+            Ok(tx) => tx,
+            Err(e) => {
+                self.step_down();
+                return Err(self.classify(e));
+            }
+        };
+        let mut w = WriteTx::new(&tx, false);
+        let out = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut w))) {
+            Ok(Ok(out)) => out,
+            // Nothing else is in the transaction yet: dropping it aborts just this writer.
+            Ok(Err(e)) => {
+                drop(w);
+                drop(tx);
+                self.step_down();
+                return Err(self.classify(e));
+            }
+            Err(panic) => {
+                drop(w);
+                drop(tx);
+                self.step_down();
+                std::panic::resume_unwind(panic);
+            }
+        };
+        let WriteTx {
+            events,
+            state_delta,
+            ..
+        } = w;
+        let mut g = self.lock_group();
+        g.open = Some(Open {
+            tx,
+            members: vec![(ticket, events)],
+            state_delta,
+            poisoned: None,
+        });
+        self.group_changed.notify_all();
+        while g.waiting > 0
+            && g.open
+                .as_ref()
+                .is_some_and(|o| o.members.len() < GROUP_MAX_MEMBERS)
+        {
+            g = self.wait_group(g);
+        }
+        let Some(open) = g.open.take() else {
+            unreachable!("only the leader closes its group")
+        };
+        drop(g);
+        let tickets: Vec<u64> = open.members.iter().map(|(t, _)| *t).collect();
+        let outcome = {
+            let mut next = self.lock_seq();
+            self.commit_group(&mut next, open)
+        };
+        let mut g = self.lock_group();
+        let mine = match outcome {
+            Ok(per_member) => {
+                let mut per_member = per_member.into_iter();
+                let mine = per_member.next().unwrap_or_default();
+                for (t, events) in tickets[1..].iter().zip(per_member) {
+                    g.done.insert(*t, Ok(events));
+                }
+                Ok(mine)
+            }
+            Err(e) => {
+                let e = self.classify(e);
+                for t in &tickets[1..] {
+                    g.done.insert(*t, Err(e.replica()));
+                }
+                Err(e)
+            }
+        };
+        g.leading = false;
+        self.group_changed.notify_all();
+        drop(g);
+        mine.map(|events| (out, events))
+    }
+
+    /// Runs `f` as a member of the open group and waits for its commit.
+    fn join<R>(
+        &self,
+        mut g: MutexGuard<'_, Group>,
+        ticket: u64,
+        f: impl FnOnce(&mut WriteTx<'_>) -> Result<R, StoreError>,
+    ) -> Result<(R, Vec<Arc<Published>>), StoreError> {
+        let Some(open) = g.open.as_mut() else {
+            unreachable!("joined only while a group is open")
+        };
+        let mut w = WriteTx::new(&open.tx, true);
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut w)));
+        let out = match ran {
+            Ok(Ok(out)) => {
+                let WriteTx {
+                    events,
+                    state_delta,
+                    ..
+                } = w;
+                open.members.push((ticket, events));
+                for (d, m) in open.state_delta.iter_mut().zip(state_delta) {
+                    *d += m;
+                }
+                out
+            }
+            failed => {
+                let undone = w.roll_back();
+                let (error, panic) = match failed {
+                    Ok(Err(e)) => (Some(self.classify(e)), None),
+                    Err(panic) => (None, Some(panic)),
+                    Ok(Ok(_)) => unreachable!("matched above"),
+                };
+                // A storage failure (this member's, or its undo's) leaves the shared
+                // transaction in doubt: the group must not commit. Classified before the
+                // leader can look, so the others see the fault too.
+                if let Some(StoreError::Unavailable(reason)) = &error {
+                    open.poisoned.get_or_insert(reason.clone());
+                }
+                if let Err(e) = undone {
+                    open.poisoned.get_or_insert(self.classify(e).to_string());
+                }
+                self.group_changed.notify_all();
+                drop(g);
+                if let Some(panic) = panic {
+                    std::panic::resume_unwind(panic);
+                }
+                return Err(error.unwrap_or_else(|| StoreError::Task("writer panicked".into())));
+            }
+        };
+        self.group_changed.notify_all();
+        loop {
+            if let Some(outcome) = g.done.remove(&ticket) {
+                return outcome.map(|events| (out, events));
+            }
+            g = self.wait_group(g);
+        }
+    }
+
+    /// Runs `f` on the open database handle, or refuses during a fault.
+    fn read_db<R>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        let db = self.db.read().unwrap_or_else(PoisonError::into_inner);
+        match db.as_ref() {
+            Some(db) => f(db),
+            None => Err(self.refusal()),
+        }
+    }
+
+    /// A write on its own with the commit lock held (`next`: the next sequence to assign), by
+    /// the supervisor, which holds the group leadership meanwhile.
     fn write_locked<R>(
         &self,
         next: &mut u64,
         f: impl FnOnce(&mut WriteTx<'_>) -> Result<R, StoreError>,
     ) -> Result<(R, Vec<Arc<Published>>), StoreError> {
-        let db = self.db.read().unwrap_or_else(PoisonError::into_inner);
-        let Some(db) = db.as_ref() else {
-            return Err(self.refusal());
+        let tx = self
+            .read_db(|db| Ok(db.begin_write()?))
+            .map_err(|e| self.classify(e))?;
+        let mut w = WriteTx::new(&tx, false);
+        let out = f(&mut w).map_err(|e| self.classify(e))?;
+        let WriteTx {
+            events,
+            state_delta,
+            ..
+        } = w;
+        let open = Open {
+            tx,
+            members: vec![(0, events)],
+            state_delta,
+            poisoned: None,
         };
-        self.commit(db, next, f).map_err(|e| self.classify(e))
+        let mut per_member = self
+            .commit_group(next, open)
+            .map_err(|e| self.classify(e))?;
+        Ok((out, per_member.pop().unwrap_or_default()))
     }
 
-    fn commit<R>(
+    /// Assigns sequences to the group's events in member order, commits durably, then
+    /// publishes them in sequence order (under the commit lock, `next`). Returns each
+    /// member's committed events.
+    fn commit_group(
         &self,
-        db: &Database,
         next: &mut u64,
-        f: impl FnOnce(&mut WriteTx<'_>) -> Result<R, StoreError>,
-    ) -> Result<(R, Vec<Arc<Published>>), StoreError> {
-        let tx = db.begin_write()?;
-        let mut w = WriteTx {
-            tx: &tx,
-            events: Vec::new(),
-            state_delta: [0; State::ALL.len()],
-        };
-        let out = f(&mut w)?;
-        let events = std::mem::take(&mut w.events);
-        let state_delta = w.state_delta;
+        open: Open,
+    ) -> Result<Vec<Vec<Arc<Published>>>, StoreError> {
+        let Open {
+            tx,
+            members,
+            state_delta,
+            poisoned,
+        } = open;
+        if let Some(reason) = poisoned {
+            // Dropping the transaction aborts it.
+            drop(tx);
+            if self.fault().is_some() {
+                return Err(self.refusal());
+            }
+            return Err(StoreError::Task(format!(
+                "a writer sharing this commit failed: {reason}"
+            )));
+        }
         let time = now_timestamp();
         let mut seq = *next;
         let mut added = 0u64;
-        let mut published = Vec::with_capacity(events.len());
+        let any_events = members.iter().any(|(_, m)| !m.is_empty());
+        let mut published: Vec<Vec<Arc<Published>>> = Vec::with_capacity(members.len());
         {
-            let mut t = tx.open_table(EVENTS)?;
-            for mut e in events {
-                e.sequence = seq;
-                e.time = Some(time);
-                // Encoded once: these bytes are logged and streamed to every subscriber.
-                let p = Published::new(e);
-                // As redb's `stored_bytes` counts it: the 8-byte key plus the value.
-                added += 8 + p.encoded().len() as u64;
-                t.insert(seq, p.encoded().as_ref())?;
-                published.push(Arc::new(p));
-                seq += 1;
+            let mut t = if any_events {
+                Some(tx.open_table(EVENTS)?)
+            } else {
+                None
+            };
+            for (_, events) in members {
+                let mut mine = Vec::with_capacity(events.len());
+                for mut e in events {
+                    let Some(t) = t.as_mut() else { break };
+                    e.sequence = seq;
+                    e.time = Some(time);
+                    // Encoded once: these bytes are logged and streamed to every subscriber.
+                    let p = Published::new(e);
+                    // As redb's `stored_bytes` counts it: the 8-byte key plus the value.
+                    added += 8 + p.encoded().len() as u64;
+                    t.insert(seq, p.encoded().as_ref())?;
+                    mine.push(Arc::new(p));
+                    seq += 1;
+                }
+                published.push(mine);
             }
         }
-        // The commit lock serialises writers, so the total read here is the committed one.
+        // The commit lock serialises commits, so the total read here is the committed one.
         let total = self.event_bytes.load(Ordering::Relaxed) + added;
-        if !published.is_empty() {
+        if any_events {
             let mut meta = tx.open_table(META)?;
             meta.insert(META_EVENT_LOG_BYTES, total.to_le_bytes().as_slice())?;
         }
@@ -884,8 +1330,8 @@ impl Store {
                 *c = c.saturating_add_signed(d);
             }
         }
-        self.bus.publish(&published);
-        Ok((out, published))
+        self.bus.publish(&published.concat());
+        Ok(published)
     }
 
     /// [`Store::write`] on the blocking pool.
@@ -1608,5 +2054,184 @@ mod tests {
         let running = s.experiments_in(&[State::Running]).unwrap();
         assert_eq!(running.len(), 1);
         assert_eq!(running[0].spec.as_ref().unwrap().labels["k"], "v");
+    }
+
+    /// One writer's closure, as the group tests run them.
+    type Writer = Box<dyn FnOnce(&mut WriteTx<'_>) -> Result<(), StoreError> + Send>;
+
+    /// Runs a leader whose write holds the group open until `followers` writers wait, and
+    /// the followers (each a closure on its own thread); returns every outcome, leader first.
+    fn group_of(
+        s: &Arc<Store>,
+        leader: impl FnOnce(&mut WriteTx<'_>) -> Result<(), StoreError> + Send + 'static,
+        followers: Vec<Writer>,
+    ) -> Vec<Result<Vec<Arc<Published>>, StoreError>> {
+        let n = followers.len();
+        let (started_tx, started) = std::sync::mpsc::channel();
+        let st = s.clone();
+        let lead = std::thread::spawn(move || {
+            st.write(|w| {
+                started_tx.send(()).unwrap();
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                while st.waiting_writers() < n {
+                    assert!(std::time::Instant::now() < deadline, "followers never came");
+                    std::thread::yield_now();
+                }
+                leader(w)
+            })
+            .map(|(_, ev)| ev)
+        });
+        started.recv().unwrap();
+        let threads: Vec<_> = followers
+            .into_iter()
+            .map(|f| {
+                let st = s.clone();
+                std::thread::spawn(move || st.write(f).map(|(_, ev)| ev))
+            })
+            .collect();
+        let mut out = vec![lead.join().unwrap()];
+        out.extend(threads.into_iter().map(|t| t.join().unwrap()));
+        out
+    }
+
+    fn queued(id: &str) -> Experiment {
+        Experiment {
+            id: id.into(),
+            state: State::Queued.to_proto() as i32,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn concurrent_writers_share_one_commit_and_a_failing_one_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("ppu.redb")).unwrap();
+        let mut sub = s.subscribe();
+        let ok = |id: &'static str, events: usize| -> Writer {
+            Box::new(move |w| {
+                w.put_experiment(&queued(id))?;
+                w.set_rank(id, 1)?;
+                for _ in 0..events {
+                    w.emit(id, "", "", state_event(id));
+                }
+                Ok(())
+            })
+        };
+        let failing: Writer = Box::new(|w| {
+            // Overwrites the leader's experiment, adds its own, then refuses.
+            w.put_experiment(&Experiment {
+                state: State::Running.to_proto() as i32,
+                ..queued("a")
+            })?;
+            w.put_experiment(&queued("c"))?;
+            w.set_rank("c", 7)?;
+            w.put_batch(
+                &Batch {
+                    id: "B".into(),
+                    idempotency_key: "key".into(),
+                    ..Default::default()
+                },
+                "hash",
+            )?;
+            w.set_custody("sample", Some("dev"))?;
+            w.emit("c", "", "", state_event("c"));
+            Err(StoreError::Task("refused".into()))
+        });
+        let out = group_of(&s, ok("a", 1), vec![ok("b", 2), failing, ok("d", 1)]);
+        let committed: Vec<&Vec<Arc<Published>>> =
+            out.iter().filter_map(|r| r.as_ref().ok()).collect();
+        assert_eq!(committed.len(), 3, "{out:?}");
+        assert!(matches!(&out[2], Err(StoreError::Task(r)) if r == "refused"));
+        // One commit: one time for every event; sequences gap-free, each writer's contiguous.
+        let all: Vec<&Arc<Published>> = committed.iter().copied().flatten().collect();
+        assert_eq!(all.len(), 4);
+        assert!(all.iter().all(|e| e.time == all[0].time));
+        let mut seqs: Vec<u64> = all.iter().map(|e| e.sequence).collect();
+        for evs in &committed {
+            for pair in evs.windows(2) {
+                assert_eq!(pair[1].sequence, pair[0].sequence + 1);
+            }
+        }
+        seqs.sort_unstable();
+        assert_eq!(seqs, [1, 2, 3, 4]);
+        assert_eq!(
+            out[0].as_ref().unwrap()[0].sequence,
+            1,
+            "the leader writes first"
+        );
+        // Published in sequence order, and the log agrees.
+        let published: Vec<u64> = (0..4).map(|_| sub.try_recv().unwrap().sequence).collect();
+        assert_eq!(published, [1, 2, 3, 4]);
+        let log = s.events_after(0, 10).unwrap();
+        assert_eq!(
+            log.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+            [1, 2, 3, 4]
+        );
+        assert!(log.iter().all(|e| e.experiment_id != "c"));
+        // Nothing of the failed writer: not its own records, not its overwrite.
+        assert_eq!(
+            s.get_experiment("a").unwrap().unwrap().state,
+            State::Queued.to_proto() as i32
+        );
+        assert!(s.get_experiment("c").unwrap().is_none());
+        assert!(s.get_batch("B").unwrap().is_none());
+        assert!(s.find_idempotency_key("key").unwrap().is_none());
+        assert!(s.custody().unwrap().is_empty());
+        let ranks = s.ranks().unwrap();
+        assert_eq!(
+            ranks.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(),
+            ["a", "b", "d"]
+        );
+        assert_eq!(count_of(&s, State::Queued), 3);
+        assert_eq!(count_of(&s, State::Running), 0);
+        let stored = s
+            .read(|db| Ok(db.begin_read()?.open_table(EVENTS)?.stats()?.stored_bytes()))
+            .unwrap();
+        assert_eq!(s.event_log_bytes(), stored);
+        assert_eq!(s.last_sequence(), 4);
+    }
+
+    #[test]
+    fn a_storage_failure_in_a_group_refuses_every_writer_of_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("ppu.redb")).unwrap();
+        let ok = |id: &'static str| -> Writer {
+            Box::new(move |w| {
+                w.put_experiment(&queued(id))?;
+                w.emit(id, "", "", state_event(id));
+                Ok(())
+            })
+        };
+        let broken: Writer = Box::new(|w| {
+            w.put_experiment(&queued("x"))?;
+            Err(StoreError::Db(redb::Error::Io(
+                std::io::Error::from_raw_os_error(28),
+            )))
+        });
+        let out = group_of(&s, ok("a"), vec![ok("b"), broken, ok("d")]);
+        for r in &out {
+            assert!(
+                matches!(r, Err(StoreError::Unavailable(reason)) if reason.starts_with("ENOSPC")),
+                "{r:?}"
+            );
+        }
+        assert_eq!(s.fault().map(|f| f.code), Some("enospc"));
+        assert_eq!(s.last_sequence(), 0);
+        assert_eq!(count_of(&s, State::Queued), 0);
+        for id in ["a", "b", "d", "x"] {
+            assert!(s.get_experiment(id).unwrap().is_none(), "{id}");
+        }
+        // Healing commits again, from sequence 1.
+        assert!(s.try_heal());
+        let (_, ev) = s
+            .write(|w| {
+                w.emit("a", "", "", state_event("a"));
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(
+            ev[0].sequence, 3,
+            "after the fault's alarm, raised and cleared"
+        );
     }
 }

@@ -582,6 +582,14 @@ async fn planners_cancel_only_their_own_and_every_mutation_is_audited_with_its_p
     assert_eq!(sub.role, "planner");
     assert_eq!(sub.target, mine.id);
     assert_eq!(sub.transport, "tcp");
+    // One record per submission (committed with the batch, not written again by the layer),
+    // filed on the batch.
+    let submits: Vec<&pb::Event> = events
+        .iter()
+        .filter(|e| matches!(&e.kind, Some(pb::event::Kind::Audit(a)) if a.method.ends_with("/SubmitBatch") && a.target == mine.id))
+        .collect();
+    assert_eq!(submits.len(), 1);
+    assert_eq!(submits[0].batch_id, mine.id);
     let refused = find("/CancelExperiment", "gp-planner", "PERMISSION_DENIED")
         .expect("refused cancel audited");
     assert_eq!(refused.target, theirs.experiment_ids[0]);

@@ -27,7 +27,8 @@ impl Scheduler {
         req: pb::SubmitBatchRequest,
         principal: &str,
     ) -> Result<(pb::Batch, bool), Error> {
-        self.submit_inner(req, principal, None).await
+        let (batch, duplicate, _) = self.submit_audited(req, principal, None).await?;
+        Ok((batch, duplicate))
     }
 
     /// [`Scheduler::submit_as`] with every new experiment HELD from its first commit (an
@@ -40,8 +41,22 @@ impl Scheduler {
         principal: &str,
         hold_reason: &str,
     ) -> Result<(pb::Batch, bool), Error> {
-        self.submit_inner(req, principal, Some(hold_reason.to_owned()))
-            .await
+        let (batch, duplicate, _) = self
+            .submit_inner(req, principal, Some(hold_reason.to_owned()), None)
+            .await?;
+        Ok((batch, duplicate))
+    }
+
+    /// [`Scheduler::submit_as`], committing `audit` (its target set to the new batch) in the
+    /// same transaction as the batch. The third value is true when it did so: a duplicate
+    /// stores nothing, so its caller audits it separately.
+    pub async fn submit_audited(
+        &self,
+        req: pb::SubmitBatchRequest,
+        principal: &str,
+        audit: Option<pb::AuditRecord>,
+    ) -> Result<(pb::Batch, bool, bool), Error> {
+        self.submit_inner(req, principal, None, audit).await
     }
 
     async fn submit_inner(
@@ -49,12 +64,13 @@ impl Scheduler {
         req: pb::SubmitBatchRequest,
         principal: &str,
         hold: Option<String>,
-    ) -> Result<(pb::Batch, bool), Error> {
+        audit: Option<pb::AuditRecord>,
+    ) -> Result<(pb::Batch, bool, bool), Error> {
         // Checked once here; each experiment's first command is carried to the queue.
         let commands = safety::check_batch(&req, &self.inner.devices)?;
         let hash = content_hash(&req.experiments);
         if let Some(found) = self.existing_batch(&req.idempotency_key, &hash)? {
-            return Ok((found, true));
+            return Ok((found, true, false));
         }
         self.check_maintenance(&req)?;
         let batch_id = self.next_id()?;
@@ -92,9 +108,8 @@ impl Scheduler {
                 if let Some((id, _)) = w.find_idempotency_key(&key)? {
                     return Ok(Err(id));
                 }
-                for (e, rank) in experiments.iter().zip(&ranks) {
-                    w.put_experiment(e)?;
-                    w.set_rank(&e.id, *rank)?;
+                w.put_experiments_ranked(experiments.iter().zip(ranks.iter().copied()))?;
+                for e in &experiments {
                     w.emit(
                         &e.id,
                         &e.batch_id,
@@ -118,6 +133,10 @@ impl Scheduler {
                     }
                 }
                 w.put_batch(&batch, &hash)?;
+                if let Some(mut record) = audit {
+                    record.target = batch.id.clone();
+                    w.emit("", &batch.id, "", Kind::Audit(record));
+                }
                 Ok(Ok((batch, experiments, ranks)))
             })
             .await?;
@@ -131,7 +150,7 @@ impl Scheduler {
                 }
                 info!(batch = %batch.id, experiments = experiments.len(), "batch accepted");
                 self.wake();
-                Ok((batch, false))
+                Ok((batch, false, true))
             }
             Err(id) => {
                 let b = self
@@ -139,7 +158,7 @@ impl Scheduler {
                     .store
                     .get_batch(&id)?
                     .ok_or_else(|| Error::Internal("batch vanished".into()))?;
-                Ok((b, true))
+                Ok((b, true, false))
             }
         }
     }
