@@ -68,10 +68,19 @@ const LOG_FALLBACKS: &str = "ppu_stream_log_fallbacks_total";
 const GOAL_ABOVE_COMMIT_MS: f64 = 1.0;
 const GOAL_VS_BARE: f64 = 2.0;
 
-/// The sum of [`LOG_FALLBACKS`] over its labels in this process's metrics recorder (the
-/// daemon runs in this process), or `None` when the daemon does not export it.
-fn log_fallbacks() -> Option<f64> {
-    let text = ppu_daemon::metrics::install().ok()?.render();
+/// The sum of [`LOG_FALLBACKS`] over its labels as the daemon's `GET /metrics` serves it
+/// (a scrape brings its counters up to date), or `None` when the daemon does not export it.
+async fn log_fallbacks(metrics: Option<std::net::SocketAddr>) -> Option<f64> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut conn = tokio::net::TcpStream::connect(metrics?).await.ok()?;
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .ok()?;
+    let mut text = String::new();
+    tokio::time::timeout(Duration::from_secs(10), conn.read_to_string(&mut text))
+        .await
+        .ok()?
+        .ok()?;
     let mut total = None;
     for line in text.lines() {
         let Some(rest) = line.strip_prefix(LOG_FALLBACKS) else {
@@ -88,8 +97,6 @@ fn log_fallbacks() -> Option<f64> {
 }
 
 pub async fn run(sizes: &Sizes, work: &Path) -> Result<Vec<Figure>> {
-    // The recorder must be in place before the daemon starts, so its counters are recorded.
-    ppu_daemon::metrics::install().map_err(anyhow::Error::msg)?;
     let mut figures = Vec::new();
     for &n in &sizes.subscribers {
         figures.extend(tier(n, sizes, work).await?);
@@ -115,7 +122,12 @@ impl Server {
                     poll_interval: Duration::from_secs(1),
                     reading_log_interval: Duration::from_secs(10),
                 },
-                security: crate::lab::bench_security(None),
+                security: {
+                    // Its metrics endpoint says how many subscribers fell back to the log.
+                    let mut security = crate::lab::bench_security(None);
+                    security.metrics_listen = Some("127.0.0.1:0".parse()?);
+                    security
+                },
             },
             Vec::new(),
         )
@@ -277,7 +289,8 @@ async fn measure_tier(server: &Server, subscribers: usize, sizes: &Sizes) -> Res
         }
     });
 
-    let fallbacks_before = log_fallbacks();
+    let metrics = server.daemon.metrics_addr();
+    let fallbacks_before = log_fallbacks(metrics).await;
     // Every stream is live once it has received the first marker.
     let marker = |store: &Arc<Store>| {
         store.write(|w| {
@@ -318,7 +331,7 @@ async fn measure_tier(server: &Server, subscribers: usize, sizes: &Sizes) -> Res
         }
     }
     let bare = bare.await?;
-    let fallbacks = match (fallbacks_before, log_fallbacks()) {
+    let fallbacks = match (fallbacks_before, log_fallbacks(metrics).await) {
         (Some(a), Some(b)) => Some(b - a),
         (None, Some(b)) => Some(b),
         _ => None,
