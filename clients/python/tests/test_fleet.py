@@ -222,7 +222,7 @@ class SimLab:
                 except nats.errors.TimeoutError:
                     continue
                 for m in msgs:
-                    await m.ack()
+                    await m.ack_sync()  # as a lab does: the ack is confirmed before it goes on
                     out.append(m)
             return out
 
