@@ -297,9 +297,11 @@ def test_a_campaign_across_three_labs_survives_a_lab_and_a_node_dying(
         )
 
         # -- the stream: every lab's events, consecutive from 1, each once
-        wait_until(
-            "labs published everything", lambda: _caught_up(fleet, labs), 60, 0.5
-        )
+        try:
+            wait_until("labs published everything", lambda: _caught_up(fleet, labs), 60, 0.5)
+        except TimeoutError as e:
+            seen = [(x.lab, x.last_event_sequence, x.published_sequence) for x in fleet.labs()]
+            raise AssertionError(f"{e}; registry (lab, last, published): {seen}") from None
         items = read_stream(fleet)
         by_lab: dict[str, list[int]] = defaultdict(list)
         started: dict[str, set[tuple[str, str]]] = defaultdict(set)

@@ -92,6 +92,8 @@ _PUBLISH_WINDOW = 64
 _FETCH_BATCH = 256
 #: Longest wait of one pull request (seconds); deadlines are checked between them.
 _FETCH_WAIT_S = 1.0
+#: After this long without a message, check that the consumer still exists (seconds).
+_CHECK_AFTER_S = 3.0
 
 _T = TypeVar("_T")
 
@@ -326,6 +328,16 @@ def decode(msg: Any) -> FleetEvent | Refusal | None:
             batch_id=_header(msg, BATCH_HEADER),
             event=ev,
         )
+    return None
+
+
+async def _drop(sub: Any) -> None:
+    """Unsubscribes a pull subscription (best effort); returns None to clear the caller's."""
+    if sub is not None:
+        try:
+            await sub.unsubscribe()
+        except Exception:
+            pass
     return None
 
 
@@ -565,6 +577,13 @@ class AsyncFleetClient:
             raise ValueError(f"deliver: {deliver!r} is neither 'all' nor 'new'")
         if durable is None:
             cfg.inactive_threshold = 60.0
+            # An ephemeral consumer is R1 unless asked: replicate it as the stream is, so it
+            # outlives the loss of the node that leads it (a durable does so by default).
+            try:
+                stream = await js.stream_info(EVENTS_STREAM)
+                cfg.num_replicas = stream.config.num_replicas or 1
+            except nats.js.errors.NotFoundError:
+                pass  # reported by add_consumer below
         try:
             info = await js.add_consumer(EVENTS_STREAM, cfg)
         except nats.js.errors.NotFoundError:
@@ -584,15 +603,18 @@ class AsyncFleetClient:
         deadline: float | None = None,
         idle_timeout: float | None = None,
     ) -> AsyncIterator[Any]:
-        """Every message of the consumer, across disconnects and node losses; each is acked
-        once the caller asks for the next one (or stops), the unread rest of a fetch is
-        handed back (nak) so a resuming consumer gets it at once."""
+        """Every message of the consumer, across disconnects and node losses. The caller acks
+        (or naks) each; one redelivered within this call is acked and dropped here (by stream
+        sequence: JetStream redelivers out of order after a leader change, so "not newer than
+        the last" would drop a message that was lost in flight). What a fetch brought and the
+        caller never saw is handed back (nak) at the end, so a resuming consumer gets it at
+        once instead of after the ack wait."""
         sub = None
-        last_stream_seq = 0
+        seen: set[int] = set()
         idle_since = time.monotonic()
         backoff = 0.1
         held: list[Any] = []
-        current = None
+        checked = time.monotonic()
         try:
             while True:
                 now = time.monotonic()
@@ -607,8 +629,7 @@ class AsyncFleetClient:
                             filter_subject=filter_subject,
                             deliver=deliver,
                             start_time=start_time,
-                            # An ephemeral consumer lost with a node resumes after what we saw.
-                            start_seq=(last_stream_seq + 1) if last_stream_seq else None,
+                            start_seq=None,
                         )
                         backoff = 0.1
                     except _TRANSIENT:
@@ -621,42 +642,42 @@ class AsyncFleetClient:
                 try:
                     held = await sub.fetch(_FETCH_BATCH, timeout=wait)
                 except nats.js.errors.NotFoundError:
-                    sub = None  # the consumer is gone: bind (or recreate) it
+                    sub = await _drop(sub)  # the consumer is gone: bind (or recreate) it
                     continue
                 except _TRANSIENT:
+                    # Nothing came. A pull to a consumer lost with its node gets no answer at
+                    # all, so now and then ask whether it still exists.
+                    if time.monotonic() - checked >= _CHECK_AFTER_S:
+                        checked = time.monotonic()
+                        try:
+                            await sub.consumer_info()
+                        except nats.js.errors.NotFoundError:
+                            sub = await _drop(sub)
+                        except Exception:
+                            pass  # no answer either: the next pass asks again
                     continue
                 except nats.js.errors.APIError:
                     # e.g. 409 "consumer deleted" / "leadership change": bind again.
-                    sub = None
+                    sub = await _drop(sub)
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 2.0)
                     continue
-                idle_since = time.monotonic()
+                idle_since = checked = time.monotonic()
                 while held:
-                    current = held.pop(0)
-                    seq = _stream_seq(current)
-                    if seq and seq <= last_stream_seq:
-                        await current.ack()  # redelivered within this session
-                        current = None
+                    msg = held.pop(0)
+                    seq = _stream_seq(msg)
+                    if seq in seen:
+                        await msg.ack()  # redelivered: the caller had it
                         continue
-                    last_stream_seq = max(last_stream_seq, seq)
-                    yield current
-                    await current.ack()
-                    current = None
+                    seen.add(seq)
+                    yield msg
         finally:
-            # Stopping: what the caller got counts as read; what it never saw goes back.
-            try:
-                if current is not None:
-                    await current.ack()
-                for m in held:
-                    await m.nak()
-            except Exception:
-                pass
-            if sub is not None:
+            for m in held:
                 try:
-                    await sub.unsubscribe()
+                    await m.nak()
                 except Exception:
                     pass
+            await _drop(sub)
 
     async def events(
         self,
@@ -665,6 +686,7 @@ class AsyncFleetClient:
         deliver: str = "all",
         last_sequences: MutableMapping[str, int] | None = None,
         on_gap: str = "raise",
+        gap_timeout: float = 75.0,
         labs: Iterable[str] | None = None,
         kinds: Iterable[str] | None = None,
         batch_id: str | None = None,
@@ -675,14 +697,19 @@ class AsyncFleetClient:
         first use from `deliver` = ``"all"`` or ``"new"``; later calls resume where the last
         one stopped, across disconnects and restarts of this process).
 
-        `last_sequences` (lab → last sequence handled) is updated as events are yielded: keep
-        it (e.g. in a file) and pass it back to check the first events after a resume too. A
-        redelivered event (sequence already handled) is skipped; a missing one raises
-        `SequenceGapError` (``on_gap="raise"``), or is ignored (``"ignore"``).
+        Per lab, events are yielded in sequence order. `last_sequences` (lab → last sequence
+        handled) is updated as they are yielded: keep it (e.g. in a file) and pass it back so
+        the check also covers the first events after a resume. A redelivered event (sequence
+        already handled) is dropped. One that arrives early (JetStream redelivers an event
+        lost in flight after its ack wait, out of order) waits, unacknowledged, for the
+        missing ones; if they have not come within `gap_timeout` seconds the stream has a
+        gap: `SequenceGapError` (``on_gap="raise"``), or go on past it (``"ignore"``).
 
-        `labs`, `kinds` (Event oneof names) and `batch_id` (the planner's) select what is
-        yielded; the sequence check sees every event. Stops after `timeout` seconds, or once
-        no event came for `idle_timeout` seconds; by default it follows forever.
+        An event is acked when the caller asks for the next one (or stops), so one being
+        handled when the planner crashes comes again. `labs`, `kinds` (Event oneof names) and
+        `batch_id` (the planner's) select what is yielded; the sequence check sees every event.
+        Stops after `timeout` seconds, or once no event came for `idle_timeout` seconds; by
+        default it follows forever.
         """
         if on_gap not in ("raise", "ignore"):
             raise ValueError(f"on_gap: {on_gap!r} is neither 'raise' nor 'ignore'")
@@ -690,30 +717,81 @@ class AsyncFleetClient:
         want_labs = set(labs) if labs is not None else None
         want_kinds = set(kinds) if kinds is not None else None
         deadline = time.monotonic() + timeout if timeout is not None else None
-        async for msg in self._messages(
-            durable=durable,
-            filter_subject=EVENTS_FILTER,
-            deliver=deliver,
-            deadline=deadline,
-            idle_timeout=idle_timeout,
-        ):
-            ev = decode(msg)
-            if not isinstance(ev, FleetEvent):
-                continue
-            last = seen.get(ev.lab)
-            if last is not None:
-                if ev.sequence <= last:
+        # lab -> sequence -> (event, message), and when the lab's first early one came.
+        early: dict[str, dict[int, tuple[FleetEvent, Any]]] = {}
+        waiting_since: dict[str, float] = {}
+
+        def wanted(ev: FleetEvent) -> bool:
+            return (
+                (want_labs is None or ev.lab in want_labs)
+                and (want_kinds is None or ev.kind in want_kinds)
+                and (batch_id is None or ev.batch_id == batch_id)
+            )
+
+        try:
+            async for msg in self._messages(
+                durable=durable,
+                filter_subject=EVENTS_FILTER,
+                deliver=deliver,
+                deadline=deadline,
+                idle_timeout=idle_timeout,
+            ):
+                ev = decode(msg)
+                if not isinstance(ev, FleetEvent):
+                    await msg.ack()
                     continue
-                if ev.sequence != last + 1 and on_gap == "raise":
-                    raise SequenceGapError(ev.lab, last + 1, ev.sequence)
-            seen[ev.lab] = ev.sequence
-            if want_labs is not None and ev.lab not in want_labs:
-                continue
-            if want_kinds is not None and ev.kind not in want_kinds:
-                continue
-            if batch_id is not None and ev.batch_id != batch_id:
-                continue
-            yield ev
+                last = seen.get(ev.lab)
+                if last is not None and ev.sequence <= last:
+                    await msg.ack()  # already handled (redelivered, or re-published)
+                    continue
+                if last is not None and ev.sequence != last + 1:
+                    early.setdefault(ev.lab, {})[ev.sequence] = (ev, msg)
+                    waiting_since.setdefault(ev.lab, time.monotonic())
+                    # A gap that outlived the redelivery of anything lost in flight is real.
+                    for lab, since in list(waiting_since.items()):
+                        if time.monotonic() - since < gap_timeout:
+                            continue
+                        first = min(early[lab])
+                        if on_gap == "raise":
+                            raise SequenceGapError(lab, seen[lab] + 1, first)
+                        seen[lab] = first - 1  # go on past the gap
+                        del waiting_since[lab]
+                        async for out in self._release(lab, seen, early, wanted):
+                            yield out
+                    continue
+                seen[ev.lab] = ev.sequence
+                if wanted(ev):
+                    yield ev
+                await msg.ack()
+                waiting_since.pop(ev.lab, None)
+                async for out in self._release(ev.lab, seen, early, wanted):
+                    yield out
+                if early.get(ev.lab):
+                    waiting_since[ev.lab] = time.monotonic()
+        finally:
+            # Early events never yielded go back (they come again on the next call).
+            for by_seq in early.values():
+                for _, m in by_seq.values():
+                    try:
+                        await m.nak()
+                    except Exception:
+                        pass
+
+    @staticmethod
+    async def _release(
+        lab: str,
+        seen: MutableMapping[str, int],
+        early: dict[str, dict[int, tuple[FleetEvent, Any]]],
+        wanted: Callable[[FleetEvent], bool],
+    ) -> AsyncIterator[FleetEvent]:
+        """Yields the early events of `lab` that now follow on, in order."""
+        by_seq = early.get(lab, {})
+        while seen[lab] + 1 in by_seq:
+            ev, m = by_seq.pop(seen[lab] + 1)
+            seen[lab] = ev.sequence
+            if wanted(ev):
+                yield ev
+            await m.ack()
 
     async def refusals(
         self,
@@ -736,6 +814,7 @@ class AsyncFleetClient:
             r = decode(msg)
             if isinstance(r, Refusal):
                 yield r
+            await msg.ack()
 
     async def results(
         self,
@@ -758,8 +837,10 @@ class AsyncFleetClient:
             if len(known) == len(pending):
                 since = min(known) - _dt.timedelta(seconds=5)
         deadline = time.monotonic() + timeout if timeout is not None else None
-        # (lab, experiment id) -> the result being gathered.
+        # (lab, experiment id) -> the result being gathered. Step results are keyed by step
+        # index: events of one experiment may arrive out of order after a redelivery.
         open_: dict[tuple[str, str], FleetResult] = {}
+        steps: dict[tuple[str, str], dict[int, pb.StepResult]] = {}
         async for msg in self._messages(
             durable=None,
             filter_subject=None,
@@ -767,6 +848,7 @@ class AsyncFleetClient:
             deadline=deadline,
         ):
             item = decode(msg)
+            await msg.ack()
             if isinstance(item, Refusal):
                 if item.msg_id in pending:
                     pending.discard(item.msg_id)
@@ -783,17 +865,20 @@ class AsyncFleetClient:
                     key, FleetResult(msg_id=item.msg_id, lab=item.lab, experiment_id=key[1])
                 )
                 if item.kind == "step_finished":
-                    r.steps.append(item.event.step_finished.result)
+                    res = item.event.step_finished.result
+                    steps.setdefault(key, {})[res.step_index] = res
                 elif item.kind == "experiment_state_changed":
                     ch = item.event.experiment_state_changed
+                    if not State(ch.to).terminal:
+                        continue
                     r.state = State(ch.to)
                     r.reason = ch.reason
-                    if r.state.terminal:
-                        del open_[key]
-                        if r.state is State.CANCELLED and ch.reason.startswith(TAKEN_BY_PREFIX):
-                            continue  # another lab owns it
-                        pending.discard(item.msg_id)
-                        yield r
+                    if r.state is State.CANCELLED and ch.reason.startswith(TAKEN_BY_PREFIX):
+                        continue  # another lab owns it
+                    pending.discard(item.msg_id)
+                    r.steps = [v for _, v in sorted(steps.pop(key, {}).items())]
+                    del open_[key]
+                    yield r
             if not pending:
                 return
         if pending:
@@ -808,10 +893,11 @@ class AsyncFleetClient:
             kv = await js.key_value(LABS_BUCKET)
         except nats.js.errors.NotFoundError:
             return []
-        try:
-            keys = await kv.keys()
-        except nats.js.errors.NoKeysError:
-            return []
+        # The keys from the bucket stream's subjects (no consumer needed, so a planner's
+        # permissions stay read-only: stream info and direct gets).
+        info = await js.stream_info(f"KV_{LABS_BUCKET}", subjects_filter=f"$KV.{LABS_BUCKET}.>")
+        prefix = f"$KV.{LABS_BUCKET}."
+        keys = [s.removeprefix(prefix) for s in (info.state.subjects or {})]
         out = []
         for k in sorted(keys):
             try:
