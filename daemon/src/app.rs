@@ -94,6 +94,8 @@ pub struct Daemon {
     tokens: Option<crate::auth::Tokens>,
     /// The TLS configuration new connections get, shared with the acceptor: likewise.
     tls: Option<ReloadableTls>,
+    /// The fleet tasks, only with a `[fleet]` section (nothing NATS-related runs without).
+    fleet: Option<crate::fleet::Fleet>,
 }
 
 /// Longest a liveness check waits for a store read.
@@ -151,6 +153,10 @@ impl Daemon {
         opts.security
             .check_listen(opts.listen)
             .map_err(StartError::Refused)?;
+        let fleet = policies
+            .fleet_settings()
+            .transpose()
+            .map_err(|problems| StartError::Refused(problems.join("; ")))?;
         if let Some(sila) = &opts.security.sila {
             opts.security
                 .check_listen(sila.listen)
@@ -227,6 +233,7 @@ impl Daemon {
             Mode::Tokens(t) => Some(t.clone()),
             Mode::Open => None,
         };
+        let fleet = fleet.map(|settings| crate::fleet::Fleet::start(settings, scheduler.clone()));
         let liveness = Liveness {
             store: Arc::downgrade(scheduler.store()),
             server_ended,
@@ -244,7 +251,13 @@ impl Daemon {
             liveness,
             tokens,
             tls,
+            fleet,
         })
+    }
+
+    /// Whether the fleet tasks run (only with a `[fleet]` section).
+    pub fn fleet_started(&self) -> bool {
+        self.fleet.is_some()
     }
 
     /// Re-reads what may change without a restart (ppud's SIGHUP): the token file, and the
@@ -309,6 +322,10 @@ impl Daemon {
     /// INTERRUPTED, every device driven to its safe state.
     pub async fn shutdown(self) {
         info!("shutting down");
+        // No new fleet work; what the log holds is published after the next start.
+        if let Some(fleet) = self.fleet {
+            fleet.stop().await;
+        }
         self.stop.cancel();
         self.scheduler.shutdown(self.scheduler_task).await;
         self.scheduler

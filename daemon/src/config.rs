@@ -13,7 +13,13 @@ use ppu_drivers::transport::modbus::{ModbusBus, ModbusEndpoint};
 use ppu_schema::{Schema, validate};
 use serde::Deserialize;
 
+mod fleet;
 mod security;
+
+pub use fleet::{
+    FleetAuth, FleetConfig, FleetSettings, FleetTls, FleetTlsConfig, default_lab_id,
+    lab_id_problem, redact_url, redacted_servers,
+};
 
 pub use security::{
     AuthConfig, LocalConfig, LogConfig, LogFormat, MetricsConfig, SecurityConfig, SilaConfig,
@@ -243,7 +249,7 @@ impl PollConfig {
 }
 
 /// Every top-level key of the config file: [`Config`]'s and [`Policies`]'.
-const TOP_LEVEL_KEYS: [&str; 16] = [
+const TOP_LEVEL_KEYS: [&str; 17] = [
     "listen",
     "data_dir",
     "time_scale",
@@ -260,6 +266,7 @@ const TOP_LEVEL_KEYS: [&str; 16] = [
     "log",
     "limits",
     "sila",
+    "fleet",
 ];
 
 /// Daemon-wide policies: the `[recovery]` and `[retry]` tables. Parsed from the same file as
@@ -276,6 +283,19 @@ pub struct Policies {
     /// Who may connect and how: `[auth]`, `[tls]`, `[local]`, `[metrics]`, `[log]`, `[limits]`.
     #[serde(flatten)]
     pub security: SecurityConfig,
+    /// `[fleet]`: this lab in a fleet on NATS JetStream; `None` starts nothing NATS-related.
+    #[serde(default)]
+    pub fleet: Option<FleetConfig>,
+}
+
+impl Policies {
+    /// The `[fleet]` settings, paths resolved against the config file's directory; `None`
+    /// without the table.
+    pub fn fleet_settings(&self) -> Option<Result<FleetSettings, Vec<String>>> {
+        self.fleet
+            .as_ref()
+            .map(|f| f.resolve(&self.security.base_dir))
+    }
 }
 
 /// The `[retry]` table: retries of transient link errors (timeouts, disconnects) around status
@@ -437,6 +457,9 @@ impl Config {
             deserialize_at::<RetryConfig>(retry.clone(), "retry").map_err(at)?;
         }
         deserialize_at::<SecurityConfig>(whole, "").map_err(at)?;
+        if let Some(fleet) = table.get("fleet") {
+            deserialize_at::<FleetConfig>(fleet.clone(), "fleet").map_err(at)?;
+        }
         let mut p: Policies = toml::from_str(text).map_err(syntax)?;
         p.security.base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         c.devices = parse_devices(table.remove("devices")).map_err(at)?;
@@ -449,6 +472,9 @@ impl Config {
         out.extend(policies.retry.problems(&self.devices));
         out.extend(policies.recovery.problems());
         if let Err(problems) = policies.security.resolve(self.listen) {
+            out.extend(problems);
+        }
+        if let Some(Err(problems)) = policies.fleet_settings() {
             out.extend(problems);
         }
         out

@@ -13,6 +13,7 @@ pub mod dev;
 pub mod devices;
 pub mod error;
 pub mod events;
+pub mod fleet;
 pub mod ids;
 pub mod journal;
 pub mod lifecycle;

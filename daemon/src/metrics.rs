@@ -67,6 +67,15 @@ pub const GRPC_REQUESTS: &str = "ppu_grpc_requests_total";
 /// Requests whose body did not decode (answered INVALID_ARGUMENT); label `method`.
 pub const GRPC_DECODE_ERRORS: &str = "ppu_grpc_decode_errors_total";
 
+/// Events the fleet outbox published to JetStream and saw acknowledged (issue 18).
+pub const FLEET_EVENTS_PUBLISHED: &str = "ppu_fleet_events_published_total";
+/// Events in the log that JetStream has not acknowledged yet (the outbox's lag).
+pub const FLEET_OUTBOX_LAG: &str = "ppu_fleet_outbox_lag_events";
+/// Fleet work messages taken (committed locally and claimed by this lab).
+pub const FLEET_WORK_TAKEN: &str = "ppu_fleet_work_taken_total";
+/// Fleet work messages refused (terminated, the reason published).
+pub const FLEET_WORK_REFUSED: &str = "ppu_fleet_work_refused_total";
+
 /// Always 1; labels `version` (the crate's) and `git_commit` (at build time, empty if unknown).
 pub const BUILD_INFO: &str = "ppu_build_info";
 /// 1 while the last exchange with a device succeeded, else 0; label `device`.
@@ -207,6 +216,21 @@ pub fn grpc_decode_error(method: &str) {
     counter!(GRPC_DECODE_ERRORS, "method" => method.to_owned()).increment(1);
 }
 
+/// The fleet outbox saw `n` more events acknowledged; `lag` are still unacknowledged.
+pub fn fleet_published(n: u64, lag: u64) {
+    counter!(FLEET_EVENTS_PUBLISHED).increment(n);
+    gauge!(FLEET_OUTBOX_LAG).set(lag as f64);
+}
+
+/// A fleet work message was taken (`true`) or refused.
+pub fn fleet_work(taken: bool) {
+    if taken {
+        counter!(FLEET_WORK_TAKEN).increment(1);
+    } else {
+        counter!(FLEET_WORK_REFUSED).increment(1);
+    }
+}
+
 /// The kinds of server stream counted by [`ACTIVE_STREAMS`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StreamKind {
@@ -295,6 +319,26 @@ pub fn install() -> Result<&'static PrometheusHandle, String> {
 }
 
 fn describe_all() {
+    describe_counter!(
+        FLEET_EVENTS_PUBLISHED,
+        Unit::Count,
+        "Events the fleet outbox published to JetStream, acknowledged."
+    );
+    describe_gauge!(
+        FLEET_OUTBOX_LAG,
+        Unit::Count,
+        "Events in the log not yet acknowledged by JetStream (0 without [fleet])."
+    );
+    describe_counter!(
+        FLEET_WORK_TAKEN,
+        Unit::Count,
+        "Fleet work messages committed and claimed by this lab."
+    );
+    describe_counter!(
+        FLEET_WORK_REFUSED,
+        Unit::Count,
+        "Fleet work messages refused by this lab (terminated, reason published)."
+    );
     describe_gauge!(
         QUEUE_DEPTH,
         Unit::Count,

@@ -18,7 +18,7 @@ use tracing_subscriber::EnvFilter;
 use {
     ppu_daemon::app::LocalSocket,
     ppu_daemon::auth::{Authenticator, Tokens},
-    ppu_daemon::config::DEFAULT_LISTEN,
+    ppu_daemon::config::{DEFAULT_LISTEN, FleetConfig},
     ppu_daemon::dev::{DevLab, TransferRobot},
     ppu_daemon::recovery::{AdoptPolicy, OnRestart, RecoveryPolicy},
     ppu_daemon::security::{DEFAULT_SILA_LISTEN, SilaSettings},
@@ -123,6 +123,29 @@ enum Command {
         /// Do not serve SiLA 2.
         #[arg(long)]
         no_sila: bool,
+        /// Run no dispensing station (pumps and balance): with --furnaces and --analysers, a
+        /// lab of a fleet gets its own device set.
+        #[arg(long)]
+        no_dispensers: bool,
+        /// Start none of the plugin families' simulated devices.
+        #[arg(long)]
+        no_plugins: bool,
+        /// Join a fleet on NATS JetStream at this server (repeatable: a cluster's servers):
+        /// publish the event log, take fleet work, heartbeat in the registry (config: [fleet]
+        /// servers).
+        #[arg(long = "fleet", value_name = "NATS_URL")]
+        fleet: Vec<String>,
+        /// This lab's id in the fleet (config: [fleet] lab); default the host name.
+        #[arg(long, requires = "fleet")]
+        lab_id: Option<String>,
+        /// Replicas of the fleet streams and buckets this lab creates (config: [fleet]
+        /// replicas): 1 for a single NATS server.
+        #[arg(long, default_value_t = 3, requires = "fleet")]
+        fleet_replicas: usize,
+        /// Fleet experiments this lab holds at once (config: [fleet] capacity); default the
+        /// number of devices.
+        #[arg(long, requires = "fleet")]
+        fleet_capacity: Option<usize>,
     },
     /// A build without the `dev-lab` feature (the deployed ppud) has no simulated lab; `ppud
     /// dev` then says how to get one instead of "unrecognized subcommand".
@@ -201,6 +224,12 @@ async fn main() -> Result<()> {
             metrics_listen,
             sila_listen,
             no_sila,
+            no_dispensers,
+            no_plugins,
+            fleet,
+            lab_id,
+            fleet_replicas,
+            fleet_capacity,
         } => {
             anyhow::ensure!(
                 time_scale.is_finite() && time_scale > 0.0,
@@ -216,12 +245,16 @@ async fn main() -> Result<()> {
             lab.add_furnace_line(DEV_RTU_BAUD)
                 .await
                 .context("starting the simulated RS-485 line of furnaces")?;
-            lab.add_dispensing_station()
-                .await
-                .context("starting the simulated dispensing station")?;
-            lab.add_plugin_families()
-                .await
-                .context("starting the simulated devices of the plugin families")?;
+            if !no_dispensers {
+                lab.add_dispensing_station()
+                    .await
+                    .context("starting the simulated dispensing station")?;
+            }
+            if !no_plugins {
+                lab.add_plugin_families()
+                    .await
+                    .context("starting the simulated devices of the plugin families")?;
+            }
             let config = Config {
                 listen,
                 data_dir,
@@ -296,8 +329,23 @@ async fn main() -> Result<()> {
                     },
                     |p, family| p.with_family(family, AdoptPolicy::Adopt),
                 ),
+                fleet: (!fleet.is_empty()).then(|| FleetConfig {
+                    servers: fleet,
+                    lab: lab_id,
+                    user: None,
+                    password: None,
+                    nkey_seed_file: None,
+                    creds_file: None,
+                    tls: None,
+                    replicas: fleet_replicas,
+                    capacity: fleet_capacity,
+                    heartbeat_s: 2.0,
+                }),
                 ..Policies::default()
             };
+            if let Some(Err(problems)) = policies.fleet_settings() {
+                anyhow::bail!("{}", problems.join("\n"));
+            }
             let mut auth = Authenticator::default();
             if let Some(file) = &tokens_file {
                 auth.mode = Mode::Tokens(Tokens::load(file)?);
@@ -441,6 +489,13 @@ async fn run(
     }
     if let Some(addr) = daemon.sila_addr() {
         println!("  sila: {scheme}://{addr}");
+    }
+    if let Some(Ok(f)) = policies.fleet_settings() {
+        println!(
+            "  fleet: lab {} on {}",
+            f.lab,
+            ppu_daemon::fleet::redacted_servers(&f.servers)
+        );
     }
     if open {
         println!(

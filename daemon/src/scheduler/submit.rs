@@ -27,6 +27,29 @@ impl Scheduler {
         req: pb::SubmitBatchRequest,
         principal: &str,
     ) -> Result<(pb::Batch, bool), Error> {
+        self.submit_inner(req, principal, None).await
+    }
+
+    /// [`Scheduler::submit_as`] with every new experiment HELD from its first commit (an
+    /// `ExperimentHeld` event with `hold_reason` follows its QUEUED one), so it cannot start
+    /// until released ([`Scheduler::set_held`]): the fleet commits work before it may claim it.
+    /// A repeated key returns the existing batch as it is.
+    pub async fn submit_held_as(
+        &self,
+        req: pb::SubmitBatchRequest,
+        principal: &str,
+        hold_reason: &str,
+    ) -> Result<(pb::Batch, bool), Error> {
+        self.submit_inner(req, principal, Some(hold_reason.to_owned()))
+            .await
+    }
+
+    async fn submit_inner(
+        &self,
+        req: pb::SubmitBatchRequest,
+        principal: &str,
+        hold: Option<String>,
+    ) -> Result<(pb::Batch, bool), Error> {
         // Checked once here; each experiment's first command is carried to the queue.
         let commands = safety::check_batch(&req, &self.inner.devices)?;
         let hash = content_hash(&req.experiments);
@@ -43,6 +66,7 @@ impl Scheduler {
                 batch_id: batch_id.clone(),
                 spec: Some(spec),
                 state: State::Queued.to_proto() as i32,
+                held: hold.is_some(),
                 created_at: Some(now),
                 updated_at: Some(now),
                 ..Default::default()
@@ -81,6 +105,17 @@ impl Scheduler {
                             reason: String::new(),
                         }),
                     );
+                    if let Some(reason) = &hold {
+                        w.emit(
+                            &e.id,
+                            &e.batch_id,
+                            "",
+                            Kind::ExperimentHeld(pb::ExperimentHeld {
+                                held: true,
+                                reason: reason.clone(),
+                            }),
+                        );
+                    }
                 }
                 w.put_batch(&batch, &hash)?;
                 Ok(Ok((batch, experiments, ranks)))
