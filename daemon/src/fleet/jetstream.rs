@@ -35,8 +35,26 @@ pub async fn connect(settings: &FleetSettings) -> Result<Client, String> {
         .retry_on_initial_connect()
         .max_reconnects(None)
         .connection_timeout(Duration::from_secs(5));
+    let addrs = settings
+        .servers
+        .iter()
+        .map(|s| {
+            s.parse::<ServerAddr>()
+                .map_err(|e| format!("fleet.servers: {s:?}: {e}"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     match &settings.auth {
-        FleetAuth::None => {}
+        FleetAuth::None => {
+            // Credentials in a server URL (`nats://user:pass@host:4222`, as `ppud dev --fleet`
+            // takes them): async-nats sends only those of ConnectOptions, so lift them there.
+            let from_url = addrs.iter().find_map(|a| {
+                a.username()
+                    .map(|u| (u.to_owned(), a.password().unwrap_or_default().to_owned()))
+            });
+            if let Some((user, password)) = from_url {
+                opts = opts.user_and_password(user, password);
+            }
+        }
         FleetAuth::UserPassword { user, password } => {
             opts = opts.user_and_password(user.clone(), password.clone());
         }
@@ -61,14 +79,6 @@ pub async fn connect(settings: &FleetSettings) -> Result<Client, String> {
             opts = opts.add_client_certificate(cert.clone(), key.clone());
         }
     }
-    let addrs = settings
-        .servers
-        .iter()
-        .map(|s| {
-            s.parse::<ServerAddr>()
-                .map_err(|e| format!("fleet.servers: {s:?}: {e}"))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
     opts.connect(addrs).await.map_err(|e| e.to_string())
 }
 
