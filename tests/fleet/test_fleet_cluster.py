@@ -348,6 +348,16 @@ def test_a_campaign_across_three_labs_survives_a_lab_and_a_node_dying(
                 assert (it.lab, it.experiment_id) not in started.get(it.msg_id, set())
 
         # -- the follower resumed (after its drop and the node loss) without a gap
+        # It reads the whole stream in the end (it may lag while six processes share two cores).
+        wait_until(
+            "the follower caught up",
+            lambda: (
+                follower.error is not None
+                or all(follower.seen.get(n, 0) >= len(by_lab[n]) for n in LABS)
+            ),
+            90,
+            0.2,
+        )
         follower.stop_flag.set()
         follower.join(timeout=30)
         assert follower.error is None, f"follower: {follower.error!r}"
@@ -359,9 +369,9 @@ def test_a_campaign_across_three_labs_survives_a_lab_and_a_node_dying(
             assert got[name] == list(range(1, len(got[name]) + 1)), (
                 f"follower gap in {name}"
             )
-            assert (
-                len(got[name]) >= len(by_lab[name]) - 50
-            )  # it kept up to near the end
+            assert len(got[name]) == len(by_lab[name]), (
+                f"follower missed {name}'s last events"
+            )
 
         # -- security: a lab cannot publish as another; no password in any log
         assert _denied(cluster, "lab-a", "ppu.lab-b.events.experiment_state_changed")
