@@ -60,11 +60,9 @@ RUN_DEADLINE_S = float(os.environ.get("PPU_FLEET_DEADLINE_S", "170"))
 
 LABS = {
     # lab id: its device set (every dev lab also has the dispensing station: two pumps, balance)
-    # One furnace each: several on one simulated RS-485 line at 19200 baud, real time, share
-    # it, and six processes on two cores made its replies late enough to fault them.
-    "lab-a": ["--furnaces", "1", "--analysers", "1"],
+    "lab-a": ["--furnaces", "2", "--analysers", "1"],
     "lab-b": ["--furnaces", "1", "--analysers", "1"],
-    "lab-c": ["--furnaces", "1", "--analysers", "0"],  # no isotherms here
+    "lab-c": ["--furnaces", "2", "--analysers", "0"],  # no isotherms here
 }
 
 
