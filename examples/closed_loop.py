@@ -20,7 +20,16 @@ and a daemon with devices for `dispense`, `furnace_program`, `degas` and `isothe
     cargo run --release --bin ppud -- dev --time-scale 2000     # one terminal
     python examples/closed_loop.py --rounds 4 --batch-size 6    # another
 
-Exit codes: 0 done, 1 error, 3 the daemon lacks a needed capability (the message says which).
+Against a fleet of labs (docs/fleet.md) instead of one daemon, each batch goes through the NATS
+JetStream work queue and its results come back from the fleet stream; a candidate runs in
+whichever lab has the capabilities and the room (needs `pip install './clients/python[fleet]'`):
+
+    python examples/closed_loop.py --fleet nats://127.0.0.1:4222 --nats-user planner
+
+(the password from $PPU_NATS_PASSWORD, or --nats-creds FILE for a .creds file).
+
+Exit codes: 0 done, 1 error, 3 the daemon (or no lab of the fleet) lacks a needed capability
+(the message says which).
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 import uuid
@@ -61,7 +71,12 @@ DEFAULT_REAGENTS = ("A", "B")
 #: Uptake is read here: CO2 partial pressure of a flue gas, bar.
 TARGET_PRESSURE_BAR = 0.15
 ISOTHERM_PRESSURES_BAR = (0.05, 0.1, 0.15, 0.3, 0.6, 1.0)
-NEEDED = (Capability.DISPENSE, Capability.FURNACE_PROGRAM, Capability.DEGAS, Capability.ISOTHERM)
+NEEDED = (
+    Capability.DISPENSE,
+    Capability.FURNACE_PROGRAM,
+    Capability.DEGAS,
+    Capability.ISOTHERM,
+)
 EXIT_MISSING_CAPABILITY = 3
 
 
@@ -91,13 +106,17 @@ class Space:
         lo, hi = self.hold_h
         hold = lo + (hi - lo) * x[k + 2]
         return {
-            "volumes_ml": {r: round(float(volume * s), 3) for r, s in zip(self.reagents, shares)},
+            "volumes_ml": {
+                r: round(float(volume * s), 3) for r, s in zip(self.reagents, shares)
+            },
             "anneal_c": round(float(temp), 1),
             "hold_h": round(float(hold), 3),
         }
 
 
-def recipe(params: dict, name: str, sample_id: str, labels: dict[str, str]) -> Experiment:
+def recipe(
+    params: dict, name: str, sample_id: str, labels: dict[str, str]
+) -> Experiment:
     """A candidate's experiment: dispense, anneal, degas, measure."""
     steps: list = []
     for reagent, volume in params["volumes_ml"].items():
@@ -125,7 +144,9 @@ def _norm_pdf(z: np.ndarray) -> np.ndarray:
     return np.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
 
 
-def expected_improvement(mu: np.ndarray, sigma: np.ndarray, best: float, xi: float) -> np.ndarray:
+def expected_improvement(
+    mu: np.ndarray, sigma: np.ndarray, best: float, xi: float
+) -> np.ndarray:
     sigma = np.maximum(sigma, 1e-9)
     z = (mu - best - xi) / sigma
     return (mu - best - xi) * _norm_cdf(z) + sigma * _norm_pdf(z)
@@ -157,7 +178,10 @@ def propose(
         broad = rng.random((3000, X.shape[1]))
         top = Xb[np.argsort(yb)[-3:]]
         local = np.clip(
-            top[rng.integers(len(top), size=1500)] + rng.normal(0, 0.08, (1500, X.shape[1])), 0, 1
+            top[rng.integers(len(top), size=1500)]
+            + rng.normal(0, 0.08, (1500, X.shape[1])),
+            0,
+            1,
         )
         cand = np.vstack([broad, local])
         mu, sigma = gp.predict(cand, return_std=True)
@@ -167,9 +191,66 @@ def propose(
         # Believe the model at x, refit with the learned kernel (no re-optimisation).
         mu_x = gp.predict(x[None, :])
         Xb, yb = np.vstack([Xb, x]), np.append(yb, mu_x)
-        gp = GaussianProcessRegressor(kernel=gp.kernel_, optimizer=None, normalize_y=False)
+        gp = GaussianProcessRegressor(
+            kernel=gp.kernel_, optimizer=None, normalize_y=False
+        )
         gp.fit(Xb, yb)
     return np.array(chosen)
+
+
+def uptakes(results: list[tuple[State, str, object]]) -> list[float | None]:
+    """The uptake at 0.15 bar per candidate from (state, message, isotherm) (None if failed)."""
+    out: list[float | None] = []
+    for i, (state, message, iso) in enumerate(results):
+        if state is not State.SUCCEEDED or iso is None:
+            print(f"    c{i} gave no isotherm ({state.name}: {message})", flush=True)
+            out.append(None)
+            continue
+        try:
+            out.append(amount_at(iso, TARGET_PRESSURE_BAR))
+        except ValueError as e:
+            print(f"    c{i}: {e}", flush=True)
+            out.append(None)
+    return out
+
+
+def candidates(
+    space: Space, X: np.ndarray, run: str, round_no: int
+) -> list[Experiment]:
+    return [
+        recipe(
+            space.decode(x),
+            name=f"closed-loop {run} r{round_no} c{i}",
+            sample_id=f"CL-{run}-r{round_no}-c{i}",
+            labels={"campaign": f"closed-loop-{run}", "round": str(round_no)},
+        )
+        for i, x in enumerate(X)
+    ]
+
+
+def measure_fleet(
+    fleet, space: Space, X: np.ndarray, run: str, round_no: int, timeout_s: float
+) -> list[float | None]:
+    """Runs one batch on the fleet: one work message per candidate; each result (or refusal)
+    comes back from the fleet stream, from whichever lab ran it."""
+    ids = fleet.submit_batch(
+        candidates(space, X, run, round_no), batch_id=f"cl-{run}-r{round_no}"
+    )
+    by_id = {}
+    for r in fleet.results(ids, timeout=timeout_s):
+        by_id[r.msg_id] = r
+        where = (
+            f"refused by {r.lab}" if r.refused else f"{r.state.name.lower()} in {r.lab}"
+        )
+        print(f"    c{ids.index(r.msg_id)}: {where}", flush=True)
+    return uptakes(
+        [
+            (State.UNSPECIFIED, by_id[m].reason, None)
+            if by_id[m].refused
+            else (by_id[m].state, by_id[m].reason, by_id[m].isotherm())
+            for m in ids
+        ]
+    )
 
 
 def measure(
@@ -181,41 +262,25 @@ def measure(
     timeout_s: float,
 ) -> list[float | None]:
     """Runs one batch; the uptake at 0.15 bar per candidate (None where it failed)."""
-    params = [space.decode(x) for x in X]
-    exps = [
-        recipe(
-            p,
-            name=f"closed-loop {run} r{round_no} c{i}",
-            sample_id=f"CL-{run}-r{round_no}-c{i}",
-            labels={"campaign": f"closed-loop-{run}", "round": str(round_no)},
-        )
-        for i, p in enumerate(params)
-    ]
-    batch = client.submit_batch(exps)
+    batch = client.submit_batch(candidates(space, X, run, round_no))
     by_id: dict[str, ExperimentResult] = {}
     for r in client.results(batch, timeout=timeout_s):
         by_id[r.id] = r
         print(f"    {r.name}: {r.state.name.lower()}", flush=True)
-    out: list[float | None] = []
-    for i, eid in enumerate(batch.experiment_ids):
-        r = by_id[eid]
-        iso = r.isotherm()
-        if r.state is not State.SUCCEEDED or iso is None:
-            print(f"    c{i} gave no isotherm ({r.state.name}: {r.message})", flush=True)
-            out.append(None)
-            continue
-        try:
-            out.append(amount_at(iso, TARGET_PRESSURE_BAR))
-        except ValueError as e:
-            print(f"    c{i}: {e}", flush=True)
-            out.append(None)
-    return out
+    return uptakes(
+        [
+            (by_id[e].state, by_id[e].message, by_id[e].isotherm())
+            for e in batch.experiment_ids
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--target", default="127.0.0.1:50051", help="ppud gRPC address")
-    ap.add_argument("--rounds", type=int, default=4, help="batches in all, the first random")
+    ap.add_argument(
+        "--rounds", type=int, default=4, help="batches in all, the first random"
+    )
     ap.add_argument("--batch-size", type=int, default=6)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
@@ -223,7 +288,19 @@ def main(argv: list[str] | None = None) -> int:
         default=",".join(DEFAULT_REAGENTS),
         help="comma-separated reagent names as configured on the daemon",
     )
-    ap.add_argument("--round-timeout", type=float, default=900.0, help="seconds per batch")
+    ap.add_argument(
+        "--round-timeout", type=float, default=900.0, help="seconds per batch"
+    )
+    ap.add_argument(
+        "--fleet",
+        metavar="NATS_URLS",
+        help="run on a fleet of labs through NATS JetStream (comma-separated nats:// URLs) "
+        "instead of one daemon at --target",
+    )
+    ap.add_argument("--nats-user", help="NATS user (password from $PPU_NATS_PASSWORD)")
+    ap.add_argument(
+        "--nats-creds", help="NATS .creds file (instead of user and password)"
+    )
     args = ap.parse_args(argv)
     # Length scales at their bounds are expected with few points; the fit is still usable.
     warnings.filterwarnings("ignore", category=ConvergenceWarning)
@@ -233,18 +310,59 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     run = uuid.uuid4().hex[:8]
 
-    with Client(args.target) as client:
+    if args.fleet:
         try:
-            have = client.capabilities()
-        except PpuError as e:
-            print(f"closed_loop: cannot reach ppud at {args.target}: {e}", file=sys.stderr)
+            from ppu_client.fleet import FleetClient, FleetError
+        except ImportError as e:
+            print(f"closed_loop: {e}", file=sys.stderr)
             return 1
-        missing = [c.name.lower() for c in NEEDED if c not in have]
+        servers = [u.strip() for u in args.fleet.split(",") if u.strip()]
+        auth: dict = {}
+        if args.nats_user:
+            auth = {
+                "user": args.nats_user,
+                "password": os.environ.get("PPU_NATS_PASSWORD", ""),
+            }
+        if args.nats_creds:
+            auth["creds"] = args.nats_creds
+        try:
+            conn = FleetClient(servers, **auth)
+        except FleetError as e:
+            print(f"closed_loop: {e}", file=sys.stderr)
+            return 1
+        where = f"the fleet at {args.fleet}"
+
+        def have_caps() -> set[str]:
+            return {c for lab in conn.labs() for c in lab.capabilities}
+
+        def run_round(X: np.ndarray, round_no: int) -> list[float | None]:
+            return measure_fleet(conn, space, X, run, round_no, args.round_timeout)
+
+        errors: tuple[type[Exception], ...] = (FleetError, TimeoutError)
+    else:
+        conn = Client(args.target)
+        where = f"the daemon at {args.target}"
+
+        def have_caps() -> set[str]:
+            return {c.name.lower() for c in conn.capabilities()}
+
+        def run_round(X: np.ndarray, round_no: int) -> list[float | None]:
+            return measure(conn, space, X, run, round_no, args.round_timeout)
+
+        errors = (PpuError,)
+
+    with conn:
+        try:
+            have = have_caps()
+        except errors as e:
+            print(f"closed_loop: cannot reach {where}: {e}", file=sys.stderr)
+            return 1
+        missing = [c.name.lower() for c in NEEDED if c.name.lower() not in have]
         if missing:
             print(
-                f"closed_loop: cannot run: the daemon at {args.target} has no device with "
+                f"closed_loop: cannot run: {where} has no device with "
                 f"capability {', '.join(missing)} (it offers: "
-                f"{', '.join(sorted(c.name.lower() for c in have)) or 'nothing'})",
+                f"{', '.join(sorted(have)) or 'nothing'})",
                 file=sys.stderr,
             )
             return EXIT_MISSING_CAPABILITY
@@ -267,8 +385,8 @@ def main(argv: list[str] | None = None) -> int:
                 how = "GP expected improvement"
             print(f"round {round_no} ({how}):", flush=True)
             try:
-                ys = measure(client, space, X, run, round_no, args.round_timeout)
-            except PpuError as e:
+                ys = run_round(X, round_no)
+            except errors as e:
                 print(f"closed_loop: round {round_no} failed: {e}", file=sys.stderr)
                 return 1
             for x, y in zip(X, ys):
@@ -285,7 +403,10 @@ def main(argv: list[str] | None = None) -> int:
             if round_no == 0:
                 measured = [y for y in ys if y is not None]
                 if not measured:
-                    print("closed_loop: the random batch produced no measurement", file=sys.stderr)
+                    print(
+                        "closed_loop: the random batch produced no measurement",
+                        file=sys.stderr,
+                    )
                     return 1
                 first_best = max(measured)
             best_i = int(np.argmax(y_all))
@@ -297,8 +418,12 @@ def main(argv: list[str] | None = None) -> int:
 
         best_i = int(np.argmax(y_all))
         best = space.decode(X_all[best_i])
-        print(f"best candidate: {y_all[best_i]:.3f} mmol/g CO2 at {TARGET_PRESSURE_BAR} bar:")
-        print(f"  anneal {best['anneal_c']} C for {best['hold_h']} h, volumes {best['volumes_ml']}")
+        print(
+            f"best candidate: {y_all[best_i]:.3f} mmol/g CO2 at {TARGET_PRESSURE_BAR} bar:"
+        )
+        print(
+            f"  anneal {best['anneal_c']} C for {best['hold_h']} h, volumes {best['volumes_ml']}"
+        )
         summary = {
             "run": run,
             "rounds": args.rounds,

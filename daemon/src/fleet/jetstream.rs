@@ -35,8 +35,27 @@ pub async fn connect(settings: &FleetSettings) -> Result<Client, String> {
         .retry_on_initial_connect()
         .max_reconnects(None)
         .connection_timeout(Duration::from_secs(5));
+    let addrs = settings
+        .servers
+        .iter()
+        .map(|s| {
+            s.parse::<ServerAddr>()
+                .map_err(|e| format!("fleet.servers: {s:?}: {e}"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     match &settings.auth {
-        FleetAuth::None => {}
+        FleetAuth::None => {
+            // Credentials in a server URL (`nats://user:pass@host:4222`, as `ppud dev --fleet`
+            // takes them): async-nats sends only those of ConnectOptions, so lift them there.
+            // A user without a password is a token (`nats://TOKEN@host`).
+            if let Some(a) = addrs.iter().find(|a| a.username().is_some()) {
+                let user = a.username().unwrap_or_default().to_owned();
+                opts = match a.password() {
+                    Some(pass) => opts.user_and_password(user, pass.to_owned()),
+                    None => opts.token(user),
+                };
+            }
+        }
         FleetAuth::UserPassword { user, password } => {
             opts = opts.user_and_password(user.clone(), password.clone());
         }
@@ -60,25 +79,6 @@ pub async fn connect(settings: &FleetSettings) -> Result<Client, String> {
         if let Some((cert, key)) = &tls.client {
             opts = opts.add_client_certificate(cert.clone(), key.clone());
         }
-    }
-    let addrs = settings
-        .servers
-        .iter()
-        .map(|s| {
-            s.parse::<ServerAddr>()
-                .map_err(|e| format!("fleet.servers: {s:?}: {e}"))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    // The client does not send credentials written in a server URL (`nats://user:pass@host`):
-    // without other authentication, pass the first URL's on.
-    if settings.auth == FleetAuth::None
-        && let Some(a) = addrs.iter().find(|a| a.username().is_some())
-    {
-        let user = a.username().unwrap_or_default().to_owned();
-        opts = match a.password() {
-            Some(pass) => opts.user_and_password(user, pass.to_owned()),
-            None => opts.token(user),
-        };
     }
     opts.connect(addrs).await.map_err(|e| e.to_string())
 }
