@@ -200,7 +200,7 @@ impl FurnaceModel {
         for _ in 0..todo {
             self.step();
             self.steps += 1;
-            if self.steps % every == 0 {
+            if self.steps.is_multiple_of(every) {
                 observe(self.time_s(), self.temp_c);
             }
         }
