@@ -22,7 +22,7 @@ pub struct Sizes {
     pub experiments: usize,
     pub time_scale: f64,
     pub furnaces: usize,
-    /// Real time the simulated robot takes per transfer.
+    /// Physical time the simulated robot takes per transfer.
     pub transfer_delay: Duration,
     /// Longest the campaign may take (real time) before the figure is abandoned.
     pub deadline: Duration,
@@ -87,6 +87,18 @@ fn physical_s(step: &pb::Step, result: &pb::StepResult) -> f64 {
     }
 }
 
+fn step_kind(step: &pb::Step) -> &'static str {
+    use pb::step::Kind;
+    match &step.kind {
+        Some(Kind::Transfer(_)) => "transfer",
+        Some(Kind::Dispense(_)) => "dispense",
+        Some(Kind::Furnace(_)) => "furnace",
+        Some(Kind::Degas(_)) => "degas",
+        Some(Kind::Isotherm(_)) => "isotherm",
+        _ => "other",
+    }
+}
+
 fn seconds(t: &Option<prost_types::Timestamp>) -> Option<f64> {
     t.map(|t| t.seconds as f64 + f64::from(t.nanos) / 1e9)
 }
@@ -142,6 +154,8 @@ async fn measure(lab: &Lab, sizes: Sizes) -> Result<Vec<Figure>> {
     let mut busy: BTreeMap<String, f64> = BTreeMap::new();
     // Physical seconds each device had to spend, whatever the time scale.
     let mut physical: BTreeMap<String, f64> = BTreeMap::new();
+    // Where the seconds go: real time per step kind and device, summed over the campaign.
+    let mut by_kind: BTreeMap<(String, &'static str), (f64, usize)> = BTreeMap::new();
     let mut first_failure = None;
     let mut token = String::new();
     loop {
@@ -161,6 +175,14 @@ async fn measure(lab: &Lab, sizes: Sizes) -> Result<Vec<Figure>> {
             for r in &e.results {
                 if let (Some(a), Some(b)) = (seconds(&r.started_at), seconds(&r.finished_at)) {
                     *busy.entry(r.device_id.clone()).or_default() += b - a;
+                    let kind = e
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.steps.get(r.step_index as usize))
+                        .map_or("?", step_kind);
+                    let k = by_kind.entry((r.device_id.clone(), kind)).or_default();
+                    k.0 += b - a;
+                    k.1 += 1;
                 }
                 let step = e
                     .spec
@@ -179,6 +201,13 @@ async fn measure(lab: &Lab, sizes: Sizes) -> Result<Vec<Figure>> {
     if let Some(f) = first_failure {
         note(format!(
             "campaign: not every experiment succeeded, e.g. {f}"
+        ));
+    }
+    for ((device, kind), (s, n)) in &by_kind {
+        note(format!(
+            "campaign: {device} {kind}: {n} steps, {:.1} ms each, {:.2} s in all",
+            s / *n as f64 * 1e3,
+            s
         ));
     }
     let (bottleneck, bottleneck_s) = busy
@@ -200,7 +229,7 @@ async fn measure(lab: &Lab, sizes: Sizes) -> Result<Vec<Figure>> {
         .num("time_scale", sizes.time_scale)
         .param("furnaces", sizes.furnaces)
         .param("analysers", 1)
-        .param("transfer_delay_ms", sizes.transfer_delay.as_millis())
+        .num("transfer_s", sizes.transfer_delay.as_secs_f64())
         .num("per_experiment_ms", wall / n * 1e3)
         // The device that spent the most time executing steps, and its share of the wall time.
         .param("busiest", bottleneck)

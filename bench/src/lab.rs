@@ -24,7 +24,8 @@ pub struct LabConfig {
     pub furnaces: usize,
     /// Adds the dispensing station, one sorption analyser and the robot that carries samples.
     pub full: bool,
-    /// Real time the robot takes per transfer.
+    /// Time the robot takes per transfer, physical (on the lab's clock, like every move in
+    /// the lab: a fixed real-time delay would be the campaign's floor at a high time scale).
     pub transfer_delay: Duration,
 }
 
@@ -84,10 +85,10 @@ impl Lab {
             .context("starting the daemon")?;
         let devlab = Arc::new(devlab);
         let robot = config.full.then(|| {
-            TransferRobot::start(
+            TransferRobot::start_physical(
                 devlab.clone(),
                 daemon.scheduler().clone(),
-                config.transfer_delay,
+                config.transfer_delay.as_secs_f64(),
             )
         });
         Ok(Lab {

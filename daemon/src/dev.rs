@@ -537,10 +537,22 @@ pub struct TransferRobot {
 }
 
 impl TransferRobot {
-    /// Starts the robot. Transfers already pending are carried out too.
+    /// Starts the robot, each transfer taking `delay` of real time. Transfers already pending
+    /// are carried out too.
     pub fn start(lab: Arc<DevLab>, scheduler: Scheduler, delay: Duration) -> TransferRobot {
+        Self::spawn(lab, scheduler, TransferTime::Real(delay))
+    }
+
+    /// Starts the robot, each transfer taking `seconds` of physical time on the lab's clock:
+    /// the arm's move is physics like a furnace ramp, so a faster clock shortens it too (a
+    /// fixed real-time delay would become the campaign's floor at a high time scale).
+    pub fn start_physical(lab: Arc<DevLab>, scheduler: Scheduler, seconds: f64) -> TransferRobot {
+        Self::spawn(lab, scheduler, TransferTime::Physical(seconds))
+    }
+
+    fn spawn(lab: Arc<DevLab>, scheduler: Scheduler, time: TransferTime) -> TransferRobot {
         let stop = CancellationToken::new();
-        let task = tokio::spawn(robot(lab, scheduler, delay, stop.clone()));
+        let task = tokio::spawn(robot(lab, scheduler, time, stop.clone()));
         TransferRobot { stop, task }
     }
 
@@ -551,7 +563,20 @@ impl TransferRobot {
     }
 }
 
-async fn robot(lab: Arc<DevLab>, scheduler: Scheduler, delay: Duration, stop: CancellationToken) {
+/// How long one transfer of the simulated robot takes.
+#[derive(Debug, Clone, Copy)]
+enum TransferTime {
+    Real(Duration),
+    /// Physical seconds on the lab's clock.
+    Physical(f64),
+}
+
+async fn robot(
+    lab: Arc<DevLab>,
+    scheduler: Scheduler,
+    time: TransferTime,
+    stop: CancellationToken,
+) {
     // Subscribe before listing, so a request between the two is never missed.
     let mut events = scheduler.store().subscribe();
     let moves = TaskTracker::new();
@@ -566,6 +591,10 @@ async fn robot(lab: Arc<DevLab>, scheduler: Scheduler, delay: Duration, stop: Ca
             }
             let (lab, scheduler, stop) = (lab.clone(), scheduler.clone(), stop.clone());
             moves.spawn(async move {
+                let delay = match time {
+                    TransferTime::Real(d) => d,
+                    TransferTime::Physical(s) => lab.clock.to_real(s),
+                };
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(delay) => {}

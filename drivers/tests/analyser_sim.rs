@@ -431,6 +431,61 @@ async fn a_high_time_scale_changes_the_wall_time_only() {
     rig.sim.shutdown().await;
 }
 
+/// Files the synthesis of the campaign's sorbent (ppu-bench's campaign experiment) for
+/// `sample` in the world: 0.04 mL each of reagents A and B, calcined 25 → 350 °C at
+/// 20 °C/min, held 30 min, cooled to 60 °C, degassed at 250 °C for 2 h.
+fn synthesise(world: &World, sample: &str) {
+    world.record_dispense(sample, "A", 0.04);
+    world.record_dispense(sample, "B", 0.04);
+    world.place(sample, "furnace-1");
+    let (ramp_up, hold, ramp_down) = (975.0, 1800.0, 870.0);
+    let mut t = 0.0;
+    while t <= ramp_up + hold + ramp_down {
+        let c = if t < ramp_up {
+            25.0 + 20.0 * t / 60.0
+        } else if t < ramp_up + hold {
+            350.0
+        } else {
+            350.0 - 20.0 * (t - ramp_up - hold) / 60.0
+        };
+        world.record_temperature("furnace-1", t, c);
+        t += 5.0;
+    }
+    world.record_degas(sample, 250.0, 7200.0);
+}
+
+/// The outcome of an isotherm is the physics', never the wall clock's: the same synthesised
+/// sample measured at 1,000× and at 1,000,000× (a 3600 s point in 3.6 ms of wall time) gives
+/// the same points — the same pressures, amounts and equilibration times, bit for bit. Only
+/// the wall time differs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_time_scale_changes_the_wall_time_never_the_points() {
+    let targets = [0.01, 0.05, 0.15, 1.0];
+    let mut outcomes = Vec::new();
+    for scale in [1_000.0, 1_000_000.0] {
+        let rig = rig_at(Kind::Embedded, false, scale)
+            .await
+            .expect("embedded broker");
+        synthesise(&rig.world, "C-0001");
+        let (ctx, _rx) = rig.ctx("C-0001");
+        let out = tokio::time::timeout(
+            DEADLINE,
+            rig.driver.execute(&isotherm(&targets, 3600.0), ctx),
+        )
+        .await
+        .expect("isotherm finishes")
+        .unwrap_or_else(|e| panic!("isotherm at {scale}×: {e}"));
+        let Some(result) = (out).decode::<ppu_drivers::analyser::schema::IsothermResult>() else {
+            panic!("{out:?}")
+        };
+        assert_within_tolerance(&targets, &result);
+        outcomes.push(result.points);
+        rig.driver.shutdown().await;
+        rig.sim.shutdown().await;
+    }
+    assert_eq!(outcomes[0], outcomes[1], "1,000× against 1,000,000×");
+}
+
 async fn broker_restart_mid_isotherm(kind: Kind) {
     let Some(rig) = rig(kind, true).await else {
         return;

@@ -351,32 +351,42 @@ impl Scheduler {
                 out = &mut run => {
                     // Updates sent just before the driver returned are still queued: the last
                     // isotherm point must reach the log too.
+                    let mut batch = Vec::new();
                     while let Ok(update) = rx.try_recv() {
-                        self.on_update(exp, step_index, dev, update, &mut last_logged).await;
+                        batch.extend(self.on_update(dev, step_index, update, &mut last_logged));
                     }
+                    self.log_updates(exp, dev, batch).await;
                     return out;
                 }
                 Some(update) = rx.recv() => {
-                    self.on_update(exp, step_index, dev, update, &mut last_logged).await;
+                    // Everything the driver sent meanwhile goes into the same transaction: one
+                    // commit for a burst (a fast clock makes a whole isotherm's doses and
+                    // points a burst), not one per update, so the log keeps up with the
+                    // physics instead of pacing it.
+                    let mut batch: Vec<Kind> =
+                        self.on_update(dev, step_index, update, &mut last_logged).into_iter().collect();
+                    while let Ok(update) = rx.try_recv() {
+                        batch.extend(self.on_update(dev, step_index, update, &mut last_logged));
+                    }
+                    self.log_updates(exp, dev, batch).await;
                 }
             }
         }
     }
 
-    /// Turns one update of a running step into a device reading or a logged event; progress
-    /// is throttled, isotherm points are logged every one.
-    async fn on_update(
+    /// Turns one update of a running step into a device reading (recorded at once) or the
+    /// event to log; progress is throttled, isotherm points are logged every one.
+    fn on_update(
         &self,
-        exp: &pb::Experiment,
-        step_index: u32,
         dev: &Arc<DeviceHandle>,
+        step_index: u32,
         update: StepUpdate,
         last_logged: &mut Option<(Instant, String)>,
-    ) {
-        let kind = match update {
+    ) -> Option<Kind> {
+        Some(match update {
             StepUpdate::Reading(status) => {
                 dev.record(&status);
-                return;
+                return None;
             }
             StepUpdate::Intermediate { index, value } => {
                 // Each response is durable as soon as it arrives: a crash mid-isotherm keeps
@@ -392,7 +402,7 @@ impl Scheduler {
                     .as_ref()
                     .is_none_or(|(t, m)| *m != message || t.elapsed() >= PROGRESS_LOG_INTERVAL);
                 if !due {
-                    return;
+                    return None;
                 }
                 *last_logged = Some((Instant::now(), message.clone()));
                 Kind::StepProgress(pb::StepProgress {
@@ -402,13 +412,22 @@ impl Scheduler {
                     remaining_s: remaining_s.unwrap_or(-1.0),
                 })
             }
-        };
+        })
+    }
+
+    /// Logs the events of a running step, in order, in one durable commit.
+    async fn log_updates(&self, exp: &pb::Experiment, dev: &Arc<DeviceHandle>, batch: Vec<Kind>) {
+        if batch.is_empty() {
+            return;
+        }
         let (eid, bid, did) = (exp.id.clone(), exp.batch_id.clone(), dev.id().to_owned());
         if let Err(e) = self
             .inner
             .store
             .write_async(move |w| {
-                w.emit(&eid, &bid, &did, kind);
+                for kind in batch {
+                    w.emit(&eid, &bid, &did, kind);
+                }
                 Ok(())
             })
             .await

@@ -132,7 +132,10 @@ pub struct EurothermConfig {
     pub tolerance_c: f64,
     /// Physical seconds between trace samples.
     pub sample_interval_s: f64,
-    /// Real-time floor between polls, so a fast clock cannot flood the link.
+    /// Real-time floor between polls beyond the protocol's own: a poll never follows the
+    /// previous one sooner than that exchange took (so the link is never more than half
+    /// busy, whatever the clock's scale), nor sooner than this. Zero by default: the
+    /// exchange is the floor, not a sleep.
     pub min_poll: Duration,
     /// Physical seconds allowed beyond the expected ramp time for PV to reach a target.
     pub settle_timeout_s: f64,
@@ -146,7 +149,8 @@ pub struct EurothermConfig {
 
 impl EurothermConfig {
     /// Defaults: 1 decimal place (temperatures and output), no limits beyond the register range, safe setpoint 25 °C,
-    /// tolerance 2 °C, a sample every 10 s physical, 20 ms poll floor, 3600 s settle time,
+    /// tolerance 2 °C, a sample every 10 s physical, no poll floor beyond the exchange's own
+    /// round trip, 3600 s settle time,
     /// 10 s transient grace, the idents of [`KNOWN_IDENTS`].
     pub fn new(id: impl Into<String>, modbus: ModbusConfig) -> Self {
         Self {
@@ -158,7 +162,7 @@ impl EurothermConfig {
             safe_setpoint_c: 25.0,
             tolerance_c: 2.0,
             sample_interval_s: 10.0,
-            min_poll: Duration::from_millis(20),
+            min_poll: Duration::ZERO,
             settle_timeout_s: 3600.0,
             transient_grace: Duration::from_secs(10),
             ident: IdentCheck::default(),
@@ -673,6 +677,8 @@ struct ProgramRun<'a> {
     last_pv: f64,
     /// Program time of the latest sample, s.
     last_t_s: f64,
+    /// Real time the latest sample's exchange took: the floor of the wait to the next one.
+    last_exchange: Duration,
     result: FurnaceResult,
 }
 
@@ -691,6 +697,7 @@ impl<'a> ProgramRun<'a> {
             rate_limit: None,
             last_pv: f64::NAN,
             last_t_s: 0.0,
+            last_exchange: Duration::ZERO,
             result: FurnaceResult::default(),
         }
     }
@@ -1078,9 +1085,11 @@ impl<'a> ProgramRun<'a> {
     /// the overshoot above `overshoot_target`, and streams the reading.
     async fn poll(&mut self, overshoot_target: Option<f64>) -> Result<Snapshot, DeviceError> {
         let dev = self.dev;
+        let asked = Instant::now();
         let snap = self
             .tolerant("reading the controller", move || dev.read_snapshot())
             .await?;
+        self.last_exchange = asked.elapsed();
         let t_s = self.ctx.clock.now_s() - self.t0;
         self.last_pv = snap.pv_c;
         self.last_t_s = t_s;
@@ -1100,14 +1109,17 @@ impl<'a> ProgramRun<'a> {
         Ok(snap)
     }
 
-    /// Waits until physical time `t_s`, but at least `min_poll` of real time. A wait longer
-    /// than a third of the grace is cut into pieces with a supervising read in between, so a
-    /// silent or faulted controller is noticed within the grace even between trace samples.
+    /// Waits until physical time `t_s`, but at least as long as the latest exchange took
+    /// (the protocol's floor: a fast clock cannot flood the link) and `min_poll`. A wait
+    /// longer than a third of the grace is cut into pieces with a supervising read in
+    /// between, so a silent or faulted controller is noticed within the grace even between
+    /// trace samples.
     async fn wait_until(&self, t_s: f64) -> Result<(), DeviceError> {
         let dev = self.dev;
         let clock = self.ctx.clock;
-        let piece = (dev.config.transient_grace / 3).max(dev.config.min_poll);
-        let mut real = clock.to_real(t_s - clock.now_s()).max(dev.config.min_poll);
+        let floor = dev.config.min_poll.max(self.last_exchange);
+        let piece = (dev.config.transient_grace / 3).max(floor);
+        let mut real = clock.to_real(t_s - clock.now_s()).max(floor);
         while real > piece {
             pause(self.ctx, piece).await?;
             let snap = self

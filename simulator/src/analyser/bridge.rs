@@ -252,6 +252,13 @@ impl Drop for SimAnalyser {
     }
 }
 
+/// A transducer reading of the true pressure `p`.
+fn read_pressure(config: &SimAnalyserConfig, noise: &mut Noise, p: f64) -> f64 {
+    (p * (1.0 + config.pressure_noise_rel * noise.gauss())
+        + config.pressure_noise_abs_bar * noise.gauss())
+    .max(0.0)
+}
+
 fn offline_payload(reason: &str) -> Vec<u8> {
     json!({"schema": SCHEMA, "state": "offline", "reason": reason})
         .to_string()
@@ -364,15 +371,26 @@ impl Shared {
         );
     }
 
-    fn gauss(&self) -> f64 {
-        lock(&self.noise).gauss()
+    /// A telemetry reading of the true pressure `p` (the telemetry's own noise stream).
+    fn read_pressure(&self, p: f64) -> f64 {
+        read_pressure(&self.config, &mut lock(&self.noise), p)
     }
 
-    /// A pressure reading of the true pressure `p`.
-    fn read_pressure(&self, p: f64) -> f64 {
-        let c = &self.config;
-        (p * (1.0 + c.pressure_noise_rel * self.gauss()) + c.pressure_noise_abs_bar * self.gauss())
-            .max(0.0)
+    /// The noise of the `ordinal`-th operation started, on `sample`: a stream of its own,
+    /// seeded from the configuration's seed, so what an operation measures never depends on
+    /// how many telemetry readings (a real-time cadence) were taken meanwhile, and therefore
+    /// not on the time scale.
+    fn operation_noise(&self, sample: &str, ordinal: u64) -> Noise {
+        // FNV-1a over the sample id, mixed with the seed and the ordinal.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in sample.as_bytes() {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01B3);
+        }
+        Noise::new(
+            h ^ self.config.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                ^ ordinal.wrapping_mul(0xD1B5_4A32_D192_ED03),
+        )
     }
 
     /// Handles one command payload.
@@ -483,10 +501,11 @@ impl Shared {
                     );
                     evict(&mut core.records);
                 }
-                self.operations_started.fetch_add(1, Ordering::SeqCst);
+                let ordinal = self.operations_started.fetch_add(1, Ordering::SeqCst);
+                let noise = self.operation_noise(&plan.sample_id, ordinal);
                 self.ack(&request_id, true, false, "", "");
                 self.publish_status();
-                tokio::spawn(run_operation(self.clone(), request_id, plan, cancel));
+                tokio::spawn(run_operation(self.clone(), request_id, plan, cancel, noise));
             }
             other => {
                 self.ack(
@@ -709,6 +728,7 @@ async fn run_operation(
     request_id: String,
     plan: Plan,
     cancel: CancellationToken,
+    mut noise: Noise,
 ) {
     let op = match &plan.kind {
         PlanKind::Degas { .. } => "degas",
@@ -727,6 +747,7 @@ async fn run_operation(
                 *temperature_c,
                 *duration_s,
                 &cancel,
+                &mut noise,
             )
             .await
         }
@@ -736,10 +757,13 @@ async fn run_operation(
             &plan.sample_id,
             *temperature_c,
             &cancel,
+            &mut noise,
         )
         .await
         .map(|(w, c)| json!({"warm_free_space_cm3": w, "cold_free_space_cm3": c})),
-        PlanKind::Isotherm { .. } => isotherm(&shared, &request_id, &plan, &cancel).await,
+        PlanKind::Isotherm { .. } => {
+            isotherm(&shared, &request_id, &plan, &cancel, &mut noise).await
+        }
     };
     let last = match outcome {
         Ok(mut body) => {
@@ -785,6 +809,16 @@ async fn wait(shared: &Shared, physical_s: f64, cancel: &CancellationToken) -> R
     }
 }
 
+/// Sleeps until the physical instant `t_s` of the clock, failing with [`Stop::Aborted`] on
+/// cancellation.
+async fn wait_until(shared: &Shared, t_s: f64, cancel: &CancellationToken) -> Result<(), Stop> {
+    tokio::select! {
+        biased;
+        _ = cancel.cancelled() => Err(Stop::Aborted),
+        _ = shared.clock.sleep_until(t_s) => Ok(()),
+    }
+}
+
 async fn degas(
     shared: &Arc<Shared>,
     id: &str,
@@ -792,13 +826,17 @@ async fn degas(
     temperature_c: f64,
     duration_s: f64,
     cancel: &CancellationToken,
+    noise: &mut Noise,
 ) -> Result<Value, Stop> {
     let ramp_s = ((temperature_c - 25.0).max(0.0) / DEGAS_RAMP_C_PER_MIN) * 60.0;
     let total = ramp_s + duration_s;
     let steps = 20;
+    // Progress at fixed physical instants from the start: each wait ends at its instant, so
+    // the timer's rounding of one wait is not added to the next.
+    let origin = shared.clock.now_s();
     for i in 1..=steps {
-        wait(shared, total / steps as f64, cancel).await?;
         let t = total * i as f64 / steps as f64;
+        wait_until(shared, origin + t, cancel).await?;
         let temp = if t < ramp_s {
             25.0 + (temperature_c - 25.0) * t / ramp_s
         } else {
@@ -818,7 +856,7 @@ async fn degas(
     }
     let leak = lock(&shared.faults).leak_mmol_per_s;
     // A leak feeds gas faster than the pump removes it: the vacuum floor rises.
-    let final_p = BASE_VACUUM_BAR * (1.0 + 0.05 * shared.gauss().abs()) + leak * 10.0;
+    let final_p = BASE_VACUUM_BAR * (1.0 + 0.05 * noise.gauss().abs()) + leak * 10.0;
     if final_p > VACUUM_ALARM_BAR {
         shared.alarm(
             "leak_suspected",
@@ -843,6 +881,7 @@ async fn free_space(
     sample: &str,
     temperature_c: f64,
     cancel: &CancellationToken,
+    noise: &mut Noise,
 ) -> Result<(f64, f64), Stop> {
     shared.progress(
         id,
@@ -852,8 +891,8 @@ async fn free_space(
     wait(shared, FREE_SPACE_S, cancel).await?;
     let g = shared.config.geometry;
     let e = shared.config.free_space_error_rel;
-    let warm = g.warm_cm3 * (1.0 + e * shared.gauss());
-    let cold = g.cold_cm3 * (1.0 + e * shared.gauss());
+    let warm = g.warm_cm3 * (1.0 + e * noise.gauss());
+    let cold = g.cold_cm3 * (1.0 + e * noise.gauss());
     lock(&shared.core)
         .free_space
         .insert(sample.to_owned(), (warm, cold));
@@ -865,6 +904,7 @@ async fn isotherm(
     id: &str,
     plan: &Plan,
     cancel: &CancellationToken,
+    noise: &mut Noise,
 ) -> Result<Value, Stop> {
     let PlanKind::Isotherm {
         tolerance,
@@ -887,7 +927,7 @@ async fn isotherm(
     let known = lock(&shared.core).free_space.get(sample).copied();
     let (warm, cold) = match known {
         Some(fs) => fs,
-        None => free_space(shared, id, sample, *temperature_c, cancel).await?,
+        None => free_space(shared, id, sample, *temperature_c, cancel, noise).await?,
     };
     let cfg = &shared.config;
     let bath_k = temperature_c + KELVIN;
@@ -919,7 +959,7 @@ async fn isotherm(
     // bridge only paces it against the clock (and catches up when it fell behind), so the
     // outcome never depends on the time scale.
     let origin = shared.clock.now_s();
-    let mut read = |p: f64| shared.read_pressure(p);
+    let mut read = |p: f64| read_pressure(cfg, noise, p);
     loop {
         let f = *lock(&shared.faults);
         let faults = StepFaults {

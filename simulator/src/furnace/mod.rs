@@ -293,9 +293,14 @@ pub mod reg {
     pub const FLOAT_BASE: u16 = 0x8000;
 }
 
-/// Told the furnace's true temperature after every access (every Modbus request and
-/// inspection), e.g. to record the thermal history of the sample inside (the simulated world).
-/// Called with the furnace's lock held: an observer must not call back into the furnace.
+/// Physical seconds between the samples of the true temperature given to an observer.
+const OBSERVE_EVERY_S: f64 = 5.0;
+
+/// Told the furnace's true temperature every [`OBSERVE_EVERY_S`] of physical time on the
+/// model's grid (caught up at each access), e.g. to record the thermal history of the sample
+/// inside (the simulated world): the history is the physics', whatever the time scale and
+/// however often the controller is polled. Called with the furnace's lock held: an observer
+/// must not call back into the furnace.
 pub trait FurnaceObserver: Send + Sync {
     fn observe(&self, t_s: f64, temp_c: f64);
 }
@@ -411,15 +416,20 @@ impl SimFurnace {
 
     fn lock_now(&self) -> MutexGuard<'_, FurnaceModel> {
         let mut model = self.lock_raw();
-        model.advance_to(self.shared.clock.now_s());
         let observer = self
             .shared
             .observer
             .lock()
             .ok()
             .and_then(|o| o.as_ref().cloned());
-        if let Some(observer) = observer {
-            observer.observe(model.time_s(), model.snapshot().true_temp_c);
+        let now = self.shared.clock.now_s();
+        match observer {
+            // On the physics' own grid, never at the instants of access: those depend on
+            // the time scale and on the driver's polling.
+            Some(observer) => {
+                model.advance_observing(now, OBSERVE_EVERY_S, &mut |t, c| observer.observe(t, c))
+            }
+            None => model.advance_to(now),
         }
         model
     }

@@ -171,9 +171,22 @@ impl FurnaceModel {
 
     /// Integrates up to the last grid point at or before `t_s`. Earlier times are a no-op.
     pub fn advance_to(&mut self, t_s: f64) {
+        self.advance_observing(t_s, 1.0, &mut |_, _| {});
+    }
+
+    /// [`FurnaceModel::advance_to`], calling `observe(t_s, true temperature °C)` at every
+    /// grid point passed whose time (since the model's start) is a whole multiple of
+    /// `every_s` (rounded to whole steps). The samples lie on a fixed physical grid, so what an
+    /// observer sees does not depend on when, or how often, the model is advanced.
+    pub fn advance_observing(&mut self, t_s: f64, every_s: f64, observe: &mut dyn FnMut(f64, f64)) {
         if !t_s.is_finite() {
             return;
         }
+        let every = if every_s.is_finite() {
+            ((every_s / self.dt).round() as u64).max(1)
+        } else {
+            1
+        };
         let target_steps = ((t_s - self.t0_s) / self.dt).floor();
         if target_steps <= self.steps as f64 {
             return;
@@ -187,6 +200,9 @@ impl FurnaceModel {
         for _ in 0..todo {
             self.step();
             self.steps += 1;
+            if self.steps.is_multiple_of(every) {
+                observe(self.time_s(), self.temp_c);
+            }
         }
     }
 

@@ -885,3 +885,31 @@ fn a_power_cycle_restores_the_power_up_setpoint_and_mode_and_keeps_the_heat() {
         vec![1, t(100.0), t(10.0)]
     );
 }
+
+/// The thermal history a furnace files for its sample is sampled on the physics' own grid,
+/// not at the instants the controller happens to be read: a furnace polled every physical
+/// second and one read only once at the end (what a 100,000× clock does to a 20 ms poll)
+/// record the same history, so the material the sample becomes does not depend on the time
+/// scale.
+#[tokio::test(start_paused = true)]
+async fn the_thermal_history_does_not_depend_on_polling() {
+    let clock = Clock::new(1000.0);
+    let furnaces = [(); 2].map(|_| {
+        let world = crate::world::World::new(7);
+        let f = SimFurnace::new(FurnaceConfig::default(), clock);
+        f.set_observer(Some(world.furnace_observer("furnace-1")));
+        world.place("S", "furnace-1");
+        f.write_register(reg::TARGET_SP, t(350.0)).unwrap();
+        (world, f)
+    });
+    // 3600 physical seconds: the first furnace read every second, the other never.
+    for _ in 0..3600 {
+        tokio::time::advance(Duration::from_millis(1)).await;
+        furnaces[0].1.read_registers(reg::PV, 1).unwrap();
+    }
+    furnaces[1].1.read_registers(reg::PV, 1).unwrap();
+    let [polled, once] = furnaces.map(|(w, _)| w.history("S").expect("a history"));
+    assert!(polled.peak_c().is_some_and(|p| p > 340.0), "{polled:?}");
+    assert!(polled.thermal.len() > 10, "{polled:?}");
+    assert_eq!(polled, once);
+}

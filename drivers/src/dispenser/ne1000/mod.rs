@@ -97,7 +97,9 @@ pub struct Ne1000Config {
     pub safe_mode_watchdog_s: Option<u8>,
     /// Physical seconds between polls while the pump runs.
     pub poll_interval_s: f64,
-    /// Real-time floor between polls.
+    /// Real-time floor between polls beyond the protocol's own: a poll never follows the
+    /// previous one sooner than that exchange took (the link is never more than half busy,
+    /// whatever the clock's scale), nor sooner than this. Zero by default.
     pub min_poll: Duration,
     /// Physical seconds a run may take beyond volume / rate before it counts as stuck.
     pub finish_grace_s: f64,
@@ -109,7 +111,8 @@ pub struct Ne1000Config {
 
 impl Ne1000Config {
     /// Defaults for a 10 mL syringe (14.43 mm, BD plastic) of a water-like reagent: 2 %
-    /// tolerance, 10 mL/min refills, basic mode, a poll every 2 s physical (20 ms real floor),
+    /// tolerance, 10 mL/min refills, basic mode, a poll every 2 s physical (no floor beyond
+    /// the exchange's own round trip),
     /// 30 s grace, 10 s transient grace and weighing timeout.
     pub fn new(id: impl Into<String>, serial: SerialConfig, reagent: impl Into<String>) -> Self {
         Self {
@@ -126,7 +129,7 @@ impl Ne1000Config {
             refill_rate_ml_per_min: 10.0,
             safe_mode_watchdog_s: None,
             poll_interval_s: 2.0,
-            min_poll: Duration::from_millis(20),
+            min_poll: Duration::ZERO,
             finish_grace_s: 30.0,
             transient_grace: Duration::from_secs(10),
             weigh_timeout: Duration::from_secs(10),
@@ -826,6 +829,7 @@ impl Inner {
         let deadline_s = start_s + expected_s * 1.1 + self.config.finish_grace_s;
         let withdraw = verb == "refill";
         loop {
+            let asked = Instant::now();
             let (status, dispensed) = self
                 .tolerant(ctx, || async {
                     let (status, data) = self.exec(&Command::QueryDispensed).await?;
@@ -833,6 +837,7 @@ impl Inner {
                 })
                 .await
                 .map_err(|e| self.alarm_to_fault(e, verb, None, volume_ml))?;
+            let exchange = asked.elapsed();
             let done_ml = if withdraw {
                 dispensed.withdrawn_ml()
             } else {
@@ -867,7 +872,10 @@ impl Inner {
                 )));
             }
             let next_s = self.config.poll_interval_s.min(remaining.max(0.0));
-            let wait = clock.to_real(next_s).max(self.config.min_poll);
+            let wait = clock
+                .to_real(next_s)
+                .max(self.config.min_poll)
+                .max(exchange);
             pause(ctx, wait).await?;
         }
     }
