@@ -257,8 +257,17 @@ pub struct ChildOptions {
 }
 
 impl ChildDaemon {
+    /// The scale figure's daemon: one simulated furnace, so the filled store's furnace
+    /// programs stay QUEUED (with no device that can run them, start-up would fail them all
+    /// and the figure would measure an empty queue).
     fn spawn(data_dir: &Path) -> Result<ChildDaemon> {
-        Self::spawn_with(data_dir, ChildOptions::default())
+        Self::spawn_with(
+            data_dir,
+            ChildOptions {
+                furnaces: 1,
+                ..ChildOptions::default()
+            },
+        )
     }
 
     pub fn spawn_with(data_dir: &Path, opts: ChildOptions) -> Result<ChildDaemon> {
