@@ -761,6 +761,17 @@ pub enum IdSpace {
     Transfer,
 }
 
+impl IdSpace {
+    /// The table keyed by ids of this space.
+    fn table(self) -> TableDefinition<'static, &'static str, &'static [u8]> {
+        match self {
+            IdSpace::Experiment => EXPERIMENTS,
+            IdSpace::Batch => BATCHES,
+            IdSpace::Transfer => TRANSFERS,
+        }
+    }
+}
+
 /// A page of experiments plus the token of the next one.
 pub struct Page {
     pub experiments: Vec<Experiment>,
@@ -1461,11 +1472,7 @@ impl Store {
     ) -> Result<Vec<String>, StoreError> {
         self.read(|db| {
             let r = db.begin_read()?;
-            let t = r.open_table(match space {
-                IdSpace::Experiment => EXPERIMENTS,
-                IdSpace::Batch => BATCHES,
-                IdSpace::Transfer => TRANSFERS,
-            })?;
+            let t = r.open_table(space.table())?;
             let mut out = Vec::new();
             for item in t.range::<&str>(prefix..)? {
                 let (k, _) = item?;
@@ -1490,11 +1497,7 @@ impl Store {
     ) -> Result<Vec<String>, StoreError> {
         self.read(|db| {
             let r = db.begin_read()?;
-            let t = r.open_table(match space {
-                IdSpace::Experiment => EXPERIMENTS,
-                IdSpace::Batch => BATCHES,
-                IdSpace::Transfer => TRANSFERS,
-            })?;
+            let t = r.open_table(space.table())?;
             let mut out = Vec::new();
             for item in t.iter()?.rev() {
                 let (k, _) = item?;
