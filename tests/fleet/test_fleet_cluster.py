@@ -166,9 +166,17 @@ def read_stream(fleet: FleetClient) -> list[FleetEvent | Refusal]:
         js = fleet._async._need()
         info = await js.stream_info(EVENTS_STREAM)
         last = info.state.last_seq
-        sub = await js.pull_subscribe("", stream=EVENTS_STREAM)
-        out = []
         end = time.monotonic() + 60
+        while True:
+            # Soon after a node's loss the cluster may leave a consumer create unanswered
+            # (placed on the lost peer); a reader asks again, as the SDK's client does.
+            try:
+                sub = await js.pull_subscribe("", stream=EVENTS_STREAM)
+                break
+            except nats.errors.TimeoutError:
+                if time.monotonic() >= end:
+                    raise
+        out = []
         while time.monotonic() < end:
             try:
                 msgs = await sub.fetch(512, timeout=1.0)
@@ -267,18 +275,28 @@ def test_a_campaign_across_three_labs_survives_a_lab_and_a_node_dying(
                     return
 
         # Mid-run: kill -9 one lab, let the others go on, then bring it back.
+        def mark(what: str) -> None:
+            print(f"  {time.monotonic() - t0:6.1f} s  {what}: {len(done)} accounted, "
+                  f"follower {dict(follower.seen)}", flush=True)
+
+        print()
         collect_until(60)
+        mark("kill -9 lab-b")
         labs["lab-b"].kill()
         collect_until(120)
+        mark("restart lab-b")
         labs["lab-b"].start()
         # Then kill -9 a NATS node (lab-c's home node), with the follower dropped meanwhile
         # and resumed on its durable (a disconnect mid-way).
         collect_until(170)
+        mark("drop the follower, kill -9 a NATS node")
         follower.pause.set()
         cluster.kill(cluster.nodes[2])
         collect_until(200)
+        mark("resume the follower")
         follower.pause.clear()
         collect_until(TOTAL)
+        mark("all accounted")
         run_s = time.monotonic() - t0
 
         # -- every experiment accounted for exactly once
@@ -336,15 +354,23 @@ def test_a_campaign_across_three_labs_survives_a_lab_and_a_node_dying(
 
         # -- the follower resumed (after its drop and the node loss) without a gap
         # It reads the whole stream in the end (it may lag while six processes share two cores).
-        wait_until(
-            "the follower caught up",
-            lambda: (
-                follower.error is not None
-                or all(follower.seen.get(n, 0) >= len(by_lab[n]) for n in LABS)
-            ),
-            90,
-            0.2,
-        )
+        try:
+            wait_until(
+                "the follower caught up",
+                lambda: (
+                    follower.error is not None
+                    or all(follower.seen.get(n, 0) >= len(by_lab[n]) for n in LABS)
+                ),
+                90,
+                0.2,
+            )
+        except TimeoutError as e:
+            want = {n: len(by_lab[n]) for n in LABS}
+            raise AssertionError(
+                f"{e}: follower at {dict(follower.seen)} of {want}, "
+                f"{len(follower.got)} events in {follower.sessions} sessions, "
+                f"paused={follower.pause.is_set()}"
+            ) from None
         follower.stop_flag.set()
         follower.join(timeout=30)
         assert follower.error is None, f"follower: {follower.error!r}"
@@ -356,7 +382,8 @@ def test_a_campaign_across_three_labs_survives_a_lab_and_a_node_dying(
             assert got[name] == list(range(1, len(got[name]) + 1)), (
                 f"follower gap in {name}"
             )
-            assert len(got[name]) == len(by_lab[name]), (
+            # The stream was read above; a lab may have logged more since (the follower reads on).
+            assert len(got[name]) >= len(by_lab[name]), (
                 f"follower missed {name}'s last events"
             )
 
