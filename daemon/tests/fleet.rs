@@ -588,3 +588,61 @@ async fn a_lab_authenticates_with_the_credentials_in_its_server_url() {
     .await;
     daemon.shutdown().await;
 }
+
+fn weigh_spec(name: &str) -> pb::ExperimentSpec {
+    pb::ExperimentSpec {
+        name: name.into(),
+        sample_id: format!("s-{name}"),
+        steps: vec![pb::Step {
+            device_id: String::new(),
+            kind: Some(pb::step::Kind::Weigh(pb::Weigh::default())),
+        }],
+        ..Default::default()
+    }
+}
+
+/// A lab busy with one kind of work still takes the other kinds it can run: every work
+/// subject gets its turn, whatever its place in the order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lab_busy_with_furnace_work_still_takes_weighing_work() {
+    let Some(nats) = Nats::start() else {
+        return;
+    };
+    let data = tempfile::tempdir().expect("temp dir");
+    let mut lab = DevLab::start(Clock::new(TIME_SCALE), 1).await.expect("lab");
+    lab.add_dispensing_station().await.expect("balance");
+    let js = client(&nats).await;
+    let pol = policies(&nats);
+    let settings = pol.fleet_settings().expect("a [fleet]").expect("valid");
+    fleet::ensure_objects(&js, &settings)
+        .await
+        .expect("the streams");
+    // Queued before the lab looks: a dozen furnace programs (about 2 s each in real time,
+    // so the one furnace and the capacity of 2 stay busy with them), and one weighing.
+    const FURNACE: usize = 12;
+    for i in 0..FURNACE {
+        publish_work(
+            &js,
+            &furnace_spec(&format!("f-{i}"), 3600.0),
+            &format!("f-{i}"),
+        )
+        .await;
+    }
+    publish_work(&js, &weigh_spec("w-0"), "w-0").await;
+
+    let daemon = start(&lab, data.path(), &pol).await;
+    wait_for("the weighing to be taken", || async {
+        !with_msg_id(&daemon, "w-0").is_empty()
+    })
+    .await;
+    let furnace_taken = (0..FURNACE)
+        .filter(|i| !with_msg_id(&daemon, &format!("f-{i}")).is_empty())
+        .count();
+    // Round-robin: the weighing is taken at the first free slot after the first furnace
+    // program, not after all of them.
+    assert!(
+        furnace_taken <= 3,
+        "the weighing waited for {furnace_taken} furnace programs"
+    );
+    daemon.shutdown().await;
+}

@@ -87,7 +87,9 @@ def lab_permissions(lab: str) -> dict:
         f"{api}.DIRECT.GET.KV_PPU_LABS.>",
         f"{api}.STREAM.MSG.GET.KV_PPU_LABS",
     ]
-    return {"publish": publish, "subscribe": ["_INBOX.>"]}
+    # ppu-work.>: the doorbell (a plain subscription rung by each publish of work), so an idle
+    # lab takes new work at once rather than at its next poll.
+    return {"publish": publish, "subscribe": ["_INBOX.>", "ppu-work.>"]}
 
 
 def planner_permissions() -> dict:

@@ -40,6 +40,7 @@ from ppu_client import (
     Refill,
     State,
     StepTo,
+    Weigh,
     furnace,
 )
 from ppu_client.fleet import (
@@ -109,14 +110,24 @@ def too_hot(i: int) -> Experiment:
     return Experiment(f"fleet too hot {i}", [furnace(Ramp(5000.0, 10.0), StepTo(80.0))])
 
 
+def weigh_only(i: int) -> Experiment:
+    return Experiment(f"fleet weighing {i}", [Weigh()])
+
+
 def campaign() -> list[Experiment]:
-    """300 experiments: anneals (any lab), syntheses (dispense + furnace: any
+    """300 experiments: anneals and weighings (any lab), syntheses (dispense + furnace: any
     lab), full sorbent runs (only the labs with an analyser), and a few no furnace accepts."""
     out = []
     for i in range(TOTAL - REFUSED):
         kind = i % 6
         out.append(
-            full(i) if kind == 0 else synthesis(i) if kind == 3 else anneal_only(i)
+            full(i)
+            if kind == 0
+            else synthesis(i)
+            if kind == 3
+            else weigh_only(i)
+            if kind == 5
+            else anneal_only(i)
         )
     out += [too_hot(i) for i in range(REFUSED)]
     return out

@@ -12,6 +12,11 @@ use crate::config::{FleetAuth, FleetSettings};
 pub const EVENTS_STREAM: &str = "PPU_EVENTS";
 /// The work queue planners publish experiments to.
 pub const WORK_STREAM: &str = "PPU_WORK";
+/// The work stream's subjects: `ppu-work.<caps>`, under a root of their own (`ppu.work.>`
+/// would overlap `ppu.*.events.>`, which nats-server refuses).
+pub const WORK_SUBJECTS: &str = "ppu-work.>";
+/// The prefix of a work subject, before its capabilities.
+pub const WORK_PREFIX: &str = "ppu-work.";
 /// Exactly-once claims of work messages: key = message id, value = lab id.
 pub const CLAIMS_BUCKET: &str = "PPU_CLAIMS";
 /// The lab registry: key = lab id, value = its heartbeat JSON.
@@ -103,7 +108,7 @@ pub async fn ensure_objects(
     let work = js
         .get_or_create_stream(stream::Config {
             name: WORK_STREAM.to_owned(),
-            subjects: vec!["ppu-work.>".to_owned()],
+            subjects: vec![WORK_SUBJECTS.to_owned()],
             storage: stream::StorageType::File,
             retention: stream::RetentionPolicy::WorkQueue,
             duplicate_window: DUPLICATE_WINDOW,

@@ -38,7 +38,8 @@ pub use outbox::{ACKED_KEY, acked as published_sequence};
 pub use work::{CLAIM_HOLD_REASON, consumer_name};
 
 pub use jetstream::{
-    CLAIMS_BUCKET, EVENTS_STREAM, LABS_BUCKET, WORK_STREAM, connect, ensure_objects,
+    CLAIMS_BUCKET, EVENTS_STREAM, LABS_BUCKET, WORK_PREFIX, WORK_STREAM, WORK_SUBJECTS, connect,
+    ensure_objects,
 };
 
 /// The label a fleet experiment carries: its work message's `Nats-Msg-Id`.
@@ -255,7 +256,7 @@ pub fn capabilities_of(spec: &pb::ExperimentSpec) -> Vec<String> {
 
 /// The work-queue subject a planner publishes `spec` to: `ppu-work.<caps joined by '-'>`.
 pub fn work_subject(spec: &pb::ExperimentSpec) -> String {
-    format!("ppu-work.{}", capabilities_of(spec).join("-"))
+    format!("{WORK_PREFIX}{}", capabilities_of(spec).join("-"))
 }
 
 #[cfg(test)]

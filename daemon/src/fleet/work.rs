@@ -20,13 +20,13 @@ use async_nats::jetstream::consumer::{self, PullConsumer};
 use async_nats::jetstream::kv::CreateErrorKind;
 use async_nats::jetstream::message::AckKind;
 use async_nats::jetstream::{self, Message};
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use ppu_proto::v1 as pb;
 use prost::Message as _;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::jetstream::Objects;
+use super::jetstream::{Objects, WORK_PREFIX, WORK_SUBJECTS};
 use super::registry::{capacity, lab_capabilities};
 use super::{BATCH_LABEL, Backoff, FleetSettings, MSG_ID_LABEL, PRINCIPAL};
 use crate::error::{Error, RejectionKind};
@@ -41,6 +41,8 @@ const CLAIMED_PREFIX: &str = "fleet.claimed.";
 const REFRESH: Duration = Duration::from_millis(500);
 /// Idle wait between rounds that found no work.
 const IDLE: Duration = Duration::from_millis(250);
+/// Longest wait for the answer to a no-wait fetch (normally a few ms).
+const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a consumer waits for an unacknowledged message before redelivering it.
 const ACK_WAIT: Duration = Duration::from_secs(30);
 /// Most unacknowledged messages per consumer (all labs together).
@@ -69,7 +71,13 @@ struct Work {
     consumers: BTreeMap<String, PullConsumer>,
     /// Subjects with messages waiting, as last looked up.
     waiting: Vec<String>,
+    /// Where the next round starts in `waiting`, so every subject gets its turn.
+    next_subject: usize,
     refreshed: Option<Instant>,
+    /// A plain subscription to the work subjects: each publish rings it, so an idle lab looks
+    /// at once instead of at its next poll. Only a hint (it may be refused by the account's
+    /// permissions, or miss a message while reconnecting): the polls stay the ground truth.
+    doorbell: Option<async_nats::Subscriber>,
 }
 
 pub(super) async fn run(
@@ -88,8 +96,14 @@ pub(super) async fn run(
         pending: Vec::new(),
         consumers: BTreeMap::new(),
         waiting: Vec::new(),
+        next_subject: 0,
         refreshed: None,
+        doorbell: None,
     };
+    match work.js.client().subscribe(WORK_SUBJECTS).await {
+        Ok(sub) => work.doorbell = Some(sub),
+        Err(e) => info!(error = %e, "fleet work: no doorbell on new work; polling only"),
+    }
     let mut backoff = Backoff::default();
     if let Err(e) = work.load().await {
         warn!(error = %e, "fleet work: cannot read the fleet experiments; not taking work");
@@ -99,9 +113,16 @@ pub(super) async fn run(
         match work.round(&stop).await {
             Ok(true) => backoff.reset(),
             Ok(false) => {
+                let rung = async {
+                    match work.doorbell.as_mut() {
+                        Some(d) => d.next().await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     _ = tokio::time::sleep(IDLE) => {}
+                    Some(_) = rung => work.refreshed = None,
                 }
             }
             Err(e) => {
@@ -178,6 +199,11 @@ impl Work {
     /// One round: settle pending claims, refresh the bound consumers, take at most one
     /// message. True if it did something.
     async fn round(&mut self, stop: &CancellationToken) -> Result<bool, String> {
+        // Rings that came while busy are stale: this round looks anyway. Draining them keeps
+        // the subscription's buffer (whole work messages) from growing while the lab is full.
+        if let Some(d) = self.doorbell.as_mut() {
+            while let Some(Some(_)) = d.next().now_or_never() {}
+        }
         self.settle_pending().await?;
         if self.refreshed.is_none_or(|t| t.elapsed() >= REFRESH) {
             self.refresh().await?;
@@ -185,28 +211,35 @@ impl Work {
         if self.active() >= capacity(&self.settings, &self.scheduler) {
             return Ok(false);
         }
+        // Round-robin over the subjects: starting from the same one each round would take
+        // every message of the first before any of the last (a weighing-only subject sorted
+        // after the furnace ones waited for them all).
         let subjects = self.waiting.clone();
-        for subject in subjects {
+        let n = subjects.len();
+        for k in 0..n {
+            let i = (self.next_subject + k) % n;
+            let subject = &subjects[i];
             if stop.is_cancelled() {
                 return Ok(false);
             }
-            let Some(consumer) = self.consumers.get(&subject).cloned() else {
+            let Some(consumer) = self.consumers.get(subject).cloned() else {
                 continue;
             };
-            let mut batch = consumer
-                .fetch()
-                .max_messages(1)
-                .messages()
-                .await
-                .map_err(|e| format!("fetch from {subject}: {e}"))?;
-            match batch.next().await {
-                Some(Ok(msg)) => {
-                    self.take(msg).await?;
-                    // Look again at once: there may be more.
-                    return Ok(true);
-                }
-                Some(Err(e)) => return Err(format!("fetch from {subject}: {e}")),
-                None => {}
+            // A no-wait fetch has no client-side timer: a pull request or its answer lost in
+            // the cluster (a node dying, a route not yet knowing the reply inbox) would leave
+            // this lab waiting forever, taking no work. Bounded here; the next round asks again.
+            let fetched = tokio::time::timeout(FETCH_TIMEOUT, async {
+                let mut batch = consumer.fetch().max_messages(1).messages().await?;
+                batch.next().await.transpose()
+            })
+            .await
+            .map_err(|_| format!("fetch from {subject}: no answer in {FETCH_TIMEOUT:?}"))?
+            .map_err(|e| format!("fetch from {subject}: {e}"))?;
+            if let Some(msg) = fetched {
+                self.next_subject = i + 1;
+                self.take(msg).await?;
+                // Look again at once: there may be more.
+                return Ok(true);
             }
         }
         // Nothing found where messages were seen (another lab took them): look again next
@@ -224,7 +257,7 @@ impl Work {
         let mut info = self
             .objects
             .work
-            .info_with_subjects("ppu-work.>")
+            .info_with_subjects(WORK_SUBJECTS)
             .await
             .map_err(|e| format!("work stream info: {e}"))?;
         let mut waiting = Vec::new();
@@ -233,7 +266,7 @@ impl Work {
             if count == 0 {
                 continue;
             }
-            let Some(caps) = subject.strip_prefix("ppu-work.") else {
+            let Some(caps) = subject.strip_prefix(WORK_PREFIX) else {
                 continue;
             };
             if caps.split('-').all(|c| mine.contains(c)) {
@@ -495,7 +528,7 @@ impl Work {
 pub fn consumer_name(subject: &str) -> String {
     format!(
         "work_{}",
-        subject.strip_prefix("ppu-work.").unwrap_or(subject)
+        subject.strip_prefix(WORK_PREFIX).unwrap_or(subject)
     )
 }
 

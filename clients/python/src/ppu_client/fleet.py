@@ -672,12 +672,30 @@ class AsyncFleetClient:
                     seen.add(seq)
                     yield msg
         finally:
+            held.extend(await self._late(sub))
             for m in held:
                 try:
                     await m.nak()
                 except Exception:
                     pass
             await _drop(sub)
+
+    async def _late(self, sub: Any) -> list[Any]:
+        """What the last pull request delivered after its fetch returned: the server may send
+        a message just before the request expires, and it lands in the subscription's queue
+        after the fetch gave up. Dropped with the subscription, it would stay pending until its
+        ack wait (30 s) and hold back everything after it in that lab's order. A flush (a
+        round trip: what the server sent before it has arrived) then the queue's contents."""
+        if sub is None or self._nc is None:
+            return []
+        try:
+            await self._nc.flush(timeout=1.0)
+            waiting = sub.pending_msgs
+            if waiting:
+                return list(await sub.fetch(waiting + 1, timeout=0.5))
+        except Exception:
+            pass  # best effort: anything missed comes back after the ack wait
+        return []
 
     async def events(
         self,
