@@ -646,3 +646,111 @@ async fn a_lab_busy_with_furnace_work_still_takes_weighing_work() {
     );
     daemon.shutdown().await;
 }
+
+/// A CA's PEM, and a server certificate and key for 127.0.0.1 it signed.
+fn server_pki() -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "fleet test CA");
+    let ca =
+        CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("key")).expect("CA");
+    let key = KeyPair::generate().expect("key");
+    let cert = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+        .expect("params")
+        .signed_by(&key, &ca)
+        .expect("server cert");
+    (ca.pem(), cert.pem(), key.serialize_pem())
+}
+
+/// `[fleet]` with TLS (the CA in `tls.ca_file`) and an nkey (`nkey_seed_file`), against a
+/// nats-server that requires both: the lab publishes its events. Without the right CA or
+/// without the nkey, JetStream is out of reach.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lab_joins_over_tls_with_an_nkey() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (ca, cert, key) = server_pki();
+    let path = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).expect("write");
+        p
+    };
+    let ca_file = path("ca.pem", &ca);
+    let cert_file = path("server.pem", &cert);
+    let key_file = path("server.key", &key);
+    let user = nkeys::KeyPair::new_user();
+    let seed_file = path("lab.nk", &user.seed().expect("seed"));
+    let conf = path(
+        "server.conf",
+        &format!(
+            "tls {{ cert_file: {cert_file:?}, key_file: {key_file:?} }}\n\
+             authorization {{ users: [ {{ nkey: {:?} }} ] }}\n",
+            user.public_key()
+        ),
+    );
+    let conf = conf.to_string_lossy().into_owned();
+    let Some(nats) = Nats::start_with(&["-c", &conf]) else {
+        return;
+    };
+    let fleet_config = |ca_file: PathBuf| {
+        let mut pol = policies(&nats);
+        if let Some(f) = pol.fleet.as_mut() {
+            f.servers = vec![format!("tls://127.0.0.1:{}", nats.port)];
+            f.nkey_seed_file = Some(seed_file.clone());
+            f.tls = Some(ppu_daemon::config::FleetTlsConfig {
+                ca_file: Some(ca_file),
+                cert_file: None,
+                key_file: None,
+            });
+        }
+        pol
+    };
+
+    // Neither a CA that did not sign the server's certificate nor a missing nkey gets in.
+    let (other_ca, _, _) = server_pki();
+    let untrusting = fleet_config(path("other-ca.pem", &other_ca));
+    let mut anonymous = fleet_config(ca_file.clone());
+    if let Some(f) = anonymous.fleet.as_mut() {
+        f.nkey_seed_file = None;
+    }
+    for (what, pol) in [("an untrusted server", untrusting), ("no nkey", anonymous)] {
+        let settings = pol.fleet_settings().expect("a [fleet]").expect("valid");
+        // The client connects in the background; JetStream never answers through it.
+        let client = fleet::connect(&settings).await.expect("a client");
+        let js = jetstream::new(client);
+        let reached = tokio::time::timeout(
+            Duration::from_secs(3),
+            fleet::ensure_objects(&js, &settings),
+        )
+        .await;
+        assert!(
+            !matches!(reached, Ok(Ok(_))),
+            "reached JetStream with {what}"
+        );
+    }
+
+    let lab = DevLab::start(Clock::new(TIME_SCALE), 1).await.expect("lab");
+    let data = tempfile::tempdir().expect("temp dir");
+    let pol = fleet_config(ca_file);
+    let settings = pol.fleet_settings().expect("a [fleet]").expect("valid");
+    assert!(
+        !format!("{settings:?}").contains(&user.seed().expect("seed")),
+        "{settings:?}"
+    );
+    let daemon = start(&lab, data.path(), &pol).await;
+    daemon
+        .scheduler()
+        .submit(pb::SubmitBatchRequest {
+            idempotency_key: "tls".into(),
+            experiments: vec![furnace_spec("tls", 30.0)],
+        })
+        .await
+        .expect("accepted");
+    wait_for("the outbox to publish over TLS with the nkey", || {
+        caught_up(&daemon)
+    })
+    .await;
+    daemon.shutdown().await;
+}
