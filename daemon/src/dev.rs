@@ -30,12 +30,14 @@ use tokio_util::task::TaskTracker;
 use crate::app::{Daemon, Options, Security, StartError};
 use ppu_drivers::analyser::sorption::config::SorptionMqttEntry;
 use ppu_drivers::balance::sics::config::MtSicsEntry;
+use ppu_drivers::dispenser::ne1000::Ledger;
 use ppu_drivers::dispenser::ne1000::config::Ne1000Entry;
 use ppu_drivers::furnace::eurotherm::config::EurothermEntry;
 
 use crate::config::{BusConfig, Config, DeviceConfig, ModbusRtuBus, Policies, SerialBusEntry};
 use crate::devices::PollSettings;
 use crate::scheduler::Scheduler;
+use crate::store::{Store, StoreError};
 
 /// Seed of the simulated world (hidden material model, measurement noise).
 pub const WORLD_SEED: u64 = 42;
@@ -414,6 +416,7 @@ impl DevLab {
             buses: self.bus_configs(),
             devices,
         };
+        self.restore_syringes(data_dir).await?;
         let drivers = config.drivers().map_err(StartError::Drivers)?;
         let opts = Options {
             listen,
@@ -423,6 +426,33 @@ impl DevLab {
             security,
         };
         Daemon::start_with(opts, policies, drivers).await
+    }
+
+    /// A real syringe keeps its contents when the daemon dies; a simulated one starts full with
+    /// each `ppud dev` process. On a restart, each simulated syringe is filled to what the
+    /// daemon's store last recorded for its pump (the driver restores the same record), so the
+    /// two agree: a refill of a syringe the daemon thinks is 9.5 mL full must not stall against
+    /// the end of one the simulator thinks is full.
+    async fn restore_syringes(&self, data_dir: &Path) -> Result<(), StartError> {
+        let Some(station) = &self.dispensing else {
+            return Ok(());
+        };
+        let path = data_dir.join(crate::app::STORE_FILE);
+        if !path.exists() {
+            return Ok(());
+        }
+        let states = tokio::task::spawn_blocking(move || Store::open(&path)?.device_states())
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))??;
+        for (id, state) in states {
+            let Some(pump) = station.pumps.iter().find(|p| p.id == id) else {
+                continue;
+            };
+            if let Ok((_, ledger)) = Ledger::decode(&state) {
+                pump.sim.set_counted_fill(ledger.fill_ml);
+            }
+        }
+        Ok(())
     }
 
     /// The shared lines of the simulated lab, as `ppud serve` would have them: the furnaces'

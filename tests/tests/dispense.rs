@@ -338,3 +338,51 @@ async fn running_the_syringe_dry_fails_clearly_a_refill_recovers_and_the_fill_su
     assert!((d[0].remaining_ml - 4.0).abs() < 1e-6, "{d:?}");
     lab.stop().await;
 }
+
+/// `ppud dev` killed and started again on its data dir: the new process's simulated syringes
+/// hold what the daemon recorded (as real ones would have kept it), not a fresh full syringe.
+/// Before, the driver restored 9.5 mL while the simulator started at 10 mL, and the next
+/// refill stalled against the end of the syringe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_dev_lab_fills_its_simulated_syringes_to_the_recorded_level() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let lab = Lab::start_in_with(dir.path(), lab_options()).await;
+    let done = run_batch(
+        &lab,
+        "before",
+        vec![experiment("before", vec![dispense("A", 0.5, 20.0)])],
+    )
+    .await;
+    assert_eq!(done[0].state, pb::ExperimentState::Succeeded as i32);
+    lab.stop().await;
+
+    // A new simulated lab, as a new `ppud dev` process has, on the same data dir.
+    let lab = Lab::start_in_with(dir.path(), lab_options()).await;
+    let station = lab.devlab.dispensing.as_ref().expect("station");
+    let contents = station
+        .pump("pump-a")
+        .expect("pump-a")
+        .sim
+        .snapshot()
+        .contents_ml;
+    assert!(
+        (contents - 9.5).abs() < 0.05,
+        "simulated syringe holds {contents} mL"
+    );
+    let after = run_batch(
+        &lab,
+        "after",
+        vec![experiment(
+            "after",
+            vec![refill("A"), dispense("A", 0.5, 20.0)],
+        )],
+    )
+    .await;
+    assert_eq!(
+        after[0].state,
+        pb::ExperimentState::Succeeded as i32,
+        "{}",
+        after[0].message
+    );
+    lab.stop().await;
+}

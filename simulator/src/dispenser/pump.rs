@@ -326,6 +326,18 @@ impl PumpModel {
     }
 
     /// The next run (or the current one) stalls after `ml` of counted volume.
+    /// Sets the syringe to what it holds after the pump, starting full, counted its plunger
+    /// down to `counted_ml` (the volume the pump's counters and a driver's ledger speak of):
+    /// the physical contents differ by the delivery error. A restarted `ppud dev` puts back
+    /// what its lab's syringes held.
+    pub fn set_counted_fill(&mut self, counted_ml: f64) {
+        if counted_ml.is_finite() {
+            let full = self.cfg.syringe_volume_ml.max(0.0);
+            let gain = 1.0 + self.cfg.delivery_error;
+            self.contents_ml = (full - (full - counted_ml) * gain).clamp(0.0, full);
+        }
+    }
+
     pub fn stall_after(&mut self, ml: Option<f64>) {
         self.stall_after_ml = ml;
     }
@@ -656,6 +668,11 @@ impl SimPump {
         };
         self.record(delivered);
         total
+    }
+
+    /// See [`PumpModel::set_counted_fill`].
+    pub fn set_counted_fill(&self, counted_ml: f64) {
+        self.with_model(|m| m.set_counted_fill(counted_ml));
     }
 
     /// Fault: the next run (or the current one) stalls after `ml` of counted volume.
