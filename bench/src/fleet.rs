@@ -590,9 +590,10 @@ async fn latency(bin: &Path, work: &Path, sizes: Sizes, run_id: &str) -> Result<
     let fleet = Fleet::start(bin, work, sizes, 1).await?;
     let result = measure_latency(&fleet, sizes, run_id).await;
     fleet.stop().await;
-    let (mut direct, mut via_fleet) = result?;
+    let (mut direct, mut via_fleet, mut at_lab) = result?;
     let d = Summary::of(&mut direct);
     let f = Summary::of(&mut via_fleet);
+    let l = Summary::of(&mut at_lab);
     let common = |fig: Figure| {
         fig.param("samples", sizes.latency_samples)
             .param("lab", "idle")
@@ -610,10 +611,12 @@ async fn latency(bin: &Path, work: &Path, sizes: Sizes, run_id: &str) -> Result<
         common(Figure::new("fleet.first_event_p50", f.p50 * 1e3, "ms"))
             .num("direct_p50_ms", d.p50 * 1e3)
             .num("vs_direct", f.p50 / d.p50)
+            .num("at_lab_p50_ms", l.p50 * 1e3)
             .param("path", "publish_PPU_WORK->PPU_EVENTS_consumer"),
         common(Figure::new("fleet.first_event_p99", f.p99 * 1e3, "ms"))
             .num("direct_p99_ms", d.p99 * 1e3)
             .num("vs_direct", f.p99 / d.p99)
+            .num("at_lab_p99_ms", l.p99 * 1e3)
             .num("max_ms", f.max * 1e3)
             .param("path", "publish_PPU_WORK->PPU_EVENTS_consumer"),
     ];
@@ -644,7 +647,7 @@ async fn measure_latency(
     fleet: &Fleet,
     sizes: Sizes,
     run_id: &str,
-) -> Result<(Vec<f64>, Vec<f64>)> {
+) -> Result<(Vec<f64>, Vec<f64>, Vec<f64>)> {
     let lab = fleet.labs.first().context("no lab")?;
     let channel = lab.channel().await?;
 
@@ -689,10 +692,29 @@ async fn measure_latency(
             }
         }
     });
+    // The same event committed at the lab (its event bus), by sequence: splits the fleet's
+    // latency into taking the work (pull, commit) and publishing the event (outbox).
+    let mut bus = lab.scheduler()?.store().subscribe();
+    let (tx, mut bus_rx) = mpsc::unbounded_channel();
+    let bus_task = tokio::spawn(async move {
+        use tokio::sync::broadcast::error::RecvError;
+        loop {
+            match bus.recv().await {
+                Ok(p) => {
+                    if tx.send((Instant::now(), p.event().sequence)).is_err() {
+                        break;
+                    }
+                }
+                Err(RecvError::Lagged(_)) => {}
+                Err(RecvError::Closed) => break,
+            }
+        }
+    });
     let result = async {
         let mut client = ExperimentServiceClient::new(channel);
         let mut direct = Vec::new();
         let mut via_fleet = Vec::new();
+        let mut at_lab = Vec::new();
         for i in 0..sizes.latency_samples {
             let deadline = tokio::time::Instant::now() + sizes.deadline;
             // Direct.
@@ -724,22 +746,30 @@ async fn measure_latency(
             let t0 = Instant::now();
             let ack = publish(&fleet.js, &spec, &msg_id, &format!("{run_id}.latency")).await?;
             ack.await.context("JetStream did not store a work message")?;
-            let (at, _, _) =
+            let (at, _, first) =
                 next_matching(&mut fleet_rx, deadline, "fleet first event", |(_, m, _)| {
                     m.as_deref() == Some(msg_id.as_str())
                 })
                 .await?;
             via_fleet.push(at.duration_since(t0).as_secs_f64());
+            let sequence = first.map(|e| e.sequence).context("an undecodable event")?;
+            let (committed, _) =
+                next_matching(&mut bus_rx, deadline, "fleet first event at the lab", |(_, s)| {
+                    *s >= sequence
+                })
+                .await?;
+            at_lab.push(committed.duration_since(t0).as_secs_f64());
             next_matching(&mut fleet_rx, deadline, "fleet sample's end", |(_, m, e)| {
                 m.as_deref() == Some(msg_id.as_str())
                     && matches!(e, Some(pb::Event { kind: Some(pb::event::Kind::ExperimentStateChanged(c)), .. }) if is_terminal(c.to))
             })
             .await?;
         }
-        Ok::<_, anyhow::Error>((direct, via_fleet))
+        Ok::<_, anyhow::Error>((direct, via_fleet, at_lab))
     }
     .await;
     direct_task.abort();
     fleet_task.abort();
+    bus_task.abort();
     result
 }
