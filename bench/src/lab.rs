@@ -13,6 +13,7 @@ use ppu_daemon::app::{Daemon, Security};
 use ppu_daemon::config::Policies;
 use ppu_daemon::dev::{DevLab, TransferRobot};
 use ppu_daemon::devices::PollSettings;
+use ppu_daemon::scheduler::Scheduler;
 use ppu_drivers::Clock;
 use tonic::transport::Channel;
 
@@ -54,6 +55,15 @@ pub struct Lab {
 
 impl Lab {
     pub async fn start(data_dir: &Path, config: LabConfig) -> Result<Lab> {
+        Self::start_with(data_dir, config, &Policies::default()).await
+    }
+
+    /// [`Lab::start`] with the daemon's policies (the fleet figures set `[fleet]`).
+    pub async fn start_with(
+        data_dir: &Path,
+        config: LabConfig,
+        policies: &Policies,
+    ) -> Result<Lab> {
         let clock = Clock::new(config.time_scale);
         let mut devlab = DevLab::start(clock, config.furnaces)
             .await
@@ -78,7 +88,7 @@ impl Lab {
                 "127.0.0.1:0".parse()?,
                 data_dir,
                 poll,
-                &Policies::default(),
+                policies,
                 bench_security(None),
             )
             .await
@@ -108,6 +118,14 @@ impl Lab {
         Ok(Channel::from_shared(format!("http://{addr}"))?
             .connect()
             .await?)
+    }
+
+    /// The daemon's scheduler (and through it, its store).
+    pub fn scheduler(&self) -> Result<&Scheduler> {
+        self.daemon
+            .as_ref()
+            .map(Daemon::scheduler)
+            .context("daemon stopped")
     }
 
     /// Graceful shutdown: robot, daemon (devices to safe state), then the simulators.

@@ -1,6 +1,6 @@
 //! `ppu-bench`: the figures that show ppu is fast, measured against a real daemon — durable
-//! submit throughput, event fan-out latency, driver overhead, memory and start-up at scale, and a
-//! simulated campaign. Each figure prints as one line, `NAME VALUE UNIT key=value ...`, with its
+//! submit throughput, event fan-out latency, driver overhead, memory and start-up at scale, a
+//! simulated campaign, and the fleet on NATS JetStream (1–3 labs, submit-to-first-event). Each figure prints as one line, `NAME VALUE UNIT key=value ...`, with its
 //! bare baseline from the same run where one exists (see docs/BENCHMARKS.md).
 //!
 //! `--quick` runs every figure in under two minutes on a 2-core machine; `--smoke` runs a tiny
@@ -10,6 +10,7 @@ mod campaign;
 mod driver;
 mod fanout;
 mod figure;
+mod fleet;
 mod lab;
 mod latency;
 mod memory;
@@ -96,6 +97,7 @@ enum Section {
     Scale,
     Campaign,
     Memory,
+    Fleet,
 }
 
 /// Idle time before the memory figure reads `after`: longer than tokio's keep-alive of idle
@@ -113,6 +115,7 @@ struct Plan {
     /// Time scales the campaign runs at, one figure each.
     campaign_scales: Vec<f64>,
     memory: memory::Sizes,
+    fleet: fleet::Sizes,
 }
 
 impl Plan {
@@ -174,6 +177,16 @@ impl Plan {
                 stream_rounds: 3,
                 settle: MEMORY_SETTLE,
             },
+            fleet: fleet::Sizes {
+                // 18 programs of ~1 s (2,000 physical s at 2,000x): ~18 s on one lab, the
+                // same count on every lab (18 divides by 2 and 3).
+                experiments: 18,
+                time_scale: 2000.0,
+                hold_s: 1715.0,
+                max_labs: 3,
+                latency_samples: 20,
+                deadline: Duration::from_secs(120),
+            },
         }
     }
 
@@ -224,6 +237,11 @@ impl Plan {
                 streams: 200,
                 stream_rounds: 2,
                 settle: MEMORY_SETTLE,
+            },
+            fleet: fleet::Sizes {
+                experiments: 6,
+                latency_samples: 10,
+                ..full.fleet
             },
         }
     }
@@ -277,6 +295,12 @@ impl Plan {
                 streams: 20,
                 stream_rounds: 1,
                 settle: Duration::from_millis(500),
+            },
+            fleet: fleet::Sizes {
+                experiments: 3,
+                hold_s: 100.0,
+                latency_samples: 2,
+                ..full.fleet
             },
         }
     }
@@ -373,6 +397,9 @@ async fn main() -> Result<()> {
     }
     if wants(Section::Memory) {
         memory::run(plan.memory, &work).await?;
+    }
+    if wants(Section::Fleet) {
+        fleet::run(plan.fleet, &work).await?;
     }
     note(format!("done in {:.1} s", started.elapsed().as_secs_f64()));
     Ok(())

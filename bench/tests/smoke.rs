@@ -95,6 +95,21 @@ fn smoke_run_prints_every_figure() {
         ("memory.cancel_burst", None),
         ("memory.stream_burst", Some(("round", "1"))),
     ]);
+    // The fleet figures need nats-server; without it the section says so and is skipped.
+    let fleet = !stdout.contains("fleet: skipped");
+    if fleet {
+        for n in ["1", "2", "3"] {
+            expected.push(("fleet.campaign", Some(("labs", n))));
+        }
+        for n in ["2", "3"] {
+            expected.push(("fleet.throughput_ratio", Some(("labs", n))));
+        }
+        expected.extend([
+            ("fleet.direct_first_event_p50", None),
+            ("fleet.first_event_p50", None),
+            ("fleet.first_event_p99", None),
+        ]);
+    }
     let missing: Vec<_> = expected.iter().filter(|(n, k)| !has(n, *k)).collect();
     assert!(
         missing.is_empty(),
@@ -107,7 +122,7 @@ fn smoke_run_prints_every_figure() {
     );
 
     // Every figure prints its bare baseline (or the run's own reference) from the same run.
-    let baselines: [(&str, &[&str]); 12] = [
+    let baselines: [(&str, &[&str]); 15] = [
         ("submit.throughput", &["bare_redb_rows_per_s", "vs_bare"]),
         (
             "submit.single_p50",
@@ -126,6 +141,12 @@ fn smoke_run_prints_every_figure() {
         ("startup.daemon_start", &["store_open_ms", "baseline_ms"]),
         ("campaign.wall_time", &["physics_floor_s", "busiest_pct"]),
         ("memory.idle_rss", &["bare_grpc_process_mb"]),
+        (
+            "fleet.throughput_ratio",
+            &["base_exp_per_s", "exactly_once"],
+        ),
+        ("fleet.first_event_p50", &["direct_p50_ms", "vs_direct"]),
+        ("fleet.first_event_p99", &["direct_p99_ms", "vs_direct"]),
     ];
     for (name, keys) in baselines {
         for l in lines.iter().filter(|l| l.name == name) {
@@ -135,7 +156,7 @@ fn smoke_run_prints_every_figure() {
         }
     }
     // The goals the issue sets are on their lines, each with a verdict.
-    for (name, key) in [
+    let mut goals = vec![
         ("submit.throughput", Some(("batch", "1000"))),
         ("submit.single_p50", None),
         ("submit.concurrent", None),
@@ -145,7 +166,12 @@ fn smoke_run_prints_every_figure() {
         ("scale.rss_after_log_read", None),
         ("startup.daemon_start", None),
         ("campaign.wall_time", None),
-    ] {
+    ];
+    if fleet {
+        goals.push(("fleet.throughput_ratio", Some(("labs", "2"))));
+        goals.push(("fleet.throughput_ratio", Some(("labs", "3"))));
+    }
+    for (name, key) in goals {
         let l = lines
             .iter()
             .find(|l| {
@@ -178,6 +204,14 @@ fn smoke_run_prints_every_figure() {
                     .and_then(|n| n.parse().ok()),
         "succeeded={succeeded} is not N/experiments"
     );
+    // Whatever the timing, every fleet experiment ran exactly once across the labs.
+    for l in lines.iter().filter(|l| l.name == "fleet.campaign") {
+        assert_eq!(
+            l.params.get("exactly_once").map(String::as_str),
+            Some("true"),
+            "{l:?}"
+        );
+    }
 }
 
 #[test]
