@@ -432,8 +432,9 @@ impl DevLab {
     /// each `ppud dev` process. On a restart, each simulated syringe is filled to what the
     /// daemon's store last recorded for its pump (the driver restores the same record), so the
     /// two agree: a refill of a syringe the daemon thinks is 9.5 mL full must not stall against
-    /// the end of one the simulator thinks is full.
-    async fn restore_syringes(&self, data_dir: &Path) -> Result<(), StartError> {
+    /// the end of one the simulator thinks is full. Call it before a daemon opens `data_dir`
+    /// (the `start_*` methods do).
+    pub async fn restore_syringes(&self, data_dir: &Path) -> Result<(), StartError> {
         let Some(station) = &self.dispensing else {
             return Ok(());
         };

@@ -372,6 +372,9 @@ async fn main() -> Result<()> {
                 ..Security::default()
             };
             security.limits.submit_per_minute = submit_per_minute;
+            lab.restore_syringes(&config.data_dir)
+                .await
+                .context("reading the syringe fills recorded in the data dir")?;
             let lab = Arc::new(lab);
             let robot = (lab.clone(), Duration::from_millis(transfer_delay_ms));
             run(config, &policies, security, poll, clock, Some(robot)).await?;
