@@ -409,6 +409,13 @@ def test_a_campaign_across_three_labs_survives_a_lab_and_a_node_dying(
             for pw in cluster.users.values():
                 assert pw not in text, f"{lab.name}'s log shows a NATS password"
 
+    reasons = Counter(
+        f"{r.state.name} in {r.lab}: {r.reason}"
+        for [r] in outcomes.values()
+        if not r.refused and r.state is not State.SUCCEEDED
+    )
+    for why, n in reasons.most_common():
+        print(f"  {n} x {why}")
     print(
         f"\nfleet run: {TOTAL} experiments in {run_s:.0f} s; outcomes {dict(states)}; "
         f"events per lab { ({k: len(v) for k, v in sorted(by_lab.items())}) }"
