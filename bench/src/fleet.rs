@@ -13,7 +13,7 @@
 //! time scale, so the wall time is bounded by device (physical) time, not by the CPU.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -70,7 +70,7 @@ const RAMP_C_PER_MIN: f64 = 20.0;
 const SAMPLE_HOLD_S: f64 = 10.0;
 
 pub async fn run(sizes: Sizes, work: &Path) -> Result<Vec<Figure>> {
-    let Some(bin) = nats_server() else {
+    let Some(bin) = ppu_daemon::dev::nats_server_binary() else {
         note("fleet: skipped, nats-server is not installed (apt-get install nats-server)");
         return Ok(Vec::new());
     };
@@ -109,25 +109,6 @@ pub async fn run(sizes: Sizes, work: &Path) -> Result<Vec<Figure>> {
     }
     figures.extend(latency(&bin, work, sizes, &run_id).await?);
     Ok(figures)
-}
-
-/// Debian's binary, or one on PATH.
-fn nats_server() -> Option<PathBuf> {
-    [
-        "/usr/sbin/nats-server",
-        "/usr/bin/nats-server",
-        "/usr/local/bin/nats-server",
-    ]
-    .iter()
-    .map(PathBuf::from)
-    .find(|p| p.exists())
-    .or_else(|| {
-        std::env::var_os("PATH").and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|d| d.join("nats-server"))
-                .find(|p| p.exists())
-        })
-    })
 }
 
 /// A JetStream-enabled `nats-server` on a free loopback port with its own store directory,

@@ -105,6 +105,30 @@ pub const DEV_REAGENTS: [(&str, &str, f64, f64); 2] =
 /// Id of the simulated station's balance.
 pub const DEV_BALANCE: &str = "balance-1";
 
+/// The `nats-server` the fleet's tests and bench start: `$PPU_NATS_SERVER` (`.ci/run` sets
+/// it), else Debian's package path or one on `PATH`; `None` when none is installed.
+pub fn nats_server_binary() -> Option<std::path::PathBuf> {
+    use std::path::PathBuf;
+    if let Some(p) = std::env::var_os("PPU_NATS_SERVER").map(PathBuf::from) {
+        return p.exists().then_some(p);
+    }
+    [
+        "/usr/sbin/nats-server",
+        "/usr/bin/nats-server",
+        "/usr/local/bin/nats-server",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists())
+    .or_else(|| {
+        std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join("nats-server"))
+                .find(|p| p.exists())
+        })
+    })
+}
+
 /// The simulated dispensing station of `ppud dev`: a pump per reagent of [`DEV_REAGENTS`] (full
 /// 10 mL syringes, daisy-chained on one line as [`DEV_PUMP_BUS`], already powered: no `A?R`)
 /// over the balance [`DEV_BALANCE`], without faults; what it delivers is filed in `world` when

@@ -46,21 +46,7 @@ impl Nats {
     }
 
     fn start_with(args: &[&str]) -> Option<Nats> {
-        let bin = [
-            "/usr/sbin/nats-server",
-            "/usr/bin/nats-server",
-            "/usr/local/bin/nats-server",
-        ]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())
-        .or_else(|| {
-            std::env::var_os("PATH").and_then(|paths| {
-                std::env::split_paths(&paths)
-                    .map(|d| d.join("nats-server"))
-                    .find(|p| p.exists())
-            })
-        });
+        let bin = ppu_daemon::dev::nats_server_binary();
         let Some(bin) = bin else {
             eprintln!("SKIPPED: nats-server is not installed (apt-get install nats-server)");
             return None;

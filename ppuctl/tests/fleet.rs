@@ -3,7 +3,6 @@
 //! Skipped with a notice when nats-server is not installed (CI installs it).
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
@@ -21,17 +20,6 @@ impl Drop for Nats {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn nats_server() -> Option<PathBuf> {
-    [
-        "/usr/sbin/nats-server",
-        "/usr/bin/nats-server",
-        "/usr/local/bin/nats-server",
-    ]
-    .iter()
-    .map(PathBuf::from)
-    .find(|p| p.exists())
 }
 
 fn ppuctl_fleet(url: &str, json: bool) -> (bool, String, String) {
@@ -54,7 +42,7 @@ fn ppuctl_fleet(url: &str, json: bool) -> (bool, String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fleet_lists_the_labs_of_the_registry() {
-    let Some(bin) = nats_server() else {
+    let Some(bin) = ppu_daemon::dev::nats_server_binary() else {
         eprintln!("SKIPPED: nats-server is not installed (apt-get install nats-server)");
         return;
     };
