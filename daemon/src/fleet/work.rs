@@ -205,11 +205,14 @@ impl Work {
             while let Some(Some(_)) = d.next().now_or_never() {}
         }
         self.settle_pending().await?;
-        if self.refreshed.is_none_or(|t| t.elapsed() >= REFRESH) {
-            self.refresh().await?;
-        }
+        // While full, no look at the work stream: a burst of publishes rings the doorbell for
+        // each, and each look is a stream info request. Once there is room the next round
+        // looks (at once if a ring came meanwhile: `refreshed` was cleared).
         if self.active() >= capacity(&self.settings, &self.scheduler) {
             return Ok(false);
+        }
+        if self.refreshed.is_none_or(|t| t.elapsed() >= REFRESH) {
+            self.refresh().await?;
         }
         // Round-robin over the subjects: starting from the same one each round would take
         // every message of the first before any of the last (a weighing-only subject sorted
