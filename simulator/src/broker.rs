@@ -132,14 +132,40 @@ impl Relay {
                     };
                     let _ = client.set_nodelay(true);
                     let _ = upstream.set_nodelay(true);
+                    let (mut client_rx, client_tx) = client.into_split();
+                    let (upstream_rx, mut upstream_tx) = upstream.into_split();
                     tokio::select! {
                         _ = conn_stop.cancelled() => {}
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
+                        _ = tokio::io::copy(&mut client_rx, &mut upstream_tx) => {}
+                        _ = from_broker(upstream_rx, client_tx) => {}
                     }
                 });
             }
         });
         Relay { stop, task }
+    }
+}
+
+/// Forwards what rumqttd sends to the client, acknowledging each read at once.
+///
+/// rumqttd does not set `TCP_NODELAY` on the sockets it accepts, so a second small packet it
+/// writes (a PUBLISH right after a PUBACK, say) waits under Nagle's algorithm until the first
+/// is acknowledged, and the relay's kernel would hold that acknowledgement for its delayed-ACK
+/// time (40 ms on Linux). Quick ACKs on the relay's side take that wait away; the kernel
+/// clears the flag by itself, so it is set again after every read.
+async fn from_broker(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+) -> io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            return to.shutdown().await;
+        }
+        let _ = socket2::SockRef::from(from.as_ref()).set_tcp_quickack(true);
+        to.write_all(&buf[..n]).await?;
     }
 }
 
@@ -256,7 +282,7 @@ impl Mosquitto {
         ));
         std::fs::create_dir_all(&dir)?;
         let conf = format!(
-            "listener {} 127.0.0.1\nallow_anonymous true\npersistence false\n",
+            "listener {} 127.0.0.1\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n",
             addr.port()
         );
         std::fs::write(dir.join("mosquitto.conf"), conf)?;

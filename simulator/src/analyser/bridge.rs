@@ -1043,6 +1043,9 @@ async fn connection(shared: Arc<Shared>) {
         true,
     ));
     let (client, mut eventloop) = AsyncClient::new(options, 1024);
+    // Acks, points and progress are small replies: without this each may wait out the
+    // driver's delayed ACK (40 ms on Linux) behind Nagle's algorithm.
+    eventloop.network_options.set_tcp_nodelay(true);
     let cmd_topic = shared.topic("cmd");
     let result_ack_topic = shared.topic("result/ack");
     let mut backoff = Duration::from_millis(100);
