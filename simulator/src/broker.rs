@@ -122,12 +122,12 @@ impl Relay {
                     _ = token.cancelled() => return,
                     accepted = listener.accept() => accepted,
                 };
-                let Ok((mut client, _)) = accepted else {
+                let Ok((client, _)) = accepted else {
                     continue;
                 };
                 let conn_stop = token.clone();
                 tokio::spawn(async move {
-                    let Ok(mut upstream) = TcpStream::connect(internal).await else {
+                    let Ok(upstream) = TcpStream::connect(internal).await else {
                         return;
                     };
                     let _ = client.set_nodelay(true);
