@@ -217,7 +217,10 @@ impl ModbusBus {
     async fn connect(&self, slave: Slave) -> std::io::Result<Context> {
         match &self.endpoint {
             ModbusEndpoint::Tcp(addr) => {
-                tokio_modbus::client::tcp::connect_slave(*addr, slave).await
+                let stream = tokio::net::TcpStream::connect(*addr).await?;
+                // One small request, one small reply: never hold a request back for Nagle.
+                stream.set_nodelay(true)?;
+                Ok(tokio_modbus::client::tcp::attach_slave(stream, slave))
             }
             ModbusEndpoint::Rtu { path, baud_rate } => {
                 use tokio_serial::SerialPortBuilderExt as _;
