@@ -12,6 +12,7 @@ use anyhow::{Context, Result, bail};
 use pb::event_service_client::EventServiceClient;
 use pb::experiment_service_client::ExperimentServiceClient;
 use ppu_proto::v1 as pb;
+use ppu_sim::analyser::{DEGAS_RAMP_C_PER_MIN, FREE_SPACE_S};
 
 use crate::figure::{Figure, note};
 use crate::lab::{Lab, LabConfig};
@@ -49,12 +50,13 @@ pub async fn run(sizes: Sizes, work: &Path) -> Result<Vec<Figure>> {
 const GOAL_TIME_SCALE: f64 = 100_000.0;
 const GOAL_WALL_S: f64 = 15.0;
 
-/// Ambient temperature a furnace program starts from, °C (the first ramp's start).
+/// Ambient temperature a furnace program or a degas starts from, °C.
 const AMBIENT_C: f64 = 25.0;
 
 /// Physical seconds a step needs by its physics alone: a furnace program's ramps and holds
-/// (from ambient), a degas's duration, an isotherm's equilibration times as measured, a
-/// dispense's volume at its rate. Steps of other kinds count 0.
+/// (from ambient), a degas's heating (at the simulated port's rate) and hold, an isotherm's
+/// free-space measurement (each campaign sample is new to the analyser) and equilibration
+/// times as measured, a dispense's volume at its rate. Steps of other kinds count 0.
 fn physical_s(step: &pb::Step, result: &pb::StepResult) -> f64 {
     use pb::furnace_segment::Kind as Seg;
     match &step.kind {
@@ -73,10 +75,12 @@ fn physical_s(step: &pb::Step, result: &pb::StepResult) -> f64 {
             }
             s
         }
-        Some(pb::step::Kind::Degas(d)) => d.duration_s,
+        Some(pb::step::Kind::Degas(d)) => {
+            (d.temperature_c - AMBIENT_C).max(0.0) / DEGAS_RAMP_C_PER_MIN * 60.0 + d.duration_s
+        }
         Some(pb::step::Kind::Isotherm(_)) => match &result.result {
             Some(pb::step_result::Result::Isotherm(i)) => {
-                i.points.iter().map(|p| p.equilibration_time_s).sum()
+                FREE_SPACE_S + i.points.iter().map(|p| p.equilibration_time_s).sum::<f64>()
             }
             _ => 0.0,
         },
@@ -235,7 +239,8 @@ async fn measure(lab: &Lab, sizes: Sizes) -> Result<Vec<Figure>> {
         .param("busiest", bottleneck)
         .num("busiest_pct", 100.0 * bottleneck_s / wall)
         // The physics-only lower bound: the device with the most physical time to spend
-        // (degas, isotherm equilibration, furnace ramps and holds, dispensing) at this time
+        // (degas heating and hold, free space and isotherm equilibration, furnace ramps and
+        // holds, dispensing) at this time
         // scale, with no protocol, transfer or scheduling time at all.
         .num("physics_floor_s", floor_s)
         .param("floor_device", floor_device)

@@ -23,10 +23,11 @@ const MAX_RECORDS: usize = 256;
 const BASE_VACUUM_BAR: f64 = 2e-6;
 /// Degas vacuum worse than this raises a leak alarm, bar (≈ 10 µmHg).
 const VACUUM_ALARM_BAR: f64 = 1.3e-5;
-/// Heating rate of the degas port, °C/min.
-const DEGAS_RAMP_C_PER_MIN: f64 = 10.0;
-/// Physical duration of a helium free-space measurement, s.
-const FREE_SPACE_S: f64 = 900.0;
+/// Heating rate of the degas port, °C/min: a degas heats from 25 °C at this rate, then holds.
+pub const DEGAS_RAMP_C_PER_MIN: f64 = 10.0;
+/// Physical duration of a helium free-space measurement, s (once per sample, before its first
+/// isotherm).
+pub const FREE_SPACE_S: f64 = 900.0;
 
 /// One remembered request: what was published for it, for replay.
 #[derive(Debug, Clone)]

@@ -37,7 +37,7 @@ use std::time::Duration;
 use ppu_drivers::Clock;
 
 use crate::world::World;
-pub use bridge::SimAnalyser;
+pub use bridge::{DEGAS_RAMP_C_PER_MIN, FREE_SPACE_S, SimAnalyser};
 pub use dosing::Tolerance;
 pub use physics::{CellGeometry, Material};
 
