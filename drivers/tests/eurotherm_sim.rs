@@ -703,3 +703,67 @@ async fn a_silent_controller_is_noticed_within_the_grace_between_samples() {
         "{reason}"
     );
 }
+
+/// A TCP relay in front of `upstream` that holds each reply carrying the PV block (a read of
+/// five holding registers: function 3, byte count 10) `delay` of real time before passing it
+/// on, as a loaded host or a slow link would. Every other reply passes at once.
+async fn slow_pv_replies(upstream: SocketAddr, delay: Duration) -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                continue;
+            };
+            let _ = client.set_nodelay(true);
+            let _ = server.set_nodelay(true);
+            let (mut client_rx, mut client_tx) = client.into_split();
+            let (mut server_rx, mut server_tx) = server.into_split();
+            tokio::spawn(async move { tokio::io::copy(&mut client_rx, &mut server_tx).await });
+            tokio::spawn(async move {
+                let mut buf = [0u8; 512];
+                while let Ok(n) = server_rx.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    // After the 7-byte MBAP header: function code, byte count.
+                    if n > 8 && buf[7] == 3 && buf[8] == 10 {
+                        tokio::time::sleep(delay).await;
+                    }
+                    if client_tx.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A segment is judged by the physical time its sample was asked for, not by when the reply
+/// came back. Here each PV reply arrives 100 ms late, 2,000 s of physical time at 20,000×,
+/// longer than the ramp's whole allowance (105 s + 600 s settle): judged on arrival, the first
+/// sample (PV near ambient, read as the ramp starts) would fail the ramp although the furnace
+/// reaches its target in physical time. The outcome must not depend on the time scale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reply_does_not_fail_a_ramp_the_furnace_completes_in_physical_time() {
+    let rig = rig(20_000.0).await;
+    let relay = slow_pv_replies(rig.addr, Duration::from_millis(100)).await;
+    let mut config = config(relay);
+    config.modbus.timeout = Duration::from_secs(2);
+    config.settle_timeout_s = 600.0;
+    let dev = Eurotherm::new(config);
+    let step = ppu_drivers::furnace::program_command(&[Segment::Ramp {
+        temperature_c: 60.0,
+        rate_c_per_min: 20.0,
+    }]);
+    let (ctx, _rx) = context(rig.clock);
+    let result = tokio::time::timeout(Duration::from_secs(60), dev.execute(&step, ctx))
+        .await
+        .expect("program finishes")
+        .unwrap_or_else(|e| panic!("the ramp failed on a slow link: {e}"));
+    let result = furnace(result);
+    assert_eq!(result.targets.len(), 1, "{:?}", result.targets);
+    assert_eq!(result.targets[0].temperature_c, 60.0);
+}

@@ -1021,6 +1021,11 @@ impl<'a> ProgramRun<'a> {
             None => 0.0,
         };
         loop {
+            // The sample is judged at the physical time it was asked for. An exchange slowed
+            // in real time (a loaded host, a slow link) moves the clock on by its delay times
+            // the scale; judged after it, a PV read before the deadline would fail the
+            // segment at a high scale only, and the outcome would depend on the time scale.
+            let asked_s = clock.now_s();
             let snap = self.poll(heating.then_some(target)).await?;
             self.dev.holds_setpoint(&snap, target)?;
             let now = clock.now_s();
@@ -1034,7 +1039,7 @@ impl<'a> ProgramRun<'a> {
                 return Ok(());
             }
             let allowed_s = expected_s + config.settle_timeout_s;
-            if now - start_s > allowed_s {
+            if asked_s - start_s > allowed_s {
                 return Err(DeviceError::Fault(format!(
                     "furnace did not reach {target} °C within {allowed_s:.0} s \
                      (expected {expected_s:.0} s + settle {:.0} s); PV {:.1} °C",
