@@ -49,7 +49,7 @@ struct Cli {
     /// Subscriber counts of the events figure (comma-separated; default 1,10,100).
     #[arg(long, value_delimiter = ',')]
     subscribers: Vec<usize>,
-    /// Physical seconds per real second for the campaign figure (default: 50000 and 100000
+    /// Physical seconds per real second for the campaign figure (default: 100000 and 200000
     /// in a full run, 100000 with --quick or --smoke).
     #[arg(long)]
     time_scale: Option<f64>,
