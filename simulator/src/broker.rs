@@ -152,7 +152,8 @@ impl Relay {
 /// writes (a PUBLISH right after a PUBACK, say) waits under Nagle's algorithm until the first
 /// is acknowledged, and the relay's kernel would hold that acknowledgement for its delayed-ACK
 /// time (40 ms on Linux). Quick ACKs on the relay's side take that wait away; the kernel
-/// clears the flag by itself, so it is set again after every read.
+/// clears the flag by itself, so it is set again after every read. (`TCP_QUICKACK` is
+/// Linux's; elsewhere the relay forwards as before.)
 async fn from_broker(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
@@ -164,6 +165,7 @@ async fn from_broker(
         if n == 0 {
             return to.shutdown().await;
         }
+        #[cfg(target_os = "linux")]
         let _ = socket2::SockRef::from(from.as_ref()).set_tcp_quickack(true);
         to.write_all(&buf[..n]).await?;
     }
