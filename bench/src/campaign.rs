@@ -240,8 +240,8 @@ async fn measure(lab: &Lab, sizes: Sizes) -> Result<Vec<Figure>> {
         .num("busiest_pct", 100.0 * bottleneck_s / wall)
         // The physics-only lower bound: the device with the most physical time to spend
         // (degas heating and hold, free space and isotherm equilibration, furnace ramps and
-        // holds, dispensing) at this time
-        // scale, with no protocol, transfer or scheduling time at all.
+        // holds, dispensing) at this time scale, with no protocol, transfer or scheduling
+        // time at all.
         .num("physics_floor_s", floor_s)
         .param("floor_device", floor_device)
         .num("vs_physics", wall / floor_s);
