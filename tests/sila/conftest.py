@@ -15,7 +15,6 @@ import json
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -51,12 +50,6 @@ def binary(env: str, name: str) -> Path:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_until(what: str, check: Callable[[], Any], timeout: float = TIMEOUT_S) -> Any:
     """Polls `check` (observable state, never a sleep standing in for an event) until it
     returns something truthy, or fails naming `what`."""
@@ -74,7 +67,11 @@ def wait_until(what: str, check: Callable[[], Any], timeout: float = TIMEOUT_S) 
 
 
 class Daemon:
-    """A `ppud dev` child process with its SiLA 2 endpoint on a free loopback port."""
+    """A `ppud dev` child process with its SiLA 2 endpoint on a free loopback port.
+
+    Both ports are chosen by ppud (port 0) and read back from its start-up lines, on every
+    start: a port picked here and handed over would be free only "a moment ago", and ppud dev
+    binds several of its own (the simulated lab's) before its SiLA listener."""
 
     def __init__(self, base: Path, extra_args: tuple[str, ...] = ()) -> None:
         self.base = base
@@ -82,7 +79,7 @@ class Daemon:
         self.log_path = base / "ppud.log"
         self.extra_args = extra_args
         self.addr = "127.0.0.1:0"
-        self.sila_port = free_port()
+        self.sila_port = 0
         self.proc: subprocess.Popen[str] | None = None
         self.stdout_lines: list[str] = []
 
@@ -95,6 +92,9 @@ class Daemon:
         log = open(self.log_path, "a")
         env = dict(os.environ)
         env.setdefault("RUST_LOG", "info")
+        # A start-up error stays the log's last line: with RUST_BACKTRACE set (CI sets it),
+        # anyhow would append a backtrace longer than the tail a failure message shows.
+        env["RUST_LIB_BACKTRACE"] = "0"
         # The Python that runs these tests has `sila2`: ppud dev starts its simulated SiLA
         # instrument (shaker-1) with it unless PPU_SILA_PYTHON names another.
         env.setdefault("PPU_SILA_PYTHON", sys.executable)
@@ -103,9 +103,9 @@ class Daemon:
                 str(binary("PPUD_BIN", "ppud")),
                 "dev",
                 "--listen",
-                self.addr,
+                "127.0.0.1:0",
                 "--sila-listen",
-                f"127.0.0.1:{self.sila_port}",
+                "127.0.0.1:0",
                 "--data-dir",
                 str(self.data_dir),
                 "--time-scale",
@@ -138,7 +138,8 @@ class Daemon:
             except queue.Empty:
                 self.stop(signal.SIGKILL)
                 raise RuntimeError(
-                    f"ppud did not report listening within {START_TIMEOUT_S} s; log:\n"
+                    f"ppud did not report its gRPC and SiLA addresses within "
+                    f"{START_TIMEOUT_S} s; log:\n"
                     f"{self.log_tail()}"
                 ) from None
             if line is None:
@@ -149,6 +150,9 @@ class Daemon:
                 )
             if line.startswith("listening on "):
                 self.addr = line.split()[-1]
+            elif line.startswith("  sila: "):
+                # "  sila: http://127.0.0.1:PORT"
+                self.sila_port = int(line.rsplit(":", 1)[1])
                 break
         # The SiLA listener comes up with the daemon; wait until SiLAService answers.
         channel = grpc.insecure_channel(f"{self.sila_host}:{self.sila_port}")
@@ -177,6 +181,7 @@ class Daemon:
         self.proc = None
 
     def restart(self, sig: int = signal.SIGTERM) -> None:
+        """Stops the daemon and starts it again on the same data dir (new ports)."""
         self.stop(sig)
         self.start()
 
